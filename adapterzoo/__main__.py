@@ -1,0 +1,3 @@
+from adapterzoo.cli import main
+
+main()

@@ -1,0 +1,13 @@
+"""Errors a user sees as one line: every room raises these, the CLI prints them and exits 1."""
+
+
+class AdapterzooError(Exception):
+    """A problem with the user's input, explained in one line."""
+
+
+class BadFileError(AdapterzooError):
+    """The file is truncated, corrupt or not in any format we read."""
+
+
+class UnsafeFileError(BadFileError):
+    """A pickle that needs code we refuse to run; nothing in it was executed."""

@@ -1,0 +1,169 @@
+"""`probe`: what a file or folder is, from keys and shapes; metadata is only a hint.
+
+safetensors files are judged from the header (plus the few 0-d alpha scalars of a LoRA), so
+probing a multi-GB checkpoint reads kilobytes. Pickles must be unpickled, always safely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from adapterzoo.errors import BadFileError
+from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES, load_pickle, unwrap_state_dict
+from adapterzoo.formats.probe_checkpoint import CONTEXT_BASE, probe_checkpoint
+from adapterzoo.formats.probe_embedding import (
+    probe_a1111_embedding,
+    probe_a1111_hypernetwork,
+    probe_embedding_table,
+    probe_safetensors_hypernetwork,
+)
+from adapterzoo.formats.probe_lora import ScalarReader, probe_lora
+from adapterzoo.formats.probe_result import ProbeResult
+from adapterzoo.formats.safetensors_header import read_header
+from adapterzoo.formats.tensor_table import TensorTable, dominant_dtype, table_from_header, table_from_state_dict
+
+SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
+PIPELINE_BASES = {
+    "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusionXLInpaintPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
+}
+
+
+def classify(
+    table: TensorTable,
+    metadata: dict[str, str],
+    scalar: ScalarReader,
+    result: ProbeResult,
+    peft_config: dict | None = None,
+) -> ProbeResult:
+    """Run the recognisers in order of how specific their key families are."""
+    result.tensors = len(table)
+    result.metadata = metadata
+    result.dtype = dominant_dtype(table)
+    if not (
+        probe_lora(table, metadata, scalar, result, peft_config)
+        or probe_safetensors_hypernetwork(table, metadata, result)
+        or probe_embedding_table(table, result)
+        or probe_checkpoint(table, result)
+    ):
+        result.warnings.append("no known key family: not a checkpoint, adapter or embedding we recognise")
+    return result
+
+
+def _probe_safetensors(path: Path, peft_config: dict | None = None) -> ProbeResult:
+    header = read_header(path)
+    result = ProbeResult(path=str(path), data_offset=header.data_offset)
+    with safe_open(str(path), framework="pt") as handle:  # maps the file; only alpha scalars are read
+
+        def scalar(key: str) -> float:
+            return float(handle.get_tensor(key).float().item())
+
+        return classify(table_from_header(header), header.metadata, scalar, result, peft_config)
+
+
+def _probe_pickle(path: Path) -> ProbeResult:
+    obj = load_pickle(path)
+    result = ProbeResult(path=str(path))
+    if probe_a1111_embedding(obj, result) or probe_a1111_hypernetwork(obj, result):
+        result.dtype = result.dtype or _pickle_dtype(obj)
+        return result
+    state = unwrap_state_dict(obj)
+    if not isinstance(state, dict):
+        raise BadFileError(f"pickle holds a {type(state).__name__}, not a state dict")
+    table = table_from_state_dict(state)
+
+    def scalar(key: str) -> float:
+        return float(state[key].float().item())
+
+    return classify(table, {}, scalar, result)
+
+
+def _pickle_dtype(obj: Any) -> str | None:
+    tensors = {}
+    for w, pair in obj.items():
+        if isinstance(w, int):
+            for i, sd in enumerate(pair):
+                tensors.update({f"{w}.{i}.{k}": v for k, v in sd.items()})
+    return dominant_dtype(table_from_state_dict(tensors))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadFileError(f"{path.name} is not readable JSON ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise BadFileError(f"{path.name} is not a JSON object")
+    return data
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+
+
+def _probe_diffusers_folder(folder: Path) -> ProbeResult:
+    index = _read_json(folder / "model_index.json")
+    components = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0])
+    result = ProbeResult(path=str(folder), kind="checkpoint", format="diffusers")
+    result.details["pipeline"] = index.get("_class_name")
+    result.details["components"] = components
+    table: TensorTable = {}
+    for component in components:
+        for weights in _weight_files(folder / component):
+            table.update({f"{component}.{k}": v for k, v in table_from_header(read_header(weights)).items()})
+    result.tensors = len(table)
+    main_part = next((c for c in ("unet", "transformer") if c in components), None)
+    main_table = {k: v for k, v in table.items() if main_part and k.startswith(main_part + ".")}
+    result.dtype = dominant_dtype(main_table or table)
+    base = PIPELINE_BASES.get(str(index.get("_class_name")))
+    if main_part and (folder / main_part / "config.json").is_file():
+        config = _read_json(folder / main_part / "config.json")
+        context = config.get("cross_attention_dim")
+        base = base or CONTEXT_BASE.get(context if isinstance(context, int) else -1)
+        in_channels = config.get("in_channels")
+        result.details["in_channels"] = in_channels
+        if in_channels == 9:
+            result.details["variant"] = "inpaint"
+    result.base = base or "unknown"
+    if not table:
+        result.warnings.append("no .safetensors weights found in the component folders")
+    return result
+
+
+def _probe_peft_folder(folder: Path) -> ProbeResult:
+    config = _read_json(folder / "adapter_config.json")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise BadFileError("PEFT folder has adapter_config.json but no adapter_model.safetensors")
+    result = _probe_safetensors(weights, peft_config=config)
+    result.path = str(folder)
+    result.format = "peft" if result.kind == "lora" else result.format
+    return result
+
+
+def probe(path: str | os.PathLike) -> ProbeResult:
+    """Identify a file or a diffusers / PEFT folder; BadFileError or UnsafeFileError if it can't be read."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return _probe_diffusers_folder(path)
+        if (path / "adapter_config.json").is_file():
+            return _probe_peft_folder(path)
+        raise BadFileError("folder is neither a diffusers pipeline (model_index.json) nor a PEFT adapter")
+    if not path.is_file():
+        raise BadFileError(f"{path} is not a file")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        return _probe_pickle(path)
+    if suffix in SAFETENSORS_SUFFIXES:
+        return _probe_safetensors(path)
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return _probe_pickle(path)
+    return _probe_safetensors(path)

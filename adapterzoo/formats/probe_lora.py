@@ -1,0 +1,147 @@
+"""Probe LoRA-family state dicts: dialect, LyCORIS algorithm, rank, alpha, base (FORMATS.md §1, §1.7)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Callable
+
+from adapterzoo.formats.lora_keys import (
+    DOWN_PARTS,
+    LYCORIS_PARTS,
+    UP_PARTS,
+    detect_lora_dialect,
+    group_modules,
+)
+from adapterzoo.formats.probe_result import ProbeResult
+from adapterzoo.formats.tensor_table import TensorTable
+
+ScalarReader = Callable[[str], float]
+
+CONTEXT_WIDTH_BASE = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+TE_WIDTH_BASE = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
+TE_MLP_BASE = {3072: "sd1", 4096: "sd2", 5120: "sdxl"}
+_DEPTH = re.compile(r"transformer_blocks[._](\d+)[._]")
+
+
+def _is_text_encoder(module: str) -> bool:
+    return module.startswith(("lora_te", "text_encoder", "base_model.model.text_model")) or ".encoder.layers." in module
+
+
+def _rank(parts: dict[str, str], table: TensorTable) -> int | None:
+    for part in (*DOWN_PARTS, "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
+        if part in parts:
+            return table[parts[part]].shape[0]
+    return None
+
+
+def _algo(modules: dict[str, dict[str, str]]) -> str:
+    algos = {LYCORIS_PARTS[p] for parts in modules.values() for p in parts if p in LYCORIS_PARTS}
+    return "+".join(sorted(algos)) if algos else "locon"
+
+
+def _base_from_shapes(modules: dict[str, dict[str, str]], table: TensorTable) -> str | None:
+    names = " ".join(modules)
+    if any(m in names for m in ("double_blocks", "single_blocks", "single_transformer_blocks")):
+        return "flux"
+    if "joint_blocks" in names or ("add_q_proj" in names and "transformer." in names):
+        return "sd3"
+    if "lora_te2_" in names or "text_encoder_2." in names:
+        return "sdxl"
+    context, te_width, te_mlp = set(), set(), set()
+    for module, parts in modules.items():
+        down = next((table[parts[p]].shape for p in (*DOWN_PARTS, "hada_w1_b", "diff") if p in parts), None)
+        up = next((table[parts[p]].shape for p in (*UP_PARTS, "hada_w1_a", "diff") if p in parts), None)
+        if down is None or len(down) < 2:
+            continue
+        if _is_text_encoder(module) or module.startswith("text_encoder:"):
+            te_width.add(down[1])
+            if up is not None and re.search(r"fc1|mlp_fc1", module):
+                te_mlp.add(up[0])
+        else:
+            context.add(down[1])
+    for width, base in sorted(CONTEXT_WIDTH_BASE.items(), reverse=True):
+        if width in context:
+            return base
+    for found, table_ in ((te_mlp, TE_MLP_BASE), (te_width, TE_WIDTH_BASE)):
+        for width, base in table_.items():
+            if width in found:
+                return base
+    if any(int(m.group(1)) >= 1 for m in _DEPTH.finditer(names)) or "label_emb" in names:
+        return "sdxl"  # only SDXL stacks more than one transformer block per attention
+    return None
+
+
+def base_from_metadata(metadata: dict[str, str]) -> str | None:
+    """kohya/ModelSpec hints; A1111 and forge classify by these alone (FORMATS.md §6)."""
+    version = metadata.get("ss_base_model_version", "")
+    arch = metadata.get("modelspec.architecture", "")
+    if version.startswith("sdxl") or "-xl-" in arch:
+        return "sdxl"
+    if metadata.get("ss_v2") == "True" or version.startswith("sd_v2") or "-v2" in arch:
+        return "sd2"
+    if version.startswith("flux") or arch.startswith("flux"):
+        return "flux"
+    if version.startswith("sd_v1") or "-v1" in arch:
+        return "sd1"
+    return None
+
+
+def _configured_alpha(metadata: dict[str, str], peft_config: dict | None) -> float | None:
+    config = peft_config
+    if config is None and "lora_adapter_metadata" in metadata:
+        try:
+            config = json.loads(metadata["lora_adapter_metadata"])
+        except json.JSONDecodeError:
+            config = None
+    if isinstance(config, dict) and config.get("lora_alpha") is not None:
+        return float(config["lora_alpha"])
+    return None
+
+
+def probe_lora(
+    table: TensorTable,
+    metadata: dict[str, str],
+    scalar: ScalarReader,
+    result: ProbeResult,
+    peft_config: dict | None = None,
+) -> bool:
+    """Fill `result` if the tensors are a LoRA-family adapter; False when they are not."""
+    keys = list(table)
+    dialect = detect_lora_dialect(keys)
+    if dialect is None:
+        return False
+    modules = group_modules(keys, dialect)
+    result.format = dialect
+    result.kind = "lycoris" if dialect == "lycoris" else "lora"
+    if dialect == "lycoris":
+        result.details["algo"] = _algo(modules)
+    if any("dora_scale" in parts or "lora_magnitude_vector" in parts or "lora_magnitude_vector.weight" in parts
+           for parts in modules.values()):
+        result.details["dora"] = True
+    result.details["modules"] = len(modules)
+
+    ranks = {m: r for m, parts in modules.items() if (r := _rank(parts, table)) is not None}
+    if ranks:
+        result.rank = max(ranks.values())
+        if len(set(ranks.values())) > 1:
+            result.details["ranks"] = sorted(set(ranks.values()))
+    alphas = [scalar(parts["alpha"]) for parts in modules.values() if "alpha" in parts]
+    if alphas:
+        result.alpha = Counter(alphas).most_common(1)[0][0]
+    elif (configured := _configured_alpha(metadata, peft_config)) is not None:
+        result.alpha = configured
+    elif result.rank is not None:
+        result.alpha = float(result.rank)  # no alpha anywhere: every loader uses scale 1
+    if peft_config and peft_config.get("use_rslora"):
+        result.details["rslora"] = True
+
+    tokens = [k for k in keys if metadata.get(k) == "<embed>"]
+    if tokens:
+        result.details["embedded_tokens"] = tokens
+    base = _base_from_shapes(modules, table)
+    if base is None and (base := base_from_metadata(metadata)) is not None:
+        result.warnings.append("base model read from metadata only; the tensor shapes do not tell")
+    result.base = base or "unknown"
+    return True
