@@ -1,0 +1,181 @@
+"""The file hashes Civitai answers by-hash lookups for, all from one read pass (FORMATS.md §6).
+
+hashlib, blake3 and zlib release the GIL on large buffers, so the calling thread reads chunks
+and one thread per digest hashes them: the digests run in parallel on all cores while each
+byte is read from disk once. Files under 1 MiB are hashed in the calling thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import queue
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import blake3
+
+from adapterzoo.errors import AdapterzooError, BadFileError
+
+CHUNK_BYTES = 8 << 20  # large enough that per-call and thread hand-off overheads vanish
+QUEUE_CHUNKS = 2  # how far the reader may run ahead of the slowest digest (bounds memory)
+THREADS_FROM_BYTES = 1 << 20  # below this, starting the threads costs more than they save
+AUTOV1_START = 1 << 20  # A1111's legacy model hash: the 64 KiB at offset 1 MiB
+AUTOV1_LENGTH = 64 << 10
+
+
+@dataclass(frozen=True)
+class FileHashes:
+    """Lowercase hex digests; autov3 is None for files that are not safetensors."""
+
+    sha256: str
+    autov1: str
+    autov2: str
+    autov3: str | None
+    blake3: str
+    crc32: str
+
+    def to_json(self) -> dict[str, str | None]:
+        return dataclasses.asdict(self)
+
+
+class _Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+
+class _Crc32:
+    """zlib.crc32 behind the update() interface the other digests share."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+
+@dataclass
+class _Span:
+    """A digest of the file bytes in [start, end); end None means to the end of the file."""
+
+    hasher: _Hasher
+    start: int
+    end: int | None = None
+
+    def piece(self, chunk: bytes, position: int) -> memoryview | None:
+        """The part of `chunk` (which starts at file offset `position`) inside this span."""
+        lo = max(self.start - position, 0)
+        hi = len(chunk) if self.end is None else min(self.end - position, len(chunk))
+        return memoryview(chunk)[lo:hi] if lo < hi else None
+
+
+class _Inline:
+    """Hashes in the reading thread: for the tiny AutoV1 span and for small files."""
+
+    def __init__(self, span: _Span) -> None:
+        self.span = span
+
+    def feed(self, chunk: bytes, position: int) -> None:
+        piece = self.span.piece(chunk, position)
+        if piece is not None:
+            self.span.hasher.update(piece)
+
+    def finish(self) -> BaseException | None:
+        return None  # an error here was already raised by feed()
+
+
+class _Worker:
+    """A thread that feeds the pieces it is given to one digest, in order."""
+
+    def __init__(self, span: _Span) -> None:
+        self.span = span
+        self._error: BaseException | None = None
+        self._pieces: queue.Queue[memoryview | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._thread = threading.Thread(target=self._run, name="hash_file")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (piece := self._pieces.get()) is not None:
+                self.span.hasher.update(piece)
+        except BaseException as exc:  # keep draining so the reader never blocks on a full queue
+            self._error = exc
+            while self._pieces.get() is not None:
+                pass
+
+    def feed(self, chunk: bytes, position: int) -> None:
+        piece = self.span.piece(chunk, position)
+        if piece is not None:
+            self._pieces.put(piece)
+
+    def finish(self) -> BaseException | None:
+        """Wait for the digest to take in everything fed so far; return what went wrong, if anything."""
+        self._pieces.put(None)
+        self._thread.join()
+        return self._error
+
+
+def _read_once(
+    path: str | os.PathLike,
+    spans: list[_Span],
+    autov1: _Span,
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Read the file once, hand every chunk to each span's hasher; return the bytes read."""
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            hasher_for = _Worker if os.fstat(fh.fileno()).st_size >= THREADS_FROM_BYTES else _Inline
+            workers = [*(hasher_for(span) for span in spans), _Inline(autov1)]
+            position = 0
+            try:
+                while chunk := fh.read(CHUNK_BYTES):
+                    for worker in workers:
+                        worker.feed(chunk, position)
+                    position += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+            finally:
+                errors = [worker.finish() for worker in workers]
+            for error in errors:
+                if error is not None:
+                    raise error
+    except OSError as exc:
+        raise AdapterzooError(f"cannot read {os.fspath(path)}: {exc.strerror or exc}") from None
+    return position
+
+
+def hash_file(
+    path: str | os.PathLike,
+    data_offset: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> FileHashes:
+    """SHA256, AutoV1/V2/V3, BLAKE3 and CRC32 of a file in one read pass.
+
+    `data_offset` is where safetensors tensor data starts (8 + header length) and gives AutoV3;
+    None gives autov3 None. `progress` is called with the size of each chunk just read.
+    """
+    if data_offset is not None and data_offset < 0:
+        raise ValueError(f"data_offset must be >= 0, got {data_offset}")
+    sha256, data_sha256, autov1 = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+    blake, crc = blake3.blake3(), _Crc32()
+    spans = [_Span(sha256, 0), _Span(blake, 0), _Span(crc, 0)]
+    if data_offset is not None:
+        spans.append(_Span(data_sha256, data_offset))
+    autov1_span = _Span(autov1, AUTOV1_START, AUTOV1_START + AUTOV1_LENGTH)
+
+    size = _read_once(path, spans, autov1_span, progress)
+    if data_offset is not None and data_offset > size:
+        raise BadFileError(f"tensor data should start at byte {data_offset} but the file is {size} bytes")
+
+    full = sha256.hexdigest()
+    return FileHashes(
+        sha256=full,
+        autov1=autov1.hexdigest()[:8],
+        autov2=full[:10],
+        autov3=data_sha256.hexdigest() if data_offset is not None else None,
+        blake3=blake.hexdigest(),
+        crc32=f"{crc.value:08x}",
+    )
