@@ -36,6 +36,30 @@ def _rank(parts: dict[str, str], table: TensorTable) -> int | None:
     return None
 
 
+def _dims(parts: dict[str, str], table: TensorTable) -> tuple[int, int] | None:
+    """(out, in) of the target layer, read from whichever factors this module type stores."""
+    def shape(part: str) -> tuple[int, ...] | None:
+        return table[parts[part]].shape if part in parts else None
+
+    down = next((shape(p) for p in DOWN_PARTS if p in parts), None)
+    up = next((shape(p) for p in UP_PARTS if p in parts), None)
+    if down is not None and up is not None and len(down) >= 2:
+        return up[0], down[1]
+    if (diff := shape("diff")) is not None and len(diff) >= 2:
+        return diff[0], diff[1]
+    if (w1_a := shape("hada_w1_a")) is not None and (w1_b := shape("hada_w1_b")) is not None:
+        return w1_a[0], w1_b[1]
+    w1 = shape("lokr_w1") or _product(shape("lokr_w1_a"), shape("lokr_w1_b"))
+    w2 = shape("lokr_w2") or _product(shape("lokr_w2_a"), shape("lokr_w2_b"))
+    if w1 is not None and w2 is not None and len(w1) >= 2 and len(w2) >= 2:
+        return w1[0] * w2[0], w1[1] * w2[1]
+    return None
+
+
+def _product(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    return (a[0], b[1]) if a is not None and b is not None and len(b) >= 2 else None
+
+
 def _algo(modules: dict[str, dict[str, str]]) -> str:
     algos = {LYCORIS_PARTS[p] for parts in modules.values() for p in parts if p in LYCORIS_PARTS}
     return "+".join(sorted(algos)) if algos else "locon"
@@ -51,16 +75,16 @@ def _base_from_shapes(modules: dict[str, dict[str, str]], table: TensorTable) ->
         return "sdxl"
     context, te_width, te_mlp = set(), set(), set()
     for module, parts in modules.items():
-        down = next((table[parts[p]].shape for p in (*DOWN_PARTS, "hada_w1_b", "diff") if p in parts), None)
-        up = next((table[parts[p]].shape for p in (*UP_PARTS, "hada_w1_a", "diff") if p in parts), None)
-        if down is None or len(down) < 2:
+        dims = _dims(parts, table)
+        if dims is None:
             continue
+        out_dim, in_dim = dims
         if _is_text_encoder(module) or module.startswith("text_encoder:"):
-            te_width.add(down[1])
-            if up is not None and re.search(r"fc1|mlp_fc1", module):
-                te_mlp.add(up[0])
+            te_width.add(in_dim)
+            if re.search(r"fc1", module):
+                te_mlp.add(out_dim)
         else:
-            context.add(down[1])
+            context.add(in_dim)
     for width, base in sorted(CONTEXT_WIDTH_BASE.items(), reverse=True):
         if width in context:
             return base
@@ -95,9 +119,11 @@ def _configured_alpha(metadata: dict[str, str], peft_config: dict | None) -> flo
             config = json.loads(metadata["lora_adapter_metadata"])
         except json.JSONDecodeError:
             config = None
-    if isinstance(config, dict) and config.get("lora_alpha") is not None:
-        return float(config["lora_alpha"])
-    return None
+    if not isinstance(config, dict):
+        return None
+    # diffusers prefixes each component's LoraConfig fields: "unet.lora_alpha", "text_encoder.lora_alpha".
+    alphas = [float(v) for k, v in config.items() if (k == "lora_alpha" or k.endswith(".lora_alpha")) and v is not None]
+    return Counter(alphas).most_common(1)[0][0] if alphas else None
 
 
 def probe_lora(

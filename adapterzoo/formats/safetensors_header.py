@@ -116,8 +116,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             problem = "overlaps another tensor" if info.begin < position else "leaves a hole before it"
             raise BadFileError(f"tensor {name!r} {problem} in the data section")
         position = info.end
-    if data_offset + position != file_size:
-        raise BadFileError(
-            f"data section should be {position} bytes but the file holds {file_size - data_offset}"
-        )
+    held = file_size - data_offset
+    if held < position:
+        raise BadFileError(f"file is truncated: its tensors need {position} bytes of data but only {held} are there")
+    if held > position:
+        raise BadFileError(f"{held - position} stray bytes after the last tensor (the header does not describe them)")
     return SafetensorsHeader(tensors, metadata, data_offset, file_size)
