@@ -4,6 +4,10 @@
 class AdapterzooError(Exception):
     """A problem with the user's input, explained in one line."""
 
+    def json_details(self) -> dict:
+        """What a --json caller gets beside the message (the one line may have to shorten a list)."""
+        return {}
+
 
 class BadFileError(AdapterzooError):
     """The file is truncated, corrupt or not in any format we read."""

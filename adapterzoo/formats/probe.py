@@ -6,7 +6,6 @@ probing a multi-GB checkpoint reads kilobytes. Pickles must be unpickled, always
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,12 @@ from typing import Any
 from safetensors import safe_open
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES, load_pickle, unwrap_state_dict
+from adapterzoo.formats.json_file import read_json_object
+from adapterzoo.formats.pickle_safe import (
+    PICKLE_SUFFIXES,
+    load_pickle,
+    unwrap_state_dict,
+)
 from adapterzoo.formats.probe_checkpoint import CONTEXT_BASE, probe_checkpoint
 from adapterzoo.formats.probe_embedding import (
     probe_a1111_embedding,
@@ -25,7 +29,12 @@ from adapterzoo.formats.probe_embedding import (
 from adapterzoo.formats.probe_lora import ScalarReader, probe_lora
 from adapterzoo.formats.probe_result import ProbeResult
 from adapterzoo.formats.safetensors_header import read_header
-from adapterzoo.formats.tensor_table import TensorTable, dominant_dtype, table_from_header, table_from_state_dict
+from adapterzoo.formats.tensor_table import (
+    TensorTable,
+    dominant_dtype,
+    table_from_header,
+    table_from_state_dict,
+)
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 PIPELINE_BASES = {
@@ -92,14 +101,6 @@ def _pickle_dtype(obj: Any) -> str | None:
     return dominant_dtype(table_from_state_dict(tensors))
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadFileError(f"{path.name} is not readable JSON ({exc.__class__.__name__})") from None
-    if not isinstance(data, dict):
-        raise BadFileError(f"{path.name} is not a JSON object")
-    return data
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -107,7 +108,7 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _probe_diffusers_folder(folder: Path) -> ProbeResult:
-    index = _read_json(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     components = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0])
     result = ProbeResult(path=str(folder), kind="checkpoint", format="diffusers")
     result.details["pipeline"] = index.get("_class_name")
@@ -122,7 +123,7 @@ def _probe_diffusers_folder(folder: Path) -> ProbeResult:
     result.dtype = dominant_dtype(main_table or table)
     base = PIPELINE_BASES.get(str(index.get("_class_name")))
     if main_part and (folder / main_part / "config.json").is_file():
-        config = _read_json(folder / main_part / "config.json")
+        config = read_json_object(folder / main_part / "config.json")
         context = config.get("cross_attention_dim")
         base = base or CONTEXT_BASE.get(context if isinstance(context, int) else -1)
         in_channels = config.get("in_channels")
@@ -136,7 +137,7 @@ def _probe_diffusers_folder(folder: Path) -> ProbeResult:
 
 
 def _probe_peft_folder(folder: Path) -> ProbeResult:
-    config = _read_json(folder / "adapter_config.json")
+    config = read_json_object(folder / "adapter_config.json")
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():
         raise BadFileError("PEFT folder has adapter_config.json but no adapter_model.safetensors")

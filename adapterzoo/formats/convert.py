@@ -1,0 +1,77 @@
+"""`convert`: probe the input, check the target fits its kind, hand it to that kind's converter."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.atomic import check_output
+from adapterzoo.formats.probe import probe
+
+# DESIGN.md's contract: the formats each kind converts to.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "lora": ("kohya", "diffusers", "peft"),
+    "lycoris": ("kohya", "diffusers", "peft"),
+    "checkpoint": ("ldm", "diffusers"),
+    "embedding": ("a1111", "kohya", "diffusers"),
+    "hypernetwork": ("safetensors", "a1111"),
+}
+# Which options mean something for which kind; --force means something for all.
+KIND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "lora": ("base", "rank"),
+    "lycoris": ("base", "rank"),
+    "checkpoint": ("dtype", "prune_ema"),
+    "embedding": ("token",),
+    "hypernetwork": (),
+}
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def convert(src: str | os.PathLike, dest: str | os.PathLike, to: str, **options: Any) -> dict[str, Any]:
+    """Convert `src` into format `to` at `dest`; options: force, base, rank, dtype, prune_ema, token."""
+    force = bool(options.pop("force", False))
+    check_output(dest, [src], force)
+    found = probe(src)
+    kind = found.kind
+    if kind not in TARGETS:
+        raise AdapterzooError(f"cannot convert a {kind} file (convertible: {', '.join(TARGETS)})")
+    if to not in TARGETS[kind]:
+        raise AdapterzooError(f"--to {to} does not fit a {kind}; a {kind} converts to {' | '.join(TARGETS[kind])}")
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
+    for option in given:
+        if option not in KIND_OPTIONS[kind]:
+            raise AdapterzooError(f"{_flag(option)} does not apply to a {kind}")
+    report = _dispatch(kind, src, dest, to, force, given)
+    return {"kind": kind, "from": found.format, "to": to, "outputs": _outputs(report, dest), **report}
+
+
+def _outputs(report: dict[str, Any], dest: str | os.PathLike) -> list[str]:
+    """Every path written, whichever way a converter reports them."""
+    if "outputs" in report:
+        return list(report["outputs"])
+    embeddings = report.get("embeddings", {})  # a LoRA's embedded tokens: {token: file written beside it}
+    return [str(report.get("output", dest))] + [str(path) for path in embeddings.values()]
+
+
+def _dispatch(kind: str, src: Any, dest: Any, to: str, force: bool, options: dict[str, Any]) -> dict[str, Any]:
+    # Imported here so one converter's heavy imports (or absence) never blocks the others.
+    if kind == "embedding":
+        from adapterzoo.formats.embedding_convert import convert_embedding
+
+        return convert_embedding(src, dest, to, force=force, **options)
+    if kind == "hypernetwork":
+        from adapterzoo.formats.hypernetwork_convert import convert_hypernetwork
+
+        return convert_hypernetwork(src, dest, to, force=force)
+    if kind == "checkpoint":
+        from adapterzoo.formats.checkpoint_convert import convert_checkpoint
+
+        return convert_checkpoint(src, dest, to, dtype=options.get("dtype"),
+                                  prune_ema=bool(options.get("prune_ema")), force=force)
+    from adapterzoo.formats.lora_convert import convert_lora
+
+    return convert_lora(src, dest, to, base=options.get("base"), force=force, rank=options.get("rank"))

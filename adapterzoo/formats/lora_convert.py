@@ -1,0 +1,116 @@
+"""`convert` for LoRA-family files: read into the canonical form, write one dialect, report what happened."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.architectures import Architecture
+from adapterzoo.formats.atomic import atomic_output, check_output
+from adapterzoo.formats.lora_approx import approximate
+from adapterzoo.formats.lora_metadata import output_metadata
+from adapterzoo.formats.lora_model import Ia3Module, LoraFile, LoraModule
+from adapterzoo.formats.lora_read import PEFT_CONFIG, PEFT_WEIGHTS, load_lora
+from adapterzoo.formats.lora_write import (
+    diffusers_tensors,
+    kohya_tensors,
+    peft_adapters,
+)
+
+LORA_TARGETS = ("kohya", "diffusers", "peft")
+
+
+def convert_lora(
+    src: str | os.PathLike,
+    dest: str | os.PathLike,
+    to: str,
+    *,
+    base: str | None = None,
+    force: bool = False,
+    rank: int | None = None,
+    architecture: Architecture | None = None,
+) -> dict[str, Any]:
+    """Write `src` as `to` (kohya | diffusers | peft) at `dest`; `rank` approximates LyCORIS modules by SVD."""
+    if to not in LORA_TARGETS:
+        raise AdapterzooError(f"a LoRA converts to {' | '.join(LORA_TARGETS)}, not {to!r}")
+    dest = check_output(dest, [src], force)
+    if to != "peft" and dest.suffix != ".safetensors":
+        raise AdapterzooError(f"a {to} LoRA is a .safetensors file; name the output *.safetensors")
+    lora = load_lora(src, base, architecture)
+    approximation = _make_plain(lora, to, rank)
+    embedding_paths = _embedding_paths(lora, dest, src, force)
+    metadata = output_metadata(lora, to, dest.stem, rank if approximation else None)
+    if to == "kohya":
+        with atomic_output(dest) as tmp:
+            save_file(kohya_tensors(lora), str(tmp), metadata=metadata)
+    elif to == "diffusers":
+        tensors, header = diffusers_tensors(lora)
+        with atomic_output(dest) as tmp:
+            save_file(tensors, str(tmp), metadata={**metadata, **header})
+    else:
+        _write_peft(lora, dest, metadata)
+    for token, path in embedding_paths.items():
+        with atomic_output(path) as tmp:
+            save_file({token: lora.embeddings[token].contiguous()}, str(tmp))
+    report: dict[str, Any] = {
+        "input": str(src), "output": str(dest), "format": to, "source_format": lora.source_format,
+        "base": lora.base, "modules": len(lora.modules), "components": lora.components(),
+    }
+    if embedding_paths:
+        report["embeddings"] = {token: str(path) for token, path in embedding_paths.items()}
+    if approximation:
+        report["approximation"] = approximation
+    return report
+
+
+def _make_plain(lora: LoraFile, to: str, rank: int | None) -> dict[str, Any] | None:
+    """Replace LoHa/LoKr/full modules by rank-N LoRAs where asked or needed; None if nothing changed."""
+    lycoris = {p: m for p, m in lora.modules.items() if not isinstance(m, LoraModule)}
+    if any(isinstance(m, Ia3Module) for m in lycoris.values()) and (to != "kohya" or rank is not None):
+        raise AdapterzooError("IA3 modules scale the base weights themselves; they cannot become a LoRA without them")
+    if rank is None:
+        if lycoris and to != "kohya":
+            raise AdapterzooError(
+                f"{len(lycoris)} LyCORIS (LoHa/LoKr/IA3/full) modules cannot be written as {to} exactly; "
+                "pass --rank N to approximate them by SVD as rank-N LoRAs"
+            )
+        return None
+    if not lycoris:
+        raise AdapterzooError("--rank only approximates LyCORIS (LoHa/LoKr/full) modules and this file has none")
+    per_module: dict[str, float] = {}
+    kept = total = 0.0
+    for path, module in lycoris.items():
+        result = approximate(module, rank)
+        lora.modules[path] = result.module
+        per_module[path] = result.retained
+        kept, total = kept + result.kept, total + result.total
+    overall = math.sqrt(kept / total) if total > 0 else 1.0
+    return {"rank": rank, "retained_fro": overall, "modules": per_module}
+
+
+def _embedding_paths(lora: LoraFile, dest: Path, src: str | os.PathLike, force: bool) -> dict[str, Path]:
+    """Embedded tokens go beside the output, one diffusers learned_embeds file per token (its loader
+    and A1111's take exactly one token per file): `<out stem>.<token letters>.safetensors`."""
+    slugs = {token: re.sub(r"[^A-Za-z0-9_-]", "", token) for token in sorted(lora.embeddings)}
+    if len(set(slugs.values())) < len(slugs) or not all(slugs.values()):
+        slugs = {token: f"token{i}" for i, token in enumerate(slugs)}
+    return {token: check_output(dest.with_name(f"{dest.stem}.{slug}.safetensors"), [src], force)
+            for token, slug in slugs.items()}
+
+
+def _write_peft(lora: LoraFile, dest: Path, metadata: dict[str, str]) -> None:
+    """One PEFT folder; with several components, one PEFT folder per component inside it."""
+    adapters = peft_adapters(lora)
+    with atomic_output(dest, folder=True) as tmp:
+        for component, (tensors, config) in adapters.items():
+            folder = tmp if len(adapters) == 1 else tmp / component
+            folder.mkdir(exist_ok=True)
+            save_file(tensors, str(folder / PEFT_WEIGHTS), metadata={**metadata, "format": "pt"})
+            (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,131 @@
+"""Read the tensors of a checkpoint lazily: every shape and dtype up front, the data one tensor at a time.
+
+safetensors files are memory-mapped and read tensor by tensor; pickles go through the safe
+unpickler (zip pickles are memory-mapped by torch, so their tensors are not all read up front).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from adapterzoo.errors import BadFileError
+from adapterzoo.formats.pickle_safe import (
+    PICKLE_SUFFIXES,
+    load_pickle,
+    unwrap_state_dict,
+)
+from adapterzoo.formats.safetensors_header import read_header
+from adapterzoo.formats.safetensors_writer import TORCH_DTYPES, PlannedTensor
+
+
+@dataclass
+class TensorSource:
+    """Tensors by name with their shapes and dtypes; `extras` keeps a pickle's non-tensor top-level values."""
+
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    _readers: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str) -> torch.Tensor:
+        reader = self._readers[key]
+        return reader[key] if isinstance(reader, dict) else reader.get_tensor(key)
+
+    def output_dtype(self, key: str, dtype: torch.dtype | None) -> torch.dtype:
+        """`dtype` for floating tensors when given; integer tensors (position ids) keep theirs."""
+        source_dtype = self.dtypes[key]
+        return dtype if dtype is not None and source_dtype.is_floating_point else source_dtype
+
+    def planned(
+        self,
+        key: str,
+        name: str,
+        dtype: torch.dtype | None,
+        shape: tuple[int, ...] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> PlannedTensor:
+        """Plan `key` as output tensor `name`; floating tensors are cast to `dtype` when one is given."""
+        out = self.output_dtype(key, dtype)
+        if transform is None:
+            return PlannedTensor(name, shape or self.shapes[key], out, lambda: self.get(key))
+        return PlannedTensor(name, shape or self.shapes[key], out, lambda: transform(self.get(key)))
+
+    def update(self, other: TensorSource) -> None:
+        """Add another file's tensors (shards of one model)."""
+        for key in other.shapes:
+            if key in self.shapes:
+                raise BadFileError(f"tensor {key} appears in two weight files")
+        self.shapes.update(other.shapes)
+        self.dtypes.update(other.dtypes)
+        self._readers.update(other._readers)
+
+
+def _safetensors_source(path: Path) -> TensorSource:
+    header = read_header(path)
+    unknown = sorted({info.dtype for info in header.tensors.values()} - set(TORCH_DTYPES))
+    if unknown:
+        raise BadFileError(f"{path.name} holds {', '.join(unknown)} tensors, which we do not convert")
+    handle = safe_open(str(path), framework="pt")
+    return TensorSource(
+        shapes={k: info.shape for k, info in header.tensors.items()},
+        dtypes={k: TORCH_DTYPES[info.dtype] for k, info in header.tensors.items()},
+        metadata=dict(header.metadata),
+        _readers=dict.fromkeys(header.tensors, handle),
+    )
+
+
+def _pickle_source(path: Path) -> TensorSource:
+    obj = load_pickle(path)
+    state = unwrap_state_dict(obj)
+    if not isinstance(state, dict):
+        raise BadFileError(f"{path.name} holds a {type(state).__name__}, not a state dict")
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    extras = {str(k): v for k, v in obj.items() if not isinstance(v, (torch.Tensor, dict))} if obj is not state else {}
+    return TensorSource(
+        shapes={k: tuple(v.shape) for k, v in tensors.items()},
+        dtypes={k: v.dtype for k, v in tensors.items()},
+        extras=extras,
+        _readers=dict.fromkeys(tensors, tensors),
+    )
+
+
+def open_checkpoint_file(path: str | os.PathLike) -> TensorSource:
+    """A single-file checkpoint: `.safetensors` by header, `.ckpt/.pt/.pth/.bin` through the safe unpickler."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return _pickle_source(path)
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    if head == b"PK" or head[:1] == b"\x80":
+        return _pickle_source(path)
+    return _safetensors_source(path)
+
+
+def open_component(folder: Path, stem: str) -> TensorSource:
+    """Weights of one diffusers component folder: single file, shards with an index, a variant, or legacy .bin."""
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise BadFileError(f"{index} is not a readable shard index ({exc.__class__.__name__})") from None
+        source = TensorSource()
+        for shard in shards:
+            source.update(_safetensors_source(folder / shard))
+        return source
+    candidates = [folder / f"{stem}.safetensors"]
+    candidates += sorted(p for p in folder.glob(f"{stem}.*.safetensors") if ".index" not in p.name)
+    candidates.append(folder / ("pytorch_model.bin" if stem == "model" else f"{stem}.bin"))  # transformers' legacy name
+    for candidate in candidates:
+        if candidate.is_file():
+            return open_checkpoint_file(candidate)
+    raise BadFileError(f"no {stem}.safetensors (or .bin) weights in {folder}")
