@@ -12,11 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import factory
 import pytest
 from click.testing import CliRunner
 from safetensors import safe_open
 
-import factory
 from adapterzoo.cli import cli, main
 
 

@@ -1,0 +1,69 @@
+"""`adapterzoo demo`: the whole tour on a built-in tiny model, offline, in a folder of its own.
+
+The tour uses a registry inside that folder, so it never touches the user's own registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterzoo.demo_library import build_library
+from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.convert import convert
+from adapterzoo.formats.probe import probe
+from adapterzoo.zoo.db import connect
+from adapterzoo.zoo.queries import list_entries
+from adapterzoo.zoo.scan import scan_paths
+
+SCAN_COLUMNS = ["kind", "base", "format", "rank", "alpha", "autov2", "status", "name"]
+CONVERT_COLUMNS = ["kind", "from", "to", "output", "probed as"]
+# (input under models/, output name, --to): one conversion per kind the tiny library holds.
+CONVERSIONS = [
+    ("Stable-diffusion/tiny-sd1", "tiny-sd1.safetensors", "ldm"),
+    ("embeddings/tiny-token.pt", "tiny-token.safetensors", "kohya"),
+    ("hypernetworks/tiny-hypernetwork.pt", "tiny-hypernetwork.safetensors", "safetensors"),
+]
+
+
+@dataclass
+class DemoStep:
+    """One stage of the tour: a title, the command a user would type, and what it shows."""
+
+    title: str
+    command: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+
+def run_demo(root: Path, show: Callable[[DemoStep], None]) -> None:
+    """Build the tiny library under `root`, then run each stage and hand it to `show` as it completes."""
+    if root.exists() and any(root.iterdir()):
+        raise AdapterzooError(f"{root} is not empty; the demo writes only into a new or empty folder")
+    root.mkdir(parents=True, exist_ok=True)
+    models = build_library(root)
+    show(DemoStep("A model library like an A1111 user's, built from a tiny SD1 model",
+                  f"ls {models}", lines=sorted(str(p.relative_to(root)) for p in models.glob("*/*"))))
+
+    engine = connect(f"sqlite:///{root / 'registry.sqlite'}")
+    report = scan_paths([models], engine)
+    rows = [entry.to_json() for entry in list_entries(engine)]
+    problems = [f"{p['status']}: {Path(p['path']).name}: {p['error']}" for p in report.problems]
+    show(DemoStep("Index it: what each file is, its base model and hashes, and what is broken or unsafe",
+                  f"adapterzoo --db {root / 'registry.sqlite'} scan {models}",
+                  rows=rows, columns=SCAN_COLUMNS, lines=[*problems, report.summary()]))
+
+    converted = root / "converted"
+    converted.mkdir()
+    rows = []
+    for source, name, to in CONVERSIONS:
+        report = convert(models / source, converted / name, to)
+        found = probe(converted / name)
+        rows.append({"kind": report["kind"], "from": report["from"], "to": to, "output": name,
+                     "probed as": f"{found.kind} {found.base} {found.format}"})
+    show(DemoStep("Convert: a diffusers folder to one A1111 file, an A1111 embedding to kohya, a hypernetwork "
+                  "to safetensors", f"adapterzoo convert {models / CONVERSIONS[0][0]} -o {converted / CONVERSIONS[0][1]} "
+                  f"--to {CONVERSIONS[0][2]}", rows=rows, columns=CONVERT_COLUMNS))

@@ -1,0 +1,74 @@
+"""Look things up in the registry: filtered listings for `list`, one entry by id/path/hash for `show`."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from sqlalchemy import Engine, Text, func, or_, select, type_coerce
+from sqlalchemy.orm import Session
+
+from adapterzoo.errors import AdapterzooError
+from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry
+
+HEX = re.compile(r"[0-9a-f]+")
+MIN_SHA256_PREFIX = 8
+ID_BATCH = 500  # ids per IN (...): databases cap the number of bound parameters
+
+
+def list_entries(
+    engine: Engine, kind: str | None = None, base: str | None = None, query: str | None = None
+) -> list[FileEntry]:
+    """Entries by path; `query` matches path or trigger words, ignoring case."""
+    statement = select(FileEntry).order_by(FileEntry.path)
+    if kind:
+        statement = statement.where(FileEntry.kind == kind)
+    if base:
+        statement = statement.where(FileEntry.base == base)
+    if query:
+        needle = query.lower()
+        words = type_coerce(FileEntry.trigger_words, Text)  # search the stored JSON text as text
+        statement = statement.where(
+            or_(
+                func.lower(FileEntry.path).contains(needle, autoescape=True),
+                func.lower(words).contains(needle, autoescape=True),
+            )
+        )
+    with Session(engine) as session:
+        return list(session.scalars(statement))
+
+
+def find_entry(engine: Engine, ref: str) -> FileEntry:
+    """The one entry whose id, path, any hash, or sha256 prefix (>= 8 hex) is `ref`.
+
+    Raises AdapterzooError when nothing matches or when `ref` fits more than one entry.
+    """
+    ref = ref.strip()
+    paths = {os.path.abspath(ref), str(Path(ref).resolve())}
+    conditions = [FileEntry.path.in_(paths)]
+    if ref.isdigit():
+        conditions.append(FileEntry.id == int(ref))
+    digest = ref.lower().removeprefix("0x")
+    if HEX.fullmatch(digest):
+        conditions.extend(getattr(FileEntry, name) == digest for name in HASH_COLUMNS)
+        if len(digest) >= MIN_SHA256_PREFIX:
+            conditions.append(FileEntry.sha256.startswith(digest, autoescape=True))
+    with Session(engine) as session:
+        matches = list(session.scalars(select(FileEntry).where(or_(*conditions)).order_by(FileEntry.id)))
+    if not matches:
+        raise AdapterzooError(f"nothing in the registry matches {ref!r} (an id, a path, or a hash)")
+    if len(matches) > 1:
+        ids = ", ".join(str(m.id) for m in matches[:10])
+        raise AdapterzooError(f"{ref!r} matches {len(matches)} entries (ids {ids}): give a longer hash or the path")
+    return matches[0]
+
+
+def entries_by_id(engine: Engine, ids: list[int]) -> list[FileEntry]:
+    """Entries in the order of `ids` (what a scan found), for its --json output."""
+    by_id: dict[int, FileEntry] = {}
+    with Session(engine) as session:
+        for start in range(0, len(ids), ID_BATCH):
+            chunk = ids[start:start + ID_BATCH]
+            by_id.update((e.id, e) for e in session.scalars(select(FileEntry).where(FileEntry.id.in_(chunk))))
+    return [by_id[i] for i in ids if i in by_id]

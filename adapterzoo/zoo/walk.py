@@ -1,0 +1,103 @@
+"""Find what `scan` indexes under a folder, reading names and stat results only (never writing).
+
+A diffusers (model_index.json) or PEFT (adapter_config.json) folder is one entry and is not
+descended into; elsewhere, model files by suffix. Hidden files and folders are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_SUFFIXES = frozenset({".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"})
+SKIPPED_SUFFIXES = frozenset({".optim", ".part"})  # optimizer states and unfinished downloads
+FOLDER_MARKERS = ("model_index.json", "adapter_config.json")
+SKIPPED_FOLDERS = frozenset({"__pycache__", "node_modules", "site-packages", "venv"})
+
+
+@dataclass(frozen=True)
+class Found:
+    """A file or model folder on disk, with what a rescan compares and the names beside it."""
+
+    path: Path
+    is_folder: bool
+    size: int
+    mtime_ns: int
+    neighbours: frozenset[str]  # names in its parent folder, for sidecar and preview lookups
+
+
+def is_model_file(name: str) -> bool:
+    suffixes = [s.lower() for s in Path(name).suffixes]
+    return (
+        not name.startswith(".")
+        and bool(suffixes)
+        and suffixes[-1] in MODEL_SUFFIXES
+        and not SKIPPED_SUFFIXES.intersection(suffixes)
+    )
+
+
+def is_model_folder(path: Path) -> bool:
+    return any((path / marker).is_file() for marker in FOLDER_MARKERS)
+
+
+def find_entries(root: Path) -> Iterator[Found]:
+    """Every model file and model folder under `root` (or `root` itself), following folder links once."""
+    if not root.is_dir():
+        yield _file_entry(root, _listing(root.parent))
+        return
+    visited: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        stat = folder.stat()
+        if (stat.st_dev, stat.st_ino) in visited:
+            continue
+        visited.add((stat.st_dev, stat.st_ino))
+        if is_model_folder(folder):
+            yield _folder_entry(folder)
+            continue
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        names = frozenset(entry.name for entry in entries)
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    if entry.name not in SKIPPED_FOLDERS:
+                        stack.append(Path(entry.path))
+                elif entry.is_file() and is_model_file(entry.name):
+                    stat = entry.stat()
+                    yield Found(Path(entry.path), False, stat.st_size, stat.st_mtime_ns, names)
+            except OSError:  # a dangling link or a file removed while we walk
+                continue
+
+
+def _listing(folder: Path) -> frozenset[str]:
+    try:
+        return frozenset(os.listdir(folder))
+    except OSError:
+        return frozenset()
+
+
+def _file_entry(path: Path, neighbours: frozenset[str]) -> Found:
+    stat = path.stat()
+    return Found(path, False, stat.st_size, stat.st_mtime_ns, neighbours)
+
+
+def _folder_entry(folder: Path) -> Found:
+    """A model folder changes when any file in it does: total size and newest mtime say so."""
+    size, newest = 0, folder.stat().st_mtime_ns
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            try:
+                stat = os.stat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            size += stat.st_size
+            newest = max(newest, stat.st_mtime_ns)
+    return Found(folder, True, size, newest, _listing(folder.parent))
