@@ -678,7 +678,7 @@ def peft_file_alone(folder: Path) -> Case:
 # ----------------------------------------------------------------------------------------------
 # The real cloneofsimo files
 
-REAL = Path("/work/shared/fixtures/real")
+REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"  # shared/ sits beside the repo
 
 
 @case("cloneofsimo-analog")

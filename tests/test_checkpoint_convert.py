@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-from pathlib import Path
 
 import factory
 import pytest
@@ -38,7 +37,7 @@ from adapterzoo.formats.unet_names import UnetLayout, diffusers_to_ldm_module, l
 
 PIPELINE = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-FIXTURES = Path("/work/shared/fixtures/real")
+FIXTURES = factory.REAL
 
 
 @pytest.fixture(autouse=True)

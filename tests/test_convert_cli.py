@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import factory
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from adapterzoo.cli import main
 from adapterzoo.formats.probe import probe
 
-REAL = Path("/work/shared/fixtures/real")
+REAL = factory.REAL
 
 
 def run(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:

@@ -10,6 +10,7 @@ import zlib
 from pathlib import Path
 
 import blake3
+import factory
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -20,7 +21,7 @@ from adapterzoo.zoo import hashing
 from adapterzoo.zoo.hashing import FileHashes, hash_file
 
 MIB = 1 << 20
-REAL = Path("/work/shared/fixtures/real")
+REAL = factory.REAL
 # Around the AutoV1 window [1 MiB, 1 MiB + 64 KiB), plus sizes past one 8 MiB read chunk.
 SIZES = [0, 1, 100_000, MIB - 1, MIB, MIB + 1, MIB + 65535, MIB + 65536, MIB + 65537,
          3 * MIB + 12345, 2 * hashing.CHUNK_BYTES + 7]

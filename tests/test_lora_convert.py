@@ -9,6 +9,7 @@ import math
 import shutil
 from pathlib import Path
 
+import factory
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -30,7 +31,7 @@ from adapterzoo.formats.lora_convert import convert_lora
 from adapterzoo.formats.lora_read import UnmatchedKeysError, load_lora
 from adapterzoo.tiny_models import tiny_pipeline
 
-REAL = Path("/work/shared/fixtures/real")
+REAL = factory.REAL
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
