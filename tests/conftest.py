@@ -1,5 +1,7 @@
 """Suite-wide settings."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,3 +13,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def registry_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test may touch the user's real registry: each gets its own ADAPTERZOO_HOME."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("ADAPTERZOO_HOME", str(home))
+    monkeypatch.delenv("ADAPTERZOO_DB", raising=False)
+    return home

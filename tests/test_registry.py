@@ -26,14 +26,6 @@ from adapterzoo.zoo.walk import Found
 PG = postgresql.dialect()
 
 
-@pytest.fixture(autouse=True)
-def registry_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    monkeypatch.setenv("ADAPTERZOO_HOME", str(home))
-    monkeypatch.delenv("ADAPTERZOO_DB", raising=False)
-    return home
-
-
 def sqlite_affinity(declared: str) -> str:
     """SQLite's column affinity rules (https://sqlite.org/datatype3.html section 3.1), in order."""
     name = declared.upper()

@@ -33,14 +33,6 @@ REQUIRED_JSON = ("id", "path", "kind", "base", "format", "sha256", "autov1", "au
                  "crc32", "error")
 
 
-@pytest.fixture(autouse=True)
-def registry_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    home = tmp_path / "home"
-    monkeypatch.setenv("ADAPTERZOO_HOME", str(home))
-    monkeypatch.delenv("ADAPTERZOO_DB", raising=False)
-    return home
-
-
 def kohya_lora(path: Path, metadata: dict[str, str] | None = None, seed: int = 0) -> Path:
     """A one-module SD1 kohya LoRA (cross-attention to_k: context width 768)."""
     gen = torch.Generator().manual_seed(seed)
