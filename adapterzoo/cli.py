@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -27,6 +29,96 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
     for row in cells:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def print_module_report(report: dict[str, Any], columns: list[str]) -> None:
+    """An ops report: per-module numbers (the long module name last, never cut), then the totals."""
+    cells = [[_number(row.get(c)) for c in columns] for row in report["modules"]]
+    widths = [max(len(c), *(len(cell[i]) for cell in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().rjust(w) for c, w in zip(columns, widths)) + "  MODULE")
+    for row, cell in zip(report["modules"], cells):
+        click.echo("  ".join(v.rjust(w) for v, w in zip(cell, widths)) + "  " + row["module"])
+    click.echo(f"modules  {len(report['modules'])}")
+    if "retained_fro" in report:
+        click.echo(f"retained {report['retained_fro']:.4f} of ‖ΔW‖_F over all modules")
+    for warning in report.get("warnings", []):
+        click.echo(f"warning  {warning}")
+    click.echo(f"wrote    {report['output']}")
+
+
+def sha256_of(path: Path) -> str | dict[str, str]:
+    """An ops input's SHA-256 for the output's provenance; a folder's per file, by relative path."""
+    from adapterzoo.zoo.hashing import hash_file
+
+    if path.is_dir():
+        return {f.relative_to(path).as_posix(): hash_file(f).sha256 for f in sorted(path.rglob("*")) if f.is_file()}
+    return hash_file(path).sha256
+
+
+class WeightedPath(click.ParamType):
+    """FILE or FILE:W. Only a number after the last ':' is a weight, so a path may contain ':' itself."""
+
+    name = "FILE[:W]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, float]:
+        if isinstance(value, tuple):
+            return value
+        path, weight = value, 1.0
+        head, sep, tail = value.rpartition(":")
+        if sep:
+            try:
+                weight = float(tail)
+                path = head
+            except ValueError:
+                pass
+        if not math.isfinite(weight):
+            self.fail(f"{value}: the weight must be a finite number", param, ctx)
+        if not Path(path).exists():
+            self.fail(f"{path}: no such file (a weight goes after the last ':', as in lora.safetensors:0.7)",
+                      param, ctx)
+        return path, weight
+
+
+DEVICE_OPTION = click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto",
+                             show_default=True, help="Where to compute (fp32): auto picks cuda, then mps, then cpu.")
+RULE_OPTIONS = (
+    click.option("--rank", type=click.IntRange(min=1), metavar="N", help="Keep this many singular values per module."),
+    click.option("--sv-ratio", type=click.FloatRange(min=1), metavar="X",
+                 help="Keep every singular value >= the largest / X."),
+    click.option("--sv-fro", type=click.FloatRange(0, 1, min_open=True), metavar="X",
+                 help="Keep the smallest rank whose retained Frobenius fraction is >= X."),
+    click.option("--sv-cumulative", type=click.FloatRange(0, 1, min_open=True), metavar="X",
+                 help="Keep the smallest rank whose share of the singular-value sum is >= X."),
+)
+
+
+def rule_options(command: Any) -> Any:
+    for option in reversed(RULE_OPTIONS):
+        command = option(command)
+    return command
+
+
+def rank_rule(rank: int | None, sv_ratio: float | None, sv_fro: float | None, sv_cumulative: float | None) -> Any:
+    """The one rank rule asked for (a `ops.lowrank` Rule), or None; two at once is a usage error."""
+    from adapterzoo.ops.lowrank import Rank, SvCumulative, SvFro, SvRatio
+
+    given = [(flag, value) for flag, value in (("--rank", rank), ("--sv-ratio", sv_ratio), ("--sv-fro", sv_fro),
+                                              ("--sv-cumulative", sv_cumulative)) if value is not None]
+    if len(given) > 1:
+        raise click.UsageError(f"give one rank rule, not {' and '.join(flag for flag, _ in given)}")
+    if rank is not None:
+        return Rank(rank)
+    if sv_ratio is not None:
+        return SvRatio(sv_ratio)
+    if sv_fro is not None:
+        return SvFro(sv_fro)
+    return SvCumulative(sv_cumulative) if sv_cumulative is not None else None
 
 
 @click.group()
@@ -72,6 +164,8 @@ def probe(path: str, as_json: bool) -> None:
               "hypernetwork: safetensors|a1111.")
 @click.option("--base", type=click.Choice(["sd1", "sd2", "sdxl"]),
               help="LoRA: read it as this base instead of the detected one.")
+@click.option("--checkpoint", metavar="CKPT", type=click.Path(exists=True, dir_okay=True),
+              help="LoRA: resolve module names against this model instead of the built-in SD1/SD2/SDXL tables.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--token", help="Embedding: the token (name) to store where the target format has one.")
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA: the rank to write.")
@@ -91,6 +185,113 @@ def convert(src: str, dest: str, to: str, as_json: bool, **options: Any) -> None
         click.echo(f"wrote    {path}")
     for warning in report.get("warnings", []):
         click.echo(f"warning  {warning}")
+
+
+@cli.command()
+@click.argument("checkpoint", metavar="CHECKPOINT", type=click.Path(exists=True, dir_okay=True))
+@click.option("--lora", "loras", metavar="FILE[:W]", multiple=True, required=True, type=WeightedPath(),
+              help="A LoRA-family file or PEFT folder and its weight (default 1); repeat for more.")
+@click.option("-o", "--output", "dest", metavar="OUT", required=True, type=click.Path(),
+              help="The merged checkpoint, in CHECKPOINT's layout (single .safetensors file or diffusers folder).")
+@DEVICE_OPTION
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
+              help="Write floating tensors in this dtype (default: each keeps the checkpoint's).")
+@click.option("--allow-unmatched", is_flag=True, help="Merge what fits and list the LoRA keys that land nowhere.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, device: str, dtype: str | None,
+          allow_unmatched: bool, force: bool, as_json: bool) -> None:
+    """Merge LoRAs into CHECKPOINT's weights (W += weight·ΔW, computed in fp32), written to OUT."""
+    from adapterzoo.ops.device import pick_device
+    from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
+
+    specs = [LoraSpec(Path(path), weight) for path, weight in loras]
+    report = merge_checkpoint(checkpoint, specs, dest, sha256=sha256_of, device=pick_device(device), dtype=dtype,
+                              allow_unmatched=allow_unmatched, force=force)
+    if as_json:
+        emit_json(report)
+        return
+    print_table(report["loras"], ["path", "weight", "format", "modules"])
+    for lora in report["loras"]:
+        for key in lora["unmatched"]:
+            click.echo(f"unmatched {Path(lora['path']).name}: {key}")
+    for warning in report["warnings"]:
+        click.echo(f"warning  {warning}")
+    click.echo(f"merged   {report['tensors_merged']} tensors of {report['base']} {report['layout']} "
+               f"({report['tensors_copied']} copied) on {report['device']} in {report['seconds']:.1f} s")
+    click.echo(f"wrote    {report['output']}")
+
+
+@cli.command("merge-loras")
+@click.argument("inputs", metavar="FILE[:W]...", nargs=-1, required=True, type=WeightedPath())
+@click.option("-o", "--output", "dest", metavar="OUT", required=True, type=click.Path(),
+              help="The merged kohya LoRA (.safetensors).")
+@click.option("--method", type=click.Choice(["concat", "svd"]), default="concat", show_default=True,
+              help="concat: exact, ranks add up; svd: the sum re-factorised to a rank rule.")
+@rule_options
+@DEVICE_OPTION
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, device: str, force: bool,
+                as_json: bool, **rule: Any) -> None:
+    """Merge LoRAs of one base into one whose ΔW is the weighted sum (W after ':' defaults to 1)."""
+    from adapterzoo.ops.device import pick_device
+    from adapterzoo.ops.merge_loras import merge_loras as merge
+
+    chosen = rank_rule(**rule)
+    if (chosen is None) == (method == "svd"):
+        raise click.UsageError("--method svd needs a rank rule (--rank N, --sv-ratio X, --sv-fro X, --sv-cumulative X)"
+                               if method == "svd" else "--method concat is exact and takes no rank rule")
+    report = merge(list(inputs), dest, method, chosen, pick_device(device), sha256_of, force)
+    if as_json:
+        emit_json(report)
+        return
+    print_module_report(report, ["inputs", "rank", "retained_fro"] if method == "svd" else ["inputs", "rank"])
+
+
+@cli.command()
+@click.argument("src", metavar="FILE", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", "dest", metavar="OUT", required=True, type=click.Path(),
+              help="The resized kohya LoRA (.safetensors).")
+@rule_options
+@DEVICE_OPTION
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def resize(src: str, dest: str, device: str, force: bool, as_json: bool, **rule: Any) -> None:
+    """Truncate every module of a kohya LoRA to a new rank, optimally (Eckart–Young), alpha kept right."""
+    from adapterzoo.ops.device import pick_device
+    from adapterzoo.ops.resize import resize_lora
+
+    chosen = rank_rule(**rule)
+    if chosen is None:
+        raise click.UsageError("say how to truncate: --rank N, --sv-ratio X, --sv-fro X or --sv-cumulative X")
+    report = resize_lora(src, dest, chosen, pick_device(device), sha256_of, force)
+    if as_json:
+        emit_json(report)
+        return
+    print_module_report(report, ["rank", "kept_rank", "retained_fro"])
+
+
+@cli.command()
+@click.argument("base", metavar="BASE", type=click.Path(exists=True, dir_okay=True))
+@click.argument("tuned", metavar="TUNED", type=click.Path(exists=True, dir_okay=True))
+@click.option("-o", "--output", "dest", metavar="OUT", required=True, type=click.Path(),
+              help="The extracted kohya LoRA (.safetensors).")
+@click.option("--rank", type=click.IntRange(min=1), metavar="N", required=True, help="The LoRA's rank.")
+@DEVICE_OPTION
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def extract(base: str, tuned: str, dest: str, rank: int, device: str, force: bool, as_json: bool) -> None:
+    """Extract a LoRA of TUNED − BASE (two checkpoints of one model: single files or diffusers folders)."""
+    from adapterzoo.ops.device import pick_device
+    from adapterzoo.ops.extract import extract_lora
+
+    report = extract_lora(base, tuned, dest, rank, pick_device(device), sha256_of, force)
+    if as_json:
+        emit_json(report)
+        return
+    print_module_report(report, ["rank", "retained_fro"])
+    click.echo(f"skipped  {report['skipped_zero']} unchanged weight(s)")
 
 
 @cli.command()

@@ -14,12 +14,21 @@ from adapterzoo.demo_library import build_library
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.convert import convert
 from adapterzoo.formats.probe import probe
+from adapterzoo.ops.device import pick_device
+from adapterzoo.ops.extract import extract_lora
+from adapterzoo.ops.lowrank import Rank
+from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
+from adapterzoo.ops.resize import resize_lora
 from adapterzoo.zoo.db import connect
+from adapterzoo.zoo.hashing import sha256_of
 from adapterzoo.zoo.queries import list_entries
 from adapterzoo.zoo.scan import scan_paths
 
 SCAN_COLUMNS = ["kind", "base", "format", "rank", "alpha", "autov2", "status", "name"]
 CONVERT_COLUMNS = ["kind", "from", "to", "output", "probed as"]
+OPS_COLUMNS = ["step", "output", "result"]
+MERGE_WEIGHT, RESIZED_RANK = 0.8, 2
+LORA = "Lora/tiny-sd1-style.safetensors"
 # (input under models/, output name, --to): one conversion per kind the tiny library holds.
 CONVERSIONS = [
     ("Stable-diffusion/tiny-sd1", "tiny-sd1.safetensors", "ldm"),
@@ -58,12 +67,39 @@ def run_demo(root: Path, show: Callable[[DemoStep], None]) -> None:
 
     converted = root / "converted"
     converted.mkdir()
+    checkpoint = models / CONVERSIONS[0][0]
+    lora = models / LORA
     rows = []
     for source, name, to in CONVERSIONS:
         report = convert(models / source, converted / name, to)
         found = probe(converted / name)
         rows.append({"kind": report["kind"], "from": report["from"], "to": to, "output": name,
                      "probed as": f"{found.kind} {found.base} {found.format}"})
+    # The LoRA was made for the tiny model, so its names resolve against that model, not the SD1.5 tables.
+    report = convert(lora, converted / "tiny-sd1-style.diffusers.safetensors", "diffusers", checkpoint=checkpoint)
+    found = probe(report["output"])
+    rows.append({"kind": "lora", "from": report["from"], "to": "diffusers", "output": Path(report["output"]).name,
+                 "probed as": f"{found.kind} {found.base} {found.format}"})
     show(DemoStep("Convert: a diffusers folder to one A1111 file, an A1111 embedding to kohya, a hypernetwork "
-                  "to safetensors", f"adapterzoo convert {models / CONVERSIONS[0][0]} -o {converted / CONVERSIONS[0][1]} "
+                  "to safetensors, the kohya LoRA to what diffusers loads", f"adapterzoo convert {models / CONVERSIONS[0][0]} -o {converted / CONVERSIONS[0][1]} "
                   f"--to {CONVERSIONS[0][2]}", rows=rows, columns=CONVERT_COLUMNS))
+
+    ops = root / "ops"
+    ops.mkdir()
+    device = pick_device("auto")
+    merged = merge_checkpoint(checkpoint, [LoraSpec(lora, MERGE_WEIGHT)], ops / "tiny-sd1-styled",
+                              sha256=sha256_of, device=device)
+    resized = resize_lora(lora, ops / "tiny-sd1-style.rank2.safetensors", Rank(RESIZED_RANK), device, sha256_of)
+    extracted = extract_lora(checkpoint, ops / "tiny-sd1-styled", ops / "tiny-sd1-style.extracted.safetensors",
+                             4, device, sha256_of)
+    rows = [
+        {"step": f"merge --lora {lora.name}:{MERGE_WEIGHT}", "output": "tiny-sd1-styled/",
+         "result": f"{merged['tensors_merged']} weights changed, {merged['tensors_copied']} copied as they were"},
+        {"step": f"resize --rank {RESIZED_RANK}", "output": Path(resized["output"]).name,
+         "result": f"{len(resized['modules'])} modules, {resized['retained_fro']:.1%} of the delta kept"},
+        {"step": "extract BASE MERGED --rank 4", "output": Path(extracted["output"]).name,
+         "result": f"{len(extracted['modules'])} modules, {extracted['retained_fro']:.4%} of the difference kept"},
+    ]
+    show(DemoStep(f"Merge the LoRA into the checkpoint, resize its rank, and extract it back out (on {device.type})",
+                  f"adapterzoo merge {checkpoint} --lora {lora}:{MERGE_WEIGHT} -o {ops / 'tiny-sd1-styled'}",
+                  rows=rows, columns=OPS_COLUMNS))

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import torch
+
 
 def test_demo_indexes_every_kind_and_flags_bad_files(tmp_path):
     out = tmp_path / "tour"
@@ -20,6 +22,38 @@ def test_demo_indexes_every_kind_and_flags_bad_files(tmp_path):
     assert rows["needs-code.ckpt"][-2] == "unsafe"
     assert "this would have run" not in run.stdout + run.stderr
     assert "6 indexed, 0 unchanged, 1 broken, 1 unsafe, 0 missing" in run.stdout
+    for line in ("checkpoint    diffusers  ldm", "embedding     a1111      kohya", "hypernetwork  a1111      safetensors",
+                 "lora          kohya      diffusers"):
+        assert line in run.stdout
+    assert "52 weights changed" in run.stdout
+    assert "100.0000% of the difference kept" in run.stdout  # extract(merge(base, L)) gives L back, rank 4
+
+
+def test_demo_outputs_load_where_users_load_them(tmp_path):
+    """The merged folder loads in diffusers; the extracted LoRA equals the merged one's delta."""
+    out = tmp_path / "tour"
+    assert subprocess.run([sys.executable, "-m", "adapterzoo", "demo", "--out", str(out)],
+                          capture_output=True, timeout=300).returncode == 0
+    from diffusers import UNet2DConditionModel
+
+    from adapterzoo.formats.checkpoint_targets import checkpoint_targets
+    from adapterzoo.formats.lora_read import load_lora
+
+    base = UNet2DConditionModel.from_pretrained(out / "models/Stable-diffusion/tiny-sd1", subfolder="unet")
+    merged = UNet2DConditionModel.from_pretrained(out / "ops/tiny-sd1-styled", subfolder="unet")
+    architecture = checkpoint_targets(out / "models/Stable-diffusion/tiny-sd1").architecture
+    lora = load_lora(out / "models/Lora/tiny-sd1-style.safetensors", architecture=architecture)
+    extracted = load_lora(out / "ops/tiny-sd1-style.extracted.safetensors", architecture=architecture)
+    weights = dict(base.named_parameters())
+    changed = dict(merged.named_parameters())
+    unet_modules = {p: m for p, m in lora.modules.items() if p.startswith("unet.")}
+    assert unet_modules
+    for path, module in unet_modules.items():
+        key = path.removeprefix("unet.") + ".weight"
+        expected = weights[key] + 0.8 * module.delta(weights[key]).reshape(weights[key].shape)
+        torch.testing.assert_close(changed[key], expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(extracted.modules[path].delta(weights[key]).reshape(weights[key].shape),
+                                   changed[key] - weights[key], rtol=1e-3, atol=1e-4)
 
 
 def test_demo_refuses_a_folder_with_files(tmp_path):

@@ -19,8 +19,8 @@ TARGETS: dict[str, tuple[str, ...]] = {
 }
 # Which options mean something for which kind; --force means something for all.
 KIND_OPTIONS: dict[str, tuple[str, ...]] = {
-    "lora": ("base", "rank"),
-    "lycoris": ("base", "rank"),
+    "lora": ("base", "rank", "checkpoint"),
+    "lycoris": ("base", "rank", "checkpoint"),
     "checkpoint": ("dtype", "prune_ema"),
     "embedding": ("token",),
     "hypernetwork": (),
@@ -32,9 +32,13 @@ def _flag(option: str) -> str:
 
 
 def convert(src: str | os.PathLike, dest: str | os.PathLike, to: str, **options: Any) -> dict[str, Any]:
-    """Convert `src` into format `to` at `dest`; options: force, base, rank, dtype, prune_ema, token."""
+    """Convert `src` into format `to` at `dest`; options: force, base, rank, checkpoint, dtype, prune_ema, token.
+
+    `checkpoint` (a LoRA's) resolves its module names against that model's own modules instead of the
+    built-in SD1/SD2/SDXL tables, so LoRAs made for non-standard or tiny models convert too.
+    """
     force = bool(options.pop("force", False))
-    check_output(dest, [src], force)
+    check_output(dest, [src, *([options["checkpoint"]] if options.get("checkpoint") else [])], force)
     found = probe(src)
     kind = found.kind
     if kind not in TARGETS:
@@ -74,4 +78,14 @@ def _dispatch(kind: str, src: Any, dest: Any, to: str, force: bool, options: dic
                                   prune_ema=bool(options.get("prune_ema")), force=force)
     from adapterzoo.formats.lora_convert import convert_lora
 
-    return convert_lora(src, dest, to, base=options.get("base"), force=force, rank=options.get("rank"))
+    architecture = None
+    if options.get("checkpoint"):
+        from adapterzoo.formats.checkpoint_targets import check_lora_base, checkpoint_targets
+
+        if options.get("base"):
+            raise AdapterzooError("--base and --checkpoint both say what the LoRA is for; give one")
+        targets = checkpoint_targets(options["checkpoint"])
+        check_lora_base(targets, src)
+        architecture = targets.architecture
+    return convert_lora(src, dest, to, base=options.get("base"), force=force, rank=options.get("rank"),
+                        architecture=architecture)

@@ -1,1 +1,1 @@
-"""Tensor math on adapters (merge, resize, extract); imports torch and errors only, never other rooms."""
+"""Tensor math on adapters and checkpoints (merge, resize, extract); uses formats/ for files, never zoo/."""

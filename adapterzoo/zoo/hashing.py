@@ -15,6 +15,7 @@ import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import blake3
@@ -179,3 +180,11 @@ def hash_file(
         blake3=blake.hexdigest(),
         crc32=f"{crc.value:08x}",
     )
+
+
+def sha256_of(path: Path) -> str | dict[str, str]:
+    """An input's SHA-256 for provenance metadata; a folder's per file, by relative path."""
+    path = Path(path)
+    if path.is_dir():
+        return {f.relative_to(path).as_posix(): hash_file(f).sha256 for f in sorted(path.rglob("*")) if f.is_file()}
+    return hash_file(path).sha256

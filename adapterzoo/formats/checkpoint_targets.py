@@ -1,0 +1,256 @@
+"""Where each LoRA target's weight lives inside a checkpoint: a single file or a diffusers folder.
+
+LoRA names are resolved against the checkpoint's own modules, whatever its size: the component
+configs (config.json in a folder, inferred from tensor shapes in a single file) build the models on
+the `meta` device, `architecture_from_models` lists their targets, and each target gets the tensor
+holding its weight: the UNet's LDM or diffusers key, a text encoder's Hugging Face key, or a row
+block of OpenCLIP's fused `in_proj` (FORMATS.md §2.3). `merge` writes into these tensors and
+`extract` reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapterzoo.errors import AdapterzooError, BadFileError
+from adapterzoo.formats import unet_names
+from adapterzoo.formats.architectures import TEXT_ENCODERS, UNET, Architecture, architecture_from_models, relative
+from adapterzoo.formats.checkpoint_config import clip_config_from_hf, unet_config_from_ldm
+from adapterzoo.formats.checkpoint_to_ldm import diffusers_base
+from adapterzoo.formats.clip_names import (
+    LDM_TEXT_ENCODERS,
+    TRANSPOSED,
+    hf_to_openclip,
+    is_openclip_root,
+    openclip_to_hf,
+    strip_text_model,
+)
+from adapterzoo.formats.json_file import read_json_object
+from adapterzoo.formats.probe import probe
+from adapterzoo.formats.probe_checkpoint import probe_checkpoint
+from adapterzoo.formats.probe_result import ProbeResult
+from adapterzoo.formats.safetensors_writer import SAFETENSORS_DTYPES
+from adapterzoo.formats.tensor_source import TensorSource, open_checkpoint_file, open_component
+from adapterzoo.formats.tensor_table import TensorMeta
+
+SINGLE_FILE = ""  # WeightLocation.file of every tensor of a single-file checkpoint
+LORA_BASES = ("sd1", "sd2", "sdxl")
+WEIGHT_STEMS = {UNET: "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"}
+SDXL_POOLED_WIDTH = 1280  # bigG's projection; only sizes the UNet's unused time-id projection when te2 is absent
+_CLIP_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+@dataclass(frozen=True)
+class WeightLocation:
+    """The stored tensor that holds one target's weight (and bias), and how the target sits in it."""
+
+    file: str  # component folder ("unet", "text_encoder", ...) of a diffusers folder; SINGLE_FILE otherwise
+    key: str  # the weight tensor's key in that file
+    bias: str | None = None  # the bias tensor's key, if the module has one stored
+    rows: tuple[int, int] | None = None  # [start, stop) rows of a fused OpenCLIP in_proj weight and bias
+    transposed: bool = False  # stored as the transpose of the module's weight (OpenCLIP text_projection)
+
+
+@dataclass
+class CheckpointTargets:
+    """A checkpoint's LoRA targets (`architecture`) and, for each, where its weight is stored."""
+
+    path: Path
+    base: str
+    is_folder: bool
+    architecture: Architecture
+    locations: dict[str, WeightLocation]  # canonical target path -> where its weight lives
+    sources: dict[str, TensorSource]  # WeightLocation.file -> lazily read tensors
+
+    def weight(self, target: str) -> torch.Tensor:
+        """The target's weight as its module holds it (shape and layout), in the stored dtype."""
+        location = self.locations[target]
+        tensor = self.sources[location.file].get(location.key)
+        if location.rows is not None:
+            tensor = tensor[location.rows[0]:location.rows[1]]
+        if location.transposed:
+            tensor = tensor.t()
+        return tensor.reshape(self.architecture.targets[target].shape)
+
+    def by_key(self, file: str) -> dict[str, list[str]]:
+        """Stored weight or bias key of `file` -> the targets living in it (q, k and v share an in_proj)."""
+        out: dict[str, list[str]] = {}
+        for target, location in self.locations.items():
+            if location.file == file:
+                out.setdefault(location.key, []).append(target)
+                if location.bias is not None:
+                    out.setdefault(location.bias, []).append(target)
+        return out
+
+
+def checkpoint_targets(path: str | os.PathLike) -> CheckpointTargets:
+    """Targets and weight locations of a single-file SD1/SD2/SDXL checkpoint or a diffusers pipeline folder."""
+    path = Path(path)
+    if not path.exists():
+        raise BadFileError(f"{path} does not exist")
+    if path.is_dir():
+        return _folder_targets(path)
+    return _single_file_targets(path)
+
+
+def check_lora_base(targets: CheckpointTargets, lora: str | os.PathLike) -> None:
+    """Refuse a LoRA whose probed base differs from the checkpoint's; an undecided probe passes."""
+    found = probe(lora)
+    if found.base in LORA_BASES and found.base != targets.base:
+        raise AdapterzooError(
+            f"{Path(lora).name} is a {found.base} {found.kind} but {targets.path.name} is a {targets.base} "
+            "checkpoint; a LoRA only fits the base it was trained on"
+        )
+
+
+# -- diffusers folders ----------------------------------------------------------------------------
+
+
+def _folder_model(folder: Path, component: str, class_name: str) -> torch.nn.Module:
+    config = read_json_object(folder / component / "config.json")
+    if component == UNET:
+        from diffusers import UNet2DConditionModel
+
+        if class_name != "UNet2DConditionModel":
+            raise BadFileError(f"unet is a {class_name}; LoRAs are merged into UNet2DConditionModel only")
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(config)
+    import transformers
+
+    if class_name not in _CLIP_CLASSES:
+        raise BadFileError(f"{component} is a {class_name}; LoRAs are merged into CLIP text encoders only")
+    with torch.device("meta"):
+        return getattr(transformers, class_name)(transformers.CLIPTextConfig.from_dict(config))
+
+
+def _folder_targets(folder: Path) -> CheckpointTargets:
+    base = diffusers_base(folder)
+    index = read_json_object(folder / "model_index.json")
+    models: dict[str, torch.nn.Module] = {}
+    sources: dict[str, TensorSource] = {}
+    for component in (UNET, *TEXT_ENCODERS):
+        entry = index.get(component)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1]:
+            models[component] = _folder_model(folder, component, entry[1])
+            sources[component] = open_component(folder / component, WEIGHT_STEMS[component])
+    architecture = architecture_from_models(base, models)
+    stripped = {c: {strip_text_model(k): k for k in s.shapes} for c, s in sources.items() if c != UNET}
+    locations = {}
+    for target in architecture.targets.values():
+        source, stored = sources[target.component], stripped.get(target.component)
+        key = _stored(source, target.module_path + ".weight", stored)
+        if key is not None:
+            bias = _stored(source, target.module_path + ".bias", stored)
+            locations[target.path] = _checked(WeightLocation(target.component, key, bias), source, target.shape)
+    return CheckpointTargets(folder, base, True, architecture, locations, sources)
+
+
+def _stored(source: TensorSource, name: str, by_stripped: dict[str, str] | None) -> str | None:
+    """The key holding `name`: as spelled, or (text encoders) with or without transformers' `text_model.`."""
+    if name in source.shapes:
+        return name
+    return None if by_stripped is None else by_stripped.get(strip_text_model(name))
+
+
+def _checked(location: WeightLocation, source: TensorSource, shape: tuple[int, ...]) -> WeightLocation:
+    stored = source.shapes[location.key]
+    rows = stored[0] if location.rows is None else location.rows[1] - location.rows[0]
+    numel = rows * int(torch.Size(stored[1:]).numel()) if stored else 1
+    if numel != int(torch.Size(shape).numel()):
+        raise BadFileError(f"{location.key} is {list(stored)}, which cannot hold a {list(shape)} module weight")
+    return location
+
+
+# -- single files ---------------------------------------------------------------------------------
+
+
+def _single_file_base(source: TensorSource, name: str) -> str:
+    table = {k: TensorMeta(shape, SAFETENSORS_DTYPES.get(source.dtypes[k], "?")) for k, shape in source.shapes.items()}
+    result = ProbeResult(path=name)
+    if not probe_checkpoint(table, result) or result.kind != "checkpoint":
+        raise BadFileError(f"{name} is not a checkpoint (no SD UNet or text encoder weights)")
+    if result.base not in LORA_BASES:
+        raise BadFileError(f"{name} is a {result.base} checkpoint; LoRAs are merged into SD1, SD2 and SDXL ones")
+    return result.base
+
+
+def _under(source: TensorSource, prefix: str) -> dict[str, str]:
+    return {k[len(prefix):]: k for k in source.shapes if k.startswith(prefix)}
+
+
+def _single_text_encoder(source: TensorSource, component: str, prefix: str) -> tuple[torch.nn.Module, dict] | None:
+    """The HF CLIP model of a single file's text encoder, and its keys by name under `prefix`
+    (OpenCLIP names for an OpenCLIP root, HF names without `text_model.` otherwise)."""
+    import transformers
+
+    openclip = is_openclip_root(prefix)
+    keys = {rest if openclip else strip_text_model(rest): key for rest, key in _under(source, prefix).items()}
+    if not keys:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for rest, key in keys.items():
+        names = openclip_to_hf(rest) if openclip else [rest]
+        for name in names or ():
+            shape = source.shapes[key]
+            if len(names) == 3:
+                shape = (shape[0] // 3, *shape[1:])
+            elif rest == TRANSPOSED:
+                shape = tuple(reversed(shape))
+            shapes[name] = shape
+    config = transformers.CLIPTextConfig(**clip_config_from_hf(shapes, openclip))
+    with_projection = component == "text_encoder_2" and "text_projection.weight" in shapes
+    model_class = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
+    with torch.device("meta"):
+        return model_class(config), keys
+
+
+def _text_location(keys: dict[str, str], prefix: str, rel: str, rows: int) -> WeightLocation | None:
+    """Location of HF module `rel` inside a single file's text encoder stored under `prefix`."""
+    if not is_openclip_root(prefix):
+        weight = keys.get(rel + ".weight")
+        return None if weight is None else WeightLocation(SINGLE_FILE, weight, keys.get(rel + ".bias"))
+    mapped = hf_to_openclip(rel + ".weight")
+    if mapped is None or mapped[0] not in keys:
+        return None
+    name, slot = mapped
+    bias = hf_to_openclip(rel + ".bias")
+    bias_key = keys.get(bias[0]) if bias is not None else None
+    span = None if slot is None else (slot * rows, (slot + 1) * rows)
+    return WeightLocation(SINGLE_FILE, keys[name], bias_key, span, name == TRANSPOSED)
+
+
+def _single_file_targets(path: Path) -> CheckpointTargets:
+    from diffusers import UNet2DConditionModel
+
+    source = open_checkpoint_file(path)
+    base = _single_file_base(source, path.name)
+    models: dict[str, torch.nn.Module] = {}
+    text_keys: dict[str, dict[str, str]] = {}
+    for component, prefix in LDM_TEXT_ENCODERS[base].items():
+        built = _single_text_encoder(source, component, prefix)
+        if built is not None:
+            models[component], text_keys[component] = built
+    unet_keys = _under(source, unet_names.LDM_PREFIX)
+    if unet_keys:
+        shapes = {rest: source.shapes[key] for rest, key in unet_keys.items()}
+        pooled = models["text_encoder_2"].config.projection_dim if "text_encoder_2" in models else SDXL_POOLED_WIDTH
+        config = unet_config_from_ldm(shapes, base, pooled, "epsilon")
+        with torch.device("meta"):
+            models = {UNET: UNet2DConditionModel.from_config(config), **models}
+    architecture = architecture_from_models(base, models)
+    locations = {}
+    for target in architecture.targets.values():
+        if target.component == UNET:
+            weight = unet_keys.get(f"{target.ldm_path}.weight") if target.ldm_path else None
+            location = None if weight is None else WeightLocation(
+                SINGLE_FILE, weight, unet_keys.get(f"{target.ldm_path}.bias"))
+        else:
+            prefix = LDM_TEXT_ENCODERS[base][target.component]
+            location = _text_location(text_keys[target.component], prefix, relative(target), target.shape[0])
+        if location is not None:
+            locations[target.path] = _checked(location, source, target.shape)
+    return CheckpointTargets(path, base, False, architecture, locations, {SINGLE_FILE: source})

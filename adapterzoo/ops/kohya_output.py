@@ -1,0 +1,20 @@
+"""Write a LoRA an ops command made as the kohya file A1111 and ComfyUI load, through convert's writers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from adapterzoo.formats.atomic import atomic_output
+from adapterzoo.formats.lora_metadata import output_metadata
+from adapterzoo.formats.lora_model import LoraFile
+from adapterzoo.formats.lora_write import kohya_tensors
+
+
+def write_kohya(lora: LoraFile, dest: Path, provenance: dict[str, str]) -> None:
+    """kohya tensors with per-module alphas, ModelSpec fields for the base, and the provenance keys."""
+    metadata = output_metadata(lora, "kohya", dest.stem, None)
+    metadata.update(provenance)
+    with atomic_output(dest) as tmp:
+        save_file(kohya_tensors(lora), str(tmp), metadata=metadata)

@@ -1,0 +1,510 @@
+"""`merge`: LoRA-family files into a checkpoint's weights, streamed tensor by tensor (FORMATS.md §1.5, §2.3).
+
+Every LoRA is resolved against the checkpoint's own modules (`checkpoint_targets`), all of it
+before a byte is written. Then each stored tensor is read, and if LoRAs land on it, changed in
+fp32 on the device: plain LoRAs aimed at one weight become one GEMM over their concatenated
+factors (each weight·scale folded into its up factor), LoHa/LoKr/full deltas are added, and
+weight-dependent modules (DoRA, IA3) are applied in --lora order to the weight as it stands, as
+fusing them one after the other would. Untouched tensors are copied as they are. The output is a
+temporary file (or folder) beside OUT, renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.architectures import Architecture
+from adapterzoo.formats.atomic import atomic_output, check_output
+from adapterzoo.formats.checkpoint_targets import (
+    SINGLE_FILE,
+    CheckpointTargets,
+    WeightLocation,
+    check_lora_base,
+    checkpoint_targets,
+)
+from adapterzoo.formats.lora_model import AdapterModule, FullModule, Ia3Module, LoraFile, LoraModule
+from adapterzoo.formats.lora_read import PEFT_CONFIG, PEFT_WEIGHTS, UnmatchedKeysError, load_lora
+from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES, load_pickle, unwrap_state_dict
+from adapterzoo.formats.safetensors_header import read_header
+from adapterzoo.formats.safetensors_writer import TORCH_DTYPES, PlannedTensor, write_safetensors
+from adapterzoo.formats.tensor_source import TensorSource
+from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+READ_WINDOW_BYTES = 256 << 20  # the input is re-mapped after this much, so pages already copied leave RSS
+METHOD = "W + sum(weight * delta W), fp32; LoRA factors concatenated per weight; DoRA/IA3 in --lora order"
+SHA256_HEX = 64
+PENDING = "pending-sha256-"  # header placeholder, numbered and padded to exactly SHA256_HEX characters
+SHOWN_KEYS = 5
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One --lora FILE[:W]: a LoRA-family file or PEFT folder and its multiplier."""
+
+    path: Path
+    weight: float = 1.0
+
+
+class UnmatchedLoraKeysError(AdapterzooError):
+    """LoRA keys that land on no weight of the checkpoint; all of them go to --json."""
+
+    def __init__(self, lora: Path, checkpoint: Path, keys: list[str]) -> None:
+        self.lora, self.keys = lora, keys
+        shown = ", ".join(keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
+        super().__init__(f"{lora.name}: {len(keys)} key(s) land on no weight of {checkpoint.name}: {shown} "
+                         "(--allow-unmatched merges the rest)")
+
+    def json_details(self) -> dict:
+        return {"lora": str(self.lora), "unmatched": self.keys}
+
+
+@dataclass
+class _Patch:
+    """Everything landing on one target inside one stored tensor, in --lora order."""
+
+    location: WeightLocation
+    shape: tuple[int, ...]  # the target module's weight shape
+    on_bias: bool
+    modules: list[tuple[AdapterModule, float]] = dataclasses.field(default_factory=list)
+
+
+def merge_checkpoint(
+    checkpoint: str | os.PathLike,
+    loras: Sequence[LoraSpec],
+    dest: str | os.PathLike,
+    *,
+    sha256: Hasher,
+    device: torch.device | None = None,
+    dtype: str | None = None,
+    allow_unmatched: bool = False,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Merge `loras` into `checkpoint` (single file or diffusers folder), written to `dest` in the same layout.
+
+    `sha256(path)` gives an input's digest for the provenance metadata (`ops.provenance`); for files it
+    runs in a background thread while the tensors stream, since hashing a checkpoint takes seconds.
+    `dtype` (fp16, bf16, fp32) casts every floating tensor; by default each keeps its own. Raises
+    AdapterzooError before writing anything for a bad input.
+    """
+    started = time.perf_counter()
+    device = device or torch.device("cpu")
+    if dtype is not None and dtype not in DTYPES:
+        raise AdapterzooError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if not loras:
+        raise AdapterzooError("no LoRA given: pass at least one --lora FILE[:W]")
+    checkpoint, dest = Path(checkpoint), Path(dest)
+    targets = checkpoint_targets(checkpoint)
+    _check_paths(checkpoint, dest, [spec.path for spec in loras], force)
+    merger = _Merger(device, DTYPES.get(dtype) if dtype else None)
+    read = [_read_lora(spec, targets, allow_unmatched, merger.warnings) for spec in loras]
+    patches = _patches(targets, [(lora, spec.weight) for lora, spec in zip(read, loras)], merger.warnings)
+    files = _files_to_write(targets, patches, merger.warnings)
+    hashes = _Hashes([f for f, _ in files] + [spec.path for spec in loras], sha256)
+    with atomic_output(dest, folder=targets.is_folder) as tmp:
+        written = []
+        if targets.is_folder:
+            _copy_untouched(checkpoint, tmp, {f.parent.name for f, _ in files})
+        else:
+            # Write a new file under the reserved name: ext4 writes back at close a file that was opened with
+            # O_TRUNC (auto_da_alloc), which costs as much as the whole merge for a 2 GB checkpoint.
+            tmp.unlink()
+        for source, out_name in files:
+            out = tmp / out_name if targets.is_folder else tmp
+            metadata = _provenance(hashes, source, checkpoint, loras, device, dtype)
+            merger.write(source, out, patches.get(_file_of(targets, source), {}), targets, metadata)
+            written.append(out)
+        digests = hashes.wait()
+        for out in written:
+            _fill_placeholders(out, digests)
+    return {
+        "checkpoint": str(checkpoint), "base": targets.base, "output": str(dest),
+        "layout": "diffusers" if targets.is_folder else "single-file",
+        "loras": [_lora_report(spec, lora) for spec, lora in zip(loras, read)],
+        "tensors_merged": merger.merged, "tensors_copied": merger.copied, "device": str(device),
+        "dtype": dtype, "warnings": merger.warnings, "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+# -- checking and reading the inputs ----------------------------------------------------------------
+
+
+def _check_paths(src: Path, dest: Path, loras: list[Path], force: bool) -> None:
+    check_output(dest, [src, *loras], force)
+    source, target = src.resolve(), dest.resolve()
+    if src.is_dir():
+        if target.is_relative_to(source) or source.is_relative_to(target):
+            raise AdapterzooError(f"output {dest} and the input folder {src} overlap; write it elsewhere")
+        if dest.exists() and not (dest / "model_index.json").is_file():
+            raise AdapterzooError(f"{dest} exists and is not a diffusers folder; refusing to replace it")
+    else:
+        if dest.suffix.lower() != ".safetensors":
+            raise AdapterzooError(f"output {dest.name} must end in .safetensors (pickles are never written)")
+        if dest.exists() and not dest.is_file():
+            raise AdapterzooError(f"{dest} exists and is not a file; refusing to replace it")
+
+
+@dataclass
+class _Read:
+    lora: LoraFile | None  # None: nothing of the file landed anywhere (--allow-unmatched)
+    unmatched: list[str]
+
+
+def _read_lora(spec: LoraSpec, targets: CheckpointTargets, allow_unmatched: bool, warnings: list[str]) -> _Read:
+    """The LoRA resolved against the checkpoint's modules; with allow_unmatched, minus what lands nowhere."""
+    if not spec.path.exists():
+        raise AdapterzooError(f"LoRA {spec.path} does not exist")
+    check_lora_base(targets, spec.path)
+    try:
+        lora, unmatched = load_lora(spec.path, architecture=targets.architecture), []
+    except UnmatchedKeysError as exc:
+        if not allow_unmatched:
+            raise UnmatchedLoraKeysError(spec.path, targets.path, exc.keys) from None
+        unmatched = exc.keys
+        lora = _load_without(spec.path, set(unmatched), targets.architecture)
+    if lora is not None:
+        homeless = [path for path in lora.modules if path not in targets.locations]
+        if homeless and not allow_unmatched:
+            raise UnmatchedLoraKeysError(spec.path, targets.path, homeless)
+        for path in homeless:
+            del lora.modules[path]
+        unmatched += homeless
+        if lora.embeddings:
+            warnings.append(f"{spec.path.name}: its embedded tokens ({', '.join(sorted(lora.embeddings))}) are "
+                            "not merged; `convert` writes them out as embeddings")
+    return _Read(lora, unmatched)
+
+
+def _load_without(path: Path, drop: set[str], architecture: Architecture) -> LoraFile | None:
+    """Load a copy of the LoRA without the keys in `drop` (a PEFT folder's keys carry `component/`)."""
+    with tempfile.TemporaryDirectory(prefix="adapterzoo-lora-") as tmp:
+        copy = Path(tmp) / path.name
+        if path.is_dir():
+            kept = 0
+            for config in sorted(path.rglob(PEFT_CONFIG)):
+                folder = config.parent
+                prefix = "" if folder == path else f"{folder.relative_to(path).as_posix()}/"
+                (copy / folder.relative_to(path)).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(config, copy / folder.relative_to(path) / PEFT_CONFIG)
+                weights = folder / PEFT_WEIGHTS
+                tensors = {k: v for k, v in load_file(str(weights)).items() if prefix + k not in drop}
+                save_file(tensors, str(copy / folder.relative_to(path) / PEFT_WEIGHTS), read_header(weights).metadata)
+                kept += len(tensors)
+        else:
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                tensors, metadata = unwrap_state_dict(load_pickle(path)), {}
+                copy = copy.with_suffix(".safetensors")
+            else:
+                tensors, metadata = load_file(str(path)), read_header(path).metadata
+            tensors = {str(k): v.contiguous() for k, v in tensors.items() if str(k) not in drop}
+            kept = len(tensors)
+            if kept:
+                save_file(tensors, str(copy), metadata)
+        return load_lora(copy, architecture=architecture) if kept else None
+
+
+def _patches(
+    targets: CheckpointTargets, loras: list[tuple[_Read, float]], warnings: list[str]
+) -> dict[str, dict[str, list[_Patch]]]:
+    """file -> stored key -> the patches landing on it, every target's modules in --lora order."""
+    by_target: dict[tuple[str, bool], _Patch] = {}
+    for read, weight in loras:
+        for path, module in (read.lora.modules if read.lora else {}).items():
+            location, shape = targets.locations[path], targets.architecture.targets[path].shape
+            by_target.setdefault((path, False), _Patch(location, shape, False)).modules.append((module, weight))
+            if isinstance(module, FullModule) and module.diff_b is not None:
+                if location.bias is None:
+                    warnings.append(f"{path}: the bias delta is left out, the checkpoint stores no bias for it")
+                    continue
+                by_target.setdefault((path, True), _Patch(location, shape, True)).modules.append((module, weight))
+    out: dict[str, dict[str, list[_Patch]]] = {}
+    for patch in by_target.values():
+        key = patch.location.bias if patch.on_bias else patch.location.key
+        out.setdefault(patch.location.file, {}).setdefault(key, []).append(patch)
+    return out
+
+
+# -- which files are written ------------------------------------------------------------------------
+
+
+def _files_to_write(
+    targets: CheckpointTargets, patches: dict[str, dict[str, list[_Patch]]], warnings: list[str]
+) -> list[tuple[Path, str]]:
+    """(input file, output name) of every weight file to rewrite; a folder's others are copied as they are."""
+    if not targets.is_folder:
+        return [(targets.path, targets.path.name)]
+    files = []
+    for component in patches:
+        folder = targets.path / component
+        weights = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" and p.is_file())
+        if not weights:
+            raise AdapterzooError(f"{component} holds pickled weights only; merging writes safetensors, so save "
+                                  "the pipeline with safe_serialization=True first")
+        files += [(p, f"{component}/{p.name}") for p in weights]
+        for stale in sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES):
+            warnings.append(f"{component}/{stale.name} left out: pickled weights are never rewritten, "
+                            "the merged safetensors replace them")
+    return files
+
+
+def _file_of(targets: CheckpointTargets, source: Path) -> str:
+    return source.parent.name if targets.is_folder else SINGLE_FILE
+
+
+def _copy_untouched(src: Path, tmp: Path, touched: set[str]) -> None:
+    """Copy the folder, leaving out the weight files of touched components (they are rewritten)."""
+    for entry in sorted(src.iterdir()):
+        if entry.is_dir() and entry.name in touched:
+            (tmp / entry.name).mkdir()
+            for item in sorted(entry.iterdir()):
+                if item.suffix == ".safetensors" or item.suffix.lower() in PICKLE_SUFFIXES:
+                    continue
+                if item.is_dir():
+                    shutil.copytree(item, tmp / entry.name / item.name)
+                else:
+                    shutil.copy2(item, tmp / entry.name / item.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, tmp / entry.name)
+        else:
+            shutil.copy2(entry, tmp / entry.name)
+
+
+# -- streaming tensors --------------------------------------------------------------------------
+
+
+class _WindowedReader:
+    """A safetensors file through safe_open, re-opened every READ_WINDOW_BYTES: a mapping's pages count
+    in the process's RSS until it is closed, so this keeps a multi-GB read to one window of it."""
+
+    def __init__(self, path: Path) -> None:
+        header = read_header(path)
+        unknown = sorted({info.dtype for info in header.tensors.values()} - set(TORCH_DTYPES))
+        if unknown:
+            raise AdapterzooError(f"{path.name} holds {', '.join(unknown)} tensors, which we do not merge into")
+        self.path = path
+        self.metadata = header.metadata
+        self.shapes = {k: info.shape for k, info in header.tensors.items()}
+        self.dtypes = {k: TORCH_DTYPES[info.dtype] for k, info in header.tensors.items()}
+        self._handle: Any = None
+        self._served = 0
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._handle is None or self._served >= READ_WINDOW_BYTES:
+            self._handle = None
+            self._handle = safe_open(str(self.path), framework="pt")
+            self._served = 0
+        tensor = self._handle.get_tensor(key)
+        self._served += tensor.nbytes
+        return tensor
+
+
+def _on(module: AdapterModule, device: torch.device) -> AdapterModule:
+    """The module with its tensors on `device` (LoRA factors are small; the weight never leaves it)."""
+    if device.type == "cpu":
+        return module
+    moved = {f.name: getattr(module, f.name).to(device) for f in dataclasses.fields(module)
+             if isinstance(getattr(module, f.name), torch.Tensor)}
+    return dataclasses.replace(module, **moved)
+
+
+def _accumulate(current: torch.Tensor, modules: list[tuple[AdapterModule, float]], device: torch.device) -> None:
+    """current += each module's delta · multiplier, in place; runs of plain LoRAs become one GEMM."""
+    ups: list[torch.Tensor] = []
+    downs: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if ups:
+            current.view(current.shape[0], -1).addmm_(torch.cat(ups, dim=1), torch.cat(downs, dim=0))
+            ups.clear()
+            downs.clear()
+
+    for module, weight in modules:
+        module = _on(module, device)
+        if isinstance(module, LoraModule) and module.dora_scale is None:
+            ups.append(module.up.float().flatten(1) * (weight * module.scale))
+            downs.append(module.full_down().float().flatten(1))
+        elif isinstance(module, Ia3Module) or getattr(module, "dora_scale", None) is not None:
+            flush()  # these depend on the weight, so everything before them must be in it
+            current.add_(module.delta(current), alpha=weight)
+        else:
+            current.add_(module.delta().reshape(current.shape), alpha=weight)
+    flush()
+
+
+class _Scratch:
+    """CPU buffers reused from tensor to tensor. A fresh allocation of many MB is mapped and zero-filled by
+    the kernel every time (glibc serves it outside its heap), which costs more than the merge arithmetic."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of `shape` whose memory the next take() with the same role and dtype reuses."""
+        numel = math.prod(shape)
+        buffer = self._buffers.get((role, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[(role, dtype)] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel].view(shape)
+
+
+def _apply(weight: torch.Tensor, patches: list[_Patch], device: torch.device, scratch: _Scratch) -> torch.Tensor:
+    """The stored tensor with every patch applied, in fp32 on `device`."""
+    if device.type == "cpu":
+        w = scratch.take("work", tuple(weight.shape), torch.float32).copy_(weight)
+    else:
+        w = weight.to(device).float()
+    for patch in patches:
+        rows = patch.location.rows
+        region = w if rows is None else w[rows[0]:rows[1]]
+        if patch.on_bias:
+            for module, multiplier in patch.modules:
+                region.add_(module.diff_b.to(device).float().reshape(region.shape), alpha=multiplier)
+            continue
+        current = region.t().contiguous() if patch.location.transposed else region
+        current = current.view(patch.shape)
+        _accumulate(current, patch.modules, device)
+        if patch.location.transposed:
+            region.copy_(current.reshape(region.shape[::-1]).t())
+    return w
+
+
+class _Merger:
+    """Writes merged files on one device, collecting warnings and counts for the report."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.scratch = _Scratch()
+        self.warnings: list[str] = []
+        self.merged = 0
+        self.copied = 0
+
+    def _merged(self, key: str, weight: torch.Tensor, patches: list[_Patch], dtype: torch.dtype) -> torch.Tensor:
+        """The merged tensor in a reused buffer: valid until the next call (the writer has written it by then)."""
+        try:
+            merged = _apply(weight, patches, self.device, self.scratch)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cpu":
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.warnings.append(f"{key}: out of {self.device.type} memory, merged on the CPU instead")
+            merged = _apply(weight, patches, torch.device("cpu"), self.scratch)
+        return self.scratch.take("out", tuple(merged.shape), dtype).copy_(merged)
+
+    def write(self, source: Path, out: Path, patches: dict[str, list[_Patch]], targets: CheckpointTargets,
+              metadata: dict[str, str]) -> None:
+        reader: _WindowedReader | TensorSource
+        reader = targets.sources[SINGLE_FILE] if _is_pickle(source) else _WindowedReader(source)
+        plan = []
+        for key, stored in reader.dtypes.items():
+            dtype = self.dtype if self.dtype is not None and stored.is_floating_point else stored
+            if key in patches:
+                self.merged += 1
+                make = (lambda k=key, d=dtype: self._merged(k, reader.get(k), patches[k], d))
+            else:
+                self.copied += 1
+                make = (lambda k=key: reader.get(k))
+            plan.append(PlannedTensor(key, tuple(reader.shapes[key]), dtype, make))
+        kept = {k: v for k, v in reader.metadata.items() if not k.startswith("modelspec.hash_")}  # no longer true
+        write_safetensors(out, plan, {**kept, "format": "pt", **metadata})
+
+
+def _is_pickle(path: Path) -> bool:
+    """The test `open_checkpoint_file` makes: a pickle suffix, or a zip / pickle-protocol start."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
+
+
+# -- provenance -----------------------------------------------------------------------------------
+
+
+class _Hashes:
+    """SHA256 of the input files, computed in a background thread while the tensors stream (folders,
+    only ever small LoRA ones here, are hashed at once).
+
+    Headers are written first, so they carry numbered placeholders as long as a digest, which
+    `_fill_placeholders` overwrites in place once the digests are known.
+    """
+
+    def __init__(self, paths: list[Path], sha256: Hasher) -> None:
+        self._files = list(dict.fromkeys(p for p in paths if not p.is_dir()))
+        self._folders = {p: sha256(p) for p in paths if p.is_dir()}
+        self._sha256 = sha256
+        self._digests: dict[Path, str] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="merge-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for path in self._files:
+                digest = self._sha256(path)
+                if not isinstance(digest, str) or len(digest) != SHA256_HEX:
+                    raise AdapterzooError(f"the SHA256 of {path.name} came out as {digest!r}")
+                self._digests[path] = digest
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread by wait()
+            self._error = exc
+
+    def of(self, path: Path) -> str | dict[str, str]:
+        """The digest to record for `path`: a placeholder for a file, the real digests for a folder."""
+        if path in self._folders:
+            return self._folders[path]
+        number = str(self._files.index(path))
+        return PENDING + number.zfill(SHA256_HEX - len(PENDING))
+
+    def wait(self) -> dict[str, str]:
+        """placeholder -> digest, once every file is hashed."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return {self.of(path): digest for path, digest in self._digests.items()}
+
+
+def _fill_placeholders(path: Path, digests: dict[str, str]) -> None:
+    with open(path, "r+b") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = fh.read(length)
+        for placeholder, digest in digests.items():
+            header = header.replace(placeholder.encode(), digest.encode())
+        fh.seek(8)
+        fh.write(header)
+
+
+def _provenance(hashes: _Hashes, source: Path, checkpoint: Path, loras: Sequence[LoraSpec],
+                device: torch.device, dtype: str | None) -> dict[str, str]:
+    """ModelSpec's merged_from plus our record: enough to redo the merge from the same files. A folder's
+    weight file records the one file it was made from, by its path inside the folder."""
+    digest = hashes.of(source)
+    made_from = {source.relative_to(checkpoint).as_posix(): digest} if checkpoint.is_dir() else digest
+    sources = [Source(checkpoint, made_from, role="checkpoint")]
+    sources += [Source(spec.path, hashes.of(spec.path), spec.weight, "lora") for spec in loras]
+    return provenance_metadata("merge", sources, method=METHOD, device=device.type, dtype=dtype)
+
+
+def _lora_report(spec: LoraSpec, read: _Read) -> dict[str, Any]:
+    lora = read.lora
+    return {
+        "path": str(spec.path), "weight": spec.weight, "format": lora.source_format if lora else None,
+        "modules": len(lora.modules) if lora else 0, "components": lora.components() if lora else {},
+        "unmatched": read.unmatched,
+    }

@@ -1,0 +1,113 @@
+"""`merge-loras`: several LoRAs of one base into one kohya LoRA whose ΔW is Σ wᵢ·ΔWᵢ (FORMATS.md §1.5).
+
+concat stacks the ranks and is exact; svd re-factorises the sum to a rank rule from the stacked factors
+(`ops.lowrank.svd_merge`) and reports how much of it each module kept. Inputs are read into the
+canonical form, so files of different dialects merge, module by module, on the real target they change.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.atomic import check_output
+from adapterzoo.formats.lora_model import LoraFile, LoraModule
+from adapterzoo.formats.lora_read import load_lora
+from adapterzoo.ops.kohya_output import write_kohya
+from adapterzoo.ops.lowrank import Rule, concat, fold_tucker, svd_merge
+from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata, rule_setting
+from adapterzoo.ops.retention import Retention
+
+METHODS = ("concat", "svd")
+
+Pair = tuple[torch.Tensor, torch.Tensor, float, float]
+
+
+def merge_loras(inputs: Sequence[tuple[str | os.PathLike, float]], dest: str | os.PathLike, method: str,
+                rule: Rule | None, device: torch.device, sha256: Hasher, force: bool = False) -> dict[str, Any]:
+    """Write Σ weight · ΔW of the (path, weight) `inputs` to `dest`; returns the report."""
+    if method not in METHODS:
+        raise AdapterzooError(f"--method is one of {' | '.join(METHODS)}, not {method!r}")
+    if method == "svd" and rule is None:
+        raise AdapterzooError("--method svd needs a rank rule: --rank N, --sv-ratio X, --sv-fro X or --sv-cumulative X")
+    if method == "concat" and rule is not None:
+        raise AdapterzooError("--method concat is exact and keeps every rank; a rank rule needs --method svd")
+    if not inputs:
+        raise AdapterzooError("nothing to merge: no LoRA given")
+    paths = [Path(path) for path, _ in inputs]
+    weights = [float(weight) for _, weight in inputs]
+    dest = check_output(dest, paths, force)
+    if dest.suffix != ".safetensors":
+        raise AdapterzooError("a merged LoRA is a kohya .safetensors file; name the output *.safetensors")
+    loras = [load_lora(path) for path in paths]
+    _check_bases(paths, loras)
+    for path, lora in zip(paths, loras):
+        _check_plain(path, lora)
+    sources = [Source(path, sha256(path), weight) for path, weight in zip(paths, weights)]
+    architecture = loras[0].architecture
+    modules: dict[str, LoraModule] = {}
+    rows: list[dict[str, Any]] = []
+    retention = Retention()
+    for target in (p for p in architecture.targets if any(p in lora.modules for lora in loras)):
+        members = [(lora.modules[target], w) for lora, w in zip(loras, weights) if target in lora.modules]
+        pairs = [_pair(module, w, device) for module, w in members]
+        first = members[0][0]
+        if method == "concat":
+            up, down = concat(pairs)
+            rank, row = int(up.shape[1]), {}
+        else:
+            t = svd_merge(pairs, rule)
+            up, down, rank = t.up, t.down, t.kept_rank
+            row = {"retained_fro": t.retained_fro}
+            retention.add(t.retained_fro, float(t.sv.double().square().sum()))
+        modules[target] = LoraModule(down.to("cpu", first.up.dtype), up.to("cpu", first.up.dtype), float(rank),
+                                   first.shape)
+        rows.append({"module": target, "inputs": len(pairs), "rank": rank, **row})
+    merged = LoraFile(modules, architecture, "kohya")
+    settings = {"method": method, "rule": rule_setting(rule) if rule else None, "device": device.type}
+    write_kohya(merged, dest, provenance_metadata("merge-loras", sources, **settings))
+    report: dict[str, Any] = {
+        "inputs": [{"path": str(p), "weight": w, "format": lora.source_format, "modules": len(lora.modules)}
+                   for p, w, lora in zip(paths, weights, loras)],
+        "output": str(dest), "base": architecture.base, **settings, "modules": rows,
+    }
+    if method == "svd":
+        report["retained_fro"] = retention.fraction
+    dropped = [f"{p}: {', '.join(sorted(lora.embeddings))}" for p, lora in zip(paths, loras) if lora.embeddings]
+    if dropped:
+        report["warnings"] = [f"embedded tokens are not merged: {entry}" for entry in dropped]
+    return report
+
+
+def _pair(module: LoraModule, weight: float, device: torch.device) -> Pair:
+    """(up, down, scale, weight) in fp32 on `device`; a Tucker mid is folded into a k x k down, exactly."""
+    down = module.down if module.mid is None else fold_tucker(module.down, module.mid)
+    return module.up.to(device, torch.float32), down.to(device, torch.float32), module.scale, weight
+
+
+def _check_bases(paths: list[Path], loras: list[LoraFile]) -> None:
+    if len({lora.base for lora in loras}) > 1:
+        which = ", ".join(f"{path} is for {lora.base}" for path, lora in zip(paths, loras))
+        raise AdapterzooError(f"these LoRAs are for different base models: {which}")
+
+
+def _check_plain(path: Path, lora: LoraFile) -> None:
+    """Only plain LoRA/LoCon modules sum: the others' ΔW depends on the base weight or is no factor pair."""
+    others = Counter(type(m).__name__.removesuffix("Module") for m in lora.modules.values()
+                     if not isinstance(m, LoraModule))
+    if others:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(others.items()))
+        raise AdapterzooError(
+            f"{path} has {kinds} module(s); merge-loras sums LoRA/LoCon factors only "
+            "(adapterzoo convert IN -o OUT.safetensors --to kohya --rank N approximates LoHa, LoKr and full "
+            "modules as LoRAs)")
+    dora = sum(m.dora_scale is not None for m in lora.modules.values())
+    if dora:
+        raise AdapterzooError(f"{path} has {dora} DoRA module(s): DoRA renormalises W + ΔW, so its "
+                              "change is not a ΔW that adds up with others")
