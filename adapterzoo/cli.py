@@ -53,12 +53,10 @@ def print_module_report(report: dict[str, Any], columns: list[str]) -> None:
 
 
 def sha256_of(path: Path) -> str | dict[str, str]:
-    """An ops input's SHA-256 for the output's provenance; a folder's per file, by relative path."""
-    from adapterzoo.zoo.hashing import hash_file
+    """An ops input's SHA-256 for the output's provenance (zoo hashes; ops never imports zoo)."""
+    from adapterzoo.zoo.hashing import sha256_of as hash_for_provenance
 
-    if path.is_dir():
-        return {f.relative_to(path).as_posix(): hash_file(f).sha256 for f in sorted(path.rglob("*")) if f.is_file()}
-    return hash_file(path).sha256
+    return hash_for_provenance(path)
 
 
 class WeightedPath(click.ParamType):
