@@ -35,6 +35,9 @@ def atomic_output(dest: str | os.PathLike, folder: bool = False) -> Iterator[Pat
         fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
         os.close(fd)
         tmp = Path(name)
+        # Hand over a name, not a file: writers create it fresh. Reopening an existing file with O_TRUNC makes
+        # ext4 flush it all to disk at close (auto_da_alloc), which costs seconds for a checkpoint.
+        tmp.unlink()
     try:
         yield tmp
         umask = os.umask(0)

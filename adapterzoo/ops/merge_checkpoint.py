@@ -121,10 +121,6 @@ def merge_checkpoint(
         written = []
         if targets.is_folder:
             _copy_untouched(checkpoint, tmp, {f.parent.name for f, _ in files})
-        else:
-            # Write a new file under the reserved name: ext4 writes back at close a file that was opened with
-            # O_TRUNC (auto_da_alloc), which costs as much as the whole merge for a 2 GB checkpoint.
-            tmp.unlink()
         for source, out_name in files:
             out = tmp / out_name if targets.is_folder else tmp
             metadata = _provenance(hashes, source, checkpoint, loras, device, dtype)

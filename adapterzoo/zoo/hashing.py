@@ -183,8 +183,23 @@ def hash_file(
 
 
 def sha256_of(path: Path) -> str | dict[str, str]:
-    """An input's SHA-256 for provenance metadata; a folder's per file, by relative path."""
+    """An input's SHA-256 for provenance metadata; a folder's per file, by relative path.
+
+    Only SHA-256 is recorded, so only SHA-256 is computed: the other five digests would cost a merge
+    about as much CPU as the merge itself.
+    """
     path = Path(path)
     if path.is_dir():
-        return {f.relative_to(path).as_posix(): hash_file(f).sha256 for f in sorted(path.rglob("*")) if f.is_file()}
-    return hash_file(path).sha256
+        return {f.relative_to(path).as_posix(): _sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
+    return _sha256(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK_BYTES):
+                digest.update(chunk)
+    except OSError as exc:
+        raise AdapterzooError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return digest.hexdigest()
