@@ -9,9 +9,8 @@ and the LoRA are written once into --dir and reused.
 
     python benchmarks/bench_merge.py [--dir DIR] [--runs 3] [--threads N]
 
-The merge runs three ways: hashing its inputs for the provenance metadata as the CLI does
-(`zoo.hashing.hash_file`, which computes all six hashes), with a SHA256-only hasher, and without
-hashing, so the cost of each part shows.
+The merge runs two ways: hashing its inputs for the provenance metadata as the CLI does
+(`zoo.hashing.sha256_of`), and without hashing, so the cost of each part shows.
 """
 
 from __future__ import annotations
@@ -38,8 +37,7 @@ RANK, ALPHA = 32, 16.0
 KOHYA_UNET = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out)$")
 
 HASHERS = {  # what the merge is given to hash its inputs with, run in a thread beside the merge
-    "hash_file": "SHA256 by zoo.hash_file (as the CLI)",
-    "sha256": "SHA256 by hashlib alone",
+    "cli": "SHA256 by zoo.sha256_of (as the CLI)",
     "none": "no hashing",
 }
 BARE = """
@@ -62,14 +60,13 @@ print(json.dumps({"seconds": time.perf_counter() - start,
                   "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 MERGE = """
-import hashlib, json, resource, sys, time, torch
+import json, resource, sys, time, torch
 from pathlib import Path
 from diffusers import UNet2DConditionModel  # what merge imports to build the checkpoint's modules
 from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
-from adapterzoo.zoo.hashing import hash_file
+from adapterzoo.zoo.hashing import sha256_of
 torch.set_num_threads(int(sys.argv[4]))
-hashers = {"hash_file": lambda p: hash_file(p).sha256, "none": lambda p: "0" * 64,
-           "sha256": lambda p: hashlib.file_digest(open(p, "rb"), "sha256").hexdigest()}
+hashers = {"cli": sha256_of, "none": lambda p: "0" * 64}
 start = time.perf_counter()
 report = merge_checkpoint(sys.argv[1], [LoraSpec(Path(sys.argv[2]), 0.8)], sys.argv[3], sha256=hashers[sys.argv[5]])
 print(json.dumps({"seconds": time.perf_counter() - start, "merged": report["tensors_merged"],
