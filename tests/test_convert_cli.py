@@ -13,24 +13,14 @@ from pathlib import Path
 import factory
 import pytest
 import torch
+from cli_helpers import run
 from safetensors.torch import load_file
 
-from adapterzoo.cli import main
 from adapterzoo.formats.probe import probe
 
 REAL = factory.REAL
 
 
-def run(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Call the console entry point in-process, as `adapterzoo ARGS...` would."""
-    monkeypatch.setattr(sys, "argv", ["adapterzoo", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def sha256(path: Path) -> str:

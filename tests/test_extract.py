@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -37,16 +38,6 @@ L_TARGETS = {
 WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors"}
 
 
-def run(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Call the console entry point in-process, as `adapterzoo ARGS...` would."""
-    monkeypatch.setattr(sys, "argv", ["adapterzoo", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def kohya_deltas(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

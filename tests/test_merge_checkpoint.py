@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import factory
 import pytest
 import torch
+from cli_helpers import run
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -19,7 +19,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adapterzoo import tiny_models
-from adapterzoo.cli import main
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.architectures import builtin_architecture
 from adapterzoo.formats.checkpoint_convert import convert_checkpoint
@@ -341,16 +340,6 @@ def test_keys_that_land_nowhere_are_named_and_allow_unmatched_merges_the_rest(mo
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def run(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Call the console entry point in-process, as `adapterzoo ARGS...` would."""
-    monkeypatch.setattr(sys, "argv", ["adapterzoo", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_merges_lists_unmatched_keys_and_refuses_in_one_line(models, tmp_path, capsys, monkeypatch):

@@ -9,16 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import factory
 import pytest
 import torch
+from cli_helpers import run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adapterzoo.cli import main
 from adapterzoo.formats.lora_read import load_lora
 from adapterzoo.formats.probe import probe
 
@@ -29,16 +28,6 @@ TE = ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te_text_mode
 W_A, W_B = 0.7, -0.4
 
 
-def run(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Call the console entry point in-process, as `adapterzoo ARGS...` would."""
-    monkeypatch.setattr(sys, "argv", ["adapterzoo", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def kohya_deltas(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,10 +18,10 @@ from pathlib import Path
 import factory
 import pytest
 import torch
+from cli_helpers import run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adapterzoo.cli import main
 from adapterzoo.formats.lora_model import LoraModule
 from adapterzoo.formats.lora_read import load_lora
 from adapterzoo.formats.probe import probe
@@ -32,16 +32,6 @@ CONV = r"(down_blocks\.1\.resnets\.0\.conv1|down_blocks\.0\.downsamplers\.0\.con
 TE = r"layers_0_(self_attn_q_proj|mlp_fc2)$"
 
 
-def run(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    """Call the console entry point in-process, as `adapterzoo ARGS...` would."""
-    monkeypatch.setattr(sys, "argv", ["adapterzoo", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def kohya_deltas(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
