@@ -147,7 +147,13 @@ def test_single_file_merge_reads_back_like_diffusers_fuse_lora(models, base, tmp
 def test_provenance_names_every_input_with_its_sha256_and_weight(models, tmp_path):
     model = models["sd1"]
     out = tmp_path / "merged.safetensors"
-    merge_checkpoint(model.single, model.specs(), out, sha256=sha256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # the merge gives the hashing thread a core while it runs, and must give it back
+        merge_checkpoint(model.single, model.specs(), out, sha256=sha256)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     with safe_open(str(out), "pt") as fh:
         metadata = fh.metadata()
     record = json.loads(metadata["adapterzoo.operation"])

@@ -1,7 +1,10 @@
 """Read the tensors of a checkpoint lazily: every shape and dtype up front, the data one tensor at a time.
 
-safetensors files are memory-mapped and read tensor by tensor; pickles go through the safe
-unpickler (zip pickles are memory-mapped by torch, so their tensors are not all read up front).
+A safetensors tensor is read from its byte range into memory of its own (or a buffer the caller
+reuses), not through a memory map: a mapping's pages count in the process's RSS until it is closed,
+so a streamed multi-GB read would look as large as the file. Its bytes can also be handed to the
+writer to copy as they are. Pickles go through the safe unpickler (zip pickles are memory-mapped by
+torch, so their tensors are not all read up front).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from adapterzoo.errors import BadFileError
 from adapterzoo.formats.pickle_safe import (
@@ -22,8 +24,33 @@ from adapterzoo.formats.pickle_safe import (
     load_pickle,
     unwrap_state_dict,
 )
-from adapterzoo.formats.safetensors_header import read_header
-from adapterzoo.formats.safetensors_writer import TORCH_DTYPES, PlannedTensor
+from adapterzoo.formats.safetensors_header import SafetensorsHeader, read_header
+from adapterzoo.formats.safetensors_writer import TORCH_DTYPES, PlannedTensor, StoredBytes
+
+
+@dataclass(frozen=True)
+class _SafetensorsFile:
+    """Tensors of one safetensors file, each read from its byte range when asked for."""
+
+    path: Path
+    header: SafetensorsHeader
+
+    def stored(self, key: str) -> StoredBytes:
+        info = self.header.tensors[key]
+        return StoredBytes(self.path, self.header.data_offset + info.begin, info.end - info.begin)
+
+    def read(self, key: str, out: torch.Tensor | None) -> torch.Tensor:
+        info, stored = self.header.tensors[key], self.stored(key)
+        tensor = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype]) if out is None else out
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        with open(self.path, "rb", buffering=0) as fh:
+            fh.seek(stored.offset)
+            while view:
+                got = fh.readinto(view)
+                if not got:
+                    raise BadFileError(f"{self.path.name} ends inside tensor {key}; was it changed while being read?")
+                view = view[got:]
+        return tensor
 
 
 @dataclass
@@ -36,9 +63,20 @@ class TensorSource:
     extras: dict[str, Any] = field(default_factory=dict)
     _readers: dict[str, Any] = field(default_factory=dict)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor; with `out` (contiguous, its stored shape and dtype), read into that memory instead."""
+        if out is not None and (tuple(out.shape) != self.shapes[key] or out.dtype != self.dtypes[key]
+                                or not out.is_contiguous()):
+            raise ValueError(f"out for {key} must be contiguous {self.dtypes[key]} {list(self.shapes[key])}")
         reader = self._readers[key]
-        return reader[key] if isinstance(reader, dict) else reader.get_tensor(key)
+        if isinstance(reader, _SafetensorsFile):
+            return reader.read(key, out)
+        return reader[key] if out is None else out.copy_(reader[key])
+
+    def stored(self, key: str) -> StoredBytes | None:
+        """Where the tensor's bytes lie in a safetensors file; None for a pickle's tensors."""
+        reader = self._readers[key]
+        return reader.stored(key) if isinstance(reader, _SafetensorsFile) else None
 
     def output_dtype(self, key: str, dtype: torch.dtype | None) -> torch.dtype:
         """`dtype` for floating tensors when given; integer tensors (position ids) keep theirs."""
@@ -53,11 +91,15 @@ class TensorSource:
         shape: tuple[int, ...] | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> PlannedTensor:
-        """Plan `key` as output tensor `name`; floating tensors are cast to `dtype` when one is given."""
-        out = self.output_dtype(key, dtype)
+        """Plan `key` as output tensor `name`; floating tensors are cast to `dtype` when one is given.
+        A safetensors tensor kept as it is (no transform, no cast) is copied as bytes."""
+        out, shape = self.output_dtype(key, dtype), shape or self.shapes[key]
+        stored = self.stored(key)
+        if transform is None and out == self.dtypes[key] and stored is not None:
+            return PlannedTensor(name, shape, out, stored=stored)
         if transform is None:
-            return PlannedTensor(name, shape or self.shapes[key], out, lambda: self.get(key))
-        return PlannedTensor(name, shape or self.shapes[key], out, lambda: transform(self.get(key)))
+            return PlannedTensor(name, shape, out, lambda: self.get(key))
+        return PlannedTensor(name, shape, out, lambda: transform(self.get(key)))
 
     def update(self, other: TensorSource) -> None:
         """Add another file's tensors (shards of one model)."""
@@ -73,8 +115,8 @@ def _safetensors_source(path: Path) -> TensorSource:
     header = read_header(path)
     unknown = sorted({info.dtype for info in header.tensors.values()} - set(TORCH_DTYPES))
     if unknown:
-        raise BadFileError(f"{path.name} holds {', '.join(unknown)} tensors, which we do not convert")
-    handle = safe_open(str(path), framework="pt")
+        raise BadFileError(f"{path.name} holds {', '.join(unknown)} tensors, which we do not read")
+    handle = _SafetensorsFile(path, header)
     return TensorSource(
         shapes={k: info.shape for k, info in header.tensors.items()},
         dtypes={k: TORCH_DTYPES[info.dtype] for k, info in header.tensors.items()},
