@@ -5,6 +5,7 @@ names a file may use are generated from the architecture's real modules and look
 §1.2; what kohya, A1111 and ComfyUI do). Real-size tables are built from the SD1.5 / SD2.1 / SDXL
 configs written below, instantiated on the `meta` device: no weights, no hub. Tiny test models get
 the same table from `architecture_from_models`. A new base (Flux) is one more config + convention.
+The module lists themselves come from `module_tables`, which ships the built-in ones.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.module_tables import (
+    CLIP_CLASS,
+    CLIP_PROJECTION_CLASS,
+    UNET_CLASS,
+    ModuleTable,
+    module_table,
+    table_of,
+)
 from adapterzoo.formats.unet_names import diffusers_to_ldm_module, layout_from_config
 
 UNET = "unet"
@@ -137,29 +146,25 @@ def _spellings(target: Target, convention: KohyaConvention) -> list[str]:
     return names
 
 
-def _component_targets(component: str, model: torch.nn.Module, unet_config: dict | None) -> list[Target]:
-    layout = layout_from_config(unet_config) if unet_config is not None else None
+def _component_targets(component: str, table: ModuleTable) -> list[Target]:
+    layout = layout_from_config(table.config) if component == UNET else None
     targets = []
-    for module_path, module in model.named_modules():
-        weight = module._parameters.get("weight")
-        if weight is None:
-            continue
+    for module_path, shape in table.modules:
         rel = module_path.removeprefix("text_model.") if component != UNET else module_path
         ldm = diffusers_to_ldm_module(module_path, layout) if layout is not None else None
-        targets.append(Target(f"{component}.{rel}", component, module_path, ldm, tuple(weight.shape)))
+        targets.append(Target(f"{component}.{rel}", component, module_path, ldm, shape))
     return targets
 
 
-def architecture_from_models(base: str, models: dict[str, torch.nn.Module]) -> Architecture:
-    """Table of a concrete set of components ({"unet": ..., "text_encoder": ...}); any device, any size."""
+def architecture_from_tables(base: str, tables: dict[str, ModuleTable]) -> Architecture:
+    """Table of a concrete set of components ({"unet": ..., "text_encoder": ...}), in that order; any size."""
     if base not in KOHYA_CONVENTIONS:
         raise AdapterzooError(f"no architecture table for base {base!r} (have: {', '.join(KOHYA_CONVENTIONS)})")
     convention = KOHYA_CONVENTIONS[base]
     targets: dict[str, Target] = {}
     aliases: dict[str, str] = {}
-    for component, model in models.items():
-        unet_config = dict(model.config) if component == UNET else None
-        for target in _component_targets(component, model, unet_config):
+    for component, table in tables.items():
+        for target in _component_targets(component, table):
             targets[target.path] = target
             for name in _spellings(target, convention):
                 if aliases.setdefault(name, target.path) != target.path:
@@ -167,17 +172,17 @@ def architecture_from_models(base: str, models: dict[str, torch.nn.Module]) -> A
     return Architecture(base, targets, aliases, convention)
 
 
-@functools.lru_cache(maxsize=None)
+def architecture_from_models(base: str, models: dict[str, torch.nn.Module]) -> Architecture:
+    """Table of models at hand (tiny test models); any device."""
+    return architecture_from_tables(base, {component: table_of(model) for component, model in models.items()})
+
+
+@functools.cache
 def builtin_architecture(base: str) -> Architecture:
-    """The real-size table of sd1, sd2 or sdxl, from configs on the meta device."""
+    """The real-size table of sd1, sd2 or sdxl, from the configs above."""
     if base not in UNET_CONFIGS:
         raise AdapterzooError(f"no architecture table for base {base!r} (have: {', '.join(UNET_CONFIGS)})")
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    with torch.device("meta"):
-        models: dict[str, torch.nn.Module] = {UNET: UNet2DConditionModel(**UNET_CONFIGS[base])}
-        for component, (config, projection) in TEXT_ENCODER_CONFIGS[base].items():
-            model_class = CLIPTextModelWithProjection if projection else CLIPTextModel
-            models[component] = model_class(CLIPTextConfig(**config))
-    return architecture_from_models(base, models)
+    tables = {UNET: module_table(UNET_CLASS, UNET_CONFIGS[base])}
+    for component, (config, projection) in TEXT_ENCODER_CONFIGS[base].items():
+        tables[component] = module_table(CLIP_PROJECTION_CLASS if projection else CLIP_CLASS, config)
+    return architecture_from_tables(base, tables)

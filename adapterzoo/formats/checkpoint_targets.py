@@ -1,8 +1,8 @@
 """Where each LoRA target's weight lives inside a checkpoint: a single file or a diffusers folder.
 
 LoRA names are resolved against the checkpoint's own modules, whatever its size: the component
-configs (config.json in a folder, inferred from tensor shapes in a single file) build the models on
-the `meta` device, `architecture_from_models` lists their targets, and each target gets the tensor
+configs (config.json in a folder, inferred from tensor shapes in a single file) give each part's
+module table (`module_tables`), `architecture_from_tables` lists their targets, and each target gets the tensor
 holding its weight: the UNet's LDM or diffusers key, a text encoder's Hugging Face key, or a row
 block of OpenCLIP's fused `in_proj` (FORMATS.md §2.3). `merge` writes into these tensors and
 `extract` reads them.
@@ -18,7 +18,7 @@ import torch
 
 from adapterzoo.errors import AdapterzooError, BadFileError
 from adapterzoo.formats import unet_names
-from adapterzoo.formats.architectures import TEXT_ENCODERS, UNET, Architecture, architecture_from_models, relative
+from adapterzoo.formats.architectures import TEXT_ENCODERS, UNET, Architecture, architecture_from_tables, relative
 from adapterzoo.formats.checkpoint_config import clip_config_from_hf, unet_config_from_ldm
 from adapterzoo.formats.checkpoint_to_ldm import diffusers_base
 from adapterzoo.formats.clip_names import (
@@ -30,6 +30,7 @@ from adapterzoo.formats.clip_names import (
     strip_text_model,
 )
 from adapterzoo.formats.json_file import read_json_object
+from adapterzoo.formats.module_tables import CLIP_CLASS, CLIP_PROJECTION_CLASS, UNET_CLASS, ModuleTable, module_table
 from adapterzoo.formats.probe import probe
 from adapterzoo.formats.probe_checkpoint import probe_checkpoint
 from adapterzoo.formats.probe_result import ProbeResult
@@ -41,7 +42,7 @@ SINGLE_FILE = ""  # WeightLocation.file of every tensor of a single-file checkpo
 LORA_BASES = ("sd1", "sd2", "sdxl")
 WEIGHT_STEMS = {UNET: "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"}
 SDXL_POOLED_WIDTH = 1280  # bigG's projection; only sizes the UNet's unused time-id projection when te2 is absent
-_CLIP_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+_CLIP_CLASSES = (CLIP_CLASS, CLIP_PROJECTION_CLASS)
 
 
 @dataclass(frozen=True)
@@ -110,34 +111,25 @@ def check_lora_base(targets: CheckpointTargets, lora: str | os.PathLike) -> None
 # -- diffusers folders ----------------------------------------------------------------------------
 
 
-def _folder_model(folder: Path, component: str, class_name: str) -> torch.nn.Module:
-    config = read_json_object(folder / component / "config.json")
-    if component == UNET:
-        from diffusers import UNet2DConditionModel
-
-        if class_name != "UNet2DConditionModel":
-            raise BadFileError(f"unet is a {class_name}; LoRAs are merged into UNet2DConditionModel only")
-        with torch.device("meta"):
-            return UNet2DConditionModel.from_config(config)
-    import transformers
-
-    if class_name not in _CLIP_CLASSES:
+def _folder_table(folder: Path, component: str, class_name: str) -> ModuleTable:
+    if component == UNET and class_name != UNET_CLASS:
+        raise BadFileError(f"unet is a {class_name}; LoRAs are merged into {UNET_CLASS} only")
+    if component != UNET and class_name not in _CLIP_CLASSES:
         raise BadFileError(f"{component} is a {class_name}; LoRAs are merged into CLIP text encoders only")
-    with torch.device("meta"):
-        return getattr(transformers, class_name)(transformers.CLIPTextConfig.from_dict(config))
+    return module_table(class_name, read_json_object(folder / component / "config.json"))
 
 
 def _folder_targets(folder: Path) -> CheckpointTargets:
     base = diffusers_base(folder)
     index = read_json_object(folder / "model_index.json")
-    models: dict[str, torch.nn.Module] = {}
+    tables: dict[str, ModuleTable] = {}
     sources: dict[str, TensorSource] = {}
     for component in (UNET, *TEXT_ENCODERS):
         entry = index.get(component)
         if isinstance(entry, list) and len(entry) == 2 and entry[1]:
-            models[component] = _folder_model(folder, component, entry[1])
+            tables[component] = _folder_table(folder, component, entry[1])
             sources[component] = open_component(folder / component, WEIGHT_STEMS[component])
-    architecture = architecture_from_models(base, models)
+    architecture = architecture_from_tables(base, tables)
     stripped = {c: {strip_text_model(k): k for k in s.shapes} for c, s in sources.items() if c != UNET}
     locations = {}
     for target in architecture.targets.values():
@@ -182,11 +174,36 @@ def _under(source: TensorSource, prefix: str) -> dict[str, str]:
     return {k[len(prefix):]: k for k in source.shapes if k.startswith(prefix)}
 
 
-def _single_text_encoder(source: TensorSource, component: str, prefix: str) -> tuple[torch.nn.Module, dict] | None:
-    """The HF CLIP model of a single file's text encoder, and its keys by name under `prefix`
-    (OpenCLIP names for an OpenCLIP root, HF names without `text_model.` otherwise)."""
-    import transformers
+@dataclass(frozen=True)
+class ModelPart:
+    """One model inside a single file: the class and config it is built from, and its stored keys by the
+    names the part's own format gives them (LDM names under the UNet, OpenCLIP or HF ones for text)."""
 
+    model_class: str
+    config: dict
+    keys: dict[str, str]
+
+
+def single_file_parts(source: TensorSource, base: str) -> dict[str, ModelPart]:
+    """The UNet and text encoders a single file of `base` holds, their configs inferred from its shapes."""
+    parts: dict[str, ModelPart] = {}
+    for component, prefix in LDM_TEXT_ENCODERS[base].items():
+        part = _single_text_encoder(source, component, prefix)
+        if part is not None:
+            parts[component] = part
+    unet_keys = _under(source, unet_names.LDM_PREFIX)
+    if unet_keys:
+        shapes = {rest: source.shapes[key] for rest, key in unet_keys.items()}
+        te2 = parts.get("text_encoder_2")
+        pooled = te2.config.get("projection_dim", SDXL_POOLED_WIDTH) if te2 else SDXL_POOLED_WIDTH
+        config = unet_config_from_ldm(shapes, base, pooled, "epsilon")
+        parts = {UNET: ModelPart(UNET_CLASS, config, unet_keys), **parts}
+    return parts
+
+
+def _single_text_encoder(source: TensorSource, component: str, prefix: str) -> ModelPart | None:
+    """A single file's text encoder as an HF CLIP model; its keys by OpenCLIP names for an OpenCLIP root,
+    by HF names without `text_model.` otherwise."""
     openclip = is_openclip_root(prefix)
     keys = {rest if openclip else strip_text_model(rest): key for rest, key in _under(source, prefix).items()}
     if not keys:
@@ -201,11 +218,9 @@ def _single_text_encoder(source: TensorSource, component: str, prefix: str) -> t
             elif rest == TRANSPOSED:
                 shape = tuple(reversed(shape))
             shapes[name] = shape
-    config = transformers.CLIPTextConfig(**clip_config_from_hf(shapes, openclip))
     with_projection = component == "text_encoder_2" and "text_projection.weight" in shapes
-    model_class = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
-    with torch.device("meta"):
-        return model_class(config), keys
+    model_class = CLIP_PROJECTION_CLASS if with_projection else CLIP_CLASS
+    return ModelPart(model_class, clip_config_from_hf(shapes, openclip), keys)
 
 
 def _text_location(keys: dict[str, str], prefix: str, rel: str, rows: int) -> WeightLocation | None:
@@ -224,33 +239,21 @@ def _text_location(keys: dict[str, str], prefix: str, rel: str, rows: int) -> We
 
 
 def _single_file_targets(path: Path) -> CheckpointTargets:
-    from diffusers import UNet2DConditionModel
-
     source = open_checkpoint_file(path)
     base = _single_file_base(source, path.name)
-    models: dict[str, torch.nn.Module] = {}
-    text_keys: dict[str, dict[str, str]] = {}
-    for component, prefix in LDM_TEXT_ENCODERS[base].items():
-        built = _single_text_encoder(source, component, prefix)
-        if built is not None:
-            models[component], text_keys[component] = built
-    unet_keys = _under(source, unet_names.LDM_PREFIX)
-    if unet_keys:
-        shapes = {rest: source.shapes[key] for rest, key in unet_keys.items()}
-        pooled = models["text_encoder_2"].config.projection_dim if "text_encoder_2" in models else SDXL_POOLED_WIDTH
-        config = unet_config_from_ldm(shapes, base, pooled, "epsilon")
-        with torch.device("meta"):
-            models = {UNET: UNet2DConditionModel.from_config(config), **models}
-    architecture = architecture_from_models(base, models)
+    parts = single_file_parts(source, base)
+    tables = {component: module_table(part.model_class, part.config) for component, part in parts.items()}
+    architecture = architecture_from_tables(base, tables)
     locations = {}
     for target in architecture.targets.values():
+        keys = parts[target.component].keys
         if target.component == UNET:
-            weight = unet_keys.get(f"{target.ldm_path}.weight") if target.ldm_path else None
-            location = None if weight is None else WeightLocation(
-                SINGLE_FILE, weight, unet_keys.get(f"{target.ldm_path}.bias"))
+            weight = keys.get(f"{target.ldm_path}.weight") if target.ldm_path else None
+            bias = keys.get(f"{target.ldm_path}.bias")
+            location = None if weight is None else WeightLocation(SINGLE_FILE, weight, bias)
         else:
             prefix = LDM_TEXT_ENCODERS[base][target.component]
-            location = _text_location(text_keys[target.component], prefix, relative(target), target.shape[0])
+            location = _text_location(keys, prefix, relative(target), target.shape[0])
         if location is not None:
             locations[target.path] = _checked(location, source, target.shape)
     return CheckpointTargets(path, base, False, architecture, locations, {SINGLE_FILE: source})
