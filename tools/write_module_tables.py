@@ -54,13 +54,13 @@ def wanted() -> dict[str, tuple[str, dict]]:
 
 
 def main() -> None:
-    entries = []
+    tables = {}
     for key, (model_class, config) in sorted(wanted().items()):
         table = table_of(build_on_meta(model_class, config))
-        entries.append({"key": key, "config": table.config, "modules": table.modules})
+        tables[key] = json.dumps({"modules": table.modules, "config": table.config}, separators=(",", ":"))
     out = ROOT / "adapterzoo" / "data" / SHIPPED
-    out.write_bytes(gzip.compress(json.dumps(entries, separators=(",", ":")).encode(), mtime=0))
-    print(f"wrote {len(entries)} tables to {out.relative_to(ROOT)} ({out.stat().st_size} bytes)")
+    out.write_bytes(gzip.compress(json.dumps(tables, indent=0).encode(), mtime=0))
+    print(f"wrote {len(tables)} tables to {out.relative_to(ROOT)} ({out.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class ModuleTable:
 
 def module_table(model_class: str, config: dict[str, Any]) -> ModuleTable:
     """The table of `model_class` (UNet2DConditionModel or a CLIP text model) built from `config`."""
-    shipped = shipped_tables().get(table_key(model_class, config))
+    shipped = shipped_table(table_key(model_class, config))
     return shipped if shipped is not None else table_of(build_on_meta(model_class, config))
 
 
@@ -67,7 +67,20 @@ def build_on_meta(model_class: str, config: dict[str, Any]) -> torch.nn.Module:
 
 
 @functools.cache
-def shipped_tables() -> dict[str, ModuleTable]:
-    raw = json.loads(gzip.decompress((resources.files("adapterzoo") / "data" / SHIPPED).read_bytes()))
-    return {entry["key"]: ModuleTable(tuple((path, tuple(shape)) for path, shape in entry["modules"]),
-                                      entry["config"]) for entry in raw}
+def shipped_table(key: str) -> ModuleTable | None:
+    """The shipped table under `key`, if any; only the tables asked for are parsed."""
+    raw = _shipped_json().get(key)
+    if raw is None:
+        return None
+    entry = json.loads(raw)
+    return ModuleTable(tuple((path, tuple(shape)) for path, shape in entry["modules"]), entry["config"])
+
+
+def shipped_keys() -> list[str]:
+    return sorted(_shipped_json())
+
+
+@functools.cache
+def _shipped_json() -> dict[str, str]:
+    """table key -> that table as JSON text ({"modules": [[path, shape], ...], "config": {...}})."""
+    return json.loads(gzip.decompress((resources.files("adapterzoo") / "data" / SHIPPED).read_bytes()))
