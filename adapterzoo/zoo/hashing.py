@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import mmap
 import os
 import queue
 import threading
@@ -23,6 +24,7 @@ import blake3
 from adapterzoo.errors import AdapterzooError, BadFileError
 
 CHUNK_BYTES = 8 << 20  # large enough that per-call and thread hand-off overheads vanish
+MAP_WINDOW_BYTES = 64 << 20  # a multiple of every page size (mmap offsets must be)
 QUEUE_CHUNKS = 2  # how far the reader may run ahead of the slowest digest (bounds memory)
 THREADS_FROM_BYTES = 1 << 20  # below this, starting the threads costs more than they save
 AUTOV1_START = 1 << 20  # A1111's legacy model hash: the 64 KiB at offset 1 MiB
@@ -195,12 +197,18 @@ def sha256_of(path: Path) -> str | dict[str, str]:
 
 
 def _sha256(path: Path) -> str:
-    digest, buffer = hashlib.sha256(), bytearray(CHUNK_BYTES)  # one buffer: a fresh 8 MB per read is page-faulted in
-    view = memoryview(buffer)
+    """SHA-256 straight from the page cache, a mapped window at a time: no copy into a buffer, which took
+    a third of the time beside the hashing, and at most one window counted in RSS."""
+    digest = hashlib.sha256()
     try:
-        with open(path, "rb", buffering=0) as fh:
-            while size := fh.readinto(buffer):
-                digest.update(view[:size])
+        with open(path, "rb") as fh:
+            size, offset = os.fstat(fh.fileno()).st_size, 0
+            while offset < size:
+                length = min(MAP_WINDOW_BYTES, size - offset)
+                with mmap.mmap(fh.fileno(), length, access=mmap.ACCESS_READ, offset=offset) as window:
+                    with memoryview(window) as view:
+                        digest.update(view)
+                offset += length
     except OSError as exc:
         raise AdapterzooError(f"cannot read {path}: {exc.strerror or exc}") from None
     return digest.hexdigest()
