@@ -228,10 +228,12 @@ def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, devi
               help="concat: exact, ranks add up; svd: the sum re-factorised to a rank rule.")
 @rule_options
 @DEVICE_OPTION
+@click.option("--checkpoint", metavar="CKPT", type=click.Path(exists=True, dir_okay=True),
+              help="Resolve module names against this model instead of the built-in SD1/SD2/SDXL tables.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, device: str, force: bool,
-                as_json: bool, **rule: Any) -> None:
+def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, device: str, checkpoint: str | None,
+                force: bool, as_json: bool, **rule: Any) -> None:
     """Merge LoRAs of one base into one whose ΔW is the weighted sum (W after ':' defaults to 1)."""
     from adapterzoo.ops.device import pick_device
     from adapterzoo.ops.merge_loras import merge_loras as merge
@@ -240,7 +242,7 @@ def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, d
     if (chosen is None) == (method == "svd"):
         raise click.UsageError("--method svd needs a rank rule (--rank N, --sv-ratio X, --sv-fro X, --sv-cumulative X)"
                                if method == "svd" else "--method concat is exact and takes no rank rule")
-    report = merge(list(inputs), dest, method, chosen, pick_device(device), sha256_of, force)
+    report = merge(list(inputs), dest, method, chosen, pick_device(device), sha256_of, force, checkpoint)
     if as_json:
         emit_json(report)
         return

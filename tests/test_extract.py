@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import run
+from deltas import kohya_deltas
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -36,20 +37,6 @@ L_TARGETS = {
                                                              "encoder.layers.0.self_attn.q_proj.weight"),
 }
 WEIGHT_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors"}
-
-
-
-
-def kohya_deltas(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """module -> alpha / r · up @ down as a float64 [out, in·k·k] matrix."""
-    out = {}
-    for key, tensor in sd.items():
-        if key.endswith(".lora_down.weight"):
-            name = key.removesuffix(".lora_down.weight")
-            down, up = tensor.double(), sd[f"{name}.lora_up.weight"].double()
-            rank = down.shape[0]
-            out[name] = float(sd[f"{name}.alpha"]) / rank * (up.reshape(up.shape[0], rank) @ down.reshape(rank, -1))
-    return out
 
 
 def flat(name: str) -> str:

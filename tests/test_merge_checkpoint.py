@@ -39,8 +39,12 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def sha256(path: Path) -> str | dict[str, str]:
+    """hashlib's digest of a file; a folder's per file, by relative path (what ops.provenance.Hasher returns)."""
+    path = Path(path)
+    if path.is_dir():
+        return {f.relative_to(path).as_posix(): sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def weights(pipe) -> dict[str, torch.Tensor]:
@@ -65,8 +69,10 @@ def peft_lora(base: str, folder: Path, seed: int) -> Path:
     configs = {
         "unet": LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                            target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "ff.net.2"]),
-        "text_encoder": LoraConfig(r=4, lora_alpha=2, init_lora_weights=False, target_modules=["q_proj", "v_proj", "fc1"]),
-        "text_encoder_2": LoraConfig(r=3, lora_alpha=5, init_lora_weights=False, target_modules=["k_proj", "out_proj"]),
+        "text_encoder": LoraConfig(r=4, lora_alpha=2, init_lora_weights=False,
+                                   target_modules=["q_proj", "v_proj", "fc1"]),
+        "text_encoder_2": LoraConfig(r=3, lora_alpha=5, init_lora_weights=False,
+                                     target_modules=["k_proj", "out_proj"]),
     }
     models = {name: getattr(pipe, name) for name in configs if getattr(pipe, name, None) is not None}
     for name, model in models.items():
@@ -203,7 +209,8 @@ def lycoris_files(folder: Path) -> tuple[Path, Path, dict[str, torch.Tensor]]:
         f"{KOHYA_BLOCK}_attn1_to_k.weight": r(32), f"{KOHYA_BLOCK}_attn1_to_k.on_input": torch.tensor(False),
         f"{KOHYA_BLOCK}_ff_net_2.weight": r(128), f"{KOHYA_BLOCK}_ff_net_2.on_input": torch.tensor(True),
         f"{KOHYA_BLOCK}_attn1_to_out_0.diff": r(32, 32), f"{KOHYA_BLOCK}_attn1_to_out_0.diff_b": r(32),
-        f"{KOHYA_BLOCK}_attn2_to_out_0.lora_down.weight": r(4, 32), f"{KOHYA_BLOCK}_attn2_to_out_0.lora_up.weight": r(32, 4),
+        f"{KOHYA_BLOCK}_attn2_to_out_0.lora_down.weight": r(4, 32),
+        f"{KOHYA_BLOCK}_attn2_to_out_0.lora_up.weight": r(32, 4),
         f"{KOHYA_BLOCK}_attn2_to_out_0.alpha": torch.tensor(2.0),
         f"{KOHYA_BLOCK}_attn2_to_out_0.dora_scale": 1 + r(32, 1),
         f"{KOHYA_BLOCK}_attn2_to_k.lora_down.weight": r(4, 768), f"{KOHYA_BLOCK}_attn2_to_k.lora_up.weight": r(32, 4),
@@ -346,6 +353,74 @@ def test_keys_that_land_nowhere_are_named_and_allow_unmatched_merges_the_rest(mo
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+STRAY_MODULE = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_nowhere"
+
+
+def peft_folder_with_stray_keys(model: Model, folder: Path) -> tuple[Path, Path, list[str]]:
+    """The first LoRA's UNet part as a PEFT folder (adapter_config.json + adapter_model.safetensors, as a
+    PeftModel's save_pretrained writes it) with a pair for a module the UNet lacks; and that UNet part as
+    the diffusers file it came from."""
+    metadata = safe_open(str(model.loras[0]), "pt").metadata()
+    flat = json.loads(metadata["lora_adapter_metadata"])
+    unet = {k: v for k, v in load_file(model.loras[0]).items() if k.startswith("unet.")}
+    own = {f"base_model.model.{k.removeprefix('unet.')}": v for k, v in unet.items()}
+    own[f"base_model.model.{STRAY_MODULE}.lora_A.weight"] = torch.zeros(4, 32)
+    own[f"base_model.model.{STRAY_MODULE}.lora_B.weight"] = torch.zeros(32, 4)
+    folder.mkdir()
+    config = {k.removeprefix("unet."): v for k, v in flat.items() if k.startswith("unet.")}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file(own, str(folder / "adapter_model.safetensors"))
+    clean = folder.parent / "unet_only.safetensors"
+    save_file(unet, str(clean), metadata)
+    return folder, clean, [f"base_model.model.{STRAY_MODULE}.lora_{ab}.weight" for ab in "AB"]
+
+
+def pickle_with_stray_keys(model: Model, folder: Path) -> tuple[Path, Path, list[str]]:
+    """The first LoRA's tensors pickled (.pt: no metadata, so scale 1) with a stray pair; the same without it."""
+    tensors = load_file(model.loras[0])
+    stray = [f"unet.{STRAY_MODULE}.lora_A.weight", f"unet.{STRAY_MODULE}.lora_B.weight"]
+    folder.mkdir()
+    torch.save(tensors, folder / "clean.pt")
+    torch.save({**tensors, stray[0]: torch.zeros(4, 32), stray[1]: torch.zeros(32, 4)}, folder / "stray.pt")
+    return folder / "stray.pt", folder / "clean.pt", stray
+
+
+@pytest.mark.parametrize("make", [peft_folder_with_stray_keys, pickle_with_stray_keys])
+def test_allow_unmatched_leaves_out_only_the_stray_keys_of_a_peft_folder_or_a_pickle(models, tmp_path, make):
+    model = models["sd1"]
+    stray_lora, clean_lora, stray = make(model, tmp_path / "lora")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "lora").rglob("*"))
+    out, clean = tmp_path / "merged.safetensors", tmp_path / "clean.safetensors"
+    with pytest.raises(UnmatchedLoraKeysError) as caught:
+        merge_checkpoint(model.single, [LoraSpec(stray_lora, 0.7)], out, sha256=sha256)
+    assert caught.value.json_details()["unmatched"] == stray and not out.exists()
+
+    report = merge_checkpoint(model.single, [LoraSpec(stray_lora, 0.7)], out, sha256=sha256, allow_unmatched=True)
+    assert report["loras"][0]["unmatched"] == stray
+    reference = merge_checkpoint(model.single, [LoraSpec(clean_lora, 0.7)], clean, sha256=sha256)
+    assert report["loras"][0]["modules"] == reference["loras"][0]["modules"] > 10
+    merged, original = load_file(out), load_file(model.single)
+    assert max_difference(merged, load_file(clean)) <= TOLERANCE
+    assert sum(not torch.equal(merged[k], original[k]) for k in original) > 10
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (tmp_path / "lora").rglob("*")) == before
+
+
+def test_allow_unmatched_merges_nothing_of_a_lora_of_which_nothing_lands_and_says_so(models, tmp_path, capsys,
+                                                                                      monkeypatch):
+    model = models["sd1"]
+    nowhere = tmp_path / "nowhere.safetensors"
+    stray = [f"unet.{STRAY_MODULE}.lora_A.weight", f"unet.{STRAY_MODULE}.lora_B.weight"]
+    save_file({stray[0]: torch.zeros(4, 32), stray[1]: torch.zeros(32, 4)}, str(nowhere))
+    out, alone = tmp_path / "merged.safetensors", tmp_path / "alone.safetensors"
+    args = ["merge", str(model.single), "--lora", f"{model.loras[0]}:0.7", "--lora", str(nowhere), "-o", str(out)]
+    code, _, err = run(args, capsys, monkeypatch)
+    assert code == 1 and "to_nowhere" in err and err.count("\n") == 1 and not out.exists()
+    code, printed, _ = run([*args, "--allow-unmatched", "--json"], capsys, monkeypatch)
+    assert code == 0
+    assert json.loads(printed)["loras"][1] == {"path": str(nowhere), "weight": 1.0, "format": None, "modules": 0,
+                                               "components": {}, "unmatched": stray}
+    merge_checkpoint(model.single, [LoraSpec(model.loras[0], 0.7)], alone, sha256=sha256)
+    assert max_difference(load_file(out), load_file(alone)) <= TOLERANCE
 
 
 def test_cli_merges_lists_unmatched_keys_and_refuses_in_one_line(models, tmp_path, capsys, monkeypatch):

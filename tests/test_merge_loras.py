@@ -15,38 +15,19 @@ import factory
 import pytest
 import torch
 from cli_helpers import run
+from deltas import kohya_deltas
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from adapterzoo.formats.lora_read import load_lora
 from adapterzoo.formats.probe import probe
+from adapterzoo.tiny_models import save_tiny_pipeline
 
 LINEAR = r"down_blocks\.1\.attentions\.0\.(proj_in|transformer_blocks\.0\.(attn1\.to_q|attn2\.to_k))$"
 CONV = r"down_blocks\.1\.resnets\.0\.conv1$"
 ONLY_B = r"down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.ff\.net\.2$"
 TE = ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", "lora_te_text_model_encoder_layers_0_mlp_fc1")
 W_A, W_B = 0.7, -0.4
-
-
-
-
-def kohya_deltas(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """module -> alpha / r · up @ down (Tucker: through the mid) as a float64 [out, in·k·k] matrix."""
-    out = {}
-    for key, tensor in sd.items():
-        if not key.endswith(".lora_down.weight"):
-            continue
-        name = key.removesuffix(".lora_down.weight")
-        down, up = tensor.double(), sd[f"{name}.lora_up.weight"].double()
-        rank = down.shape[0]
-        up2 = up.reshape(up.shape[0], rank)
-        if f"{name}.lora_mid.weight" in sd:
-            mid = sd[f"{name}.lora_mid.weight"].double()
-            delta = torch.einsum("oa,abhw,bi->oihw", up2, mid, down.reshape(rank, -1)).reshape(up.shape[0], -1)
-        else:
-            delta = up2 @ down.reshape(rank, -1)
-        out[name] = delta * float(sd[f"{name}.alpha"]) / rank
-    return out
 
 
 def write_pair(sd: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], rank: int, alpha: float,
@@ -206,3 +187,94 @@ def test_inputs_are_never_overwritten(inputs, tmp_path, capsys, monkeypatch):
     before = mine.read_bytes()
     code, _, stderr = run(["merge-loras", str(mine), "-o", str(mine), "--force"], capsys, monkeypatch)
     assert code == 1 and "one of the inputs" in stderr and mine.read_bytes() == before
+
+
+# -- --checkpoint: LoRAs for a model the built-in tables don't know ---------------------------------------------
+
+TINY_ATTN, LDM_ATTN = "down_blocks.0.attentions.0", "lora_unet_input_blocks_1_1"
+# module of the tiny SD1 folder -> (its weight file, in A, how B spells it (LDM UNet names) or None: not in B)
+TINY = {
+    f"{TINY_ATTN}.transformer_blocks.0.attn1.to_q": ("unet", True, f"{LDM_ATTN}_transformer_blocks_0_attn1_to_q"),
+    f"{TINY_ATTN}.transformer_blocks.0.attn2.to_k": ("unet", True, f"{LDM_ATTN}_transformer_blocks_0_attn2_to_k"),
+    f"{TINY_ATTN}.transformer_blocks.0.ff.net.2": ("unet", False, f"{LDM_ATTN}_transformer_blocks_0_ff_net_2"),
+    f"{TINY_ATTN}.proj_in": ("unet", True, None),  # a 1x1 conv
+    "down_blocks.0.resnets.0.conv1": ("unet", True, "lora_unet_input_blocks_1_0_in_layers_2"),
+    "encoder.layers.0.self_attn.q_proj": ("text_encoder", True, None),
+    "encoder.layers.0.mlp.fc1": ("text_encoder", True, "lora_te_text_model_encoder_layers_0_mlp_fc1"),
+}
+TINY_FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors"}
+
+
+def tiny_kohya_name(module: str) -> str:
+    """The name A and the output give a module: kohya's, with diffusers UNet paths."""
+    prefix = "lora_unet_" if TINY[module][0] == "unet" else "lora_te_text_model_"
+    return prefix + module.replace(".", "_")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny SD1 folder (32-wide UNet, 64-wide CLIP MLP: no built-in table fits) and two LoRAs for it.
+    A: kohya, rank 3, alpha 1.5. B: LyCORIS spelling with LDM UNet names, rank 2, no alpha (scale 1), a Tucker
+    3x3 conv and a module A lacks."""
+    root = tmp_path_factory.mktemp("tiny")
+    folder = save_tiny_pipeline("sd1", root / "tiny-sd1")
+    gen = torch.Generator().manual_seed(7)
+    a, b = {}, {}
+    for module, (component, in_a, b_name) in TINY.items():
+        with safe_open(str(folder / TINY_FILES[component]), "pt") as f:
+            shape = tuple(f.get_slice(f"{module}.weight").get_shape())
+        if in_a:
+            write_pair(a, tiny_kohya_name(module), shape, 3, 1.5, gen)
+        if b_name:
+            write_pair(b, b_name, shape, 2, 1.0, gen, mid=len(shape) == 4)
+    path_a, path_b = root / "tiny_a.safetensors", root / "tiny_b.safetensors"
+    save_file(a, str(path_a))
+    save_file({k: v for k, v in b.items() if not k.endswith(".alpha")}, str(path_b))
+    return folder, path_a, path_b
+
+
+def test_checkpoint_resolves_loras_of_a_model_the_builtin_tables_do_not_know(tiny, tmp_path, capsys, monkeypatch):
+    folder, path_a, path_b = tiny
+    out = tmp_path / "merged.safetensors"
+    args = ["merge-loras", f"{path_a}:{W_A}", f"{path_b}:{W_B}", "-o", str(out)]
+    code, _, stderr = run(args, capsys, monkeypatch)
+    assert code == 1 and stderr.startswith("error: ") and stderr.count("\n") == 1 and not out.exists()
+
+    code, stdout, stderr = run([*args, "--checkpoint", str(folder), "--json"], capsys, monkeypatch)
+    assert (code, stderr) == (0, "")
+    deltas_a, deltas_b = kohya_deltas(load_file(path_a)), kohya_deltas(load_file(path_b))
+    expected = {}
+    for module, (_, in_a, b_name) in TINY.items():
+        name = tiny_kohya_name(module)
+        expected[name] = (W_A * deltas_a[name] if in_a else 0) + (W_B * deltas_b[b_name] if b_name else 0)
+    merged = kohya_deltas(load_file(out))
+    assert set(merged) == set(expected)
+    for name, delta in expected.items():
+        assert float(torch.linalg.norm(merged[name] - delta)) <= 1e-6 * float(delta.norm()), name
+    report = json.loads(stdout)
+    assert report["checkpoint"] == str(folder) and report["base"] == "sd1"
+    assert [i["format"] for i in report["inputs"]] == ["kohya", "lycoris"]
+
+    with safe_open(str(out), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["modelspec.merged_from"] == f"{path_a.name}, {path_b.name}"  # nothing of the checkpoint is in it
+    operation = json.loads(metadata["adapterzoo.operation"])
+    assert [i["name"] for i in operation["inputs"]] == [path_a.name, path_b.name]
+    assert operation["checkpoint"] == {
+        "name": folder.name,
+        "sha256": {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                   for p in folder.rglob("*") if p.is_file()}}
+
+
+def test_checkpoint_refuses_a_lora_for_another_base_before_writing(tiny, tmp_path, capsys, monkeypatch):
+    folder, path_a, _ = tiny
+    sd2 = {}  # the tiny SD2's cross-attention: 1024 wide, as probe tells SD2 apart
+    write_pair(sd2, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", (32, 1024), 2, 1.0,
+               torch.Generator().manual_seed(8))
+    path_sd2 = tmp_path / "tiny_sd2.safetensors"
+    save_file(sd2, str(path_sd2))
+    out = tmp_path / "x.safetensors"
+    code, _, stderr = run(["merge-loras", str(path_a), str(path_sd2), "-o", str(out), "--checkpoint", str(folder)],
+                          capsys, monkeypatch)
+    assert code == 1 and stderr.count("\n") == 1 and not out.exists()
+    assert f"{path_sd2.name} is a sd2 lora but {folder.name} is a sd1 checkpoint" in stderr

@@ -3,7 +3,7 @@
 Each dialect only says how its keys group into modules, which module each group names and where
 its alpha lives; one builder then checks every group against the real module it lands on (shape
 included) and makes the canonical dataclass. Keys that land nowhere are never dropped silently:
-they are all listed in an `UnmatchedKeysError`.
+they are all listed in an `UnmatchedKeysError`, or handed back by `load_lora_matched`.
 """
 
 from __future__ import annotations
@@ -97,6 +97,25 @@ def load_lora(
     source = _read_source(Path(path))
     if architecture is None:
         architecture = builtin_architecture(base or _detect_base(source))
+    lora, unmatched = _resolve(source, architecture)
+    if unmatched:
+        raise UnmatchedKeysError(unmatched, architecture.base)
+    if lora is None:
+        raise BadFileError("the file holds no LoRA modules")
+    return lora
+
+
+def load_lora_matched(path: str | os.PathLike, architecture: Architecture) -> tuple[LoraFile | None, list[str]]:
+    """`load_lora` that hands back the keys landing nowhere instead of refusing the file (merge
+    --allow-unmatched): what did land (None if nothing did) and those keys, sorted."""
+    lora, unmatched = _resolve(_read_source(Path(path)), architecture)
+    if lora is None and not unmatched:
+        raise BadFileError("the file holds no LoRA modules")
+    return lora, unmatched
+
+
+def _resolve(source: _Source, architecture: Architecture) -> tuple[LoraFile | None, list[str]]:
+    """The modules of `source` that land on `architecture` (None if none do) and its keys that land nowhere."""
     if source.dialect == "cloneofsimo":
         groups = _cloneofsimo_groups(source, architecture)
     elif source.dialect == "peft":
@@ -111,14 +130,12 @@ def load_lora(
             modules[group.target.path] = module
             used.update(group.keys.values())
     embeddings = {k: v for k, v in source.tensors.items() if source.metadata.get(k) == "<embed>"}
-    unmatched = [k for k in source.tensors if k not in used and k not in embeddings]
-    if unmatched:
-        raise UnmatchedKeysError(sorted(unmatched), architecture.base)
+    unmatched = sorted(k for k in source.tensors if k not in used and k not in embeddings)
     if not modules:
-        raise BadFileError("the file holds no LoRA modules")
+        return None, unmatched
     order = {p: i for i, p in enumerate(architecture.targets)}
     modules = dict(sorted(modules.items(), key=lambda item: order[item[0]]))
-    return LoraFile(modules, architecture, source.dialect, dict(source.metadata), embeddings)
+    return LoraFile(modules, architecture, source.dialect, dict(source.metadata), embeddings), unmatched
 
 
 # -- reading files ------------------------------------------------------------------------------
@@ -141,8 +158,6 @@ def _read_source(path: Path) -> _Source:
     if dialect is None:
         raise BadFileError("no LoRA-family keys in this file")
     return _Source(tensors, metadata, dialect)
-
-
 
 
 def _read_peft_folder(folder: Path) -> _Source:

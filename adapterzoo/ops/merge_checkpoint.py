@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -28,10 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.architectures import Architecture
 from adapterzoo.formats.atomic import atomic_output, check_output
 from adapterzoo.formats.checkpoint_targets import (
     SINGLE_FILE,
@@ -41,9 +38,8 @@ from adapterzoo.formats.checkpoint_targets import (
     checkpoint_targets,
 )
 from adapterzoo.formats.lora_model import AdapterModule, FullModule, Ia3Module, LoraFile, LoraModule
-from adapterzoo.formats.lora_read import PEFT_CONFIG, PEFT_WEIGHTS, UnmatchedKeysError, load_lora
-from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES, load_pickle, unwrap_state_dict
-from adapterzoo.formats.safetensors_header import read_header
+from adapterzoo.formats.lora_read import load_lora_matched
+from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES
 from adapterzoo.formats.safetensors_writer import PlannedTensor, write_safetensors
 from adapterzoo.formats.tensor_source import TensorSource, open_checkpoint_file
 from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata
@@ -168,52 +164,16 @@ def _read_lora(spec: LoraSpec, targets: CheckpointTargets, allow_unmatched: bool
     if not spec.path.exists():
         raise AdapterzooError(f"LoRA {spec.path} does not exist")
     check_lora_base(targets, spec.path)
-    try:
-        lora, unmatched = load_lora(spec.path, architecture=targets.architecture), []
-    except UnmatchedKeysError as exc:
-        if not allow_unmatched:
-            raise UnmatchedLoraKeysError(spec.path, targets.path, exc.keys) from None
-        unmatched = exc.keys
-        lora = _load_without(spec.path, set(unmatched), targets.architecture)
-    if lora is not None:
-        homeless = [path for path in lora.modules if path not in targets.locations]
-        if homeless and not allow_unmatched:
-            raise UnmatchedLoraKeysError(spec.path, targets.path, homeless)
-        for path in homeless:
-            del lora.modules[path]
-        unmatched += homeless
-        if lora.embeddings:
-            warnings.append(f"{spec.path.name}: its embedded tokens ({', '.join(sorted(lora.embeddings))}) are "
-                            "not merged; `convert` writes them out as embeddings")
-    return _Read(lora, unmatched)
-
-
-def _load_without(path: Path, drop: set[str], architecture: Architecture) -> LoraFile | None:
-    """Load a copy of the LoRA without the keys in `drop` (a PEFT folder's keys carry `component/`)."""
-    with tempfile.TemporaryDirectory(prefix="adapterzoo-lora-") as tmp:
-        copy = Path(tmp) / path.name
-        if path.is_dir():
-            kept = 0
-            for config in sorted(path.rglob(PEFT_CONFIG)):
-                folder = config.parent
-                prefix = "" if folder == path else f"{folder.relative_to(path).as_posix()}/"
-                (copy / folder.relative_to(path)).mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(config, copy / folder.relative_to(path) / PEFT_CONFIG)
-                weights = folder / PEFT_WEIGHTS
-                tensors = {k: v for k, v in load_file(str(weights)).items() if prefix + k not in drop}
-                save_file(tensors, str(copy / folder.relative_to(path) / PEFT_WEIGHTS), read_header(weights).metadata)
-                kept += len(tensors)
-        else:
-            if path.suffix.lower() in PICKLE_SUFFIXES:
-                tensors, metadata = unwrap_state_dict(load_pickle(path)), {}
-                copy = copy.with_suffix(".safetensors")
-            else:
-                tensors, metadata = load_file(str(path)), read_header(path).metadata
-            tensors = {str(k): v.contiguous() for k, v in tensors.items() if str(k) not in drop}
-            kept = len(tensors)
-            if kept:
-                save_file(tensors, str(copy), metadata)
-        return load_lora(copy, architecture=architecture) if kept else None
+    lora, unmatched = load_lora_matched(spec.path, targets.architecture)
+    homeless = [path for path in lora.modules if path not in targets.locations] if lora else []
+    if (unmatched or homeless) and not allow_unmatched:
+        raise UnmatchedLoraKeysError(spec.path, targets.path, unmatched + homeless)
+    for path in homeless:
+        del lora.modules[path]
+    if lora is not None and lora.embeddings:
+        warnings.append(f"{spec.path.name}: its embedded tokens ({', '.join(sorted(lora.embeddings))}) are "
+                        "not merged; `convert` writes them out as embeddings")
+    return _Read(lora, unmatched + homeless)
 
 
 def _patches(

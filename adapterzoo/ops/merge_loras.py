@@ -2,7 +2,8 @@
 
 concat stacks the ranks and is exact; svd re-factorises the sum to a rank rule from the stacked factors
 (`ops.lowrank.svd_merge`) and reports how much of it each module kept. Inputs are read into the
-canonical form, so files of different dialects merge, module by module, on the real target they change.
+canonical form, so files of different dialects merge, module by module, on the real target they change;
+the targets are the built-in tables' or, with a checkpoint, that model's own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.architectures import Architecture
 from adapterzoo.formats.atomic import check_output
+from adapterzoo.formats.checkpoint_targets import check_lora_base, checkpoint_targets
 from adapterzoo.formats.lora_model import LoraFile, LoraModule
 from adapterzoo.formats.lora_read import load_lora
 from adapterzoo.ops.kohya_output import write_kohya
@@ -30,8 +33,13 @@ Pair = tuple[torch.Tensor, torch.Tensor, float, float]
 
 
 def merge_loras(inputs: Sequence[tuple[str | os.PathLike, float]], dest: str | os.PathLike, method: str,
-                rule: Rule | None, device: torch.device, sha256: Hasher, force: bool = False) -> dict[str, Any]:
-    """Write Σ weight · ΔW of the (path, weight) `inputs` to `dest`; returns the report."""
+                rule: Rule | None, device: torch.device, sha256: Hasher, force: bool = False,
+                checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Write Σ weight · ΔW of the (path, weight) `inputs` to `dest`; returns the report.
+
+    `checkpoint` resolves the LoRAs' module names against that model's own modules instead of the built-in
+    SD1/SD2/SDXL tables, so LoRAs made for non-standard or tiny models merge too.
+    """
     if method not in METHODS:
         raise AdapterzooError(f"--method is one of {' | '.join(METHODS)}, not {method!r}")
     if method == "svd" and rule is None:
@@ -42,14 +50,17 @@ def merge_loras(inputs: Sequence[tuple[str | os.PathLike, float]], dest: str | o
         raise AdapterzooError("nothing to merge: no LoRA given")
     paths = [Path(path) for path, _ in inputs]
     weights = [float(weight) for _, weight in inputs]
-    dest = check_output(dest, paths, force)
+    dest = check_output(dest, [*paths, *([checkpoint] if checkpoint else [])], force)
     if dest.suffix != ".safetensors":
         raise AdapterzooError("a merged LoRA is a kohya .safetensors file; name the output *.safetensors")
-    loras = [load_lora(path) for path in paths]
+    against = _checkpoint_architecture(Path(checkpoint), paths) if checkpoint else None
+    loras = [load_lora(path, architecture=against) for path in paths]
     _check_bases(paths, loras)
     for path, lora in zip(paths, loras):
         _check_plain(path, lora)
     sources = [Source(path, sha256(path), weight) for path, weight in zip(paths, weights)]
+    # Not a source: nothing of it is merged (ModelSpec's merged_from must not name it), it only names the modules.
+    named_by = Source(Path(checkpoint), sha256(Path(checkpoint))).to_json() if checkpoint else None
     architecture = loras[0].architecture
     modules: dict[str, LoraModule] = {}
     rows: list[dict[str, Any]] = []
@@ -71,11 +82,12 @@ def merge_loras(inputs: Sequence[tuple[str | os.PathLike, float]], dest: str | o
         rows.append({"module": target, "inputs": len(pairs), "rank": rank, **row})
     merged = LoraFile(modules, architecture, "kohya")
     settings = {"method": method, "rule": rule_setting(rule) if rule else None, "device": device.type}
-    write_kohya(merged, dest, provenance_metadata("merge-loras", sources, **settings))
+    write_kohya(merged, dest, provenance_metadata("merge-loras", sources, **settings, checkpoint=named_by))
     report: dict[str, Any] = {
         "inputs": [{"path": str(p), "weight": w, "format": lora.source_format, "modules": len(lora.modules)}
                    for p, w, lora in zip(paths, weights, loras)],
-        "output": str(dest), "base": architecture.base, **settings, "modules": rows,
+        "output": str(dest), "base": architecture.base, "checkpoint": str(checkpoint) if checkpoint else None,
+        **settings, "modules": rows,
     }
     if method == "svd":
         report["retained_fro"] = retention.fraction
@@ -89,6 +101,14 @@ def _pair(module: LoraModule, weight: float, device: torch.device) -> Pair:
     """(up, down, scale, weight) in fp32 on `device`; a Tucker mid is folded into a k x k down, exactly."""
     down = module.down if module.mid is None else fold_tucker(module.down, module.mid)
     return module.up.to(device, torch.float32), down.to(device, torch.float32), module.scale, weight
+
+
+def _checkpoint_architecture(checkpoint: Path, paths: list[Path]) -> Architecture:
+    """The checkpoint's own modules, once no LoRA's probed base contradicts it (as `merge` refuses)."""
+    targets = checkpoint_targets(checkpoint)
+    for path in paths:
+        check_lora_base(targets, path)
+    return targets.architecture
 
 
 def _check_bases(paths: list[Path], loras: list[LoraFile]) -> None:
