@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +54,12 @@ def print_module_report(report: dict[str, Any], columns: list[str]) -> None:
     click.echo(f"wrote    {report['output']}")
 
 
-def sha256_of(path: Path) -> str | dict[str, str]:
-    """An ops input's SHA-256 for the output's provenance (zoo hashes; ops never imports zoo)."""
-    from adapterzoo.zoo.hashing import sha256_of as hash_for_provenance
+def provenance_hasher() -> Callable[[Path], str | dict[str, str]]:
+    """How an ops command gets an input's SHA-256 for its output's provenance: from the registry (--db) for a
+    scanned, unchanged file, else hashed now. Bound here: merge calls it from a thread, which has no click context."""
+    from adapterzoo.zoo.known_hashes import provenance_sha256
 
-    return hash_for_provenance(path)
+    return functools.partial(provenance_sha256, db=click.get_current_context().obj["db"])
 
 
 class WeightedPath(click.ParamType):
@@ -204,8 +207,8 @@ def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, devi
     from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
 
     specs = [LoraSpec(Path(path), weight) for path, weight in loras]
-    report = merge_checkpoint(checkpoint, specs, dest, sha256=sha256_of, device=pick_device(device), dtype=dtype,
-                              allow_unmatched=allow_unmatched, force=force)
+    report = merge_checkpoint(checkpoint, specs, dest, sha256=provenance_hasher(), device=pick_device(device),
+                              dtype=dtype, allow_unmatched=allow_unmatched, force=force)
     if as_json:
         emit_json(report)
         return
@@ -242,7 +245,7 @@ def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, d
     if (chosen is None) == (method == "svd"):
         raise click.UsageError("--method svd needs a rank rule (--rank N, --sv-ratio X, --sv-fro X, --sv-cumulative X)"
                                if method == "svd" else "--method concat is exact and takes no rank rule")
-    report = merge(list(inputs), dest, method, chosen, pick_device(device), sha256_of, force, checkpoint)
+    report = merge(list(inputs), dest, method, chosen, pick_device(device), provenance_hasher(), force, checkpoint)
     if as_json:
         emit_json(report)
         return
@@ -265,7 +268,7 @@ def resize(src: str, dest: str, device: str, force: bool, as_json: bool, **rule:
     chosen = rank_rule(**rule)
     if chosen is None:
         raise click.UsageError("say how to truncate: --rank N, --sv-ratio X, --sv-fro X or --sv-cumulative X")
-    report = resize_lora(src, dest, chosen, pick_device(device), sha256_of, force)
+    report = resize_lora(src, dest, chosen, pick_device(device), provenance_hasher(), force)
     if as_json:
         emit_json(report)
         return
@@ -286,7 +289,7 @@ def extract(base: str, tuned: str, dest: str, rank: int, device: str, force: boo
     from adapterzoo.ops.device import pick_device
     from adapterzoo.ops.extract import extract_lora
 
-    report = extract_lora(base, tuned, dest, rank, pick_device(device), sha256_of, force)
+    report = extract_lora(base, tuned, dest, rank, pick_device(device), provenance_hasher(), force)
     if as_json:
         emit_json(report)
         return
@@ -357,7 +360,8 @@ def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False), help="Folder for the tour's files (default: a new temp folder).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder for the tour's files (default: a new temp folder).")
 def demo(out: str | None) -> None:
     """The whole tour on a built-in tiny model, offline: build a small library, index it, and more."""
     import tempfile

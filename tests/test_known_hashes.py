@@ -4,14 +4,21 @@ an unscanned one, a missing or unreadable registry all mean hashing, and never a
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import factory
 import pytest
+import torch
 from cli_helpers import run
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from adapterzoo.zoo import known_hashes
+from adapterzoo import tiny_models
+from adapterzoo.formats.checkpoint_convert import convert_checkpoint
+from adapterzoo.formats.checkpoint_targets import checkpoint_targets
+from adapterzoo.zoo import hashing, known_hashes
 from adapterzoo.zoo.known_hashes import LOOKUP_FROM_BYTES, provenance_sha256
 
 
@@ -28,8 +35,10 @@ def big(tmp_path) -> Path:
 
 
 def no_hashing(monkeypatch) -> list[Path]:
+    """Hashing records the path and answers a digest no file has; returns the record."""
     hashed: list[Path] = []
-    monkeypatch.setattr(known_hashes, "sha256_of", lambda path: hashed.append(Path(path)) or "f" * 64)
+    for module in (known_hashes, hashing):
+        monkeypatch.setattr(module, "sha256_of", lambda path: hashed.append(Path(path)) or "f" * 64)
     return hashed
 
 
@@ -70,3 +79,26 @@ def test_small_files_and_folders_are_hashed_without_asking_the_registry(tmp_path
     (tmp_path / "folder" / "a.json").write_text("{}")
     assert provenance_sha256(small) == sha256(small)
     assert provenance_sha256(tmp_path / "folder") == {"a.json": sha256(tmp_path / "folder" / "a.json")}
+
+
+def test_cli_merge_records_the_registrys_sha256_of_scanned_inputs(tmp_path, capsys, monkeypatch):
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    checkpoint, lora = zoo / "tiny.safetensors", zoo / "tiny_lora.safetensors"
+    convert_checkpoint(tiny_models.save_tiny_pipeline("sd1", tmp_path / "pipeline", seed=1), checkpoint, "ldm")
+    architecture = checkpoint_targets(checkpoint).architecture
+    target = next(t for t in architecture.targets.values() if t.path.endswith("attn1.to_q"))
+    name = architecture.kohya_name(target)
+    save_file({f"{name}.lora_down.weight": torch.randn(2, target.shape[1]),
+               f"{name}.lora_up.weight": torch.randn(target.shape[0], 2), f"{name}.alpha": torch.tensor(2.0)},
+              str(lora))
+    assert run(["scan", str(zoo)], capsys, monkeypatch)[0] == 0
+    monkeypatch.setattr(known_hashes, "LOOKUP_FROM_BYTES", 0)  # the tiny files stand in for large ones
+    hashed = no_hashing(monkeypatch)
+    code, _, err = run(["merge", str(checkpoint), "--lora", f"{lora}:0.5", "-o", str(tmp_path / "out.safetensors")],
+                       capsys, monkeypatch)
+    assert code == 0, err
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as fh:
+        record = json.loads(fh.metadata()["adapterzoo.operation"])
+    assert [entry["sha256"] for entry in record["inputs"]] == [sha256(checkpoint), sha256(lora)]
+    assert hashed == []
