@@ -19,6 +19,7 @@ import factory
 import pytest
 import torch
 from cli_helpers import run
+from deltas import kohya_deltas
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -32,26 +33,6 @@ CONV = r"(down_blocks\.1\.resnets\.0\.conv1|down_blocks\.0\.downsamplers\.0\.con
 TE = r"layers_0_(self_attn_q_proj|mlp_fc2)$"
 
 
-
-
-def kohya_deltas(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """module -> scale · ΔW as a float64 [out, in·k·k] matrix, by FORMATS.md §1.1 (missing alpha: scale 1)."""
-    out = {}
-    for key, tensor in sd.items():
-        if not key.endswith(".lora_down.weight"):
-            continue
-        name = key.removesuffix(".lora_down.weight")
-        down, up = tensor.double(), sd[f"{name}.lora_up.weight"].double()
-        rank = down.shape[0]
-        alpha = float(sd[f"{name}.alpha"]) if f"{name}.alpha" in sd else rank
-        up2 = up.reshape(up.shape[0], rank)
-        if f"{name}.lora_mid.weight" in sd:
-            mid = sd[f"{name}.lora_mid.weight"].double()
-            delta = torch.einsum("oa,abhw,bi->oihw", up2, mid, down.reshape(rank, -1)).reshape(up.shape[0], -1)
-        else:
-            delta = up2 @ down.reshape(rank, -1)
-        out[name] = delta * alpha / rank
-    return out
 
 
 def spectrum_factors(shape: tuple[int, ...], rank: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
