@@ -675,6 +675,60 @@ def peft_file_alone(folder: Path) -> Case:
     return lora_case(path, sd, "sd1", "peft", 4, 4.0, "fp32")
 
 
+def _peft_components_case(base: str, folder: Path, configs: dict[str, Any]) -> Case:
+    """One PeftModel.save_pretrained per model part, into unet/, text_encoder/, ... (peft's DreamBooth
+    example); the answer is read back from what was written: ranks from the lora_A shapes, alpha from
+    the saved configs."""
+    from peft import get_peft_model
+
+    from adapterzoo import tiny_models
+
+    torch.manual_seed(2)
+    models = {"unet": tiny_models.tiny_unet(base), "text_encoder": tiny_models.tiny_text_encoder(base)}
+    if base == "sdxl":
+        models["text_encoder_2"] = tiny_models.tiny_text_encoder(base, 2)
+    sd: dict[str, torch.Tensor] = {}
+    saved: dict[str, dict[str, Any]] = {}
+    for i, (component, model) in enumerate(models.items()):
+        peft_model = get_peft_model(model, configs[component])
+        _train_like(peft_model, seed=20 + i)
+        peft_model.save_pretrained(folder / "adapter" / component)
+        sd |= {f"{component}/{k}": v for k, v in
+               read_safetensors(folder / "adapter" / component / "adapter_model.safetensors").items()}
+        saved[component] = json.loads((folder / "adapter" / component / "adapter_config.json").read_text())
+    assert not (folder / "adapter" / "adapter_config.json").exists()
+    ranks = sorted({v.shape[0] for k, v in sd.items() if k.endswith("lora_A.weight")})
+    alphas = {float(config["lora_alpha"]) for config in saved.values()}
+    assert len(alphas) == 1, "one alpha for all parts, so the expected alpha is not a tie-break"
+    details: dict[str, Any] = {"components": sorted(models)}
+    if len(ranks) > 1:
+        details["ranks"] = ranks
+    if any(config.get("use_rslora") for config in saved.values()):
+        details["rslora"] = True
+    return lora_case(folder / "adapter", sd, base, "peft", max(ranks), alphas.pop(), "fp32", **details)
+
+
+@case("peft-components-sd1")
+def peft_components_sd1(folder: Path) -> Case:
+    """unet/ and text_encoder/ adapters with different ranks: rank is the largest, `ranks` lists both."""
+    return _peft_components_case("sd1", folder, {
+        "unet": _lora_config(UNET_ATTN, rank=4, alpha=8), "text_encoder": _lora_config(CLIP_ATTN, rank=2, alpha=8),
+    })
+
+
+@case("peft-components-sdxl")
+def peft_components_sdxl(folder: Path) -> Case:
+    """SDXL's text_encoder_2/ (with rsLoRA) beside text_encoder/ and unet/."""
+    from peft import LoraConfig
+
+    return _peft_components_case("sdxl", folder, {
+        "unet": _lora_config(UNET_ATTN, rank=4, alpha=6),
+        "text_encoder": _lora_config(CLIP_ATTN, rank=4, alpha=6),
+        "text_encoder_2": LoraConfig(r=4, lora_alpha=6, use_rslora=True, init_lora_weights="gaussian",
+                                     target_modules=CLIP_ATTN),
+    })
+
+
 # ----------------------------------------------------------------------------------------------
 # The real cloneofsimo files
 

@@ -526,3 +526,41 @@ def test_real_size_single_files_hold_every_target_of_the_builtin_tables(base, tm
         assert name in targets.locations, name
     fused = [loc for loc in targets.locations.values() if loc.rows is not None]
     assert len(fused) == {"sd1": 0, "sd2": 3 * 24, "sdxl": 3 * 32}[base]
+
+
+# -- a PEFT folder per model part ----------------------------------------------------------------------
+
+
+def per_component_peft_folder(lora: Path, folder: Path) -> Path:
+    """A diffusers LoRA file as one PEFT adapter per model part (unet/, text_encoder/, text_encoder_2/), as
+    PeftModel.save_pretrained writes each: `base_model.model.` keys, and that part's LoraConfig as JSON."""
+    flat = json.loads(safe_open(str(lora), "pt").metadata()["lora_adapter_metadata"])
+    tensors = load_file(lora)
+    for component in sorted({k.split(".")[0] for k in tensors}):
+        prefix = component + "."
+        (folder / component).mkdir(parents=True)
+        own = {f"base_model.model.{k.removeprefix(prefix)}": v for k, v in tensors.items() if k.startswith(prefix)}
+        save_file(own, str(folder / component / "adapter_model.safetensors"))
+        config = {k.removeprefix(prefix): v for k, v in flat.items() if k.startswith(prefix)}
+        (folder / component / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("base", ["sd1", "sdxl"])
+def test_a_peft_folder_per_component_merges_like_the_same_lora_as_one_diffusers_file(models, base, tmp_path):
+    """Each part keeps its own alpha (SD1 here: UNet 8/4, text encoder 2/4), so mixing the configs up shows."""
+    model = models[base]
+    folder = per_component_peft_folder(model.loras[0], tmp_path / "lora")
+    parts = ["text_encoder", "unet"] + (["text_encoder_2"] if base == "sdxl" else [])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(parts) and not (folder / "adapter_config.json").exists()
+    before = sorted((p.relative_to(folder).as_posix(), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    out, reference = tmp_path / "merged.safetensors", tmp_path / "reference.safetensors"
+    report = merge_checkpoint(model.single, [LoraSpec(folder, 0.7)], out, sha256=sha256)
+    expected = merge_checkpoint(model.single, [LoraSpec(model.loras[0], 0.7)], reference, sha256=sha256)
+    assert report["loras"][0]["format"] == "peft"
+    assert report["loras"][0]["components"] == expected["loras"][0]["components"]
+    assert report["loras"][0]["modules"] == expected["loras"][0]["modules"] == len(load_file(model.loras[0])) // 2
+    merged, original = load_file(out), load_file(model.single)
+    assert max_difference(merged, load_file(reference)) <= TOLERANCE
+    assert sum(not torch.equal(merged[k], original[k]) for k in original) > 10
+    assert sorted((p.relative_to(folder).as_posix(), p.stat().st_mtime_ns) for p in folder.rglob("*")) == before

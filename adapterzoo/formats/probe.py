@@ -37,6 +37,8 @@ from adapterzoo.formats.tensor_table import (
 )
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
 PIPELINE_BASES = {
     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
@@ -136,25 +138,62 @@ def _probe_diffusers_folder(folder: Path) -> ProbeResult:
     return result
 
 
-def _probe_peft_folder(folder: Path) -> ProbeResult:
-    config = read_json_object(folder / "adapter_config.json")
-    weights = folder / "adapter_model.safetensors"
+def _peft_weights(adapter: Path, where: str = "PEFT folder") -> Path:
+    weights = adapter / PEFT_WEIGHTS
     if not weights.is_file():
-        raise BadFileError("PEFT folder has adapter_config.json but no adapter_model.safetensors")
-    result = _probe_safetensors(weights, peft_config=config)
+        raise BadFileError(f"{where} has {PEFT_CONFIG} but no {PEFT_WEIGHTS}")
+    return weights
+
+
+def _probe_peft_folder(folder: Path) -> ProbeResult:
+    config = read_json_object(folder / PEFT_CONFIG)
+    result = _probe_safetensors(_peft_weights(folder), peft_config=config)
     result.path = str(folder)
     result.format = "peft" if result.kind == "lora" else result.format
     return result
 
 
+def _peft_components(folder: Path) -> dict[str, Path]:
+    """diffusers/PEFT save one adapter per model part (unet/, text_encoder/, ...); empty if `folder` holds none."""
+    return {p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and (p / PEFT_CONFIG).is_file()}
+
+
+def _probe_peft_components(folder: Path, components: dict[str, Path]) -> ProbeResult:
+    """Headers of every part's weights as one table, keys prefixed with their component as in a diffusers
+    LoRA file, so the shape rules tell text encoders from the UNet; configs flattened the same way."""
+    table: TensorTable = {}
+    metadata: dict[str, str] = {}
+    config: dict[str, Any] = {}
+    files: dict[str, Path] = {}
+    for component, adapter in components.items():
+        files[component] = _peft_weights(adapter, f"{component}/")
+        header = read_header(files[component])
+        table.update({f"{component}.{k}": v for k, v in table_from_header(header).items()})
+        metadata.update(header.metadata)
+        config.update({f"{component}.{k}": v for k, v in read_json_object(adapter / PEFT_CONFIG).items()})
+
+    def scalar(key: str) -> float:
+        component, _, name = key.partition(".")
+        with safe_open(str(files[component]), framework="pt") as handle:
+            return float(handle.get_tensor(name).float().item())
+
+    result = classify(table, metadata, scalar, ProbeResult(path=str(folder)), config)
+    result.format = "peft" if result.kind == "lora" else result.format
+    result.details["components"] = list(components)
+    return result
+
+
 def probe(path: str | os.PathLike) -> ProbeResult:
-    """Identify a file or a diffusers / PEFT folder; BadFileError or UnsafeFileError if it can't be read."""
+    """Identify a file, a diffusers pipeline folder or a PEFT folder (one adapter, or one per component
+    as diffusers saves them); BadFileError or UnsafeFileError if it can't be read."""
     path = Path(path)
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return _probe_diffusers_folder(path)
-        if (path / "adapter_config.json").is_file():
+        if (path / PEFT_CONFIG).is_file():
             return _probe_peft_folder(path)
+        if components := _peft_components(path):
+            return _probe_peft_components(path, components)
         raise BadFileError("folder is neither a diffusers pipeline (model_index.json) nor a PEFT adapter")
     if not path.is_file():
         raise BadFileError(f"{path} is not a file")

@@ -160,7 +160,8 @@ def probe_lora(
         result.alpha = configured
     elif result.rank is not None:
         result.alpha = float(result.rank)  # no alpha anywhere: every loader uses scale 1
-    if peft_config and peft_config.get("use_rslora"):
+    # One PEFT config, or several flattened as "<component>.<field>" (per-component PEFT folders).
+    if peft_config and any(v for k, v in peft_config.items() if k == "use_rslora" or k.endswith(".use_rslora")):
         result.details["rslora"] = True
 
     tokens = [k for k in keys if metadata.get(k) == "<embed>"]
