@@ -17,6 +17,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import factory
 import pytest
 import torch
 from click.testing import CliRunner
@@ -363,3 +364,15 @@ def test_a_file_name_that_is_not_utf8_is_reported_and_skipped(tmp_path: Path) ->
         f"skipped: {root}/caf\ufffd.safetensors: its name is not valid UTF-8",
         "1 indexed, 0 unchanged, 0 broken, 0 unsafe, 0 missing",
     ]
+
+
+def test_per_component_peft_folders_are_one_entry_and_separate_adapters_stay_separate(tmp_path: Path) -> None:
+    """diffusers saves a LoRA as unet/ + text_encoder/ adapters: one entry. A folder of adapters under other
+    names is a collection, and each is its own entry."""
+    factory.CASES["peft-components-sd1"](tmp_path / "components")
+    collection = tmp_path / "collection"
+    for name in ("style_a", "style_b"):
+        shutil.copytree(tmp_path / "components" / "adapter" / "unet", collection / name)
+    rows = {Path(r["path"]).relative_to(tmp_path).as_posix(): r for r in scan_json(tmp_path)["files"]}
+    assert set(rows) == {"components/adapter", "collection/style_a", "collection/style_b"}
+    assert all(row["kind"] == "lora" and row["format"] == "peft" for row in rows.values())

@@ -39,6 +39,7 @@ from adapterzoo.formats.tensor_table import (
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the parts diffusers saves LoRA adapters for
 PIPELINE_BASES = {
     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
@@ -153,9 +154,10 @@ def _probe_peft_folder(folder: Path) -> ProbeResult:
     return result
 
 
-def _peft_components(folder: Path) -> dict[str, Path]:
-    """diffusers/PEFT save one adapter per model part (unet/, text_encoder/, ...); empty if `folder` holds none."""
-    return {p.name: p for p in sorted(folder.iterdir()) if p.is_dir() and (p / PEFT_CONFIG).is_file()}
+def peft_component_folders(folder: Path) -> dict[str, Path]:
+    """diffusers/PEFT save one adapter per model part (unet/, text_encoder/, ...); empty if `folder` holds none.
+    Only part names count, so a folder of separate adapters is never taken for one LoRA."""
+    return {name: folder / name for name in PEFT_COMPONENTS if (folder / name / PEFT_CONFIG).is_file()}
 
 
 def _probe_peft_components(folder: Path, components: dict[str, Path]) -> ProbeResult:
@@ -192,7 +194,7 @@ def probe(path: str | os.PathLike) -> ProbeResult:
             return _probe_diffusers_folder(path)
         if (path / PEFT_CONFIG).is_file():
             return _probe_peft_folder(path)
-        if components := _peft_components(path):
+        if components := peft_component_folders(path):
             return _probe_peft_components(path, components)
         raise BadFileError("folder is neither a diffusers pipeline (model_index.json) nor a PEFT adapter")
     if not path.is_file():

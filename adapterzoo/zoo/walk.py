@@ -1,7 +1,8 @@
 """Find what `scan` indexes under a folder, reading names and stat results only (never writing).
 
-A diffusers (model_index.json) or PEFT (adapter_config.json) folder is one entry and is not
-descended into; elsewhere, model files by suffix. Hidden files and folders are skipped.
+A diffusers (model_index.json) or PEFT (adapter_config.json, at the top or in unet/, text_encoder/...)
+folder is one entry and is not descended into; elsewhere, model files by suffix. Hidden files and
+folders are skipped.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from adapterzoo.formats.probe import peft_component_folders
 
 MODEL_SUFFIXES = frozenset({".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"})
 SKIPPED_SUFFIXES = frozenset({".optim", ".part"})  # optimizer states and unfinished downloads
@@ -39,7 +42,7 @@ def is_model_file(name: str) -> bool:
 
 
 def is_model_folder(path: Path) -> bool:
-    return any((path / marker).is_file() for marker in FOLDER_MARKERS)
+    return any((path / marker).is_file() for marker in FOLDER_MARKERS) or bool(peft_component_folders(path))
 
 
 def find_entries(root: Path) -> Iterator[Found]:
