@@ -9,8 +9,9 @@ and the LoRA are written once into --dir and reused.
 
     python benchmarks/bench_merge.py [--dir DIR] [--runs 3] [--threads N]
 
-The merge runs two ways: hashing its inputs for the provenance metadata as the CLI does
-(`zoo.hashing.sha256_of`), and without hashing, so the cost of each part shows.
+The merge runs as the CLI does it (`zoo.known_hashes.provenance_sha256` for the provenance metadata) on an
+unscanned checkpoint, which it hashes, and on one a scan has put in a registry (made once in --dir), whose
+SHA-256 it takes from there; and without any hashing, so the cost of each part shows.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from adapterzoo.formats.unet_names import LDM_PREFIX, diffusers_to_ldm_module, l
 RANK, ALPHA = 32, 16.0
 KOHYA_UNET = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out)$")
 
-HASHERS = {  # what the merge is given to hash its inputs with, run in a thread beside the merge
-    "cli": "SHA256 by zoo.sha256_of (as the CLI)",
+HASHERS = {  # how the merge gets its inputs' SHA-256, in a thread beside the merge
+    "unscanned": "as the CLI, unscanned (hashes)",
+    "scanned": "as the CLI, scanned (registry's SHA-256)",
     "none": "no hashing",
 }
 BARE = """
@@ -60,13 +62,13 @@ print(json.dumps({"seconds": time.perf_counter() - start,
                   "rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 MERGE = """
-import json, resource, sys, time, torch
+import functools, json, resource, sys, time, torch
 from pathlib import Path
-from diffusers import UNet2DConditionModel  # what merge imports to build the checkpoint's modules
 from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
-from adapterzoo.zoo.hashing import sha256_of
+from adapterzoo.zoo.known_hashes import provenance_sha256
 torch.set_num_threads(int(sys.argv[4]))
-hashers = {"cli": sha256_of, "none": lambda p: "0" * 64}
+hashers = {"unscanned": functools.partial(provenance_sha256, db=sys.argv[6] + ".absent"),
+           "scanned": functools.partial(provenance_sha256, db=sys.argv[6]), "none": lambda p: "0" * 64}
 start = time.perf_counter()
 report = merge_checkpoint(sys.argv[1], [LoraSpec(Path(sys.argv[2]), 0.8)], sys.argv[3], sha256=hashers[sys.argv[5]])
 print(json.dumps({"seconds": time.perf_counter() - start, "merged": report["tensors_merged"],
@@ -130,6 +132,9 @@ def main() -> None:
     modules = write_lora(lora)
     out = folder / "out.safetensors"
     threads = str(args.threads)
+    registry = folder / "registry.db"  # a rescan of the unchanged checkpoint takes milliseconds
+    subprocess.run([sys.executable, "-c", "from adapterzoo.cli import main; main()", "--db", str(registry),
+                    "scan", str(checkpoint)], check=True, capture_output=True)
 
     bare = [run(BARE)[1]["rss_kib"] for _ in range(args.runs)]
     base_runs: list[tuple[float, dict]] = []
@@ -138,7 +143,7 @@ def main() -> None:
         base_runs.append(run(BASELINE, str(checkpoint), str(out), threads))
         out.unlink()
         for mode, runs in merge_runs.items():
-            runs.append(run(MERGE, str(checkpoint), str(lora), str(out), threads, mode))
+            runs.append(run(MERGE, str(checkpoint), str(lora), str(out), threads, mode, str(registry)))
             out.unlink()
 
     def summary(runs: list[tuple[float, dict]]) -> tuple[float, float, float, float]:
