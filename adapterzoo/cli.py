@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sys
@@ -54,12 +53,13 @@ def print_module_report(report: dict[str, Any], columns: list[str]) -> None:
     click.echo(f"wrote    {report['output']}")
 
 
-def provenance_hasher() -> Callable[[Path], str | dict[str, str]]:
+def provenance_hasher(*inputs: str | Path) -> Callable[[Path], str | dict[str, str]]:
     """How an ops command gets an input's SHA-256 for its output's provenance: from the registry (--db) for a
-    scanned, unchanged file, else hashed now. Bound here: merge calls it from a thread, which has no click context."""
-    from adapterzoo.zoo.known_hashes import provenance_sha256
+    scanned, unchanged file, else hashed. Called first thing, before the command imports torch: the inputs'
+    hashing starts at once, in the background (merge asks from a thread, which has no click context)."""
+    from adapterzoo.zoo.known_hashes import hash_in_background
 
-    return functools.partial(provenance_sha256, db=click.get_current_context().obj["db"])
+    return hash_in_background(inputs, click.get_current_context().obj["db"])
 
 
 class WeightedPath(click.ParamType):
@@ -203,11 +203,12 @@ def convert(src: str, dest: str, to: str, as_json: bool, **options: Any) -> None
 def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, device: str, dtype: str | None,
           allow_unmatched: bool, force: bool, as_json: bool) -> None:
     """Merge LoRAs into CHECKPOINT's weights (W += weight·ΔW, computed in fp32), written to OUT."""
+    sha256 = provenance_hasher(checkpoint, *(path for path, _ in loras))
     from adapterzoo.ops.device import pick_device
     from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
 
     specs = [LoraSpec(Path(path), weight) for path, weight in loras]
-    report = merge_checkpoint(checkpoint, specs, dest, sha256=provenance_hasher(), device=pick_device(device),
+    report = merge_checkpoint(checkpoint, specs, dest, sha256=sha256, device=pick_device(device),
                               dtype=dtype, allow_unmatched=allow_unmatched, force=force)
     if as_json:
         emit_json(report)
@@ -238,6 +239,7 @@ def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, devi
 def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, device: str, checkpoint: str | None,
                 force: bool, as_json: bool, **rule: Any) -> None:
     """Merge LoRAs of one base into one whose ΔW is the weighted sum (W after ':' defaults to 1)."""
+    sha256 = provenance_hasher(*(path for path, _ in inputs), *([checkpoint] if checkpoint else []))
     from adapterzoo.ops.device import pick_device
     from adapterzoo.ops.merge_loras import merge_loras as merge
 
@@ -245,7 +247,7 @@ def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, d
     if (chosen is None) == (method == "svd"):
         raise click.UsageError("--method svd needs a rank rule (--rank N, --sv-ratio X, --sv-fro X, --sv-cumulative X)"
                                if method == "svd" else "--method concat is exact and takes no rank rule")
-    report = merge(list(inputs), dest, method, chosen, pick_device(device), provenance_hasher(), force, checkpoint)
+    report = merge(list(inputs), dest, method, chosen, pick_device(device), sha256, force, checkpoint)
     if as_json:
         emit_json(report)
         return
@@ -262,13 +264,14 @@ def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, d
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def resize(src: str, dest: str, device: str, force: bool, as_json: bool, **rule: Any) -> None:
     """Truncate every module of a kohya LoRA to a new rank, optimally (Eckart–Young), alpha kept right."""
+    sha256 = provenance_hasher(src)
     from adapterzoo.ops.device import pick_device
     from adapterzoo.ops.resize import resize_lora
 
     chosen = rank_rule(**rule)
     if chosen is None:
         raise click.UsageError("say how to truncate: --rank N, --sv-ratio X, --sv-fro X or --sv-cumulative X")
-    report = resize_lora(src, dest, chosen, pick_device(device), provenance_hasher(), force)
+    report = resize_lora(src, dest, chosen, pick_device(device), sha256, force)
     if as_json:
         emit_json(report)
         return
@@ -286,10 +289,11 @@ def resize(src: str, dest: str, device: str, force: bool, as_json: bool, **rule:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def extract(base: str, tuned: str, dest: str, rank: int, device: str, force: bool, as_json: bool) -> None:
     """Extract a LoRA of TUNED − BASE (two checkpoints of one model: single files or diffusers folders)."""
+    sha256 = provenance_hasher(base, tuned)
     from adapterzoo.ops.device import pick_device
     from adapterzoo.ops.extract import extract_lora
 
-    report = extract_lora(base, tuned, dest, rank, pick_device(device), provenance_hasher(), force)
+    report = extract_lora(base, tuned, dest, rank, pick_device(device), sha256, force)
     if as_json:
         emit_json(report)
         return

@@ -16,10 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adapterzoo import tiny_models
+from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.checkpoint_convert import convert_checkpoint
 from adapterzoo.formats.checkpoint_targets import checkpoint_targets
 from adapterzoo.zoo import hashing, known_hashes
-from adapterzoo.zoo.known_hashes import LOOKUP_FROM_BYTES, provenance_sha256
+from adapterzoo.zoo.known_hashes import LOOKUP_FROM_BYTES, hash_in_background, provenance_sha256
 
 
 def sha256(path: Path) -> str:
@@ -102,3 +103,15 @@ def test_cli_merge_records_the_registrys_sha256_of_scanned_inputs(tmp_path, caps
         record = json.loads(fh.metadata()["adapterzoo.operation"])
     assert [entry["sha256"] for entry in record["inputs"]] == [sha256(checkpoint), sha256(lora)]
     assert hashed == []
+
+
+def test_background_hashes_answer_each_input_and_raise_its_error_where_asked(tmp_path):
+    files = []
+    for name in ("a.safetensors", "b.safetensors", "c.safetensors"):
+        files.append(tmp_path / name)
+        files[-1].write_bytes(name.encode() * 1000)
+    sha = hash_in_background([files[0], tmp_path / "gone.safetensors", files[1]], str(tmp_path / "registry.db"))
+    assert sha(files[1]) == sha256(files[1]) and sha(files[0]) == sha256(files[0])
+    assert sha(files[2]) == sha256(files[2])  # not started early: hashed when asked
+    with pytest.raises(AdapterzooError, match="gone.safetensors"):
+        sha(tmp_path / "gone.safetensors")

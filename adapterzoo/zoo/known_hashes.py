@@ -4,11 +4,17 @@ Hashing a 2–7 GB checkpoint takes seconds of a core, as long as merging into i
 each scanned file's SHA-256 with the size and mtime it was hashed at (DESIGN.md: hashes are cached by
 path, size, mtime), so such a file is not read again. A registry that does not exist is not created,
 and one that cannot be read only means the file is hashed.
+
+`hash_in_background` starts on the inputs as soon as the command line is parsed: on two cores the
+hashing then overlaps Python importing torch and the rest, which leave the second core idle.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from pathlib import Path
 
 from adapterzoo.zoo.hashing import sha256_of
@@ -24,6 +30,27 @@ def provenance_sha256(path: str | os.PathLike, db: str | None = None) -> str | d
         if known is not None:
             return known
     return sha256_of(path)
+
+
+def hash_in_background(paths: Iterable[str | os.PathLike], db: str | None = None) -> Callable[[Path], str | dict]:
+    """`provenance_sha256` of `paths`, worked out one after the other in a daemon thread started now (an
+    error exit does not wait for it); the returned function waits for a path's digest, or hashes any other."""
+    futures: dict[Path, Future] = {Path(path): Future() for path in paths}
+
+    def work() -> None:
+        for path, future in futures.items():
+            try:
+                future.set_result(provenance_sha256(path, db))
+            except BaseException as exc:  # noqa: BLE001 - raised where the digest is asked for
+                future.set_exception(exc)
+
+    threading.Thread(target=work, name="provenance-sha256", daemon=True).start()
+
+    def sha256(path: Path) -> str | dict[str, str]:
+        future = futures.get(Path(path))
+        return provenance_sha256(path, db) if future is None else future.result()
+
+    return sha256
 
 
 def registered_sha256(path: Path, db: str | None = None) -> str | None:
