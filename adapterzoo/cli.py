@@ -209,7 +209,7 @@ def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, devi
 
     specs = [LoraSpec(Path(path), weight) for path, weight in loras]
     report = merge_checkpoint(checkpoint, specs, dest, sha256=sha256, device=pick_device(device),
-                              dtype=dtype, allow_unmatched=allow_unmatched, force=force)
+                              dtype=dtype, allow_unmatched=allow_unmatched, force=force, progress_bar=not as_json)
     if as_json:
         emit_json(report)
         return
@@ -293,7 +293,7 @@ def extract(base: str, tuned: str, dest: str, rank: int, device: str, force: boo
     from adapterzoo.ops.device import pick_device
     from adapterzoo.ops.extract import extract_lora
 
-    report = extract_lora(base, tuned, dest, rank, pick_device(device), sha256, force)
+    report = extract_lora(base, tuned, dest, rank, pick_device(device), sha256, force, progress_bar=not as_json)
     if as_json:
         emit_json(report)
         return

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapterzoo.errors import BadFileError
+from adapterzoo.formats.safetensors_header import read_header
 from adapterzoo.formats.safetensors_writer import write_safetensors
 from adapterzoo.formats.tensor_source import open_checkpoint_file
 
@@ -109,3 +110,13 @@ def test_get_reads_into_the_callers_buffer_of_the_right_shape_only(tmp_path):
     assert got.data_ptr() == buffer.data_ptr() and torch.equal(buffer, want["conv.weight"])
     with pytest.raises(ValueError, match="conv.weight"):
         source.get("conv.weight", out=torch.empty(8, 4, 3, 3))
+
+
+def test_progress_counts_every_byte_of_tensor_data_once(tmp_path):
+    source_file(tmp_path / "in.safetensors")
+    plan = copy_plan(tmp_path / "in.safetensors", torch.float32)  # some copied as bytes, some decoded
+    reported: list[int] = []
+    write_safetensors(tmp_path / "out.safetensors", plan, progress=reported.append)
+    header = read_header(tmp_path / "out.safetensors")
+    assert len(reported) == len(plan)
+    assert sum(reported) == header.file_size - header.data_offset

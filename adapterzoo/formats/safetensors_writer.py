@@ -68,9 +68,13 @@ class PlannedTensor:
 
 
 def write_safetensors(
-    path: str | os.PathLike, tensors: Iterable[PlannedTensor], metadata: dict[str, str] | None = None
+    path: str | os.PathLike,
+    tensors: Iterable[PlannedTensor],
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Write the planned tensors (cast to their planned dtype) to `path`; returns how many were written."""
+    """Write the planned tensors (cast to their planned dtype) to `path`; returns how many were written.
+    `progress` is called with each tensor's size in bytes once it is written."""
     planned = sorted(tensors, key=lambda t: (-t.dtype.itemsize, t.name))
     header: dict[str, object] = {}
     offset = 0
@@ -96,11 +100,14 @@ def write_safetensors(
                 if source not in opened:
                     opened[source] = inputs.enter_context(open(source, "rb", buffering=0))
                 _copy(opened[source], item.stored, fh)
-                continue
-            tensor = item.make().to(item.dtype).contiguous()
-            if tuple(tensor.shape) != item.shape:
-                raise AdapterzooError(f"tensor {item.name} came out {list(tensor.shape)}, planned {list(item.shape)}")
-            _write_all(fh, tensor.reshape(-1).view(torch.uint8).numpy().data)
+            else:
+                tensor = item.make().to(item.dtype).contiguous()
+                if tuple(tensor.shape) != item.shape:
+                    raise AdapterzooError(f"tensor {item.name} came out {list(tensor.shape)}, "
+                                          f"planned {list(item.shape)}")
+                _write_all(fh, tensor.reshape(-1).view(torch.uint8).numpy().data)
+            if progress is not None:
+                progress(item.nbytes)
     return len(planned)
 
 

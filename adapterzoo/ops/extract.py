@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.atomic import check_output
@@ -28,8 +29,10 @@ EMBEDDING_TABLES = ("token_embedding", "position_embedding")
 
 
 def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, dest: str | os.PathLike, rank: int,
-                 device: torch.device, sha256: Hasher, force: bool = False) -> dict[str, Any]:
-    """Write a rank-`rank` kohya LoRA of `tuned` − `base` to `dest`; returns the report."""
+                 device: torch.device, sha256: Hasher, force: bool = False,
+                 progress_bar: bool = False) -> dict[str, Any]:
+    """Write a rank-`rank` kohya LoRA of `tuned` − `base` to `dest`; returns the report. `progress_bar`
+    counts the weights compared on stderr (two SD1.5 UNets take about 20 s on 2 CPU cores)."""
     rule = Rank(rank)
     base, tuned = Path(base), Path(tuned)
     dest = check_output(dest, [base, tuned], force)
@@ -43,7 +46,7 @@ def extract_lora(base: str | os.PathLike, tuned: str | os.PathLike, dest: str | 
     retention = Retention()
     unrepresentable: list[str] = []
     skipped = 0
-    for path in common:
+    for path in tqdm(common, desc="extract", unit="weight", disable=None if progress_bar else True):
         shape = before.architecture.targets[path].shape
         new = after.weight(path)
         dtype = new.dtype

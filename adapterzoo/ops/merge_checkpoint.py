@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.atomic import atomic_output, check_output
@@ -92,13 +93,14 @@ def merge_checkpoint(
     dtype: str | None = None,
     allow_unmatched: bool = False,
     force: bool = False,
+    progress_bar: bool = False,
 ) -> dict[str, Any]:
     """Merge `loras` into `checkpoint` (single file or diffusers folder), written to `dest` in the same layout.
 
     `sha256(path)` gives an input's digest for the provenance metadata (`ops.provenance`); for files it
     runs in a background thread while the tensors stream, since hashing a checkpoint takes seconds.
     `dtype` (fp16, bf16, fp32) casts every floating tensor; by default each keeps its own. Raises
-    AdapterzooError before writing anything for a bad input.
+    AdapterzooError before writing anything for a bad input. `progress_bar` shows the bytes written on stderr.
     """
     started = time.perf_counter()
     device = device or torch.device("cpu")
@@ -113,15 +115,19 @@ def merge_checkpoint(
     read = [_read_lora(spec, targets, allow_unmatched, merger.warnings) for spec in loras]
     patches = _patches(targets, [(lora, spec.weight) for lora, spec in zip(read, loras)], merger.warnings)
     files = _files_to_write(targets, patches, merger.warnings)
+    plans = [(source, name, *merger.plan(source, patches.get(_file_of(targets, source), {}), targets))
+             for source, name in files]
     hashes = _Hashes([f for f, _ in files] + [spec.path for spec in loras], sha256)
-    with atomic_output(dest, folder=targets.is_folder) as tmp, _core_left_for_hashing():
+    total = sum(item.nbytes for _, _, plan, _ in plans for item in plan)
+    with (atomic_output(dest, folder=targets.is_folder) as tmp, _core_left_for_hashing(),
+          tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress_bar else True) as bar):
         written = []
         if targets.is_folder:
             _copy_untouched(checkpoint, tmp, {f.parent.name for f, _ in files})
-        for source, out_name in files:
-            out = tmp / out_name if targets.is_folder else tmp
+        for source, name, plan, kept in plans:
+            out = tmp / name if targets.is_folder else tmp
             metadata = _provenance(hashes, source, checkpoint, loras, device, dtype)
-            merger.write(source, out, patches.get(_file_of(targets, source), {}), targets, metadata)
+            write_safetensors(out, plan, {**kept, "format": "pt", **metadata}, progress=bar.update)
             written.append(out)
         digests = hashes.wait()
         for out in written:
@@ -316,7 +322,7 @@ def _apply(weight: torch.Tensor, patches: list[_Patch], device: torch.device, sc
 
 
 class _Merger:
-    """Writes merged files on one device, collecting warnings and counts for the report."""
+    """Plans the merged files' tensors on one device, collecting warnings and counts for the report."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype | None) -> None:
         self.device = device
@@ -340,8 +346,9 @@ class _Merger:
             merged = _apply(weight, patches, torch.device("cpu"), self.scratch)
         return self.scratch.take("out", tuple(merged.shape), dtype).copy_(merged)
 
-    def write(self, source: Path, out: Path, patches: dict[str, list[_Patch]], targets: CheckpointTargets,
-              metadata: dict[str, str]) -> None:
+    def plan(self, source: Path, patches: dict[str, list[_Patch]], targets: CheckpointTargets
+             ) -> tuple[list[PlannedTensor], dict[str, str]]:
+        """The output tensors of one weight file, merged ones made when written, and the metadata it keeps."""
         reader = open_checkpoint_file(source) if targets.is_folder else targets.sources[SINGLE_FILE]
         plan = []
         for key, shape in reader.shapes.items():
@@ -354,7 +361,7 @@ class _Merger:
                 self.copied += 1
                 plan.append(reader.planned(key, key, self.dtype))
         kept = {k: v for k, v in reader.metadata.items() if not k.startswith("modelspec.hash_")}  # no longer true
-        write_safetensors(out, plan, {**kept, "format": "pt", **metadata})
+        return plan, kept
 
 
 # -- provenance -----------------------------------------------------------------------------------
