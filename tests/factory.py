@@ -732,7 +732,7 @@ def peft_components_sdxl(folder: Path) -> Case:
 # ----------------------------------------------------------------------------------------------
 # The real cloneofsimo files
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"  # shared/ sits beside the repo
+REAL = Path(__file__).resolve().parent / "fixtures" / "real"
 
 
 @case("cloneofsimo-analog")
