@@ -107,10 +107,10 @@ def _embedding_paths(lora: LoraFile, dest: Path, src: str | os.PathLike, force: 
 
 def _write_peft(lora: LoraFile, dest: Path, metadata: dict[str, str]) -> None:
     """One PEFT folder; with several components, one PEFT folder per component inside it."""
-    adapters = peft_adapters(lora)
+    adapters, record = peft_adapters(lora)
     with atomic_output(dest, folder=True) as tmp:
         for component, (tensors, config) in adapters.items():
             folder = tmp if len(adapters) == 1 else tmp / component
             folder.mkdir(exist_ok=True)
-            save_file(tensors, str(folder / PEFT_WEIGHTS), metadata={**metadata, "format": "pt"})
+            save_file(tensors, str(folder / PEFT_WEIGHTS), metadata={**metadata, **record, "format": "pt"})
             (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -1,14 +1,17 @@
 """Serialise the canonical form into each dialect's tensors (and, for PEFT-backed ones, its config).
 
 Scale is never dropped: kohya carries it as per-module `alpha` tensors (LyCORIS parts pass through
-unchanged); diffusers and PEFT carry it as LoraConfig `lora_alpha` + `alpha_pattern` (+ `rank_pattern`),
-which diffusers reads from the `lora_adapter_metadata` header and PEFT from `adapter_config.json`.
+unchanged), which every loader reads. diffusers and PEFT keys have no place for it that every loader
+reads (ComfyUI, A1111 and diffusers handed a state dict apply B·A), so alpha / r is folded into
+`lora_B` and the config says `lora_alpha = r`: header, `adapter_config.json` or neither, ΔW is B·A.
+The alphas before folding are recorded under `adapterzoo.folded_alpha`.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import torch
 
@@ -27,6 +30,8 @@ from adapterzoo.formats.lora_model import (
 from adapterzoo.formats.lora_read import DIFFUSERS_ADAPTER_METADATA, PEFT_PREFIX
 
 Tensors = dict[str, torch.Tensor]
+Modules = list[tuple[Target, LoraModule]]
+FOLDED_ALPHA = "adapterzoo.folded_alpha"  # JSON per component: lora_alpha + alpha_pattern before folding
 
 
 def _alpha(value: float) -> torch.Tensor:
@@ -64,7 +69,7 @@ def kohya_tensors(lora: LoraFile) -> Tensors:
     return out
 
 
-def _plain(lora: LoraFile, to: str) -> list[tuple[Target, LoraModule]]:
+def _plain(lora: LoraFile, to: str) -> Modules:
     others = Counter(type(m).__name__ for m in lora.modules.values() if not isinstance(m, LoraModule))
     if others:
         kinds = ", ".join(f"{n} {k.removesuffix('Module')}" for k, n in sorted(others.items()))
@@ -84,7 +89,7 @@ def _peft_parts(target: Target, module: LoraModule) -> Tensors:
     return parts
 
 
-def lora_config(modules: list[tuple[Target, LoraModule]]) -> dict:
+def lora_config(modules: Modules) -> dict:
     """LoraConfig fields for one component: the commonest rank/alpha plus patterns for the rest."""
     ranks = {t.module_path: m.rank for t, m in modules}
     alphas = {t.module_path: m.alpha for t, m in modules}
@@ -97,34 +102,53 @@ def lora_config(modules: list[tuple[Target, LoraModule]]) -> dict:
         "alpha_pattern": {path: a for path, a in alphas.items() if a != alpha},
         "target_modules": sorted(ranks),
         "use_dora": any(m.dora_scale is not None for _, m in modules),
-        "use_rslora": False,  # rsLoRA scales were turned into plain alphas (alpha·√r) on read
+        "use_rslora": False,  # rsLoRA's alpha/√r was turned into a plain alpha on read
     }
 
 
-def _by_component(modules: list[tuple[Target, LoraModule]]) -> dict[str, list[tuple[Target, LoraModule]]]:
-    out: dict[str, list[tuple[Target, LoraModule]]] = {}
+def _by_component(modules: Modules) -> dict[str, Modules]:
+    out: dict[str, Modules] = {}
     for target, module in modules:
         out.setdefault(target.component, []).append((target, module))
     return out
+
+
+def _fold(module: LoraModule) -> LoraModule:
+    """alpha / r multiplied into up in fp32, cast back to up's dtype; alpha = r, so ΔW = up @ down."""
+    return replace(module, up=(module.up.float() * module.scale).to(module.up.dtype), alpha=float(module.rank))
+
+
+def _folded(lora: LoraFile, to: str) -> tuple[dict[str, Modules], dict[str, str]]:
+    """Modules per component with their scale folded in, and the header entry naming the alphas folded.
+
+    A file that already records folded alphas (one we wrote) keeps its record: those are the originals.
+    """
+    components = _by_component(_plain(lora, to))
+    record = {c: {k: lora_config(ms)[k] for k in ("lora_alpha", "alpha_pattern")} for c, ms in components.items()}
+    folded = {c: [(t, _fold(m)) for t, m in ms] for c, ms in components.items()}
+    return folded, {FOLDED_ALPHA: lora.metadata.get(FOLDED_ALPHA, json.dumps(record, sort_keys=True))}
 
 
 def diffusers_tensors(lora: LoraFile) -> tuple[Tensors, dict[str, str]]:
     """PEFT-backed diffusers keys (`unet.<path>.lora_A.weight`) and the header diffusers' loader reads."""
     tensors: Tensors = {}
     adapter_metadata: dict = {}
-    for component, modules in _by_component(_plain(lora, "diffusers")).items():
+    components, record = _folded(lora, "diffusers")
+    for component, modules in components.items():
         for target, module in modules:
             prefix = f"{component}.{target.module_path}"
             tensors.update({f"{prefix}.{part}": t for part, t in _peft_parts(target, module).items()})
         adapter_metadata.update({f"{component}.{k}": v for k, v in lora_config(modules).items()})
-    header = {"format": "pt", DIFFUSERS_ADAPTER_METADATA: json.dumps(adapter_metadata, sort_keys=True)}
+    header = {"format": "pt", DIFFUSERS_ADAPTER_METADATA: json.dumps(adapter_metadata, sort_keys=True), **record}
     return tensors, header
 
 
-def peft_adapters(lora: LoraFile) -> dict[str, tuple[Tensors, dict]]:
-    """Per component: `adapter_model.safetensors` tensors and `adapter_config.json` of a PEFT folder."""
+def peft_adapters(lora: LoraFile) -> tuple[dict[str, tuple[Tensors, dict]], dict[str, str]]:
+    """Per component: `adapter_model.safetensors` tensors and `adapter_config.json` of a PEFT folder; and
+    the header entry naming the alphas folded (every weights file gets it)."""
     adapters = {}
-    for component, modules in _by_component(_plain(lora, "peft")).items():
+    components, record = _folded(lora, "peft")
+    for component, modules in components.items():
         tensors: Tensors = {}
         for target, module in modules:
             prefix = f"{PEFT_PREFIX}{target.module_path}"
@@ -136,4 +160,4 @@ def peft_adapters(lora: LoraFile) -> dict[str, tuple[Tensors, dict]]:
             "modules_to_save": None,
         }
         adapters[component] = (tensors, config)
-    return adapters
+    return adapters, record
