@@ -414,6 +414,23 @@ def test_lycoris_to_plain_lora_needs_a_rank_then_reports_what_svd_kept(tiny_sd1,
     assert rel(probe.text(loaded.text_encoder), probe.text(patched.text_encoder)) <= TOLERANCE
 
 
+def test_early_lycoris_lokr_with_the_kernel_in_both_factors_on_real_sd1(tmp_path: Path) -> None:
+    """The issue's layout on SD1's 320x320x3x3 conv: w1 20x60, w2 16x48 (kron 320x2880), read as A1111 and
+    ComfyUI read it: kron of the 2-D factors reshaped to the weight; `--rank 4` keeps its best rank-4 part."""
+    g = torch.Generator().manual_seed(4)
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    w1, w2_a, w2_b = torch.randn(20, 60, generator=g), torch.randn(16, 4, generator=g), torch.randn(4, 48, generator=g)
+    save_file({f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2_a, f"{name}.lokr_w2_b": w2_b,
+               f"{name}.alpha": torch.tensor(2.0)}, str(tmp_path / "lokr.safetensors"))
+    expected = torch.kron(w1, w2_a @ w2_b).reshape(320, 320, 3, 3) * (2.0 / 4)
+    lora = load_lora(tmp_path / "lokr.safetensors", base="sd1")
+    assert rel(lora.modules["unet.down_blocks.0.resnets.0.conv1"].delta(), expected) <= 1e-6
+    report = convert_lora(tmp_path / "lokr.safetensors", tmp_path / "k.safetensors", "kohya", base="sd1", rank=4)
+    s = torch.linalg.svdvals(expected.flatten(1).double())
+    assert report["approximation"]["retained_fro"] == pytest.approx(float((s[:4].square().sum() / s.square().sum())
+                                                                           .sqrt()), rel=1e-5)
+
+
 def test_ia3_and_full_modules(tiny_sd1, tmp_path: Path) -> None:
     pipe, arch = tiny_sd1
     w = torch.randn(32)

@@ -295,6 +295,52 @@ def test_lycoris_and_dora_follow_the_formulas_applied_in_lora_order(models, tmp_
     assert all(torch.equal(after[k], before[k]) for k in before if k not in expected)
 
 
+def early_lokr_file(path: Path) -> dict[str, torch.Tensor]:
+    """LoKr as early LyCORIS wrote convs: the 3x3 kernel split between both 2-D factors (on the tiny 32x32x3x3
+    convs: w1 4x12, w2 8x24, kron 32x288), one w2 decomposed (alpha 3, rank 2), one both full (scale 1).
+    Returns ΔW by diffusers weight key, as A1111 and ComfyUI form it: kron of the 2-D factors, reshaped."""
+    g = torch.Generator().manual_seed(9)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * 0.1
+
+    c1, c2 = f"{RESNET}_conv1", f"{RESNET}_conv2"
+    t = {f"{c1}.lokr_w1": r(4, 12), f"{c1}.lokr_w2_a": r(8, 2), f"{c1}.lokr_w2_b": r(2, 24),
+         f"{c1}.alpha": torch.tensor(3.0), f"{c2}.lokr_w1": r(4, 12), f"{c2}.lokr_w2": r(8, 24),
+         f"{c2}.alpha": torch.tensor(1.0)}
+    save_file(t, str(path), {"ss_network_module": "lycoris.kohya"})
+    rn = "unet.down_blocks.0.resnets.0"
+    return {f"{rn}.conv1.weight": torch.kron(t[f"{c1}.lokr_w1"], t[f"{c1}.lokr_w2_a"] @ t[f"{c1}.lokr_w2_b"]
+                                             ).reshape(32, 32, 3, 3) * (3.0 / 2),
+            f"{rn}.conv2.weight": torch.kron(t[f"{c2}.lokr_w1"], t[f"{c2}.lokr_w2"]).reshape(32, 32, 3, 3)}
+
+
+def test_lokr_with_the_kernel_in_both_factors_merges_and_converts(models, tmp_path, capsys, monkeypatch):
+    model = models["sd1"]
+    lokr = tmp_path / "early_lokr.safetensors"
+    deltas = early_lokr_file(lokr)
+    code, printed, err = run(["merge", str(model.folder), "--lora", f"{lokr}:0.6", "-o", str(tmp_path / "m"),
+                              "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    before, after = folder_weights(model.folder), folder_weights(tmp_path / "m")
+    for key, delta in deltas.items():
+        torch.testing.assert_close(after[key], before[key] + 0.6 * delta, rtol=0, atol=TOLERANCE, msg=key)
+
+    out = tmp_path / "rank4.safetensors"
+    code, printed, err = run(["convert", str(lokr), "-o", str(out), "--to", "kohya", "--rank", "4",
+                              "--checkpoint", str(model.folder), "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    written = load_file(out)
+    for key, delta in deltas.items():  # the best rank-4 approximation (Eckart-Young) of the reference ΔW
+        kohya = f"{RESNET}_{key.split('.')[-2]}"
+        up, down = written[f"{kohya}.lora_up.weight"].flatten(1), written[f"{kohya}.lora_down.weight"].flatten(1)
+        scale = written[f"{kohya}.alpha"].item() / down.shape[0]
+        u, s, vh = torch.linalg.svd(delta.flatten(1).double(), full_matrices=False)
+        best = (u[:, :4] * s[:4]) @ vh[:4]
+        assert float(((up @ down).double() * scale - best).norm() / best.norm()) <= 1e-5, key
+        assert s[4] > 1e-3 * s[0]  # rank 4 really truncates
+
+
 def test_a_subset_of_q_k_v_changes_only_its_rows_of_the_fused_in_proj(models, tmp_path):
     model = models["sd2"]
     lora = tmp_path / "k_only.safetensors"

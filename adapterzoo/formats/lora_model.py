@@ -119,6 +119,8 @@ class LokrModule:
     """LyCORIS LoKr: ΔW = scale · kron(w1, w2); each factor full or a product, w2 optionally Tucker.
 
     scale = alpha / r with r the inner size of a decomposed factor; both factors full ⇒ scale 1.
+    A conv's factors are 2-D (w2 [b, d·k·k], or w1 and w2 sharing the kernel in early LyCORIS files) or
+    w2 is 4-D [b, d, k, k]; either way kron(w1, w2) holds the weight's elements in its order.
     """
 
     alpha: float
@@ -144,16 +146,17 @@ class LokrModule:
         return 1.0 if self.rank is None else self.alpha / self.rank
 
     def scaled_delta(self) -> torch.Tensor:
-        w1 = self.w1.float() if self.w1 is not None else self.w1_a.float() @ self.w1_b.float()
+        w1 = (self.w1.float() if self.w1 is not None else self.w1_a.float() @ self.w1_b.float()).flatten(1)
         if self.w2 is not None:
             w2 = self.w2.float()
         elif self.t2 is not None:
             w2 = _tucker(self.t2.float(), self.w2_a.float(), self.w2_b.float())
         else:
             w2 = self.w2_a.float() @ self.w2_b.float()
-        if len(self.shape) == 4:
-            w1 = w1.reshape(*w1.shape[:2], 1, 1)
-            w2 = w2.reshape(self.shape[0] // w1.shape[0], self.shape[1] // w1.shape[1], *self.shape[2:])
+        if w2.dim() == 4:  # a conv's w2 kept 4-D (full or Tucker): w1 scales whole kernels
+            w1 = w1[:, :, None, None]
+        # else A1111's and ComfyUI's rule: kron of the 2-D factors, reshaped to the weight. For a conv this
+        # also reads files of early LyCORIS that split the kernel between both factors (w1 20×60, w2 16×48).
         return torch.kron(w1, w2).reshape(self.shape) * self.scale
 
     def delta(self, weight: torch.Tensor | None = None) -> torch.Tensor:
