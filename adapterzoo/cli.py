@@ -417,7 +417,8 @@ def search(obj: dict[str, Any], query: str, source: str, kind: str | None, base:
 @click.option("--all", "every", is_flag=True, help="Every file in the registry that has no Civitai source yet.")
 @click.option("--retry-missing", is_flag=True, help="Ask again about files Civitai did not know before.")
 @click.option("--write-sidecars", is_flag=True,
-              help="Also write <name>.civitai.info and <name>.preview.png beside each file found (never replacing one).")
+              help="Also write <name>.civitai.info and <name>.preview.png beside each file found "
+              "(never replacing one).")
 @click.option("--token", metavar="T", help="Civitai API token (default: $CIVITAI_API_TOKEN).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per file.")
 @click.pass_obj

@@ -13,12 +13,12 @@ import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
+from fake_http import Handler, running
 
 TOKEN = "secret-civitai-token"
 AIR_TYPES = {"LORA": "lora", "LoCon": "lycoris", "Checkpoint": "checkpoint", "TextualInversion": "embedding",
@@ -104,7 +104,8 @@ class FakeCivitai:
                     needs_token: bool = False, name: str = "v2.0") -> FakeVersion:
         """A newer version of `model`: it goes first in modelVersions."""
         version = FakeVersion(self._id(), model.id, name, base_model, [(p.name, p.read_bytes()) for p in files],
-                              trained_words, needs_token, created=f"2024-01-{len(model.versions) + 1:02d}T00:00:00.000Z")
+                              trained_words, needs_token,
+                              created=f"2024-01-{len(model.versions) + 1:02d}T00:00:00.000Z")
         model.versions.insert(0, version)
         self.versions[version.id] = version
         return version
@@ -123,7 +124,8 @@ class FakeCivitai:
                          "size": "pruned", "fp": "fp16"},
             "pickleScanResult": "Success", "virusScanResult": "Success",
             "hashes": file_hashes(data), "primary": index == 0,
-            "downloadUrl": f"{self.url}/api/download/models/{version.id}" + ("" if index == 0 else f"?type=Other&i={index}"),
+            "downloadUrl": f"{self.url}/api/download/models/{version.id}"
+                           + ("" if index == 0 else f"?type=Other&i={index}"),
         }
 
     def version_json(self, version: FakeVersion, with_model: bool = True) -> dict[str, Any]:
@@ -164,42 +166,15 @@ class FakeCivitai:
         return None
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _answer(self, status: int, body: Any = None, headers: dict[str, str] | None = None,
-                raw: bytes | None = None, content_type: str = "application/json") -> None:
-        data = raw if raw is not None else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
+class _Handler(Handler):
     def _error(self, status: int, message: str) -> None:
-        self._answer(status, {"error": message})
+        self.answer(status, {"error": message})
 
     def _authorized(self, query: dict[str, list[str]]) -> bool:
         return (self.headers.get("Authorization") == f"Bearer {TOKEN}") or query.get("token") == [TOKEN]
 
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_HEAD(self) -> None:
-        self._serve()
-
-    def do_POST(self) -> None:
-        self._serve()
-
-    def _serve(self) -> None:
-        fake = self.server.fake
+    def serve(self) -> None:
+        fake: FakeCivitai = self.server.state
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if self.command == "POST" else b""
@@ -212,7 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
             fake.throttle_left -= throttled
         try:
             if throttled:
-                self._answer(429, {"error": "Too many requests"}, {"Retry-After": fake.retry_after})
+                self.answer(429, {"error": "Too many requests"}, {"Retry-After": fake.retry_after})
             else:
                 self._route(fake, parts.path.rstrip("/").split("/")[1:], query, body)
         finally:
@@ -225,19 +200,19 @@ class _Handler(BaseHTTPRequestHandler):
         elif path[:3] == ["api", "download", "models"] and path[3:] and path[3].isdigit():
             self._download(fake, int(path[3]), query)
         elif path[:1] == ["images"]:
-            self._answer(200, raw=tiny_png(), content_type="image/png")
+            self.answer(200, raw=tiny_png(), content_type="image/png")
         else:
-            self._answer(404, raw=b"<!DOCTYPE html><html><body>Page not found</body></html>", content_type="text/html")
+            self.answer(404, raw=b"<!DOCTYPE html><html><body>Page not found</body></html>", content_type="text/html")
 
     def _api(self, fake: FakeCivitai, path: list[str], query: dict[str, list[str]], body: bytes) -> None:
         if path == ["models"]:
-            self._answer(200, self._search(fake, query))
+            self.answer(200, self._search(fake, query))
         elif len(path) == 2 and path[0] == "models":
             model = fake.models.get(int(path[1])) if path[1].isdigit() else None
             if model is None:
                 self._error(404, f"No model with id {path[1]}")
             else:
-                self._answer(200, fake.model_json(model))
+                self.answer(200, fake.model_json(model))
         elif path == ["model-versions", "by-hash"] and self.command == "POST":
             try:
                 hashes = json.loads(body)
@@ -248,7 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             found = [v for v in (fake.by_hash(h) for h in hashes) if v is not None]
             unique = list({v.id: v for v in found}.values())
-            self._answer(200, [fake.version_json(v) for v in unique if self._allowed(v, query)])
+            self.answer(200, [fake.version_json(v) for v in unique if self._allowed(v, query)])
         elif len(path) == 3 and path[:2] == ["model-versions", "by-hash"]:
             self._version(fake, fake.by_hash(path[2]), query, f"No model version with hash {path[2]}")
         elif len(path) == 2 and path[0] == "model-versions":
@@ -267,7 +242,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif not self._allowed(version, query):
             self._error(401, "Unauthorized")
         else:
-            self._answer(200, fake.version_json(version))
+            self.answer(200, fake.version_json(version))
 
     def _search(self, fake: FakeCivitai, query: dict[str, list[str]]) -> dict[str, Any]:
         limit = int(query.get("limit", ["100"])[0])
@@ -300,32 +275,15 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             name, data = version.files[int(query.get("i", ["0"])[0])]
             disposition = f"attachment; filename=\"{name}\"; filename*=UTF-8''{quote(name)}"
-            self._answer(200, raw=data, content_type="application/octet-stream",
+            self.answer(200, raw=data, content_type="application/octet-stream",
                          headers={"Content-Disposition": disposition})
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    fake: FakeCivitai
-
-
-def start(fake: FakeCivitai) -> tuple[_Server, threading.Thread]:
-    server = _Server(("127.0.0.1", 0), _Handler)
-    server.fake = fake
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, thread
 
 
 @pytest.fixture
 def fake_civitai(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCivitai]:
     """A running fake Civitai; CIVITAI_BASE_URL points at it and no token is set."""
     fake = FakeCivitai()
-    server, thread = start(fake)
-    monkeypatch.setenv("CIVITAI_BASE_URL", fake.url)
-    monkeypatch.delenv("CIVITAI_API_TOKEN", raising=False)
-    yield fake
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with running(_Handler, fake) as fake.url:
+        monkeypatch.setenv("CIVITAI_BASE_URL", fake.url)
+        monkeypatch.delenv("CIVITAI_API_TOKEN", raising=False)
+        yield fake

@@ -10,16 +10,14 @@ huggingface_hub reads HF_ENDPOINT when it is imported, so the fixture also point
 from __future__ import annotations
 
 import hashlib
-import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+from fake_http import Handler, running
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".png")
 
@@ -54,7 +52,8 @@ class FakeHub:
                  downloads: int = 5) -> FakeRepo:
         contents = {name: f if isinstance(f, bytes) else f.read_bytes() for name, f in files.items()}
         commit = hashlib.sha1(repo_id.encode() + b"".join(sorted(contents.values()))).hexdigest()
-        repo = FakeRepo(repo_id, contents, tags or [], downloads, commit, created=f"2024-02-{len(self.repos) + 1:02d}T00:00:00.000Z")
+        repo = FakeRepo(repo_id, contents, tags or [], downloads, commit,
+                        created=f"2024-02-{len(self.repos) + 1:02d}T00:00:00.000Z")
         self.repos[repo_id] = repo
         for name, data in contents.items():
             if repo.is_lfs(name):
@@ -82,36 +81,12 @@ class FakeHub:
         return body
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _answer(self, status: int, body: Any = None, headers: dict[str, str] | None = None,
-                raw: bytes | None = None) -> None:
-        data = raw if raw is not None else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json" if raw is None else "application/octet-stream")
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
+class _Handler(Handler):
     def _missing(self, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        self._answer(404, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message, **(headers or {})})
+        self.answer(404, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message, **(headers or {})})
 
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_HEAD(self) -> None:
-        self._serve()
-
-    def _serve(self) -> None:
-        hub: FakeHub = self.server.hub
+    def serve(self) -> None:
+        hub: FakeHub = self.server.state
         parts = urlsplit(self.path)
         hub.requests.append({"server": self.server.role, "method": self.command, "path": unquote(parts.path),
                              "authorization": self.headers.get("Authorization")})
@@ -124,7 +99,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif "/resolve/" in parts.path:
             self._resolve(hub, unquote(parts.path))
         else:
-            self._answer(404, {"error": "Not found"})
+            self.answer(404, {"error": "Not found"})
 
     def _list(self, hub: FakeHub, query: dict[str, list[str]]) -> None:
         search = query.get("search", [""])[0].lower()
@@ -142,7 +117,7 @@ class _Handler(BaseHTTPRequestHandler):
             rest = "&".join(f"{k}={v}" for k, values in query.items() if k != "cursor" for v in values)
             headers["Link"] = f'<{hub.url}/api/models?{rest}&cursor={start + limit}>; rel="next"'
         full = query.get("full", [""])[0].lower() == "true"
-        self._answer(200, [hub.info(r, full) for r in repos[start:start + limit]], headers)
+        self.answer(200, [hub.info(r, full) for r in repos[start:start + limit]], headers)
 
     def _model_info(self, hub: FakeHub, rest: str, query: dict[str, list[str]]) -> None:
         repo_id, _, revision = rest.partition("/revision/")
@@ -152,7 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif revision and revision not in ("main", repo.commit):
             self._missing("RevisionNotFound", f"Invalid rev id: {revision}")
         else:
-            self._answer(200, hub.info(repo, full=True, blobs=query.get("blobs", [""])[0].lower() == "true"))
+            self.answer(200, hub.info(repo, full=True, blobs=query.get("blobs", [""])[0].lower() == "true"))
 
     def _resolve(self, hub: FakeHub, path: str) -> None:
         head, _, tail = path.lstrip("/").partition("/resolve/")
@@ -171,43 +146,29 @@ class _Handler(BaseHTTPRequestHandler):
         data = repo.files[name]
         if repo.is_lfs(name):
             sha256 = hashlib.sha256(data).hexdigest()
-            self._answer(302, raw=b"", headers={
+            self.answer(302, raw=b"", headers={
                 **commit, "ETag": f'"{git_blob_sha1(data)}"', "X-Linked-Etag": f'"{sha256}"',
                 "X-Linked-Size": str(len(data)), "Location": f"{hub.storage_url}/lfs/{sha256}?X-Signature=fake",
             })
         else:
-            self._answer(200, raw=data, headers={**commit, "ETag": f'"{git_blob_sha1(data)}"'})
+            self.answer(200, raw=data, headers={**commit, "ETag": f'"{git_blob_sha1(data)}"'})
 
     def _storage(self, hub: FakeHub, path: str) -> None:
         if self.headers.get("Authorization"):
-            self._answer(400, {"error": "Only one auth mechanism allowed"})
+            self.answer(400, {"error": "Only one auth mechanism allowed"})
             return
         data = hub.blobs.get(path.removeprefix("/lfs/"))
         if data is None:
-            self._answer(404, {"error": "NoSuchKey"})
+            self.answer(404, {"error": "NoSuchKey"})
             return
         start = 0
         ranged = self.headers.get("Range", "")
         if ranged.startswith("bytes=") and ranged[6:].split("-")[0].isdigit():
             start = int(ranged[6:].split("-")[0])
             headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
-            self._answer(206, raw=data[start:], headers=headers)
+            self.answer(206, raw=data[start:], headers=headers)
         else:
-            self._answer(200, raw=data)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    hub: FakeHub
-    role: str
-
-
-def _start(hub: FakeHub, role: str) -> tuple[_Server, threading.Thread, str]:
-    server = _Server(("127.0.0.1", 0), _Handler)
-    server.hub, server.role = hub, role
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, thread, f"http://127.0.0.1:{server.server_address[1]}"
+            self.answer(200, raw=data)
 
 
 @pytest.fixture
@@ -216,17 +177,13 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHu
     from huggingface_hub import constants
 
     hub = FakeHub()
-    api, api_thread, hub.url = _start(hub, "hub")
-    storage, storage_thread, hub.storage_url = _start(hub, "storage")
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    yield hub
-    for server, thread in ((api, api_thread), (storage, storage_thread)):
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with running(_Handler, hub, "hub") as hub.url, running(_Handler, hub, "storage") as hub.storage_url:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        yield hub

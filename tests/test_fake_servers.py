@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import pytest
 import requests
 from factory import small_lora
 from fake_civitai import FakeCivitai
@@ -26,7 +25,8 @@ def test_hf_hub_download_follows_the_lfs_redirect_without_auth(fake_hub: FakeHub
     got = hf_hub_download("alice/tiny-lora", "pytorch_lora_weights.safetensors", token="hf_secret",
                           cache_dir=tmp_path / "cache")
     assert Path(got).read_bytes() == lora.read_bytes()
-    assert Path(hf_hub_download("alice/tiny-lora", "README.md", cache_dir=tmp_path / "cache")).read_bytes() == b"# tiny\n"
+    readme = hf_hub_download("alice/tiny-lora", "README.md", cache_dir=tmp_path / "cache")
+    assert Path(readme).read_bytes() == b"# tiny\n"
     storage = [r for r in fake_hub.requests if r["server"] == "storage"]
     assert storage and all(r["authorization"] is None for r in storage)
     assert [m.id for m in HfApi().list_models(search="tiny", filter=["lora"])] == ["alice/tiny-lora"]

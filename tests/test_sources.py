@@ -61,7 +61,8 @@ def registry_rows(home: Path, table: str) -> list[tuple]:
 def test_search_civitai_gives_one_row_per_version_and_marks_files_in_the_registry(
         civitai_models: FakeCivitai, loras: dict[str, Path], capsys, monkeypatch) -> None:
     assert run(["scan", str(loras["known"].parent)], capsys, monkeypatch)[0] == 0
-    code, out, err = run(["search", "tiny", "--source", "civitai", "--sort", "downloads", "--json"], capsys, monkeypatch)
+    code, out, err = run(["search", "tiny", "--source", "civitai", "--sort", "downloads", "--json"], capsys,
+                         monkeypatch)
     assert code == 0, err
     hits = json.loads(out)
     assert all(set(h) == HIT_KEYS for h in hits)
@@ -198,7 +199,8 @@ def test_model_page_urls_parse_to_ids() -> None:
 
 def test_hf_ref_resolves_to_the_commit_with_size_and_lfs_sha256(fake_hub: FakeHub, tmp_path: Path) -> None:
     lora = small_lora(tmp_path / "hub" / "w.safetensors")
-    repo = fake_hub.add_repo("bob/style", {"loras/style.safetensors": lora}, tags=["lora", "base_model:runwayml/stable-diffusion-v1-5"])
+    repo = fake_hub.add_repo("bob/style", {"loras/style.safetensors": lora},
+                             tags=["lora", "base_model:runwayml/stable-diffusion-v1-5"])
     for ref in ("hf:bob/style/loras/style.safetensors", f"hf:bob/style/loras/style.safetensors@{repo.commit}",
                 "hf:bob/style/loras/style.safetensors@main"):
         remote = resolve_ref(ref)

@@ -63,7 +63,11 @@ def _civitai_hits(query: str, kind: str | None, base: str | None, sort: str, nsf
                 "files": [{"name": f.get("name"), "size": civitai.file_size(f), "sha256": civitai.file_sha256(f),
                            "download": f.get("downloadUrl")} for f in files],
                 "in_registry": False,
-            }, (version.get("stats") or {}).get("downloadCount") or (model.get("stats") or {}).get("downloadCount") or 0)
+            }, _downloads(version) or _downloads(model))
+
+
+def _downloads(body: dict[str, Any]) -> int:
+    return (body.get("stats") or {}).get("downloadCount") or 0
 
 
 def _hub_hits(query: str, kind: str | None, base: str | None, sort: str, nsfw: bool) -> Iterator[Hit]:
