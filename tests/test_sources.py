@@ -119,6 +119,15 @@ def test_search_hub_lists_repos_at_their_commit(fake_hub: FakeHub, tmp_path: Pat
     assert hit["in_registry"] is False
 
 
+def test_search_all_fills_half_the_rows_from_each_source(civitai_models: FakeCivitai, fake_hub: FakeHub,
+                                                         capsys, monkeypatch) -> None:
+    for i in range(3):
+        fake_hub.add_repo(f"carol/tiny-{i}", {"pytorch_lora_weights.safetensors": bytes([i]) * 64}, tags=["lora"])
+    code, out, err = run(["search", "tiny", "--limit", "3", "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    assert [h["source"] for h in json.loads(out)] == ["civitai", "civitai", "hf"]
+
+
 # -- errors a user meets -----------------------------------------------------------------------
 
 
@@ -144,6 +153,15 @@ def test_no_network_is_one_line(monkeypatch, capsys) -> None:
     code, _, err = run(["search", "anything", "--source", "civitai"], capsys, monkeypatch)
     assert code == 1
     assert err == f"error: no network: could not reach 127.0.0.1:{port} (connection refused)\n"
+
+
+def test_hub_without_network_is_one_line(fake_hub: FakeHub, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    port = closed_port()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(AdapterzooError, match=f"^no network: could not reach 127.0.0.1:{port} "):
+        resolve_ref("hf:bob/style/x.safetensors")
 
 
 def test_version_needing_a_token_and_unknown_ids(fake_civitai: FakeCivitai, tmp_path: Path) -> None:

@@ -18,14 +18,13 @@ from sqlalchemy.orm import Session
 
 from adapterzoo.formats.atomic import atomic_output
 from adapterzoo.zoo.civitai import CivitaiClient, file_sha256, source_record
-from adapterzoo.zoo.db import home_folder
 from adapterzoo.zoo.models import FileEntry, Source, UnknownFile
 from adapterzoo.zoo.queries import find_entry
 from adapterzoo.zoo.remote import SourceRecord
+from adapterzoo.zoo.sources import PREVIEW_SIDECAR, record_source, save_preview
 from adapterzoo.zoo.triggers import CIVITAI_SIDECAR, sidecar_stem
 
 PROVIDER = "civitai"
-PREVIEW_SIDECAR = ".preview.png"
 
 
 @dataclass
@@ -66,7 +65,7 @@ def enrich(engine: Engine, refs: list[str], every: bool = False, retry_missing: 
     client = CivitaiClient(token=token)
     versions = client.versions_by_sha256(sorted({e.sha256 for e in todo})) if todo else []  # type: ignore[misc]
     found = _by_sha256(versions)
-    previews = {vid: _save_preview(client, record) for vid, (_, _, record) in _unique_versions(found).items()}
+    previews = {vid: save_preview(client, record) for vid, (_, _, record) in _unique_versions(found).items()}
 
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     with Session(engine) as session, session.begin():
@@ -79,9 +78,8 @@ def enrich(engine: Engine, refs: list[str], every: bool = False, retry_missing: 
             version, _, record = match
             session.execute(delete(UnknownFile).where(UnknownFile.provider == PROVIDER,
                                                       UnknownFile.sha256 == entry.sha256))
-            session.execute(delete(Source).where(Source.file_id == entry.id, Source.provider == PROVIDER))
             preview = previews.get(version["id"])
-            session.add(Source(file_id=entry.id, created=now, preview_path=preview, **record.columns()))
+            record_source(session, entry.id, record, preview, now)
             outcome = Outcome(entry.id, entry.path, entry.sha256, "found",
                               source={**record.columns(), "preview_path": preview})
             if write_sidecars and not entry.is_folder:
@@ -127,20 +125,6 @@ def _by_sha256(versions: list[dict[str, Any]]) -> dict[str, tuple[dict[str, Any]
 
 def _unique_versions(found: dict[str, tuple[dict[str, Any], dict[str, Any], SourceRecord]]) -> dict[int, Any]:
     return {match[0]["id"]: match for match in found.values()}
-
-
-def _save_preview(client: CivitaiClient, record: SourceRecord) -> str | None:
-    """The version's first image, kept in <home>/previews/civitai-<version>.png; never beside the user's files."""
-    if not record.preview_url:
-        return None
-    folder = home_folder() / "previews"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"civitai-{record.civitai_version_id}{PREVIEW_SIDECAR}"
-    if not path.exists():
-        data = client.fetch_image(record.preview_url)
-        with atomic_output(path) as tmp:
-            tmp.write_bytes(data)
-    return str(path)
 
 
 def _write_sidecars(path: Path, version: dict[str, Any], preview: str | None) -> list[str]:
