@@ -61,18 +61,21 @@ def table_columns(statement: str) -> tuple[str, dict[str, str]] | None:
 
 
 def _upgrade(connection: Connection, backend: str) -> None:
-    """Bring a registry made by an older adapterzoo up to registry.db.sql: new tables and indexes
-    (every statement is IF NOT EXISTS), and new columns by ALTER TABLE ADD COLUMN (all nullable)."""
+    """Bring a registry made by an older adapterzoo up to registry.db.sql: its new tables and indexes,
+    and new columns by ALTER TABLE ADD COLUMN (so they are nullable). An up-to-date registry is only
+    read, so opening it never waits for another process's write."""
     inspector = inspect(connection)
     tables = set(inspector.get_table_names())
+    indexes = {i["name"] for table in tables for i in inspector.get_indexes(table)}
     for statement in schema_statements(backend):
         parsed = table_columns(statement)
+        index = re.match(r"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)", statement)
         if parsed and parsed[0] in tables:
             present = {c["name"] for c in inspector.get_columns(parsed[0])}
             for name, definition in parsed[1].items():
                 if name not in present:
                     connection.exec_driver_sql(f"ALTER TABLE {parsed[0]} ADD COLUMN {definition}")
-        else:
+        elif not (index and index.group(1) in indexes):
             connection.exec_driver_sql(statement)
 
 
