@@ -139,11 +139,11 @@ def record(info: Any, path: str) -> SourceRecord:
     )
 
 
-def search(query: str, kind: str | None = None, sort: str = "downloads") -> Iterator[Any]:
-    """Repos matching `query` (kind as a tag filter), each as a full ModelInfo with file metadata."""
+def search(query: str, kind: str | None = None, sort: str = "downloads", limit: int | None = None) -> Iterator[Any]:
+    """Up to `limit` repos matching `query` (kind as a tag filter), each a full ModelInfo with file metadata."""
     filters = [KIND_TAGS[kind]] if kind in KIND_TAGS else None
     try:
-        for found in _api().list_models(search=query, filter=filters, sort=SORTS[sort]):
+        for found in _api().list_models(search=query, filter=filters, sort=SORTS[sort], limit=limit):
             yield model_info(found.id)
     except AdapterzooError:
         raise

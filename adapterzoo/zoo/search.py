@@ -15,6 +15,7 @@ from adapterzoo.zoo.models import FileEntry
 
 SOURCES = ("civitai", "hf", "all")
 ID_BATCH = 500
+HUB_OVERFETCH = 5  # repos listed per Hub row wanted: base and kind are filtered here, after listing
 
 
 @dataclass
@@ -37,7 +38,8 @@ def search(engine: Engine, query: str, source: str = "all", kind: str | None = N
         share = limit if source == "civitai" else (limit + 1) // 2
         hits += islice(_civitai_hits(query, kind, base, sort, nsfw, share), share)
     if source in ("hf", "all"):
-        hits += islice(_hub_hits(query, kind, base, sort, nsfw), limit - len(hits))
+        wanted = limit - len(hits)
+        hits += islice(_hub_hits(query, kind, base, sort, nsfw, wanted * HUB_OVERFETCH), wanted)
     known = _registered(engine, [f["sha256"] for h in hits for f in h.json["files"] if f["sha256"]])
     for hit in hits:
         hit.json["in_registry"] = any(f["sha256"] in known for f in hit.json["files"])
@@ -70,12 +72,12 @@ def _downloads(body: dict[str, Any]) -> int:
     return (body.get("stats") or {}).get("downloadCount") or 0
 
 
-def _hub_hits(query: str, kind: str | None, base: str | None, sort: str, nsfw: bool) -> Iterator[Hit]:
+def _hub_hits(query: str, kind: str | None, base: str | None, sort: str, nsfw: bool, repos: int) -> Iterator[Hit]:
     from huggingface_hub import hf_hub_url
 
     from adapterzoo.zoo import hub
 
-    for info in hub.search(query, kind, sort):
+    for info in hub.search(query, kind, sort, repos):
         primary = hub.primary_file(info)
         record = hub.record(info, primary.rfilename if primary else "")
         if (kind and record.kind != kind) or (base and record.base != base) or (record.nsfw and not nsfw):
