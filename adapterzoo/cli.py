@@ -325,7 +325,9 @@ def scan(obj: dict[str, Any], dirs: tuple[str, ...], as_json: bool) -> None:
 @cli.command("list")
 @click.option("--kind", type=click.Choice(KINDS), help="Only entries of this kind.")
 @click.option("--base", type=click.Choice(BASES), help="Only entries for this base model.")
-@click.option("--query", metavar="TEXT", help="Only entries whose path or trigger words contain TEXT.")
+@click.option("--query", metavar="TEXT",
+              help="Only entries whose path, trigger words, or source's model name, version name or trained "
+              "words contain TEXT.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.pass_obj
 def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | None, as_json: bool) -> None:
@@ -347,20 +349,118 @@ def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | 
 def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
     """Show one registry entry, found by id, path, any of its hashes, or a sha256 prefix (8+ hex)."""
     from adapterzoo.zoo.db import open_registry
-    from adapterzoo.zoo.queries import find_entry
+    from adapterzoo.zoo.queries import find_entry, sources_of
 
-    entry = find_entry(open_registry(obj["db"]), ref).to_json()
+    engine = open_registry(obj["db"])
+    found = find_entry(engine, ref)
+    entry = {**found.to_json(), "sources": [s.to_json() for s in sources_of(engine, found.id)]}
     if as_json:
         emit_json(entry)
         return
     for key, value in entry.items():
         if key == "metadata":
             value = f"{len(value)} keys (--json shows them)" if value else None
+        elif key == "sources":
+            for source in value:
+                click.echo(f"{'source':14} {describe_source(source)}")
+            continue
         elif isinstance(value, list):
             value = ", ".join(map(str, value))
         elif isinstance(value, dict):
             value = json.dumps(value, default=str)
         click.echo(f"{key:14} {'-' if value in (None, '') else value}")
+
+
+def describe_source(source: dict[str, Any]) -> str:
+    """One line for `show`: where the file came from and what the source says it is."""
+    where = {"civitai": f"civitai model {source['civitai_model_id']} version {source['civitai_version_id']}",
+             "hf": f"hf {source['hf_repo']}/{source['hf_path']}@{source['hf_revision']}"}.get(
+        source["provider"], source["download_url"] or source["provider"])
+    parts = [where, " / ".join(n for n in (source["model_name"], source["version_name"]) if n)]
+    if source["base_stated"]:
+        parts.append(f"base {source['base_stated']}")
+    if source["trained_words"]:
+        parts.append("words " + ", ".join(source["trained_words"]))
+    return "; ".join(p for p in parts if p)
+
+
+@cli.command()
+@click.argument("query")
+@click.option("--source", type=click.Choice(["civitai", "hf", "all"]), default="all", show_default=True,
+              help="Where to search (all: Civitai fills half the rows, the Hub the rest).")
+@click.option("--kind", type=click.Choice([k for k in KINDS if k != "unknown"]), help="Only this kind.")
+@click.option("--base", type=click.Choice([b for b in BASES if b != "unknown"]), help="Only this base model.")
+@click.option("--sort", type=click.Choice(["downloads", "rating", "newest"]), default="downloads",
+              show_default=True, help="Order of the results.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="At most this many rows (one per model version).")
+@click.option("--nsfw", is_flag=True, help="Include models marked NSFW.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.pass_obj
+def search(obj: dict[str, Any], query: str, source: str, kind: str | None, base: str | None, sort: str,
+           limit: int, nsfw: bool, as_json: bool) -> None:
+    """Search Civitai and the Hugging Face Hub: one row per model version, marked when already in the registry."""
+    from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.search import search as run_search
+
+    hits = run_search(open_registry(obj["db"]), query, source, kind, base, sort, limit, nsfw)
+    if as_json:
+        emit_json([hit.json for hit in hits])
+        return
+    rows = [{**hit.row(), "model": hit.json["model_id"], "version": hit.json["version_id"],
+             "have": "yes" if hit.json["in_registry"] else ""} for hit in hits]
+    print_table(rows, ["source", "model", "version", "name", "kind", "base", "file", "size", "downloads", "have"])
+
+
+@cli.command()
+@click.argument("refs", metavar="[ID|PATH|HASH]...", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every file in the registry that has no Civitai source yet.")
+@click.option("--retry-missing", is_flag=True, help="Ask again about files Civitai did not know before.")
+@click.option("--write-sidecars", is_flag=True,
+              help="Also write <name>.civitai.info and <name>.preview.png beside each file found "
+              "(never replacing one).")
+@click.option("--token", metavar="T", help="Civitai API token (default: $CIVITAI_API_TOKEN).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per file.")
+@click.pass_obj
+def enrich(obj: dict[str, Any], refs: tuple[str, ...], every: bool, retry_missing: bool, write_sidecars: bool,
+           token: str | None, as_json: bool) -> None:
+    """Look registry files up on Civitai by SHA-256 and record model, version, base and trained words."""
+    from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.enrich import enrich as run_enrich
+
+    if not refs and not every:
+        raise click.UsageError("say which files: ID|PATH|HASH..., or --all for every file without a source")
+    outcomes = [o.to_json() for o in run_enrich(open_registry(obj["db"]), list(refs), every, retry_missing,
+                                                  write_sidecars, token)]
+    if as_json:
+        emit_json(outcomes)
+        return
+    for outcome in outcomes:
+        source = outcome["source"]
+        said = describe_source({**source, "provider": "civitai"}) if source else outcome["reason"]
+        click.echo(f"{outcome['status']:8} {outcome['id']:>4}  {outcome['name']}: {said}")
+        for path in outcome["sidecars"]:
+            click.echo(f"wrote    {path}")
+    counts = {s: sum(o["status"] == s for o in outcomes) for s in ("found", "unknown", "skipped")}
+    click.echo(", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
+@cli.command()
+@click.option("-o", "--output", "dest", metavar="FILE", required=True, type=click.Path(dir_okay=False),
+              help="The lock file to write (JSON).")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Also print what was written.")
+@click.pass_obj
+def lock(obj: dict[str, Any], dest: str, force: bool, as_json: bool) -> None:
+    """Write every registry file that has a source (REF, name, kind, base, size, SHA-256) to a lock file."""
+    from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.lock import write_lock
+
+    body = write_lock(open_registry(obj["db"]), dest, force)
+    if as_json:
+        emit_json(body)
+        return
+    click.echo(f"wrote    {dest} ({len(body['files'])} files)")
 
 
 @cli.command()

@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest_plugins = ("fake_civitai", "fake_hub")  # their fixtures: fake_civitai, fake_hub
+
 
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():

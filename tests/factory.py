@@ -1335,3 +1335,21 @@ def hostile(payload: str, suffix: str, root: Path) -> Hostile:
         with open(path, "wb") as fh:
             pickle.dump(obj, fh, protocol=2)
     return Hostile(path, marker)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small real files for the fake Civitai and Hub servers: real bytes, so every hash is a true one
+
+
+def small_lora(path: Path, seed: int = 0, rank: int = 4) -> Path:
+    """A kohya SD1 LoRA on one attention projection (~3 KB): probe calls it lora/sd1/kohya."""
+    gen = _gen(seed)
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    sd = {
+        f"{stem}.lora_down.weight": randn((rank, 320), torch.float16, gen),
+        f"{stem}.lora_up.weight": randn((320, rank), torch.float16, gen),
+        f"{stem}.alpha": torch.tensor(float(rank), dtype=torch.float16),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata={"ss_base_model_version": "sd_v1", "ss_network_dim": str(rank)})
+    return path

@@ -100,7 +100,7 @@ def test_tables_made_from_the_sql_file_match_the_orm(schema_db: Path) -> None:
     assert schema_differences(schema_db, Base.metadata) == []
     with sqlite3.connect(schema_db) as connection:
         assert {r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")} == {
-            "files", "sources", "verifications"}
+            "files", "sources", "verifications", "unknown_files"}
 
 
 def test_schema_comparison_notices_a_drifted_orm(schema_db: Path) -> None:
@@ -123,8 +123,37 @@ def test_sql_file_uses_portable_types_and_identity_only_outside_sqlite() -> None
     pg = db.schema_statements("postgresql")
     lite = db.schema_statements("sqlite")
     assert len(pg) == len(lite) == text.count(";")
-    assert sum(db.IDENTITY_CLAUSE.strip() in s for s in pg) == 3
+    assert sum(db.IDENTITY_CLAUSE.strip() in s for s in pg) == 4
     assert not any("IDENTITY" in s for s in lite)
+
+
+OLD_SOURCES = """CREATE TABLE sources (
+    id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL REFERENCES files (id), provider TEXT NOT NULL,
+    civitai_model_id BIGINT, civitai_version_id BIGINT, hf_repo TEXT, download_url TEXT, created TIMESTAMP NOT NULL)"""
+
+
+def test_a_registry_from_before_the_source_columns_opens_and_gains_them(tmp_path: Path) -> None:
+    """A registry made before sources had names, words and licences, and before unknown_files."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        for statement in db.schema_statements("sqlite"):
+            table = db.table_columns(statement)
+            if table and table[0] == "sources":
+                statement = OLD_SOURCES
+            if (table and table[0] == "unknown_files") or "unknown_files" in statement:
+                continue
+            connection.execute(statement)
+        connection.execute("INSERT INTO files (path, is_folder, size, mtime_ns, kind, base, tensors, metadata, details,"
+                           " warnings, trigger_words, unsafe, missing, first_seen, last_seen) VALUES ('/m', 0, 1, 1,"
+                           " 'lora', 'sd1', 1, '{}', '{}', '[]', '[]', 0, 0, '2020-01-01', '2020-01-01')")
+        connection.execute("INSERT INTO sources (file_id, provider, civitai_version_id, created) "
+                           "VALUES (1, 'civitai', 7, '2020-01-01')")
+    assert "model_name" not in declared_types(path, "sources")
+    db.connect(f"sqlite:///{path}").dispose()
+    assert schema_differences(path, Base.metadata) == []
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT civitai_version_id, model_name FROM sources").fetchall() == [(7, None)]
+    db.connect(f"sqlite:///{path}").dispose()  # a second open finds nothing left to add
 
 
 def test_registry_url_prefers_option_then_env_then_home(

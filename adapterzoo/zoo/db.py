@@ -6,11 +6,12 @@ The tables come from registry.db.sql, run statement by statement; models.py only
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from platformdirs import user_data_dir
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -31,9 +32,14 @@ def registry_url(option: str | None = None) -> str:
     value = option or os.environ.get("ADAPTERZOO_DB")
     if value:
         return value if "://" in value else f"sqlite:///{Path(value).expanduser().absolute()}"
-    home = Path(os.environ.get("ADAPTERZOO_HOME") or user_data_dir("adapterzoo")).expanduser()
+    return f"sqlite:///{home_folder() / 'registry.db'}"
+
+
+def home_folder() -> Path:
+    """ADAPTERZOO_HOME, else the user data dir: the registry and what we keep beside it (previews)."""
+    home = Path(os.environ.get("ADAPTERZOO_HOME") or user_data_dir("adapterzoo")).expanduser().absolute()
     home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home.absolute() / 'registry.db'}"
+    return home
 
 
 def schema_statements(backend: str) -> list[str]:
@@ -43,6 +49,34 @@ def schema_statements(backend: str) -> list[str]:
     if backend == "sqlite":
         text = text.replace(IDENTITY_CLAUSE, "")
     return [statement.strip() for statement in text.split(";") if statement.strip()]
+
+
+def table_columns(statement: str) -> tuple[str, dict[str, str]] | None:
+    """(table, {column: its definition}) of a CREATE TABLE statement from registry.db.sql, else None."""
+    match = re.match(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*)\)$", statement, re.S)
+    if not match:
+        return None
+    lines = (line.split("--", 1)[0].strip().rstrip(",") for line in match.group(2).splitlines())
+    return match.group(1), {line.split()[0]: line for line in lines if line}
+
+
+def _upgrade(connection: Connection, backend: str) -> None:
+    """Bring a registry made by an older adapterzoo up to registry.db.sql: its new tables and indexes,
+    and new columns by ALTER TABLE ADD COLUMN (so they are nullable). An up-to-date registry is only
+    read, so opening it never waits for another process's write."""
+    inspector = inspect(connection)
+    tables = set(inspector.get_table_names())
+    indexes = {i["name"] for table in tables for i in inspector.get_indexes(table)}
+    for statement in schema_statements(backend):
+        parsed = table_columns(statement)
+        index = re.match(r"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)", statement)
+        if parsed and parsed[0] in tables:
+            present = {c["name"] for c in inspector.get_columns(parsed[0])}
+            for name, definition in parsed[1].items():
+                if name not in present:
+                    connection.exec_driver_sql(f"ALTER TABLE {parsed[0]} ADD COLUMN {definition}")
+        elif not (index and index.group(1) in indexes):
+            connection.exec_driver_sql(statement)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -85,6 +119,8 @@ def connect(url: str) -> Engine:
             if not inspect(connection).has_table("files"):
                 for statement in schema_statements(parsed.get_backend_name()):
                     connection.exec_driver_sql(statement)
+            else:
+                _upgrade(connection, parsed.get_backend_name())
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise AdapterzooError(f"cannot open the registry {shown}: {reason}") from None

@@ -137,6 +137,34 @@ class Source(Base):
     hf_repo: Mapped[str | None] = mapped_column(Text)
     download_url: Mapped[str | None] = mapped_column(Text)
     created: Mapped[datetime] = mapped_column(DateTime)
+    hf_revision: Mapped[str | None] = mapped_column(Text)
+    hf_path: Mapped[str | None] = mapped_column(Text)
+    model_name: Mapped[str | None] = mapped_column(Text)
+    version_name: Mapped[str | None] = mapped_column(Text)
+    trained_words: Mapped[list[str] | None] = mapped_column(JSONText)
+    base_stated: Mapped[str | None] = mapped_column(Text)
+    base: Mapped[str | None] = mapped_column(Text)
+    allow_commercial_use: Mapped[list[str] | None] = mapped_column(JSONText)
+    allow_derivatives: Mapped[bool | None] = mapped_column(Boolean)
+    allow_no_credit: Mapped[bool | None] = mapped_column(Boolean)
+    nsfw: Mapped[bool | None] = mapped_column(Boolean)
+    file_name: Mapped[str | None] = mapped_column(Text)
+    preview_path: Mapped[str | None] = mapped_column(Text)
+
+    def to_json(self) -> dict[str, Any]:
+        return {c.name: getattr(self, c.name) for c in self.__table__.columns if c.name not in ("id", "file_id")}
+
+
+class UnknownFile(Base):
+    """A file (by SHA-256) a provider said it does not know, and when we asked."""
+
+    __tablename__ = "unknown_files"
+    __table_args__ = (Index("ux_unknown_files_provider_sha256", "provider", "sha256", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    provider: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(Text)
+    asked: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Verification(Base):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, Text, func, or_, select, type_coerce
 from sqlalchemy.orm import Session
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry
+from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Source
 
 HEX = re.compile(r"[0-9a-f]+")
 MIN_SHA256_PREFIX = 8
@@ -20,7 +21,8 @@ ID_BATCH = 500  # ids per IN (...): databases cap the number of bound parameters
 def list_entries(
     engine: Engine, kind: str | None = None, base: str | None = None, query: str | None = None
 ) -> list[FileEntry]:
-    """Entries by path; `query` matches path or trigger words, ignoring case."""
+    """Entries by path; `query` matches path, trigger words, or a source's model/version name or trained
+    words, ignoring case."""
     statement = select(FileEntry).order_by(FileEntry.path)
     if kind:
         statement = statement.where(FileEntry.kind == kind)
@@ -28,12 +30,16 @@ def list_entries(
         statement = statement.where(FileEntry.base == base)
     if query:
         needle = query.lower()
-        words = type_coerce(FileEntry.trigger_words, Text)  # search the stored JSON text as text
+
+        def has(column: Any) -> Any:
+            text = type_coerce(column, Text)  # JSON lists are searched as their stored text
+            return func.lower(text).contains(needle, autoescape=True)
+
+        named = select(Source.file_id).where(
+            or_(has(Source.model_name), has(Source.version_name), has(Source.trained_words))
+        )
         statement = statement.where(
-            or_(
-                func.lower(FileEntry.path).contains(needle, autoescape=True),
-                func.lower(words).contains(needle, autoescape=True),
-            )
+            or_(has(FileEntry.path), has(FileEntry.trigger_words), FileEntry.id.in_(named))
         )
     with Session(engine) as session:
         return list(session.scalars(statement))
@@ -72,3 +78,10 @@ def entries_by_id(engine: Engine, ids: list[int]) -> list[FileEntry]:
             chunk = ids[start:start + ID_BATCH]
             by_id.update((e.id, e) for e in session.scalars(select(FileEntry).where(FileEntry.id.in_(chunk))))
     return [by_id[i] for i in ids if i in by_id]
+
+
+def sources_of(engine: Engine, file_id: int) -> list[Source]:
+    """Where the entry came from, newest first (pull and enrich record these)."""
+    with Session(engine) as session:
+        statement = select(Source).where(Source.file_id == file_id).order_by(Source.created.desc(), Source.id.desc())
+        return list(session.scalars(statement))

@@ -1,0 +1,151 @@
+"""The Hugging Face Hub through huggingface_hub (SOURCES.md section 2): search and `hf:` REF resolution.
+
+huggingface_hub reads HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE itself; we never build Hub URLs by hand
+except through its `hf_hub_url`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from adapterzoo.errors import AdapterzooError
+from adapterzoo.zoo.remote import RemoteFile, SourceRecord
+
+KIND_TAGS = {"lora": "lora", "embedding": "textual_inversion"}
+SORTS = {"downloads": "downloads", "rating": "likes", "newest": "created_at"}
+# Known file names first, then any single-file weights, largest first.
+PRIMARY_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "learned_embeds.safetensors")
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
+BASE_HINTS = (("flux", "flux"), ("stable-diffusion-3", "sd3"), ("xl", "sdxl"), ("stable-diffusion-2", "sd2"),
+              ("v2-", "sd2"), ("stable-diffusion-v1", "sd1"), ("v1-5", "sd1"), ("sd-1", "sd1"))
+
+
+def parse_ref(ref: str) -> tuple[str, str, str | None]:
+    """`hf:OWNER/REPO/PATH[@REV]` -> (repo id, path in the repo, revision or None)."""
+    body = ref.removeprefix("hf:")
+    revision = None
+    if "@" in body.rsplit("/", 1)[-1]:
+        body, revision = body.rsplit("@", 1)
+    parts = body.split("/", 2)
+    if len(parts) < 3 or not all(parts) or not revision and revision is not None:
+        raise AdapterzooError(f"not a Hub reference: {ref} (hf:OWNER/REPO/PATH[@REVISION])")
+    return f"{parts[0]}/{parts[1]}", parts[2], revision
+
+
+def base_of_tags(tags: list[str] | None) -> str:
+    """Our base from the `base_model:...` tags a repo carries, else unknown."""
+    for tag in tags or []:
+        if tag.startswith("base_model:"):
+            name = tag.rsplit(":", 1)[-1].lower()
+            for hint, base in BASE_HINTS:
+                if hint in name:
+                    return base
+    return "unknown"
+
+
+def stated_base(tags: list[str] | None) -> str | None:
+    return next((t.rsplit(":", 1)[-1] for t in tags or [] if t.startswith("base_model:")), None)
+
+
+def kind_of_tags(tags: list[str] | None, path: str | None) -> str:
+    tags = tags or []
+    if "lora" in tags or path in PRIMARY_NAMES[:2]:
+        return "lora"
+    if "textual_inversion" in tags or path == PRIMARY_NAMES[2]:
+        return "embedding"
+    return "checkpoint" if path else "unknown"
+
+
+def primary_file(info: Any) -> Any | None:
+    """The repo file a pull would take by default (see PRIMARY_NAMES), or None."""
+    siblings = info.siblings or []
+    by_name = {s.rfilename: s for s in siblings}
+    for name in PRIMARY_NAMES:
+        if name in by_name:
+            return by_name[name]
+    weights = [s for s in siblings if s.rfilename.endswith(WEIGHT_SUFFIXES)]
+    return max(weights, key=lambda s: s.size or 0, default=None)
+
+
+def page_url(repo: str) -> str:
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT}/{repo}"
+
+
+def _api() -> Any:
+    from huggingface_hub import HfApi
+
+    return HfApi()
+
+
+def _hub_errors(what: str, exc: Exception) -> AdapterzooError:
+    """One line for whatever huggingface_hub raised."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, GatedRepoError):
+        return AdapterzooError(f"{what} is gated: accept its terms on the Hub and set HF_TOKEN")
+    if isinstance(exc, RepositoryNotFoundError):
+        return AdapterzooError(f"the Hub has no repo {what} (or it is private: set HF_TOKEN)")
+    if isinstance(exc, RevisionNotFoundError):
+        return AdapterzooError(f"the Hub has no such revision of {what}")
+    if isinstance(exc, EntryNotFoundError):
+        return AdapterzooError(f"the Hub has no file {what}")
+    if isinstance(exc, OSError) or any(c.__name__ == "TransportError" for c in type(exc).__mro__):  # httpx's
+        host = constants.ENDPOINT.split("://", 1)[-1]
+        return AdapterzooError(f"no network: could not reach {host} ({exc.__class__.__name__})")
+    return AdapterzooError(f"the Hub answered {what} with an error: {str(exc).strip().splitlines()[0]}")
+
+
+def model_info(repo: str, revision: str | None = None) -> Any:
+    """huggingface_hub's ModelInfo with per-file size and LFS sha256 (files_metadata=True)."""
+    try:
+        return _api().model_info(repo, revision=revision, files_metadata=True)
+    except Exception as exc:  # noqa: BLE001 - every huggingface_hub/httpx failure becomes one line
+        raise _hub_errors(repo, exc) from None
+
+
+def resolve(ref: str) -> RemoteFile:
+    """`hf:OWNER/REPO/PATH[@REV]` -> the file at the revision's commit, with its size and LFS sha256."""
+    from huggingface_hub import hf_hub_url
+
+    repo, path, revision = parse_ref(ref)
+    info = model_info(repo, revision)
+    sibling = next((s for s in info.siblings or [] if s.rfilename == path), None)
+    if sibling is None:
+        raise AdapterzooError(f"the Hub has no file {path} in {repo}" + (f"@{revision}" if revision else ""))
+    return RemoteFile(
+        ref=f"hf:{repo}/{path}@{info.sha}", download_url=hf_hub_url(repo, path, revision=info.sha),
+        file_name=path.rsplit("/", 1)[-1], size=sibling.size, sha256=sibling.lfs.sha256 if sibling.lfs else None,
+        source=record(info, path),
+    )
+
+
+def record(info: Any, path: str) -> SourceRecord:
+    from huggingface_hub import hf_hub_url
+
+    return SourceRecord(
+        provider="hf", download_url=hf_hub_url(info.id, path, revision=info.sha), hf_repo=info.id,
+        hf_revision=info.sha, hf_path=path, model_name=info.id, version_name=info.sha,
+        kind=kind_of_tags(info.tags, path), base=base_of_tags(info.tags), base_stated=stated_base(info.tags),
+        file_name=path.rsplit("/", 1)[-1], nsfw="not-for-all-audiences" in (info.tags or []),
+    )
+
+
+def search(query: str, kind: str | None = None, sort: str = "downloads", limit: int | None = None) -> Iterator[Any]:
+    """Up to `limit` repos matching `query` (kind as a tag filter), each a full ModelInfo with file metadata."""
+    filters = [KIND_TAGS[kind]] if kind in KIND_TAGS else None
+    try:
+        for found in _api().list_models(search=query, filter=filters, sort=SORTS[sort], limit=limit):
+            yield model_info(found.id)
+    except AdapterzooError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise _hub_errors("search", exc) from None
