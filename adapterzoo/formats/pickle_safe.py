@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import BadFileError, UnsafeFileError
-from adapterzoo.formats.pickle_scan import ZIP_MAGIC, scan_file, unique
+from adapterzoo.formats.pickle_scan import ZIP_MAGIC, python3_name, scan_file, unique
 
 PICKLE_SUFFIXES = {".pt", ".ckpt", ".bin", ".pth"}
 
@@ -99,7 +99,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._allowed = allowed_globals()
 
     def find_class(self, module: str, name: str) -> Any:
-        full = f"{module}.{name}"
+        full = python3_name(module, name)
         found = self._allowed.get(full)
         if found is None:
             raise _Refused(full)

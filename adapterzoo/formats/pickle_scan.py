@@ -8,6 +8,7 @@ keeps code from running; this scan only explains the refusal.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import mmap
 import os
@@ -29,6 +30,13 @@ _MEMO_GETS = {"GET", "BINGET", "LONG_BINGET"}
 _NO_PUSH = {"MEMOIZE", "FRAME", "PROTO", *_MEMO_PUTS}
 
 
+def python3_name(module: str, name: str) -> str:
+    """The global as Python 3 imports it: protocol 0-2 pickles may use Python 2 names (`__builtin__`)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
+
+
 def _embedded(value: str | bytes) -> bytes | None:
     """The bytes of a pickle or zip carried as a constant (protocol 2 keeps bytes as latin-1 text)."""
     data = value.encode("latin-1", "ignore") if isinstance(value, str) else bytes(value)
@@ -44,10 +52,10 @@ def _scan_one(stream: IO[bytes], depth: int) -> tuple[list[str], bool]:
         for opcode, arg, _ in pickletools.genops(stream):
             name = opcode.name
             if name in ("GLOBAL", "INST"):
-                names.append(str(arg).replace(" ", "."))
+                names.append(python3_name(*str(arg).split(" ", 1)))
             elif name == "STACK_GLOBAL":
                 module, attr = ([None, None] + pushed)[-2:]
-                names.append(f"{module}.{attr}" if module is not None and attr is not None else UNRESOLVED)
+                names.append(python3_name(module, attr) if module is not None and attr is not None else UNRESOLVED)
             elif name.startswith("EXT"):
                 names.append(f"copyreg extension {arg}")
             if name == "STOP":
