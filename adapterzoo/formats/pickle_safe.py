@@ -91,8 +91,11 @@ class _Refused(pickle.UnpicklingError):
         self.name = name
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """The stdlib unpickler (every protocol's opcodes) whose only way to code, find_class, is the allowlist."""
+class RestrictedUnpickler(pickle._Unpickler):
+    """The stdlib unpickler (every protocol's opcodes) whose only way to code, find_class, is the allowlist.
+
+    The pure-Python one: its memo is a dict, where the C unpickler sizes an array by the largest
+    memo index a file names (a flipped byte asked it for gigabytes)."""
 
     def __init__(self, file: Any, **kwargs: Any) -> None:
         super().__init__(file, **kwargs)
@@ -190,13 +193,16 @@ def load_pickle(path: str | os.PathLike) -> Any:
             raise _unsafe(foreign or [exc.name]) from None
         if isinstance(exc, BadFileError):
             raise
-        reason = _short(str(exc).split("WeightsUnpickler error:")[-1]) or exc.__class__.__name__
-        raise BadFileError(f"not a readable torch pickle ({reason})") from None
+        raise BadFileError(f"not a readable torch pickle ({_reason(exc)})") from None
 
 
-def _short(text: str) -> str:
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return first[:160]
+def _reason(exc: Exception) -> str:
+    """The first line of torch's or pickle's complaint; a bare KeyError's text is only the key."""
+    text = str(exc).split("WeightsUnpickler error:")[-1].strip()
+    first = text.splitlines()[0][:160] if text else ""
+    if isinstance(exc, (pickle.UnpicklingError, RuntimeError, ValueError)) and first:
+        return first
+    return f"{exc.__class__.__name__}: {first}" if first else exc.__class__.__name__
 
 
 def unwrap_state_dict(obj: Any) -> Any:
