@@ -150,3 +150,11 @@ def test_cli_names_a_chained_global_in_one_line(tmp_path, monkeypatch, capsys):
     assert exited.value.code == 1 and not (tmp_path / "PWNED").exists()
     assert err == ("error: unsafe pickle: it would import builtins.getattr, builtins.__import__; "
                    "refused, nothing was run\n")
+
+
+def test_torchscript_archive_is_refused_as_unsafe(tmp_path):
+    """TorchScript carries code; torch.load without weights_only would hand it to torch.jit.load."""
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(UnsafeFileError, match="it would import __torch__"):
+        probe(path)

@@ -144,7 +144,8 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def _load_with_allowlist(path: Path, container: str) -> Any:
-    """torch's weights-only unpickler first; the restricted stdlib one for protocol 3-5 opcodes torch lacks."""
+    """torch's weights-only unpickler first; the restricted stdlib one for protocol 3-5 opcodes torch lacks.
+    `container` is "zip" or "stream" (load_pickle never hands a tar here)."""
     with warnings.catch_warnings(), torch.serialization.safe_globals(_extra_globals()):
         warnings.simplefilter("ignore")
         try:
@@ -152,9 +153,10 @@ def _load_with_allowlist(path: Path, container: str) -> Any:
         except pickle.UnpicklingError as exc:
             if "Unsupported operand" not in str(exc):
                 raise
-        # torch's reader got as far as unpickling: not TorchScript, not tar; checked again all the same
-        if container == "tar" or (container == "zip" and _is_torchscript(path)):
-            raise BadFileError("a TorchScript archive or legacy tar file, not a weights file")
+        # torch's own reader got as far as unpickling, so this is no TorchScript archive; checked again all the
+        # same, since torch.load without weights_only would hand one to torch.jit.load
+        if container == "zip" and _is_torchscript(path):
+            raise UnsafeFileError("a TorchScript archive carries code; refused, nothing was run")
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE,
                           mmap=container == "zip")
 
