@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import io
 import json
 import math
 import os
@@ -25,6 +26,8 @@ import pickle
 import re
 import struct
 import subprocess
+import tarfile
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -1313,27 +1316,118 @@ def _payloads(marker: Path) -> dict[str, _Payload]:
         "os-system": _Payload(os.system, (f"touch {marker}",)),
         "builtins-exec": _Payload(builtins.exec, (f"open({str(marker)!r}, 'w').close()",)),
         "subprocess-popen": _Payload(subprocess.Popen, (["touch", str(marker)],)),
+        "builtins-open": _Payload(builtins.open, (str(marker), "w")),
     }
 
 
-HOSTILE_PAYLOADS = ("os-system", "builtins-exec", "subprocess-popen")
+HOSTILE_PAYLOADS = ("os-system", "builtins-exec", "subprocess-popen", "builtins-open")
 HOSTILE_CONTAINERS = (".pt", ".ckpt", ".bin")  # torch zip, legacy torch stream, raw pickle
+PICKLE_PROTOCOLS = (2, 3, 4, 5)
 
 
-def hostile(payload: str, suffix: str, root: Path) -> Hostile:
-    folder = root / f"hostile{suffix.replace('.', '-')}-{payload}"
+def hostile(payload: str, suffix: str, root: Path, protocol: int = 2) -> Hostile:
+    folder = root / f"hostile{suffix.replace('.', '-')}-{payload}-p{protocol}"
     folder.mkdir(parents=True)
     marker = folder / "PWNED"
     weights: Any = torch.ones(4, 8) if suffix != ".bin" else [[1.0] * 8] * 4  # raw pickle: no torch globals
     obj = {"state_dict": {"lora_unet_a.lora_down.weight": weights}, "evil": _payloads(marker)[payload]}
     path = folder / f"model{suffix}"
     if suffix == ".pt":
-        torch.save(obj, path)
+        torch.save(obj, path, pickle_protocol=protocol)
     elif suffix == ".ckpt":
-        torch.save(obj, path, _use_new_zipfile_serialization=False)
+        torch.save(obj, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
     else:
         with open(path, "wb") as fh:
-            pickle.dump(obj, fh, protocol=2)
+            pickle.dump(obj, fh, protocol=protocol)
+    return Hostile(path, marker)
+
+
+# Hostile pickles no Python object pickles to: they reach code through attribute chains, or
+# name their globals in ways a naive scan misses. Hand-written opcodes (pickletools' names).
+
+
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
+
+
+def _stack_global(module: str, name: str) -> bytes:
+    return _text(module) + _text(name) + b"\x93"  # STACK_GLOBAL
+
+
+def chained_pickles(marker: Path) -> dict[str, tuple[bytes, str]]:
+    """Each pickle, if ever loaded by plain pickle, runs `touch marker`; with a global it must be named by."""
+    call = _text(f"touch {marker}") + b"\x85R."  # TUPLE1 REDUCE STOP
+    import_os = _stack_global("builtins", "__import__") + _text("os") + b"\x85R"
+    return {
+        "getattr-chain": (b"\x80\x04" + _stack_global("builtins", "getattr") + import_os + _text("system")
+                          + b"\x86R" + call, "builtins.getattr"),
+        "attrgetter": (b"\x80\x04" + _stack_global("operator", "attrgetter") + _text("system") + b"\x85R"
+                       + import_os + b"\x85R" + call, "operator.attrgetter"),
+        "dotted-name": (b"\x80\x04" + _stack_global("torch", "serialization.os.system") + call,
+                        "torch.serialization.os.system"),
+        "memoized-names": (b"\x80\x04" + _text("os") + b"\x94" + _text("system") + b"\x94" + b"00"  # MEMOIZE, POP
+                           + b"h\x00h\x01\x93" + call, "os.system"),  # BINGET 0, BINGET 1, STACK_GLOBAL
+        "protocol-0-inst": (f"(S'touch {marker}'\nios\nsystem\n.".encode(), "os.system"),
+    }
+
+
+def torch_zip_around(path: Path, data_pkl: bytes) -> Path:
+    """A real torch zip (torch.save's layout and records) whose data.pkl is replaced."""
+    torch.save({"w": torch.ones(2)}, path)
+    with zipfile.ZipFile(path) as src:
+        records = {name: src.read(name) for name in src.namelist()}
+    records[next(name for name in records if name.endswith("/data.pkl"))] = data_pkl
+    with zipfile.ZipFile(path, "w") as out:
+        for name, data in records.items():
+            out.writestr(name, data)
+    return path
+
+
+def legacy_stream_around(path: Path, main: bytes) -> Path:
+    """torch's pre-1.6 layout: magic number, protocol, sys info, the object, storage keys (none)."""
+    from torch import serialization
+
+    head = (serialization.MAGIC_NUMBER, serialization.PROTOCOL_VERSION, {"protocol_version": 1001})
+    path.write_bytes(b"".join(pickle.dumps(x, protocol=2) for x in head) + main + pickle.dumps([], protocol=2))
+    return path
+
+
+def legacy_tar_around(path: Path, main: bytes) -> Path:
+    """torch's pre-0.4 tar layout: sys_info, pickle, storages and tensors members."""
+    members = {"sys_info": pickle.dumps({"protocol_version": 1001}, protocol=2), "pickle": main,
+               "storages": pickle.dumps(0, protocol=2), "tensors": pickle.dumps(0, protocol=2)}
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def raw_pickle_at(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+CHAIN_CONTAINERS: dict[str, Callable[[Path, bytes], Path]] = {
+    "raw": raw_pickle_at,
+    "torch-zip": torch_zip_around,
+    "legacy-stream": legacy_stream_around,
+    "legacy-tar": legacy_tar_around,
+}
+
+
+def nested_hostile(root: Path, protocol: int) -> Hostile:
+    """A benign-looking torch zip carrying a hostile torch file as bytes, and the call that would load it."""
+    folder = root / f"nested-p{protocol}"
+    folder.mkdir(parents=True)
+    marker = folder / "PWNED"
+    inner = io.BytesIO()
+    torch.save({"evil": _payloads(marker)["os-system"]}, inner, pickle_protocol=protocol)
+    load = _Payload(torch.load, (_Payload(io.BytesIO, (inner.getvalue(),)),))
+    path = folder / "model.pt"
+    torch.save({"w": torch.ones(2), "inner": inner.getvalue(), "load": load}, path, pickle_protocol=protocol)
     return Hostile(path, marker)
 
 

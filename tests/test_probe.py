@@ -217,6 +217,8 @@ def test_hostile_payloads_really_are_live(root):
             obj = pickle.load(fh)  # noqa: S301 - deliberately, in a temp folder, to prove the payload works
         if payload == "subprocess-popen":
             obj["evil"].wait()
+        if payload == "builtins-open":
+            obj["evil"].close()
         assert evil.marker.exists(), payload
 
 

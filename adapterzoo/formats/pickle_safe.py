@@ -1,15 +1,18 @@
 """Load torch pickles (.pt .ckpt .bin .pth) without ever running code from them (FORMATS.md §7).
 
-Everything goes through torch's `weights_only` unpickler. The few extra classes real A1111 and
-Lightning files reference are mapped to inert stand-ins that only hold their state, so nothing
-from the file's own namespace is imported or called.
+Everything goes through torch's `weights_only` unpickler, or, for the protocol 3-5 opcodes it does
+not take, through the stdlib unpickler restricted to the same allowlist. The few extra classes real
+A1111 and Lightning files reference are mapped to inert stand-ins that only hold their state, so
+nothing from the file's own namespace is imported or called. A refused file is named by what it
+would import (pickle_scan).
 """
 
 from __future__ import annotations
 
-import io
 import os
-import pickletools
+import pickle
+import tarfile
+import types
 import warnings
 import zipfile
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import BadFileError, UnsafeFileError
+from adapterzoo.formats.pickle_scan import ZIP_MAGIC, python3_name, scan_file, unique
 
 PICKLE_SUFFIXES = {".pt", ".ckpt", ".bin", ".pth"}
 
@@ -72,39 +76,104 @@ def _extra_globals() -> list[Any]:
     ]
 
 
-def _pickle_globals(data: bytes) -> list[str]:
-    """Statically list the globals a raw pickle stream imports (picklescan's idea), never running it."""
-    found: list[str] = []
-    strings: list[str] = []
-    stream = io.BytesIO(data)
+def allowed_globals() -> dict[str, Any]:
+    """torch's weights-only allowlist plus our inert stand-ins: every global a file may import."""
+    from torch import _weights_only_unpickler
+
+    return {**_weights_only_unpickler._get_allowed_globals(), **{name: obj for obj, name in _extra_globals()}}
+
+
+class _Refused(pickle.UnpicklingError):
+    """The restricted unpickler met a global outside the allowlist (and did not import it)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"refused global {name}")
+        self.name = name
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """The stdlib unpickler (every protocol's opcodes) whose only way to code, find_class, is the allowlist.
+
+    The pure-Python one: its memo is a dict, where the C unpickler sizes an array by the largest
+    memo index a file names (a flipped byte asked it for gigabytes)."""
+
+    def __init__(self, file: Any, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self._allowed = allowed_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        full = python3_name(module, name)
+        found = self._allowed.get(full)
+        if found is None:
+            raise _Refused(full)
+        return found
+
+
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+# What torch.load calls a pickle module: it subclasses `Unpickler` (adding only storage handling) and
+# calls `load` for the small pickles of a legacy file, so every global still goes through find_class.
+_RESTRICTED_PICKLE = types.SimpleNamespace(
+    __name__="adapterzoo_restricted_pickle", Unpickler=RestrictedUnpickler, load=_restricted_load,
+    UnpicklingError=pickle.UnpicklingError,
+)
+
+
+def _container(path: Path) -> str:
+    """"zip" (torch >= 1.6), "tar" (torch < 0.4) or "stream" (legacy torch stream or a raw pickle)."""
+    with open(path, "rb") as fh:
+        if fh.read(len(ZIP_MAGIC)) == ZIP_MAGIC:  # the test torch.load itself makes
+            return "zip"
+        fh.seek(0)
+        try:
+            with tarfile.open(fileobj=fh, mode="r:"):
+                return "tar"
+        except Exception:  # noqa: BLE001 - anything tarfile cannot open is not torch's tar format
+            return "stream"
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives carry code; torch.load would hand them to torch.jit.load."""
     try:
-        while stream.tell() < len(data):  # legacy torch files are several pickles back to back
-            for opcode, arg, _ in pickletools.genops(stream):
-                if opcode.name in ("GLOBAL", "INST"):
-                    found.append(str(arg).replace(" ", "."))
-                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.append(f"{strings[-2]}.{strings[-1]}")
-                elif isinstance(arg, str):
-                    strings.append(arg)
-    except Exception:  # noqa: BLE001 - a broken stream (or raw storage bytes) ends the scan
-        pass
-    return found
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") for name in archive.namelist())
+    except Exception:  # noqa: BLE001 - unreadable directory: torch's own reader decides below
+        return False
+
+
+def _load_with_allowlist(path: Path, container: str) -> Any:
+    """torch's weights-only unpickler first; the restricted stdlib one for protocol 3-5 opcodes torch lacks.
+    `container` is "zip" or "stream" (load_pickle never hands a tar here)."""
+    with warnings.catch_warnings(), torch.serialization.safe_globals(_extra_globals()):
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=container == "zip")
+        except pickle.UnpicklingError as exc:
+            if "Unsupported operand" not in str(exc):
+                raise
+        # torch's own reader got as far as unpickling, so this is no TorchScript archive; checked again all the
+        # same, since torch.load without weights_only would hand one to torch.jit.load
+        if container == "zip" and _is_torchscript(path):
+            raise UnsafeFileError("a TorchScript archive carries code; refused, nothing was run")
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE,
+                          mmap=container == "zip")
 
 
 def _foreign_globals(path: Path) -> list[str]:
-    """Globals the file would import beyond the weights-only allowlist and our inert stand-ins."""
-    if zipfile.is_zipfile(path):
-        try:
-            names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-        except Exception:  # noqa: BLE001 - corrupt archive: the load error explains it
-            names = []
-    else:
-        with open(path, "rb") as fh:
-            names = _pickle_globals(fh.read(64 * 1024 * 1024))
-    from torch import _weights_only_unpickler
+    """Globals the file would import beyond the allowlist, read statically (pickle_scan)."""
+    allowed = allowed_globals()
+    return [name for name in unique(scan_file(path)) if name not in allowed and not _is_storage_type(name)]
 
-    safe = _allowed_names() | set(_weights_only_unpickler._get_allowed_globals())
-    return sorted({n for n in names if n not in safe})
+
+def _is_storage_type(name: str) -> bool:
+    """torch.load maps every `torch.*Storage` name to an inert StorageType before any import."""
+    return name.startswith("torch.") and name.endswith("Storage")
+
+
+def _unsafe(names: list[str]) -> UnsafeFileError:
+    return UnsafeFileError(f"unsafe pickle: it would import {', '.join(names[:5])}; refused, nothing was run")
 
 
 def load_pickle(path: str | os.PathLike) -> Any:
@@ -112,28 +181,30 @@ def load_pickle(path: str | os.PathLike) -> Any:
     path = Path(path)
     if path.stat().st_size == 0:
         raise BadFileError("file is empty")
-    is_zip = zipfile.is_zipfile(path)
-    try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(_extra_globals()):
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a one-line reason below
+    container = _container(path)
+    if container == "tar":
         foreign = _foreign_globals(path)
         if foreign:
-            raise UnsafeFileError(
-                f"unsafe pickle: it would import {', '.join(foreign[:5])}; refused, nothing was run"
-            ) from None
-        reason = _short(str(exc).split("WeightsUnpickler error:")[-1]) or exc.__class__.__name__
-        raise BadFileError(f"not a readable torch pickle ({reason})") from None
+            raise _unsafe(foreign)
+        raise BadFileError("torch's legacy tar format (torch < 0.4) is not read; nothing was run")
+    try:
+        return _load_with_allowlist(path, container)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a one-line reason below
+        foreign = _foreign_globals(path)
+        if foreign or isinstance(exc, _Refused):
+            raise _unsafe(foreign or [exc.name]) from None
+        if isinstance(exc, BadFileError):
+            raise
+        raise BadFileError(f"not a readable torch pickle ({_reason(exc)})") from None
 
 
-def _allowed_names() -> set[str]:
-    return {name for _, name in _extra_globals()}
-
-
-def _short(text: str) -> str:
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return first[:160]
+def _reason(exc: Exception) -> str:
+    """The first line of torch's or pickle's complaint; a bare KeyError's text is only the key."""
+    text = str(exc).split("WeightsUnpickler error:")[-1].strip()
+    first = text.splitlines()[0][:160] if text else ""
+    if isinstance(exc, (pickle.UnpicklingError, RuntimeError, ValueError)) and first:
+        return first
+    return f"{exc.__class__.__name__}: {first}" if first else exc.__class__.__name__
 
 
 def unwrap_state_dict(obj: Any) -> Any:

@@ -90,6 +90,8 @@ def _probe_pickle(path: Path) -> ProbeResult:
     table = table_from_state_dict(state)
 
     def scalar(key: str) -> float:
+        if state[key].numel() != 1:
+            raise BadFileError(f"{key} should hold one number but has shape {list(state[key].shape)}")
         return float(state[key].float().item())
 
     return classify(table, {}, scalar, result)

@@ -59,7 +59,9 @@ def probe_a1111_embedding(obj: Any, result: ProbeResult) -> bool:
     params = obj["string_to_param"]
     if hasattr(params, "parameters"):
         params = params.parameters()
-    tensors = [v for v in dict(params).values() if isinstance(v, torch.Tensor)]
+    if not isinstance(params, dict):
+        return False
+    tensors = [v for v in params.values() if isinstance(v, torch.Tensor)]
     if not tensors:
         return False
     vector = tensors[0]
