@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.atomic import atomic_output, check_output
+from adapterzoo.formats.architectures import UNET
 from adapterzoo.formats.checkpoint_targets import (
     SINGLE_FILE,
     CheckpointTargets,
@@ -38,7 +39,6 @@ from adapterzoo.formats.checkpoint_targets import (
     check_lora_base,
     checkpoint_targets,
 )
-from adapterzoo.formats.architectures import UNET
 from adapterzoo.formats.lora_keys import detect_lora_dialect, group_modules
 from adapterzoo.formats.lora_model import AdapterModule, FullModule, Ia3Module, LoraFile, LoraModule
 from adapterzoo.formats.lora_read import load_lora_matched
@@ -69,7 +69,8 @@ class UnmatchedLoraKeysError(AdapterzooError):
 
     def __init__(self, lora: Path, checkpoint: Path, keys: list[str], text_encoder_keys: list[str]) -> None:
         self.lora, self.keys = lora, keys
-        rest = [k for k in keys if k not in set(text_encoder_keys)]
+        text = set(text_encoder_keys)
+        rest = [k for k in keys if k not in text]
         said = [f"{len(rest)} key(s) land on no weight of {checkpoint.name}: {_shown(rest)}"] if rest else []
         if text_encoder_keys:
             dialect = detect_lora_dialect(text_encoder_keys)
@@ -109,7 +110,8 @@ def merge_checkpoint(
     force: bool = False,
     progress_bar: bool = False,
 ) -> dict[str, Any]:
-    """Merge `loras` into `checkpoint` (single file or diffusers folder), written to `dest` in the same layout.
+    """Merge `loras` into `checkpoint` (single file, diffusers folder, or a UNet alone), written to `dest` in
+    the same layout.
 
     `sha256(path)` gives an input's digest for the provenance metadata (`ops.provenance`); for files it
     runs in a background thread while the tensors stream, since hashing a checkpoint takes seconds.
