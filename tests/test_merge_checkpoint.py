@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import factory
 import pytest
 import torch
 from cli_helpers import run
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
@@ -20,12 +21,15 @@ from safetensors.torch import load_file, save_file
 
 from adapterzoo import tiny_models
 from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats import unet_names
 from adapterzoo.formats.architectures import builtin_architecture
 from adapterzoo.formats.checkpoint_convert import convert_checkpoint
 from adapterzoo.formats.checkpoint_targets import checkpoint_targets
 from adapterzoo.formats.convert import convert
 from adapterzoo.formats.lora_read import UnmatchedKeysError
+from adapterzoo.formats.probe import probe
 from adapterzoo.ops import merge_checkpoint as merging
+from adapterzoo.ops.extract import extract_lora
 from adapterzoo.ops.merge_checkpoint import LoraSpec, UnmatchedLoraKeysError, merge_checkpoint
 
 PIPELINE = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
@@ -610,3 +614,177 @@ def test_a_peft_folder_per_component_merges_like_the_same_lora_as_one_diffusers_
     assert max_difference(merged, load_file(reference)) <= TOLERANCE
     assert sum(not torch.equal(merged[k], original[k]) for k in original) > 10
     assert sorted((p.relative_to(folder).as_posix(), p.stat().st_mtime_ns) for p in folder.rglob("*")) == before
+
+
+# -- a UNet alone (ComfyUI's models/unet and models/diffusion_models) ---------------------------------------
+
+UNET_LAYOUTS = ("diffusers-file", "diffusers-folder", "ldm-file", "ldm-unprefixed")
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def unet_alone(model: Model, layout: str, folder: Path) -> Path:
+    """The model's UNet as ComfyUI's models/unet holds one: diffusers keys in a file or in a folder with its
+    config.json (no model_index.json), or the LDM keys of a single file, with or without model.diffusion_model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if layout == "diffusers-folder":
+        return Path(shutil.copytree(model.folder / "unet", folder / "my-unet"))
+    if layout == "diffusers-file":
+        return Path(shutil.copy(model.folder / "unet" / UNET_WEIGHTS, folder / "unet.safetensors"))
+    tensors = {k: v for k, v in load_file(model.single).items() if k.startswith(unet_names.LDM_PREFIX)}
+    if layout == "ldm-unprefixed":
+        tensors = {k.removeprefix(unet_names.LDM_PREFIX): v for k, v in tensors.items()}
+    save_file(tensors, str(folder / "unet.safetensors"))
+    return folder / "unet.safetensors"
+
+
+def unet_weights(model: Model, layout: str, path: Path) -> dict[str, torch.Tensor]:
+    """The UNet at `path` as diffusers loads it (an unprefixed LDM file after giving its keys the prefix back:
+    diffusers' single-file loader reads only prefixed ones)."""
+    if layout == "diffusers-folder":
+        unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True)
+    else:
+        if layout == "ldm-unprefixed":
+            prefixed = path.with_name("prefixed.safetensors")
+            save_file({unet_names.LDM_PREFIX + k: v for k, v in load_file(path).items()}, str(prefixed))
+            path = prefixed
+        unet = UNet2DConditionModel.from_single_file(str(path), config=str(model.folder), subfolder="unet",
+                                                     local_files_only=True)
+    return {k: v.detach() for k, v in unet.state_dict().items()}
+
+
+def fused_unet(model: Model) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("unet."): v for k, v in model.fused.items() if k.startswith("unet.")}
+
+
+def unet_part(lora: Path, dest: Path) -> Path:
+    """A LoRA's UNet part alone, with its metadata (alphas), as a UNet-only trainer writes it."""
+    save_file({k: v for k, v in load_file(lora).items() if k.startswith("unet.")}, str(dest),
+              safe_open(str(lora), "pt").metadata())
+    return dest
+
+
+@pytest.mark.parametrize("layout", UNET_LAYOUTS)
+@pytest.mark.parametrize("base", ["sd1", "sdxl"])
+def test_a_unet_alone_merges_like_diffusers_fuse_lora_and_keeps_its_layout(models, base, layout, tmp_path):
+    model = models[base]
+    unet = unet_alone(model, layout, tmp_path / "models" / "unet")
+    out = tmp_path / ("merged" if layout == "diffusers-folder" else "merged.safetensors")
+    report = merge_checkpoint(unet, model.specs(), out, sha256=sha256, allow_unmatched=True)
+    assert report["base"] == base
+    assert max_difference(unet_weights(model, layout, out), fused_unet(model)) <= TOLERANCE
+    assert max_difference(unet_weights(model, layout, unet), {k.removeprefix("unet."): v for k, v in
+                                                              model.original.items() if k.startswith("unet.")}) == 0
+    if layout == "diffusers-folder":
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", UNET_WEIGHTS]
+        assert (out / "config.json").read_bytes() == (unet / "config.json").read_bytes()
+    else:
+        assert out.is_file() and sorted(load_file(out)) == sorted(load_file(unet))
+    text_encoders = [c for c in ("text_encoder", "text_encoder_2") if c in changed_parts(model)]
+    for lora, path in zip(report["loras"], model.loras):
+        assert lora["components"] == {"unet": len([k for k in load_file(path) if k.startswith("unet.")]) // 2}
+        assert lora["unmatched"] == sorted(k for k in load_file(path) if k.startswith(tuple(text_encoders)))
+    assert [w for w in report["warnings"] if "text-encoder part" in w] == [
+        f"{p.name}: its text-encoder part ({len(lora['unmatched'])} key(s)) is left out, {unet.name} is a UNet alone"
+        for p, lora in zip(model.loras, report["loras"])]
+
+
+def test_a_text_encoder_part_is_refused_by_name_and_a_unet_only_lora_needs_no_flag(models, tmp_path, capsys,
+                                                                                    monkeypatch):
+    model = models["sd1"]
+    unet = unet_alone(model, "diffusers-file", tmp_path / "models" / "unet")
+    out = tmp_path / "merged.safetensors"
+    capsys.readouterr()
+    code, _, err = run(["merge", str(unet), "--lora", f"{model.loras[0]}:0.7", "-o", str(out)], capsys, monkeypatch)
+    assert code == 1 and not out.exists() and not leftovers(tmp_path)
+    assert err == (
+        "error: pytorch_lora_weights.safetensors: its text-encoder part (3 module(s): "
+        "text_encoder.encoder.layers.0.mlp.fc1, text_encoder.encoder.layers.0.self_attn.q_proj, "
+        "text_encoder.encoder.layers.0.self_attn.v_proj) has nowhere to go in unet.safetensors, a UNet alone "
+        "(--allow-unmatched merges the UNet part alone)\n")
+    code, _, err = run(["merge", str(unet), "--lora", f"{model.loras[0]}:0.7", "-o", str(out), "--allow-unmatched"],
+                       capsys, monkeypatch)
+    assert code == 0
+    alone = tmp_path / "alone.safetensors"
+    code, _, err = run(["merge", str(unet), "--lora", f"{unet_part(model.loras[0], tmp_path / 'u.safetensors')}:0.7",
+                        "-o", str(alone)], capsys, monkeypatch)
+    assert code == 0 and "text-encoder" not in err
+    merged = load_file(alone)
+    assert max_difference(merged, load_file(out)) == 0
+    assert sum(not torch.equal(merged[k], v) for k, v in load_file(unet).items()) > 10
+
+
+@pytest.mark.parametrize("layout", ["diffusers-file", "diffusers-folder"])
+def test_a_lora_for_another_base_is_refused_for_a_unet_alone_too(models, layout, tmp_path, capsys, monkeypatch):
+    unet = unet_alone(models["sd1"], layout, tmp_path / "models" / "unet")
+    out = tmp_path / ("merged" if layout == "diffusers-folder" else "merged.safetensors")
+    sdxl_unet_lora = unet_part(models["sdxl"].loras[0], tmp_path / "sdxl.safetensors")
+    capsys.readouterr()
+    code, _, err = run(["merge", str(unet), "--lora", str(sdxl_unet_lora), "-o", str(out)], capsys, monkeypatch)
+    assert code == 1 and not out.exists()
+    assert err == (f"error: sdxl.safetensors is a sdxl lora but {unet.name} is a sd1 checkpoint; "
+                   "a LoRA only fits the base it was trained on\n")
+
+
+def test_merging_into_a_unet_folder_never_replaces_another_kind_of_folder(models, tmp_path):
+    unet = unet_alone(models["sd1"], "diffusers-folder", tmp_path / "models" / "unet")
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.png").write_bytes(b"png")
+    with pytest.raises(AdapterzooError, match=r"photos exists and is not a UNet folder \(config.json\)"):
+        merge_checkpoint(unet, models["sd1"].specs(), other, sha256=sha256, allow_unmatched=True, force=True)
+    assert sorted(p.name for p in other.iterdir()) == ["cat.png"]
+
+
+def test_probe_and_scan_describe_a_comfyui_unet_library(models, tmp_path, capsys, monkeypatch):
+    model = models["sdxl"]
+    root = tmp_path / "ComfyUI" / "models"
+    paths = {layout: unet_alone(model, layout, root / folder / layout) for layout, folder in
+             zip(UNET_LAYOUTS, ("unet", "unet", "diffusion_models", "diffusion_models"))}
+    found = probe(paths["diffusers-folder"])
+    assert (found.kind, found.base, found.format, found.details["components"]) == ("checkpoint", "sdxl", "diffusers",
+                                                                                   ["unet"])
+    code, printed, _ = run(["scan", str(root), "--json"], capsys, monkeypatch)
+    rows = {Path(r["path"]).relative_to(root).parts[1]: r for r in json.loads(printed)["files"]}
+    assert code == 0 and sorted(rows) == sorted(UNET_LAYOUTS)
+    assert {layout: (r["kind"], r["base"], r["format"]) for layout, r in rows.items()} == {
+        "diffusers-file": ("checkpoint", "sdxl", "diffusers"), "diffusers-folder": ("checkpoint", "sdxl", "diffusers"),
+        "ldm-file": ("checkpoint", "sdxl", "ldm"), "ldm-unprefixed": ("checkpoint", "sdxl", "ldm")}
+
+
+def test_extract_between_unets_alone_gives_back_the_merged_lora(models, tmp_path):
+    """What `merge` put into a diffusers UNet file, `extract` takes out of it against the LDM one: rank 4 holds it."""
+    model = models["sd1"]
+    lora = unet_part(model.loras[0], tmp_path / "u.safetensors")
+    diffusers_unet = unet_alone(model, "diffusers-file", tmp_path / "a")
+    ldm_unet = unet_alone(model, "ldm-unprefixed", tmp_path / "b")
+    merged = tmp_path / "merged.safetensors"
+    merge_checkpoint(diffusers_unet, [LoraSpec(lora, 0.7)], merged, sha256=sha256)
+    extracted = tmp_path / "extracted.safetensors"
+    report = extract_lora(ldm_unet, merged, extracted, 4, torch.device("cpu"), sha256)
+    assert report["retained_fro"] >= 1 - 1e-5
+    again = tmp_path / "again.safetensors"
+    merge_checkpoint(diffusers_unet, [LoraSpec(extracted)], again, sha256=sha256)
+    assert max_difference(load_file(again), load_file(merged)) <= TOLERANCE
+
+
+CONVERT_REFUSALS = {
+    "diffusers-file": ["unet.safetensors is not a single-file checkpoint (no model.diffusion_model.* weights)"] * 2,
+    "diffusers-folder": ["{unet} is not a diffusers pipeline folder (no model_index.json)"] * 2,
+    "ldm-file": [None, "no VAE (first_stage_model.*) in the checkpoint; a diffusers pipeline needs one"],
+    "ldm-unprefixed": ["unet.safetensors is not a single-file checkpoint (no model.diffusion_model.* weights)"] * 2,
+}
+
+
+@pytest.mark.parametrize("layout", UNET_LAYOUTS)
+def test_convert_of_a_unet_alone_rewrites_an_ldm_file_or_refuses_in_one_line(models, layout, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Checkpoint conversion reads whole models; a UNet alone gets a one-line reason, never a traceback."""
+    unet = unet_alone(models["sd1"], layout, tmp_path / "models" / "unet")
+    capsys.readouterr()  # what building the model printed
+    for to, out, refusal in zip(("ldm", "diffusers"), (tmp_path / "out.safetensors", tmp_path / "out"),
+                                CONVERT_REFUSALS[layout]):
+        code, _, err = run(["convert", str(unet), "--to", to, "-o", str(out)], capsys, monkeypatch)
+        if refusal is None:
+            assert code == 0 and load_file(out).keys() == load_file(unet).keys()
+        else:
+            assert (code, err) == (1, f"error: {refusal.format(unet=unet)}\n") and not out.exists()

@@ -79,6 +79,16 @@ def unet_layout_from_ldm(shapes: Shapes) -> UnetLayout:
     return UnetLayout(layers, down, up)
 
 
+def unet_layout_from_diffusers(shapes: Shapes) -> UnetLayout:
+    """Resnets per level and attention levels from diffusers UNet keys (a UNet saved on its own, without config)."""
+    levels = _count(shapes, r"^down_blocks\.(\d+)\.")
+    if not levels:
+        raise BadFileError("the UNet has no down_blocks; cannot infer its configuration")
+    down = tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in shapes) for i in range(levels))
+    up = tuple(any(k.startswith(f"up_blocks.{i}.attentions.") for k in shapes) for i in range(levels))
+    return UnetLayout(_count(shapes, r"^down_blocks\.0\.resnets\.(\d+)\."), down, up)
+
+
 def unet_config_from_ldm(shapes: Shapes, base: str, pooled_width: int | None, prediction_type: str) -> dict:
     """UNet2DConditionModel config for LDM UNet tensors (keys without `model.diffusion_model.`)."""
     conv_in = _need(shapes, "input_blocks.0.0.weight", "UNet")

@@ -1,4 +1,5 @@
-"""Where each LoRA target's weight lives inside a checkpoint: a single file or a diffusers folder.
+"""Where each LoRA target's weight lives inside a checkpoint: a single file or a diffusers folder, or a
+UNet alone (ComfyUI's models/unet: a diffusers UNet folder or file, or LDM keys with or without their prefix).
 
 LoRA names are resolved against the checkpoint's own modules, whatever its size: the component
 configs (config.json in a folder, inferred from tensor shapes in a single file) give each part's
@@ -19,7 +20,7 @@ import torch
 from adapterzoo.errors import AdapterzooError, BadFileError
 from adapterzoo.formats import unet_names
 from adapterzoo.formats.architectures import TEXT_ENCODERS, UNET, Architecture, architecture_from_tables, relative
-from adapterzoo.formats.checkpoint_config import clip_config_from_hf, unet_config_from_ldm
+from adapterzoo.formats.checkpoint_config import clip_config_from_hf, unet_config_from_ldm, unet_layout_from_diffusers
 from adapterzoo.formats.checkpoint_to_ldm import diffusers_base
 from adapterzoo.formats.clip_names import (
     LDM_TEXT_ENCODERS,
@@ -49,7 +50,7 @@ _CLIP_CLASSES = (CLIP_CLASS, CLIP_PROJECTION_CLASS)
 class WeightLocation:
     """The stored tensor that holds one target's weight (and bias), and how the target sits in it."""
 
-    file: str  # component folder ("unet", "text_encoder", ...) of a diffusers folder; SINGLE_FILE otherwise
+    file: str  # component folder ("unet", "text_encoder", ...) of a pipeline folder; SINGLE_FILE otherwise
     key: str  # the weight tensor's key in that file
     bias: str | None = None  # the bias tensor's key, if the module has one stored
     rows: tuple[int, int] | None = None  # [start, stop) rows of a fused OpenCLIP in_proj weight and bias
@@ -77,6 +78,11 @@ class CheckpointTargets:
             tensor = tensor.t()
         return tensor.reshape(self.architecture.targets[target].shape)
 
+    @property
+    def components(self) -> set[str]:
+        """The model parts LoRAs can land on: {"unet"} for a UNet alone."""
+        return {target.component for target in self.architecture.targets.values()}
+
     def by_key(self, file: str) -> dict[str, list[str]]:
         """Stored weight or bias key of `file` -> the targets living in it (q, k and v share an in_proj)."""
         out: dict[str, list[str]] = {}
@@ -89,12 +95,18 @@ class CheckpointTargets:
 
 
 def checkpoint_targets(path: str | os.PathLike) -> CheckpointTargets:
-    """Targets and weight locations of a single-file SD1/SD2/SDXL checkpoint or a diffusers pipeline folder."""
+    """Targets and weight locations of a single-file SD1/SD2/SDXL checkpoint, a diffusers pipeline folder,
+    or a UNet on its own (a diffusers UNet folder, or a file of its tensors alone)."""
     path = Path(path)
     if not path.exists():
         raise BadFileError(f"{path} does not exist")
     if path.is_dir():
-        return _folder_targets(path)
+        if (path / "model_index.json").is_file():
+            return _folder_targets(path)
+        if (path / "config.json").is_file():
+            return _unet_folder_targets(path)
+        raise BadFileError(f"{path.name} is neither a diffusers pipeline (model_index.json) nor a UNet folder "
+                           "(config.json)")
     return _single_file_targets(path)
 
 
@@ -111,12 +123,13 @@ def check_lora_base(targets: CheckpointTargets, lora: str | os.PathLike) -> None
 # -- diffusers folders ----------------------------------------------------------------------------
 
 
-def _folder_table(folder: Path, component: str, class_name: str) -> ModuleTable:
+def _folder_table(folder: Path, component: str, class_name: object) -> ModuleTable:
+    """The module table of the component whose config.json is in `folder`."""
     if component == UNET and class_name != UNET_CLASS:
-        raise BadFileError(f"unet is a {class_name}; LoRAs are merged into {UNET_CLASS} only")
+        raise BadFileError(f"{folder.name} is a {class_name}; LoRAs are merged into {UNET_CLASS} only")
     if component != UNET and class_name not in _CLIP_CLASSES:
         raise BadFileError(f"{component} is a {class_name}; LoRAs are merged into CLIP text encoders only")
-    return module_table(class_name, read_json_object(folder / component / "config.json"))
+    return module_table(str(class_name), read_json_object(folder / "config.json"))
 
 
 def _folder_targets(folder: Path) -> CheckpointTargets:
@@ -127,9 +140,27 @@ def _folder_targets(folder: Path) -> CheckpointTargets:
     for component in (UNET, *TEXT_ENCODERS):
         entry = index.get(component)
         if isinstance(entry, list) and len(entry) == 2 and entry[1]:
-            tables[component] = _folder_table(folder, component, entry[1])
+            tables[component] = _folder_table(folder / component, component, entry[1])
             sources[component] = open_component(folder / component, WEIGHT_STEMS[component])
     architecture = architecture_from_tables(base, tables)
+    return CheckpointTargets(folder, base, True, architecture, _diffusers_locations(architecture, sources), sources)
+
+
+def _unet_folder_targets(folder: Path) -> CheckpointTargets:
+    """A diffusers UNet saved on its own (config.json and its weights, no pipeline around it); its base is
+    read from its tensors, as for a single file. Its weights live in the folder itself: file SINGLE_FILE."""
+    table = _folder_table(folder, UNET, read_json_object(folder / "config.json").get("_class_name"))
+    source = open_component(folder, WEIGHT_STEMS[UNET])
+    base = _single_file_base(source, folder.name)
+    architecture = architecture_from_tables(base, {UNET: table})
+    locations = _diffusers_locations(architecture, {UNET: source}, SINGLE_FILE)
+    return CheckpointTargets(folder, base, True, architecture, locations, {SINGLE_FILE: source})
+
+
+def _diffusers_locations(architecture: Architecture, sources: dict[str, TensorSource], file: str | None = None
+                         ) -> dict[str, WeightLocation]:
+    """Each target's weight in its component's diffusers-keyed tensors; `file` names where they live if not
+    in the component's own folder."""
     stripped = {c: {strip_text_model(k): k for k in s.shapes} for c, s in sources.items() if c != UNET}
     locations = {}
     for target in architecture.targets.values():
@@ -137,8 +168,9 @@ def _folder_targets(folder: Path) -> CheckpointTargets:
         key = _stored(source, target.module_path + ".weight", stored)
         if key is not None:
             bias = _stored(source, target.module_path + ".bias", stored)
-            locations[target.path] = _checked(WeightLocation(target.component, key, bias), source, target.shape)
-    return CheckpointTargets(folder, base, True, architecture, locations, sources)
+            location = WeightLocation(target.component if file is None else file, key, bias)
+            locations[target.path] = _checked(location, source, target.shape)
+    return locations
 
 
 def _stored(source: TensorSource, name: str, by_stripped: dict[str, str] | None) -> str | None:
@@ -191,7 +223,7 @@ def single_file_parts(source: TensorSource, base: str) -> dict[str, ModelPart]:
         part = _single_text_encoder(source, component, prefix)
         if part is not None:
             parts[component] = part
-    unet_keys = _under(source, unet_names.LDM_PREFIX)
+    unet_keys = _unet_keys(source)
     if unet_keys:
         shapes = {rest: source.shapes[key] for rest, key in unet_keys.items()}
         te2 = parts.get("text_encoder_2")
@@ -199,6 +231,24 @@ def single_file_parts(source: TensorSource, base: str) -> dict[str, ModelPart]:
         config = unet_config_from_ldm(shapes, base, pooled, "epsilon")
         parts = {UNET: ModelPart(UNET_CLASS, config, unet_keys), **parts}
     return parts
+
+
+def _unet_keys(source: TensorSource) -> dict[str, str]:
+    """A single file's UNet keys by their LDM names: under `model.diffusion_model.` in a full checkpoint; a
+    UNet saved alone (ComfyUI's models/unet) may hold LDM keys without that prefix, or diffusers ones."""
+    prefixed = _under(source, unet_names.LDM_PREFIX)
+    if prefixed or "input_blocks.0.0.weight" in source.shapes:
+        return prefixed or {k: k for k in source.shapes}
+    if "conv_in.weight" not in source.shapes:
+        return {}
+    layout = unet_layout_from_diffusers(source.shapes)
+    keys = {}
+    for key in source.shapes:
+        name = unet_names.diffusers_to_ldm_module(key, layout)
+        if name is None:
+            raise BadFileError(f"unet tensor {key} has no place in an SD UNet")
+        keys[name] = key
+    return keys
 
 
 def _single_text_encoder(source: TensorSource, component: str, prefix: str) -> ModelPart | None:

@@ -141,6 +141,30 @@ def _probe_diffusers_folder(folder: Path) -> ProbeResult:
     return result
 
 
+def _diffusers_model_weights(folder: Path) -> list[Path]:
+    """The weights of one diffusers model saved on its own (config.json beside diffusion_pytorch_model
+    safetensors, whole or sharded), as ComfyUI's models/unet holds a UNet; empty for any other folder."""
+    if not (folder / "config.json").is_file():
+        return []
+    return sorted(p for p in folder.glob("diffusion_pytorch_model*.safetensors") if p.is_file())
+
+
+def _probe_diffusers_model(folder: Path, weights: list[Path]) -> ProbeResult:
+    """Its weight files' headers as one table, judged as a file of them would be."""
+    table: TensorTable = {}
+    files: dict[str, Path] = {}
+    for path in weights:
+        part = table_from_header(read_header(path))
+        table.update(part)
+        files.update(dict.fromkeys(part, path))
+
+    def scalar(key: str) -> float:
+        with safe_open(str(files[key]), framework="pt") as handle:
+            return float(handle.get_tensor(key).float().item())
+
+    return classify(table, {}, scalar, ProbeResult(path=str(folder)))
+
+
 def _peft_weights(adapter: Path, where: str = "PEFT folder") -> Path:
     weights = adapter / PEFT_WEIGHTS
     if not weights.is_file():
@@ -188,8 +212,9 @@ def _probe_peft_components(folder: Path, components: dict[str, Path]) -> ProbeRe
 
 
 def probe(path: str | os.PathLike) -> ProbeResult:
-    """Identify a file, a diffusers pipeline folder or a PEFT folder (one adapter, or one per component
-    as diffusers saves them); BadFileError or UnsafeFileError if it can't be read."""
+    """Identify a file, a diffusers pipeline folder, one diffusers model's folder (a UNet, a VAE) or a PEFT
+    folder (one adapter, or one per component as diffusers saves them); BadFileError or UnsafeFileError if
+    it can't be read."""
     path = Path(path)
     if path.is_dir():
         if (path / "model_index.json").is_file():
@@ -198,7 +223,10 @@ def probe(path: str | os.PathLike) -> ProbeResult:
             return _probe_peft_folder(path)
         if components := peft_component_folders(path):
             return _probe_peft_components(path, components)
-        raise BadFileError("folder is neither a diffusers pipeline (model_index.json) nor a PEFT adapter")
+        if weights := _diffusers_model_weights(path):
+            return _probe_diffusers_model(path, weights)
+        raise BadFileError("folder is neither a diffusers pipeline (model_index.json), a diffusers model "
+                           "(config.json, diffusion_pytorch_model.safetensors) nor a PEFT adapter")
     if not path.is_file():
         raise BadFileError(f"{path} is not a file")
     suffix = path.suffix.lower()

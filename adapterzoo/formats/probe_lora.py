@@ -25,7 +25,8 @@ TE_MLP_BASE = {3072: "sd1", 4096: "sd2", 5120: "sdxl"}
 _DEPTH = re.compile(r"transformer_blocks[._](\d+)[._]")
 
 
-def _is_text_encoder(module: str) -> bool:
+def is_text_encoder_module(module: str) -> bool:
+    """Whether a LoRA module (or key) name belongs to a text encoder, in any dialect we read."""
     return module.startswith(("lora_te", "text_encoder", "base_model.model.text_model")) or ".encoder.layers." in module
 
 
@@ -79,7 +80,7 @@ def _base_from_shapes(modules: dict[str, dict[str, str]], table: TensorTable) ->
         if dims is None:
             continue
         out_dim, in_dim = dims
-        if _is_text_encoder(module) or module.startswith("text_encoder:"):
+        if is_text_encoder_module(module) or module.startswith("text_encoder:"):
             te_width.add(in_dim)
             if re.search(r"fc1", module):
                 te_mlp.add(out_dim)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.atomic import atomic_output, check_output
+from adapterzoo.formats.architectures import UNET
 from adapterzoo.formats.checkpoint_targets import (
     SINGLE_FILE,
     CheckpointTargets,
@@ -38,9 +39,11 @@ from adapterzoo.formats.checkpoint_targets import (
     check_lora_base,
     checkpoint_targets,
 )
+from adapterzoo.formats.lora_keys import detect_lora_dialect, group_modules
 from adapterzoo.formats.lora_model import AdapterModule, FullModule, Ia3Module, LoraFile, LoraModule
 from adapterzoo.formats.lora_read import load_lora_matched
 from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES
+from adapterzoo.formats.probe_lora import is_text_encoder_module
 from adapterzoo.formats.safetensors_writer import PlannedTensor, write_safetensors
 from adapterzoo.formats.tensor_source import TensorSource, open_checkpoint_file
 from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata
@@ -61,16 +64,28 @@ class LoraSpec:
 
 
 class UnmatchedLoraKeysError(AdapterzooError):
-    """LoRA keys that land on no weight of the checkpoint; all of them go to --json."""
+    """LoRA keys that land on no weight of the checkpoint; all of them go to --json. A text-encoder part that
+    meets a UNet alone is named as such: its keys are fine, the checkpoint just has nothing for them."""
 
-    def __init__(self, lora: Path, checkpoint: Path, keys: list[str]) -> None:
+    def __init__(self, lora: Path, checkpoint: Path, keys: list[str], text_encoder_keys: list[str]) -> None:
         self.lora, self.keys = lora, keys
-        shown = ", ".join(keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
-        super().__init__(f"{lora.name}: {len(keys)} key(s) land on no weight of {checkpoint.name}: {shown} "
-                         "(--allow-unmatched merges the rest)")
+        text = set(text_encoder_keys)
+        rest = [k for k in keys if k not in text]
+        said = [f"{len(rest)} key(s) land on no weight of {checkpoint.name}: {_shown(rest)}"] if rest else []
+        if text_encoder_keys:
+            dialect = detect_lora_dialect(text_encoder_keys)
+            modules = list(group_modules(text_encoder_keys, dialect)) if dialect else text_encoder_keys
+            said.append(f"its text-encoder part ({len(modules)} module(s): {_shown(modules)}) has nowhere to go "
+                        f"in {checkpoint.name}, a UNet alone")
+        hint = "merges the rest" if rest else "merges the UNet part alone"
+        super().__init__(f"{lora.name}: {'; '.join(said)} (--allow-unmatched {hint})")
 
     def json_details(self) -> dict:
         return {"lora": str(self.lora), "unmatched": self.keys}
+
+
+def _shown(keys: list[str]) -> str:
+    return ", ".join(keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
 
 
 @dataclass
@@ -95,7 +110,8 @@ def merge_checkpoint(
     force: bool = False,
     progress_bar: bool = False,
 ) -> dict[str, Any]:
-    """Merge `loras` into `checkpoint` (single file or diffusers folder), written to `dest` in the same layout.
+    """Merge `loras` into `checkpoint` (single file, diffusers folder, or a UNet alone), written to `dest` in
+    the same layout.
 
     `sha256(path)` gives an input's digest for the provenance metadata (`ops.provenance`); for files it
     runs in a background thread while the tensors stream, since hashing a checkpoint takes seconds.
@@ -115,15 +131,14 @@ def merge_checkpoint(
     read = [_read_lora(spec, targets, allow_unmatched, merger.warnings) for spec in loras]
     patches = _patches(targets, [(lora, spec.weight) for lora, spec in zip(read, loras)], merger.warnings)
     files = _files_to_write(targets, patches, merger.warnings)
-    plans = [(source, name, *merger.plan(source, patches.get(_file_of(targets, source), {}), targets))
-             for source, name in files]
-    hashes = _Hashes([f for f, _ in files] + [spec.path for spec in loras], sha256)
+    plans = [(source, name, *merger.plan(source, patches.get(file, {}), targets)) for source, name, file in files]
+    hashes = _Hashes([f for f, _, _ in files] + [spec.path for spec in loras], sha256)
     total = sum(item.nbytes for _, _, plan, _ in plans for item in plan)
     with (atomic_output(dest, folder=targets.is_folder) as tmp, _core_left_for_hashing(),
           tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress_bar else True) as bar):
         written = []
         if targets.is_folder:
-            _copy_untouched(checkpoint, tmp, {f.parent.name for f, _ in files})
+            _copy_untouched(checkpoint, tmp, {file for _, _, file in files})
         for source, name, plan, kept in plans:
             out = tmp / name if targets.is_folder else tmp
             metadata = _provenance(hashes, source, checkpoint, loras, device, dtype)
@@ -150,8 +165,10 @@ def _check_paths(src: Path, dest: Path, loras: list[Path], force: bool) -> None:
     if src.is_dir():
         if target.is_relative_to(source) or source.is_relative_to(target):
             raise AdapterzooError(f"output {dest} and the input folder {src} overlap; write it elsewhere")
-        if dest.exists() and not (dest / "model_index.json").is_file():
-            raise AdapterzooError(f"{dest} exists and is not a diffusers folder; refusing to replace it")
+        marker = "model_index.json" if (src / "model_index.json").is_file() else "config.json"
+        kind = "diffusers pipeline" if marker == "model_index.json" else "UNet"
+        if dest.exists() and not (dest / marker).is_file():
+            raise AdapterzooError(f"{dest} exists and is not a {kind} folder ({marker}); refusing to replace it")
     else:
         if dest.suffix.lower() != ".safetensors":
             raise AdapterzooError(f"output {dest.name} must end in .safetensors (pickles are never written)")
@@ -172,8 +189,13 @@ def _read_lora(spec: LoraSpec, targets: CheckpointTargets, allow_unmatched: bool
     check_lora_base(targets, spec.path)
     lora, unmatched = load_lora_matched(spec.path, targets.architecture)
     homeless = [path for path in lora.modules if path not in targets.locations] if lora else []
+    unet_only = targets.components == {UNET}
+    text_encoder_keys = [k for k in unmatched if unet_only and is_text_encoder_module(k)]
     if (unmatched or homeless) and not allow_unmatched:
-        raise UnmatchedLoraKeysError(spec.path, targets.path, unmatched + homeless)
+        raise UnmatchedLoraKeysError(spec.path, targets.path, unmatched + homeless, text_encoder_keys)
+    if text_encoder_keys:
+        warnings.append(f"{spec.path.name}: its text-encoder part ({len(text_encoder_keys)} key(s)) is left out, "
+                        f"{targets.path.name} is a UNet alone")
     for path in homeless:
         del lora.modules[path]
     if lora is not None and lora.embeddings:
@@ -208,44 +230,36 @@ def _patches(
 
 def _files_to_write(
     targets: CheckpointTargets, patches: dict[str, dict[str, list[_Patch]]], warnings: list[str]
-) -> list[tuple[Path, str]]:
-    """(input file, output name) of every weight file to rewrite; a folder's others are copied as they are."""
+) -> list[tuple[Path, str, str]]:
+    """(input file, output name, WeightLocation.file) of every weight file to rewrite; a folder's others are
+    copied as they are. A pipeline's weights live in component folders, a UNet folder's in itself."""
     if not targets.is_folder:
-        return [(targets.path, targets.path.name)]
+        return [(targets.path, targets.path.name, SINGLE_FILE)]
     files = []
     for component in patches:
         folder = targets.path / component
         weights = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" and p.is_file())
+        where = component or targets.path.name
         if not weights:
-            raise AdapterzooError(f"{component} holds pickled weights only; merging writes safetensors, so save "
-                                  "the pipeline with safe_serialization=True first")
-        files += [(p, f"{component}/{p.name}") for p in weights]
+            raise AdapterzooError(f"{where} holds pickled weights only; merging writes safetensors, so save "
+                                  "it with safe_serialization=True first")
+        files += [(p, p.relative_to(targets.path).as_posix(), component) for p in weights]
         for stale in sorted(p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES):
-            warnings.append(f"{component}/{stale.name} left out: pickled weights are never rewritten, "
-                            "the merged safetensors replace them")
+            warnings.append(f"{stale.relative_to(targets.path).as_posix()} left out: pickled weights are never "
+                            "rewritten, the merged safetensors replace them")
     return files
 
 
-def _file_of(targets: CheckpointTargets, source: Path) -> str:
-    return source.parent.name if targets.is_folder else SINGLE_FILE
-
-
 def _copy_untouched(src: Path, tmp: Path, touched: set[str]) -> None:
-    """Copy the folder, leaving out the weight files of touched components (they are rewritten)."""
-    for entry in sorted(src.iterdir()):
-        if entry.is_dir() and entry.name in touched:
-            (tmp / entry.name).mkdir()
-            for item in sorted(entry.iterdir()):
-                if item.suffix == ".safetensors" or item.suffix.lower() in PICKLE_SUFFIXES:
-                    continue
-                if item.is_dir():
-                    shutil.copytree(item, tmp / entry.name / item.name)
-                else:
-                    shutil.copy2(item, tmp / entry.name / item.name)
-        elif entry.is_dir():
-            shutil.copytree(entry, tmp / entry.name)
-        else:
-            shutil.copy2(entry, tmp / entry.name)
+    """Copy the folder, leaving out the weight files in touched folders (they are rewritten); "" is `src` itself."""
+    folders = {src / name for name in touched}
+
+    def weights(folder: str, names: list[str]) -> list[str]:
+        if Path(folder) not in folders:
+            return []
+        return [n for n in names if n.endswith(".safetensors") or Path(n).suffix.lower() in PICKLE_SUFFIXES]
+
+    shutil.copytree(src, tmp, ignore=weights, dirs_exist_ok=True)
 
 
 # -- streaming tensors --------------------------------------------------------------------------
