@@ -91,9 +91,6 @@ class AppliedLora:
     calls: dict[str, int] = field(default_factory=dict)  # canonical path -> forward calls seen
     _handles: list = field(default_factory=list)
 
-    def reset_calls(self) -> None:
-        self.calls = dict.fromkeys(self.calls, 0)
-
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -1,0 +1,224 @@
+"""Verify files against one checkpoint: render each at several multipliers and judge pass or fail.
+
+The checkpoint's pipeline is loaded once; its renders without any file are cached per (prompt, seed),
+so a library of files costs one render per multiplier each. A file is attached at run time
+(`runtime_lora`, `runtime_hypernetwork`, `runtime_embedding`), rendered by our own loop (`denoise`),
+measured (`measure`) and judged (`verdict`); the grid (`grid`) shows what was judged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+from typing import Any, Callable
+
+import diffusers
+import torch
+import transformers
+
+from adapterzoo import __version__
+from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.probe import probe
+from adapterzoo.formats.probe_result import ProbeResult
+from adapterzoo.ops.device import pick_device
+from adapterzoo.verify import denoise, measure
+from adapterzoo.verify.attach import ADAPTER_KINDS, Attached, attach
+from adapterzoo.verify.grid import draw_grid, save_grid
+from adapterzoo.verify.pipeline_load import LoadedPipeline, load_pipeline, pick_dtype
+from adapterzoo.verify.verdict import judge
+
+DEFAULT_PROMPT = "a photo of a cat"
+DEFAULT_STEPS = 20
+DEFAULT_SIZES = {"sd1": (512, 512), "sd2": (768, 768), "sdxl": (1024, 1024)}
+FIXED_TIMESTEP = 500  # where the noise prediction is compared: mid-schedule, image and noise both matter
+BASES = ("sd1", "sd2", "sdxl")
+CHECKPOINT_COLUMN = "checkpoint"
+
+
+@dataclass
+class VerifyOptions:
+    prompts: list[str] | None = None  # None: the default prompt; for an embedding one containing its token
+    seeds: list[int] = field(default_factory=lambda: [0])
+    multipliers: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    steps: int = DEFAULT_STEPS
+    size: tuple[int, int] | None = None  # (W, H); None: the base's native size
+    device: str = "auto"
+    dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
+
+
+def _digest(value: str | dict[str, str]) -> str:
+    """A folder's hasher answer is one SHA-256 per file: its digest is the SHA-256 of that sorted listing."""
+    if isinstance(value, str):
+        return value
+    return sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+class Verifier:
+    """Loads the checkpoint's pipeline once; verifies many files against it."""
+
+    def __init__(self, checkpoint: Path, options: VerifyOptions, sha256_of: Callable[[Path], str]) -> None:
+        if not options.seeds or not options.multipliers:
+            raise AdapterzooError("give at least one seed and one multiplier")
+        if options.steps < 1:
+            raise AdapterzooError("--steps must be at least 1")
+        self.checkpoint = Path(checkpoint)
+        self.options = options
+        self.sha256_of = sha256_of
+        self.device = pick_device(options.device)
+        self.dtype = pick_dtype(options.dtype, self.device)
+        self.loaded = load_pipeline(self.checkpoint, self.device, self.dtype)
+        self.base: str = self.loaded.base
+        self.size = options.size or DEFAULT_SIZES[self.base]
+        self._checkpoint_sha256: str | None = None
+        self._images: dict[tuple[str, int], torch.Tensor] = {}  # the checkpoint alone, per (prompt, seed)
+        self._predictions: dict[str, torch.Tensor] = {}  # the checkpoint alone, per prompt
+        try:
+            denoise.latent_shape(self.loaded.pipe, self.size)
+        except ValueError as exc:
+            raise AdapterzooError(f"--size {self.size[0]}x{self.size[1]}: {exc}") from None
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        if self._checkpoint_sha256 is None:
+            self._checkpoint_sha256 = _digest(self.sha256_of(self.checkpoint))
+        return self._checkpoint_sha256
+
+    # -- rendering -----------------------------------------------------------------------------------
+
+    def _condition(self, loaded: LoadedPipeline, prompt: str, insert: dict[str, int]) -> denoise.Conditioning:
+        return denoise.with_size(loaded.pipe, denoise.encode_prompt(loaded.pipe, prompt, insert), self.size)
+
+    @torch.no_grad()
+    def _render(self, loaded: LoadedPipeline, prompt: str, seed: int, insert: dict[str, int]) -> torch.Tensor:
+        pipe = loaded.pipe
+        positive = self._condition(loaded, prompt, insert)
+        negative = self._condition(loaded, denoise.NEGATIVE_PROMPT, {})
+        noise = denoise.seeded_noise(pipe, self.size, seed)
+        return denoise.render(pipe, noise, self.options.steps, denoise.guided(pipe.unet, positive, negative))[1]
+
+    @torch.no_grad()
+    def _prediction(self, prompt: str, insert: dict[str, int]) -> torch.Tensor:
+        """The UNet's noise prediction at a fixed latent (first seed) and timestep."""
+        pipe = self.loaded.pipe
+        noise = denoise.seeded_noise(pipe, self.size, self.options.seeds[0])
+        t = torch.tensor(FIXED_TIMESTEP, device=self.device)
+        return denoise.unet_prediction(pipe.unet, noise, t, self._condition(self.loaded, prompt, insert)).float()
+
+    def _baseline_image(self, prompt: str, seed: int) -> torch.Tensor:
+        if (prompt, seed) not in self._images:
+            self._images[prompt, seed] = self._render(self.loaded, prompt, seed, {})
+        return self._images[prompt, seed]
+
+    def _baseline_prediction(self, prompt: str) -> torch.Tensor:
+        if prompt not in self._predictions:
+            self._predictions[prompt] = self._prediction(prompt, {})
+        return self._predictions[prompt]
+
+    # -- one file ------------------------------------------------------------------------------------
+
+    def _prompts(self, attached: Attached) -> list[str]:
+        prompts = self.options.prompts or [DEFAULT_PROMPT]
+        if attached.token is None:
+            return list(prompts)
+        if self.options.prompts is None:
+            return [f"a photo of {attached.token}"]
+        return [p if attached.token in p else f"{p}, {attached.token}" for p in prompts]
+
+    def _parameters(self, file: Path, sha: str, kind: str, prompts: list[str], multipliers: list[float]) -> dict:
+        return {
+            "file": file.name, "sha256": sha, "kind": kind,
+            "checkpoint": self.checkpoint.name, "checkpoint_sha256": self.checkpoint_sha256,
+            "prompts": prompts, "negative_prompt": denoise.NEGATIVE_PROMPT, "seeds": list(self.options.seeds),
+            "multipliers": multipliers, "steps": self.options.steps,
+            "sampler": type(self.loaded.pipe.scheduler).__name__, "cfg_scale": denoise.GUIDANCE_SCALE,
+            "size": list(self.size), "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
+            "fixed_timestep": FIXED_TIMESTEP,
+            "versions": {"adapterzoo": __version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__, "torch": torch.__version__},
+        }
+
+    def verify(self, file: Path, grid: Path | None) -> dict:
+        """The verdict on one file as the JSON object `verify --json` prints; AdapterzooError for bad input."""
+        start = time.monotonic()
+        file = Path(file)
+        found = probe(file)
+        if found.kind == "checkpoint":
+            return self._verify_checkpoint(file, found, grid, start)
+        if found.kind not in ADAPTER_KINDS:
+            raise AdapterzooError(f"{file.name} is a {found.kind} file; verify reads LoRA, LyCORIS, embeddings, "
+                                  "hypernetworks and checkpoints")
+        if found.base in BASES and found.base != self.base:
+            raise AdapterzooError(f"{found.base} {found.kind}, {self.base} checkpoint: {file.name} does not fit "
+                                  f"{self.checkpoint.name}")
+        attached = attach(file, found, self.loaded)
+        try:
+            return self._verify_attached(file, found, attached, grid, start)
+        finally:
+            attached.remove()
+
+    def _verify_attached(self, file: Path, found: ProbeResult, attached: Attached, grid: Path | None,
+                         start: float) -> dict:
+        options = self.options
+        prompts = self._prompts(attached)
+        rows = [(p, s) for p in prompts for s in options.seeds]
+        baselines = [self._baseline_image(attached.without(p), s) for p, s in rows]
+        baseline_prediction = self._baseline_prediction(attached.without(prompts[0]))
+        handle = attached.hook()
+        columns: list[list[torch.Tensor]] = []
+        effects: list[dict[str, Any]] = []
+        identical_at_zero = True
+        predictions_finite = measure.finite(baseline_prediction)
+        for multiplier in options.multipliers:
+            handle.multiplier = multiplier
+            insert = attached.insert()
+            images = [self._render(self.loaded, attached.at(p, multiplier), s, insert) for p, s in rows]
+            prediction = self._prediction(attached.at(prompts[0], multiplier), insert)
+            predictions_finite &= measure.finite(prediction)
+            if multiplier == 0:
+                identical_at_zero &= all(torch.equal(a, b) for a, b in zip(images, baselines))
+                identical_at_zero &= torch.equal(prediction, baseline_prediction)
+            columns.append(images)
+            effects.append({"multiplier": multiplier,
+                            "mean_abs_pixel_change": measure.mean_abs_pixel_change(images, baselines),
+                            "noise_pred_rel_change": measure.relative_change(prediction, baseline_prediction)})
+        attached.coverage["modules_hit"] = sum(1 for calls in handle.calls.values() if calls > 0)
+        images = [image for column in columns for image in column] + baselines
+        reasons = judge(attached, effects, identical_at_zero, predictions_finite,
+                        [measure.image_problem(i, self.base, self.loaded.pipe.vae.dtype) for i in images])
+        sha = _digest(self.sha256_of(file))
+        parameters = self._parameters(file, sha, found.kind, prompts, list(options.multipliers))
+        if grid is not None:
+            cells = [[column[r] for column in columns] for r in range(len(rows))]
+            labels = [f"{p} / seed {s}" for p, s in rows]
+            save_grid(grid, draw_grid(cells, labels, [f"m = {m:g}" for m in options.multipliers]), parameters)
+        return self._result(file, found, sha, reasons, attached.coverage, effects, grid, parameters, start)
+
+    def _verify_checkpoint(self, file: Path, found: ProbeResult, grid: Path | None, start: float) -> dict:
+        """A checkpoint is verified by itself: its own pipeline renders the prompts, one column, no multipliers."""
+        loaded = load_pipeline(file, self.device, self.dtype)
+        prompts = list(self.options.prompts or [DEFAULT_PROMPT])
+        rows = [(p, s) for p in prompts for s in self.options.seeds]
+        images = [self._render(loaded, p, s, {}) for p, s in rows]
+        problems = [measure.image_problem(i, loaded.base, loaded.pipe.vae.dtype) for i in images]
+        reasons = list(dict.fromkeys(p for p in problems if p))
+        sha = _digest(self.sha256_of(file))
+        parameters = self._parameters(file, sha, found.kind, prompts, [])
+        if grid is not None:
+            save_grid(grid, draw_grid([[i] for i in images], [f"{p} / seed {s}" for p, s in rows],
+                                      [CHECKPOINT_COLUMN]), parameters)
+        coverage = {"keys_total": found.tensors, "keys_matched": found.tensors, "modules_total": 0,
+                    "modules_hit": 0, "unmatched": []}
+        return self._result(file, found, sha, reasons, coverage, [], grid, parameters, start)
+
+    def _result(self, file: Path, found: ProbeResult, sha: str, reasons: list[str], coverage: dict,
+                effects: list[dict], grid: Path | None, parameters: dict, start: float) -> dict:
+        return {
+            "file": str(file), "sha256": sha, "kind": found.kind, "base": found.base, "format": found.format,
+            "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.checkpoint_sha256,
+            "verdict": "fail" if reasons else "pass", "reasons": reasons, "coverage": coverage,
+            "effects": effects, "grid": str(grid) if grid is not None else None,
+            "seconds": round(time.monotonic() - start, 3), "parameters": parameters, "version": __version__,
+        }
