@@ -3,17 +3,22 @@ model bit-identical at multiplier 0, and every file that does nothing must fail 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
+import diffusers
 import pytest
 import torch
-from safetensors.torch import save_file
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from adapterzoo import tiny_models
+from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.architectures import architecture_from_models
 from adapterzoo.formats.lora_read import load_lora_matched
 from adapterzoo.verify import denoise
 from adapterzoo.verify.runtime_lora import apply_lora, live_modules
+from adapterzoo.verify.verifier import Verifier, VerifyOptions
 
 SIZE = (64, 64)
 PROMPT = "a photo of a cat"
@@ -78,3 +83,143 @@ def test_kohya_at_run_time_equals_diffusers_load_lora_weights(base, tmp_path):
     theirs = noise_prediction(pipe)
     assert relative(theirs, baseline) > 0.05
     assert relative(ours, theirs) < TOLERANCE
+
+
+# -- the Verifier on a tiny SD1 folder --------------------------------------------------------------
+
+
+def sha256(path: Path) -> str | dict[str, str]:
+    """What the CLI's hasher answers: a file's digest, a folder's per file."""
+    path = Path(path)
+    if path.is_dir():
+        return {f.relative_to(path).as_posix(): sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Verifier]:
+    folder = tiny_models.save_tiny_pipeline("sd1", tmp_path_factory.mktemp("sd1") / "pipeline", seed=1)
+    return folder, Verifier(folder, VerifyOptions(steps=2, size=SIZE), sha256)
+
+
+def test_a_kohya_lora_passes_and_multiplier_zero_is_the_model_without_it(tiny, tmp_path):
+    folder, verifier = tiny
+    path = kohya_file(tiny_models.tiny_pipeline("sd1", 1), "sd1", tmp_path / "kohya.safetensors")
+    result = verifier.verify(path, tmp_path / "grid.png")
+    assert (result["verdict"], result["reasons"]) == ("pass", [])
+    assert result["coverage"] == {"keys_total": 375, "keys_matched": 375, "modules_total": 125, "modules_hit": 125,
+                                  "unmatched": []}
+    zero, half, one = result["effects"]
+    assert (zero["mean_abs_pixel_change"], zero["noise_pred_rel_change"]) == (0.0, 0.0)
+    assert 0 < half["noise_pred_rel_change"] < one["noise_pred_rel_change"]
+    assert one["mean_abs_pixel_change"] > 1
+    assert (result["sha256"], result["checkpoint_sha256"]) == (sha256(path), result["parameters"]["checkpoint_sha256"])
+
+    text = Image.open(tmp_path / "grid.png").text["parameters"]
+    first, second = text.split("\n")
+    assert first == "a photo of a cat"
+    assert second.startswith("Steps: 2, Sampler: PNDMScheduler, CFG scale: 7.0, Seed: 0, Size: 64x64")
+    assert f"File SHA256: {sha256(path)}" in second and "Multipliers: 0, 0.5, 1" in second
+    assert f"diffusers {diffusers.__version__}" in second
+    assert Image.open(tmp_path / "grid.png").size[0] > 3 * SIZE[0]
+
+
+def test_a_lora_whose_every_up_is_zero_fails_with_no_effect(tiny, tmp_path):
+    path = kohya_file(tiny_models.tiny_pipeline("sd1", 1), "sd1", tmp_path / "zero.safetensors", zero_up=True)
+    result = tiny[1].verify(path, None)
+    assert (result["verdict"], result["reasons"]) == ("fail", ["no effect: every lora_up is zero"])
+    assert all(e["noise_pred_rel_change"] == 0 for e in result["effects"])
+
+
+def test_multiplier_zero_alone_is_no_effect(tiny, tmp_path):
+    folder, _ = tiny
+    verifier = Verifier(folder, VerifyOptions(steps=1, size=SIZE, multipliers=[0.0]), sha256)
+    path = kohya_file(tiny_models.tiny_pipeline("sd1", 1), "sd1", tmp_path / "kohya.safetensors")
+    assert verifier.verify(path, None)["reasons"] == ["no effect: the multiplier is 0"]
+
+
+def test_nan_in_a_file_fails_and_a_stray_key_is_counted_and_named(tiny, tmp_path):
+    path = kohya_file(tiny_models.tiny_pipeline("sd1", 1), "sd1", tmp_path / "kohya.safetensors")
+    sd = load_file(str(path))
+    key = next(k for k in sd if k.endswith("attn2_to_k.lora_up.weight"))
+    sd[key][0, 0] = float("nan")
+    sd["lora_unet_nowhere_block.lora_down.weight"] = torch.zeros(4, 8)
+    save_file(sd, str(path))
+    result = tiny[1].verify(path, None)
+    assert result["verdict"] == "fail"
+    assert result["coverage"]["unmatched"] == ["lora_unet_nowhere_block.lora_down.weight"]
+    assert result["coverage"]["keys_matched"] == result["coverage"]["keys_total"] - 1 == 375
+    assert result["reasons"][0].startswith("NaN or inf in the file's tensors (1 module(s), e.g. unet.")
+    assert result["reasons"][1] == "1 key(s) land on no module of the checkpoint: lora_unet_nowhere_block.lora_down.weight"
+    assert "the noise prediction holds NaN or inf" in result["reasons"]
+
+
+def test_a_file_for_another_base_is_refused_before_rendering(tiny, tmp_path):
+    path = tmp_path / "sdxl.safetensors"
+    save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 1280),
+               "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(5120, 4)}, str(path))
+    with pytest.raises(AdapterzooError, match=r"^sdxl LoRA, sd1 checkpoint: sdxl.safetensors does not fit pipeline$"):
+        tiny[1].verify(path, None)
+
+
+def legacy_lora(unet: torch.nn.Module, path: Path) -> Path:
+    """What `unet.save_attn_procs` wrote in early 2023: `<attn>.processor.to_q_lora.down.weight`, no prefix."""
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("attn1", "attn2")):
+            for proj, saved in (("to_q", "to_q_lora"), ("to_k", "to_k_lora"), ("to_v", "to_v_lora"),
+                                ("to_out.0", "to_out_lora")):
+                layer = module.get_submodule(proj)
+                sd[f"{name}.processor.{saved}.down.weight"] = torch.randn(4, layer.in_features, generator=g) * 0.1
+                sd[f"{name}.processor.{saved}.up.weight"] = torch.randn(layer.out_features, 4, generator=g) * 0.1
+    save_file(sd, str(path))
+    return path
+
+
+def test_a_legacy_diffusers_lora_that_diffusers_ignores_passes_with_us(tiny, tmp_path):
+    pipe = tiny_models.tiny_pipeline("sd1", 1)
+    path = legacy_lora(pipe.unet, tmp_path / "pytorch_lora_weights.safetensors")
+    baseline = noise_prediction(pipe)
+    pipe.load_lora_into_unet(load_file(str(path)), network_alphas=None, unet=pipe.unet)
+    assert torch.equal(noise_prediction(pipe), baseline)  # diffusers loaded nothing, and said nothing
+
+    result = tiny[1].verify(path, None)
+    assert (result["format"], result["verdict"]) == ("diffusers-legacy", "pass")
+    assert result["coverage"]["modules_hit"] == result["coverage"]["modules_total"] == len(load_file(str(path))) // 2
+    assert result["effects"][-1]["noise_pred_rel_change"] > 0.01
+
+
+def test_an_embedding_passes_and_multiplier_zero_is_the_prompt_without_its_token(tiny, tmp_path):
+    path = tmp_path / "my-style.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(2, 768) * 0.5},
+                "name": "my-style", "step": 10}, path)
+    result = tiny[1].verify(path, None)
+    assert (result["kind"], result["verdict"], result["reasons"]) == ("embedding", "pass", [])
+    assert result["parameters"]["prompts"] == ["a photo of my-style"]
+    assert result["effects"][0]["noise_pred_rel_change"] == 0
+    assert result["coverage"]["modules_hit"] == result["coverage"]["modules_total"] == 1
+
+
+def test_a_hypernetwork_passes_and_a_width_no_attention_reads_is_named(tiny, tmp_path):
+    g = torch.Generator().manual_seed(6)
+
+    def module(width: int) -> dict[str, torch.Tensor]:
+        return {"linear.0.weight": torch.randn(2 * width, width, generator=g) * 0.1,
+                "linear.0.bias": torch.zeros(2 * width),
+                "linear.2.weight": torch.randn(width, 2 * width, generator=g) * 0.1, "linear.2.bias": torch.zeros(width)}
+
+    fields = {"name": "hn", "layer_structure": [1, 2, 1], "activation_func": "relu", "is_layer_norm": False,
+              "activate_output": False, "use_dropout": False}
+    path = tmp_path / "hn.pt"
+    torch.save({768: (module(768), module(768)), 32: (module(32), module(32)), **fields}, path)
+    result = tiny[1].verify(path, None)
+    assert (result["kind"], result["verdict"], result["reasons"]) == ("hypernetwork", "pass", [])
+    # 6 transformer blocks: every attn2 reads 768; the attn1 of the 5 in 32-wide blocks (mid block is 64) read 32
+    assert result["coverage"]["modules_hit"] == result["coverage"]["modules_total"] == 11
+    assert result["effects"][-1]["noise_pred_rel_change"] > 0.01
+
+    torch.save({768: (module(768), module(768)), 320: (module(320), module(320)), **fields}, path)
+    result = tiny[1].verify(path, None)
+    assert result["coverage"]["unmatched"] == ["width 320 (no attention of this checkpoint reads a context that wide)"]
+    assert result["coverage"]["keys_matched"] == 8 and result["verdict"] == "fail"

@@ -50,7 +50,7 @@ def _from_folder(folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
     if not (folder / "model_index.json").is_file():
         raise BadFileError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     try:
-        return DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        return DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise BadFileError(f"diffusers cannot load {folder.name}: {str(exc).splitlines()[0]}") from None
 

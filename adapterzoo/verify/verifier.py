@@ -36,6 +36,7 @@ DEFAULT_SIZES = {"sd1": (512, 512), "sd2": (768, 768), "sdxl": (1024, 1024)}
 FIXED_TIMESTEP = 500  # where the noise prediction is compared: mid-schedule, image and noise both matter
 BASES = ("sd1", "sd2", "sdxl")
 CHECKPOINT_COLUMN = "checkpoint"
+KIND_NAMES = {"lora": "LoRA", "lycoris": "LyCORIS", "hypernetwork": "hypernetwork", "embedding": "embedding"}
 
 
 @dataclass
@@ -151,8 +152,8 @@ class Verifier:
             raise AdapterzooError(f"{file.name} is a {found.kind} file; verify reads LoRA, LyCORIS, embeddings, "
                                   "hypernetworks and checkpoints")
         if found.base in BASES and found.base != self.base:
-            raise AdapterzooError(f"{found.base} {found.kind}, {self.base} checkpoint: {file.name} does not fit "
-                                  f"{self.checkpoint.name}")
+            raise AdapterzooError(f"{found.base} {KIND_NAMES[found.kind]}, {self.base} checkpoint: {file.name} "
+                                  f"does not fit {self.checkpoint.name}")
         attached = attach(file, found, self.loaded)
         try:
             return self._verify_attached(file, found, attached, grid, start)
