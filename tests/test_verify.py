@@ -7,16 +7,24 @@ import hashlib
 from pathlib import Path
 
 import diffusers
+import factory
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_merge_checkpoint import lycoris_files
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from adapterzoo import tiny_models
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.architectures import architecture_from_models
-from adapterzoo.formats.lora_read import load_lora_matched
+from adapterzoo.formats.lora_read import load_lora, load_lora_matched
+from adapterzoo.formats.probe import probe
+from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
 from adapterzoo.verify import denoise
+from adapterzoo.verify.attach import attach
+from adapterzoo.verify.pipeline_load import LoadedPipeline
 from adapterzoo.verify.runtime_lora import apply_lora, live_modules
 from adapterzoo.verify.verifier import Verifier, VerifyOptions
 
@@ -223,3 +231,63 @@ def test_a_hypernetwork_passes_and_a_width_no_attention_reads_is_named(tiny, tmp
     result = tiny[1].verify(path, None)
     assert result["coverage"]["unmatched"] == ["width 320 (no attention of this checkpoint reads a context that wide)"]
     assert result["coverage"]["keys_matched"] == 8 and result["verdict"] == "fail"
+
+
+def hooked_prediction(pipe, base: str, lora_path: Path, multiplier: float) -> torch.Tensor:
+    lora, unmatched = load_lora_matched(lora_path, architecture_from_models(base, components(pipe)))
+    assert unmatched == []
+    applied = apply_lora(lora, live_modules(components(pipe), lora.architecture, list(lora.modules)), multiplier)
+    try:
+        return noise_prediction(pipe)
+    finally:
+        applied.remove()
+
+
+def test_lycoris_and_dora_at_run_time_equal_adapterzoos_merged_weights(tiny, tmp_path):
+    """LoHa, LoKr, IA3, full diff, norm diffs, Tucker LoCon, both DoRA axes (test_merge_checkpoint checks the
+    merge against plain-torch formulas)."""
+    folder, _ = tiny
+    _, lycoris, _ = lycoris_files(tmp_path)
+    merged = tmp_path / "merged"
+    merge_checkpoint(folder, [LoraSpec(lycoris, 0.6)], merged, sha256=sha256)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    baseline = noise_prediction(pipe)
+    ours = hooked_prediction(pipe, "sd1", lycoris, 0.6)
+    reference = noise_prediction(StableDiffusionPipeline.from_pretrained(merged, local_files_only=True))
+    assert relative(reference, baseline) > 0.01
+    assert relative(ours, reference) < TOLERANCE
+
+
+def test_the_real_cloneofsimo_file_lands_by_position_and_equals_merged_weights(tmp_path):
+    """The real SD1.5 file on a model of SD1.5 widths with fewer blocks: the pairs that have their layer act
+    exactly like W + up @ down (no alpha: scale 1); the pairs whose layer is missing are listed."""
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel(block_out_channels=(320, 640), layers_per_block=1, cross_attention_dim=768,
+                                down_block_types=("CrossAttnDownBlock2D",) * 2,
+                                up_block_types=("CrossAttnUpBlock2D",) * 2, attention_head_dim=8, sample_size=8)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=768, intermediate_size=3072,
+                                                num_hidden_layers=1, num_attention_heads=12, eos_token_id=999))
+    pipe = StableDiffusionPipeline(tiny_models.tiny_vae(), text_encoder, tiny_models.tiny_tokenizer(), unet,
+                                   tiny_models.tiny_scheduler("sd1"), None, None, requires_safety_checker=False)
+    loaded = LoadedPipeline(pipe, "sd1", architecture_from_models("sd1", components(pipe)))
+    path = factory.REAL / "analog_svd_rank4.safetensors"
+    attached = attach(path, probe(path), loaded)
+    baseline = noise_prediction(pipe)
+    attached.hook()
+    ours = noise_prediction(pipe)
+    attached.remove()
+    assert torch.equal(noise_prediction(pipe), baseline)
+
+    reference_lora = load_lora(path, base="sd1")
+    landed = {p: m for p, m in reference_lora.modules.items() if f"{p} (no such layer in the checkpoint)"
+              not in attached.coverage["unmatched"]}
+    assert len(landed) == attached.coverage["modules_total"] == 22  # 2 transformer blocks x 9, 4 in CLIP layer 0
+    assert attached.coverage["keys_matched"] == 2 * 22
+    with torch.no_grad():
+        for target, module in landed.items():
+            component, _, rest = target.partition(".")
+            layer = components(pipe)[component].get_submodule(rest)
+            layer.weight += (module.up.double() @ module.down.double()).reshape(layer.weight.shape).float()
+    reference = noise_prediction(pipe)
+    assert relative(reference, baseline) > 1e-3
+    assert relative(ours, reference) < TOLERANCE
