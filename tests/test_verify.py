@@ -4,6 +4,8 @@ model bit-identical at multiplier 0, and every file that does nothing must fail 
 from __future__ import annotations
 
 import hashlib
+import json
+import sqlite3
 from pathlib import Path
 
 import diffusers
@@ -11,6 +13,7 @@ import factory
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from cli_helpers import run
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_merge_checkpoint import lycoris_files
@@ -27,6 +30,8 @@ from adapterzoo.verify.attach import attach
 from adapterzoo.verify.pipeline_load import LoadedPipeline
 from adapterzoo.verify.runtime_lora import apply_lora, live_modules
 from adapterzoo.verify.verifier import Verifier, VerifyOptions
+from adapterzoo.zoo import db
+from adapterzoo.zoo.models import Verification
 
 SIZE = (64, 64)
 PROMPT = "a photo of a cat"
@@ -291,3 +296,71 @@ def test_the_real_cloneofsimo_file_lands_by_position_and_equals_merged_weights(t
     reference = noise_prediction(pipe)
     assert relative(reference, baseline) > 1e-3
     assert relative(ours, reference) < TOLERANCE
+
+
+# -- the command line and the registry -------------------------------------------------------------------
+
+
+def test_cli_verifies_several_files_records_each_and_list_filters_by_verdict(tiny, tmp_path, capsys, monkeypatch):
+    folder, _ = tiny
+    pipe = tiny_models.tiny_pipeline("sd1", 1)
+    good = kohya_file(pipe, "sd1", tmp_path / "good.safetensors")
+    zero = kohya_file(pipe, "sd1", tmp_path / "zero.safetensors", zero_up=True)
+    never = tmp_path / "never.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(1, 768)}}, never)
+    args = ["verify", str(good), str(zero), "--checkpoint", str(folder), "-o", str(tmp_path / "grid.png"),
+            "--steps", "1", "--size", "64x64", "--multiplier", "0", "--multiplier", "1", "--json"]
+    code, out, err = run(args, capsys, monkeypatch)
+    assert code == 1, err
+    results = json.loads(out)
+    assert [r["verdict"] for r in results] == ["pass", "fail"]
+    assert [Path(r["grid"]).name for r in results] == ["grid-good.png", "grid-zero.png"]
+    assert all(Path(r["grid"]).is_file() for r in results)
+    assert set(results[0]) == {"file", "sha256", "kind", "base", "format", "checkpoint", "checkpoint_sha256",
+                               "verdict", "reasons", "coverage", "effects", "grid", "seconds", "parameters",
+                               "version"}
+    assert run(["scan", str(never)], capsys, monkeypatch)[0] == 0
+
+    def listed(*extra: str) -> list[str]:
+        code, out, _ = run(["list", "--json", *extra], capsys, monkeypatch)
+        assert code == 0
+        return sorted(Path(r["path"]).name for r in json.loads(out))
+
+    assert listed("--verdict", "pass") == ["good.safetensors"]
+    assert listed("--verdict", "fail") == ["zero.safetensors"]
+    assert listed("--verdict", "never") == ["never.pt"]
+    code, out, _ = run(["list"], capsys, monkeypatch)
+    assert "VERIFIED" in out.splitlines()[0]
+    assert [line.split()[-2] for line in out.splitlines()[1:]] == ["pass", "-", "fail"]
+
+    code, out, _ = run(["show", str(zero), "--json"], capsys, monkeypatch)
+    shown = json.loads(out)["verification"]
+    assert (shown["verdict"], shown["reasons"]) == ("fail", ["no effect: every lora_up is zero"])
+    assert shown["coverage"] == results[1]["coverage"] and shown["effects"] == results[1]["effects"]
+    assert shown["checkpoint_sha256"] == results[1]["checkpoint_sha256"]
+    code, out, _ = run(["show", str(zero)], capsys, monkeypatch)
+    assert "verified       fail on" in out and "- no effect: every lora_up is zero" in out
+
+
+def test_cli_refuses_a_file_of_another_base_in_one_line(tiny, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "sdxl_emb.safetensors"
+    save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(path))
+    code, out, err = run(["verify", str(path), "--checkpoint", str(tiny[0]), "--size", "64x64"], capsys, monkeypatch)
+    assert (code, out) == (1, "")
+    assert err == f"error: sdxl embedding, sd1 checkpoint: sdxl_emb.safetensors does not fit pipeline\n"
+
+
+def test_an_older_registry_gets_the_new_verification_columns(tmp_path):
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, path TEXT NOT NULL)")
+        connection.execute("CREATE TABLE verifications (id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL, "
+                           "checkpoint TEXT NOT NULL, verdict TEXT NOT NULL, coverage DOUBLE PRECISION, "
+                           "effect DOUBLE PRECISION, grid_path TEXT, created TIMESTAMP NOT NULL)")
+        connection.execute("INSERT INTO verifications VALUES (1, 1, 'ckpt', 'pass', 1.0, 2.0, NULL, '2025-01-01')")
+    db.connect(f"sqlite:///{path}").dispose()
+    with sqlite3.connect(path) as connection:
+        columns = [row[1] for row in connection.execute("PRAGMA table_info(verifications)")]
+        row = connection.execute("SELECT reasons, effects, parameters, version FROM verifications").fetchone()
+    assert columns == [c.name for c in Verification.__table__.columns]
+    assert row == ("[]", "[]", "{}", None)

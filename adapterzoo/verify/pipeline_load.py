@@ -8,11 +8,15 @@ never asked for a config, and what `convert --to diffusers` would write is exact
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
 
 from adapterzoo.errors import AdapterzooError, BadFileError
 from adapterzoo.formats.architectures import TEXT_ENCODERS, UNET, Architecture, architecture_from_models
@@ -46,11 +50,25 @@ def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """diffusers and transformers draw a bar per component: noise on stderr for a load of seconds."""
+    loggers = [log for log in (diffusers_logging, transformers_logging) if log.is_progress_bar_enabled()]
+    for log in loggers:
+        log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.enable_progress_bar()
+
+
 def _from_folder(folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
     if not (folder / "model_index.json").is_file():
         raise BadFileError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     try:
-        return DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        with _quiet_loading():
+            return DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise BadFileError(f"diffusers cannot load {folder.name}: {str(exc).splitlines()[0]}") from None
 

@@ -6,11 +6,12 @@ The tables come from registry.db.sql, run statement by statement; models.py only
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from platformdirs import user_data_dir
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -43,6 +44,31 @@ def schema_statements(backend: str) -> list[str]:
     if backend == "sqlite":
         text = text.replace(IDENTITY_CLAUSE, "")
     return [statement.strip() for statement in text.split(";") if statement.strip()]
+
+
+def schema_columns(backend: str) -> dict[str, list[tuple[str, str]]]:
+    """Table -> [(column, its definition as the SQL file writes it)], in file order."""
+    tables: dict[str, list[tuple[str, str]]] = {}
+    for statement in schema_statements(backend):
+        match = re.match(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*)\)$", statement, re.S)
+        if match is None:
+            continue
+        lines = [line.split("--")[0].strip().rstrip(",") for line in match[2].splitlines()]
+        tables[match[1]] = [(line.split()[0], line) for line in lines if line]
+    return tables
+
+
+def add_missing_columns(connection: Connection, backend: str) -> None:
+    """Bring a registry made by an older adapterzoo up to the SQL file: ALTER TABLE ADD each missing column
+    (new columns are nullable or have a default, and come last, so old rows stay valid)."""
+    inspector = inspect(connection)
+    for table, columns in schema_columns(backend).items():
+        if not inspector.has_table(table):
+            continue
+        present = {column["name"] for column in inspector.get_columns(table)}
+        for name, definition in columns:
+            if name not in present:
+                connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {definition}")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -85,6 +111,8 @@ def connect(url: str) -> Engine:
             if not inspect(connection).has_table("files"):
                 for statement in schema_statements(parsed.get_backend_name()):
                     connection.exec_driver_sql(statement)
+            else:
+                add_missing_columns(connection, parsed.get_backend_name())
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise AdapterzooError(f"cannot open the registry {shown}: {reason}") from None

@@ -6,22 +6,33 @@ import os
 import re
 from pathlib import Path
 
-from sqlalchemy import Engine, Text, func, or_, select, type_coerce
+from sqlalchemy import Engine, Select, Text, func, or_, select, type_coerce
 from sqlalchemy.orm import Session
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry
+from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Verification
 
 HEX = re.compile(r"[0-9a-f]+")
 MIN_SHA256_PREFIX = 8
 ID_BATCH = 500  # ids per IN (...): databases cap the number of bound parameters
 
 
+VERDICTS = ("pass", "fail", "never")
+
+
 def list_entries(
-    engine: Engine, kind: str | None = None, base: str | None = None, query: str | None = None
+    engine: Engine, kind: str | None = None, base: str | None = None, query: str | None = None,
+    verdict: str | None = None,
 ) -> list[FileEntry]:
-    """Entries by path; `query` matches path or trigger words, ignoring case."""
+    """Entries by path; `query` matches path or trigger words, ignoring case; `verdict` is the latest
+    verification's (pass, fail) or `never` for files never verified."""
     statement = select(FileEntry).order_by(FileEntry.path)
+    if verdict == "never":
+        statement = statement.where(FileEntry.id.not_in(select(Verification.file_id)))
+    elif verdict:
+        verified = select(Verification.file_id).where(Verification.id.in_(latest_ids()),
+                                                      Verification.verdict == verdict)
+        statement = statement.where(FileEntry.id.in_(verified))
     if kind:
         statement = statement.where(FileEntry.kind == kind)
     if base:
@@ -72,3 +83,17 @@ def entries_by_id(engine: Engine, ids: list[int]) -> list[FileEntry]:
             chunk = ids[start:start + ID_BATCH]
             by_id.update((e.id, e) for e in session.scalars(select(FileEntry).where(FileEntry.id.in_(chunk))))
     return [by_id[i] for i in ids if i in by_id]
+
+
+def latest_ids() -> Select:
+    """The id of each file's latest verification."""
+    return select(func.max(Verification.id)).group_by(Verification.file_id)
+
+
+def latest_verifications(engine: Engine, file_id: int | None = None) -> dict[int, Verification]:
+    """file id -> its latest verification, for every verified file (or just `file_id`)."""
+    statement = select(Verification).where(Verification.id.in_(latest_ids()))
+    if file_id is not None:
+        statement = statement.where(Verification.file_id == file_id)
+    with Session(engine) as session:
+        return {v.file_id: v for v in session.scalars(statement)}
