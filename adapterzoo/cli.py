@@ -410,8 +410,9 @@ def print_verification(result: dict[str, Any]) -> None:
     click.echo(f"  coverage  {coverage['keys_matched']}/{coverage['keys_total']} keys, "
                f"{coverage['modules_hit']}/{coverage['modules_total']} modules ran")
     for effect in result["effects"]:
-        click.echo(f"  m = {effect['multiplier']:<6g} pixels {effect['mean_abs_pixel_change']:.3f}/255, "
-                   f"noise prediction {effect['noise_pred_rel_change']:.2%}")
+        noise = effect["noise_pred_rel_change"]
+        click.echo(f"  m = {effect['multiplier']:<6g} pixels {effect['mean_abs_pixel_change']:.3f}/255"
+                   + ("" if noise is None else f", noise prediction {noise:.2%}"))
     for reason in result["reasons"]:
         click.echo(f"  - {reason}")
     if result["grid"]:

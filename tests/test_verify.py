@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from adapterzoo import tiny_models
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.architectures import architecture_from_models
+from adapterzoo.formats.checkpoint_convert import convert_checkpoint
 from adapterzoo.formats.lora_read import load_lora, load_lora_matched
 from adapterzoo.formats.probe import probe
 from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
@@ -364,3 +365,45 @@ def test_an_older_registry_gets_the_new_verification_columns(tmp_path):
         row = connection.execute("SELECT reasons, effects, parameters, version FROM verifications").fetchone()
     assert columns == [c.name for c in Verification.__table__.columns]
     assert row == ("[]", "[]", "{}", None)
+
+
+# -- other kinds and single files ---------------------------------------------------------------------------
+
+
+def test_a_vae_decodes_the_checkpoints_latents_beside_its_own(tiny, tmp_path):
+    torch.manual_seed(0)
+    tiny_models.tiny_vae().save_pretrained(tmp_path / "vae")
+    path = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    result = tiny[1].verify(path, tmp_path / "vae.png")
+    assert (result["kind"], result["verdict"], result["reasons"]) == ("vae", "pass", [])
+    assert result["effects"][0]["mean_abs_pixel_change"] > 1  # other weights than the checkpoint's VAE
+    assert Image.open(tmp_path / "vae.png").size[0] > 2 * SIZE[0]
+
+
+def test_an_sdxl_embedding_fills_both_text_encoders(tmp_path_factory, tmp_path):
+    folder = tiny_models.save_tiny_pipeline("sdxl", tmp_path_factory.mktemp("sdxl") / "pipeline", seed=1)
+    verifier = Verifier(folder, VerifyOptions(steps=1, size=SIZE, multipliers=[0.0, 1.0]), sha256)
+    path = tmp_path / "xl-style.safetensors"
+    save_file({"clip_l": torch.randn(2, 768) * 0.5, "clip_g": torch.randn(2, 1280) * 0.5}, str(path))
+    result = verifier.verify(path, None)
+    assert (result["base"], result["verdict"], result["reasons"]) == ("sdxl", "pass", [])
+    assert result["coverage"]["modules_hit"] == result["coverage"]["modules_total"] == 2
+    assert verifier.base == "sdxl"
+
+
+def test_a_single_file_checkpoint_loads_offline_and_verifies_itself_and_a_lora(tmp_path):
+    """Our converter makes the pipeline (CLIP's real vocabulary, so the shipped tokenizer fits)."""
+    pipe = tiny_models.tiny_pipeline("sd1", 1)
+    pipe.text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=64, num_hidden_layers=1, num_attention_heads=12,
+        hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    pipe.save_pretrained(tmp_path / "pipeline")
+    single = tmp_path / "tiny.safetensors"
+    convert_checkpoint(tmp_path / "pipeline", single, "ldm", dtype="fp16")
+    verifier = Verifier(single, VerifyOptions(steps=1, size=SIZE), sha256)
+    assert verifier.base == "sd1" and verifier.checkpoint_sha256 == sha256(single)
+    lora = kohya_file(pipe, "sd1", tmp_path / "kohya.safetensors")
+    assert verifier.verify(lora, None)["verdict"] == "pass"
+    itself = verifier.verify(single, tmp_path / "itself.png")
+    assert (itself["kind"], itself["verdict"], itself["effects"]) == ("checkpoint", "pass", [])
+    assert "Multipliers: none" in Image.open(tmp_path / "itself.png").text["parameters"]

@@ -77,7 +77,7 @@ def parameters_text(parameters: dict[str, Any]) -> str:
         "File": parameters["file"],
         "File SHA256": parameters["sha256"],
         "Kind": parameters["kind"],
-        "Multipliers": ", ".join(f"{m:g}" for m in parameters["multipliers"]),
+        "Multipliers": ", ".join(f"{m:g}" for m in parameters["multipliers"]) or "none",
         "Prompts": json.dumps(parameters["prompts"], ensure_ascii=False),
         "Device": parameters["device"],
         "Dtype": parameters["dtype"],

@@ -28,6 +28,7 @@ from adapterzoo.verify import denoise, measure
 from adapterzoo.verify.attach import ADAPTER_KINDS, Attached, attach
 from adapterzoo.verify.grid import draw_grid, save_grid
 from adapterzoo.verify.pipeline_load import LoadedPipeline, load_pipeline, pick_dtype
+from adapterzoo.verify.vae_load import load_vae
 from adapterzoo.verify.verdict import judge
 
 DEFAULT_PROMPT = "a photo of a cat"
@@ -36,6 +37,7 @@ DEFAULT_SIZES = {"sd1": (512, 512), "sd2": (768, 768), "sdxl": (1024, 1024)}
 FIXED_TIMESTEP = 500  # where the noise prediction is compared: mid-schedule, image and noise both matter
 BASES = ("sd1", "sd2", "sdxl")
 CHECKPOINT_COLUMN = "checkpoint"
+VAE_COLUMNS = ["checkpoint VAE", "this VAE"]
 KIND_NAMES = {"lora": "LoRA", "lycoris": "LyCORIS", "hypernetwork": "hypernetwork", "embedding": "embedding"}
 
 
@@ -74,7 +76,7 @@ class Verifier:
         self.base: str = self.loaded.base
         self.size = options.size or DEFAULT_SIZES[self.base]
         self._checkpoint_sha256: str | None = None
-        self._images: dict[tuple[str, int], torch.Tensor] = {}  # the checkpoint alone, per (prompt, seed)
+        self._renders: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # checkpoint alone, per (prompt, seed)
         self._predictions: dict[str, torch.Tensor] = {}  # the checkpoint alone, per prompt
         try:
             denoise.latent_shape(self.loaded.pipe, self.size)
@@ -93,12 +95,14 @@ class Verifier:
         return denoise.with_size(loaded.pipe, denoise.encode_prompt(loaded.pipe, prompt, insert), self.size)
 
     @torch.no_grad()
-    def _render(self, loaded: LoadedPipeline, prompt: str, seed: int, insert: dict[str, int]) -> torch.Tensor:
+    def _render(self, loaded: LoadedPipeline, prompt: str, seed: int, insert: dict[str, int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final latents, image)."""
         pipe = loaded.pipe
         positive = self._condition(loaded, prompt, insert)
         negative = self._condition(loaded, denoise.NEGATIVE_PROMPT, {})
         noise = denoise.seeded_noise(pipe, self.size, seed)
-        return denoise.render(pipe, noise, self.options.steps, denoise.guided(pipe.unet, positive, negative))[1]
+        return denoise.render(pipe, noise, self.options.steps, denoise.guided(pipe.unet, positive, negative))
 
     @torch.no_grad()
     def _prediction(self, prompt: str, insert: dict[str, int]) -> torch.Tensor:
@@ -108,10 +112,11 @@ class Verifier:
         t = torch.tensor(FIXED_TIMESTEP, device=self.device)
         return denoise.unet_prediction(pipe.unet, noise, t, self._condition(self.loaded, prompt, insert)).float()
 
-    def _baseline_image(self, prompt: str, seed: int) -> torch.Tensor:
-        if (prompt, seed) not in self._images:
-            self._images[prompt, seed] = self._render(self.loaded, prompt, seed, {})
-        return self._images[prompt, seed]
+    def _baseline(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, image) of the checkpoint alone."""
+        if (prompt, seed) not in self._renders:
+            self._renders[prompt, seed] = self._render(self.loaded, prompt, seed, {})
+        return self._renders[prompt, seed]
 
     def _baseline_prediction(self, prompt: str) -> torch.Tensor:
         if prompt not in self._predictions:
@@ -148,9 +153,11 @@ class Verifier:
         found = probe(file)
         if found.kind == "checkpoint":
             return self._verify_checkpoint(file, found, grid, start)
+        if found.kind == "vae":
+            return self._verify_vae(file, found, grid, start)
         if found.kind not in ADAPTER_KINDS:
             raise AdapterzooError(f"{file.name} is a {found.kind} file; verify reads LoRA, LyCORIS, embeddings, "
-                                  "hypernetworks and checkpoints")
+                                  "hypernetworks, checkpoints and VAEs")
         if found.base in BASES and found.base != self.base:
             raise AdapterzooError(f"{found.base} {KIND_NAMES[found.kind]}, {self.base} checkpoint: {file.name} "
                                   f"does not fit {self.checkpoint.name}")
@@ -165,7 +172,7 @@ class Verifier:
         options = self.options
         prompts = self._prompts(attached)
         rows = [(p, s) for p in prompts for s in options.seeds]
-        baselines = [self._baseline_image(attached.without(p), s) for p, s in rows]
+        baselines = [self._baseline(attached.without(p), s)[1] for p, s in rows]
         baseline_prediction = self._baseline_prediction(attached.without(prompts[0]))
         handle = attached.hook()
         columns: list[list[torch.Tensor]] = []
@@ -175,7 +182,7 @@ class Verifier:
         for multiplier in options.multipliers:
             handle.multiplier = multiplier
             insert = attached.insert()
-            images = [self._render(self.loaded, attached.at(p, multiplier), s, insert) for p, s in rows]
+            images = [self._render(self.loaded, attached.at(p, multiplier), s, insert)[1] for p, s in rows]
             prediction = self._prediction(attached.at(prompts[0], multiplier), insert)
             predictions_finite &= measure.finite(prediction)
             if multiplier == 0:
@@ -202,7 +209,7 @@ class Verifier:
         loaded = load_pipeline(file, self.device, self.dtype)
         prompts = list(self.options.prompts or [DEFAULT_PROMPT])
         rows = [(p, s) for p in prompts for s in self.options.seeds]
-        images = [self._render(loaded, p, s, {}) for p, s in rows]
+        images = [self._render(loaded, p, s, {})[1] for p, s in rows]
         problems = [measure.image_problem(i, loaded.base, loaded.pipe.vae.dtype) for i in images]
         reasons = list(dict.fromkeys(p for p in problems if p))
         sha = _digest(self.sha256_of(file))
@@ -213,6 +220,26 @@ class Verifier:
         coverage = {"keys_total": found.tensors, "keys_matched": found.tensors, "modules_total": 0,
                     "modules_hit": 0, "unmatched": []}
         return self._result(file, found, sha, reasons, coverage, [], grid, parameters, start)
+
+    def _verify_vae(self, file: Path, found: ProbeResult, grid: Path | None, start: float) -> dict:
+        """A VAE decodes the latents the checkpoint rendered; columns: the checkpoint's VAE, this one."""
+        vae = load_vae(file, self.base, self.loaded.pipe.vae)
+        prompts = list(self.options.prompts or [DEFAULT_PROMPT])
+        rows = [(p, s) for p in prompts for s in self.options.seeds]
+        renders = [self._baseline(p, s) for p, s in rows]
+        images = [denoise.decode(vae, latents) for latents, _ in renders]
+        problems = [measure.image_problem(i, self.base, vae.dtype) for i in images]
+        reasons = list(dict.fromkeys(p for p in problems if p))
+        change = measure.mean_abs_pixel_change(images, [image for _, image in renders])
+        sha = _digest(self.sha256_of(file))
+        parameters = self._parameters(file, sha, found.kind, prompts, [])
+        if grid is not None:
+            cells = [[image, mine] for (_, image), mine in zip(renders, images)]
+            save_grid(grid, draw_grid(cells, [f"{p} / seed {s}" for p, s in rows], VAE_COLUMNS), parameters)
+        coverage = {"keys_total": found.tensors, "keys_matched": found.tensors, "modules_total": 0,
+                    "modules_hit": 0, "unmatched": []}
+        effects = [{"multiplier": 1.0, "mean_abs_pixel_change": change, "noise_pred_rel_change": None}]
+        return self._result(file, found, sha, reasons, coverage, effects, grid, parameters, start)
 
     def _result(self, file: Path, found: ProbeResult, sha: str, reasons: list[str], coverage: dict,
                 effects: list[dict], grid: Path | None, parameters: dict, start: float) -> dict:
