@@ -18,7 +18,8 @@ from PIL.PngImagePlugin import PngInfo
 from adapterzoo.formats.atomic import atomic_output
 
 PAD = 6
-LINE = 14  # pixels per label line with PIL's default font
+FONT_SIZE = 13  # PIL's default font at a size that keeps its spaces visible
+LINE = 16  # pixels per label line
 
 
 def _text_width(draw: ImageDraw.ImageDraw, text: str, font: Any) -> int:
@@ -42,7 +43,7 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any) -> list[st
 
 def draw_grid(cells: list[list[torch.Tensor]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
     """cells[row][column]: [H, W, 3] images on the 0–255 scale (NaN drawn black)."""
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=FONT_SIZE)
     height, width = cells[0][0].shape[:2]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_width = max(120, min(240, max(_text_width(probe, label, font) for label in row_labels) + 2 * PAD))

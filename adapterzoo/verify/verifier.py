@@ -74,6 +74,8 @@ class Verifier:
         self.dtype = pick_dtype(options.dtype, self.device)
         self.loaded = load_pipeline(self.checkpoint, self.device, self.dtype)
         self.base: str = self.loaded.base
+        if self.base == "sdxl" and self.dtype == torch.float16 and options.dtype is None:
+            self.loaded.pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; --dtype fp16 keeps it there
         self.size = options.size or DEFAULT_SIZES[self.base]
         self._checkpoint_sha256: str | None = None
         self._renders: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # checkpoint alone, per (prompt, seed)
@@ -141,6 +143,7 @@ class Verifier:
             "multipliers": multipliers, "steps": self.options.steps,
             "sampler": type(self.loaded.pipe.scheduler).__name__, "cfg_scale": denoise.GUIDANCE_SCALE,
             "size": list(self.size), "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
+            "vae_dtype": str(self.loaded.pipe.vae.dtype).removeprefix("torch."),
             "fixed_timestep": FIXED_TIMESTEP,
             "versions": {"adapterzoo": __version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__, "torch": torch.__version__},
