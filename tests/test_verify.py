@@ -23,6 +23,7 @@ from adapterzoo import tiny_models
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.architectures import architecture_from_models
 from adapterzoo.formats.checkpoint_convert import convert_checkpoint
+from adapterzoo.formats.convert import convert
 from adapterzoo.formats.lora_read import load_lora, load_lora_matched
 from adapterzoo.formats.probe import probe
 from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
@@ -407,3 +408,14 @@ def test_a_single_file_checkpoint_loads_offline_and_verifies_itself_and_a_lora(t
     itself = verifier.verify(single, tmp_path / "itself.png")
     assert (itself["kind"], itself["verdict"], itself["effects"]) == ("checkpoint", "pass", [])
     assert "Multipliers: none" in Image.open(tmp_path / "itself.png").text["parameters"]
+
+
+def test_a_peft_folder_verifies_like_the_kohya_file_it_was_converted_from(tiny, tmp_path):
+    folder, verifier = tiny
+    kohya = kohya_file(tiny_models.tiny_pipeline("sd1", 1), "sd1", tmp_path / "kohya.safetensors")
+    convert(kohya, tmp_path / "peft", "peft", checkpoint=folder)
+    from_kohya, from_peft = verifier.verify(kohya, None), verifier.verify(tmp_path / "peft", None)
+    assert (from_peft["format"], from_peft["verdict"]) == ("peft", "pass")
+    assert from_peft["coverage"]["modules_hit"] == from_kohya["coverage"]["modules_hit"] == 125
+    for a, b in zip(from_peft["effects"], from_kohya["effects"]):
+        assert a["noise_pred_rel_change"] == pytest.approx(b["noise_pred_rel_change"], rel=1e-4)
