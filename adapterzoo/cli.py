@@ -431,7 +431,7 @@ def print_verification(result: dict[str, Any]) -> None:
 @click.option("--multiplier", "multipliers", metavar="M", multiple=True, type=float,
               help="Grid column (repeatable). Default: 0, 0.5, 1.")
 @click.option("--steps", type=click.IntRange(min=1), metavar="N", help="Sampling steps. Default: 20.")
-@click.option("--size", type=SizeParam(), help="Image size. Default: the base's (512, 768, 1024).")
+@click.option("--size", type=SizeParam(), help="Image size. Default: the model's own (SD1.5 512, SDXL 1024).")
 @DEVICE_OPTION
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (a list for several).")

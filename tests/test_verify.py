@@ -148,7 +148,8 @@ def test_a_lora_whose_every_up_is_zero_fails_with_no_effect(tiny, tmp_path):
 
 def test_multiplier_zero_alone_is_no_effect(tiny, tmp_path):
     folder, _ = tiny
-    verifier = Verifier(folder, VerifyOptions(steps=1, size=SIZE, multipliers=[0.0]), sha256)
+    verifier = Verifier(folder, VerifyOptions(steps=1, multipliers=[0.0]), sha256)
+    assert verifier.size == SIZE  # the model's own: UNet sample size 8 x VAE factor 8
     path = kohya_file(tiny_models.tiny_pipeline("sd1", 1), "sd1", tmp_path / "kohya.safetensors")
     assert verifier.verify(path, None)["reasons"] == ["no effect: the multiplier is 0"]
 

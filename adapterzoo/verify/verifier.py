@@ -33,7 +33,6 @@ from adapterzoo.verify.verdict import judge
 
 DEFAULT_PROMPT = "a photo of a cat"
 DEFAULT_STEPS = 20
-DEFAULT_SIZES = {"sd1": (512, 512), "sd2": (768, 768), "sdxl": (1024, 1024)}
 FIXED_TIMESTEP = 500  # where the noise prediction is compared: mid-schedule, image and noise both matter
 BASES = ("sd1", "sd2", "sdxl")
 CHECKPOINT_COLUMN = "checkpoint"
@@ -47,9 +46,16 @@ class VerifyOptions:
     seeds: list[int] = field(default_factory=lambda: [0])
     multipliers: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
     steps: int = DEFAULT_STEPS
-    size: tuple[int, int] | None = None  # (W, H); None: the base's native size
+    size: tuple[int, int] | None = None  # (W, H); None: the model's own (UNet sample size × VAE factor)
     device: str = "auto"
     dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
+
+
+def native_size(loaded: LoadedPipeline) -> tuple[int, int]:
+    """What the model was trained at: 512 for SD1.5 and SD2-base, 768 for SD2-v, 1024 for SDXL."""
+    pipe = loaded.pipe
+    side = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return side, side
 
 
 def _digest(value: str | dict[str, str]) -> str:
@@ -76,7 +82,7 @@ class Verifier:
         self.base: str = self.loaded.base
         if self.base == "sdxl" and self.dtype == torch.float16 and options.dtype is None:
             self.loaded.pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; --dtype fp16 keeps it there
-        self.size = options.size or DEFAULT_SIZES[self.base]
+        self.size = options.size or native_size(self.loaded)
         self._checkpoint_sha256: str | None = None
         self._renders: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # checkpoint alone, per (prompt, seed)
         self._predictions: dict[str, torch.Tensor] = {}  # the checkpoint alone, per prompt
