@@ -61,6 +61,7 @@ def token_ids(tokenizer, prompt: str, insert: dict[str, int] | None = None) -> t
     return torch.tensor([ids])
 
 
+@torch.no_grad()
 def encode_prompt(pipe, prompt: str, insert: dict[str, int] | None = None) -> Conditioning:
     """What the diffusers pipeline computes for one prompt (no clip skip); SDXL's empty prompt is zeros."""
     device = pipe.unet.device
@@ -152,7 +153,8 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def render(pipe, noise: torch.Tensor, steps: int, predict: NoisePrediction, vae=None) -> tuple[torch.Tensor, torch.Tensor]:
+def render(pipe, noise: torch.Tensor, steps: int, predict: NoisePrediction,
+           vae=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(final latents, decoded image as float 0..255 [H, W, 3]) — `vae` defaults to the pipeline's."""
     latents = denoise(pipe, noise, steps, predict)
     return latents, decode(vae if vae is not None else pipe.vae, latents)

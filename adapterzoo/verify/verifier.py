@@ -84,8 +84,9 @@ class Verifier:
             self.loaded.pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; --dtype fp16 keeps it there
         self.size = options.size or native_size(self.loaded)
         self._checkpoint_sha256: str | None = None
-        self._renders: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # checkpoint alone, per (prompt, seed)
-        self._predictions: dict[str, torch.Tensor] = {}  # the checkpoint alone, per prompt
+        # the checkpoint alone: (latents, image) per (prompt, seed), noise prediction per prompt
+        self._renders: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._predictions: dict[str, torch.Tensor] = {}
         try:
             denoise.latent_shape(self.loaded.pipe, self.size)
         except ValueError as exc:
