@@ -328,18 +328,25 @@ def scan(obj: dict[str, Any], dirs: tuple[str, ...], as_json: bool) -> None:
 @click.option("--query", metavar="TEXT",
               help="Only entries whose path, trigger words, or source's model name, version name or trained "
               "words contain TEXT.")
+@click.option("--verdict", type=click.Choice(["pass", "fail", "never"]),
+              help="Only entries whose latest verification passed / failed, or that were never verified.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.pass_obj
-def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | None, as_json: bool) -> None:
+def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | None, verdict: str | None,
+          as_json: bool) -> None:
     """List registry entries."""
     from adapterzoo.zoo.db import open_registry
-    from adapterzoo.zoo.queries import list_entries
+    from adapterzoo.zoo.queries import latest_verifications, list_entries
 
-    rows = [e.to_json() for e in list_entries(open_registry(obj["db"]), kind=kind, base=base, query=query)]
+    engine = open_registry(obj["db"])
+    latest = latest_verifications(engine)
+    rows = [{**e.to_json(), "verified": latest[e.id].verdict if e.id in latest else None}
+            for e in list_entries(engine, kind=kind, base=base, query=query, verdict=verdict)]
     if as_json:
         emit_json(rows)
         return
-    print_table(rows, ["id", "kind", "base", "format", "rank", "autov2", "status", "name"])
+    print_table([{**r, "verified": r["verified"] or "-"} for r in rows],
+                ["id", "kind", "base", "format", "rank", "autov2", "status", "verified", "name"])
 
 
 @cli.command()
@@ -349,14 +356,17 @@ def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | 
 def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
     """Show one registry entry, found by id, path, any of its hashes, or a sha256 prefix (8+ hex)."""
     from adapterzoo.zoo.db import open_registry
-    from adapterzoo.zoo.queries import find_entry, sources_of
+    from adapterzoo.zoo.queries import find_entry, latest_verifications, sources_of
 
     engine = open_registry(obj["db"])
     found = find_entry(engine, ref)
-    entry = {**found.to_json(), "sources": [s.to_json() for s in sources_of(engine, found.id)]}
+    latest = latest_verifications(engine, found.id).get(found.id)
+    entry = {**found.to_json(), "sources": [s.to_json() for s in sources_of(engine, found.id)],
+             "verification": latest.to_json() if latest else None}
     if as_json:
         emit_json(entry)
         return
+    verification = entry.pop("verification")
     for key, value in entry.items():
         if key == "metadata":
             value = f"{len(value)} keys (--json shows them)" if value else None
@@ -369,6 +379,97 @@ def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
         elif isinstance(value, dict):
             value = json.dumps(value, default=str)
         click.echo(f"{key:14} {'-' if value in (None, '') else value}")
+    if verification is None:
+        click.echo(f"{'verified':14} never")
+        return
+    click.echo(f"{'verified':14} {verification['verdict']} on {verification['checkpoint']} ({verification['created']})")
+    for reason in verification["reasons"]:
+        click.echo(f"{'':14} - {reason}")
+    click.echo(f"{'grid':14} {verification['grid'] or '-'}")
+
+
+class SizeParam(click.ParamType):
+    """WxH in pixels, e.g. 512x768."""
+
+    name = "WxH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        width, sep, height = str(value).lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+            self.fail(f"{value!r} is not WxH (e.g. 512x512)", param, ctx)
+        return int(width), int(height)
+
+
+def grid_path(output: str | None, file: str, several: bool) -> Path | None:
+    """-o GRID.png for one file; with several, GRID-<file stem>.png beside it, one per file."""
+    if output is None:
+        return None
+    grid = Path(output)
+    return grid.with_name(f"{grid.stem}-{Path(file).stem}{grid.suffix or '.png'}") if several else grid
+
+
+def print_verification(result: dict[str, Any]) -> None:
+    coverage = result["coverage"]
+    click.echo(f"{result['verdict'].upper()}  {result['file']}  ({result['kind']}, {result['format'] or '-'}, "
+               f"{result['base']}; {result['seconds']:.1f} s)")
+    click.echo(f"  coverage  {coverage['keys_matched']}/{coverage['keys_total']} keys, "
+               f"{coverage['modules_hit']}/{coverage['modules_total']} modules ran")
+    for effect in result["effects"]:
+        noise = effect["noise_pred_rel_change"]
+        click.echo(f"  m = {effect['multiplier']:<6g} pixels {effect['mean_abs_pixel_change']:.3f}/255"
+                   + ("" if noise is None else f", noise prediction {noise:.2%}"))
+    for reason in result["reasons"]:
+        click.echo(f"  - {reason}")
+    if result["grid"]:
+        click.echo(f"  grid      {result['grid']}")
+
+
+@cli.command()
+@click.argument("files", metavar="FILE...", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=True))
+@click.option("--checkpoint", metavar="CKPT", required=True, type=click.Path(exists=True, dir_okay=True),
+              help="The checkpoint (single file or diffusers folder) to apply each file to.")
+@click.option("-o", "--output", "grid", metavar="GRID.png", type=click.Path(dir_okay=False),
+              help="Write the grid here; with several files, GRID-<file stem>.png each.")
+@click.option("--prompt", "prompts", metavar="P", multiple=True,
+              help="Prompt (repeatable). Default: 'a photo of a cat'; for an embedding 'a photo of <its token>'.")
+@click.option("--seed", "seeds", metavar="S", multiple=True, type=int, help="Seed (repeatable). Default: 0.")
+@click.option("--multiplier", "multipliers", metavar="M", multiple=True, type=float,
+              help="Grid column (repeatable). Default: 0, 0.5, 1.")
+@click.option("--steps", type=click.IntRange(min=1), metavar="N", help="Sampling steps. Default: 20.")
+@click.option("--size", type=SizeParam(), help="Image size. Default: the model's own (SD1.5 512, SDXL 1024).")
+@DEVICE_OPTION
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (a list for several).")
+@click.pass_obj
+def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str, grid: str | None, prompts: tuple[str, ...],
+           seeds: tuple[int, ...], multipliers: tuple[float, ...], steps: int | None, size: tuple[int, int] | None,
+           device: str, dtype: str | None, as_json: bool) -> None:
+    """Render each FILE on CKPT at several multipliers and judge it: pass or fail, with every reason.
+    Each result is stored in the registry; exit code 1 when any file fails."""
+    sha256 = provenance_hasher(checkpoint, *files)
+    from adapterzoo.verify.verifier import Verifier, VerifyOptions
+    from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.verifications import record_verification
+
+    options = VerifyOptions(prompts=list(prompts) or None, size=size, device=device, dtype=dtype)
+    options.seeds = list(seeds) or options.seeds
+    options.multipliers = list(multipliers) or options.multipliers
+    options.steps = steps or options.steps
+    engine = open_registry(obj["db"])
+    verifier = Verifier(Path(checkpoint), options, sha256)
+    results = []
+    for file in files:
+        result = verifier.verify(Path(file), grid_path(grid, file, len(files) > 1))
+        record_verification(engine, result)
+        results.append(result)
+        if not as_json:
+            print_verification(result)
+    if as_json:
+        emit_json(results[0] if len(results) == 1 else results)
+    if any(r["verdict"] != "pass" for r in results):
+        sys.exit(1)
 
 
 def describe_source(source: dict[str, Any]) -> str:

@@ -98,8 +98,18 @@ CREATE TABLE IF NOT EXISTS verifications (
     checkpoint TEXT NOT NULL,              -- path of the checkpoint the file was applied to
     verdict    TEXT NOT NULL,              -- pass | fail
     coverage   DOUBLE PRECISION,           -- share of the adapter's keys that landed on a module, 0..1
-    effect     DOUBLE PRECISION,           -- mean pixel change between multipliers 0 and 1
+    effect     DOUBLE PRECISION,           -- mean pixel change (0-255) at the largest |multiplier| rendered
     grid_path  TEXT,
-    created    TIMESTAMP NOT NULL
+    created    TIMESTAMP NOT NULL,
+    -- Added with the verify command: db.py adds any column missing from an older registry (ALTER TABLE),
+    -- which is why these come last and old rows hold the defaults.
+    checkpoint_sha256 TEXT,                   -- the checkpoint's SHA-256 (a folder: of its sorted per-file listing)
+    reasons    TEXT NOT NULL DEFAULT '[]',    -- JSON list of strings: every reason to fail, empty on a pass
+    coverage_detail TEXT,                     -- JSON object: keys_total, keys_matched, modules_total, modules_hit, unmatched
+    effects    TEXT NOT NULL DEFAULT '[]',    -- JSON list: {multiplier, mean_abs_pixel_change, noise_pred_rel_change}
+    parameters TEXT NOT NULL DEFAULT '{}',    -- JSON object: prompts, seeds, multipliers, sampler, steps, size, versions
+    seconds    DOUBLE PRECISION,              -- wall time of the verification
+    -- the adapterzoo version that verified:
+    version    TEXT
 );
 CREATE INDEX IF NOT EXISTS ix_verifications_file_id ON verifications (file_id);

@@ -314,9 +314,9 @@ def test_list_filters_by_kind_base_and_query(library: dict[str, Path]) -> None:
     assert names("--query", "100%") == []
     assert len(names()) == 11
     table = invoke("list", "--kind", "embedding").stdout.splitlines()
-    assert table[0].split() == ["ID", "KIND", "BASE", "FORMAT", "RANK", "AUTOV2", "STATUS", "NAME"]
+    assert table[0].split() == ["ID", "KIND", "BASE", "FORMAT", "RANK", "AUTOV2", "STATUS", "VERIFIED", "NAME"]
     autov2 = hashlib.sha256(library["embedding"].read_bytes()).hexdigest()[:10]
-    assert len(table) == 2 and table[1].split()[1:] == ["embedding", "sd1", "a1111", autov2, "ok", "badhands.pt"]
+    assert len(table) == 2 and table[1].split()[1:] == ["embedding", "sd1", "a1111", autov2, "ok", "-", "badhands.pt"]
     assert CliRunner().invoke(cli, ["list", "--kind", "banana"]).exit_code == 2
 
 

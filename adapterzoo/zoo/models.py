@@ -168,7 +168,7 @@ class UnknownFile(Base):
 
 
 class Verification(Base):
-    """One verify run of a file on a checkpoint: verdict, key coverage, effect, grid image."""
+    """One verify run of a file on a checkpoint: verdict and reasons, coverage, effects, grid, parameters."""
 
     __tablename__ = "verifications"
     __table_args__ = (Index("ix_verifications_file_id", "file_id"),)
@@ -181,3 +181,26 @@ class Verification(Base):
     effect: Mapped[float | None] = mapped_column(Double)
     grid_path: Mapped[str | None] = mapped_column(Text)
     created: Mapped[datetime] = mapped_column(DateTime)
+    checkpoint_sha256: Mapped[str | None] = mapped_column(Text)
+    reasons: Mapped[list[str]] = mapped_column(JSONText, server_default="[]")
+    coverage_detail: Mapped[dict[str, Any] | None] = mapped_column(JSONText)
+    effects: Mapped[list[dict[str, Any]]] = mapped_column(JSONText, server_default="[]")
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSONText, server_default="{}")
+    seconds: Mapped[float | None] = mapped_column(Double)
+    version: Mapped[str | None] = mapped_column(Text)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "verdict": self.verdict,
+            "reasons": self.reasons,
+            "checkpoint": self.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "coverage": self.coverage_detail,
+            "effects": self.effects,
+            "grid": self.grid_path,
+            "parameters": self.parameters,
+            "version": self.version,
+            "seconds": self.seconds,
+            "created": self.created.isoformat(),
+        }

@@ -7,23 +7,34 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Text, func, or_, select, type_coerce
+from sqlalchemy import Engine, Select, Text, func, or_, select, type_coerce
 from sqlalchemy.orm import Session
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Source
+from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Source, Verification
 
 HEX = re.compile(r"[0-9a-f]+")
 MIN_SHA256_PREFIX = 8
 ID_BATCH = 500  # ids per IN (...): databases cap the number of bound parameters
 
 
+VERDICTS = ("pass", "fail", "never")
+
+
 def list_entries(
-    engine: Engine, kind: str | None = None, base: str | None = None, query: str | None = None
+    engine: Engine, kind: str | None = None, base: str | None = None, query: str | None = None,
+    verdict: str | None = None,
 ) -> list[FileEntry]:
     """Entries by path; `query` matches path, trigger words, or a source's model/version name or trained
-    words, ignoring case."""
+    words, ignoring case; `verdict` is the latest verification's (pass, fail) or `never` for files never
+    verified."""
     statement = select(FileEntry).order_by(FileEntry.path)
+    if verdict == "never":
+        statement = statement.where(FileEntry.id.not_in(select(Verification.file_id)))
+    elif verdict:
+        verified = select(Verification.file_id).where(Verification.id.in_(latest_ids()),
+                                                      Verification.verdict == verdict)
+        statement = statement.where(FileEntry.id.in_(verified))
     if kind:
         statement = statement.where(FileEntry.kind == kind)
     if base:
@@ -85,3 +96,17 @@ def sources_of(engine: Engine, file_id: int) -> list[Source]:
     with Session(engine) as session:
         statement = select(Source).where(Source.file_id == file_id).order_by(Source.created.desc(), Source.id.desc())
         return list(session.scalars(statement))
+
+
+def latest_ids() -> Select:
+    """The id of each file's latest verification."""
+    return select(func.max(Verification.id)).group_by(Verification.file_id)
+
+
+def latest_verifications(engine: Engine, file_id: int | None = None) -> dict[int, Verification]:
+    """file id -> its latest verification, for every verified file (or just `file_id`)."""
+    statement = select(Verification).where(Verification.id.in_(latest_ids()))
+    if file_id is not None:
+        statement = statement.where(Verification.file_id == file_id)
+    with Session(engine) as session:
+        return {v.file_id: v for v in session.scalars(statement)}

@@ -1,0 +1,160 @@
+"""Our own denoising loop over a diffusers pipeline's parts (SAMPLING.md §4).
+
+A pipeline callback cannot replace the noise prediction, and LoRA Switch / Composite / AutoLoRA
+must, so prompt encoding, latents, classifier-free guidance, `scheduler.step` and VAE decoding are
+plain functions here; `render` takes the noise prediction as a function of (step, latents, t).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+GUIDANCE_SCALE = 7.0
+NEGATIVE_PROMPT = ""
+PLACEHOLDER_ID = 0  # stands for an embedding's vectors; below every EOS id, so CLIP's pooling never picks it
+
+
+@dataclass
+class Conditioning:
+    """What the UNet needs besides latents and t: token states, and SDXL's pooled text + size ids."""
+
+    states: torch.Tensor  # [1, 77, context]
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: text_embeds, time_ids
+
+    def batched(self, other: Conditioning) -> Conditioning:
+        """[self, other] along the batch: one UNet call for both halves of a CFG pair."""
+        added = {k: torch.cat([v, other.added[k]]) for k, v in self.added.items()}
+        return Conditioning(torch.cat([self.states, other.states]), added)
+
+
+NoisePrediction = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (step, latents, t) -> eps
+
+
+def text_encoders(pipe) -> list[tuple[object, torch.nn.Module]]:
+    """(tokenizer, text encoder) pairs in the order the pipeline concatenates their states."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def token_ids(tokenizer, prompt: str, insert: dict[str, int] | None = None) -> torch.Tensor:
+    """[1, 77] ids: BOS, the prompt, EOS, padding; each word of `insert` becomes n PLACEHOLDER_IDs."""
+    pieces: list[tuple[str, int]] = [(prompt, 0)]
+    for word, count in (insert or {}).items():
+        split: list[tuple[str, int]] = []
+        for text, _ in pieces:
+            parts = text.split(word)
+            for i, part in enumerate(parts):
+                split.append((part, count if i < len(parts) - 1 else 0))
+        pieces = split
+    ids: list[int] = []
+    for text, placeholders in pieces:
+        ids += tokenizer(text, add_special_tokens=False).input_ids if text.strip() else []
+        ids += [PLACEHOLDER_ID] * placeholders
+    limit = tokenizer.model_max_length
+    ids = [tokenizer.bos_token_id] + ids[: limit - 2] + [tokenizer.eos_token_id]
+    ids += [tokenizer.pad_token_id] * (limit - len(ids))
+    return torch.tensor([ids])
+
+
+@torch.no_grad()
+def encode_prompt(pipe, prompt: str, insert: dict[str, int] | None = None) -> Conditioning:
+    """What the diffusers pipeline computes for one prompt (no clip skip); SDXL's empty prompt is zeros."""
+    device = pipe.unet.device
+    pairs = text_encoders(pipe)
+    if len(pairs) == 1:
+        tokenizer, encoder = pairs[0]
+        return Conditioning(encoder(token_ids(tokenizer, prompt, insert).to(device))[0])
+    if prompt == "" and pipe.config.get("force_zeros_for_empty_prompt", True):
+        positive = encode_prompt(pipe, " ", insert)
+        return Conditioning(torch.zeros_like(positive.states),
+                            {k: torch.zeros_like(v) if k == "text_embeds" else v for k, v in positive.added.items()})
+    states = []
+    pooled = None
+    for tokenizer, encoder in pairs:
+        out = encoder(token_ids(tokenizer, prompt, insert).to(device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out[0]
+    return Conditioning(torch.cat(states, dim=-1), {"text_embeds": pooled})
+
+
+def with_size(pipe, cond: Conditioning, size: tuple[int, int]) -> Conditioning:
+    """SDXL's micro-conditioning: original size, crop (0, 0), target size, as (H, W) pairs."""
+    if "text_embeds" not in cond.added:
+        return cond
+    width, height = size
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=cond.states.dtype, device=cond.states.device)
+    return Conditioning(cond.states, {**cond.added, "time_ids": ids})
+
+
+def latent_shape(pipe, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    width, height = size
+    if width % factor or height % factor:
+        raise ValueError(f"the size must be a multiple of {factor}")
+    return 1, pipe.unet.config.in_channels, height // factor, width // factor
+
+
+def seeded_noise(pipe, size: tuple[int, int], seed: int) -> torch.Tensor:
+    """Unit Gaussian latents drawn on the CPU, so a seed gives the same picture on every device."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn(latent_shape(pipe, size), generator=generator, dtype=torch.float32)
+    return noise.to(pipe.unet.device, pipe.unet.dtype)
+
+
+def unet_prediction(unet, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    batch = cond.states.shape[0]
+    x = latents.expand(batch, *latents.shape[1:]) if latents.shape[0] != batch else latents
+    kwargs = {"added_cond_kwargs": cond.added} if cond.added else {}
+    return unet(x, t, encoder_hidden_states=cond.states, **kwargs, return_dict=False)[0]
+
+
+def guided(unet, positive: Conditioning, negative: Conditioning, scale: float = GUIDANCE_SCALE) -> NoisePrediction:
+    """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅)."""
+    pair = negative.batched(positive)
+
+    def predict(step: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        uncond, cond = unet_prediction(unet, torch.cat([latents, latents]), t, pair).chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return predict
+
+
+def fresh_scheduler(pipe):
+    """A new scheduler from the pipeline's config: schedulers keep per-run state (step index, PNDM history)."""
+    return type(pipe.scheduler).from_config(pipe.scheduler.config)
+
+
+@torch.no_grad()
+def denoise(pipe, noise: torch.Tensor, steps: int, predict: NoisePrediction) -> torch.Tensor:
+    """Run the scheduler from `noise` for `steps` steps; returns the final latents."""
+    scheduler = fresh_scheduler(pipe)
+    scheduler.set_timesteps(steps, device=noise.device)
+    latents = noise * scheduler.init_noise_sigma
+    for step, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(latents, t)
+        latents = scheduler.step(predict(step, model_input, t), t, latents, return_dict=False)[0]
+    return latents
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> [H, W, 3] uint8 on the CPU, the VAE run in its own dtype; NaN stays visible as NaN floats."""
+    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        scaled = scaled + shift
+    image = vae.decode(scaled, return_dict=False)[0][0].float()
+    return ((image / 2 + 0.5).clamp(0, 1) * 255).round().permute(1, 2, 0).cpu()
+
+
+@torch.no_grad()
+def render(pipe, noise: torch.Tensor, steps: int, predict: NoisePrediction,
+           vae=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final latents, decoded image as float 0..255 [H, W, 3]) — `vae` defaults to the pipeline's."""
+    latents = denoise(pipe, noise, steps, predict)
+    return latents, decode(vae if vae is not None else pipe.vae, latents)

@@ -1,0 +1,95 @@
+"""The test grid: a labelled PNG (rows prompt × seed, columns multipliers) that carries its parameters.
+
+The `parameters` text chunk is what A1111 writes and reads back as "PNG Info": the prompt on the
+first line, then `Steps: ..., Sampler: ..., Seed: ..., ...` — here also the file's and the
+checkpoint's SHA-256, the multipliers and the versions, so a grid says what it proves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from adapterzoo.formats.atomic import atomic_output
+
+PAD = 6
+FONT_SIZE = 13  # PIL's default font at a size that keeps its spaces visible
+LINE = 16  # pixels per label line
+
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, font: Any) -> int:
+    left, _, right, _ = draw.textbbox((0, 0), text, font=font)
+    return int(right - left)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any) -> list[str]:
+    """Greedy word wrap into lines no wider than `width` (a word too long for a line is cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and _text_width(draw, candidate, font) <= width:
+            lines[-1] = candidate
+            continue
+        while _text_width(draw, word, font) > width and len(word) > 1:
+            word = word[:-1]
+        lines.append(word)
+    return lines or [""]
+
+
+def draw_grid(cells: list[list[torch.Tensor]], row_labels: list[str], column_labels: list[str]) -> Image.Image:
+    """cells[row][column]: [H, W, 3] images on the 0–255 scale (NaN drawn black)."""
+    font = ImageFont.load_default(size=FONT_SIZE)
+    height, width = cells[0][0].shape[:2]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max(120, min(240, max(_text_width(probe, label, font) for label in row_labels) + 2 * PAD))
+    top = LINE + 2 * PAD
+    grid = Image.new("RGB", (label_width + len(column_labels) * (width + PAD), top + len(cells) * (height + PAD)),
+                     "white")
+    draw = ImageDraw.Draw(grid)
+    for column, label in enumerate(column_labels):
+        x = label_width + column * (width + PAD)
+        draw.text((x + max(0, (width - _text_width(draw, label, font)) // 2), PAD), label, fill="black", font=font)
+    for row, (images, label) in enumerate(zip(cells, row_labels)):
+        y = top + row * (height + PAD)
+        lines = _fit(draw, label, label_width - 2 * PAD, font)[: max(1, height // LINE)]
+        for i, line in enumerate(lines):
+            draw.text((PAD, y + i * LINE), line, fill="black", font=font)
+        for column, image in enumerate(images):
+            pixels = image.nan_to_num(0.0).clamp(0, 255).to(torch.uint8).numpy()
+            grid.paste(Image.fromarray(pixels, "RGB"), (label_width + column * (width + PAD), y))
+    return grid
+
+
+def parameters_text(parameters: dict[str, Any]) -> str:
+    """A1111's layout: the first prompt, then `Key: value` pairs on one line."""
+    fields = {
+        "Steps": parameters["steps"],
+        "Sampler": parameters["sampler"],
+        "CFG scale": parameters["cfg_scale"],
+        "Seed": ", ".join(str(s) for s in parameters["seeds"]),
+        "Size": "x".join(str(v) for v in parameters["size"]),
+        "Model": parameters["checkpoint"],
+        "Model SHA256": parameters["checkpoint_sha256"],
+        "File": parameters["file"],
+        "File SHA256": parameters["sha256"],
+        "Kind": parameters["kind"],
+        "Multipliers": ", ".join(f"{m:g}" for m in parameters["multipliers"]) or "none",
+        "Prompts": json.dumps(parameters["prompts"], ensure_ascii=False),
+        "Device": parameters["device"],
+        "Dtype": parameters["dtype"],
+        "Version": ", ".join(f"{k} {v}" for k, v in parameters["versions"].items()),
+    }
+    return parameters["prompts"][0] + "\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
+
+
+def save_grid(path: Path, image: Image.Image, parameters: dict[str, Any]) -> None:
+    """Write the PNG atomically with its `parameters` text chunk."""
+    info = PngInfo()
+    info.add_text("parameters", parameters_text(parameters))
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)

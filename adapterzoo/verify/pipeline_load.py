@@ -1,0 +1,97 @@
+"""Load the checkpoint a file is verified against, offline: a diffusers folder or a single file.
+
+A single file is converted into a temporary diffusers folder by our own converter (every config
+inferred from the tensors, tokenizer from the package), then loaded like any folder: the hub is
+never asked for a config, and what `convert --to diffusers` would write is exactly what is verified.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+from adapterzoo.errors import AdapterzooError, BadFileError
+from adapterzoo.formats.architectures import TEXT_ENCODERS, UNET, Architecture, architecture_from_models
+from adapterzoo.formats.checkpoint_to_diffusers import plan_diffusers, write_diffusers
+from adapterzoo.formats.checkpoint_to_ldm import diffusers_base
+from adapterzoo.formats.tensor_source import open_checkpoint_file
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class LoadedPipeline:
+    """The pipeline, its base and the table of every module an adapter may patch in it."""
+
+    pipe: DiffusionPipeline
+    base: str
+    architecture: Architecture
+
+    @property
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {name: getattr(self.pipe, name) for name in (UNET, *TEXT_ENCODERS)
+                if getattr(self.pipe, name, None) is not None}
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA, fp32 elsewhere, unless told; CPU kernels for half floats are slow or missing."""
+    if name is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise AdapterzooError(f"dtype must be one of {', '.join(DTYPES)}, not {name!r}")
+    return DTYPES[name]
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """diffusers and transformers draw a bar per component: noise on stderr for a load of seconds."""
+    loggers = [log for log in (diffusers_logging, transformers_logging) if log.is_progress_bar_enabled()]
+    for log in loggers:
+        log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for log in loggers:
+            log.enable_progress_bar()
+
+
+def _from_folder(folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    if not (folder / "model_index.json").is_file():
+        raise BadFileError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        with _quiet_loading():
+            return DiffusionPipeline.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BadFileError(f"diffusers cannot load {folder.name}: {str(exc).splitlines()[0]}") from None
+
+
+def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> LoadedPipeline:
+    """The pipeline of a single-file checkpoint or a diffusers folder, on `device` in `dtype`."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        base = diffusers_base(checkpoint)
+        pipe = _from_folder(checkpoint, dtype)
+    elif checkpoint.is_file():
+        plan = plan_diffusers(open_checkpoint_file(checkpoint), None)
+        with tempfile.TemporaryDirectory(prefix="adapterzoo-verify-") as tmp:
+            write_diffusers(plan, Path(tmp))
+            pipe = _from_folder(Path(tmp), dtype)
+        base = plan.base
+    else:
+        raise BadFileError(f"{checkpoint} does not exist")
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", *TEXT_ENCODERS):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            model.eval().requires_grad_(False)
+    models = {name: getattr(pipe, name) for name in (UNET, *TEXT_ENCODERS) if getattr(pipe, name, None) is not None}
+    return LoadedPipeline(pipe, base, architecture_from_models(base, models))

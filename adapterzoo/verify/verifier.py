@@ -1,0 +1,262 @@
+"""Verify files against one checkpoint: render each at several multipliers and judge pass or fail.
+
+The checkpoint's pipeline is loaded once; its renders without any file are cached per (prompt, seed),
+so a library of files costs one render per multiplier each. A file is attached at run time
+(`runtime_lora`, `runtime_hypernetwork`, `runtime_embedding`), rendered by our own loop (`denoise`),
+measured (`measure`) and judged (`verdict`); the grid (`grid`) shows what was judged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+from typing import Any, Callable
+
+import diffusers
+import torch
+import transformers
+
+from adapterzoo import __version__
+from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.probe import probe
+from adapterzoo.formats.probe_result import ProbeResult
+from adapterzoo.ops.device import pick_device
+from adapterzoo.verify import denoise, measure
+from adapterzoo.verify.attach import ADAPTER_KINDS, Attached, attach
+from adapterzoo.verify.grid import draw_grid, save_grid
+from adapterzoo.verify.pipeline_load import LoadedPipeline, load_pipeline, pick_dtype
+from adapterzoo.verify.vae_load import load_vae
+from adapterzoo.verify.verdict import judge
+
+DEFAULT_PROMPT = "a photo of a cat"
+DEFAULT_STEPS = 20
+FIXED_TIMESTEP = 500  # where the noise prediction is compared: mid-schedule, image and noise both matter
+BASES = ("sd1", "sd2", "sdxl")
+CHECKPOINT_COLUMN = "checkpoint"
+VAE_COLUMNS = ["checkpoint VAE", "this VAE"]
+KIND_NAMES = {"lora": "LoRA", "lycoris": "LyCORIS", "hypernetwork": "hypernetwork", "embedding": "embedding"}
+
+
+@dataclass
+class VerifyOptions:
+    prompts: list[str] | None = None  # None: the default prompt; for an embedding one containing its token
+    seeds: list[int] = field(default_factory=lambda: [0])
+    multipliers: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    steps: int = DEFAULT_STEPS
+    size: tuple[int, int] | None = None  # (W, H); None: the model's own (UNet sample size × VAE factor)
+    device: str = "auto"
+    dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
+
+
+def native_size(loaded: LoadedPipeline) -> tuple[int, int]:
+    """What the model was trained at: 512 for SD1.5 and SD2-base, 768 for SD2-v, 1024 for SDXL."""
+    pipe = loaded.pipe
+    side = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return side, side
+
+
+def _digest(value: str | dict[str, str]) -> str:
+    """A folder's hasher answer is one SHA-256 per file: its digest is the SHA-256 of that sorted listing."""
+    if isinstance(value, str):
+        return value
+    return sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+class Verifier:
+    """Loads the checkpoint's pipeline once; verifies many files against it."""
+
+    def __init__(self, checkpoint: Path, options: VerifyOptions, sha256_of: Callable[[Path], str]) -> None:
+        if not options.seeds or not options.multipliers:
+            raise AdapterzooError("give at least one seed and one multiplier")
+        if options.steps < 1:
+            raise AdapterzooError("--steps must be at least 1")
+        self.checkpoint = Path(checkpoint)
+        self.options = options
+        self.sha256_of = sha256_of
+        self.device = pick_device(options.device)
+        self.dtype = pick_dtype(options.dtype, self.device)
+        self.loaded = load_pipeline(self.checkpoint, self.device, self.dtype)
+        self.base: str = self.loaded.base
+        if self.base == "sdxl" and self.dtype == torch.float16 and options.dtype is None:
+            self.loaded.pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; --dtype fp16 keeps it there
+        self.size = options.size or native_size(self.loaded)
+        self._checkpoint_sha256: str | None = None
+        # the checkpoint alone: (latents, image) per (prompt, seed), noise prediction per prompt
+        self._renders: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._predictions: dict[str, torch.Tensor] = {}
+        try:
+            denoise.latent_shape(self.loaded.pipe, self.size)
+        except ValueError as exc:
+            raise AdapterzooError(f"--size {self.size[0]}x{self.size[1]}: {exc}") from None
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        if self._checkpoint_sha256 is None:
+            self._checkpoint_sha256 = _digest(self.sha256_of(self.checkpoint))
+        return self._checkpoint_sha256
+
+    # -- rendering -----------------------------------------------------------------------------------
+
+    def _condition(self, loaded: LoadedPipeline, prompt: str, insert: dict[str, int]) -> denoise.Conditioning:
+        return denoise.with_size(loaded.pipe, denoise.encode_prompt(loaded.pipe, prompt, insert), self.size)
+
+    @torch.no_grad()
+    def _render(self, loaded: LoadedPipeline, prompt: str, seed: int, insert: dict[str, int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final latents, image)."""
+        pipe = loaded.pipe
+        positive = self._condition(loaded, prompt, insert)
+        negative = self._condition(loaded, denoise.NEGATIVE_PROMPT, {})
+        noise = denoise.seeded_noise(pipe, self.size, seed)
+        return denoise.render(pipe, noise, self.options.steps, denoise.guided(pipe.unet, positive, negative))
+
+    @torch.no_grad()
+    def _prediction(self, prompt: str, insert: dict[str, int]) -> torch.Tensor:
+        """The UNet's noise prediction at a fixed latent (first seed) and timestep."""
+        pipe = self.loaded.pipe
+        noise = denoise.seeded_noise(pipe, self.size, self.options.seeds[0])
+        t = torch.tensor(FIXED_TIMESTEP, device=self.device)
+        return denoise.unet_prediction(pipe.unet, noise, t, self._condition(self.loaded, prompt, insert)).float()
+
+    def _baseline(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents, image) of the checkpoint alone."""
+        if (prompt, seed) not in self._renders:
+            self._renders[prompt, seed] = self._render(self.loaded, prompt, seed, {})
+        return self._renders[prompt, seed]
+
+    def _baseline_prediction(self, prompt: str) -> torch.Tensor:
+        if prompt not in self._predictions:
+            self._predictions[prompt] = self._prediction(prompt, {})
+        return self._predictions[prompt]
+
+    # -- one file ------------------------------------------------------------------------------------
+
+    def _prompts(self, attached: Attached) -> list[str]:
+        prompts = self.options.prompts or [DEFAULT_PROMPT]
+        if attached.token is None:
+            return list(prompts)
+        if self.options.prompts is None:
+            return [f"a photo of {attached.token}"]
+        return [p if attached.token in p else f"{p}, {attached.token}" for p in prompts]
+
+    def _parameters(self, file: Path, sha: str, kind: str, prompts: list[str], multipliers: list[float]) -> dict:
+        return {
+            "file": file.name, "sha256": sha, "kind": kind,
+            "checkpoint": self.checkpoint.name, "checkpoint_sha256": self.checkpoint_sha256,
+            "prompts": prompts, "negative_prompt": denoise.NEGATIVE_PROMPT, "seeds": list(self.options.seeds),
+            "multipliers": multipliers, "steps": self.options.steps,
+            "sampler": type(self.loaded.pipe.scheduler).__name__, "cfg_scale": denoise.GUIDANCE_SCALE,
+            "size": list(self.size), "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
+            "vae_dtype": str(self.loaded.pipe.vae.dtype).removeprefix("torch."),
+            "fixed_timestep": FIXED_TIMESTEP,
+            "versions": {"adapterzoo": __version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__, "torch": torch.__version__},
+        }
+
+    def verify(self, file: Path, grid: Path | None) -> dict:
+        """The verdict on one file as the JSON object `verify --json` prints; AdapterzooError for bad input."""
+        start = time.monotonic()
+        file = Path(file)
+        found = probe(file)
+        if found.kind == "checkpoint":
+            return self._verify_checkpoint(file, found, grid, start)
+        if found.kind == "vae":
+            return self._verify_vae(file, found, grid, start)
+        if found.kind not in ADAPTER_KINDS:
+            raise AdapterzooError(f"{file.name} is a {found.kind} file; verify reads LoRA, LyCORIS, embeddings, "
+                                  "hypernetworks, checkpoints and VAEs")
+        if found.base in BASES and found.base != self.base:
+            raise AdapterzooError(f"{found.base} {KIND_NAMES[found.kind]}, {self.base} checkpoint: {file.name} "
+                                  f"does not fit {self.checkpoint.name}")
+        attached = attach(file, found, self.loaded)
+        try:
+            return self._verify_attached(file, found, attached, grid, start)
+        finally:
+            attached.remove()
+
+    def _verify_attached(self, file: Path, found: ProbeResult, attached: Attached, grid: Path | None,
+                         start: float) -> dict:
+        options = self.options
+        prompts = self._prompts(attached)
+        rows = [(p, s) for p in prompts for s in options.seeds]
+        baselines = [self._baseline(attached.without(p), s)[1] for p, s in rows]
+        baseline_prediction = self._baseline_prediction(attached.without(prompts[0]))
+        handle = attached.hook()
+        columns: list[list[torch.Tensor]] = []
+        effects: list[dict[str, Any]] = []
+        identical_at_zero = True
+        predictions_finite = measure.finite(baseline_prediction)
+        for multiplier in options.multipliers:
+            handle.multiplier = multiplier
+            insert = attached.insert()
+            images = [self._render(self.loaded, attached.at(p, multiplier), s, insert)[1] for p, s in rows]
+            prediction = self._prediction(attached.at(prompts[0], multiplier), insert)
+            predictions_finite &= measure.finite(prediction)
+            if multiplier == 0:
+                identical_at_zero &= all(torch.equal(a, b) for a, b in zip(images, baselines))
+                identical_at_zero &= torch.equal(prediction, baseline_prediction)
+            columns.append(images)
+            effects.append({"multiplier": multiplier,
+                            "mean_abs_pixel_change": measure.mean_abs_pixel_change(images, baselines),
+                            "noise_pred_rel_change": measure.relative_change(prediction, baseline_prediction)})
+        attached.coverage["modules_hit"] = sum(1 for calls in handle.calls.values() if calls > 0)
+        images = [image for column in columns for image in column] + baselines
+        reasons = judge(attached, effects, identical_at_zero, predictions_finite,
+                        [measure.image_problem(i, self.base, self.loaded.pipe.vae.dtype) for i in images])
+        sha = _digest(self.sha256_of(file))
+        parameters = self._parameters(file, sha, found.kind, prompts, list(options.multipliers))
+        if grid is not None:
+            cells = [[column[r] for column in columns] for r in range(len(rows))]
+            labels = [f"{p} / seed {s}" for p, s in rows]
+            save_grid(grid, draw_grid(cells, labels, [f"m = {m:g}" for m in options.multipliers]), parameters)
+        return self._result(file, found, sha, reasons, attached.coverage, effects, grid, parameters, start)
+
+    def _verify_checkpoint(self, file: Path, found: ProbeResult, grid: Path | None, start: float) -> dict:
+        """A checkpoint is verified by itself: its own pipeline renders the prompts, one column, no multipliers."""
+        loaded = load_pipeline(file, self.device, self.dtype)
+        prompts = list(self.options.prompts or [DEFAULT_PROMPT])
+        rows = [(p, s) for p in prompts for s in self.options.seeds]
+        images = [self._render(loaded, p, s, {})[1] for p, s in rows]
+        problems = [measure.image_problem(i, loaded.base, loaded.pipe.vae.dtype) for i in images]
+        reasons = list(dict.fromkeys(p for p in problems if p))
+        sha = _digest(self.sha256_of(file))
+        parameters = self._parameters(file, sha, found.kind, prompts, [])
+        if grid is not None:
+            save_grid(grid, draw_grid([[i] for i in images], [f"{p} / seed {s}" for p, s in rows],
+                                      [CHECKPOINT_COLUMN]), parameters)
+        coverage = {"keys_total": found.tensors, "keys_matched": found.tensors, "modules_total": 0,
+                    "modules_hit": 0, "unmatched": []}
+        return self._result(file, found, sha, reasons, coverage, [], grid, parameters, start)
+
+    def _verify_vae(self, file: Path, found: ProbeResult, grid: Path | None, start: float) -> dict:
+        """A VAE decodes the latents the checkpoint rendered; columns: the checkpoint's VAE, this one."""
+        vae = load_vae(file, self.base, self.loaded.pipe.vae)
+        prompts = list(self.options.prompts or [DEFAULT_PROMPT])
+        rows = [(p, s) for p in prompts for s in self.options.seeds]
+        renders = [self._baseline(p, s) for p, s in rows]
+        images = [denoise.decode(vae, latents) for latents, _ in renders]
+        problems = [measure.image_problem(i, self.base, vae.dtype) for i in images]
+        reasons = list(dict.fromkeys(p for p in problems if p))
+        change = measure.mean_abs_pixel_change(images, [image for _, image in renders])
+        sha = _digest(self.sha256_of(file))
+        parameters = self._parameters(file, sha, found.kind, prompts, [])
+        if grid is not None:
+            cells = [[image, mine] for (_, image), mine in zip(renders, images)]
+            save_grid(grid, draw_grid(cells, [f"{p} / seed {s}" for p, s in rows], VAE_COLUMNS), parameters)
+        coverage = {"keys_total": found.tensors, "keys_matched": found.tensors, "modules_total": 0,
+                    "modules_hit": 0, "unmatched": []}
+        effects = [{"multiplier": 1.0, "mean_abs_pixel_change": change, "noise_pred_rel_change": None}]
+        return self._result(file, found, sha, reasons, coverage, effects, grid, parameters, start)
+
+    def _result(self, file: Path, found: ProbeResult, sha: str, reasons: list[str], coverage: dict,
+                effects: list[dict], grid: Path | None, parameters: dict, start: float) -> dict:
+        return {
+            "file": str(file), "sha256": sha, "kind": found.kind, "base": found.base, "format": found.format,
+            "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.checkpoint_sha256,
+            "verdict": "fail" if reasons else "pass", "reasons": reasons, "coverage": coverage,
+            "effects": effects, "grid": str(grid) if grid is not None else None,
+            "seconds": round(time.monotonic() - start, 3), "parameters": parameters, "version": __version__,
+        }
