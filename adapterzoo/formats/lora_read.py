@@ -38,10 +38,10 @@ from adapterzoo.formats.pickle_safe import (
     load_pickle,
     unwrap_state_dict,
 )
-from adapterzoo.formats.probe_lora import probe_lora
+from adapterzoo.formats.probe_lora import config_number, probe_lora
 from adapterzoo.formats.probe_result import ProbeResult
 from adapterzoo.formats.safetensors_header import read_header
-from adapterzoo.formats.tensor_table import table_from_state_dict
+from adapterzoo.formats.tensor_table import one_number, table_from_state_dict
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -191,7 +191,7 @@ def _detect_base(source: _Source) -> str:
     result = ProbeResult(path="")
 
     def scalar(key: str) -> float:
-        return float(tensors[key].float().item())
+        return one_number(key, tensors[key])
 
     root_config = source.peft_folders.get(None)
     probe_lora(table_from_state_dict(tensors), source.metadata, scalar, result, root_config)
@@ -234,6 +234,8 @@ def _diffusers_configs(metadata: dict[str, str]) -> dict[str, dict]:
         flat = json.loads(raw)
     except json.JSONDecodeError:
         raise BadFileError(f"metadata {DIFFUSERS_ADAPTER_METADATA} is not JSON") from None
+    if not isinstance(flat, dict):
+        raise BadFileError(f"metadata {DIFFUSERS_ADAPTER_METADATA} is not a JSON object")
     configs: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, name = key.partition(".")
@@ -303,19 +305,32 @@ def _cloneofsimo_groups(source: _Source, architecture: Architecture) -> list[_Gr
 def _peft_alpha(group: _Group, rank: int) -> float:
     """LoraConfig semantics: alpha_pattern regexes, then lora_alpha; rsLoRA stored as alpha·√r."""
     config = group.peft_config or {}
-    alpha = float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", group.spelled):
-            alpha = float(value)
+    alpha = _config_alpha(config.get("lora_alpha", PEFT_DEFAULT_ALPHA), "lora_alpha")
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise BadFileError(f"alpha_pattern in the adapter config is a {type(patterns).__name__}, not an object")
+    for pattern, value in patterns.items():
+        try:
+            hit = re.match(rf"(.*\.)?({pattern})$", group.spelled)
+        except re.error:
+            raise BadFileError(f"alpha_pattern {pattern!r} in the adapter config is not a regular expression") from None
+        if hit:
+            alpha = _config_alpha(value, f"alpha_pattern {pattern!r}")
             break
     return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
+def _config_alpha(value: object, name: str) -> float:
+    if (alpha := config_number(value)) is None:
+        raise BadFileError(f"{name} in the adapter config is {value!r}, not a number")
+    return alpha
+
+
 def _alpha(group: _Group, tensors: dict[str, torch.Tensor], rank: int) -> float:
     if "alpha" in group.keys:
-        return float(tensors[group.keys["alpha"]].float().item())
+        return one_number(group.keys["alpha"], tensors[group.keys["alpha"]])
     if "scale" in group.keys:  # A1111's per-module override of alpha / r
-        return float(tensors[group.keys["scale"]].float().item()) * rank
+        return one_number(group.keys["scale"], tensors[group.keys["scale"]]) * rank
     if group.peft_config is not None:
         return _peft_alpha(group, rank)
     return float(rank)  # no alpha anywhere: every loader uses scale 1
@@ -406,7 +421,7 @@ def _build(group: _Group, tensors: dict[str, torch.Tensor]) -> AdapterModule | N
                           parts.get("lokr_w2"), parts.get("lokr_w2_a"), parts.get("lokr_w2_b"), parts.get("lokr_t2"),
                           dora)
     if "on_input" in parts and "weight" in parts:
-        on_input = bool(parts["on_input"].item())
+        on_input = bool(one_number(group.keys["on_input"], parts["on_input"]))
         weight = parts["weight"].flatten()
         return Ia3Module(weight, on_input, shape) if weight.numel() == shape[1 if on_input else 0] else None
     diff = parts.get("diff", parts.get("w_norm"))

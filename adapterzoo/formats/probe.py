@@ -32,6 +32,7 @@ from adapterzoo.formats.safetensors_header import read_header
 from adapterzoo.formats.tensor_table import (
     TensorTable,
     dominant_dtype,
+    one_number,
     table_from_header,
     table_from_state_dict,
 )
@@ -73,7 +74,7 @@ def _probe_safetensors(path: Path, peft_config: dict | None = None) -> ProbeResu
     with safe_open(str(path), framework="pt") as handle:  # maps the file; only alpha scalars are read
 
         def scalar(key: str) -> float:
-            return float(handle.get_tensor(key).float().item())
+            return one_number(key, handle.get_tensor(key))
 
         return classify(table_from_header(header), header.metadata, scalar, result, peft_config)
 
@@ -90,7 +91,7 @@ def _probe_pickle(path: Path) -> ProbeResult:
     table = table_from_state_dict(state)
 
     def scalar(key: str) -> float:
-        return float(state[key].float().item())
+        return one_number(key, state[key])
 
     return classify(table, {}, scalar, result)
 
@@ -177,7 +178,7 @@ def _probe_peft_components(folder: Path, components: dict[str, Path]) -> ProbeRe
     def scalar(key: str) -> float:
         component, _, name = key.partition(".")
         with safe_open(str(files[component]), framework="pt") as handle:
-            return float(handle.get_tensor(name).float().item())
+            return one_number(key, handle.get_tensor(name))
 
     result = classify(table, metadata, scalar, ProbeResult(path=str(folder)), config)
     result.format = "peft" if result.kind == "lora" else result.format
