@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from adapterzoo.errors import BadFileError
 from adapterzoo.formats.json_file import read_json_object
+from adapterzoo.formats.lora_keys import lora_like_key
 from adapterzoo.formats.pickle_safe import (
     PICKLE_SUFFIXES,
     load_pickle,
@@ -28,7 +29,7 @@ from adapterzoo.formats.probe_embedding import (
 )
 from adapterzoo.formats.probe_lora import ScalarReader, probe_lora
 from adapterzoo.formats.probe_result import ProbeResult
-from adapterzoo.formats.safetensors_header import read_header
+from adapterzoo.formats.safetensors_header import read_header, safetensors_errors
 from adapterzoo.formats.tensor_table import (
     TensorTable,
     dominant_dtype,
@@ -38,6 +39,7 @@ from adapterzoo.formats.tensor_table import (
 )
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
+LORA_UNREAD = "looks like a LoRA, but its key names match no dialect we read"  # the warning, and convert's reason
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the parts diffusers saves LoRA adapters for
@@ -64,14 +66,16 @@ def classify(
         or probe_embedding_table(table, result)
         or probe_checkpoint(table, result)
     ):
-        result.warnings.append("no known key family: not a checkpoint, adapter or embedding we recognise")
+        key = lora_like_key(list(table))
+        result.warnings.append(f"{LORA_UNREAD}: first key {key}" if key else
+                               "no known key family: not a checkpoint, adapter or embedding we recognise")
     return result
 
 
 def _probe_safetensors(path: Path, peft_config: dict | None = None) -> ProbeResult:
     header = read_header(path)
     result = ProbeResult(path=str(path), data_offset=header.data_offset)
-    with safe_open(str(path), framework="pt") as handle:  # maps the file; only alpha scalars are read
+    with safetensors_errors(path), safe_open(str(path), framework="pt") as handle:  # maps it; reads only alphas
 
         def scalar(key: str) -> float:
             return one_number(key, handle.get_tensor(key))
@@ -177,7 +181,7 @@ def _probe_peft_components(folder: Path, components: dict[str, Path]) -> ProbeRe
 
     def scalar(key: str) -> float:
         component, _, name = key.partition(".")
-        with safe_open(str(files[component]), framework="pt") as handle:
+        with safetensors_errors(files[component]), safe_open(str(files[component]), framework="pt") as handle:
             return one_number(key, handle.get_tensor(name))
 
     result = classify(table, metadata, scalar, ProbeResult(path=str(folder)), config)

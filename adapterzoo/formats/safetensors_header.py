@@ -6,8 +6,12 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from adapterzoo.errors import BadFileError
 
@@ -83,7 +87,8 @@ def _tensor_info(name: str, entry: object) -> TensorInfo:
         raise BadFileError(f"tensor {name!r} has unknown dtype {_short(dtype)}")
     if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
         raise BadFileError(f"tensor {name!r} has an invalid shape {_short(shape)}")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets) or offsets[0] > offsets[1]:
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets)
+            or offsets[0] > offsets[1]):
         raise BadFileError(f"tensor {name!r} has invalid data_offsets {_short(offsets)}")
     info = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
     numel = _numel(shape)
@@ -97,6 +102,17 @@ def _tensor_info(name: str, entry: object) -> TensorInfo:
             f"tensor {name!r} claims {info.end - info.begin} bytes but {dtype}{_short(shape)} needs {expected}"
         )
     return info
+
+
+@contextmanager
+def safetensors_errors(path: str | os.PathLike) -> Iterator[None]:
+    """safetensors' own refusals while reading tensors (a dtype torch has no type for, like F6_E2M3; a file
+    changed after its header was checked) as our one-line error."""
+    try:
+        yield
+    except SafetensorError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else "refused"
+        raise BadFileError(f"safetensors cannot read {Path(path).name}: {reason}") from None
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:

@@ -39,7 +39,7 @@ from adapterzoo.formats.checkpoint_targets import (
     checkpoint_targets,
 )
 from adapterzoo.formats.lora_model import AdapterModule, FullModule, Ia3Module, LoraFile, LoraModule
-from adapterzoo.formats.lora_read import load_lora_matched
+from adapterzoo.formats.lora_read import Misfit, load_lora_matched, misfit_example
 from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES
 from adapterzoo.formats.safetensors_writer import PlannedTensor, write_safetensors
 from adapterzoo.formats.tensor_source import TensorSource, open_checkpoint_file
@@ -63,11 +63,14 @@ class LoraSpec:
 class UnmatchedLoraKeysError(AdapterzooError):
     """LoRA keys that land on no weight of the checkpoint; all of them go to --json."""
 
-    def __init__(self, lora: Path, checkpoint: Path, keys: list[str]) -> None:
+    def __init__(self, lora: Path, checkpoint: Path, keys: list[str], misfits: list[Misfit]) -> None:
         self.lora, self.keys = lora, keys
         shown = ", ".join(keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
-        super().__init__(f"{lora.name}: {len(keys)} key(s) land on no weight of {checkpoint.name}: {shown} "
-                         "(--allow-unmatched merges the rest)")
+        message = f"{lora.name}: {len(keys)} key(s) land on no weight of {checkpoint.name}: {shown}"
+        if named := sum(len(m.keys) for m in misfits):
+            message += (f"; {named} of them name weights of it but not their shapes (e.g. "
+                        f"{misfit_example(misfits, checkpoint.name)}): a LoRA for another model?")
+        super().__init__(f"{message} (--allow-unmatched merges the rest)")
 
     def json_details(self) -> dict:
         return {"lora": str(self.lora), "unmatched": self.keys}
@@ -170,10 +173,10 @@ def _read_lora(spec: LoraSpec, targets: CheckpointTargets, allow_unmatched: bool
     if not spec.path.exists():
         raise AdapterzooError(f"LoRA {spec.path} does not exist")
     check_lora_base(targets, spec.path)
-    lora, unmatched = load_lora_matched(spec.path, targets.architecture)
+    lora, unmatched, misfits = load_lora_matched(spec.path, targets.architecture)
     homeless = [path for path in lora.modules if path not in targets.locations] if lora else []
     if (unmatched or homeless) and not allow_unmatched:
-        raise UnmatchedLoraKeysError(spec.path, targets.path, unmatched + homeless)
+        raise UnmatchedLoraKeysError(spec.path, targets.path, unmatched + homeless, misfits)
     for path in homeless:
         del lora.modules[path]
     if lora is not None and lora.embeddings:
