@@ -116,9 +116,9 @@ def test_target_that_does_not_fit_the_kind_names_the_kinds_targets(fixture, to, 
 @pytest.mark.parametrize(
     ("fixture", "to", "option", "kind"),
     [
-        ("hypernetwork", "safetensors", ["--rank", "4"], "hypernetwork"),
-        ("embedding", "kohya", ["--prune-ema"], "embedding"),
-        ("lora", "kohya", ["--dtype", "fp16"], "lora"),
+        ("hypernetwork", "safetensors", ["--rank", "4"], "a hypernetwork"),
+        ("embedding", "kohya", ["--prune-ema"], "an embedding"),
+        ("lora", "kohya", ["--dtype", "fp16"], "a lora"),
     ],
 )
 def test_option_of_another_kind_is_refused(fixture, to, option, kind, request, tmp_path, capsys, monkeypatch):
@@ -126,7 +126,7 @@ def test_option_of_another_kind_is_refused(fixture, to, option, kind, request, t
     src = src[0] if isinstance(src, tuple) else src
     code, _, stderr = run(["convert", str(src), "-o", str(tmp_path / "x.safetensors"), "--to", to, *option],
                           capsys, monkeypatch)
-    assert code == 1 and stderr == f"error: {option[0]} does not apply to a {kind}\n"
+    assert code == 1 and stderr == f"error: {option[0]} does not apply to {kind}\n"
 
 
 def test_lora_goes_to_the_lora_converter_and_every_written_file_is_listed(lora, tmp_path, capsys, monkeypatch):

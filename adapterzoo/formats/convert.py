@@ -7,7 +7,8 @@ from typing import Any
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.atomic import check_output
-from adapterzoo.formats.probe import probe
+from adapterzoo.formats.probe import LORA_UNREAD, probe
+from adapterzoo.formats.probe_result import with_article
 
 # DESIGN.md's contract: the formats each kind converts to.
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -42,13 +43,16 @@ def convert(src: str | os.PathLike, dest: str | os.PathLike, to: str, **options:
     found = probe(src)
     kind = found.kind
     if kind not in TARGETS:
-        raise AdapterzooError(f"cannot convert a {kind} file (convertible: {', '.join(TARGETS)})")
+        unread = next((w for w in found.warnings if w.startswith(LORA_UNREAD)), None)
+        reason = f": {unread}" if unread else f" (convertible: {', '.join(TARGETS)})"
+        raise AdapterzooError(f"cannot convert {with_article(kind)} file{reason}")
     if to not in TARGETS[kind]:
-        raise AdapterzooError(f"--to {to} does not fit a {kind}; a {kind} converts to {' | '.join(TARGETS[kind])}")
+        raise AdapterzooError(f"--to {to} does not fit {with_article(kind)}; {with_article(kind)} converts to "
+                              f"{' | '.join(TARGETS[kind])}")
     given = {k: v for k, v in options.items() if v is not None and v is not False}
     for option in given:
         if option not in KIND_OPTIONS[kind]:
-            raise AdapterzooError(f"{_flag(option)} does not apply to a {kind}")
+            raise AdapterzooError(f"{_flag(option)} does not apply to {with_article(kind)}")
     report = _dispatch(kind, src, dest, to, force, given)
     return {"kind": kind, "from": found.format, "to": to, "outputs": _outputs(report, dest), **report}
 

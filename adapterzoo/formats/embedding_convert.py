@@ -22,6 +22,8 @@ from adapterzoo.formats.atomic import atomic_output, check_output
 from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES, load_pickle
 from adapterzoo.formats.probe import probe
 from adapterzoo.formats.probe_embedding import EMBEDDING_WIDTH_BASE
+from adapterzoo.formats.probe_result import with_article
+from adapterzoo.formats.safetensors_header import safetensors_errors
 
 EMBEDDING_TARGETS = ("a1111", "kohya", "diffusers")
 SINGLE = "text_encoder"  # the one part of an SD1/SD2 embedding
@@ -76,7 +78,7 @@ def _sdxl(clip_l: Any, clip_g: Any, name: str | None, info: dict[str, Any]) -> E
 
 def _load_tensors(path: Path, is_safetensors: bool) -> tuple[dict[str, Any], dict[str, str]]:
     if is_safetensors:
-        with safe_open(str(path), framework="pt") as handle:
+        with safetensors_errors(path), safe_open(str(path), framework="pt") as handle:
             return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
     obj = load_pickle(path)
     if not isinstance(obj, dict):
@@ -160,7 +162,7 @@ def read_embedding(path: str | os.PathLike) -> tuple[Embedding, str, list[Path]]
     path = Path(path)
     found = probe(path)
     if found.kind != "embedding":
-        raise BadFileError(f"{path.name} is a {found.kind}, not an embedding")
+        raise BadFileError(f"{path.name} is {with_article(found.kind)}, not an embedding")
     is_safetensors = found.data_offset is not None
     sources = [path]
     if found.format == "a1111":

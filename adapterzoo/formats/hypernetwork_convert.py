@@ -24,6 +24,8 @@ from adapterzoo.formats.atomic import atomic_output, check_output
 from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES, load_pickle
 from adapterzoo.formats.probe import probe
 from adapterzoo.formats.probe_embedding import SAFETENSORS_HYPERNETWORK_KEY
+from adapterzoo.formats.probe_result import with_article
+from adapterzoo.formats.safetensors_header import safetensors_errors
 
 HYPERNETWORK_TARGETS = ("safetensors", "a1111")
 TEXT_FIELDS = ("name", "activation_func", "weight_initialization", "sd_checkpoint", "sd_checkpoint_name",
@@ -89,7 +91,7 @@ def _decode(key: str, value: str) -> Any:
 
 def _read_safetensors(path: Path) -> Hypernetwork:
     grouped: dict[int, tuple[Module, Module]] = {}
-    with safe_open(str(path), framework="pt") as handle:
+    with safetensors_errors(path), safe_open(str(path), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
         for name in handle.keys():
             match = SAFETENSORS_HYPERNETWORK_KEY.match(name)
@@ -104,7 +106,7 @@ def read_hypernetwork(path: str | os.PathLike) -> tuple[Hypernetwork, str, str]:
     path = Path(path)
     found = probe(path)
     if found.kind != "hypernetwork":
-        raise BadFileError(f"{path.name} is a {found.kind}, not a hypernetwork")
+        raise BadFileError(f"{path.name} is {with_article(found.kind)}, not a hypernetwork")
     reader = _read_a1111 if found.format == "a1111" else _read_safetensors
     return reader(path), str(found.format), found.base
 

@@ -53,6 +53,15 @@ def detect_lora_dialect(keys: list[str]) -> str | None:
     return "kohya"
 
 
+_LORA_WORDS = re.compile(r"lora|lokr|loha|hada_|lycoris", re.IGNORECASE)
+
+
+def lora_like_key(keys: list[str]) -> str | None:
+    """The first key (sorted) naming a LoRA-family part (lora_down, lokr_w1, hada_w1_a, ...): for a file no
+    dialect matched, a sign it is a LoRA in a spelling we do not read rather than something else entirely."""
+    return next((key for key in sorted(keys) if _LORA_WORDS.search(key)), None)
+
+
 def split_key(key: str, dialect: str) -> tuple[str, str] | None:
     """(module name as spelled in the file, part) — e.g. ('lora_unet_..._to_k', 'lora_down.weight')."""
     if dialect == "cloneofsimo":

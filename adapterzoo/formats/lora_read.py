@@ -8,6 +8,7 @@ they are all listed in an `UnmatchedKeysError`, or handed back by `load_lora_mat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,10 +39,10 @@ from adapterzoo.formats.pickle_safe import (
     load_pickle,
     unwrap_state_dict,
 )
-from adapterzoo.formats.probe_lora import probe_lora
+from adapterzoo.formats.probe_lora import config_number, probe_lora
 from adapterzoo.formats.probe_result import ProbeResult
-from adapterzoo.formats.safetensors_header import read_header
-from adapterzoo.formats.tensor_table import table_from_state_dict
+from adapterzoo.formats.safetensors_header import read_header, safetensors_errors
+from adapterzoo.formats.tensor_table import one_number, table_from_state_dict
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -54,18 +55,51 @@ _PART_NAMES = {
     "lora_A.weight": "down", "lora_B.weight": "up",
     "lora_magnitude_vector": "magnitude", "lora_magnitude_vector.weight": "magnitude",
 }
+# Parts that are factors of ΔW, each at least a matrix (alphas, scales and IA3/DoRA vectors are not).
+_FACTOR_PARTS = {"down", "up", "mid", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                 "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
 # Old diffusers named CLIP attention projections like the UNet's (to_q_lora on self_attn).
 _LEGACY_CLIP = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out.0": "out_proj"}
 _LEGACY_CLIP_NAME = re.compile(r"^(?P<head>.+\.self_attn)\.(?P<proj>to_q|to_k|to_v|to_out\.0)$")
 
 
-class UnmatchedKeysError(BadFileError):
-    """Keys that fit no module of the architecture; `keys` holds all of them for --json."""
+@dataclass(frozen=True)
+class Misfit:
+    """A module whose name matches one of the model's but whose factors describe another shape."""
 
-    def __init__(self, keys: list[str], base: str) -> None:
+    module: str  # as the file spells it
+    keys: tuple[str, ...]
+    file_shape: tuple[int, ...] | None  # the weight shape its factors describe, where they tell one
+    model_shape: tuple[int, ...]
+
+
+def _dims(shape: tuple[int, ...] | None) -> str:
+    return "×".join(map(str, shape)) if shape else "(no shape)"
+
+
+def misfit_example(misfits: list[Misfit], model: str) -> str:
+    """The first module whose name matched and shape did not, as `name: file 32×32, sd1 320×320`."""
+    first = misfits[0]
+    return f"{first.module}: file {_dims(first.file_shape)}, {model} {_dims(first.model_shape)}"
+
+
+class UnmatchedKeysError(BadFileError):
+    """Keys that fit no module of the architecture; `keys` holds all of them for --json. When names matched
+    and shapes did not, the line says so: the LoRA was made for another model, which --checkpoint reads."""
+
+    def __init__(self, keys: list[str], base: str, misfits: list[Misfit] | None = None, builtin: bool = True) -> None:
         self.keys = keys
         shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-        super().__init__(f"{len(keys)} key(s) fit no module of the {base} model: {shown}")
+        unmatched = f"{len(keys)} key(s) fit no module of the {base} model"
+        named = sum(len(m.keys) for m in misfits or [])
+        if not named:
+            message = f"{unmatched}: {shown}"
+        else:
+            who = f"{len(keys)} key(s)" if named == len(keys) else f"{unmatched} ({shown}); {named} of them"
+            hint = "Pass that model with --checkpoint" if builtin else "Is this the model it was made for?"
+            message = (f"{who} name modules of the {base} model but not their shapes (e.g. "
+                       f"{misfit_example(misfits, base)}): a LoRA for a resized, pruned or other model? {hint}")
+        super().__init__(message)
 
     def json_details(self) -> dict:
         return {"unmatched": self.keys}
@@ -95,27 +129,32 @@ def load_lora(
 ) -> LoraFile:
     """Read `path` (file or PEFT folder) into canonical form against `architecture` or the built-in `base`."""
     source = _read_source(Path(path))
+    builtin = architecture is None
     if architecture is None:
         architecture = builtin_architecture(base or _detect_base(source))
-    lora, unmatched = _resolve(source, architecture)
+    lora, unmatched, misfits = _resolve(source, architecture)
     if unmatched:
-        raise UnmatchedKeysError(unmatched, architecture.base)
+        raise UnmatchedKeysError(unmatched, architecture.base, misfits, builtin)
     if lora is None:
         raise BadFileError("the file holds no LoRA modules")
     return lora
 
 
-def load_lora_matched(path: str | os.PathLike, architecture: Architecture) -> tuple[LoraFile | None, list[str]]:
+def load_lora_matched(
+    path: str | os.PathLike, architecture: Architecture
+) -> tuple[LoraFile | None, list[str], list[Misfit]]:
     """`load_lora` that hands back the keys landing nowhere instead of refusing the file (merge
-    --allow-unmatched): what did land (None if nothing did) and those keys, sorted."""
-    lora, unmatched = _resolve(_read_source(Path(path)), architecture)
+    --allow-unmatched): what did land (None if nothing did), those keys, sorted, and the modules among
+    them whose names matched but shapes did not."""
+    lora, unmatched, misfits = _resolve(_read_source(Path(path)), architecture)
     if lora is None and not unmatched:
         raise BadFileError("the file holds no LoRA modules")
-    return lora, unmatched
+    return lora, unmatched, misfits
 
 
-def _resolve(source: _Source, architecture: Architecture) -> tuple[LoraFile | None, list[str]]:
-    """The modules of `source` that land on `architecture` (None if none do) and its keys that land nowhere."""
+def _resolve(source: _Source, architecture: Architecture) -> tuple[LoraFile | None, list[str], list[Misfit]]:
+    """The modules of `source` that land on `architecture` (None if none do), its keys that land nowhere,
+    and the modules among those whose name matched a target but whose shape did not."""
     if source.dialect == "cloneofsimo":
         groups = _cloneofsimo_groups(source, architecture)
     elif source.dialect == "peft":
@@ -124,18 +163,48 @@ def _resolve(source: _Source, architecture: Architecture) -> tuple[LoraFile | No
         groups = _named_groups(source, architecture)
     modules: dict[str, AdapterModule] = {}
     used: set[str] = set()
+    misfits: list[Misfit] = []
     for group in groups:
         module = _build(group, source.tensors) if group.target is not None else None
+        if module is None and group.target is not None:
+            misfits.append(Misfit(group.name, tuple(group.keys.values()), _file_shape(group, source.tensors),
+                                  group.target.shape))
+        if module is not None:
+            _check_delta_forms(group.name, module)
         if module is not None and group.target.path not in modules:
             modules[group.target.path] = module
             used.update(group.keys.values())
     embeddings = {k: v for k, v in source.tensors.items() if source.metadata.get(k) == "<embed>"}
     unmatched = sorted(k for k in source.tensors if k not in used and k not in embeddings)
     if not modules:
-        return None, unmatched
+        return None, unmatched, misfits
     order = {p: i for i, p in enumerate(architecture.targets)}
     modules = dict(sorted(modules.items(), key=lambda item: order[item[0]]))
-    return LoraFile(modules, architecture, source.dialect, dict(source.metadata), embeddings), unmatched
+    return LoraFile(modules, architecture, source.dialect, dict(source.metadata), embeddings), unmatched, misfits
+
+
+def _file_shape(group: _Group, tensors: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """The weight shape a module's factors describe (out, in[, k, k]), to show beside the model's."""
+    parts = {name: tensors[key].shape for name, key in group.keys.items()}
+    if "down" in parts and "up" in parts and len(parts["down"]) >= 2:
+        return parts["up"][0], parts["down"][1], *parts.get("mid", parts["down"])[2:]
+    if "hada_w1_a" in parts and "hada_w1_b" in parts and len(parts["hada_w1_b"]) >= 2:
+        return parts["hada_w1_a"][0], parts["hada_w1_b"][1]
+    w1, w2 = _lokr_factor(parts, "1"), _lokr_factor(parts, "2")
+    if w1 and w2:
+        return w1[0] * w2[0], w1[1] * w2[1]
+    diff = parts.get("diff", parts.get("w_norm"))
+    return tuple(diff) if diff is not None else None
+
+
+def _lokr_factor(parts: dict[str, torch.Size], i: str) -> tuple[int, int] | None:
+    """The 2-D shape of LoKr factor w1 or w2, stored full or as a product; None for a Tucker w2."""
+    full, a, b = parts.get(f"lokr_w{i}"), parts.get(f"lokr_w{i}_a"), parts.get(f"lokr_w{i}_b")
+    if full is not None:
+        return (full[0], full[1]) if len(full) >= 2 else None
+    if a is None or b is None or len(a) < 1 or len(b) < 2 or "lokr_t2" in parts and i == "2":
+        return None
+    return a[0], b[1]
 
 
 # -- reading files ------------------------------------------------------------------------------
@@ -153,7 +222,8 @@ def _read_source(path: Path) -> _Source:
         tensors, metadata = {str(k): v for k, v in state.items()}, {}
     else:
         metadata = read_header(path).metadata  # validates the header before any tensor is read
-        tensors = load_file(str(path))
+        with safetensors_errors(path):
+            tensors = load_file(str(path))
     dialect = detect_lora_dialect(list(tensors))
     if dialect is None:
         raise BadFileError("no LoRA-family keys in this file")
@@ -180,7 +250,8 @@ def _read_peft_folder(folder: Path) -> _Source:
             raise BadFileError(f"{adapter} has {PEFT_CONFIG} but no {PEFT_WEIGHTS}")
         metadata.update(read_header(weights).metadata)
         prefix = "" if component is None else f"{component}/"
-        tensors.update({prefix + k: v for k, v in load_file(str(weights)).items()})
+        with safetensors_errors(weights):
+            tensors.update({prefix + k: v for k, v in load_file(str(weights)).items()})
         configs[component] = config
     return _Source(tensors, metadata, "peft", configs)
 
@@ -191,7 +262,7 @@ def _detect_base(source: _Source) -> str:
     result = ProbeResult(path="")
 
     def scalar(key: str) -> float:
-        return float(tensors[key].float().item())
+        return one_number(key, tensors[key])
 
     root_config = source.peft_folders.get(None)
     probe_lora(table_from_state_dict(tensors), source.metadata, scalar, result, root_config)
@@ -234,6 +305,8 @@ def _diffusers_configs(metadata: dict[str, str]) -> dict[str, dict]:
         flat = json.loads(raw)
     except json.JSONDecodeError:
         raise BadFileError(f"metadata {DIFFUSERS_ADAPTER_METADATA} is not JSON") from None
+    if not isinstance(flat, dict):
+        raise BadFileError(f"metadata {DIFFUSERS_ADAPTER_METADATA} is not a JSON object")
     configs: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, name = key.partition(".")
@@ -282,7 +355,8 @@ def _fitting(groups: list[_Group], component: str, tensors: dict[str, torch.Tens
 def _cloneofsimo_groups(source: _Source, architecture: Architecture) -> list[_Group]:
     groups: list[_Group] = []
     for component in ("unet", "text_encoder"):
-        indices = sorted({int(k.split(":")[1]) for k in source.tensors if k.startswith(component + ":")})
+        names = {split[0] for key in source.tensors if (split := split_key(key, "cloneofsimo"))}
+        indices = sorted({int(name.split(":")[1]) for name in names if name.startswith(component + ":")})
         if not indices:
             continue
         order = injection_order(architecture, component, injected_classes(source.metadata, component))
@@ -303,19 +377,32 @@ def _cloneofsimo_groups(source: _Source, architecture: Architecture) -> list[_Gr
 def _peft_alpha(group: _Group, rank: int) -> float:
     """LoraConfig semantics: alpha_pattern regexes, then lora_alpha; rsLoRA stored as alpha·√r."""
     config = group.peft_config or {}
-    alpha = float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", group.spelled):
-            alpha = float(value)
+    alpha = _config_alpha(config.get("lora_alpha", PEFT_DEFAULT_ALPHA), "lora_alpha")
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise BadFileError(f"alpha_pattern in the adapter config is a {type(patterns).__name__}, not an object")
+    for pattern, value in patterns.items():
+        try:
+            hit = re.match(rf"(.*\.)?({pattern})$", group.spelled)
+        except re.error:
+            raise BadFileError(f"alpha_pattern {pattern!r} in the adapter config is not a regular expression") from None
+        if hit:
+            alpha = _config_alpha(value, f"alpha_pattern {pattern!r}")
             break
     return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
+def _config_alpha(value: object, name: str) -> float:
+    if (alpha := config_number(value)) is None:
+        raise BadFileError(f"{name} in the adapter config is {value!r}, not a number")
+    return alpha
+
+
 def _alpha(group: _Group, tensors: dict[str, torch.Tensor], rank: int) -> float:
     if "alpha" in group.keys:
-        return float(tensors[group.keys["alpha"]].float().item())
+        return one_number(group.keys["alpha"], tensors[group.keys["alpha"]])
     if "scale" in group.keys:  # A1111's per-module override of alpha / r
-        return float(tensors[group.keys["scale"]].float().item()) * rank
+        return one_number(group.keys["scale"], tensors[group.keys["scale"]]) * rank
     if group.peft_config is not None:
         return _peft_alpha(group, rank)
     return float(rank)  # no alpha anywhere: every loader uses scale 1
@@ -376,10 +463,30 @@ def _fits_lokr(parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> bool:
     return a * b == shape[0] and c * inner == math.prod(shape[1:])
 
 
+def _check_delta_forms(name: str, module: AdapterModule) -> None:
+    """Form ΔW on the meta device (shapes only, no arithmetic): factors that fit the target on the outside
+    but not each other inside are a broken file, said here in one line instead of as a torch error later."""
+    on_meta = dataclasses.replace(module, **{
+        f.name: value.to("meta") for f in dataclasses.fields(module)
+        if isinstance(value := getattr(module, f.name), torch.Tensor)
+    })
+    try:
+        on_meta.delta(torch.empty(module.shape, device="meta"))
+    except ZeroDivisionError:
+        raise BadFileError(f"module {name} has rank 0") from None
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadFileError(f"module {name}: its factors do not form a {list(module.shape)} change ({reason})") from None
+
+
 def _build(group: _Group, tensors: dict[str, torch.Tensor]) -> AdapterModule | None:
     """The canonical module for a group, or None if its parts don't fit its target."""
     parts = {name: tensors[key] for name, key in group.keys.items()}
     shape = group.target.shape
+    flat = sorted(p for p in parts.keys() & _FACTOR_PARTS if parts[p].dim() < 2)
+    if flat:
+        raise BadFileError(f"module {group.name}: {flat[0]} has shape {list(parts[flat[0]].shape)}, "
+                           "but a factor is a matrix")
     known = {"down", "up", "mid", "alpha", "scale", "dora_scale", "magnitude"}
     if "down" in parts and "up" in parts and set(parts) <= known:
         factors = _lora(parts, shape)
@@ -397,7 +504,8 @@ def _build(group: _Group, tensors: dict[str, torch.Tensor]) -> AdapterModule | N
         rank = parts["hada_w1_b"].shape[0]
         return LohaModule(parts["hada_w1_a"], parts["hada_w1_b"], parts["hada_w2_a"], parts["hada_w2_b"],
                           _alpha(group, tensors, rank), shape, parts.get("hada_t1"), parts.get("hada_t2"), dora)
-    if ("lokr_w1" in parts or "lokr_w1_a" in parts) and ("lokr_w2" in parts or "lokr_w2_a" in parts):
+    if ("lokr_w1" in parts or {"lokr_w1_a", "lokr_w1_b"} <= set(parts)) and (
+            "lokr_w2" in parts or {"lokr_w2_a", "lokr_w2_b"} <= set(parts)):
         if not _fits_lokr(parts, shape):
             return None
         inner = parts.get("lokr_w1_b", parts.get("lokr_w2_b"))
@@ -406,13 +514,13 @@ def _build(group: _Group, tensors: dict[str, torch.Tensor]) -> AdapterModule | N
                           parts.get("lokr_w2"), parts.get("lokr_w2_a"), parts.get("lokr_w2_b"), parts.get("lokr_t2"),
                           dora)
     if "on_input" in parts and "weight" in parts:
-        on_input = bool(parts["on_input"].item())
+        on_input = bool(one_number(group.keys["on_input"], parts["on_input"]))
         weight = parts["weight"].flatten()
         return Ia3Module(weight, on_input, shape) if weight.numel() == shape[1 if on_input else 0] else None
     diff = parts.get("diff", parts.get("w_norm"))
     if diff is not None:
         diff_b = parts.get("diff_b", parts.get("b_norm"))
-        if diff.numel() != math.prod(shape) or diff.shape[0] != shape[0]:
+        if diff.dim() == 0 or diff.numel() != math.prod(shape) or diff.shape[0] != shape[0]:
             return None
         return FullModule(diff, shape, diff_b)
     raise BadFileError(

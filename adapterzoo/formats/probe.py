@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from adapterzoo.errors import BadFileError
 from adapterzoo.formats.json_file import read_json_object
+from adapterzoo.formats.lora_keys import lora_like_key
 from adapterzoo.formats.pickle_safe import (
     PICKLE_SUFFIXES,
     load_pickle,
@@ -28,15 +29,17 @@ from adapterzoo.formats.probe_embedding import (
 )
 from adapterzoo.formats.probe_lora import ScalarReader, probe_lora
 from adapterzoo.formats.probe_result import ProbeResult
-from adapterzoo.formats.safetensors_header import read_header
+from adapterzoo.formats.safetensors_header import read_header, safetensors_errors
 from adapterzoo.formats.tensor_table import (
     TensorTable,
     dominant_dtype,
+    one_number,
     table_from_header,
     table_from_state_dict,
 )
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
+LORA_UNREAD = "looks like a LoRA, but its key names match no dialect we read"  # the warning, and convert's reason
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the parts diffusers saves LoRA adapters for
@@ -63,17 +66,19 @@ def classify(
         or probe_embedding_table(table, result)
         or probe_checkpoint(table, result)
     ):
-        result.warnings.append("no known key family: not a checkpoint, adapter or embedding we recognise")
+        key = lora_like_key(list(table))
+        result.warnings.append(f"{LORA_UNREAD}: first key {key}" if key else
+                               "no known key family: not a checkpoint, adapter or embedding we recognise")
     return result
 
 
 def _probe_safetensors(path: Path, peft_config: dict | None = None) -> ProbeResult:
     header = read_header(path)
     result = ProbeResult(path=str(path), data_offset=header.data_offset)
-    with safe_open(str(path), framework="pt") as handle:  # maps the file; only alpha scalars are read
+    with safetensors_errors(path), safe_open(str(path), framework="pt") as handle:  # maps it; reads only alphas
 
         def scalar(key: str) -> float:
-            return float(handle.get_tensor(key).float().item())
+            return one_number(key, handle.get_tensor(key))
 
         return classify(table_from_header(header), header.metadata, scalar, result, peft_config)
 
@@ -90,9 +95,7 @@ def _probe_pickle(path: Path) -> ProbeResult:
     table = table_from_state_dict(state)
 
     def scalar(key: str) -> float:
-        if state[key].numel() != 1:
-            raise BadFileError(f"{key} should hold one number but has shape {list(state[key].shape)}")
-        return float(state[key].float().item())
+        return one_number(key, state[key])
 
     return classify(table, {}, scalar, result)
 
@@ -202,8 +205,8 @@ def _probe_peft_components(folder: Path, components: dict[str, Path]) -> ProbeRe
 
     def scalar(key: str) -> float:
         component, _, name = key.partition(".")
-        with safe_open(str(files[component]), framework="pt") as handle:
-            return float(handle.get_tensor(name).float().item())
+        with safetensors_errors(files[component]), safe_open(str(files[component]), framework="pt") as handle:
+            return one_number(key, handle.get_tensor(name))
 
     result = classify(table, metadata, scalar, ProbeResult(path=str(folder)), config)
     result.format = "peft" if result.kind == "lora" else result.format

@@ -33,32 +33,35 @@ def is_text_encoder_module(module: str) -> bool:
 def _rank(parts: dict[str, str], table: TensorTable) -> int | None:
     for part in (*DOWN_PARTS, "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
         if part in parts:
-            return table[parts[part]].shape[0]
+            shape = table[parts[part]].shape
+            return shape[0] if shape else None
     return None
 
 
 def _dims(parts: dict[str, str], table: TensorTable) -> tuple[int, int] | None:
-    """(out, in) of the target layer, read from whichever factors this module type stores."""
+    """(out, in) of the target layer, read from whichever factors this module type stores; None if no
+    factor is a matrix (a broken file, which the readers refuse; probe only reports what it can)."""
     def shape(part: str) -> tuple[int, ...] | None:
-        return table[parts[part]].shape if part in parts else None
+        found = table[parts[part]].shape if part in parts else None
+        return found if found is not None and len(found) >= 2 else None
 
     down = next((shape(p) for p in DOWN_PARTS if p in parts), None)
     up = next((shape(p) for p in UP_PARTS if p in parts), None)
-    if down is not None and up is not None and len(down) >= 2:
+    if down is not None and up is not None:
         return up[0], down[1]
-    if (diff := shape("diff")) is not None and len(diff) >= 2:
+    if (diff := shape("diff")) is not None:
         return diff[0], diff[1]
     if (w1_a := shape("hada_w1_a")) is not None and (w1_b := shape("hada_w1_b")) is not None:
         return w1_a[0], w1_b[1]
     w1 = shape("lokr_w1") or _product(shape("lokr_w1_a"), shape("lokr_w1_b"))
     w2 = shape("lokr_w2") or _product(shape("lokr_w2_a"), shape("lokr_w2_b"))
-    if w1 is not None and w2 is not None and len(w1) >= 2 and len(w2) >= 2:
+    if w1 is not None and w2 is not None:
         return w1[0] * w2[0], w1[1] * w2[1]
     return None
 
 
 def _product(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> tuple[int, ...] | None:
-    return (a[0], b[1]) if a is not None and b is not None and len(b) >= 2 else None
+    return (a[0], b[1]) if a is not None and b is not None else None
 
 
 def _algo(modules: dict[str, dict[str, str]]) -> str:
@@ -113,6 +116,12 @@ def base_from_metadata(metadata: dict[str, str]) -> str | None:
     return None
 
 
+def config_number(value: object) -> float | None:
+    """A LoraConfig number (lora_alpha, an alpha_pattern value) as a float; None for anything else a config
+    file may hold there (a string, a list, true)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _configured_alpha(metadata: dict[str, str], peft_config: dict | None) -> float | None:
     config = peft_config
     if config is None and "lora_adapter_metadata" in metadata:
@@ -123,7 +132,8 @@ def _configured_alpha(metadata: dict[str, str], peft_config: dict | None) -> flo
     if not isinstance(config, dict):
         return None
     # diffusers prefixes each component's LoraConfig fields: "unet.lora_alpha", "text_encoder.lora_alpha".
-    alphas = [float(v) for k, v in config.items() if (k == "lora_alpha" or k.endswith(".lora_alpha")) and v is not None]
+    alphas = [a for k, v in config.items()
+              if (k == "lora_alpha" or k.endswith(".lora_alpha")) and (a := config_number(v)) is not None]
     return Counter(alphas).most_common(1)[0][0] if alphas else None
 
 

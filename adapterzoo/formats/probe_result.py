@@ -9,6 +9,11 @@ KINDS = ("checkpoint", "lora", "lycoris", "hypernetwork", "embedding", "vae", "c
 BASES = ("sd1", "sd2", "sdxl", "sd3", "flux", "unknown")
 
 
+def with_article(word: str) -> str:
+    """`a lora`, `an embedding`, `an unknown` (every kind and base begins as it is spelled)."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 @dataclass
 class ProbeResult:
     """One file's identity. `details` holds kind-specific facts (variant, algo, vectors, ...)."""

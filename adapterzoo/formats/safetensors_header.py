@@ -6,12 +6,17 @@ import json
 import math
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from adapterzoo.errors import BadFileError
 
 MAX_HEADER_BYTES = 100_000_000
+U64_LIMIT = 2**64
 
 # Bits per element; sub-byte types are packed.
 DTYPE_BITS = {
@@ -47,36 +52,67 @@ class SafetensorsHeader:
 
 
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise BadFileError(f"duplicate key {key!r} in safetensors header")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise BadFileError(f"duplicate key {duplicate!r} in safetensors header")
     return out
+
+
+def _reject_constant(name: str) -> None:
+    raise BadFileError(f"header holds {name}, which is not JSON")
+
+
+def _is_size(value: object) -> bool:
+    """A JSON integer that fits the u64 safetensors reads sizes into (bool is an int in Python, not in JSON)."""
+    return type(value) is int and 0 <= value < U64_LIMIT
+
+
+def _numel(shape: list[int]) -> int | None:
+    """Element count, or None where safetensors' checked u64 product would overflow (even on the way to a 0)."""
+    count = 1
+    for dim in shape:
+        count *= dim
+        if count >= U64_LIMIT:
+            return None
+    return count
 
 
 def _tensor_info(name: str, entry: object) -> TensorInfo:
     if not isinstance(entry, dict):
         raise BadFileError(f"header entry for {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BITS:
-        raise BadFileError(f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise BadFileError(f"tensor {name!r} has an invalid shape {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
-        or offsets[0] > offsets[1]
-    ):
-        raise BadFileError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise BadFileError(f"tensor {name!r} has unknown dtype {_short(dtype)}")
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise BadFileError(f"tensor {name!r} has an invalid shape {_short(shape)}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise BadFileError(f"tensor {name!r} has invalid data_offsets {_short(offsets)}")
     info = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
-    expected = math.ceil(info.numel * DTYPE_BITS[dtype] / 8)
+    numel = _numel(shape)
+    if numel is None or numel * DTYPE_BITS[dtype] >= U64_LIMIT:
+        raise BadFileError(f"tensor {name!r} has shape {_short(shape)} and dtype {dtype}: too large to address")
+    if numel * DTYPE_BITS[dtype] % 8:
+        raise BadFileError(f"tensor {name!r} of {numel} {dtype} values does not end on a byte boundary")
+    expected = numel * DTYPE_BITS[dtype] // 8
     if info.end - info.begin != expected:
         raise BadFileError(
-            f"tensor {name!r} claims {info.end - info.begin} bytes but {dtype}{list(shape)} needs {expected}"
+            f"tensor {name!r} claims {info.end - info.begin} bytes but {dtype}{_short(shape)} needs {expected}"
         )
     return info
+
+
+@contextmanager
+def safetensors_errors(path: str | os.PathLike) -> Iterator[None]:
+    """safetensors' own refusals while reading tensors (a dtype torch has no type for, like F6_E2M3; a file
+    changed after its header was checked) as our one-line error."""
+    try:
+        yield
+    except SafetensorError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else "refused"
+        raise BadFileError(f"safetensors cannot read {Path(path).name}: {reason}") from None
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
@@ -96,13 +132,17 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     if not raw.startswith(b"{"):
         raise BadFileError("header does not start with a JSON object")
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = raw.decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, or a huge number
         raise BadFileError(f"header is not valid UTF-8 JSON ({exc.__class__.__name__})") from None
+    if "\\u" in text:
+        _reject_lone_surrogates(header)
     if not isinstance(header, dict):
         raise BadFileError("header is not a JSON object")
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -122,3 +162,17 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     if held > position:
         raise BadFileError(f"{held - position} stray bytes after the last tensor (the header does not describe them)")
     return SafetensorsHeader(tensors, metadata, data_offset, file_size)
+
+
+def _reject_lone_surrogates(header: object) -> None:
+    """Python reads a lone \\ud800 escape into a string; JSON text cannot hold one, and safetensors refuses it."""
+    try:
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadFileError("header holds a lone UTF-16 surrogate escape, which is not valid JSON text") from None
+
+
+def _short(value: object) -> str:
+    """A value from the header for a one-line message, however large the file made it."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

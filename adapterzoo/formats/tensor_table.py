@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adapterzoo.errors import BadFileError
 from adapterzoo.formats.safetensors_header import SafetensorsHeader
 
 _TORCH_DTYPE_NAMES = {
@@ -41,6 +42,18 @@ def table_from_state_dict(state_dict: dict) -> TensorTable:
         for name, value in state_dict.items()
         if isinstance(value, torch.Tensor)
     }
+
+
+def one_number(key: str, tensor: torch.Tensor) -> float:
+    """The value of a scalar tensor (an alpha, a scale): any other shape or type there is a broken file, not a crash."""
+    if tensor.numel() != 1:
+        raise BadFileError(f"{key} should hold one number but holds {tensor.numel()}")
+    try:
+        if tensor.is_complex():
+            raise TypeError
+        return float(tensor.float().item())
+    except (TypeError, RuntimeError, NotImplementedError):  # e.g. fp4, which torch cannot convert
+        raise BadFileError(f"{key} should hold one real number but is stored as {tensor.dtype}") from None
 
 
 def dominant_dtype(table: TensorTable) -> str | None:

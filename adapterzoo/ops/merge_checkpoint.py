@@ -41,7 +41,7 @@ from adapterzoo.formats.checkpoint_targets import (
 )
 from adapterzoo.formats.lora_keys import detect_lora_dialect, group_modules
 from adapterzoo.formats.lora_model import AdapterModule, FullModule, Ia3Module, LoraFile, LoraModule
-from adapterzoo.formats.lora_read import load_lora_matched
+from adapterzoo.formats.lora_read import Misfit, load_lora_matched, misfit_example
 from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES
 from adapterzoo.formats.probe_lora import is_text_encoder_module
 from adapterzoo.formats.safetensors_writer import PlannedTensor, write_safetensors
@@ -67,11 +67,15 @@ class UnmatchedLoraKeysError(AdapterzooError):
     """LoRA keys that land on no weight of the checkpoint; all of them go to --json. A text-encoder part that
     meets a UNet alone is named as such: its keys are fine, the checkpoint just has nothing for them."""
 
-    def __init__(self, lora: Path, checkpoint: Path, keys: list[str], text_encoder_keys: list[str]) -> None:
+    def __init__(self, lora: Path, checkpoint: Path, keys: list[str], text_encoder_keys: list[str],
+                 misfits: list[Misfit]) -> None:
         self.lora, self.keys = lora, keys
         text = set(text_encoder_keys)
         rest = [k for k in keys if k not in text]
         said = [f"{len(rest)} key(s) land on no weight of {checkpoint.name}: {_shown(rest)}"] if rest else []
+        if (named := sum(len(m.keys) for m in misfits)) and said:
+            said[-1] += (f"; {named} of them name weights of it but not their shapes (e.g. "
+                         f"{misfit_example(misfits, checkpoint.name)}): a LoRA for another model?")
         if text_encoder_keys:
             dialect = detect_lora_dialect(text_encoder_keys)
             modules = list(group_modules(text_encoder_keys, dialect)) if dialect else text_encoder_keys
@@ -187,12 +191,12 @@ def _read_lora(spec: LoraSpec, targets: CheckpointTargets, allow_unmatched: bool
     if not spec.path.exists():
         raise AdapterzooError(f"LoRA {spec.path} does not exist")
     check_lora_base(targets, spec.path)
-    lora, unmatched = load_lora_matched(spec.path, targets.architecture)
+    lora, unmatched, misfits = load_lora_matched(spec.path, targets.architecture)
     homeless = [path for path in lora.modules if path not in targets.locations] if lora else []
     unet_only = targets.components == {UNET}
     text_encoder_keys = [k for k in unmatched if unet_only and is_text_encoder_module(k)]
     if (unmatched or homeless) and not allow_unmatched:
-        raise UnmatchedLoraKeysError(spec.path, targets.path, unmatched + homeless, text_encoder_keys)
+        raise UnmatchedLoraKeysError(spec.path, targets.path, unmatched + homeless, text_encoder_keys, misfits)
     if text_encoder_keys:
         warnings.append(f"{spec.path.name}: its text-encoder part ({len(text_encoder_keys)} key(s)) is left out, "
                         f"{targets.path.name} is a UNet alone")

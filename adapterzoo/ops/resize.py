@@ -20,6 +20,7 @@ from adapterzoo.errors import AdapterzooError, BadFileError
 from adapterzoo.formats.atomic import atomic_output, check_output
 from adapterzoo.formats.lora_keys import LYCORIS_PARTS, detect_lora_dialect, group_modules
 from adapterzoo.formats.tensor_source import TensorSource, open_checkpoint_file
+from adapterzoo.formats.tensor_table import one_number
 from adapterzoo.ops.lowrank import Rank, Rule, Truncation, truncate
 from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata, rule_setting
 from adapterzoo.ops.retention import Retention
@@ -102,9 +103,9 @@ def _truncated(name: str, parts: dict[str, str], tensors: TensorSource, rule: Ru
     if mid is not None and (mid.dim() != 4 or tuple(mid.shape[:2]) != (rank, rank) or tuple(down.shape[2:]) != (1, 1)):
         raise BadFileError(f"{name}: lora_mid {list(mid.shape)} does not fit lora_down {list(down.shape)}")
     if "alpha" in parts:
-        alpha = float(tensors.get(parts["alpha"]).float())
+        alpha = one_number(parts["alpha"], tensors.get(parts["alpha"]))
     elif "scale" in parts:  # A1111's per-module override of alpha / r
-        alpha = float(tensors.get(parts["scale"]).float()) * rank
+        alpha = one_number(parts["scale"], tensors.get(parts["scale"])) * rank
     else:
         alpha = float(rank)  # no alpha: every loader uses scale 1
     return rank, truncate(up, down, alpha / rank, rule, mid)
