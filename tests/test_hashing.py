@@ -152,12 +152,12 @@ def test_a_failing_progress_callback_stops_the_pass_and_leaves_no_threads(files:
 
 
 @pytest.mark.parametrize("threaded", [False, True])
-@pytest.mark.parametrize("piece", [1, 4099, 300_007, MIB + 3])
+@pytest.mark.parametrize("piece", [7, 4099, 300_007, MIB + 3])
 def test_stream_hashes_fed_in_any_pieces_match_the_whole_file(
     files: dict[int, Path], threaded: bool, piece: int
 ) -> None:
     """A download feeds whatever the network hands it; the digests must not depend on the cut points."""
-    data = files[3 * MIB + 12345].read_bytes() if piece > 1 else files[100_000].read_bytes()
+    data = files[3 * MIB + 12345].read_bytes() if piece > 7 else files[100_000].read_bytes()[:20_000]
     offset = 8 + len(data) // 3
     with hashing.StreamHashes(offset, threaded=threaded) as hashes:
         for start in range(0, len(data), piece):
