@@ -148,9 +148,10 @@ class StreamHashes:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        errors = self._stop()
         if exc_type is None:
-            _raise_first(errors)
+            self.close()
+        else:
+            self.discard()
 
     def update(self, chunk: bytes) -> None:
         """Take the next bytes of the file; `chunk` must not change afterwards (threads read it later)."""
@@ -161,6 +162,10 @@ class StreamHashes:
     def close(self) -> None:
         """Wait for every digest to take in all it was fed; raise what went wrong in one of them."""
         _raise_first(self._stop())
+
+    def discard(self) -> None:
+        """Stop the threads and ignore their errors: what they were fed is being thrown away."""
+        self._stop()
 
     def _stop(self) -> list[BaseException | None]:
         if not self._open:
