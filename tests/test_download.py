@@ -51,10 +51,12 @@ def test_token_goes_to_the_download_host_only_and_the_file_is_hashed_as_it_strea
     fake: FakeStorage, tmp_path: Path, retry: Retry
 ) -> None:
     url = fake.add("101", Served(LORA, token="secret"))
-    got = download(url, tmp_path, headers=TOKEN, size=len(LORA), sha256=SHA.upper(), host=CIVITAI, retry=retry)
+    headers = {**TOKEN, "X-Api-Key": "secret"}  # requests itself would strip Authorization only
+    got = download(url, tmp_path, headers=headers, size=len(LORA), sha256=SHA.upper(), host=CIVITAI, retry=retry)
 
     assert got.path == tmp_path / "model.safetensors" and got.path.read_bytes() == LORA
     assert [s.headers.get("Authorization") for s in fake.seen] == ["Bearer secret", None]
+    assert [s.headers.get("X-Api-Key") for s in fake.seen] == ["secret", None]
     assert [s.server for s in fake.seen] == ["api", "storage"]
     assert got.hashes == hash_file(got.path, data_offset=read_header(got.path).data_offset)
     assert got.hashes.autov3 is not None and not got.reused and got.beside is None
@@ -323,6 +325,7 @@ def test_ctrl_c_leaves_only_the_part_which_the_next_call_resumes(fake: FakeStora
     with pytest.raises(KeyboardInterrupt):
         download(url, tmp_path, name="model.safetensors", session=session)
     assert only_files(tmp_path) == ["model.safetensors.part"]
+    assert not [t for t in threading.enumerate() if t.name == "hash_file"]  # the digest threads stopped
     kept = (tmp_path / "model.safetensors.part").stat().st_size
     assert 0 < kept < len(LORA)
 
@@ -352,3 +355,17 @@ def test_a_206_from_a_changed_file_is_not_spliced_onto_the_old_part(fake: FakeSt
                    name="model.safetensors")
     assert [s.headers.get("Range") for s in fake.requests_to("storage")] == ["bytes=4096-", None]
     assert got.resumed_from == 0 and got.path.read_bytes() == LORA
+
+
+def test_a_part_longer_than_the_file_now_is_started_over(fake: FakeStorage, tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors.part").write_bytes(b"\x07" * (len(LORA) + 10))
+    got = download(fake.add("128", Served(LORA)), tmp_path, name="model.safetensors", sha256=SHA)
+    assert [s.headers.get("Range") for s in fake.requests_to("storage")] == [f"bytes={len(LORA) + 10}-", None]
+    assert got.resumed_from == 0 and got.path.read_bytes() == LORA
+
+
+def test_the_progress_bar_stays_off_when_stderr_is_not_a_terminal(
+    fake: FakeStorage, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    download(fake.add("129", Served(LORA)), tmp_path, progress_bar=True)
+    assert capfd.readouterr().err == ""

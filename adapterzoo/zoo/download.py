@@ -148,10 +148,10 @@ class _Job:
                     if response is None:
                         response = self.get(offset, validator)
                     final_name = _served_name(response, self.url, name)
-                    if response.status_code == 416 and self._complete(response, offset):
-                        break
+                    if response.status_code == 416 and _holds_all(response, offset):
+                        break  # the .part already is the whole file
                     if offset and not self._continues(response, offset, validator):
-                        fh.truncate(0)  # the server ignored Range, or the file changed: start over
+                        fh.truncate(0)  # the server ignored Range, or the file changed or shrank: start over
                         self._drop_hasher()
                         resumed_from = offset = 0
                         bar.reset(total=self.size)
@@ -174,19 +174,13 @@ class _Job:
                         failures = 0 if offset > before else failures
                         failures = wait_or_raise(self.retry, failures, None,
                                                  f"the download from {self.host.name} was cut ({_short(exc)})")
+            except BaseException:
+                self._drop_hasher()
+                raise
             finally:
                 if response is not None:
                     response.close()
         return self._finish(part, folder, final_name, offset, resumed_from)
-
-    def _complete(self, response: requests.Response, offset: int) -> bool:
-        """416 to our Range: fine when the .part already holds the whole file."""
-        total = _content_range(response.headers.get("Content-Range", ""))[2]
-        response.close()
-        if offset and total == offset:
-            return True
-        raise AdapterzooError(f"{self.host.name} cannot serve bytes from {offset} of {shown_url(self.url)} "
-                              f"(416 Range Not Satisfiable; the file is {total} bytes)")
 
     @staticmethod
     def _continues(response: requests.Response, offset: int, validator: str | None) -> bool:
@@ -391,6 +385,11 @@ def _content_range(value: str) -> tuple[int | None, int | None, int | None]:
     first, last, total = match.groups()
     return (None if first is None else int(first), None if last is None else int(last),
             None if total in (None, "*") else int(total))
+
+
+def _holds_all(response: requests.Response, offset: int) -> bool:
+    """Whether a 416 to `Range: bytes=offset-` says the file is exactly `offset` bytes long."""
+    return _content_range(response.headers.get("Content-Range", ""))[2] == offset
 
 
 def _total_size(response: requests.Response) -> int | None:
