@@ -57,6 +57,7 @@ def test_token_goes_to_the_download_host_only_and_the_file_is_hashed_as_it_strea
     assert got.path == tmp_path / "model.safetensors" and got.path.read_bytes() == LORA
     assert [s.headers.get("Authorization") for s in fake.seen] == ["Bearer secret", None]
     assert [s.headers.get("X-Api-Key") for s in fake.seen] == ["secret", None]
+    assert {s.headers.get("Accept-Encoding") for s in fake.seen} == {"identity"}  # Range counts raw bytes
     assert [s.server for s in fake.seen] == ["api", "storage"]
     assert got.hashes == hash_file(got.path, data_offset=read_header(got.path).data_offset)
     assert got.hashes.autov3 is not None and not got.reused and got.beside is None
@@ -369,3 +370,9 @@ def test_the_progress_bar_stays_off_when_stderr_is_not_a_terminal(
 ) -> None:
     download(fake.add("129", Served(LORA)), tmp_path, progress_bar=True)
     assert capfd.readouterr().err == ""
+
+
+def test_a_url_that_is_not_one_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(AdapterzooError, match=r"^cannot download: Invalid URL .x.: No scheme supplied"):
+        download("x", tmp_path, name="x.safetensors")
+    assert only_files(tmp_path) == []

@@ -17,7 +17,7 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,7 +297,7 @@ def _identical_in_place(final: Path, size: int | None, sha256: str) -> Downloade
 
 
 @contextmanager
-def _locked_part(path: Path, notice: Any) -> Iterator[_Part]:
+def _locked_part(path: Path, notice: Callable[[str], None] | None) -> Iterator[_Part]:
     """Open and exclusively lock the .part, waiting for another download holding it. A lock taken on
     a .part that was renamed or removed meanwhile is worthless, so the open is retried until the
     locked file is the one at the path. An empty .part is removed on the way out."""

@@ -74,7 +74,8 @@ def get_file(
     elsewhere: signed storage URLs refuse a request with an Authorization header, and a token must
     not leak to a third party. Anything else raises AdapterzooError in one line.
     """
-    ranged = {"Range": f"bytes={start}-"} if start else {}
+    # identity: Range counts the bytes on the wire, and a gzipped answer would not be the file's bytes
+    ranged = {"Accept-Encoding": "identity", **({"Range": f"bytes={start}-"} if start else {})}
     if start and if_range:
         ranged["If-Range"] = if_range
     failures = 0
@@ -102,7 +103,11 @@ def _follow(
     origin = _origin(url)
     for _ in range(MAX_REDIRECTS + 1):
         sent = {**(headers if _origin(url) == origin else {}), **ranged}
-        response = session.get(url, headers=sent, stream=True, allow_redirects=False, timeout=TIMEOUT_S)
+        try:
+            response = session.get(url, headers=sent, stream=True, allow_redirects=False, timeout=TIMEOUT_S)
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema) as exc:
+            raise AdapterzooError(f"cannot download: {exc}") from None
         if response.status_code not in REDIRECTS or "Location" not in response.headers:
             return response
         response.close()
