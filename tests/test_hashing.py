@@ -149,3 +149,24 @@ def test_a_failing_progress_callback_stops_the_pass_and_leaves_no_threads(files:
     with pytest.raises(Cancelled):
         hash_file(files[2 * hashing.CHUNK_BYTES + 7], data_offset=8, progress=cancel)
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("piece", [7, 4099, 300_007, MIB + 3])
+def test_stream_hashes_fed_in_any_pieces_match_the_whole_file(
+    files: dict[int, Path], threaded: bool, piece: int
+) -> None:
+    """A download feeds whatever the network hands it; the digests must not depend on the cut points."""
+    data = files[3 * MIB + 12345].read_bytes() if piece > 7 else files[100_000].read_bytes()[:20_000]
+    offset = 8 + len(data) // 3
+    with hashing.StreamHashes(offset, threaded=threaded) as hashes:
+        for start in range(0, len(data), piece):
+            hashes.update(data[start:start + piece])
+    assert hashes.size == len(data)
+    assert hashes.result().to_json() == expected(data, offset)
+
+
+def test_stream_hashes_with_tensor_data_past_the_end_have_no_autov3() -> None:
+    with hashing.StreamHashes(data_offset=100, threaded=False) as hashes:
+        hashes.update(b"x" * 50)
+    assert hashes.result().to_json() == expected(b"x" * 50, None)

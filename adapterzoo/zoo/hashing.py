@@ -121,33 +121,77 @@ class _Worker:
         return self._error
 
 
-def _read_once(
-    path: str | os.PathLike,
-    spans: list[_Span],
-    autov1: _Span,
-    progress: Callable[[int], None] | None,
-) -> int:
-    """Read the file once, hand every chunk to each span's hasher; return the bytes read."""
-    try:
-        with open(path, "rb", buffering=0) as fh:
-            hasher_for = _Worker if os.fstat(fh.fileno()).st_size >= THREADS_FROM_BYTES else _Inline
-            workers = [*(hasher_for(span) for span in spans), _Inline(autov1)]
-            position = 0
-            try:
-                while chunk := fh.read(CHUNK_BYTES):
-                    for worker in workers:
-                        worker.feed(chunk, position)
-                    position += len(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-            finally:
-                errors = [worker.finish() for worker in workers]
-            for error in errors:
-                if error is not None:
-                    raise error
-    except OSError as exc:
-        raise AdapterzooError(f"cannot read {os.fspath(path)}: {exc.strerror or exc}") from None
-    return position
+class StreamHashes:
+    """Every digest hash_file gives, fed the file's bytes in order as they arrive: a download hashes
+    what it writes, so the file need not be read again afterwards.
+
+    `data_offset` is where safetensors tensor data starts (AutoV3); `threaded` runs one thread per
+    digest, worth it from about 1 MiB. Use it as a context manager so the threads always stop.
+    """
+
+    def __init__(self, data_offset: int | None = None, threaded: bool = True) -> None:
+        if data_offset is not None and data_offset < 0:
+            raise ValueError(f"data_offset must be >= 0, got {data_offset}")
+        self.data_offset = data_offset
+        self.size = 0
+        self._sha256, self._data_sha256, self._autov1 = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
+        self._blake, self._crc = blake3.blake3(), _Crc32()
+        spans = [_Span(self._sha256, 0), _Span(self._blake, 0), _Span(self._crc, 0)]
+        if data_offset is not None:
+            spans.append(_Span(self._data_sha256, data_offset))
+        hasher_for = _Worker if threaded else _Inline
+        self._workers = [*(hasher_for(span) for span in spans),
+                         _Inline(_Span(self._autov1, AUTOV1_START, AUTOV1_START + AUTOV1_LENGTH))]
+        self._open = True
+
+    def __enter__(self) -> StreamHashes:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+    def update(self, chunk: bytes) -> None:
+        """Take the next bytes of the file; `chunk` must not change afterwards (threads read it later)."""
+        for worker in self._workers:
+            worker.feed(chunk, self.size)
+        self.size += len(chunk)
+
+    def close(self) -> None:
+        """Wait for every digest to take in all it was fed; raise what went wrong in one of them."""
+        _raise_first(self._stop())
+
+    def discard(self) -> None:
+        """Stop the threads and ignore their errors: what they were fed is being thrown away."""
+        self._stop()
+
+    def _stop(self) -> list[BaseException | None]:
+        if not self._open:
+            return []
+        self._open = False
+        return [worker.finish() for worker in self._workers]
+
+    def result(self) -> FileHashes:
+        """The digests of everything fed; AutoV3 None when tensor data would start past the end."""
+        self.close()
+        full = self._sha256.hexdigest()
+        has_data = self.data_offset is not None and self.data_offset <= self.size
+        return FileHashes(
+            sha256=full,
+            autov1=self._autov1.hexdigest()[:8],
+            autov2=full[:10],
+            autov3=self._data_sha256.hexdigest() if has_data else None,
+            blake3=self._blake.hexdigest(),
+            crc32=f"{self._crc.value:08x}",
+        )
+
+
+def _raise_first(errors: list[BaseException | None]) -> None:
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 def hash_file(
@@ -160,28 +204,19 @@ def hash_file(
     `data_offset` is where safetensors tensor data starts (8 + header length) and gives AutoV3;
     None gives autov3 None. `progress` is called with the size of each chunk just read.
     """
-    if data_offset is not None and data_offset < 0:
-        raise ValueError(f"data_offset must be >= 0, got {data_offset}")
-    sha256, data_sha256, autov1 = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
-    blake, crc = blake3.blake3(), _Crc32()
-    spans = [_Span(sha256, 0), _Span(blake, 0), _Span(crc, 0)]
-    if data_offset is not None:
-        spans.append(_Span(data_sha256, data_offset))
-    autov1_span = _Span(autov1, AUTOV1_START, AUTOV1_START + AUTOV1_LENGTH)
-
-    size = _read_once(path, spans, autov1_span, progress)
-    if data_offset is not None and data_offset > size:
-        raise BadFileError(f"tensor data should start at byte {data_offset} but the file is {size} bytes")
-
-    full = sha256.hexdigest()
-    return FileHashes(
-        sha256=full,
-        autov1=autov1.hexdigest()[:8],
-        autov2=full[:10],
-        autov3=data_sha256.hexdigest() if data_offset is not None else None,
-        blake3=blake.hexdigest(),
-        crc32=f"{crc.value:08x}",
-    )
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            threaded = os.fstat(fh.fileno()).st_size >= THREADS_FROM_BYTES
+            with StreamHashes(data_offset, threaded) as hashes:
+                while chunk := fh.read(CHUNK_BYTES):
+                    hashes.update(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+    except OSError as exc:
+        raise AdapterzooError(f"cannot read {os.fspath(path)}: {exc.strerror or exc}") from None
+    if data_offset is not None and data_offset > hashes.size:
+        raise BadFileError(f"tensor data should start at byte {data_offset} but the file is {hashes.size} bytes")
+    return hashes.result()
 
 
 def sha256_of(path: Path) -> str | dict[str, str]:
