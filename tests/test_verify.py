@@ -83,7 +83,7 @@ def test_kohya_at_run_time_equals_diffusers_load_lora_weights(base, tmp_path):
     pipe = tiny_models.tiny_pipeline(base, 1)
     lora_path = kohya_file(pipe, base, tmp_path / "kohya.safetensors")
     baseline = noise_prediction(pipe)
-    lora, unmatched = load_lora_matched(lora_path, architecture_from_models(base, components(pipe)))
+    lora, unmatched, _ = load_lora_matched(lora_path, architecture_from_models(base, components(pipe)))
     assert unmatched == []
     applied = apply_lora(lora, live_modules(components(pipe), lora.architecture, list(lora.modules)), 0.7)
     ours = noise_prediction(pipe)
@@ -171,6 +171,18 @@ def test_nan_in_a_file_fails_and_a_stray_key_is_counted_and_named(tiny, tmp_path
     assert "the noise prediction holds NaN or inf" in result["reasons"]
 
 
+def test_a_module_whose_name_fits_and_shape_does_not_is_a_named_failure(tiny, tmp_path):
+    path = kohya_file(tiny_models.tiny_pipeline("sd1", 1), "sd1", tmp_path / "kohya.safetensors")
+    sd = load_file(str(path))
+    module = next(k for k in sd if k.endswith("attn2_to_k.lora_down.weight")).removesuffix(".lora_down.weight")
+    sd[f"{module}.lora_down.weight"] = torch.ones(4, 999)
+    save_file(sd, str(path))
+    result = tiny[1].verify(path, None)
+    assert result["verdict"] == "fail"
+    assert any(r.startswith("3 key(s) name modules of the checkpoint but not their shapes (e.g. " + module)
+               and "file" in r and "×999" in r for r in result["reasons"]), result["reasons"]
+
+
 def test_a_file_for_another_base_is_refused_before_rendering(tiny, tmp_path):
     path = tmp_path / "sdxl.safetensors"
     save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 1280),
@@ -244,7 +256,7 @@ def test_a_hypernetwork_passes_and_a_width_no_attention_reads_is_named(tiny, tmp
 
 
 def hooked_prediction(pipe, base: str, lora_path: Path, multiplier: float) -> torch.Tensor:
-    lora, unmatched = load_lora_matched(lora_path, architecture_from_models(base, components(pipe)))
+    lora, unmatched, _ = load_lora_matched(lora_path, architecture_from_models(base, components(pipe)))
     assert unmatched == []
     applied = apply_lora(lora, live_modules(components(pipe), lora.architecture, list(lora.modules)), multiplier)
     try:

@@ -18,7 +18,7 @@ from adapterzoo.formats.architectures import builtin_architecture
 from adapterzoo.formats.embedding_convert import read_embedding
 from adapterzoo.formats.hypernetwork_convert import read_hypernetwork
 from adapterzoo.formats.lora_model import LoraFile, LoraModule
-from adapterzoo.formats.lora_read import load_lora_matched
+from adapterzoo.formats.lora_read import load_lora_matched, misfit_example
 from adapterzoo.formats.probe_result import ProbeResult
 from adapterzoo.verify.pipeline_load import LoadedPipeline
 from adapterzoo.verify.runtime_embedding import AppliedEmbedding, apply_embedding, width_problems
@@ -78,7 +78,7 @@ def _nonfinite(named: dict[str, list[torch.Tensor]]) -> str | None:
 
 def _attach_lora(file: Path, found: ProbeResult, loaded: LoadedPipeline) -> Attached:
     architecture = builtin_architecture(loaded.base) if found.format in POSITIONAL_DIALECTS else loaded.architecture
-    lora, unmatched = load_lora_matched(file, architecture)
+    lora, unmatched, misfits = load_lora_matched(file, architecture)
     lora = lora or LoraFile({}, architecture, str(found.format))
     modules = live_modules(loaded.models, architecture, list(lora.modules))
     absent = [path for path, module in modules.items() if module is None]
@@ -89,6 +89,9 @@ def _attach_lora(file: Path, found: ProbeResult, loaded: LoadedPipeline) -> Atta
                 "modules_total": len(present),
                 "unmatched": unmatched + [f"{path} (no such layer in the checkpoint)" for path in absent]}
     problems = [p for p in [_nonfinite({path: _tensors(m) for path, m in lora.modules.items()})] if p]
+    if misfits:
+        problems.append(f"{sum(len(m.keys) for m in misfits)} key(s) name modules of the checkpoint but not their "
+                        f"shapes (e.g. {misfit_example(misfits, loaded.base)}): a LoRA for another model?")
     ups = [m.up for m in lora.modules.values() if isinstance(m, LoraModule)]
     only_lora = len(ups) == len(lora.modules) > 0
     no_effect = "every lora_up is zero" if only_lora and not any(bool(u.any()) for u in ups) else None
