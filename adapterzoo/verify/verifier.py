@@ -52,6 +52,13 @@ class VerifyOptions:
     dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
 
 
+def refuse_other_base(file: Path, found: ProbeResult, base: str, checkpoint: Path) -> None:
+    """A file made for another base than the checkpoint's is refused before anything renders, in one line."""
+    if found.base in BASES and found.base != base:
+        raise AdapterzooError(f"{found.base} {KIND_NAMES[found.kind]}, {base} checkpoint: {file.name} "
+                              f"does not fit {checkpoint.name}")
+
+
 def _digest(value: str | dict[str, str]) -> str:
     """A folder's hasher answer is one SHA-256 per file: its digest is the SHA-256 of that sorted listing."""
     if isinstance(value, str):
@@ -158,9 +165,7 @@ class Verifier:
         if found.kind not in ADAPTER_KINDS:
             raise AdapterzooError(f"{file.name} is a {found.kind} file; verify reads LoRA, LyCORIS, embeddings, "
                                   "hypernetworks, checkpoints and VAEs")
-        if found.base in BASES and found.base != self.base:
-            raise AdapterzooError(f"{found.base} {KIND_NAMES[found.kind]}, {self.base} checkpoint: {file.name} "
-                                  f"does not fit {self.checkpoint.name}")
+        refuse_other_base(file, found, self.base, self.checkpoint)
         attached = attach(file, found, self.loaded)
         try:
             return self._verify_attached(file, found, attached, grid, start)
