@@ -52,7 +52,8 @@ def attach_loras(loaded: LoadedPipeline, files: list[Path], checkpoint: Path) ->
     for file in files:
         found = probe(file)
         if found.kind not in LORA_KINDS:
-            raise AdapterzooError(f"{file.name} is a {found.kind} file; --lora takes LoRA and LyCORIS files")
+            raise AdapterzooError(f"{file.name} is not a LoRA or LyCORIS file (probe says {found.kind}); "
+                                  "--lora takes those only")
         refuse_other_base(file, found, loaded.base, checkpoint)
         one = attach(file, found, loaded)
         if one.problems:
@@ -69,6 +70,14 @@ def encode_pair(loaded: LoadedPipeline, prompt: str, negative_prompt: str, size:
                  for text in (prompt, negative_prompt))
 
 
+def evaluations(loaded: LoadedPipeline, steps: int) -> int:
+    """How many passes the loop makes for `steps` (the scheduler's timesteps: PNDM's first step takes two);
+    LoRA Switch counts these passes."""
+    scheduler = denoise.fresh_scheduler(loaded.pipe)
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
 @torch.no_grad()
 def render_composed(loaded: LoadedPipeline, attached: list[Attached], weights: list[float], options: SampleOptions,
                     size: tuple[int, int], progress_bar: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +90,8 @@ def render_composed(loaded: LoadedPipeline, attached: list[Attached], weights: l
         without = encode_pair(loaded, options.prompt, options.negative_prompt, size)
         predict = composed(loaded.pipe.unet, handles, weights, options.composition, with_loras, without)
         noise = denoise.seeded_noise(loaded.pipe, size, options.seed)
-        with tqdm(total=options.steps, desc="sample", unit="step", disable=None if progress_bar else True) as bar:
+        total = evaluations(loaded, options.steps)
+        with tqdm(total=total, desc="sample", unit="step", disable=None if progress_bar else True) as bar:
             def counted(step: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 prediction = predict(step, latents, t)
                 bar.update()
@@ -152,7 +162,7 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
     }
     if composition.mode == "switch":
         report["switch_every"] = composition.switch_every
-        report["schedule"] = switch_schedule(options.steps, len(files), composition.switch_every)
+        report["schedule"] = switch_schedule(evaluations(loaded, options.steps), len(files), composition.switch_every)
     report.update({"autolora": composition.autolora, "checkpoint": str(checkpoint), "base": loaded.base,
                    "prompt": options.prompt, "negative_prompt": options.negative_prompt, "seed": options.seed,
                    "steps": options.steps, "size": list(size), "device": device.type,
