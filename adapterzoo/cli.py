@@ -53,6 +53,16 @@ def print_module_report(report: dict[str, Any], columns: list[str]) -> None:
     click.echo(f"wrote    {report['output']}")
 
 
+def print_loras(report: dict[str, Any], columns: list[str]) -> None:
+    """The LoRAs table of a report (the first column names the file), each key that landed nowhere, warnings."""
+    print_table(report["loras"], columns)
+    for lora in report["loras"]:
+        for key in lora["unmatched"]:
+            click.echo(f"unmatched {Path(lora[columns[0]]).name}: {key}")
+    for warning in report["warnings"]:
+        click.echo(f"warning  {warning}")
+
+
 def provenance_hasher(*inputs: str | Path) -> Callable[[Path], str | dict[str, str]]:
     """How an ops command gets an input's SHA-256 for its output's provenance: from the registry (--db) for a
     scanned, unchanged file, else hashed. Called first thing, before the command imports torch: the inputs'
@@ -213,12 +223,7 @@ def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, devi
     if as_json:
         emit_json(report)
         return
-    print_table(report["loras"], ["path", "weight", "format", "modules"])
-    for lora in report["loras"]:
-        for key in lora["unmatched"]:
-            click.echo(f"unmatched {Path(lora['path']).name}: {key}")
-    for warning in report["warnings"]:
-        click.echo(f"warning  {warning}")
+    print_loras(report, ["path", "weight", "format", "modules"])
     click.echo(f"merged   {report['tensors_merged']} tensors of {report['base']} {report['layout']} "
                f"({report['tensors_copied']} copied) on {report['device']} in {report['seconds']:.1f} s")
     click.echo(f"wrote    {report['output']}")
@@ -513,12 +518,7 @@ def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, n
     if as_json:
         emit_json(report)
         return
-    print_table(report["loras"], ["file", "weight", "modules", "modules_hit"])
-    for lora in report["loras"]:
-        for key in lora["unmatched"]:
-            click.echo(f"unmatched {Path(lora['file']).name}: {key}")
-    for warning in report["warnings"]:
-        click.echo(f"warning  {warning}")
+    print_loras(report, ["file", "weight", "modules", "modules_hit"])
     mix = "" if report["autolora"] is None else f", AutoLoRA {report['autolora']:g}"
     click.echo(f"sampled  {report['compose']}{mix}, {report['steps']} steps, seed {report['seed']}, "
                f"{report['size'][0]}x{report['size'][1]} on {report['device']} in {report['seconds']:.1f} s")

@@ -86,8 +86,10 @@ def render_composed(loaded: LoadedPipeline, attached: list[Attached], weights: l
     try:
         set_active(handles, weights, list(range(len(handles))))
         with_loras = encode_pair(loaded, options.prompt, options.negative_prompt, size)
-        set_active(handles, weights, [])
-        without = encode_pair(loaded, options.prompt, options.negative_prompt, size)
+        without = None
+        if options.composition.autolora is not None:
+            set_active(handles, weights, [])
+            without = encode_pair(loaded, options.prompt, options.negative_prompt, size)
         predict = composed(loaded.pipe.unet, handles, weights, options.composition, with_loras, without)
         noise = denoise.seeded_noise(loaded.pipe, size, options.seed)
         total = evaluations(loaded, options.steps)
