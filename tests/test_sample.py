@@ -205,6 +205,19 @@ def test_each_switch_step_predicts_what_its_lora_alone_predicts(tiny):
             one.remove()
 
 
+def test_sdxl_two_text_encoders_and_size_conditioning(tmp_path):
+    """SDXL: both encoders' LoRA parts and the pooled / size conditioning go through every mode alike."""
+    folder = tiny_models.save_tiny_pipeline("sdxl", tmp_path / "pipeline", seed=1)
+    loaded = load_pipeline(folder, torch.device("cpu"), torch.float32)
+    lora = kohya_file(loaded.pipe, "sdxl", tmp_path / "xl.safetensors")
+    plain = plain_latents(loaded, [(lora, 0.8)], steps=2)
+    bare = plain_latents(loaded, [], steps=2)
+    assert relative(plain, bare) > 0.01
+    for mode in ("switch", "composite"):
+        assert relative(composed_latents(loaded, folder, options([(lora, 0.8)], mode, steps=2)), plain) < TOLERANCE
+    assert torch.equal(composed_latents(loaded, folder, options([(lora, 0.8)], gamma=0.0, steps=2)), bare)
+
+
 def test_a_lora_for_another_base_or_not_a_lora_is_refused_in_one_line(tiny, tmp_path):
     folder, loaded, _, _ = tiny
     sdxl = tmp_path / "sdxl.safetensors"
