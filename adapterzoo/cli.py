@@ -53,6 +53,16 @@ def print_module_report(report: dict[str, Any], columns: list[str]) -> None:
     click.echo(f"wrote    {report['output']}")
 
 
+def print_loras(report: dict[str, Any], columns: list[str]) -> None:
+    """The LoRAs table of a report (the first column names the file), each key that landed nowhere, warnings."""
+    print_table(report["loras"], columns)
+    for lora in report["loras"]:
+        for key in lora["unmatched"]:
+            click.echo(f"unmatched {Path(lora[columns[0]]).name}: {key}")
+    for warning in report["warnings"]:
+        click.echo(f"warning  {warning}")
+
+
 def provenance_hasher(*inputs: str | Path) -> Callable[[Path], str | dict[str, str]]:
     """How an ops command gets an input's SHA-256 for its output's provenance: from the registry (--db) for a
     scanned, unchanged file, else hashed. Called first thing, before the command imports torch: the inputs'
@@ -204,7 +214,7 @@ def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, devi
           allow_unmatched: bool, force: bool, as_json: bool) -> None:
     """Merge LoRAs into CHECKPOINT's weights (W += weight·ΔW, computed in fp32), written to OUT."""
     sha256 = provenance_hasher(checkpoint, *(path for path, _ in loras))
-    from adapterzoo.ops.device import pick_device
+    from adapterzoo.devices import pick_device
     from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
 
     specs = [LoraSpec(Path(path), weight) for path, weight in loras]
@@ -213,12 +223,7 @@ def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, devi
     if as_json:
         emit_json(report)
         return
-    print_table(report["loras"], ["path", "weight", "format", "modules"])
-    for lora in report["loras"]:
-        for key in lora["unmatched"]:
-            click.echo(f"unmatched {Path(lora['path']).name}: {key}")
-    for warning in report["warnings"]:
-        click.echo(f"warning  {warning}")
+    print_loras(report, ["path", "weight", "format", "modules"])
     click.echo(f"merged   {report['tensors_merged']} tensors of {report['base']} {report['layout']} "
                f"({report['tensors_copied']} copied) on {report['device']} in {report['seconds']:.1f} s")
     click.echo(f"wrote    {report['output']}")
@@ -240,7 +245,7 @@ def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, d
                 force: bool, as_json: bool, **rule: Any) -> None:
     """Merge LoRAs of one base into one whose ΔW is the weighted sum (W after ':' defaults to 1)."""
     sha256 = provenance_hasher(*(path for path, _ in inputs), *([checkpoint] if checkpoint else []))
-    from adapterzoo.ops.device import pick_device
+    from adapterzoo.devices import pick_device
     from adapterzoo.ops.merge_loras import merge_loras as merge
 
     chosen = rank_rule(**rule)
@@ -265,7 +270,7 @@ def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, d
 def resize(src: str, dest: str, device: str, force: bool, as_json: bool, **rule: Any) -> None:
     """Truncate every module of a kohya LoRA to a new rank, optimally (Eckart–Young), alpha kept right."""
     sha256 = provenance_hasher(src)
-    from adapterzoo.ops.device import pick_device
+    from adapterzoo.devices import pick_device
     from adapterzoo.ops.resize import resize_lora
 
     chosen = rank_rule(**rule)
@@ -290,7 +295,7 @@ def resize(src: str, dest: str, device: str, force: bool, as_json: bool, **rule:
 def extract(base: str, tuned: str, dest: str, rank: int, device: str, force: bool, as_json: bool) -> None:
     """Extract a LoRA of TUNED − BASE (two checkpoints of one model: single files or diffusers folders)."""
     sha256 = provenance_hasher(base, tuned)
-    from adapterzoo.ops.device import pick_device
+    from adapterzoo.devices import pick_device
     from adapterzoo.ops.extract import extract_lora
 
     report = extract_lora(base, tuned, dest, rank, pick_device(device), sha256, force, progress_bar=not as_json)
@@ -562,6 +567,61 @@ def lock(obj: dict[str, Any], dest: str, force: bool, as_json: bool) -> None:
         emit_json(body)
         return
     click.echo(f"wrote    {dest} ({len(body['files'])} files)")
+
+
+@cli.command()
+@click.option("--checkpoint", metavar="CKPT", required=True, type=click.Path(exists=True, dir_okay=True),
+              help="The checkpoint (single file or diffusers folder).")
+@click.option("--lora", "loras", metavar="FILE[:W]", multiple=True, required=True, type=WeightedPath(),
+              help="A LoRA-family file or PEFT folder and its weight (default 1); repeat for more, in order.")
+@click.option("--prompt", required=True, metavar="P", help="The prompt.")
+@click.option("--negative-prompt", metavar="N", default="", help="The negative prompt (default: empty).")
+@click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of the starting noise.")
+@click.option("-o", "--output", "dest", metavar="OUT.png", required=True, type=click.Path(dir_okay=False),
+              help="The image (PNG, with A1111's parameters chunk).")
+@click.option("--compose", type=click.Choice(["merge", "switch", "composite"]), default="merge", show_default=True,
+              help="merge: every LoRA every step at its weight. switch: one LoRA per step, LoRA i(s) = "
+                   "floor(s / K) mod k at step s (0-based), in the order given. composite: each step, the "
+                   "guided prediction of each LoRA alone, averaged (k UNet batches per step).")
+@click.option("--switch-every", type=click.IntRange(min=1), metavar="K",
+              help="switch: steps per LoRA (default 5). The clean cycle above; the reference code gives the "
+                   "first LoRA K+1 steps.")
+@click.option("--autolora", type=float, metavar="GAMMA",
+              help="AutoLoRA: base + GAMMA x (with LoRAs - base), both CFG-guided; 'with LoRAs' is what "
+                   "--compose predicts. 0 is the model without the LoRAs, 1 the LoRAs alone (2 UNet batches).")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, metavar="N",
+              help="Sampling steps.")
+@click.option("--size", type=SizeParam(), help="Image size. Default: the base's (512, 768, 1024).")
+@DEVICE_OPTION
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
+@click.option("--force", is_flag=True, help="Replace OUT.png if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, negative_prompt: str, seed: int,
+           dest: str, compose: str, switch_every: int | None, autolora: float | None, steps: int,
+           size: tuple[int, int] | None, device: str, dtype: str | None, force: bool, as_json: bool) -> None:
+    """Render one image from CKPT with several LoRAs composed while sampling (merge, LoRA Switch, LoRA
+    Composite, each optionally mixed with the bare model by AutoLoRA's GAMMA). Text-encoder LoRAs act
+    merge-style in every mode: the prompt is encoded once, with every LoRA on."""
+    if switch_every is not None and compose != "switch":
+        raise click.UsageError("--switch-every is for --compose switch")
+    if autolora is not None and not math.isfinite(autolora):
+        raise click.UsageError("--autolora takes a finite number")
+    sha256 = provenance_hasher(checkpoint, *(path for path, _ in loras))
+    from adapterzoo.verify.compose import DEFAULT_SWITCH_EVERY, Composition
+    from adapterzoo.verify.sample import SampleOptions, sample as render_sample
+
+    composition = Composition(compose, switch_every or DEFAULT_SWITCH_EVERY, autolora)
+    options = SampleOptions(prompt, [(Path(path), weight) for path, weight in loras], seed, steps, size,
+                            negative_prompt, composition, device, dtype)
+    report = render_sample(Path(checkpoint), options, Path(dest), sha256, force=force, progress_bar=not as_json)
+    if as_json:
+        emit_json(report)
+        return
+    print_loras(report, ["file", "weight", "modules", "modules_hit"])
+    mix = "" if report["autolora"] is None else f", AutoLoRA {report['autolora']:g}"
+    click.echo(f"sampled  {report['compose']}{mix}, {report['steps']} steps, seed {report['seed']}, "
+               f"{report['size'][0]}x{report['size'][1]} on {report['device']} in {report['seconds']:.1f} s")
+    click.echo(f"wrote    {report['output']}")
 
 
 @cli.command()

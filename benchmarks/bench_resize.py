@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from adapterzoo.ops.device import pick_device
+from adapterzoo.devices import pick_device
 from adapterzoo.ops.lowrank import Rank, truncate
 
 # SD1.5 config values: UNet block_out_channels, cross_attention_dim, transformers per down/up block;

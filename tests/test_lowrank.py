@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.ops import device as ops_device
-from adapterzoo.ops.device import pick_device
+from adapterzoo import devices as ops_device
+from adapterzoo.devices import pick_device
 from adapterzoo.ops.lowrank import (
     Rank,
     SvCumulative,

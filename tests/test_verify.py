@@ -364,7 +364,7 @@ def test_cli_refuses_a_file_of_another_base_in_one_line(tiny, tmp_path, capsys, 
     save_file({"clip_l": torch.zeros(1, 768), "clip_g": torch.zeros(1, 1280)}, str(path))
     code, out, err = run(["verify", str(path), "--checkpoint", str(tiny[0]), "--size", "64x64"], capsys, monkeypatch)
     assert (code, out) == (1, "")
-    assert err == f"error: sdxl embedding, sd1 checkpoint: sdxl_emb.safetensors does not fit pipeline\n"
+    assert err == "error: sdxl embedding, sd1 checkpoint: sdxl_emb.safetensors does not fit pipeline\n"
 
 
 def test_an_older_registry_gets_the_new_verification_columns(tmp_path):

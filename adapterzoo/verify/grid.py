@@ -82,14 +82,29 @@ def parameters_text(parameters: dict[str, Any]) -> str:
         "Prompts": json.dumps(parameters["prompts"], ensure_ascii=False),
         "Device": parameters["device"],
         "Dtype": parameters["dtype"],
-        "Version": ", ".join(f"{k} {v}" for k, v in parameters["versions"].items()),
+        "Version": versions_text(parameters["versions"]),
     }
-    return parameters["prompts"][0] + "\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
+    return a1111_text(parameters["prompts"][0], fields)
+
+
+def versions_text(versions: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in versions.items())
+
+
+def a1111_text(prompt: str, fields: dict[str, Any], negative_prompt: str = "") -> str:
+    """The prompt, A1111's `Negative prompt:` line when there is one, then `Key: value` pairs on one line."""
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())
+
+
+def save_png(path: Path, image: Image.Image, text: str) -> None:
+    """Write the PNG atomically with `text` as its `parameters` text chunk."""
+    info = PngInfo()
+    info.add_text("parameters", text)
+    with atomic_output(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def save_grid(path: Path, image: Image.Image, parameters: dict[str, Any]) -> None:
     """Write the PNG atomically with its `parameters` text chunk."""
-    info = PngInfo()
-    info.add_text("parameters", parameters_text(parameters))
-    with atomic_output(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+    save_png(path, image, parameters_text(parameters))

@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
+from adapterzoo.devices import pick_device
 from adapterzoo.errors import AdapterzooError, BadFileError
 from adapterzoo.formats.architectures import TEXT_ENCODERS, UNET, Architecture, architecture_from_models
 from adapterzoo.formats.checkpoint_to_diffusers import plan_diffusers, write_diffusers
@@ -95,3 +96,21 @@ def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype) ->
             model.eval().requires_grad_(False)
     models = {name: getattr(pipe, name) for name in (UNET, *TEXT_ENCODERS) if getattr(pipe, name, None) is not None}
     return LoadedPipeline(pipe, base, architecture_from_models(base, models))
+
+
+def load_for_sampling(checkpoint: Path, device_name: str, dtype_name: str | None) -> LoadedPipeline:
+    """What verify and sample render with: --device and --dtype resolved, and SDXL's VAE kept in fp32 unless
+    fp16 was asked for by name, since that VAE overflows to black images in fp16."""
+    device = pick_device(device_name)
+    dtype = pick_dtype(dtype_name, device)
+    loaded = load_pipeline(checkpoint, device, dtype)
+    if loaded.base == "sdxl" and dtype == torch.float16 and dtype_name is None:
+        loaded.pipe.vae.to(torch.float32)
+    return loaded
+
+
+def native_size(loaded: LoadedPipeline) -> tuple[int, int]:
+    """What the model was trained at: 512 for SD1.5 and SD2-base, 768 for SD2-v, 1024 for SDXL."""
+    pipe = loaded.pipe
+    side = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return side, side

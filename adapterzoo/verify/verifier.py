@@ -23,11 +23,10 @@ from adapterzoo import __version__
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.probe import probe
 from adapterzoo.formats.probe_result import ProbeResult
-from adapterzoo.ops.device import pick_device
 from adapterzoo.verify import denoise, measure
 from adapterzoo.verify.attach import ADAPTER_KINDS, Attached, attach
 from adapterzoo.verify.grid import draw_grid, save_grid
-from adapterzoo.verify.pipeline_load import LoadedPipeline, load_pipeline, pick_dtype
+from adapterzoo.verify.pipeline_load import LoadedPipeline, load_for_sampling, load_pipeline, native_size
 from adapterzoo.verify.vae_load import load_vae
 from adapterzoo.verify.verdict import judge
 
@@ -51,14 +50,14 @@ class VerifyOptions:
     dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
 
 
-def native_size(loaded: LoadedPipeline) -> tuple[int, int]:
-    """What the model was trained at: 512 for SD1.5 and SD2-base, 768 for SD2-v, 1024 for SDXL."""
-    pipe = loaded.pipe
-    side = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return side, side
+def refuse_other_base(file: Path, found: ProbeResult, base: str, checkpoint: Path) -> None:
+    """A file made for another base than the checkpoint's is refused before anything renders, in one line."""
+    if found.base in BASES and found.base != base:
+        raise AdapterzooError(f"{found.base} {KIND_NAMES[found.kind]}, {base} checkpoint: {file.name} "
+                              f"does not fit {checkpoint.name}")
 
 
-def _digest(value: str | dict[str, str]) -> str:
+def digest_of(value: str | dict[str, str]) -> str:
     """A folder's hasher answer is one SHA-256 per file: its digest is the SHA-256 of that sorted listing."""
     if isinstance(value, str):
         return value
@@ -76,12 +75,10 @@ class Verifier:
         self.checkpoint = Path(checkpoint)
         self.options = options
         self.sha256_of = sha256_of
-        self.device = pick_device(options.device)
-        self.dtype = pick_dtype(options.dtype, self.device)
-        self.loaded = load_pipeline(self.checkpoint, self.device, self.dtype)
+        self.loaded = load_for_sampling(self.checkpoint, options.device, options.dtype)
+        self.device = self.loaded.pipe.device
+        self.dtype = self.loaded.pipe.unet.dtype
         self.base: str = self.loaded.base
-        if self.base == "sdxl" and self.dtype == torch.float16 and options.dtype is None:
-            self.loaded.pipe.vae.to(torch.float32)  # SDXL's VAE overflows in fp16; --dtype fp16 keeps it there
         self.size = options.size or native_size(self.loaded)
         self._checkpoint_sha256: str | None = None
         # the checkpoint alone: (latents, image) per (prompt, seed), noise prediction per prompt
@@ -95,7 +92,7 @@ class Verifier:
     @property
     def checkpoint_sha256(self) -> str:
         if self._checkpoint_sha256 is None:
-            self._checkpoint_sha256 = _digest(self.sha256_of(self.checkpoint))
+            self._checkpoint_sha256 = digest_of(self.sha256_of(self.checkpoint))
         return self._checkpoint_sha256
 
     # -- rendering -----------------------------------------------------------------------------------
@@ -168,9 +165,7 @@ class Verifier:
         if found.kind not in ADAPTER_KINDS:
             raise AdapterzooError(f"{file.name} is a {found.kind} file; verify reads LoRA, LyCORIS, embeddings, "
                                   "hypernetworks, checkpoints and VAEs")
-        if found.base in BASES and found.base != self.base:
-            raise AdapterzooError(f"{found.base} {KIND_NAMES[found.kind]}, {self.base} checkpoint: {file.name} "
-                                  f"does not fit {self.checkpoint.name}")
+        refuse_other_base(file, found, self.base, self.checkpoint)
         attached = attach(file, found, self.loaded)
         try:
             return self._verify_attached(file, found, attached, grid, start)
@@ -206,7 +201,7 @@ class Verifier:
         images = [image for column in columns for image in column] + baselines
         reasons = judge(attached, effects, identical_at_zero, predictions_finite,
                         [measure.image_problem(i, self.base, self.loaded.pipe.vae.dtype) for i in images])
-        sha = _digest(self.sha256_of(file))
+        sha = digest_of(self.sha256_of(file))
         parameters = self._parameters(file, sha, found.kind, prompts, list(options.multipliers))
         if grid is not None:
             cells = [[column[r] for column in columns] for r in range(len(rows))]
@@ -222,7 +217,7 @@ class Verifier:
         images = [self._render(loaded, p, s, {})[1] for p, s in rows]
         problems = [measure.image_problem(i, loaded.base, loaded.pipe.vae.dtype) for i in images]
         reasons = list(dict.fromkeys(p for p in problems if p))
-        sha = _digest(self.sha256_of(file))
+        sha = digest_of(self.sha256_of(file))
         parameters = self._parameters(file, sha, found.kind, prompts, [])
         if grid is not None:
             save_grid(grid, draw_grid([[i] for i in images], [f"{p} / seed {s}" for p, s in rows],
@@ -241,7 +236,7 @@ class Verifier:
         problems = [measure.image_problem(i, self.base, vae.dtype) for i in images]
         reasons = list(dict.fromkeys(p for p in problems if p))
         change = measure.mean_abs_pixel_change(images, [image for _, image in renders])
-        sha = _digest(self.sha256_of(file))
+        sha = digest_of(self.sha256_of(file))
         parameters = self._parameters(file, sha, found.kind, prompts, [])
         if grid is not None:
             cells = [[image, mine] for (_, image), mine in zip(renders, images)]

@@ -1,4 +1,4 @@
-"""Turn the --device option into a torch.device, so every ops command picks hardware the same way."""
+"""Turn the --device option into a torch.device, so ops, verify and sample pick hardware the same way."""
 
 from __future__ import annotations
 

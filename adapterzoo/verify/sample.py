@@ -1,0 +1,170 @@
+"""`adapterzoo sample`: one image from a checkpoint and several LoRAs, composed while sampling.
+
+The LoRAs are read and hooked exactly as `verify` does (`attach`), the steps run through our own loop
+(`denoise`) with the per-step prediction `compose` makes, and the PNG carries A1111's `parameters` chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import diffusers
+import torch
+import transformers
+from PIL import Image
+from tqdm import tqdm
+
+from adapterzoo import __version__
+from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.atomic import check_output
+from adapterzoo.formats.probe import probe
+from adapterzoo.verify import denoise, measure
+from adapterzoo.verify.attach import Attached, attach
+from adapterzoo.verify.compose import Composition, composed, set_active, switch_schedule
+from adapterzoo.verify.grid import a1111_text, save_png, versions_text
+from adapterzoo.verify.pipeline_load import LoadedPipeline, load_for_sampling, native_size
+from adapterzoo.verify.verifier import DEFAULT_STEPS, digest_of, refuse_other_base
+
+LORA_KINDS = ("lora", "lycoris")
+
+
+@dataclass
+class SampleOptions:
+    prompt: str
+    loras: list[tuple[Path, float]]  # (file, weight), in the order LoRA Switch cycles through them
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    size: tuple[int, int] | None = None  # (W, H); None: the base's native size
+    negative_prompt: str = denoise.NEGATIVE_PROMPT
+    composition: Composition = field(default_factory=Composition)
+    device: str = "auto"
+    dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
+
+
+def attach_loras(loaded: LoadedPipeline, files: list[Path], checkpoint: Path) -> list[Attached]:
+    """Read every LoRA and check it fits before any is hooked: a bad one is one line, nothing rendered."""
+    attached = []
+    for file in files:
+        found = probe(file)
+        if found.kind not in LORA_KINDS:
+            raise AdapterzooError(f"{file.name} is not a LoRA or LyCORIS file (probe says {found.kind}); "
+                                  "--lora takes those only")
+        refuse_other_base(file, found, loaded.base, checkpoint)
+        one = attach(file, found, loaded)
+        if one.problems:
+            raise AdapterzooError(f"{file.name}: {one.problems[0]}")
+        attached.append(one)
+    return attached
+
+
+def encode_pair(loaded: LoadedPipeline, prompt: str, negative_prompt: str, size: tuple[int, int]
+                ) -> tuple[denoise.Conditioning, denoise.Conditioning]:
+    """(positive, negative) as the hooks stand now: text-encoder LoRAs act on both."""
+    pipe = loaded.pipe
+    return tuple(denoise.with_size(pipe, denoise.encode_prompt(pipe, text), size)
+                 for text in (prompt, negative_prompt))
+
+
+def evaluations(loaded: LoadedPipeline, steps: int) -> int:
+    """How many passes the loop makes for `steps` (the scheduler's timesteps: PNDM's first step takes two);
+    LoRA Switch counts these passes."""
+    scheduler = denoise.fresh_scheduler(loaded.pipe)
+    scheduler.set_timesteps(steps)
+    return len(scheduler.timesteps)
+
+
+@torch.no_grad()
+def render_composed(loaded: LoadedPipeline, attached: list[Attached], weights: list[float], options: SampleOptions,
+                    size: tuple[int, int], progress_bar: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final latents, image [H, W, 3] on 0–255) with the LoRAs hooked in; they are removed afterwards."""
+    handles = [one.hook() for one in attached]
+    try:
+        set_active(handles, weights, list(range(len(handles))))
+        with_loras = encode_pair(loaded, options.prompt, options.negative_prompt, size)
+        without = None
+        if options.composition.autolora is not None:
+            set_active(handles, weights, [])
+            without = encode_pair(loaded, options.prompt, options.negative_prompt, size)
+        predict = composed(loaded.pipe.unet, handles, weights, options.composition, with_loras, without)
+        noise = denoise.seeded_noise(loaded.pipe, size, options.seed)
+        total = evaluations(loaded, options.steps)
+        with tqdm(total=total, desc="sample", unit="step", disable=None if progress_bar else True) as bar:
+            def counted(step: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                prediction = predict(step, latents, t)
+                bar.update()
+                return prediction
+
+            return denoise.render(loaded.pipe, noise, options.steps, counted)
+    finally:
+        for one in attached:
+            one.remove()
+
+
+def _quoted(value: object) -> str:
+    """A1111 reads `Key: value, ...`: a value holding ',', ':' or a newline is written as a JSON string."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _parameters_text(options: SampleOptions, checkpoint: Path, size: tuple[int, int], loaded: LoadedPipeline,
+                     sha256: Callable[[Path], str], device: torch.device, dtype: torch.dtype) -> str:
+    composition = options.composition
+    fields = {
+        "Steps": options.steps, "Sampler": type(loaded.pipe.scheduler).__name__, "CFG scale": denoise.GUIDANCE_SCALE,
+        "Seed": options.seed, "Size": f"{size[0]}x{size[1]}",
+        "Model": checkpoint.name, "Model SHA256": digest_of(sha256(checkpoint)),
+        "LoRAs": ", ".join(f"{path.name}:{weight:g}" for path, weight in options.loras),
+        "LoRA SHA256": ", ".join(digest_of(sha256(path)) for path, _ in options.loras),
+        "Compose": composition.mode,
+    }
+    if composition.mode == "switch":
+        fields["Switch every"] = composition.switch_every
+    if composition.autolora is not None:
+        fields["AutoLoRA"] = f"{composition.autolora:g}"
+    fields.update({"Device": device.type, "Dtype": str(dtype).removeprefix("torch."),
+                   "Version": versions_text({"adapterzoo": __version__, "diffusers": diffusers.__version__,
+                                             "transformers": transformers.__version__, "torch": torch.__version__})})
+    return a1111_text(options.prompt, {k: _quoted(v) for k, v in fields.items()}, options.negative_prompt)
+
+
+def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Callable[[Path], str],
+           force: bool = False, progress_bar: bool = False) -> dict:
+    """Render one image to `output` (PNG); the report `sample --json` prints. AdapterzooError for bad input."""
+    start = time.monotonic()
+    checkpoint = Path(checkpoint)
+    files = [Path(path) for path, _ in options.loras]
+    weights = [weight for _, weight in options.loras]
+    output = check_output(output, [checkpoint, *files], force)
+    loaded = load_for_sampling(checkpoint, options.device, options.dtype)
+    device, dtype = loaded.pipe.device, loaded.pipe.unet.dtype
+    size = options.size or native_size(loaded)
+    try:
+        denoise.latent_shape(loaded.pipe, size)
+    except ValueError as exc:
+        raise AdapterzooError(f"--size {size[0]}x{size[1]}: {exc}") from None
+    attached = attach_loras(loaded, files, checkpoint)
+    _, image = render_composed(loaded, attached, weights, options, size, progress_bar)
+    problem = measure.image_problem(image, loaded.base, loaded.pipe.vae.dtype)
+    pixels = image.nan_to_num(0.0).clamp(0, 255).to(torch.uint8).numpy()
+    save_png(output, Image.fromarray(pixels, "RGB"),
+             _parameters_text(options, checkpoint, size, loaded, sha256, device, dtype))
+    composition = options.composition
+    report = {
+        "output": str(output), "seconds": round(time.monotonic() - start, 3), "compose": composition.mode,
+        "loras": [{"file": str(path), "weight": weight, "modules": one.coverage["modules_total"],
+                   "modules_hit": sum(1 for calls in one.handle.calls.values() if calls > 0),
+                   "unmatched": one.coverage["unmatched"]}
+                  for (path, weight), one in zip(options.loras, attached)],
+    }
+    if composition.mode == "switch":
+        report["switch_every"] = composition.switch_every
+        report["schedule"] = switch_schedule(evaluations(loaded, options.steps), len(files), composition.switch_every)
+    report.update({"autolora": composition.autolora, "checkpoint": str(checkpoint), "base": loaded.base,
+                   "prompt": options.prompt, "negative_prompt": options.negative_prompt, "seed": options.seed,
+                   "steps": options.steps, "size": list(size), "device": device.type,
+                   "dtype": str(dtype).removeprefix("torch."), "warnings": [problem] if problem else []})
+    return report
