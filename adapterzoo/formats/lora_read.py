@@ -116,6 +116,10 @@ def load_lora_matched(path: str | os.PathLike, architecture: Architecture) -> tu
 
 def _resolve(source: _Source, architecture: Architecture) -> tuple[LoraFile | None, list[str]]:
     """The modules of `source` that land on `architecture` (None if none do) and its keys that land nowhere."""
+    if architecture.base == "flux":  # BFL names may be fused projections: split on read
+        from adapterzoo.formats.flux_lora_read import resolve_flux
+
+        return resolve_flux(source, architecture)
     if source.dialect == "cloneofsimo":
         groups = _cloneofsimo_groups(source, architecture)
     elif source.dialect == "peft":
@@ -195,7 +199,7 @@ def _detect_base(source: _Source) -> str:
 
     root_config = source.peft_folders.get(None)
     probe_lora(table_from_state_dict(tensors), source.metadata, scalar, result, root_config)
-    if result.base not in ("sd1", "sd2", "sdxl"):
+    if result.base not in ("sd1", "sd2", "sdxl", "flux"):
         raise BadFileError(f"cannot tell the base model from this file (probe says {result.base}); pass --base")
     return result.base
 
