@@ -21,13 +21,16 @@ from adapterzoo.formats.lora_write import _fold, _kohya_parts
 Tensors = dict[str, torch.Tensor]
 
 
+def _flux(lora: LoraFile) -> FluxArchitecture:
+    if not isinstance(lora.architecture, FluxArchitecture):
+        raise AdapterzooError(f"BFL names exist for Flux LoRAs only; this one is for {lora.base}")
+    return lora.architecture
+
+
 def _bfl_modules(lora: LoraFile) -> list[tuple[str, AdapterModule]]:
     """(BFL name, module) for every transformer module of `lora`, fused where BFL fuses."""
-    architecture = lora.architecture
-    if not isinstance(architecture, FluxArchitecture):
-        raise AdapterzooError(f"BFL names exist for Flux LoRAs only; this one is for {lora.base}")
     out, placed = [], set()
-    for bfl in architecture.bfl:
+    for bfl in _flux(lora).bfl:
         parts = {path: lora.modules[path] for path, _ in bfl.parts if path in lora.modules}
         if not parts:
             continue
@@ -64,7 +67,7 @@ def flux_kohya_tensors(lora: LoraFile) -> Tensors:
 
 def flux_bfl_tensors(lora: LoraFile) -> Tensors:
     """`diffusion_model.<BFL name>.lora_A/B.weight`, alpha / r folded into lora_B; transformer only."""
-    encoders = sorted({lora.architecture.targets[p].component for p in lora.modules} - {TRANSFORMER})
+    encoders = sorted({_flux(lora).targets[p].component for p in lora.modules} - {TRANSFORMER})
     if encoders:
         raise AdapterzooError(f"the bfl dialect holds the transformer only, and this LoRA also patches "
                               f"{', '.join(encoders)}; write kohya, diffusers or peft")
