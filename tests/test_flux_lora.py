@@ -364,3 +364,28 @@ def test_refusals_say_why(tmp_path, arch, factors):
                "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 2, 1, 1)}, str(sd1))
     with pytest.raises(AdapterzooError, match="Flux"):
         convert_lora(sd1, tmp_path / "x.safetensors", "bfl", base="sd1")
+
+
+def test_lokr_on_fused_projections_splits_and_fuses_exactly(tmp_path, arch):
+    """A LoKr on qkv / linear1 has no per-row factors: its parts get their rows of ΔW, and kohya gets it back."""
+    gen = torch.Generator().manual_seed(4)
+    sd = {}
+    for name, (a, c), (b, d) in (("double_blocks.0.img_attn.qkv", (8, 4), (96, 64)),
+                                 ("single_blocks.0.linear1", (7, 4), (256, 64))):
+        sd |= {f"diffusion_model.{name}.lokr_w1": torch.randn(a, c, generator=gen),
+               f"diffusion_model.{name}.lokr_w2": torch.randn(b, d, generator=gen),
+               f"diffusion_model.{name}.alpha": torch.tensor(4.0)}
+    save_file(sd, str(tmp_path / "lokr.safetensors"))
+    expected = bfl_deltas({name: (torch.eye(H).double(),
+                                  torch.kron(sd[f"diffusion_model.{name}.lokr_w1"].double(),
+                                             sd[f"diffusion_model.{name}.lokr_w2"].double()), 1.0)
+                           for name in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1")})
+    lora = load_lora(tmp_path / "lokr.safetensors", architecture=arch)
+    assert_same_deltas(lora, expected)
+    convert_lora(tmp_path / "lokr.safetensors", tmp_path / "kohya.safetensors", "kohya", architecture=arch)
+    written = load_file(tmp_path / "kohya.safetensors")
+    fused = written["lora_unet_double_blocks_0_img_attn_qkv.diff"].double()
+    assert torch.allclose(fused, torch.kron(sd["diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1"].double(),
+                                            sd["diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2"].double()),
+                          rtol=1e-5, atol=1e-5)
+    assert_same_deltas(load_lora(tmp_path / "kohya.safetensors", architecture=arch), expected)

@@ -4,7 +4,8 @@ Fused -> split: each part keeps the whole down and alpha and takes its rows of u
 the part's rows of ΔW. Split -> fused: parts that share one down and alpha (the split of a fused LoRA)
 get it back with their ups put into their rows; otherwise downs are stacked and up is block-diagonal
 (rank summed), each part's scale kept in alpha when all agree, else folded into its up block.
-Rows of a fused module that no part covers get zero rows of up.
+Rows of a fused module that no part covers get zero rows of up. LyCORIS modules (LoKr, LoHa) on a fused
+projection have no per-row factors: each part gets its rows of the scaled ΔW as a full (`diff`) module.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.flux_modules import BflModule, Rows
-from adapterzoo.formats.lora_model import LoraModule, dora_on_output
+from adapterzoo.formats.lora_model import AdapterModule, FullModule, LoraModule, dora_on_output
 
 
 def _rows_of(tensor: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -66,3 +67,24 @@ def fuse_split(parts: dict[str, LoraModule], fused: BflModule) -> LoraModule:
             up[lo:hi, column:column + block.shape[1]] = block[start:start + hi - lo]
             start += hi - lo
     return LoraModule(down, up.to(dtype), alpha, fused.shape)
+
+
+def split_full(module: AdapterModule, fused: BflModule, shapes: dict[str, tuple[int, ...]]) -> dict[str, FullModule]:
+    """Each part's rows of a LyCORIS module's ΔW, exactly, as full modules (DoRA needs W: refused)."""
+    if getattr(module, "dora_scale", None) is not None or not hasattr(module, "scaled_delta"):
+        raise AdapterzooError(f"{fused.name}: a {type(module).__name__.removesuffix('Module')} module that needs "
+                              "the base weight cannot be split into its diffusers parts")
+    delta = module.scaled_delta().reshape(fused.shape)
+    return {path: FullModule(_rows_of(delta, rows).contiguous(), shapes[path]) for path, rows in fused.parts}
+
+
+def fuse_full(parts: dict[str, FullModule], fused: BflModule) -> FullModule:
+    """Full modules on (some of) a fused module's parts as one full module; rows no part covers stay zero."""
+    diff = torch.zeros(fused.shape, dtype=torch.float32)
+    for path, rows in fused.parts:
+        if path in parts:
+            block, start = parts[path].diff.float().reshape(parts[path].shape), 0
+            for lo, hi in rows:
+                diff[lo:hi] = block[start:start + hi - lo]
+                start += hi - lo
+    return FullModule(diff.to(next(iter(parts.values())).diff.dtype), fused.shape)

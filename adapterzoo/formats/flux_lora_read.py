@@ -2,7 +2,8 @@
 canonical form: diffusers `FluxTransformer2DModel` paths, plus CLIP-L and T5 text-encoder paths.
 
 A module named in BFL space is either one target under another name (an alias) or a fused projection:
-it is built against the fused weight's shape and split exactly into its parts (FLUX.md §2). Scales
+it is built against the fused weight's shape and split exactly into its parts (FLUX.md §2; LyCORIS
+modules there become full row blocks). Scales
 follow each dialect's rule (alpha tensors, diffusers/PEFT configs, none for XLabs: s = 1). BFL Control
 LoRAs are refused: they change shapes and replace norm scales, so they are not additive LoRAs.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.architectures import Target
-from adapterzoo.formats.flux_fused import split_fused
+from adapterzoo.formats.flux_fused import split_fused, split_full
 from adapterzoo.formats.flux_lora_keys import is_control_lora
 from adapterzoo.formats.flux_modules import TRANSFORMER, BflModule, FluxArchitecture
 from adapterzoo.formats.lora_keys import split_key
@@ -78,8 +79,7 @@ def resolve_flux(source: _Source, architecture: FluxArchitecture) -> tuple[LoraF
         elif isinstance(module, LoraModule):
             pieces = split_fused(module, fused, shapes)
         else:
-            raise AdapterzooError(f"{group.name}: a {type(module).__name__.removesuffix('Module')} module on the "
-                                  f"fused {fused.name} cannot be split into its diffusers parts exactly")
+            pieces = split_full(module, fused, shapes)
         if any(path in modules for path in pieces):
             continue  # a second spelling of a module already read: its keys stay unmatched, never dropped
         modules.update(pieces)

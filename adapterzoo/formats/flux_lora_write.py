@@ -13,9 +13,9 @@ import torch
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.architectures import flatten, relative
-from adapterzoo.formats.flux_fused import fuse_split
+from adapterzoo.formats.flux_fused import fuse_full, fuse_split
 from adapterzoo.formats.flux_modules import BFL_PREFIX, CLIP_L, FLUX_CONVENTION, TRANSFORMER, FluxArchitecture
-from adapterzoo.formats.lora_model import AdapterModule, LoraFile, LoraModule
+from adapterzoo.formats.lora_model import AdapterModule, FullModule, LoraFile, LoraModule
 from adapterzoo.formats.lora_write import _fold, _kohya_parts
 
 Tensors = dict[str, torch.Tensor]
@@ -37,6 +37,9 @@ def _bfl_modules(lora: LoraFile) -> list[tuple[str, AdapterModule]]:
         placed.update(parts)
         if not bfl.fused:
             out.append((bfl.name, parts[bfl.parts[0][0]]))
+            continue
+        if all(isinstance(module, FullModule) for module in parts.values()):
+            out.append((bfl.name, fuse_full(parts, bfl)))
             continue
         others = [path for path, module in parts.items() if not isinstance(module, LoraModule)]
         if others:

@@ -144,8 +144,9 @@ def probe_lora(
         return False
     modules = group_modules(keys, dialect)
     result.format = dialect
-    result.kind = "lycoris" if dialect == "lycoris" else "lora"
-    if dialect == "lycoris":
+    lycoris = dialect == "lycoris" or any(p in LYCORIS_PARTS for parts in modules.values() for p in parts)
+    result.kind = "lycoris" if lycoris else "lora"
+    if lycoris:
         result.details["algo"] = _algo(modules)
     if any("dora_scale" in parts or "lora_magnitude_vector" in parts or "lora_magnitude_vector.weight" in parts
            for parts in modules.values()):
