@@ -389,3 +389,47 @@ def test_lokr_on_fused_projections_splits_and_fuses_exactly(tmp_path, arch):
                                             sd["diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2"].double()),
                           rtol=1e-5, atol=1e-5)
     assert_same_deltas(load_lora(tmp_path / "kohya.safetensors", architecture=arch), expected)
+
+
+def test_the_commands_as_a_user_runs_them(tmp_path, model, kohya_source, capsys, monkeypatch):
+    """probe --json names the dialect and coverage; convert --to bfl against a tiny Flux folder writes a file
+    with the reference ΔW; --to bfl of an SD LoRA is one line on stderr and exit 1."""
+    from cli_helpers import run
+
+    src, expected = kohya_source
+    code, out, _ = run(["probe", str(src), "--json"], capsys, monkeypatch)
+    found = json.loads(out)
+    assert code == 0 and (found["kind"], found["base"], found["format"]) == ("lora", "flux", "kohya")
+    assert (found["details"]["coverage"]["double_blocks"], found["details"]["coverage"]["single_blocks"]) == ([0], [0])
+    folder = tmp_path / "transformer"
+    model.save_pretrained(folder)
+    dest = tmp_path / "bfl.safetensors"
+    code, out, err = run(["convert", str(src), "-o", str(dest), "--to", "bfl", "--checkpoint", str(folder)],
+                         capsys, monkeypatch)
+    assert code == 0, err
+    got = file_deltas(load_file(dest), ".lora_A.weight", ".lora_B.weight", "diffusion_model.")
+    assert sorted(got) == sorted(expected)
+    assert all(torch.allclose(got[p], d, rtol=1e-5, atol=1e-6 * d.abs().max()) for p, d in expected.items())
+    sd1 = tmp_path / "sd1.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 320, 1, 1),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 2, 1, 1)}, str(sd1))
+    code, _, err = run(["convert", str(sd1), "-o", str(tmp_path / "x.safetensors"), "--to", "bfl", "--base", "sd1"],
+                       capsys, monkeypatch)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Flux" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_bfl_single_file_as_checkpoint_gives_the_same_modules(tmp_path, arch, kohya_source):
+    """The config is read from the file's shapes (FLUX.md §1.4); only the header is needed."""
+    import factory
+
+    specs = {f"model.diffusion_model.{k}": ("BF16", shape) for k, shape in {
+        "img_in.weight": (H, IN), "txt_in.weight": (H, JOINT), "vector_in.in_layer.weight": (H, POOLED),
+        "guidance_in.in_layer.weight": (H, 256), "final_layer.linear.weight": (IN, H),
+        "double_blocks.0.img_attn.norm.key_norm.scale": (128,), "double_blocks.0.img_attn.qkv.weight": (3 * H, H),
+        "single_blocks.0.linear1.weight": (3 * H + M, H)}.items()}
+    single = factory.write_sparse_safetensors(tmp_path / "flux-tiny.safetensors", specs)
+    src, expected = kohya_source
+    report = convert(src, tmp_path / "out.safetensors", "diffusers", checkpoint=str(single))
+    assert report["modules"] == len(expected)
+    assert_same_deltas(load_lora(tmp_path / "out.safetensors", architecture=arch), expected)
