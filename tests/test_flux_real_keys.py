@@ -136,3 +136,24 @@ def test_builtin_flux_resolves_without_importing_diffusers():
               "a = b('flux'); print(len(a.targets), sorted({'diffusers', 'transformers'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.split(maxsplit=1) == ["975", "[]\n"]
+
+
+def test_real_kohya_with_clip_round_trips_through_every_dialect(tmp_path):
+    """kohya (transformer + CLIP-L) -> peft (a folder per component) / diffusers -> kohya: same modules, same ΔW."""
+    src = write_rank_one("flux_lora_kohya_with_te1_format", tmp_path / "kohya.safetensors")
+    original = load_lora(src)
+    gen = torch.Generator().manual_seed(2)
+    x = {width: torch.randn(width, generator=gen, dtype=torch.float64) for width in (768, 3072, 12288, 15360)}
+
+    def applied(lora) -> dict[str, torch.Tensor]:
+        return {p: m.scale * m.up.double() @ (m.down.double() @ x[m.down.shape[1]]) for p, m in lora.modules.items()}
+
+    reference = applied(original)
+    convert_lora(src, tmp_path / "peft", "peft")
+    assert probe(tmp_path / "peft").format == "peft"
+    convert_lora(tmp_path / "peft", tmp_path / "diffusers.safetensors", "diffusers")
+    convert_lora(tmp_path / "diffusers.safetensors", tmp_path / "back.safetensors", "kohya")
+    for step in (tmp_path / "peft", tmp_path / "diffusers.safetensors", tmp_path / "back.safetensors"):
+        got = applied(load_lora(step))
+        assert sorted(got) == sorted(reference)
+        assert all(torch.allclose(got[p], r, rtol=2e-3, atol=1e-3 * r.abs().max()) for p, r in reference.items()), step

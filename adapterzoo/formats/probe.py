@@ -39,7 +39,7 @@ from adapterzoo.formats.tensor_table import (
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the parts diffusers saves LoRA adapters for
+PEFT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # parts diffusers saves adapters for
 PIPELINE_BASES = {
     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
