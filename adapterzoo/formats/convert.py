@@ -87,7 +87,7 @@ def _dispatch(kind: str, src: Any, dest: Any, to: str, force: bool, options: dic
             raise AdapterzooError("--base and --checkpoint both say what the LoRA is for; give one")
         architecture = flux_checkpoint_architecture(options["checkpoint"])
         if architecture is not None:
-            if (lora_base := probe(src).base) not in ("flux", "unknown", "sd3"):  # sd3: a tiny Flux's diffusers names
+            if (lora_base := probe(src).base) in ("sd1", "sd2", "sdxl"):
                 raise AdapterzooError(f"the LoRA is for {lora_base} but the checkpoint is a Flux model")
             return convert_lora(src, dest, to, force=force, rank=options.get("rank"), architecture=architecture)
         targets = checkpoint_targets(options["checkpoint"])

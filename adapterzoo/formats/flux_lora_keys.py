@@ -10,7 +10,9 @@ _LORA_ENDINGS = (
     ".lokr_w1", ".lokr_w1_a", ".lokr_w2", ".lokr_w2_a", ".hada_w1_a", ".diff",
 )
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "final_layer.")
-XLABS_PART = re.compile(r"^(?P<module>(?:double|single)_blocks\.\d+\.processor\.[a-z0-9_]+)\.(?P<part>down|up)\.weight$")
+XLABS_PART = re.compile(
+    r"^(?P<module>(?:double|single)_blocks\.\d+\.processor\.[a-z0-9_]+)\.(?P<part>down|up)\.weight$"
+)
 _DOUBLE = re.compile(r"(?:double_blocks|(?<!single_)transformer_blocks)[._](\d+)[._]")
 _SINGLE = re.compile(r"(?:single_blocks|single_transformer_blocks)[._](\d+)[._]")
 _CLIP = ("lora_te1_", "lora_te_", "text_encoder.", "text_encoders.clip_l.")

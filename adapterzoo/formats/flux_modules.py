@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapterzoo.errors import BadFileError
 from adapterzoo.formats.architectures import Architecture, KohyaConvention, Target, flatten
 from adapterzoo.formats.json_file import read_json_object
 from adapterzoo.formats.module_tables import (
@@ -23,6 +24,8 @@ from adapterzoo.formats.module_tables import (
     ModuleTable,
     module_table,
 )
+from adapterzoo.formats.safetensors_header import read_header
+from adapterzoo.formats.tensor_table import table_from_header
 
 TRANSFORMER = "transformer"
 CLIP_L = "text_encoder"
@@ -192,10 +195,10 @@ def flux_architecture_from_tables(tables: dict[str, ModuleTable]) -> FluxArchite
 
 
 @functools.cache
-def flux_architecture(guidance: bool = True) -> FluxArchitecture:
-    """Flux.1 at its real size (dev, or schnell without guidance_in), with CLIP-L and T5-XXL."""
+def flux_architecture() -> FluxArchitecture:
+    """Flux.1-dev at its real size with CLIP-L and T5-XXL (schnell LoRAs fit it: it only lacks guidance_in)."""
     return flux_architecture_from_tables({
-        TRANSFORMER: module_table(FLUX_CLASS, {**FLUX_DEV_CONFIG, "guidance_embeds": guidance}),
+        TRANSFORMER: module_table(FLUX_CLASS, FLUX_DEV_CONFIG),
         CLIP_L: module_table(CLIP_CLASS, CLIP_L_CONFIG),
         T5: module_table(T5_CLASS, T5_XXL_CONFIG),
     })
@@ -213,8 +216,9 @@ def flux_checkpoint_architecture(path: str | Path) -> FluxArchitecture | None:
     path = Path(path)
     if path.is_file():
         config = bfl_config_from_file(path)
-        return None if config is None else flux_architecture_from_tables({TRANSFORMER: module_table(FLUX_CLASS,
-                                                                                                     config)})
+        if config is None:
+            return None
+        return flux_architecture_from_tables({TRANSFORMER: module_table(FLUX_CLASS, config)})
     if (path / "config.json").is_file():
         config = read_json_object(path / "config.json")
         if config.get("_class_name") != FLUX_CLASS:
@@ -224,7 +228,8 @@ def flux_checkpoint_architecture(path: str | Path) -> FluxArchitecture | None:
     if not index_path.is_file() or read_json_object(index_path).get("transformer", [None, None])[1] != FLUX_CLASS:
         return None
     index = read_json_object(index_path)
-    tables = {TRANSFORMER: module_table(FLUX_CLASS, _model_config(read_json_object(path / TRANSFORMER / "config.json")))}
+    transformer = _model_config(read_json_object(path / TRANSFORMER / "config.json"))
+    tables = {TRANSFORMER: module_table(FLUX_CLASS, transformer)}
     for component, classes in _TEXT_ENCODER_CLASSES.items():
         entry = index.get(component)
         if isinstance(entry, list) and len(entry) == 2 and entry[1] in classes:
@@ -241,12 +246,9 @@ def _model_config(config: dict) -> dict:
 
 def bfl_config_from_file(path: Path) -> dict | None:
     """A FluxTransformer2DModel config from a BFL single file's shapes (FLUX.md §1.4); None if not Flux.1."""
-    from adapterzoo.formats.safetensors_header import read_header
-    from adapterzoo.formats.tensor_table import table_from_header
-
     try:
         table = table_from_header(read_header(path))
-    except Exception:  # not a safetensors file: not a Flux checkpoint we read
+    except BadFileError:  # not a safetensors file: not a Flux checkpoint this reads
         return None
     prefix = next((p for p in ("", "model.diffusion_model.") if p + _KEY_NORM in table), None)
     if prefix is None:
