@@ -157,3 +157,26 @@ def test_real_kohya_with_clip_round_trips_through_every_dialect(tmp_path):
         got = applied(load_lora(step))
         assert sorted(got) == sorted(reference)
         assert all(torch.allclose(got[p], r, rtol=2e-3, atol=1e-3 * r.abs().max()) for p, r in reference.items()), step
+
+
+def test_what_diffusers_drops_or_refuses_we_read(tmp_path):
+    """diffusers 0.42 converts kohya embedder/final-layer keys without the `transformer.` prefix (its loader then
+    ignores them) and routes PEFT files with diffusers names to a converter that expects BFL names."""
+    gen = torch.Generator().manual_seed(3)
+    sd = {}
+    for name, (out, inp) in {"img_in": (3072, 64), "final_layer_linear": (64, 3072),
+                             "double_blocks_0_img_attn_proj": (3072, 3072)}.items():
+        sd |= {f"lora_unet_{name}.lora_down.weight": torch.randn(1, inp, generator=gen),
+               f"lora_unet_{name}.lora_up.weight": torch.randn(out, 1, generator=gen),
+               f"lora_unet_{name}.alpha": torch.tensor(1.0)}
+    save_file(sd, str(tmp_path / "kohya.safetensors"))
+    theirs = FluxPipeline.lora_state_dict(str(tmp_path / "kohya.safetensors"))
+    assert sorted(k.rsplit(".", 2)[0] for k in theirs if k.startswith("transformer."))[0].endswith("to_out.0")
+    assert len([k for k in theirs if k.startswith("transformer.")]) == 2  # only the block module survives
+    ours = load_lora(tmp_path / "kohya.safetensors")
+    assert sorted(ours.modules) == ["transformer.proj_out", "transformer.transformer_blocks.0.attn.to_out.0",
+                                    "transformer.x_embedder"]
+    peft = write_rank_one("flux_lora_diffusers_base_model_format", tmp_path / "peft.safetensors")
+    with pytest.raises(KeyError):
+        FluxPipeline.lora_state_dict(str(peft))
+    assert len(load_lora(peft).modules) == EXPECTED["flux_lora_diffusers_base_model_format"][-1]
