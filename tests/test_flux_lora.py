@@ -433,3 +433,28 @@ def test_a_bfl_single_file_as_checkpoint_gives_the_same_modules(tmp_path, arch, 
     report = convert(src, tmp_path / "out.safetensors", "diffusers", checkpoint=str(single))
     assert report["modules"] == len(expected)
     assert_same_deltas(load_lora(tmp_path / "out.safetensors", architecture=arch), expected)
+
+
+def test_a_flux_pipeline_folder_as_checkpoint_resolves_clip_too(tmp_path, model, kohya_source):
+    from adapterzoo.tiny_models import tiny_text_encoder
+
+    folder = tmp_path / "pipeline"
+    model.save_pretrained(folder / "transformer")
+    tiny_text_encoder("sd1").save_pretrained(folder / "text_encoder")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"]}))
+    src, expected = kohya_source
+    sd = load_file(src)
+    clip = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    sd |= {f"{clip}.lora_down.weight": torch.randn(2, 768), f"{clip}.lora_up.weight": torch.randn(768, 2),
+           f"{clip}.alpha": torch.tensor(1.0)}
+    save_file(sd, str(tmp_path / "with_clip.safetensors"))
+    report = convert(tmp_path / "with_clip.safetensors", tmp_path / "out.safetensors", "diffusers",
+                     checkpoint=str(folder))
+    assert report["components"] == {"transformer": len(expected), "text_encoder": 1}
+    written = load_file(tmp_path / "out.safetensors")
+    delta = written["text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.weight"].double() @ \
+        written["text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight"].double()
+    reference = sd[f"{clip}.lora_up.weight"].double() @ sd[f"{clip}.lora_down.weight"].double() / 2
+    assert torch.allclose(delta, reference, rtol=1e-5, atol=1e-6)
