@@ -20,23 +20,20 @@ from adapterzoo.formats.lora_model import AdapterModule, LoraFile, LoraModule
 from adapterzoo.formats.lora_read import _PART_NAMES, PEFT_PREFIX, _build, _diffusers_configs, _Group, _Source
 
 
-def _groups(source: _Source, architecture: FluxArchitecture) -> tuple[list[_Group], dict[str, BflModule]]:
-    """Keys grouped per module as spelled, and the fused BFL module each fused-named group is on."""
+def _groups(source: _Source, architecture: FluxArchitecture) -> list[tuple[_Group, BflModule | None]]:
+    """Keys grouped per module as spelled (per PEFT component folder), each with the fused module it is on."""
     configs = _diffusers_configs(source.metadata) if source.dialect == "diffusers" else {}
-    groups: dict[str, _Group] = {}
-    fused: dict[str, BflModule] = {}
+    groups: dict[str, tuple[_Group, BflModule | None]] = {}
     for key in source.tensors:
         folder, _, inner = key.rpartition("/")  # a PEFT folder per component: "<component>/<key>"
         split = split_key(inner, source.dialect)
         if split is None:
             continue
         name, part = split
-        if name not in groups:
-            groups[name], on = _group(name, folder, source, architecture, configs)
-            if on is not None:
-                fused[name] = on
-        groups[name].keys[_PART_NAMES.get(part, part)] = key
-    return list(groups.values()), fused
+        if f"{folder}/{name}" not in groups:
+            groups[f"{folder}/{name}"] = _group(name, folder, source, architecture, configs)
+        groups[f"{folder}/{name}"][0].keys[_PART_NAMES.get(part, part)] = key
+    return list(groups.values())
 
 
 def _group(
@@ -62,18 +59,17 @@ def _group(
 
 def resolve_flux(source: _Source, architecture: FluxArchitecture) -> tuple[LoraFile | None, list[str]]:
     """The modules of `source` on Flux targets (None if none land) and the keys that land nowhere."""
-    groups, fused_of = _groups(source, architecture)
-    if is_control_lora({g.name: g.keys for g in groups}):
+    groups = _groups(source, architecture)
+    if is_control_lora({g.name: g.keys for g, _ in groups}):
         raise AdapterzooError("this is a BFL Control LoRA (bias deltas, replacement norm scales, a wider img_in): "
                               "it is not an additive LoRA, and converting or merging it is not supported yet")
     shapes = {path: target.shape for path, target in architecture.targets.items()}
     modules: dict[str, AdapterModule] = {}
     used: set[str] = set()
-    for group in groups:
+    for group, fused in groups:
         module = _build(group, source.tensors) if group.target is not None else None
         if module is None:
             continue
-        fused = fused_of.get(group.name)
         if fused is None:
             pieces = {group.target.path: module}
         elif isinstance(module, LoraModule):
