@@ -170,13 +170,15 @@ def probe(path: str, as_json: bool) -> None:
 @click.option("-o", "--output", "dest", metavar="OUT", required=True, type=click.Path(),
               help="Where to write the result.")
 @click.option("--to", "to", required=True,
-              type=click.Choice(["kohya", "diffusers", "peft", "ldm", "a1111", "safetensors"]),
-              help="LoRA: kohya|diffusers|peft; checkpoint: ldm|diffusers; embedding: a1111|kohya|diffusers; "
+              type=click.Choice(["kohya", "diffusers", "peft", "bfl", "ldm", "a1111", "safetensors"]),
+              help="LoRA: kohya|diffusers|peft (Flux also bfl); checkpoint: ldm|diffusers; "
+              "embedding: a1111|kohya|diffusers; "
               "hypernetwork: safetensors|a1111.")
-@click.option("--base", type=click.Choice(["sd1", "sd2", "sdxl"]),
+@click.option("--base", type=click.Choice(["sd1", "sd2", "sdxl", "flux"]),
               help="LoRA: read it as this base instead of the detected one.")
 @click.option("--checkpoint", metavar="CKPT", type=click.Path(exists=True, dir_okay=True),
-              help="LoRA: resolve module names against this model instead of the built-in SD1/SD2/SDXL tables.")
+              help="LoRA: resolve module names against this model (SD or Flux, any size) "
+              "instead of the built-in tables.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--token", help="Embedding: the token (name) to store where the target format has one.")
 @click.option("--rank", type=click.IntRange(min=1), help="LoRA: the rank to write.")

@@ -1,6 +1,6 @@
 """Write adapterzoo/data/module_tables.json.gz: the module tables `formats.module_tables` ships.
 
-One table per (model class, config) that the built-in SD1/SD2/SDXL bases and standard single files
+One table per (model class, config) that the built-in SD1/SD2/SDXL/Flux.1 bases and standard single files
 (those bases, plus the 9-channel inpainting UNets) ask for, built on the `meta` device by the installed
 diffusers and transformers. The single files are the test factory's sparse ones: every real key and
 shape, no data. Run it after changing a built-in config or the config inference, then run the tests:
@@ -23,10 +23,13 @@ import factory  # noqa: E402 - the tests folder is put on the path first
 
 from adapterzoo.formats.architectures import TEXT_ENCODER_CONFIGS, UNET_CONFIGS  # noqa: E402
 from adapterzoo.formats.checkpoint_targets import single_file_parts  # noqa: E402
+from adapterzoo.formats.flux_modules import CLIP_L_CONFIG, FLUX_DEV_CONFIG, T5_XXL_CONFIG  # noqa: E402
 from adapterzoo.formats.module_tables import (  # noqa: E402
     CLIP_CLASS,
     CLIP_PROJECTION_CLASS,
+    FLUX_CLASS,
     SHIPPED,
+    T5_CLASS,
     UNET_CLASS,
     build_on_meta,
     table_key,
@@ -44,6 +47,11 @@ def wanted() -> dict[str, tuple[str, dict]]:
         for config, projection in encoders.values():
             model_class = CLIP_PROJECTION_CLASS if projection else CLIP_CLASS
             found[table_key(model_class, config)] = (model_class, config)
+    for guidance in (True, False):  # Flux.1 dev and schnell, with their CLIP-L and T5-XXL
+        config = {**FLUX_DEV_CONFIG, "guidance_embeds": guidance}
+        found[table_key(FLUX_CLASS, config)] = (FLUX_CLASS, config)
+    found[table_key(CLIP_CLASS, CLIP_L_CONFIG)] = (CLIP_CLASS, CLIP_L_CONFIG)
+    found[table_key(T5_CLASS, T5_XXL_CONFIG)] = (T5_CLASS, T5_XXL_CONFIG)
     with tempfile.TemporaryDirectory() as tmp:
         for base, channels in STANDARD_FILES:
             path = factory.write_sparse_safetensors(Path(tmp) / f"{base}-{channels}.safetensors",

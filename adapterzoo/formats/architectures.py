@@ -179,7 +179,11 @@ def architecture_from_models(base: str, models: dict[str, torch.nn.Module]) -> A
 
 @functools.cache
 def builtin_architecture(base: str) -> Architecture:
-    """The real-size table of sd1, sd2 or sdxl, from the configs above."""
+    """The real-size table of sd1, sd2, sdxl (from the configs above) or flux (`flux_modules`)."""
+    if base == "flux":
+        from adapterzoo.formats.flux_modules import flux_architecture
+
+        return flux_architecture()
     if base not in UNET_CONFIGS:
         raise AdapterzooError(f"no architecture table for base {base!r} (have: {', '.join(UNET_CONFIGS)})")
     tables = {UNET: module_table(UNET_CLASS, UNET_CONFIGS[base])}

@@ -12,8 +12,8 @@ from adapterzoo.formats.probe_result import with_article
 
 # DESIGN.md's contract: the formats each kind converts to.
 TARGETS: dict[str, tuple[str, ...]] = {
-    "lora": ("kohya", "diffusers", "peft"),
-    "lycoris": ("kohya", "diffusers", "peft"),
+    "lora": ("kohya", "diffusers", "peft", "bfl"),  # bfl: Flux LoRAs only
+    "lycoris": ("kohya", "diffusers", "peft", "bfl"),
     "checkpoint": ("ldm", "diffusers"),
     "embedding": ("a1111", "kohya", "diffusers"),
     "hypernetwork": ("safetensors", "a1111"),
@@ -85,9 +85,15 @@ def _dispatch(kind: str, src: Any, dest: Any, to: str, force: bool, options: dic
     architecture = None
     if options.get("checkpoint"):
         from adapterzoo.formats.checkpoint_targets import check_lora_base, checkpoint_targets
+        from adapterzoo.formats.flux_modules import flux_checkpoint_architecture
 
         if options.get("base"):
             raise AdapterzooError("--base and --checkpoint both say what the LoRA is for; give one")
+        architecture = flux_checkpoint_architecture(options["checkpoint"])
+        if architecture is not None:
+            if (lora_base := probe(src).base) in ("sd1", "sd2", "sdxl"):
+                raise AdapterzooError(f"the LoRA is for {lora_base} but the checkpoint is a Flux model")
+            return convert_lora(src, dest, to, force=force, rank=options.get("rank"), architecture=architecture)
         targets = checkpoint_targets(options["checkpoint"])
         check_lora_base(targets, src)
         architecture = targets.architecture

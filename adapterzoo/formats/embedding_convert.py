@@ -163,6 +163,9 @@ def read_embedding(path: str | os.PathLike) -> tuple[Embedding, str, list[Path]]
     found = probe(path)
     if found.kind != "embedding":
         raise BadFileError(f"{path.name} is {with_article(found.kind)}, not an embedding")
+    if "t5xxl" in found.details.get("slots", {}):
+        raise AdapterzooError(f"{path.name} holds a T5 (t5xxl) embedding for {found.base}; a1111, kohya and "
+                              "diffusers embedding files have no T5 slot, so it cannot be converted to them")
     is_safetensors = found.data_offset is not None
     sources = [path]
     if found.format == "a1111":

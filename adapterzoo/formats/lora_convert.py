@@ -24,7 +24,7 @@ from adapterzoo.formats.lora_write import (
     peft_adapters,
 )
 
-LORA_TARGETS = ("kohya", "diffusers", "peft")
+LORA_TARGETS = ("kohya", "diffusers", "peft", "bfl")  # bfl: Flux only
 
 
 def convert_lora(
@@ -37,7 +37,7 @@ def convert_lora(
     rank: int | None = None,
     architecture: Architecture | None = None,
 ) -> dict[str, Any]:
-    """Write `src` as `to` (kohya | diffusers | peft) at `dest`; `rank` approximates LyCORIS modules by SVD."""
+    """Write `src` as `to` (kohya | diffusers | peft | bfl) at `dest`; `rank` approximates LyCORIS modules by SVD."""
     if to not in LORA_TARGETS:
         raise AdapterzooError(f"a LoRA converts to {' | '.join(LORA_TARGETS)}, not {to!r}")
     dest = check_output(dest, [src], force)
@@ -47,7 +47,13 @@ def convert_lora(
     approximation = _make_plain(lora, to, rank)
     embedding_paths = _embedding_paths(lora, dest, src, force)
     metadata = output_metadata(lora, to, dest.stem, rank if approximation else None)
-    if to == "kohya":
+    if to == "bfl" or (to == "kohya" and lora.base == "flux"):  # Flux's BFL module space, fused projections
+        from adapterzoo.formats.flux_lora_write import flux_bfl_tensors, flux_kohya_tensors
+
+        tensors = flux_bfl_tensors(lora) if to == "bfl" else flux_kohya_tensors(lora)
+        with atomic_output(dest) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    elif to == "kohya":
         with atomic_output(dest) as tmp:
             save_file(kohya_tensors(lora), str(tmp), metadata=metadata)
     elif to == "diffusers":

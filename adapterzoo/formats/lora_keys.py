@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from adapterzoo.formats.flux_lora_keys import XLABS_PART, detect_flux_dialect
+
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
 LDM_UNET_MARKERS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
 
@@ -35,6 +37,8 @@ def detect_lora_dialect(keys: list[str]) -> str | None:
     """Format vocabulary of DESIGN.md (kohya, kohya-ldm, diffusers, ...), or None if not a LoRA."""
     if any(_CLONEOFSIMO_PART.match(k) for k in keys):
         return "cloneofsimo"
+    if flux := detect_flux_dialect(keys):
+        return flux
     if any(k.startswith("base_model.model.") and (".lora_A." in k or ".lora_B." in k) for k in keys):
         return "peft"
     if any(_LEGACY_PART.match(k) or _TRANSITIONAL_PART.match(k) for k in keys):
@@ -74,7 +78,11 @@ def split_key(key: str, dialect: str) -> tuple[str, str] | None:
             return f"{m['module']}.{proj}", m["part"]
         m = _TRANSITIONAL_PART.match(key)
         return (m["module"], m["part"]) if m else None
-    suffixes = _PEFT_SUFFIXES if dialect in ("diffusers", "peft") else _KOHYA_SUFFIXES
+    if dialect == "xlabs":
+        m = XLABS_PART.match(key)
+        return (m["module"], m["part"]) if m else None
+    suffixes = {"diffusers": _PEFT_SUFFIXES, "peft": _PEFT_SUFFIXES, "bfl": _PEFT_SUFFIXES + _KOHYA_SUFFIXES}
+    suffixes = suffixes.get(dialect, _KOHYA_SUFFIXES)
     for suffix in suffixes:
         if key.endswith(suffix):
             return key[: -len(suffix)], suffix[1:]

@@ -16,6 +16,7 @@ ARCHITECTURE_IDS = {
     "sd1": ("stable-diffusion-v1", "stable-diffusion-v1"),
     "sd2": ("stable-diffusion-v2", "stable-diffusion-v2-512"),
     "sdxl": ("stable-diffusion-xl", "stable-diffusion-xl-v1-base"),
+    "flux": ("flux-1", "flux-1-dev"),
 }
 _STALE = ("format", "lora_adapter_metadata", "modelspec.hash_sha256")
 _CLONEOFSIMO_KEYS = ("unet", "text_encoder")

@@ -155,6 +155,11 @@ def load_lora_matched(
 def _resolve(source: _Source, architecture: Architecture) -> tuple[LoraFile | None, list[str], list[Misfit]]:
     """The modules of `source` that land on `architecture` (None if none do), its keys that land nowhere,
     and the modules among those whose name matched a target but whose shape did not."""
+    if architecture.base == "flux":  # BFL names may be fused projections: split on read
+        from adapterzoo.formats.flux_lora_read import resolve_flux
+
+        lora, unmatched = resolve_flux(source, architecture)
+        return lora, unmatched, []
     if source.dialect == "cloneofsimo":
         groups = _cloneofsimo_groups(source, architecture)
     elif source.dialect == "peft":
@@ -266,7 +271,7 @@ def _detect_base(source: _Source) -> str:
 
     root_config = source.peft_folders.get(None)
     probe_lora(table_from_state_dict(tensors), source.metadata, scalar, result, root_config)
-    if result.base not in ("sd1", "sd2", "sdxl"):
+    if result.base not in ("sd1", "sd2", "sdxl", "flux"):
         raise BadFileError(f"cannot tell the base model from this file (probe says {result.base}); pass --base")
     return result.base
 

@@ -1,4 +1,4 @@
-"""Which modules of a UNet or CLIP text encoder hold a weight, with its shape, from the model's class and config.
+"""Which modules of a UNet, Flux transformer, CLIP or T5 text encoder hold a weight, with its shape, from the model's class and config.
 
 Building the model on the `meta` device answers it exactly, but importing diffusers and transformers
 costs a command about 5 s, more than merging a LoRA into an SD1.5 UNet takes. So the tables of the
@@ -21,6 +21,8 @@ import torch
 UNET_CLASS = "UNet2DConditionModel"
 CLIP_CLASS = "CLIPTextModel"
 CLIP_PROJECTION_CLASS = "CLIPTextModelWithProjection"
+FLUX_CLASS = "FluxTransformer2DModel"
+T5_CLASS = "T5EncoderModel"
 SHIPPED = "module_tables.json.gz"
 
 Modules = tuple[tuple[str, tuple[int, ...]], ...]
@@ -57,13 +59,14 @@ def table_of(model: torch.nn.Module) -> ModuleTable:
 def build_on_meta(model_class: str, config: dict[str, Any]) -> torch.nn.Module:
     """The model without weights: only its modules' names and shapes are wanted."""
     with torch.device("meta"):
-        if model_class == UNET_CLASS:
-            from diffusers import UNet2DConditionModel
+        if model_class in (UNET_CLASS, FLUX_CLASS):
+            import diffusers
 
-            return UNet2DConditionModel.from_config(config)
+            return getattr(diffusers, model_class).from_config(config)
         import transformers
 
-        return getattr(transformers, model_class)(transformers.CLIPTextConfig.from_dict(config))
+        config_class = transformers.T5Config if model_class == T5_CLASS else transformers.CLIPTextConfig
+        return getattr(transformers, model_class)(config_class.from_dict(config))
 
 
 @functools.cache

@@ -42,7 +42,7 @@ SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 LORA_UNREAD = "looks like a LoRA, but its key names match no dialect we read"  # the warning, and convert's reason
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the parts diffusers saves LoRA adapters for
+PEFT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # parts diffusers saves adapters for
 PIPELINE_BASES = {
     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",

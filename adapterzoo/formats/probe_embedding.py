@@ -11,6 +11,7 @@ from adapterzoo.formats.probe_result import ProbeResult
 from adapterzoo.formats.tensor_table import FRIENDLY_DTYPE, TensorTable, table_from_state_dict
 
 EMBEDDING_WIDTH_BASE = {768: "sd1", 1024: "sd2"}
+ENCODER_SLOTS = ("clip_l", "clip_g", "t5xxl")  # text-encoder slots of ComfyUI's SDXL/SD3/Flux embeddings
 HYPERNETWORK_WIDTH_BASE = {1024: "sd2", 768: "sd1", 2048: "sdxl"}
 # Our safetensors hypernetwork layout: "<width>.<0 for k, 1 for v>.linear.<i>.<weight|bias>".
 SAFETENSORS_HYPERNETWORK_KEY = re.compile(r"^(\d+)\.([01])\.linear\d*(\.\d+)?\.(weight|bias)$")
@@ -27,7 +28,7 @@ def _rows(shape: tuple[int, ...]) -> int:
 
 
 def probe_embedding_table(table: TensorTable, result: ProbeResult) -> bool:
-    """kohya `emb_params`, SDXL `clip_l`/`clip_g`, or a diffusers `{token: vector}` dict."""
+    """kohya `emb_params`, SDXL `clip_l`/`clip_g`, Flux/SD3 with `t5xxl`, or a diffusers `{token: vector}` dict."""
     keys = set(table)
     if not keys or any(len(m.shape) not in (1, 2) for m in table.values()):
         return False
@@ -35,6 +36,12 @@ def probe_embedding_table(table: TensorTable, result: ProbeResult) -> bool:
         meta = table["emb_params"]
         _set_embedding(result, "kohya", _rows(meta.shape), meta.shape[-1],
                        EMBEDDING_WIDTH_BASE.get(meta.shape[-1], "unknown"))
+        return True
+    if "t5xxl" in keys and keys <= set(ENCODER_SLOTS):  # ComfyUI's per-encoder slots (FLUX.md §3.5)
+        slots = {slot: table[slot].shape[-1] for slot in ENCODER_SLOTS if slot in keys}
+        base = "sd3" if {"clip_l", "clip_g"} <= keys else "flux"
+        _set_embedding(result, "kohya", _rows(table["t5xxl"].shape), sum(slots.values()), base)
+        result.details["slots"] = slots
         return True
     if keys == {"clip_l", "clip_g"}:
         n_l, n_g = _rows(table["clip_l"].shape), _rows(table["clip_g"].shape)

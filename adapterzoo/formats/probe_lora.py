@@ -7,6 +7,7 @@ import re
 from collections import Counter
 from typing import Callable
 
+from adapterzoo.formats.flux_lora_keys import flux_coverage, is_control_lora
 from adapterzoo.formats.lora_keys import (
     DOWN_PARTS,
     LYCORIS_PARTS,
@@ -23,6 +24,7 @@ CONTEXT_WIDTH_BASE = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 TE_WIDTH_BASE = {768: "sd1", 1024: "sd2", 1280: "sdxl"}
 TE_MLP_BASE = {3072: "sd1", 4096: "sd2", 5120: "sdxl"}
 _DEPTH = re.compile(r"transformer_blocks[._](\d+)[._]")
+FLUX_WIDTH = 3072  # Flux.1's hidden size; SD3's MMDiT blocks are 1536 or 2432 wide
 
 
 def is_text_encoder_module(module: str) -> bool:
@@ -74,7 +76,8 @@ def _base_from_shapes(modules: dict[str, dict[str, str]], table: TensorTable) ->
     if any(m in names for m in ("double_blocks", "single_blocks", "single_transformer_blocks")):
         return "flux"
     if "joint_blocks" in names or ("add_q_proj" in names and "transformer." in names):
-        return "sd3"
+        widths = {dims[1] for m, parts in modules.items() if "attn.to_q" in m and (dims := _dims(parts, table))}
+        return "flux" if widths == {FLUX_WIDTH} else "sd3"
     if "lora_te2_" in names or "text_encoder_2." in names:
         return "sdxl"
     context, te_width, te_mlp = set(), set(), set()
@@ -151,8 +154,9 @@ def probe_lora(
         return False
     modules = group_modules(keys, dialect)
     result.format = dialect
-    result.kind = "lycoris" if dialect == "lycoris" else "lora"
-    if dialect == "lycoris":
+    lycoris = dialect == "lycoris" or any(p in LYCORIS_PARTS for parts in modules.values() for p in parts)
+    result.kind = "lycoris" if lycoris else "lora"
+    if lycoris:
         result.details["algo"] = _algo(modules)
     if any("dora_scale" in parts or "lora_magnitude_vector" in parts or "lora_magnitude_vector.weight" in parts
            for parts in modules.values()):
@@ -182,4 +186,10 @@ def probe_lora(
     if base is None and (base := base_from_metadata(metadata)) is not None:
         result.warnings.append("base model read from metadata only; the tensor shapes do not tell")
     result.base = base or "unknown"
+    if result.base == "flux":
+        result.details["coverage"] = flux_coverage(list(modules))
+        if is_control_lora(modules):
+            result.details["variant"] = "control"
+            result.warnings.append("a BFL Control LoRA (bias deltas, norm scales, a wider img_in): "
+                                   "not an additive LoRA, so convert and merge refuse it")
     return True

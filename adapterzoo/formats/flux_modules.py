@@ -1,0 +1,273 @@
+"""Flux.1's LoRA targets: the diffusers `FluxTransformer2DModel` modules, CLIP-L and T5-XXL, and the BFL names.
+
+The canonical form keys every Flux module by its diffusers path (`transformer.transformer_blocks.0.attn.to_q`).
+BFL names (kohya, ComfyUI, XLabs files) are either one of those modules under another name or a fused
+projection whose rows are pieces of several of them (qkv, linear1, the final layer's swapped halves;
+FLUX.md §1.2-1.3). `BflModule` says which rows go where; the tables are built from the module list of
+a diffusers config (shipped for Flux.1, built on the meta device for any other size).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterzoo.errors import BadFileError
+from adapterzoo.formats.architectures import Architecture, KohyaConvention, Target, flatten
+from adapterzoo.formats.json_file import read_json_object
+from adapterzoo.formats.module_tables import (
+    CLIP_CLASS,
+    FLUX_CLASS,
+    T5_CLASS,
+    ModuleTable,
+    module_table,
+)
+from adapterzoo.formats.safetensors_header import read_header
+from adapterzoo.formats.tensor_table import table_from_header
+
+TRANSFORMER = "transformer"
+CLIP_L = "text_encoder"
+T5 = "text_encoder_2"
+BFL_PREFIX = "diffusion_model."
+PEFT_PREFIX = "base_model.model."
+
+# diffusers FluxTransformer2DModel config of FLUX.1-dev; schnell differs only in guidance_embeds.
+FLUX_DEV_CONFIG = {
+    "patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
+    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56],
+}
+CLIP_L_CONFIG = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "projection_dim": 768, "hidden_act": "quick_gelu"}
+T5_XXL_CONFIG = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+                 "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32}
+
+# kohya-family prefixes per component (the first is written): sd-scripts writes lora_te3 for T5, OneTrainer
+# lora_te2; OneTrainer and SimpleTuner spell the transformer as diffusers paths under lora_transformer/lora_unet.
+FLUX_CONVENTION = KohyaConvention(
+    {TRANSFORMER: ("lora_unet", "lora_transformer"), CLIP_L: ("lora_te1", "lora_te"), T5: ("lora_te3", "lora_te2")},
+    "bfl",
+)
+
+Rows = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class BflModule:
+    """One Linear of BFL's `Flux` and the canonical targets its weight rows belong to."""
+
+    name: str  # BFL module path: double_blocks.0.img_attn.qkv
+    shape: tuple[int, int]  # its weight [out, in]
+    parts: tuple[tuple[str, Rows], ...]  # target path -> the BFL rows that make its rows, in its row order
+
+    @property
+    def fused(self) -> bool:
+        """Whether the BFL weight is anything but one target's weight under another name."""
+        return len(self.parts) > 1 or self.parts[0][1] != ((0, self.shape[0]),)
+
+
+@dataclass(frozen=True)
+class FluxArchitecture(Architecture):
+    """Flux targets plus the BFL modules, and every spelling of a fused one (kohya, ComfyUI, XLabs slots)."""
+
+    bfl: tuple[BflModule, ...]
+    fused: dict[str, BflModule]
+
+
+def _bfl_modules(targets: dict[str, Target]) -> list[BflModule]:
+    """BFL's Linears (FLUX.md §1.2) for the transformer whose targets are given; any width, any depth."""
+    def shape(rel: str) -> tuple[int, ...] | None:
+        target = targets.get(f"{TRANSFORMER}.{rel}")
+        return None if target is None else target.shape
+
+    out: list[BflModule] = []
+
+    def add(name: str, *rels: str, swap: bool = False) -> None:
+        shapes = [shape(rel) for rel in rels]
+        if any(s is None for s in shapes):
+            return
+        rows, parts = 0, []
+        for rel, s in zip(rels, shapes):
+            parts.append((f"{TRANSFORMER}.{rel}", ((rows, rows + s[0]),)))
+            rows += s[0]
+        if swap:  # BFL (shift, scale) against diffusers (scale, shift): the two row halves trade places
+            half = rows // 2
+            parts = [(parts[0][0], ((half, rows), (0, half)))]
+        out.append(BflModule(name, (rows, shapes[0][1]), tuple(parts)))
+
+    add("img_in", "x_embedder")
+    add("txt_in", "context_embedder")
+    for bfl, embedder in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
+                          ("guidance_in", "guidance_embedder")):
+        add(f"{bfl}.in_layer", f"time_text_embed.{embedder}.linear_1")
+        add(f"{bfl}.out_layer", f"time_text_embed.{embedder}.linear_2")
+    for n in _block_indices(targets, "transformer_blocks"):
+        d, b = f"double_blocks.{n}", f"transformer_blocks.{n}"
+        add(f"{d}.img_attn.qkv", f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v")
+        add(f"{d}.img_attn.proj", f"{b}.attn.to_out.0")
+        add(f"{d}.img_mlp.0", f"{b}.ff.net.0.proj")
+        add(f"{d}.img_mlp.2", f"{b}.ff.net.2")
+        add(f"{d}.img_mod.lin", f"{b}.norm1.linear")
+        add(f"{d}.txt_attn.qkv", f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj")
+        add(f"{d}.txt_attn.proj", f"{b}.attn.to_add_out")
+        add(f"{d}.txt_mlp.0", f"{b}.ff_context.net.0.proj")
+        add(f"{d}.txt_mlp.2", f"{b}.ff_context.net.2")
+        add(f"{d}.txt_mod.lin", f"{b}.norm1_context.linear")
+    for n in _block_indices(targets, "single_transformer_blocks"):
+        s, b = f"single_blocks.{n}", f"single_transformer_blocks.{n}"
+        add(f"{s}.linear1", f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp")
+        add(f"{s}.linear2", f"{b}.proj_out")
+        add(f"{s}.modulation.lin", f"{b}.norm.linear")
+    add("final_layer.linear", "proj_out")
+    add("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
+    return out
+
+
+def _block_indices(targets: dict[str, Target], blocks: str) -> list[int]:
+    pattern = re.compile(rf"^{TRANSFORMER}\.{blocks}\.(\d+)\.")
+    return sorted({int(m[1]) for path in targets if (m := pattern.match(path))})
+
+
+def _xlabs_slots(bfl: dict[str, BflModule]) -> dict[str, BflModule]:
+    """XLabs processor slots (FLUX.md §3.4); a single block's `qkv_lora` is linear1's q, k, v rows only."""
+    slots: dict[str, BflModule] = {}
+    for name, module in bfl.items():
+        if m := re.fullmatch(r"double_blocks\.(\d+)\.(img|txt)_attn\.(qkv|proj)", name):
+            stream = "1" if m[2] == "img" else "2"
+            slots[f"double_blocks.{m[1]}.processor.{m[3]}_lora{stream}"] = module
+        elif m := re.fullmatch(r"single_blocks\.(\d+)\.linear([12])", name):
+            if m[2] == "2":
+                slots[f"single_blocks.{m[1]}.processor.proj_lora"] = module
+            else:
+                qkv = module.parts[:3]
+                slots[f"single_blocks.{m[1]}.processor.qkv_lora"] = BflModule(
+                    f"{name}[qkv]", (qkv[-1][1][0][1], module.shape[1]), qkv)
+    return slots
+
+
+def _target_spellings(target: Target, rel: str) -> list[str]:
+    if target.component == TRANSFORMER:
+        return [target.path, rel, PEFT_PREFIX + rel, f"lora_transformer_{flatten(rel)}", f"lora_unet_{flatten(rel)}"]
+    if target.component == CLIP_L:
+        names = [target.path, f"{CLIP_L}.text_model.{rel}", f"text_encoders.clip_l.transformer.text_model.{rel}"]
+        return names + [f"{p}_text_model_{flatten(rel)}" for p in FLUX_CONVENTION.prefixes[CLIP_L]]
+    return [target.path, f"text_encoders.t5xxl.transformer.{rel}"] + [
+        f"{p}_{flatten(rel)}" for p in FLUX_CONVENTION.prefixes[T5]]
+
+
+def bfl_spellings(name: str) -> list[str]:
+    """Every way a file names a BFL module: kohya, ComfyUI/BFL, bare (control LoRAs), fal's PEFT prefix."""
+    return [f"lora_unet_{flatten(name)}", BFL_PREFIX + name, name, PEFT_PREFIX + name]
+
+
+def flux_architecture_from_tables(tables: dict[str, ModuleTable]) -> FluxArchitecture:
+    """Targets of the components given ({"transformer": ..., "text_encoder": ..., "text_encoder_2": ...})."""
+    targets: dict[str, Target] = {}
+    aliases: dict[str, str] = {}
+
+    def alias(name: str, path: str) -> None:
+        if aliases.setdefault(name, path) != path:
+            raise ValueError(f"{name} spells both {aliases[name]} and {path}")
+
+    for component, table in tables.items():
+        for module_path, shape in table.modules:
+            rel = module_path.removeprefix("text_model.") if component == CLIP_L else module_path
+            target = Target(f"{component}.{rel}", component, module_path, None, shape)
+            targets[target.path] = target
+            for name in _target_spellings(target, rel):
+                alias(name, target.path)
+    bfl = _bfl_modules(targets)
+    fused: dict[str, BflModule] = {}
+    for module in bfl:
+        for name in bfl_spellings(module.name):
+            if module.fused:
+                fused[name] = module
+            else:
+                alias(name, module.parts[0][0])
+    for slot, module in _xlabs_slots({m.name: m for m in bfl}).items():
+        if module.fused:
+            fused[slot] = module
+        else:
+            alias(slot, module.parts[0][0])
+    return FluxArchitecture("flux", targets, aliases, FLUX_CONVENTION, tuple(bfl), fused)
+
+
+@functools.cache
+def flux_architecture() -> FluxArchitecture:
+    """Flux.1-dev at its real size with CLIP-L and T5-XXL (schnell LoRAs fit it: it only lacks guidance_in)."""
+    return flux_architecture_from_tables({
+        TRANSFORMER: module_table(FLUX_CLASS, FLUX_DEV_CONFIG),
+        CLIP_L: module_table(CLIP_CLASS, CLIP_L_CONFIG),
+        T5: module_table(T5_CLASS, T5_XXL_CONFIG),
+    })
+
+
+# -- Flux models on disk (convert --checkpoint) ---------------------------------------------------------
+
+_KEY_NORM = "double_blocks.0.img_attn.norm.key_norm.scale"
+_TEXT_ENCODER_CLASSES = {CLIP_L: (CLIP_CLASS,), T5: (T5_CLASS,)}
+
+
+def flux_checkpoint_architecture(path: str | Path) -> FluxArchitecture | None:
+    """The targets of a Flux model on disk (a diffusers transformer or pipeline folder of any size, or a BFL
+    single file); None if `path` is not a Flux model."""
+    path = Path(path)
+    if path.is_file():
+        config = bfl_config_from_file(path)
+        if config is None:
+            return None
+        return flux_architecture_from_tables({TRANSFORMER: module_table(FLUX_CLASS, config)})
+    if (path / "config.json").is_file():
+        config = read_json_object(path / "config.json")
+        if config.get("_class_name") != FLUX_CLASS:
+            return None
+        return flux_architecture_from_tables({TRANSFORMER: module_table(FLUX_CLASS, _model_config(config))})
+    index_path = path / "model_index.json"
+    if not index_path.is_file() or read_json_object(index_path).get("transformer", [None, None])[1] != FLUX_CLASS:
+        return None
+    index = read_json_object(index_path)
+    transformer = _model_config(read_json_object(path / TRANSFORMER / "config.json"))
+    tables = {TRANSFORMER: module_table(FLUX_CLASS, transformer)}
+    for component, classes in _TEXT_ENCODER_CLASSES.items():
+        entry = index.get(component)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] in classes:
+            config = read_json_object(path / component / "config.json")
+            tables[component] = module_table(entry[1], _model_config(config))
+    return flux_architecture_from_tables(tables)
+
+
+def _model_config(config: dict) -> dict:
+    """A saved config without the fields that only describe the save (`_name_or_path`, versions)."""
+    dropped = ("architectures", "transformers_version", "torch_dtype", "dtype")
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in dropped}
+
+
+def bfl_config_from_file(path: Path) -> dict | None:
+    """A FluxTransformer2DModel config from a BFL single file's shapes (FLUX.md §1.4); None if not Flux.1."""
+    try:
+        table = table_from_header(read_header(path))
+    except BadFileError:  # not a safetensors file: not a Flux checkpoint this reads
+        return None
+    prefix = next((p for p in ("", "model.diffusion_model.") if p + _KEY_NORM in table), None)
+    if prefix is None:
+        return None
+    shapes = {k[len(prefix):]: tuple(v.shape) for k, v in table.items() if k.startswith(prefix)}
+    hidden, in_channels = shapes["img_in.weight"]
+    head_dim = shapes[_KEY_NORM][0]
+
+    def count(blocks: str) -> int:
+        return len({k.split(".")[1] for k in shapes if k.startswith(blocks + ".")})
+
+    config = {
+        **FLUX_DEV_CONFIG, "in_channels": in_channels, "num_layers": count("double_blocks"),
+        "num_single_layers": count("single_blocks"), "attention_head_dim": head_dim,
+        "num_attention_heads": hidden // head_dim, "joint_attention_dim": shapes["txt_in.weight"][1],
+        "pooled_projection_dim": shapes["vector_in.in_layer.weight"][1],
+        "guidance_embeds": "guidance_in.in_layer.weight" in shapes,
+    }
+    out_channels = shapes["final_layer.linear.weight"][0]
+    if out_channels != in_channels:
+        config["out_channels"] = out_channels
+    return config
