@@ -141,11 +141,21 @@ def test_a_file_already_in_the_registry_is_not_downloaded_again(knight, tmp_path
     mine.parent.mkdir()
     mine.write_bytes(data)
     assert run(["scan", str(mine.parent)], capsys, monkeypatch)[0] == 0
-    code, out, err = run(["pull", f"civitai:{version_id}", "--dest", str(tmp_path / "mine")], capsys, monkeypatch)
+    code, out, err = run(["pull", f"civitai:{version_id}", "--dest", str(tmp_path / "dl")], capsys, monkeypatch)
     assert code == 0, err
-    assert out.splitlines()[:2] == [f"already have  civitai:{version_id}  {mine}  (lora, sd1; AutoV2 {sha256(data)[:10]})",
-                                    f"{'':13} in the registry already; nothing was downloaded"]
+    autov2 = sha256(data)[:10]
+    assert out.splitlines() == [f"already have  civitai:{version_id}  {mine}  (lora, sd1; AutoV2 {autov2})",
+                                f"{'':13} in the registry already; nothing was downloaded"]
+    assert not (tmp_path / "dl").exists()
     assert storage_requests(fake) == [] and not [r for r in fake.requests if "/download/" in r["path"]]
+
+    library = tmp_path / "lib"  # a library must hold the file: it is copied from the registry's, not downloaded
+    code, (outcome,), err = pull_json([f"civitai:{version_id}", "--library", str(library)], capsys, monkeypatch)
+    assert code == 0, err
+    assert outcome["status"] == "pulled" and outcome["notes"] == [f"copied from {mine}, not downloaded"]
+    assert (library / "models" / "Lora" / "my-knight.safetensors").read_bytes() == data
+    assert (library / "models" / "Lora" / "my-knight.civitai.info").is_file()
+    assert storage_requests(fake) == []
 
 
 def test_a_different_file_at_the_name_stays_and_ours_lands_beside_it(knight, tmp_path: Path, capsys,

@@ -58,10 +58,10 @@ class Target:
             return self.dest
         return library_folder(self.library, kind or "unknown", self.layout)
 
-    def holds(self, path: str | Path) -> bool:
-        """Whether `path` is already where this target puts files (in the library, or in the folder)."""
-        where = self.library if self.library is not None else self.dest
-        return Path(path).resolve().is_relative_to(where.resolve())
+    def wants_copy_of(self, path: str | Path) -> bool:
+        """Whether a file already on disk at `path` should still be brought here: a library must hold its files,
+        a plain folder need not duplicate one the registry knows elsewhere."""
+        return self.library is not None and not Path(path).resolve().is_relative_to(self.library.resolve())
 
 
 @dataclass
@@ -135,7 +135,7 @@ class _Puller:
                                       f"file names ({expected['sha256']}); nothing was downloaded")
             sha256, size = expected["sha256"], expected["size"]
         known = self._registered(sha256) if sha256 else None
-        if known is not None and self.target.holds(known.path):
+        if known is not None and not self.target.wants_copy_of(known.path):
             return Pulled(ref, "already have", path=known.path, id=known.id, source_ref=remote.ref, kind=known.kind,
                           base=known.base, size=known.size, sha256=known.sha256, autov2=known.autov2,
                           notes=["in the registry already; nothing was downloaded"])
@@ -205,9 +205,11 @@ class _Puller:
             record_source(session, file_id, remote.source, preview, datetime.now(timezone.utc).replace(tzinfo=None))
         sidecars = []
         if self.target.library is not None:
-            sidecars = [str(p) for p in write_sidecars(path, remote.info, Path(preview).read_bytes() if preview else None)]
+            image = Path(preview).read_bytes() if preview else None
+            sidecars = [str(p) for p in write_sidecars(path, remote.info, image)]
         result = probed.result
-        return Pulled(ref, "already have" if got.reused else "pulled", path=str(path), id=file_id, source_ref=remote.ref,
+        return Pulled(ref, "already have" if got.reused else "pulled", path=str(path), id=file_id,
+                      source_ref=remote.ref,
                       kind=result.kind if result else remote.source.kind, base=result.base if result else None,
                       size=got.size, sha256=got.hashes.sha256, autov2=got.hashes.autov2, unsafe=probed.unsafe,
                       resumed_from=got.resumed_from, notes=notes, sidecars=sidecars)
