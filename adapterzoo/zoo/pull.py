@@ -145,7 +145,7 @@ class _Puller:
                             folder, os.path.basename(known.path))
             note = f"copied from {known.path}, not downloaded"
         elif remote.source.provider == "hf":
-            got, note = self._from_hub(remote, folder), None
+            got, note = self._from_hub(remote, folder, sha256), None
         else:
             got, note = self._download(remote, folder, size, sha256), None
         return self._register(ref, remote, got, [note] if note else [])
@@ -177,11 +177,11 @@ class _Puller:
                         host=CIVITAI if civitai else Host(urlsplit(remote.download_url).netloc or "the server"),
                         progress_bar=self.progress_bar, session=self.civitai.session)
 
-    def _from_hub(self, remote: RemoteFile, folder: Path) -> Downloaded:
+    def _from_hub(self, remote: RemoteFile, folder: Path, sha256: str | None) -> Downloaded:
         """Through huggingface_hub's cache, then the SHA-256 it does not check, then into the folder."""
-        cached = hub.fetch(remote.source)
+        cached = hub.fetch(remote.source, self.progress_bar)
         try:
-            hashes = _checked_hashes(cached, remote.sha256, "the Hub")
+            hashes = _checked_hashes(cached, sha256, "the Hub" if sha256 == remote.sha256 else "the lock file")
         except AdapterzooError:
             hub.drop_cached(cached)
             raise
