@@ -19,6 +19,7 @@ from cli_helpers import run
 from factory import small_lora
 from fake_civitai import TOKEN, FakeCivitai, tiny_png
 from fake_hub import FakeHub
+from fake_storage import FakeStorage, Served
 
 from adapterzoo.cli import cli
 
@@ -135,6 +136,19 @@ def test_429_then_a_hostile_name_lands_sanitised(knight, tmp_path: Path, capsys,
     assert len(storage_requests(fake)) == 2  # the 429, then the file
 
 
+def test_a_plain_url_is_named_by_the_server_and_registered_with_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    data = small_lora(tmp_path / "src" / "x.safetensors", seed=6).read_bytes()
+    with FakeStorage() as storage:
+        url = storage.add("7", Served(data, content_disposition='attachment; filename="plain.safetensors"'))
+        code, (outcome,), err = pull_json([url, "--dest", str(tmp_path / "dl")], capsys, monkeypatch)
+    assert code == 0, err
+    assert (outcome["path"], outcome["source_ref"], outcome["kind"]) == (
+        str(tmp_path / "dl" / "plain.safetensors"), url, "lora")
+    assert (tmp_path / "dl" / "plain.safetensors").read_bytes() == data
+    (source,) = json.loads(run(["show", outcome["path"], "--json"], capsys, monkeypatch)[1])["sources"]
+    assert (source["provider"], source["download_url"]) == ("url", url)
+
+
 def test_a_file_already_in_the_registry_is_not_downloaded_again(knight, tmp_path: Path, capsys, monkeypatch) -> None:
     fake, version_id, data = knight
     mine = tmp_path / "mine" / "my-knight.safetensors"
@@ -148,6 +162,8 @@ def test_a_file_already_in_the_registry_is_not_downloaded_again(knight, tmp_path
                                 f"{'':13} in the registry already; nothing was downloaded"]
     assert not (tmp_path / "dl").exists()
     assert storage_requests(fake) == [] and not [r for r in fake.requests if "/download/" in r["path"]]
+    (source,) = json.loads(run(["show", str(mine), "--json"], capsys, monkeypatch)[1])["sources"]
+    assert source["civitai_version_id"] == version_id  # the registry now knows where it can be had again
 
     library = tmp_path / "lib"  # a library must hold the file: it is copied from the registry's, not downloaded
     code, (outcome,), err = pull_json([f"civitai:{version_id}", "--library", str(library)], capsys, monkeypatch)

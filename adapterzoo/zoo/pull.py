@@ -136,9 +136,10 @@ class _Puller:
             sha256, size = expected["sha256"], expected["size"]
         known = self._registered(sha256) if sha256 else None
         if known is not None and not self.target.wants_copy_of(known.path):
+            notes = ["in the registry already; nothing was downloaded"]
+            self._record(known.id, remote, notes)  # the registry learns where the file can be had again
             return Pulled(ref, "already have", path=known.path, id=known.id, source_ref=remote.ref, kind=known.kind,
-                          base=known.base, size=known.size, sha256=known.sha256, autov2=known.autov2,
-                          notes=["in the registry already; nothing was downloaded"])
+                          base=known.base, size=known.size, sha256=known.sha256, autov2=known.autov2, notes=notes)
         folder = self.target.folder(expected["kind"] if expected else remote.source.kind)
         if known is not None:  # on disk elsewhere: the library gets it from there, not from the network
             got = _bring_in(Path(known.path), _checked_hashes(Path(known.path), sha256, "the registry's copy"),
@@ -200,9 +201,7 @@ class _Puller:
         if probed.error:
             notes.append(f"{'unsafe' if probed.unsafe else 'broken'}: {probed.error}")
         file_id = index_file(path, self.engine, probed, got.hashes)
-        preview = self._preview(remote, notes)
-        with Session(self.engine) as session, session.begin():
-            record_source(session, file_id, remote.source, preview, datetime.now(timezone.utc).replace(tzinfo=None))
+        preview = self._record(file_id, remote, notes)
         sidecars = []
         if self.target.library is not None:
             image = Path(preview).read_bytes() if preview else None
@@ -213,6 +212,13 @@ class _Puller:
                       kind=result.kind if result else remote.source.kind, base=result.base if result else None,
                       size=got.size, sha256=got.hashes.sha256, autov2=got.hashes.autov2, unsafe=probed.unsafe,
                       resumed_from=got.resumed_from, notes=notes, sidecars=sidecars)
+
+    def _record(self, file_id: int, remote: RemoteFile, notes: list[str]) -> str | None:
+        """Record `remote`'s source for the registry entry; returns where its preview was kept."""
+        preview = self._preview(remote, notes)
+        with Session(self.engine) as session, session.begin():
+            record_source(session, file_id, remote.source, preview, datetime.now(timezone.utc).replace(tzinfo=None))
+        return preview
 
     def _preview(self, remote: RemoteFile, notes: list[str]) -> str | None:
         """The source's preview, kept in the adapterzoo home; a preview that fails is a note, not a failure."""
