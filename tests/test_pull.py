@@ -88,6 +88,11 @@ def test_without_a_token_each_ref_fails_in_one_line_and_the_others_are_still_pul
     assert lines[2].startswith(f"pulled        {refs[2]}  {dest / 'knight.safetensors'}  (lora, sd1; AutoV2 ")
     assert sorted(p.name for p in dest.iterdir()) == ["knight.safetensors"]  # no login page saved, no .part
 
+    (tmp_path / "a-file").write_text("not a folder")
+    code, out, _ = run(["pull", refs[1], "--token", TOKEN, "--dest", str(tmp_path / "a-file" / "sub")], capsys,
+                       monkeypatch)
+    assert code == 1 and out == f"failed        {refs[1]}: Not a directory: {tmp_path / 'a-file' / 'sub'}\n"
+
 
 def test_a_part_left_by_an_interrupted_pull_is_resumed_with_range(knight, tmp_path: Path, capsys, monkeypatch) -> None:
     fake, version_id, data = knight

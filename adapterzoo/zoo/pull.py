@@ -100,6 +100,8 @@ def pull(engine: Engine, refs: list[str], target: Target, token: str | None = No
             outcomes.append(puller.pull(ref, expected))
         except AdapterzooError as exc:
             outcomes.append(Pulled(ref, "failed", error=str(exc)))
+        except OSError as exc:  # the folder cannot be made or written: this REF fails, the others may not
+            outcomes.append(Pulled(ref, "failed", error=f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")))
     return outcomes
 
 
