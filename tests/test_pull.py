@@ -329,3 +329,12 @@ def test_lock_then_pull_lock_rebuilds_a_library_checking_every_hash(
 @pytest.mark.parametrize("args", [["x", "--dest", "a", "--library", "b"], ["x", "--layout", "comfyui"], []])
 def test_usage_errors_exit_2(args: list[str], capsys, monkeypatch) -> None:
     assert run(["pull", *args], capsys, monkeypatch)[0] == 2
+
+
+def test_a_file_that_is_not_a_lock_file_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    bad = tmp_path / "zoo.lock.json"
+    bad.write_text(json.dumps({"version": 1, "files": [{"ref": "civitai:1"}]}))
+    code, out, err = run(["pull", "--lock", str(bad), "--library", str(tmp_path / "lib")], capsys, monkeypatch)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: {bad} is not an adapterzoo lock file") and err.count("\n") == 1
+    assert not (tmp_path / "lib").exists()
