@@ -554,6 +554,52 @@ def enrich(obj: dict[str, Any], refs: tuple[str, ...], every: bool, retry_missin
 
 
 @cli.command()
+@click.argument("refs", metavar="REF...", nargs=-1)
+@click.option("--dest", metavar="DIR", type=click.Path(file_okay=False),
+              help="Download into DIR (default: the current folder).")
+@click.option("--library", metavar="DIR", type=click.Path(file_okay=False),
+              help="An A1111 or ComfyUI folder: each file goes where that UI looks for its kind, with "
+              "<name>.civitai.info and <name>.preview.png beside it.")
+@click.option("--layout", type=click.Choice(["a1111", "comfyui"]), help="The --library's layout. Default: a1111.")
+@click.option("--token", metavar="T", help="Civitai API token (default: $CIVITAI_API_TOKEN); the Hub reads HF_TOKEN.")
+@click.option("--lock", "lock_file", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="Also pull every file a lock file (from `adapterzoo lock`) lists, skipping those already there.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per REF.")
+@click.pass_obj
+def pull(obj: dict[str, Any], refs: tuple[str, ...], dest: str | None, library: str | None, layout: str | None,
+         token: str | None, lock_file: str | None, as_json: bool) -> None:
+    """Download REF... (civitai:VERSION_ID, civitai:model/MODEL_ID, a civitai.com model URL,
+    hf:OWNER/REPO/PATH[@REV] or a URL), check it against the source's hashes, and register it with its source.
+    Exit code 1 when any REF failed."""
+    from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.pull import Target
+    from adapterzoo.zoo.pull import pull as run_pull
+
+    if dest and library:
+        raise click.UsageError("give --dest or --library, not both")
+    if layout and not library:
+        raise click.UsageError("--layout goes with --library")
+    if not refs and not lock_file:
+        raise click.UsageError("say what to pull: REF..., or --lock FILE")
+    target = Target(Path(dest or "."), Path(library) if library else None, layout or "a1111")
+    outcomes = run_pull(open_registry(obj["db"]), list(refs), target, token, lock_file, progress_bar=not as_json)
+    if as_json:
+        emit_json([o.to_json() for o in outcomes])
+    for outcome in [] if as_json else outcomes:
+        if outcome.error:
+            click.echo(f"{'failed':13} {outcome.ref}: {outcome.error}")
+            continue
+        about = ", ".join(str(v) for v in (outcome.kind, outcome.base) if v)
+        click.echo(f"{outcome.status:13} {outcome.ref}  {outcome.path}  ({about}; AutoV2 {outcome.autov2})")
+        for note in outcome.notes:
+            click.echo(f"{'':13} {note}")
+        for path in outcome.sidecars:
+            click.echo(f"{'wrote':13} {path}")
+    if any(o.status == "failed" for o in outcomes):
+        sys.exit(1)
+
+
+@cli.command()
 @click.option("-o", "--output", "dest", metavar="FILE", required=True, type=click.Path(dir_okay=False),
               help="The lock file to write (JSON).")
 @click.option("--force", is_flag=True, help="Replace FILE if it exists.")

@@ -1,7 +1,10 @@
 """A fake Civitai API on 127.0.0.1 that answers in the shapes of the real one (SOURCES.md section 1).
 
 Models are built from real files the test wrote, so every hash it serves is the file's true hash.
-The code under test only sees CIVITAI_BASE_URL; the `fake_civitai` fixture sets it.
+The code under test only sees CIVITAI_BASE_URL; the `fake_civitai` fixture sets it. Downloads answer
+307 to the signed-URL storage host of tests/fake_storage.py, which refuses any request carrying an
+Authorization header, as Civitai's storage does; `served()` reaches a file's storage switches (cuts,
+ignored Range, throttling, wrong bytes).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 from fake_http import Handler, running
+from fake_storage import LOGIN_PAGE, FakeStorage, Served
 
 TOKEN = "secret-civitai-token"
 AIR_TYPES = {"LORA": "lora", "LoCon": "lycoris", "Checkpoint": "checkpoint", "TextualInversion": "embedding",
@@ -56,6 +60,7 @@ class FakeVersion:
     files: list[tuple[str, bytes]]  # (name, bytes); the first is the primary file
     trained_words: list[str]
     needs_token: bool = False
+    download_needs_token: bool = False  # early access: the version is public, its download answers a login page
     created: str = "2024-01-01T00:00:00.000Z"
 
 
@@ -75,7 +80,8 @@ class FakeModel:
 class FakeCivitai:
     """The server's data and switches; `url` is what CIVITAI_BASE_URL would be."""
 
-    def __init__(self) -> None:
+    def __init__(self, storage: FakeStorage) -> None:
+        self.storage = storage
         self.models: dict[int, FakeModel] = {}
         self.versions: dict[int, FakeVersion] = {}
         self.requests: list[dict[str, Any]] = []  # method, path, query, authorization of every request
@@ -93,22 +99,31 @@ class FakeCivitai:
 
     def add_model(self, name: str, files: list[Path], type: str = "LORA", base_model: str = "SD 1.5",
                   trained_words: list[str] | None = None, nsfw: bool = False, downloads: int = 10,
-                  needs_token: bool = False, version_name: str = "v1.0") -> FakeModel:
+                  needs_token: bool = False, version_name: str = "v1.0",
+                  download_needs_token: bool = False) -> FakeModel:
         """A model with one version holding `files` (the first is primary)."""
         model = FakeModel(self._id(), name, type, nsfw, downloads)
         self.models[model.id] = model
-        self.add_version(model, files, base_model, trained_words or [], needs_token, version_name)
+        self.add_version(model, files, base_model, trained_words or [], needs_token, version_name,
+                         download_needs_token)
         return model
 
     def add_version(self, model: FakeModel, files: list[Path], base_model: str, trained_words: list[str],
-                    needs_token: bool = False, name: str = "v2.0") -> FakeVersion:
-        """A newer version of `model`: it goes first in modelVersions."""
+                    needs_token: bool = False, name: str = "v2.0", download_needs_token: bool = False) -> FakeVersion:
+        """A newer version of `model`: it goes first in modelVersions. Its files go to the storage host."""
         version = FakeVersion(self._id(), model.id, name, base_model, [(p.name, p.read_bytes()) for p in files],
-                              trained_words, needs_token,
+                              trained_words, needs_token, download_needs_token,
                               created=f"2024-01-{len(model.versions) + 1:02d}T00:00:00.000Z")
         model.versions.insert(0, version)
         self.versions[version.id] = version
+        for index, (file_name, data) in enumerate(version.files):
+            disposition = f"attachment; filename=\"{file_name}\"; filename*=UTF-8''{quote(file_name)}"
+            self.storage.files[f"{version.id}-{index}"] = Served(data, content_disposition=disposition)
         return version
+
+    def served(self, version_id: int, index: int = 0) -> Served:
+        """What the storage host answers for a version's file; tests flip its switches."""
+        return self.storage.files[f"{version_id}-{index}"]
 
     def throttle(self, times: int, retry_after: str = "0") -> None:
         """The next `times` requests answer 429 with this Retry-After."""
@@ -267,23 +282,27 @@ class _Handler(Handler):
         return {"items": [fake.model_json(m) for m in page], "metadata": metadata}
 
     def _download(self, fake: FakeCivitai, version_id: int, query: dict[str, list[str]]) -> None:
+        """307 to a signed storage URL, as Civitai answers; a gated download without a token answers 401,
+        or for early access Civitai's sign-in page with status 200."""
         version = fake.versions.get(version_id)
         if version is None:
             self._error(404, f"No model version with id {version_id}")
         elif not self._allowed(version, query):
             self._error(401, "Unauthorized")
+        elif version.download_needs_token and not self._authorized(query):
+            self.answer(200, raw=LOGIN_PAGE, content_type="text/html; charset=utf-8")
         else:
-            name, data = version.files[int(query.get("i", ["0"])[0])]
-            disposition = f"attachment; filename=\"{name}\"; filename*=UTF-8''{quote(name)}"
-            self.answer(200, raw=data, content_type="application/octet-stream",
-                         headers={"Content-Disposition": disposition})
+            key = f"{version_id}-{int(query.get('i', ['0'])[0])}"
+            self.answer(307, raw=b"", content_type="text/plain",
+                        headers={"Location": f"{fake.storage.url('storage')}/{key}?sig=fake-signature"})
 
 
 @pytest.fixture
 def fake_civitai(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCivitai]:
-    """A running fake Civitai; CIVITAI_BASE_URL points at it and no token is set."""
-    fake = FakeCivitai()
-    with running(_Handler, fake) as fake.url:
-        monkeypatch.setenv("CIVITAI_BASE_URL", fake.url)
-        monkeypatch.delenv("CIVITAI_API_TOKEN", raising=False)
-        yield fake
+    """A running fake Civitai and its storage host; CIVITAI_BASE_URL points at it and no token is set."""
+    with FakeStorage() as storage:
+        fake = FakeCivitai(storage)
+        with running(_Handler, fake) as fake.url:
+            monkeypatch.setenv("CIVITAI_BASE_URL", fake.url)
+            monkeypatch.delenv("CIVITAI_API_TOKEN", raising=False)
+            yield fake

@@ -90,14 +90,14 @@ def download(
         if known is None:
             response = job.get(0, None)
             known = _served_name(response, url)
-        if job.sha256 and (found := _identical_in_place(folder / known, job.size, job.sha256)):
+        if job.sha256 and (found := identical_in_place(folder / known, job.size, job.sha256)):
             return found
         with _locked_part(folder / f"{known}{PART_SUFFIX}", job.notice if progress_bar else None) as part:
             if part.waited:  # the other download may have finished: look again before taking any bytes
                 if response is not None:
                     response.close()
                     response = None
-                if job.sha256 and (found := _identical_in_place(folder / known, job.size, job.sha256)):
+                if job.sha256 and (found := identical_in_place(folder / known, job.size, job.sha256)):
                     return found
             return job.transfer(part, response, folder, known, progress_bar)
     finally:
@@ -211,7 +211,7 @@ class _Job:
         if not offset and (what := _page_kind(first)):
             raise self.host.not_a_file(what, token_sent(self.headers))
         threaded = (self.size or offset + len(first)) >= THREADS_FROM_BYTES or len(first) == CHUNK_BYTES
-        self.hasher = StreamHashes(_safetensors_data_offset(head + first), threaded=threaded)
+        self.hasher = StreamHashes(safetensors_data_offset(head + first), threaded=threaded)
         position = 0
         while position < offset:
             piece = os.pread(fh.fileno(), min(CHUNK_BYTES, offset - position), position)
@@ -283,13 +283,13 @@ def _move_new(src: Path, target: Path) -> bool:
     return True
 
 
-def _identical_in_place(final: Path, size: int | None, sha256: str) -> Downloaded | None:
+def identical_in_place(final: Path, size: int | None, sha256: str) -> Downloaded | None:
     """The file we would download, if it already sits at its name or beside it."""
     for target in (final, beside_name(final, sha256)):
         if target.is_file() and (size is None or target.stat().st_size == size):
             with open(target, "rb") as fh:
                 head = fh.read(64)
-            hashes = hash_file(target, _safetensors_data_offset(head))
+            hashes = hash_file(target, safetensors_data_offset(head))
             if hashes.sha256 == sha256:
                 return Downloaded(path=target, hashes=hashes, size=target.stat().st_size, reused=True,
                                   beside=final if target != final else None)
@@ -369,7 +369,7 @@ def _page_kind(first: bytes) -> str | None:
     return None
 
 
-def _safetensors_data_offset(head: bytes) -> int | None:
+def safetensors_data_offset(head: bytes) -> int | None:
     """Where tensor data starts if these first bytes are a safetensors header's (gives AutoV3)."""
     if len(head) < 9 or head[8:9] != b"{":
         return None

@@ -7,7 +7,6 @@ remembered in unknown_files and not asked about again unless retry_missing.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,13 +15,12 @@ from typing import Any
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
-from adapterzoo.formats.atomic import atomic_output
 from adapterzoo.zoo.civitai import CivitaiClient, file_sha256, source_record
+from adapterzoo.zoo.library import write_sidecars
 from adapterzoo.zoo.models import FileEntry, Source, UnknownFile
 from adapterzoo.zoo.queries import find_entry
 from adapterzoo.zoo.remote import SourceRecord
-from adapterzoo.zoo.sources import PREVIEW_SIDECAR, record_source, save_preview
-from adapterzoo.zoo.triggers import CIVITAI_SIDECAR, sidecar_stem
+from adapterzoo.zoo.sources import record_source, save_preview
 
 PROVIDER = "civitai"
 
@@ -130,17 +128,4 @@ def _unique_versions(found: dict[str, tuple[dict[str, Any], dict[str, Any], Sour
 def _write_sidecars(path: Path, version: dict[str, Any], preview: str | None) -> list[str]:
     """`<name>.civitai.info` and `<name>.preview.png` beside the file, as A1111's Civitai extensions write them.
     An existing sidecar is the user's: it is kept, not replaced."""
-    stem = sidecar_stem(path, False)
-    written = []
-    info = stem.with_name(stem.name + CIVITAI_SIDECAR)
-    if not info.exists():
-        with atomic_output(info) as tmp:
-            tmp.write_text(json.dumps(version, indent=2, ensure_ascii=False), encoding="utf-8")
-        written.append(str(info))
-    image = stem.with_name(stem.name + PREVIEW_SIDECAR)
-    if preview and not image.exists():
-        with atomic_output(image) as tmp:
-            tmp.write_bytes(Path(preview).read_bytes())
-        written.append(str(image))
-    return written
-
+    return [str(p) for p in write_sidecars(path, version, Path(preview).read_bytes() if preview else None)]

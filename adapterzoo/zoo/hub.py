@@ -7,6 +7,7 @@ except through its `hf_hub_url`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from adapterzoo.errors import AdapterzooError
@@ -149,3 +150,29 @@ def search(query: str, kind: str | None = None, sort: str = "downloads", limit: 
         raise
     except Exception as exc:  # noqa: BLE001
         raise _hub_errors("search", exc) from None
+
+
+def fetch(record: SourceRecord, progress_bar: bool = False) -> Path:
+    """The file `record` names, from huggingface_hub's cache (downloaded there first if need be: resumable,
+    HF_TOKEN, HF_ENDPOINT). huggingface_hub checks only its size; the caller checks the SHA-256."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not progress_bar:
+        disable_progress_bars()
+    try:
+        return Path(hf_hub_download(record.hf_repo, record.hf_path, revision=record.hf_revision))
+    except Exception as exc:  # noqa: BLE001 - every huggingface_hub/httpx failure becomes one line
+        raise _hub_errors(f"{record.hf_repo}/{record.hf_path}", exc) from None
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def drop_cached(path: Path) -> None:
+    """Remove a cached file that failed its check (the snapshot link and its blob), so the next pull fetches
+    it again instead of finding the same bad bytes."""
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)

@@ -19,6 +19,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from tqdm import tqdm
 
 from adapterzoo.errors import AdapterzooError, BadFileError, UnsafeFileError
+from adapterzoo.formats.probe_result import ProbeResult
+from adapterzoo.zoo.hashing import FileHashes, hash_file
 from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry
 from adapterzoo.zoo.triggers import find_preview, sidecar_stem, sidecars, trigger_words
 from adapterzoo.zoo.walk import Found, find_entries
@@ -92,32 +94,47 @@ def scan_paths(paths: Sequence[str | os.PathLike], engine: Engine, progress_bar:
     return report
 
 
-def index_values(entry: Found, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Probe and hash one entry; a file we can't read gets kind unknown and its one-line error."""
+@dataclass(frozen=True)
+class Probed:
+    """What probing one entry gave: the result, or the one-line reason it failed (`unsafe`: a pickle refused)."""
+
+    result: ProbeResult | None
+    error: str | None = None
+    unsafe: bool = False
+
+
+def probe_entry(path: Path) -> Probed:
+    """Probe a file or folder; never raises for a bad file (a scan of thousands must go on)."""
     from adapterzoo.formats.probe import (
         probe,  # imports torch: only when something needs probing
     )
-    from adapterzoo.zoo.hashing import hash_file
 
+    try:
+        return Probed(probe(path))
+    except UnsafeFileError as exc:
+        return Probed(None, _one_line(exc), unsafe=True)
+    except BadFileError as exc:
+        return Probed(None, _one_line(exc))
+    except OSError as exc:
+        return Probed(None, f"cannot read it: {exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - one odd file must not stop a scan of thousands
+        return Probed(None, f"probe failed: {exc.__class__.__name__}: {_one_line(exc)}")
+
+
+def index_values(entry: Found, progress: Callable[[int], None] | None = None, probed: Probed | None = None,
+                 hashes: FileHashes | None = None) -> dict[str, Any]:
+    """Probe and hash one entry; a file we can't read gets kind unknown and its one-line error.
+    `probed` and `hashes` are used when the caller already has them (a download hashes as it streams)."""
     values: dict[str, Any] = {
         "path": str(entry.path), "is_folder": entry.is_folder, "size": entry.size, "mtime_ns": entry.mtime_ns,
         "kind": "unknown", "base": "unknown", "format": None, "rank": None, "alpha": None, "dtype": None,
         "tensors": 0, "metadata": {}, "details": {}, "warnings": [], "error": None, "unsafe": False,
         **dict.fromkeys(HASH_COLUMNS),
     }
-    data_offset = None
-    try:
-        result = probe(entry.path)
-    except UnsafeFileError as exc:
-        values.update(error=_one_line(exc), unsafe=True)
-    except BadFileError as exc:
-        values["error"] = _one_line(exc)
-    except OSError as exc:
-        values["error"] = f"cannot read it: {exc.strerror or exc}"
-    except Exception as exc:  # noqa: BLE001 - one odd file must not stop a scan of thousands
-        values["error"] = f"probe failed: {exc.__class__.__name__}: {_one_line(exc)}"
-    else:
-        data_offset = result.data_offset
+    probed = probed or probe_entry(entry.path)
+    values.update(error=probed.error, unsafe=probed.unsafe)
+    result = probed.result
+    if result is not None:
         values.update(
             kind=result.kind, base=result.base, format=result.format, rank=result.rank, alpha=result.alpha,
             dtype=result.dtype, tensors=result.tensors, metadata=result.metadata, details=result.details,
@@ -125,7 +142,8 @@ def index_values(entry: Found, progress: Callable[[int], None] | None = None) ->
         )
     if not entry.is_folder:
         try:
-            hashes = hash_file(entry.path, data_offset=data_offset, progress=progress)
+            hashes = hashes or hash_file(entry.path, data_offset=result.data_offset if result else None,
+                                       progress=progress)
         except AdapterzooError as exc:  # unreadable, or shorter than its header says
             values["error"] = values["error"] or _one_line(exc)
         else:
@@ -136,6 +154,12 @@ def index_values(entry: Found, progress: Callable[[int], None] | None = None) ->
     values["trigger_words"] = trigger_words(values["metadata"], stem, entry.neighbours)
     values["preview_path"] = find_preview(stem, entry.neighbours)
     return values
+
+
+def index_file(path: Path, engine: Engine, probed: Probed | None = None, hashes: FileHashes | None = None) -> int:
+    """Index one file (as `scan FILE` would) with what the caller already knows of it; returns its id."""
+    entry = next(find_entries(Path(path).resolve()))
+    return _upsert(engine, index_values(entry, probed=probed, hashes=hashes), _utcnow())
 
 
 def _storable(path: str) -> bool:

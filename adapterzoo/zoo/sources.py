@@ -10,10 +10,9 @@ from sqlalchemy.orm import Session
 from adapterzoo.formats.atomic import atomic_output
 from adapterzoo.zoo.civitai import CivitaiClient
 from adapterzoo.zoo.db import home_folder
+from adapterzoo.zoo.library import PREVIEW_SIDECAR
 from adapterzoo.zoo.models import Source
 from adapterzoo.zoo.remote import SourceRecord
-
-PREVIEW_SIDECAR = ".preview.png"
 
 
 def record_source(session: Session, file_id: int, record: SourceRecord, preview_path: str | None,
