@@ -427,9 +427,9 @@ def grid_path(output: str | None, out_dir: str | None, file: str, several: bool,
     """-o GRID.png for one file; with several, GRID-<file stem>.png beside it; --out-dir: DIR/<stem>-<sha>.png."""
     if out_dir is not None:
         from adapterzoo.verify.contact_sheet import grid_file
-        from adapterzoo.verify.verifier import digest
+        from adapterzoo.verify.verifier import _digest
 
-        return grid_file(Path(out_dir), Path(file), digest(sha256(Path(file))))
+        return grid_file(Path(out_dir), Path(file), _digest(sha256(Path(file))))
     if output is None:
         return None
     grid = Path(output)
@@ -474,7 +474,7 @@ def verify_usage(files: tuple[str, ...], registry: bool, checkpoint: str | None,
 
 
 @cli.command()
-@click.argument("files", metavar="FILE...", nargs=-1, type=click.Path(exists=True, dir_okay=True))
+@click.argument("files", metavar="[FILE]...", nargs=-1, type=click.Path(exists=True, dir_okay=True))
 @click.option("--checkpoint", metavar="CKPT", type=click.Path(exists=True, dir_okay=True),
               help="The checkpoint (single file or diffusers folder) to apply each FILE to.")
 @click.option("--registry", is_flag=True, help="Verify the registry's files instead of FILE... (needs --out-dir).")

@@ -58,7 +58,7 @@ def native_size(loaded: LoadedPipeline) -> tuple[int, int]:
     return side, side
 
 
-def digest(value: str | dict[str, str]) -> str:
+def _digest(value: str | dict[str, str]) -> str:
     """A folder's hasher answer is one SHA-256 per file: its digest is the SHA-256 of that sorted listing."""
     if isinstance(value, str):
         return value
@@ -95,7 +95,7 @@ class Verifier:
     @property
     def checkpoint_sha256(self) -> str:
         if self._checkpoint_sha256 is None:
-            self._checkpoint_sha256 = digest(self.sha256_of(self.checkpoint))
+            self._checkpoint_sha256 = _digest(self.sha256_of(self.checkpoint))
         return self._checkpoint_sha256
 
     # -- rendering -----------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ class Verifier:
         images = [image for column in columns for image in column] + baselines
         reasons = judge(attached, effects, identical_at_zero, predictions_finite,
                         [measure.image_problem(i, self.base, self.loaded.pipe.vae.dtype) for i in images])
-        sha = digest(self.sha256_of(file))
+        sha = _digest(self.sha256_of(file))
         parameters = self._parameters(file, sha, found.kind, prompts, list(options.multipliers))
         if grid is not None:
             cells = [[column[r] for column in columns] for r in range(len(rows))]
@@ -223,7 +223,7 @@ class Verifier:
         images = [(self._baseline(p, s) if itself else self._render(loaded, p, s, {}))[1] for p, s in rows]
         problems = [measure.image_problem(i, loaded.base, loaded.pipe.vae.dtype) for i in images]
         reasons = list(dict.fromkeys(p for p in problems if p))
-        sha = digest(self.sha256_of(file))
+        sha = _digest(self.sha256_of(file))
         parameters = self._parameters(file, sha, found.kind, prompts, [])
         if grid is not None:
             save_grid(grid, draw_grid([[i] for i in images], [f"{p} / seed {s}" for p, s in rows],
@@ -242,7 +242,7 @@ class Verifier:
         problems = [measure.image_problem(i, self.base, vae.dtype) for i in images]
         reasons = list(dict.fromkeys(p for p in problems if p))
         change = measure.mean_abs_pixel_change(images, [image for _, image in renders])
-        sha = digest(self.sha256_of(file))
+        sha = _digest(self.sha256_of(file))
         parameters = self._parameters(file, sha, found.kind, prompts, [])
         if grid is not None:
             cells = [[image, mine] for (_, image), mine in zip(renders, images)]
