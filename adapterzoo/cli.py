@@ -15,6 +15,8 @@ from adapterzoo import __version__
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.probe_result import BASES, KINDS
 
+VERIFIABLE_KINDS = ["lora", "lycoris", "hypernetwork", "embedding", "vae", "checkpoint"]  # what verify reads
+
 
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
@@ -409,8 +411,32 @@ class SizeParam(click.ParamType):
         return int(width), int(height)
 
 
-def grid_path(output: str | None, file: str, several: bool) -> Path | None:
-    """-o GRID.png for one file; with several, GRID-<file stem>.png beside it, one per file."""
+class CheckpointFor(click.ParamType):
+    """BASE=CKPT for `verify --registry`: the checkpoint its BASE's files are rendered on."""
+
+    name = "BASE=CKPT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, Path]:
+        if isinstance(value, tuple):
+            return value
+        from adapterzoo.verify.verifier import BASES
+
+        base, sep, path = str(value).partition("=")
+        if not sep or base not in BASES:
+            self.fail(f"{value!r} is not BASE=CKPT with BASE one of {', '.join(BASES)}", param, ctx)
+        if not Path(path).exists():
+            self.fail(f"{path}: no such checkpoint", param, ctx)
+        return base, Path(path)
+
+
+def grid_path(output: str | None, out_dir: str | None, file: str, several: bool,
+              sha256: Callable[[Path], Any]) -> Path | None:
+    """-o GRID.png for one file; with several, GRID-<file stem>.png beside it; --out-dir: DIR/<stem>-<sha>.png."""
+    if out_dir is not None:
+        from adapterzoo.verify.contact_sheet import grid_file
+        from adapterzoo.verify.verifier import _digest
+
+        return grid_file(Path(out_dir), Path(file), _digest(sha256(Path(file))))
     if output is None:
         return None
     grid = Path(output)
@@ -433,12 +459,42 @@ def print_verification(result: dict[str, Any]) -> None:
         click.echo(f"  grid      {result['grid']}")
 
 
+def verify_usage(files: tuple[str, ...], registry: bool, checkpoint: str | None, grid: str | None,
+                 out_dir: str | None, library_options: dict[str, Any]) -> None:
+    """FILE... with --checkpoint, or --registry with --out-dir: the two modes' flags do not mix."""
+    if grid and out_dir:
+        raise click.UsageError("give -o GRID.png or --out-dir DIR, not both")
+    if registry:
+        if files:
+            raise click.UsageError("give FILE... or --registry, not both")
+        if checkpoint or grid or not out_dir:
+            raise click.UsageError("--registry writes to --out-dir DIR and takes --checkpoint-for BASE=CKPT "
+                                   "(not --checkpoint or -o)")
+        return
+    if not files:
+        raise click.UsageError("say what to verify: FILE... --checkpoint CKPT, or --registry --out-dir DIR")
+    if not checkpoint:
+        raise click.UsageError("FILE... is verified on --checkpoint CKPT")
+    given = [f"--{name.replace('_', '-')}" for name, value in library_options.items() if value]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: only with --registry")
+
+
 @cli.command()
-@click.argument("files", metavar="FILE...", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=True))
-@click.option("--checkpoint", metavar="CKPT", required=True, type=click.Path(exists=True, dir_okay=True),
-              help="The checkpoint (single file or diffusers folder) to apply each file to.")
+@click.argument("files", metavar="[FILE]...", nargs=-1, type=click.Path(exists=True, dir_okay=True))
+@click.option("--checkpoint", metavar="CKPT", type=click.Path(exists=True, dir_okay=True),
+              help="The checkpoint (single file or diffusers folder) to apply each FILE to.")
+@click.option("--registry", is_flag=True, help="Verify the registry's files instead of FILE... (needs --out-dir).")
+@click.option("--kind", type=click.Choice(VERIFIABLE_KINDS),
+              help="--registry: only this kind (checkpoints, each rendered alone, only when asked for).")
+@click.option("--base", type=click.Choice(["sd1", "sd2", "sdxl"]), help="--registry: only files for this base.")
+@click.option("--unverified", is_flag=True, help="--registry: only files never verified.")
+@click.option("--checkpoint-for", "checkpoint_for", metavar="BASE=CKPT", multiple=True, type=CheckpointFor(),
+              help="--registry: render BASE's files on CKPT (default: the one indexed checkpoint of BASE).")
 @click.option("-o", "--output", "grid", metavar="GRID.png", type=click.Path(dir_okay=False),
               help="Write the grid here; with several files, GRID-<file stem>.png each.")
+@click.option("--out-dir", metavar="DIR", type=click.Path(file_okay=False),
+              help="A grid per file (DIR/<stem>-<sha256[:10]>.png) and DIR/index.html, a contact sheet of them.")
 @click.option("--prompt", "prompts", metavar="P", multiple=True,
               help="Prompt (repeatable). Default: 'a photo of a cat'; for an embedding 'a photo of <its token>'.")
 @click.option("--seed", "seeds", metavar="S", multiple=True, type=int, help="Seed (repeatable). Default: 0.")
@@ -450,32 +506,69 @@ def print_verification(result: dict[str, Any]) -> None:
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (a list for several).")
 @click.pass_obj
-def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str, grid: str | None, prompts: tuple[str, ...],
-           seeds: tuple[int, ...], multipliers: tuple[float, ...], steps: int | None, size: tuple[int, int] | None,
-           device: str, dtype: str | None, as_json: bool) -> None:
-    """Render each FILE on CKPT at several multipliers and judge it: pass or fail, with every reason.
-    Each result is stored in the registry; exit code 1 when any file fails."""
-    sha256 = provenance_hasher(checkpoint, *files)
-    from adapterzoo.verify.verifier import Verifier, VerifyOptions
+def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, registry: bool, kind: str | None,
+           base: str | None, unverified: bool, checkpoint_for: tuple[tuple[str, Path], ...], grid: str | None,
+           out_dir: str | None, prompts: tuple[str, ...], seeds: tuple[int, ...], multipliers: tuple[float, ...],
+           steps: int | None, size: tuple[int, int] | None, device: str, dtype: str | None, as_json: bool) -> None:
+    """Render each FILE on CKPT (or, with --registry, each indexed file on a checkpoint of its base) at several
+    multipliers and judge it: pass or fail, with every reason. Each result is stored in the registry; exit
+    code 1 when any file fails."""
+    verify_usage(files, registry, checkpoint, grid, out_dir,
+                 {"kind": kind, "base": base, "unverified": unverified, "checkpoint_for": checkpoint_for})
+    sha256 = provenance_hasher(*([checkpoint, *files] if checkpoint else []))
+    from adapterzoo.verify.verifier import VerifyOptions
     from adapterzoo.zoo.db import open_registry
-    from adapterzoo.zoo.verifications import record_verification
 
     options = VerifyOptions(prompts=list(prompts) or None, size=size, device=device, dtype=dtype)
     options.seeds = list(seeds) or options.seeds
     options.multipliers = list(multipliers) or options.multipliers
     options.steps = steps or options.steps
     engine = open_registry(obj["db"])
+    if registry:
+        verify_registry(engine, options, Path(out_dir), sha256, kind, base, unverified, dict(checkpoint_for),
+                        as_json)
+        return
+    from adapterzoo.verify.contact_sheet import write_contact_sheet
+    from adapterzoo.verify.verifier import Verifier
+    from adapterzoo.zoo.verifications import record_verification
+
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     verifier = Verifier(Path(checkpoint), options, sha256)
     results = []
     for file in files:
-        result = verifier.verify(Path(file), grid_path(grid, file, len(files) > 1))
+        result = verifier.verify(Path(file), grid_path(grid, out_dir, file, len(files) > 1, sha256))
         record_verification(engine, result)
         results.append(result)
         if not as_json:
             print_verification(result)
+    passed = sum(r["verdict"] == "pass" for r in results)
+    if out_dir:
+        sheet = write_contact_sheet(Path(out_dir), results, f"{len(results)} verified: {passed} pass, "
+                                                           f"{len(results) - passed} fail")
+        if not as_json:
+            click.echo(f"contact sheet {sheet}")
     if as_json:
         emit_json(results[0] if len(results) == 1 else results)
-    if any(r["verdict"] != "pass" for r in results):
+    if passed < len(results):
+        sys.exit(1)
+
+
+def verify_registry(engine: Any, options: Any, out_dir: Path, sha256: Callable[[Path], Any], kind: str | None,
+                    base: str | None, unverified: bool, checkpoint_for: dict[str, Path], as_json: bool) -> None:
+    """`verify --registry`: a row per file, the summary line, the contact sheet; exit 1 unless all passed."""
+    from adapterzoo.verify_library import verify_library
+
+    report = verify_library(engine, options, out_dir, sha256, kind, base, unverified, checkpoint_for,
+                            progress_bar=not as_json)
+    if as_json:
+        emit_json(report.results)
+    else:
+        print_table([{**r, "name": Path(r["file"]).name, "why": "; ".join(r["reasons"])} for r in report.results],
+                    ["verdict", "kind", "base", "name", "why"])
+        click.echo(report.summary())
+        click.echo(f"contact sheet {out_dir / 'index.html'}")
+    if any(r["verdict"] != "pass" for r in report.results):
         sys.exit(1)
 
 

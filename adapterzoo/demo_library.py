@@ -1,7 +1,8 @@
 """A small model library of every kind, built offline from the tiny models, for `adapterzoo demo`.
 
 Laid out the way A1111 users keep theirs, with one broken and one dangerous file among them so the
-tour shows what a scan says about those too.
+tour shows what a scan says about those too, and a LoRA whose every up factor is zero (what a training
+run saved before its first step) that loads fine and does nothing, which only `verify` catches.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def build_library(root: Path) -> Path:
     save_file(lora, lora_path, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_RANK),
                                          "ss_network_alpha": str(LORA_ALPHA), "ss_base_model_version": "sd_v1",
                                          "ss_tag_frequency": '{"10_style": {"tinystyle": 12, "painting": 5}}'})
+    zero = {k: torch.zeros_like(v) if ".lora_up." in k else v for k, v in lora.items()}  # trained for 0 steps
+    save_file(zero, models / "Lora" / "tiny-sd1-untrained.safetensors",
+              metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1"})
     data = lora_path.read_bytes()
     (models / "Lora" / "half-downloaded.safetensors").write_bytes(data[: len(data) // 2])
 

@@ -12,21 +12,39 @@ def test_demo_indexes_every_kind_and_flags_bad_files(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
-    rows = {line.split()[-1]: line.split() for line in run.stdout.splitlines()
-            if line.endswith((".safetensors", ".pt", ".ckpt", "tiny-sd1")) and not line.startswith("models/")}
+    sections = {part.split("\n", 1)[0]: part for part in run.stdout.split("\n== ")}
+    scan = next(text for title, text in sections.items() if title.startswith("Index it"))
+    rows = {line.split()[-1]: line.split() for line in scan.splitlines()
+            if line.endswith((".safetensors", ".pt", ".ckpt", "tiny-sd1"))}
     assert rows["tiny-sd1"][:3] == ["checkpoint", "sd1", "diffusers"]
     assert rows["tiny-sd1-style.safetensors"][:5] == ["lora", "sd1", "kohya", "4", "2.0"]
+    assert rows["tiny-sd1-untrained.safetensors"][:3] == ["lora", "sd1", "kohya"]
     assert rows["tiny-token.pt"][:3] == ["embedding", "sd1", "a1111"]
     assert rows["tiny-hypernetwork.pt"][:3] == ["hypernetwork", "sd1", "a1111"]
     assert rows["half-downloaded.safetensors"][-2] == "broken"
     assert rows["needs-code.ckpt"][-2] == "unsafe"
     assert "this would have run" not in run.stdout + run.stderr
-    assert "6 indexed, 0 unchanged, 1 broken, 1 unsafe, 0 missing" in run.stdout
+    assert "7 indexed, 0 unchanged, 1 broken, 1 unsafe, 0 missing" in run.stdout
     for line in ("checkpoint    diffusers  ldm", "embedding     a1111      kohya", "hypernetwork  a1111      safetensors",
                  "lora          kohya      diffusers"):
         assert line in run.stdout
     assert "52 weights changed" in run.stdout
     assert "100.0000% of the difference kept" in run.stdout  # extract(merge(base, L)) gives L back, rank 4
+
+    verify = next(text for title, text in sections.items() if title.startswith("Verify every file"))
+    verdicts = {line.split()[2]: (line.split()[0], " ".join(line.split()[3:])) for line in verify.splitlines()[2:]
+                if line.startswith(("pass ", "fail "))}
+    assert verdicts == {
+        "tiny-sd1": ("pass", ""), "tiny-sd1-style.safetensors": ("pass", ""), "tiny-token.pt": ("pass", ""),
+        "tiny-hypernetwork.pt": ("pass", ""),
+        "tiny-sd1-untrained.safetensors": ("fail", "no effect: every lora_up is zero"),
+        "half-downloaded.safetensors": ("fail", verdicts["half-downloaded.safetensors"][1]),
+        "needs-code.ckpt": ("fail", verdicts["needs-code.ckpt"][1])}
+    assert verdicts["half-downloaded.safetensors"][1].startswith("broken: file is truncated")
+    assert verdicts["needs-code.ckpt"][1].startswith("unsafe: unsafe pickle: it would import builtins.print")
+    assert "5 verified: 4 pass, 1 fail; 2 skipped (1 broken, 1 unsafe)" in verify
+    sheet = (out / "verify" / "index.html").read_text()
+    assert sheet.count('class="card"') == 7 and len(list((out / "verify").glob("*.png"))) == 5
 
 
 def test_demo_outputs_load_where_users_load_them(tmp_path):

@@ -54,14 +54,16 @@ def _term(adapter: AdapterModule, module: torch.nn.Module) -> _Term:
     weight = module.weight
     dtype, device = weight.dtype, weight.device
     if isinstance(adapter, LoraModule) and adapter.dora_scale is None:
-        return _Term(down=adapter.full_down().to(device, dtype), up=adapter.up.to(device, dtype), scale=adapter.scale)
+        # kept in the file's dtype and cast per call: an fp16 file on an fp32 model holds no fp32 copy
+        return _Term(down=adapter.full_down().to(device), up=adapter.up.to(device), scale=adapter.scale)
     with torch.no_grad():
         delta = adapter.delta(weight.detach().float().cpu()).to(device, dtype)
     bias = adapter.diff_b.to(device, dtype) if isinstance(adapter, FullModule) and adapter.diff_b is not None else None
     return _Term(delta=delta, bias=bias)
 
 
-def _apply(term: _Term, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _add(term: _Term, module: torch.nn.Module, x: torch.Tensor, output: torch.Tensor, m: float) -> torch.Tensor:
+    """output + m·(the term applied to the module's input x)."""
     if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)):  # LyCORIS w_norm / b_norm
         if isinstance(module, torch.nn.LayerNorm):
             normed = F.layer_norm(x, module.normalized_shape, eps=module.eps)
@@ -70,17 +72,21 @@ def _apply(term: _Term, module: torch.nn.Module, x: torch.Tensor) -> torch.Tenso
             normed = F.group_norm(x, module.num_groups, eps=module.eps)
             view = (1, -1) + (1,) * (x.dim() - 2)
         out = normed * term.delta.reshape(view)
-        return out if term.bias is None else out + term.bias.reshape(view)
+        return output + m * (out if term.bias is None else out + term.bias.reshape(view))
     if isinstance(module, torch.nn.Conv2d):
         conv = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
         if term.delta is not None:
-            return F.conv2d(x, term.delta.reshape(module.weight.shape), term.bias, **conv)
-        down = term.down.reshape(term.down.shape[0], module.weight.shape[1], *module.weight.shape[2:])
-        return F.conv2d(F.conv2d(x, down, **conv), term.up.reshape(*term.up.shape[:2], 1, 1)) * term.scale
+            return output + m * F.conv2d(x, term.delta.reshape(module.weight.shape), term.bias, **conv)
+        down = term.down.to(x.dtype).reshape(term.down.shape[0], module.weight.shape[1], *module.weight.shape[2:])
+        up = term.up.to(x.dtype).reshape(*term.up.shape[:2], 1, 1)
+        return output + (m * term.scale) * F.conv2d(F.conv2d(x, down, **conv), up)
     if term.delta is not None:
-        return F.linear(x, term.delta.reshape(module.weight.shape), term.bias)
-    return F.linear(F.linear(x, term.down.reshape(term.down.shape[0], -1)), term.up.reshape(term.up.shape[0], -1)) \
-        * term.scale
+        return output + m * F.linear(x, term.delta.reshape(module.weight.shape), term.bias)
+    # one fused multiply-add into the output: no out-sized temporaries for the scaled term
+    hidden = F.linear(x, term.down.to(x.dtype).reshape(term.down.shape[0], -1))
+    up = term.up.to(x.dtype).reshape(term.up.shape[0], -1)
+    return torch.addmm(output.reshape(-1, up.shape[0]), hidden.reshape(-1, up.shape[1]), up.t(),
+                       alpha=m * term.scale).reshape(output.shape)
 
 
 @dataclass
@@ -108,7 +114,7 @@ def apply_lora(lora: LoraFile, modules: dict[str, torch.nn.Module], multiplier: 
             applied.calls[path] += 1
             if applied.multiplier == 0:
                 return None
-            return output + applied.multiplier * _apply(term, mod, inputs[0])
+            return _add(term, mod, inputs[0], output, applied.multiplier)
 
         applied._handles.append(module.register_forward_hook(hook))
     return applied

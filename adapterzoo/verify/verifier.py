@@ -211,10 +211,11 @@ class Verifier:
 
     def _verify_checkpoint(self, file: Path, found: ProbeResult, grid: Path | None, start: float) -> dict:
         """A checkpoint is verified by itself: its own pipeline renders the prompts, one column, no multipliers."""
-        loaded = load_pipeline(file, self.device, self.dtype)
+        itself = file.resolve() == self.checkpoint.resolve()  # `verify --registry --kind checkpoint`: load once
+        loaded = self.loaded if itself else load_pipeline(file, self.device, self.dtype)
         prompts = list(self.options.prompts or [DEFAULT_PROMPT])
         rows = [(p, s) for p in prompts for s in self.options.seeds]
-        images = [self._render(loaded, p, s, {})[1] for p, s in rows]
+        images = [(self._baseline(p, s) if itself else self._render(loaded, p, s, {}))[1] for p, s in rows]
         problems = [measure.image_problem(i, loaded.base, loaded.pipe.vae.dtype) for i in images]
         reasons = list(dict.fromkeys(p for p in problems if p))
         sha = digest_of(self.sha256_of(file))

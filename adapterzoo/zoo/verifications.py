@@ -22,14 +22,15 @@ def _largest_effect(effects: list[dict[str, Any]]) -> float | None:
 
 def record_verification(engine: Engine, result: dict[str, Any]) -> int:
     """Store one result of `Verifier.verify` (the object `verify --json` prints); the file is indexed first
-    (or re-indexed if it changed), as `scan FILE` would. Returns the verification's id."""
+    (or re-indexed if it changed), as `scan FILE` would; a file that could not be verified has no coverage.
+    Returns the verification's id."""
     file_id = scan_paths([result["file"]], engine).ids[0]
     coverage = result["coverage"]
     row = Verification(
         file_id=file_id,
         checkpoint=str(Path(result["checkpoint"]).resolve()),
         verdict=result["verdict"],
-        coverage=coverage["keys_matched"] / coverage["keys_total"] if coverage["keys_total"] else None,
+        coverage=coverage["keys_matched"] / coverage["keys_total"] if coverage and coverage["keys_total"] else None,
         effect=_largest_effect(result["effects"]),
         grid_path=str(Path(result["grid"]).resolve()) if result["grid"] else None,
         created=datetime.now(timezone.utc).replace(tzinfo=None),

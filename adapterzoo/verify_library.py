@@ -1,0 +1,157 @@
+"""`verify --registry`: verify the indexed library in bulk, each file on a checkpoint of its base.
+
+It needs the registry (which files, which checkpoints, where results go) and the verifier, and `verify/`
+may not import `zoo/`: so, like `demo.py`, it lives beside `cli.py` as the one place that joins them.
+One Verifier per checkpoint (its pipeline is loaded once and released before the next base); a bad file
+is a fail with its reason, and the run goes on; unsafe, broken and missing entries are reported unopened.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from tqdm import tqdm
+
+from adapterzoo import __version__
+from adapterzoo.errors import AdapterzooError
+from adapterzoo.verify.contact_sheet import grid_file, write_contact_sheet
+from adapterzoo.verify.verifier import BASES, Verifier, VerifyOptions, _digest
+from adapterzoo.zoo.models import FileEntry
+from adapterzoo.zoo.queries import list_entries
+from adapterzoo.zoo.verifications import record_verification
+
+ADAPTERS = ("lora", "lycoris", "hypernetwork", "embedding", "vae")  # verified on a checkpoint of their base
+UNOPENED = ("missing", "unsafe", "broken")
+
+
+@dataclass
+class LibraryReport:
+    results: list[dict[str, Any]] = field(default_factory=list)  # `verify --json` objects, plus "skipped"
+    left_out: Counter = field(default_factory=Counter)  # kind -> entries selected that are not verified here
+
+    def summary(self) -> str:
+        """'12 verified: 9 pass, 3 fail; 2 skipped (1 unsafe, 1 broken); 1 left out (checkpoint)'."""
+        opened = [r for r in self.results if r["skipped"] is None]
+        verdicts = Counter(r["verdict"] for r in opened)
+        line = f"{len(opened)} verified: {verdicts['pass']} pass, {verdicts['fail']} fail"
+        skipped = Counter(r["skipped"] for r in self.results if r["skipped"] is not None)
+        if skipped:
+            line += f"; {sum(skipped.values())} skipped ({', '.join(f'{n} {why}' for why, n in skipped.items())})"
+        if self.left_out:
+            line += f"; {sum(self.left_out.values())} left out ({', '.join(sorted(self.left_out))})"
+        return line
+
+
+def _unopened(entry: FileEntry, why: str, reason: str) -> dict[str, Any]:
+    """What is said of a file that was not opened: a fail, with why it was not."""
+    return {"file": entry.path, "sha256": entry.sha256, "kind": entry.kind, "base": entry.base,
+            "format": entry.format, "checkpoint": None, "checkpoint_sha256": None, "verdict": "fail",
+            "reasons": [reason], "coverage": None, "effects": [], "grid": None, "seconds": 0.0, "parameters": None,
+            "version": __version__, "skipped": why}
+
+
+def _failed(entry: FileEntry, checkpoint: Path, checkpoint_sha256: str | None, sha: str | None, reason: str,
+            start: float) -> dict[str, Any]:
+    """A file that could not be verified: a fail with the one line its error says, recorded like any result."""
+    return {"file": entry.path, "sha256": sha, "kind": entry.kind, "base": entry.base, "format": entry.format,
+            "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256, "verdict": "fail",
+            "reasons": [reason], "coverage": None, "effects": [], "grid": None,
+            "seconds": round(time.monotonic() - start, 3), "parameters": {}, "version": __version__, "skipped": None}
+
+
+def _error_line(exc: Exception) -> str:
+    """Our own errors say what and why; anything else names its type (as scan does for a failed probe)."""
+    return str(exc) if isinstance(exc, AdapterzooError) else f"verify failed: {type(exc).__name__}: {exc}"
+
+
+def _checkpoint_for(engine: Engine, base: str, given: dict[str, Path]) -> Path | str:
+    """The checkpoint given for `base`, else the one readable indexed checkpoint of it; else why not."""
+    if base in given:
+        return given[base]
+    if base not in BASES:
+        return ("base unknown: verify it alone, `adapterzoo verify FILE --checkpoint CKPT`" if base == "unknown"
+                else f"a {base} file: verify renders {', '.join(BASES)}")
+    found = [e for e in list_entries(engine, kind="checkpoint", base=base) if e.status == "ok"]
+    if len(found) == 1:
+        return Path(found[0].path)
+    hint = f"give --checkpoint-for {base}=CKPT"
+    if not found:
+        return f"no checkpoint for {base}: {hint}"
+    return f"{len(found)} {base} checkpoints indexed, which one? {hint}"
+
+
+def verify_library(engine: Engine, options: VerifyOptions, out_dir: Path, sha256_of: Callable[[Path], Any],
+                   kind: str | None = None, base: str | None = None, unverified: bool = False,
+                   checkpoint_for: dict[str, Path] | None = None, checkpoints: bool = False,
+                   progress_bar: bool = True) -> LibraryReport:
+    """Verify the registry's entries (of `kind` and `base`; only those never verified if `unverified`), record
+    each result, write a grid per file and DIR/index.html. Checkpoints are each rendered alone, and only when
+    asked for (`kind` checkpoint, or `checkpoints` with every kind): a library's checkpoints are what its
+    other files are verified on, and loading each is the slow part."""
+    given = checkpoint_for or {}
+    kinds = (kind,) if kind else ADAPTERS + (("checkpoint",) if checkpoints else ())
+    sha256_of = cache(sha256_of)  # asked for the grid's name and again by the verifier
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = LibraryReport()
+    groups: dict[str, list[FileEntry]] = {}
+    for entry in list_entries(engine, kind=kind, base=base, verdict="never" if unverified else None):
+        if entry.status in UNOPENED:
+            report.results.append(_unopened(entry, entry.status, f"{entry.status}: {entry.error or 'file not found'}"))
+        elif entry.kind in kinds:
+            groups.setdefault(entry.path if entry.kind == "checkpoint" else entry.base, []).append(entry)
+        else:
+            report.left_out[entry.kind] += 1
+    todo = sum(len(entries) for entries in groups.values())
+    with tqdm(total=todo, desc="verify", unit="file", disable=None if progress_bar else True) as bar:
+        for key, entries in sorted(groups.items()):
+            itself = entries[0].kind == "checkpoint"
+            checkpoint = Path(entries[0].path) if itself else _checkpoint_for(engine, key, given)
+            report.results += _verify_group(engine, entries, checkpoint, options, out_dir, sha256_of, bar)
+    write_contact_sheet(out_dir, report.results, report.summary())
+    return report
+
+
+def _verify_group(engine: Engine, entries: list[FileEntry], checkpoint: Path | str, options: VerifyOptions,
+                  out_dir: Path, sha256_of: Callable[[Path], Any], bar: tqdm) -> list[dict[str, Any]]:
+    """The files of one base on its checkpoint (or a checkpoint on itself): one pipeline load for them all."""
+    if isinstance(checkpoint, str):
+        bar.update(len(entries))
+        return [_unopened(entry, "no checkpoint", checkpoint) for entry in entries]
+    itself = entries[0].kind == "checkpoint"
+    start = time.monotonic()
+    try:
+        verifier = Verifier(checkpoint, options, sha256_of)
+    except Exception as exc:  # noqa: BLE001 - one bad checkpoint must not stop the library
+        bar.update(len(entries))
+        if itself:  # the checkpoint under test does not load: its own fail
+            result = _failed(entries[0], checkpoint, None, None, _error_line(exc), start)
+            record_verification(engine, result)
+            return [result]
+        return [_unopened(e, "no checkpoint", f"checkpoint {checkpoint.name}: {_error_line(exc)}") for e in entries]
+    if not itself and entries[0].base != verifier.base:
+        bar.update(len(entries))
+        return [_unopened(e, "no checkpoint", f"{checkpoint.name} is an {verifier.base} checkpoint, not "
+                                              f"{entries[0].base}") for e in entries]
+    results = []
+    for entry in entries:
+        start, sha = time.monotonic(), None
+        try:
+            sha = _digest(sha256_of(Path(entry.path)))
+            result = verifier.verify(Path(entry.path), grid_file(out_dir, Path(entry.path), sha))
+        except Exception as exc:  # noqa: BLE001 - a bad file is a fail with its reason; the run goes on
+            result = _failed(entry, checkpoint, verifier.checkpoint_sha256, sha, _error_line(exc), start)
+        result["skipped"] = None
+        record_verification(engine, result)
+        results.append(result)
+        bar.update(1)
+    del verifier
+    gc.collect()  # the pipeline goes before the next base's is loaded
+    return results
