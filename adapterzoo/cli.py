@@ -434,9 +434,9 @@ def grid_path(output: str | None, out_dir: str | None, file: str, several: bool,
     """-o GRID.png for one file; with several, GRID-<file stem>.png beside it; --out-dir: DIR/<stem>-<sha>.png."""
     if out_dir is not None:
         from adapterzoo.verify.contact_sheet import grid_file
-        from adapterzoo.verify.verifier import _digest
+        from adapterzoo.verify.verifier import digest_of
 
-        return grid_file(Path(out_dir), Path(file), _digest(sha256(Path(file))))
+        return grid_file(Path(out_dir), Path(file), digest_of(sha256(Path(file))))
     if output is None:
         return None
     grid = Path(output)

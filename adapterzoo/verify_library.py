@@ -23,7 +23,7 @@ from tqdm import tqdm
 from adapterzoo import __version__
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.verify.contact_sheet import grid_file, write_contact_sheet
-from adapterzoo.verify.verifier import BASES, Verifier, VerifyOptions, _digest
+from adapterzoo.verify.verifier import BASES, Verifier, VerifyOptions, digest_of
 from adapterzoo.zoo.models import FileEntry
 from adapterzoo.zoo.queries import list_entries
 from adapterzoo.zoo.verifications import record_verification
@@ -144,7 +144,7 @@ def _verify_group(engine: Engine, entries: list[FileEntry], checkpoint: Path | s
     for entry in entries:
         start, sha = time.monotonic(), None
         try:
-            sha = _digest(sha256_of(Path(entry.path)))
+            sha = digest_of(sha256_of(Path(entry.path)))
             result = verifier.verify(Path(entry.path), grid_file(out_dir, Path(entry.path), sha))
         except Exception as exc:  # noqa: BLE001 - a bad file is a fail with its reason; the run goes on
             result = _failed(entry, checkpoint, verifier.checkpoint_sha256, sha, _error_line(exc), start)
