@@ -21,6 +21,8 @@ from adapterzoo.ops.extract import extract_lora
 from adapterzoo.ops.lowrank import Rank
 from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
 from adapterzoo.ops.resize import resize_lora
+from adapterzoo.verify.compose import Composition
+from adapterzoo.verify.sample import SampleOptions, sample
 from adapterzoo.verify.verifier import VerifyOptions
 from adapterzoo.verify_library import verify_library
 from adapterzoo.zoo.db import connect
@@ -33,6 +35,7 @@ CONVERT_COLUMNS = ["kind", "from", "to", "output", "probed as"]
 OPS_COLUMNS = ["step", "output", "result"]
 VERIFY_COLUMNS = ["verdict", "kind", "name", "why"]
 VERIFY_STEPS = 2  # the tiny model renders 64x64; two steps prove loading and effect as well as twenty
+SAMPLE_STEPS, SAMPLE_PROMPT = 4, "a photo of a cat"
 MERGE_WEIGHT, RESIZED_RANK = 0.8, 2
 LORA = "Lora/tiny-sd1-style.safetensors"
 # (input under models/, output name, --to): one conversion per kind the tiny library holds.
@@ -120,3 +123,15 @@ def run_demo(root: Path, show: Callable[[DemoStep], None]) -> None:
                   "and does nothing)", f"adapterzoo --db {root / 'registry.sqlite'} verify --registry --out-dir {out}",
                   rows=rows, columns=VERIFY_COLUMNS,
                   lines=[library.summary(), f"contact sheet {out / 'index.html'}"]))
+
+    pair = [(lora, MERGE_WEIGHT), (Path(extracted["output"]), MERGE_WEIGHT)]
+    image = root / "sample" / "switch.png"
+    image.parent.mkdir()
+    report = sample(checkpoint, SampleOptions(SAMPLE_PROMPT, pair, steps=SAMPLE_STEPS,
+                                              composition=Composition("switch", switch_every=1)),
+                    image, sha256_of)
+    show(DemoStep("Compose two LoRAs while sampling: LoRA Switch hands each step to one of them in turn",
+                  f"adapterzoo sample --checkpoint {checkpoint} --lora {lora}:{MERGE_WEIGHT} "
+                  f"--lora {extracted['output']}:{MERGE_WEIGHT} --prompt '{SAMPLE_PROMPT}' --compose switch "
+                  f"--switch-every 1 --steps {SAMPLE_STEPS} -o {image}",
+                  lines=[f"LoRA per pass of the loop: {report['schedule']}", f"wrote {image}"]))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import torch
+from PIL import Image
 
 
 def test_demo_indexes_every_kind_and_flags_bad_files(tmp_path):
@@ -45,6 +46,9 @@ def test_demo_indexes_every_kind_and_flags_bad_files(tmp_path):
     assert "5 verified: 4 pass, 1 fail; 2 skipped (1 broken, 1 unsafe)" in verify
     sheet = (out / "verify" / "index.html").read_text()
     assert sheet.count('class="card"') == 7 and len(list((out / "verify").glob("*.png"))) == 5
+    assert "LoRA per pass of the loop: [0, 1, 0, 1, 0]" in run.stdout  # switch every pass, PNDM's 4 steps = 5
+    with Image.open(out / "sample" / "switch.png") as image:
+        assert image.size == (64, 64) and "Compose: switch" in image.text["parameters"]
 
 
 def test_demo_outputs_load_where_users_load_them(tmp_path):
