@@ -25,7 +25,7 @@ def _dit_base(keys: list[str]) -> tuple[str, dict] | None:
         return "sd3", {}
     if _has(keys, "double_blocks.") or _has(keys, "single_transformer_blocks."):
         guidance = _has(keys, "guidance_in.") or _has(keys, "guidance_embedder.")
-        return "flux", {"variant": "dev" if guidance else "schnell"}
+        return "flux", {"variant": "dev" if guidance else "schnell"}  # the one difference in shapes (FLUX.md §1.4)
     return None
 
 
@@ -50,8 +50,8 @@ def probe_checkpoint(table: TensorTable, result: ProbeResult) -> bool:
     dit = _dit_base(keys)
     naming = _unet_naming(keys)
     if dit:
-        result.kind, result.format = "checkpoint", "ldm"
-        result.base = dit[0]
+        result.kind, result.base = "checkpoint", dit[0]
+        result.format = "diffusers" if _has(keys, "transformer_blocks.") and not _has(keys, "double_blocks.") else "ldm"
         result.details.update(dit[1])
         result.details["components"] = ["transformer" if c == "unet" else c for c in _components(keys)]
         return True

@@ -1,0 +1,193 @@
+"""Flux.1 checkpoints through the CLI (issue 11): BFL single file <-> diffusers transformer folder, merge into
+both, and merge-loras / resize / extract on Flux files. Oracles: `FluxTransformer2DModel.from_pretrained` and
+its forward, diffusers' own BFL converter (a pure function of the state dict, run at the real width 3072 on
+one-column tensors, since only rows move), and ΔW in plain torch. The BFL file of a tiny model is written
+here with the mapping of FLUX.md §1.2 spelled out below, never adapterzoo's table."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import run
+from diffusers import FluxTransformer2DModel
+from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+from safetensors.torch import load_file, save_file
+
+from adapterzoo.formats.flux_checkpoint import bfl_tensors
+from adapterzoo.formats.flux_modules import FLUX_DEV_CONFIG
+
+HEADS, IN, JOINT, POOLED = 2, 8, 32, 16
+
+
+def tiny(guidance: bool = True, head_dim: int = 128, seed: int = 0) -> FluxTransformer2DModel:
+    torch.manual_seed(seed)
+    axes = [16, 56, 56] if head_dim == 128 else [8, 28, 28]
+    return FluxTransformer2DModel(patch_size=1, in_channels=IN, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=head_dim, num_attention_heads=HEADS, joint_attention_dim=JOINT,
+                                  pooled_projection_dim=POOLED, guidance_embeds=guidance,
+                                  axes_dims_rope=axes).eval()
+
+
+def to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers FluxTransformer2DModel state dict -> BFL names (FLUX.md §1.2), written out independently."""
+    out: dict[str, torch.Tensor] = {}
+    simple = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+              "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+              "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+              "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+              "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+              "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+              "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer"}
+    for ours, bfl in simple.items():
+        for leaf in ("weight", "bias"):
+            if f"{ours}.{leaf}" in sd:
+                out[f"{bfl}.{leaf}"] = sd[f"{ours}.{leaf}"]
+    for leaf in ("weight", "bias"):
+        scale, shift = sd[f"norm_out.linear.{leaf}"].chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{leaf}"] = torch.cat([shift, scale])
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")}
+    for n in blocks:
+        b, d = f"transformer_blocks.{n}", f"double_blocks.{n}"
+        for leaf in ("weight", "bias"):
+            out[f"{d}.img_attn.qkv.{leaf}"] = torch.cat([sd[f"{b}.attn.to_{x}.{leaf}"] for x in "qkv"])
+            out[f"{d}.txt_attn.qkv.{leaf}"] = torch.cat([sd[f"{b}.attn.add_{x}_proj.{leaf}"] for x in "qkv"])
+            for bfl, ours in {"img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+                              "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2",
+                              "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
+                              "img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear"}.items():
+                out[f"{d}.{bfl}.{leaf}"] = sd[f"{b}.{ours}.{leaf}"]
+        for bfl, ours in {"img_attn.norm.query_norm": "norm_q", "img_attn.norm.key_norm": "norm_k",
+                          "txt_attn.norm.query_norm": "norm_added_q", "txt_attn.norm.key_norm": "norm_added_k"}.items():
+            out[f"{d}.{bfl}.scale"] = sd[f"{b}.attn.{ours}.weight"]
+    singles = {int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks.")}
+    for n in singles:
+        b, s = f"single_transformer_blocks.{n}", f"single_blocks.{n}"
+        for leaf in ("weight", "bias"):
+            out[f"{s}.linear1.{leaf}"] = torch.cat([sd[f"{b}.attn.to_{x}.{leaf}"] for x in "qkv"]
+                                                   + [sd[f"{b}.proj_mlp.{leaf}"]])
+            out[f"{s}.linear2.{leaf}"] = sd[f"{b}.proj_out.{leaf}"]
+            out[f"{s}.modulation.lin.{leaf}"] = sd[f"{b}.norm.linear.{leaf}"]
+        out[f"{s}.norm.query_norm.scale"] = sd[f"{b}.attn.norm_q.weight"]
+        out[f"{s}.norm.key_norm.scale"] = sd[f"{b}.attn.norm_k.weight"]
+    return out
+
+
+def inputs(head_dim: int = 128, guidance: bool = True) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    return {"hidden_states": torch.randn(1, 4, IN, generator=gen),
+            "encoder_hidden_states": torch.randn(1, 3, JOINT, generator=gen),
+            "pooled_projections": torch.randn(1, POOLED, generator=gen), "timestep": torch.tensor([0.5]),
+            "img_ids": torch.rand(4, 3, generator=gen) * 8, "txt_ids": torch.zeros(3, 3),
+            "guidance": torch.tensor([3.5]) if guidance else None}
+
+
+@torch.no_grad()
+def forward(model: FluxTransformer2DModel, guidance: bool = True) -> torch.Tensor:
+    return model(**inputs(guidance=guidance), return_dict=False)[0].double()
+
+
+@pytest.fixture(scope="module")
+def model() -> FluxTransformer2DModel:
+    return tiny()
+
+
+@pytest.fixture
+def bfl_file(tmp_path, model) -> Path:
+    path = tmp_path / "flux-tiny.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in to_bfl(model.state_dict()).items()}, str(path))
+    return path
+
+
+def cli(args: list[str], capsys, monkeypatch) -> dict:
+    code, out, err = run([*args, "--json"], capsys, monkeypatch)
+    assert code == 0, err
+    return json.loads(out)
+
+
+# -- 1. checkpoints both ways ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_bfl_file_to_folder_loads_in_diffusers_with_the_same_outputs(tmp_path, model, prefix, capsys, monkeypatch):
+    src = tmp_path / "flux.safetensors"
+    extra = {"first_stage_model.decoder.conv_out.weight": torch.zeros(3, 4, 3, 3)} if prefix else {}
+    save_file({prefix + k: v for k, v in to_bfl(model.state_dict()).items()} | extra, str(src))
+    report = cli(["convert", str(src), "-o", str(tmp_path / "out"), "--to", "diffusers"], capsys, monkeypatch)
+    assert (report["base"], report["to"], report["dropped"]) == ("flux", "diffusers", len(extra))
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.num_single_layers == 2 and loaded.config.guidance_embeds
+    assert torch.equal(forward(loaded), forward(model))
+
+
+def test_bfl_to_folder_and_back_is_bit_identical(tmp_path, bfl_file, capsys, monkeypatch):
+    cli(["convert", str(bfl_file), "-o", str(tmp_path / "folder"), "--to", "diffusers"], capsys, monkeypatch)
+    report = cli(["convert", str(tmp_path / "folder"), "-o", str(tmp_path / "back.safetensors"), "--to", "ldm"],
+                 capsys, monkeypatch)
+    assert (report["base"], report["dtype"]) == ("flux", "bf16")
+    original, back = load_file(bfl_file), load_file(tmp_path / "back.safetensors")
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[k], v) and back[k].dtype == torch.bfloat16 for k, v in original.items())
+
+
+def test_a_pipeline_folder_converts_to_the_bfl_file_diffusers_maps_back(tmp_path, model, capsys, monkeypatch):
+    model.save_pretrained(tmp_path / "pipe" / "transformer")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(
+        {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    cli(["convert", str(tmp_path / "pipe"), "-o", str(tmp_path / "bfl.safetensors"), "--to", "ldm"], capsys, monkeypatch)
+    written = load_file(tmp_path / "bfl.safetensors")
+    expected = to_bfl(model.state_dict())
+    assert sorted(written) == sorted(expected) and all(torch.equal(written[k], v) for k, v in expected.items())
+
+
+def test_our_rows_are_diffusers_converters_rows_at_the_real_width():
+    """diffusers' converter only moves rows and hard-codes width 3072: feed it [rows, 1] tensors numbered by
+    row and compare with where our table says each diffusers row comes from."""
+    config = {**FLUX_DEV_CONFIG, "num_layers": 2, "num_single_layers": 2}
+    tensors = bfl_tensors(config)
+    bfl: dict[str, torch.Tensor] = {}
+    offset = 0
+    for tensor in tensors:
+        rows = max(hi for _, part in tensor.parts for _, hi in part)
+        bfl[tensor.name] = torch.arange(offset, offset + rows, dtype=torch.float64)[:, None]
+        offset += rows
+    converted = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    ours = {name: torch.cat([bfl[t.name][lo:hi] for lo, hi in part])
+            for t in tensors for name, part in t.parts}
+    assert sorted(converted) == sorted(ours)
+    assert all(torch.equal(converted[k].reshape(-1, 1), v) for k, v in ours.items())
+
+
+def test_probe_names_dev_and_schnell(tmp_path, model, capsys, monkeypatch):
+    save_file(to_bfl(model.state_dict()), str(tmp_path / "dev.safetensors"))
+    save_file(to_bfl(tiny(guidance=False).state_dict()), str(tmp_path / "schnell.safetensors"))
+    for name, variant in (("dev", "dev"), ("schnell", "schnell")):
+        found = cli(["probe", str(tmp_path / f"{name}.safetensors")], capsys, monkeypatch)
+        assert (found["kind"], found["base"], found["details"]["variant"]) == ("checkpoint", "flux", variant)
+    model.save_pretrained(tmp_path / "folder")
+    found = cli(["probe", str(tmp_path / "folder")], capsys, monkeypatch)
+    assert (found["base"], found["format"], found["details"]["variant"]) == ("flux", "diffusers", "dev")
+
+
+def test_another_head_dim_converts_with_rope_axes_that_fit(tmp_path, capsys, monkeypatch):
+    small = tiny(guidance=False, head_dim=64)
+    save_file(to_bfl(small.state_dict()), str(tmp_path / "s.safetensors"))
+    report = cli(["convert", str(tmp_path / "s.safetensors"), "-o", str(tmp_path / "out"), "--to", "diffusers"],
+                 capsys, monkeypatch)
+    assert any("rope axes" in w for w in report["warnings"])
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config.axes_dims_rope == [8, 28, 28] and not loaded.config.guidance_embeds
+    assert torch.equal(forward(loaded, guidance=False), forward(small, guidance=False))
+
+
+def test_a_broken_bfl_file_is_one_line(tmp_path, model, capsys, monkeypatch):
+    sd = to_bfl(model.state_dict())
+    del sd["single_blocks.1.linear2.weight"]
+    save_file(sd, str(tmp_path / "broken.safetensors"))
+    code, _, err = run(["convert", str(tmp_path / "broken.safetensors"), "-o", str(tmp_path / "out"),
+                        "--to", "diffusers"], capsys, monkeypatch)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "missing" in err
+    assert not (tmp_path / "out").exists()
