@@ -191,3 +191,117 @@ def test_a_broken_bfl_file_is_one_line(tmp_path, model, capsys, monkeypatch):
                         "--to", "diffusers"], capsys, monkeypatch)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "missing" in err
     assert not (tmp_path / "out").exists()
+
+
+# -- 2. merge into a BFL file and a diffusers folder -----------------------------------------------------
+
+H, M = HEADS * 128, 4 * HEADS * 128
+# kohya LoRA modules on BFL names -> (diffusers module, BFL rows) of each part, FLUX.md §1.2-1.3
+KOHYA = {
+    "double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0, H), ("transformer_blocks.0.attn.to_k", H, 2 * H),
+                                     ("transformer_blocks.0.attn.to_v", 2 * H, 3 * H)],
+    "single_blocks.1.linear1": [("single_transformer_blocks.1.attn.to_q", 0, H),
+                                ("single_transformer_blocks.1.attn.to_k", H, 2 * H),
+                                ("single_transformer_blocks.1.attn.to_v", 2 * H, 3 * H),
+                                ("single_transformer_blocks.1.proj_mlp", 3 * H, 3 * H + M)],
+    "final_layer.adaLN_modulation.1": [("norm_out.linear", H, 2 * H), ("norm_out.linear", 0, H)],
+    "double_blocks.0.txt_mod.lin": [("transformer_blocks.0.norm1_context.linear", 0, 6 * H)],
+}
+DIFFUSERS = {"transformer_blocks.0.attn.to_q": (H, H), "transformer_blocks.0.attn.to_v": (H, H),
+             "single_transformer_blocks.0.proj_mlp": (M, H), "norm_out.linear": (2 * H, H),
+             "single_transformer_blocks.1.proj_out": (H, H + M)}
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """A kohya LoRA on fused BFL modules and a diffusers one on split modules, and the ΔW (diffusers space,
+    float64) of each at weights 0.7 and 1 together."""
+    folder = tmp_path_factory.mktemp("loras")
+    gen = torch.Generator().manual_seed(3)
+    kohya, deltas = {}, {}
+    for i, (name, parts) in enumerate(KOHYA.items()):
+        rows = max(hi for _, _, hi in parts)
+        stem, rank, alpha = "lora_unet_" + name.replace(".", "_"), 4 + i, 2.0 + i
+        down, up = torch.randn(rank, H, generator=gen) * 0.1, torch.randn(rows, rank, generator=gen) * 0.1
+        kohya |= {f"{stem}.lora_down.weight": down, f"{stem}.lora_up.weight": up, f"{stem}.alpha": torch.tensor(alpha)}
+        delta = 0.7 * alpha / rank * up.double() @ down.double()
+        for target, lo, hi in parts:
+            deltas[target] = torch.cat([deltas[target], delta[lo:hi]]) if target in deltas else delta[lo:hi]
+    ours = {}
+    for target, (rows, cols) in DIFFUSERS.items():
+        down, up = torch.randn(3, cols, generator=gen) * 0.1, torch.randn(rows, 3, generator=gen) * 0.1
+        ours |= {f"transformer.{target}.lora_A.weight": down, f"transformer.{target}.lora_B.weight": up}
+        deltas[target] = deltas.get(target, 0) + up.double() @ down.double()
+    save_file(kohya, str(folder / "kohya.safetensors"))
+    save_file(ours, str(folder / "diffusers.safetensors"))
+    return folder / "kohya.safetensors", folder / "diffusers.safetensors", deltas
+
+
+def merged_reference(model, deltas: dict[str, torch.Tensor], dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """The diffusers state dict (its values rounded to `dtype`) with every ΔW added, in float64."""
+    sd = {k: v.to(dtype).double() for k, v in model.state_dict().items()}
+    for target, delta in deltas.items():
+        sd[f"{target}.weight"] = sd[f"{target}.weight"] + delta
+    return sd
+
+
+def test_merge_into_a_bfl_file_lands_on_fused_rows_exactly(tmp_path, model, loras, capsys, monkeypatch):
+    kohya, ours, deltas = loras
+    src = tmp_path / "flux.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in to_bfl(model.state_dict()).items()}, str(src))
+    report = cli(["merge", str(src), "--lora", f"{kohya}:0.7", "--lora", str(ours), "-o",
+                  str(tmp_path / "merged.safetensors")], capsys, monkeypatch)
+    assert (report["base"], report["layout"]) == ("flux", "single-file")
+    got = load_file(tmp_path / "merged.safetensors")
+    expected = to_bfl(merged_reference(model, deltas))
+    assert sorted(got) == sorted("model.diffusion_model." + k for k in expected)
+    for key, value in expected.items():
+        assert torch.allclose(got["model.diffusion_model." + key].double(), value, atol=1e-5, rtol=0), key
+    changed = {k for k, v in to_bfl(model.state_dict()).items() if not torch.equal(got["model.diffusion_model." + k], v)}
+    assert changed == {"double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight",
+                       "final_layer.adaLN_modulation.1.weight", "double_blocks.0.txt_mod.lin.weight",
+                       "single_blocks.0.linear1.weight", "single_blocks.1.linear2.weight"}
+
+
+def test_merge_keeps_bf16(tmp_path, bfl_file, model, loras, capsys, monkeypatch):
+    kohya, ours, deltas = loras
+    cli(["merge", str(bfl_file), "--lora", f"{kohya}:0.7", "--lora", str(ours), "-o", str(tmp_path / "m.safetensors")],
+        capsys, monkeypatch)
+    got = load_file(tmp_path / "m.safetensors")
+    expected = to_bfl(merged_reference(model, deltas, torch.bfloat16))
+    assert all(v.dtype == torch.bfloat16 for v in got.values())
+    for key, value in expected.items():  # one bf16 rounding of W + ΔW (ΔW itself is ~10x larger than that)
+        assert torch.allclose(got[key].double(), value, atol=1e-7, rtol=2 ** -7), key
+
+
+def test_merge_into_a_folder_equals_diffusers_fused_lora(tmp_path, model, loras, capsys, monkeypatch):
+    from diffusers import FluxPipeline
+
+    kohya, ours, deltas = loras
+    model.save_pretrained(tmp_path / "transformer")
+    report = cli(["merge", str(tmp_path / "transformer"), "--lora", f"{kohya}:0.7", "--lora", str(ours), "-o",
+                  str(tmp_path / "merged")], capsys, monkeypatch)
+    assert (report["base"], report["layout"]) == ("flux", "diffusers")
+    merged = FluxTransformer2DModel.from_pretrained(tmp_path / "merged").eval()
+    reference = merged_reference(model, deltas)
+    assert all(torch.allclose(v.double(), reference[k], atol=1e-5, rtol=0) for k, v in merged.state_dict().items())
+    # diffusers' own loader, fused, on the diffusers-format part alone
+    cli(["merge", str(tmp_path / "transformer"), "--lora", str(ours), "-o", str(tmp_path / "ours")],
+        capsys, monkeypatch)
+    fused = copy.deepcopy(model)
+    state_dict, alphas = FluxPipeline.lora_state_dict(str(ours), return_alphas=True)
+    FluxPipeline.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=fused)
+    fused.fuse_lora()
+    fused.unload_lora()
+    ours_merged = FluxTransformer2DModel.from_pretrained(tmp_path / "ours").eval()
+    assert all(torch.allclose(v, fused.state_dict()[k], atol=1e-5, rtol=0) for k, v in ours_merged.state_dict().items())
+    assert not torch.equal(forward(ours_merged), forward(model))
+
+
+def test_merge_refuses_a_sd_lora_on_flux(tmp_path, bfl_file, capsys, monkeypatch):
+    sd1 = tmp_path / "sd1.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 320, 1, 1),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 2, 1, 1)}, str(sd1))
+    code, _, err = run(["merge", str(bfl_file), "--lora", str(sd1), "-o", str(tmp_path / "m.safetensors")],
+                       capsys, monkeypatch)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and not (tmp_path / "m.safetensors").exists()
