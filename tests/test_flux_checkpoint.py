@@ -305,3 +305,82 @@ def test_merge_refuses_a_sd_lora_on_flux(tmp_path, bfl_file, capsys, monkeypatch
     code, _, err = run(["merge", str(bfl_file), "--lora", str(sd1), "-o", str(tmp_path / "m.safetensors")],
                        capsys, monkeypatch)
     assert code == 1 and len(err.strip().splitlines()) == 1 and not (tmp_path / "m.safetensors").exists()
+
+
+# -- 3. merge-loras, resize, extract on Flux files -------------------------------------------------------
+
+
+def kohya_bfl_deltas(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """BFL weight key -> ΔW (float64) of a kohya Flux file, from its own tensors: alpha / r · up @ down."""
+    sd = load_file(path)
+    by_flat = {"lora_unet_" + n.removesuffix(".weight").replace(".", "_"): n for n in names}
+    out = {}
+    for key, down in sd.items():
+        if key.endswith(".lora_down.weight"):
+            stem = key.removesuffix(".lora_down.weight")
+            up = sd[f"{stem}.lora_up.weight"].double()
+            out[by_flat[stem]] = float(sd[f"{stem}.alpha"]) / down.shape[0] * up @ down.double()
+    return out
+
+
+def expected_bfl_deltas(model, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The LoRA deltas in BFL space (fused rows, swapped halves), through the mapping written above."""
+    before, after = to_bfl(merged_reference(model, {})), to_bfl(merged_reference(model, deltas))
+    return {k: after[k] - before[k] for k in before if not torch.equal(after[k], before[k])}
+
+
+def assert_deltas(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tolerance: float) -> None:
+    assert sorted(got) == sorted(expected)
+    for key, delta in expected.items():
+        assert float((got[key] - delta).norm() / delta.norm()) < tolerance, key
+
+
+def test_merge_loras_of_two_flux_dialects_writes_kohya_bfl_names_with_the_sum(tmp_path, model, loras, capsys,
+                                                                              monkeypatch):
+    kohya, ours, deltas = loras
+    base = tmp_path / "base.safetensors"
+    save_file(to_bfl(model.state_dict()), str(base))
+    cli(["merge-loras", f"{kohya}:0.7", str(ours), "-o", str(tmp_path / "sum.safetensors"), "--checkpoint", str(base)],
+        capsys, monkeypatch)
+    expected = expected_bfl_deltas(model, deltas)
+    assert_deltas(kohya_bfl_deltas(tmp_path / "sum.safetensors", list(to_bfl(model.state_dict()))), expected, 1e-6)
+
+
+def test_resize_of_a_flux_kohya_file_is_the_best_low_rank_fit(tmp_path, model, loras, capsys, monkeypatch):
+    kohya, _, _ = loras
+    cli(["resize", str(kohya), "-o", str(tmp_path / "r2.safetensors"), "--rank", "2"], capsys, monkeypatch)
+    names = list(to_bfl(model.state_dict()))
+    before, after = kohya_bfl_deltas(kohya, names), kohya_bfl_deltas(tmp_path / "r2.safetensors", names)
+    best = {}
+    for key, delta in before.items():
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        best[key] = u[:, :2] * s[:2] @ vh[:2]
+    assert_deltas(after, best, 1e-5)  # fp32 arithmetic
+
+
+def test_extract_between_two_bfl_files_gives_back_the_merged_lora(tmp_path, model, loras, capsys, monkeypatch):
+    kohya, _, _ = loras
+    base = tmp_path / "base.safetensors"
+    save_file(to_bfl(model.state_dict()), str(base))
+    cli(["merge", str(base), "--lora", str(kohya), "-o", str(tmp_path / "tuned.safetensors")], capsys, monkeypatch)
+    report = cli(["extract", str(base), str(tmp_path / "tuned.safetensors"), "-o", str(tmp_path / "x.safetensors"),
+                  "--rank", "8"], capsys, monkeypatch)
+    assert report["model"] == "flux"
+    names = list(to_bfl(model.state_dict()))
+    tuned, original = load_file(tmp_path / "tuned.safetensors"), to_bfl(model.state_dict())
+    expected = {k: tuned[k].double() - original[k].double() for k in names if not torch.equal(tuned[k], original[k])}
+    assert_deltas(kohya_bfl_deltas(tmp_path / "x.safetensors", names), expected, 1e-5)
+
+
+def test_merge_into_a_flux_pipeline_folder_rewrites_the_transformer(tmp_path, model, loras, capsys, monkeypatch):
+    kohya, ours, deltas = loras
+    pipe = tmp_path / "pipe"
+    model.save_pretrained(pipe / "transformer")
+    (pipe / "model_index.json").write_text(json.dumps(
+        {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    cli(["merge", str(pipe), "--lora", f"{kohya}:0.7", "--lora", str(ours), "-o", str(tmp_path / "merged")],
+        capsys, monkeypatch)
+    merged = FluxTransformer2DModel.from_pretrained(tmp_path / "merged", subfolder="transformer")
+    reference = merged_reference(model, deltas)
+    assert (tmp_path / "merged" / "model_index.json").is_file()
+    assert all(torch.allclose(v.double(), reference[k], atol=1e-5, rtol=0) for k, v in merged.state_dict().items())
