@@ -170,6 +170,13 @@ def test_probe_names_dev_and_schnell(tmp_path, model, capsys, monkeypatch):
     model.save_pretrained(tmp_path / "folder")
     found = cli(["probe", str(tmp_path / "folder")], capsys, monkeypatch)
     assert (found["base"], found["format"], found["details"]["variant"]) == ("flux", "diffusers", "dev")
+    import factory
+
+    for in_channels, variant in ((384, "fill"), (128, "depth")):  # FLUX.1-Fill / -Depth img_in widths
+        header = {"img_in.weight": ("BF16", (3072, in_channels)), "guidance_in.in_layer.weight": ("BF16", (3072, 256)),
+                  "double_blocks.0.img_attn.norm.key_norm.scale": ("BF16", (128,))}
+        path = factory.write_sparse_safetensors(tmp_path / f"{variant}.safetensors", header)
+        assert cli(["probe", str(path)], capsys, monkeypatch)["details"]["variant"] == variant
 
 
 def test_another_head_dim_converts_with_rope_axes_that_fit(tmp_path, capsys, monkeypatch):

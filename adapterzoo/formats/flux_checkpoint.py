@@ -108,8 +108,8 @@ def bfl_to_diffusers_plan(source: TensorSource, dtype: torch.dtype | None) -> tu
         used.add(key)
         stored = source.shapes[key]
         for name, rows in tensor.parts:
-            if _whole(rows, stored[0]):
-                plan.append(source.planned(key, name, dtype))
+            if len(rows) == 1:  # a row block (q, k, v, the MLP input) or the whole tensor
+                plan.append(source.planned_rows(key, name, dtype, *rows[0]))
                 continue
             shape = (sum(hi - lo for lo, hi in rows), *stored[1:])
             plan.append(source.planned(key, name, dtype, shape, lambda t, rows=rows: _cut(t, rows)))
