@@ -391,3 +391,31 @@ def test_merge_into_a_flux_pipeline_folder_rewrites_the_transformer(tmp_path, mo
     reference = merged_reference(model, deltas)
     assert (tmp_path / "merged" / "model_index.json").is_file()
     assert all(torch.allclose(v.double(), reference[k], atol=1e-5, rtol=0) for k, v in merged.state_dict().items())
+
+
+def test_merge_into_a_flux_pipeline_patches_clip_too(tmp_path, model, loras, capsys, monkeypatch):
+    from transformers import CLIPTextModel
+
+    from adapterzoo.tiny_models import tiny_text_encoder
+
+    kohya, _, _ = loras
+    pipe = tmp_path / "pipe"
+    model.save_pretrained(pipe / "transformer")
+    tiny_text_encoder("sd1").save_pretrained(pipe / "text_encoder")
+    (pipe / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"]}))
+    clip = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    width = CLIPTextModel.from_pretrained(pipe / "text_encoder").config.hidden_size
+    gen = torch.Generator().manual_seed(4)
+    down, up = torch.randn(2, width, generator=gen), torch.randn(width, 2, generator=gen)
+    save_file(load_file(kohya) | {f"{clip}.lora_down.weight": down, f"{clip}.lora_up.weight": up,
+                                  f"{clip}.alpha": torch.tensor(1.0)}, str(tmp_path / "both.safetensors"))
+    report = cli(["merge", str(pipe), "--lora", str(tmp_path / "both.safetensors"), "-o", str(tmp_path / "out")],
+                 capsys, monkeypatch)
+    assert report["loras"][0]["components"]["text_encoder"] == 1
+    before = CLIPTextModel.from_pretrained(pipe / "text_encoder").state_dict()
+    after = CLIPTextModel.from_pretrained(tmp_path / "out" / "text_encoder").state_dict()
+    key = next(k for k in before if k.endswith("encoder.layers.0.self_attn.q_proj.weight"))
+    expected = before[key].double() + up.double() @ down.double() / 2
+    assert torch.allclose(after[key].double(), expected, atol=1e-5, rtol=0)

@@ -5,8 +5,10 @@ LoRA names are resolved against the checkpoint's own modules, whatever its size:
 configs (config.json in a folder, inferred from tensor shapes in a single file) give each part's
 module table (`module_tables`), `architecture_from_tables` lists their targets, and each target gets the tensor
 holding its weight: the UNet's LDM or diffusers key, a text encoder's Hugging Face key, or a row
-block of OpenCLIP's fused `in_proj` (FORMATS.md §2.3). `merge` writes into these tensors and
-`extract` reads them.
+block of OpenCLIP's fused `in_proj` (FORMATS.md §2.3). Flux.1 checkpoints (a BFL single file, a diffusers
+transformer or pipeline folder) locate each diffusers target in the same way: a row block of BFL's fused
+`qkv`/`linear1`, or the final modulation with its halves swapped (FLUX.md §1.2). `merge` writes into
+these tensors and `extract` reads them.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ class CheckpointTargets:
 
 def checkpoint_targets(path: str | os.PathLike) -> CheckpointTargets:
     """Targets and weight locations of a single-file SD1/SD2/SDXL checkpoint, a diffusers pipeline folder,
-    or a UNet on its own (a diffusers UNet folder, or a file of its tensors alone)."""
+    a UNet on its own (a diffusers UNet folder, or a file of its tensors alone), or a Flux.1 model (BFL
+    single file, diffusers transformer or pipeline folder)."""
     path = Path(path)
     if not path.exists():
         raise BadFileError(f"{path} does not exist")
