@@ -3,6 +3,7 @@
 to="ldm" from a folder joins the components into one `.safetensors`; from a single file it
 rewrites it (a `.ckpt`/`.pt` through the safe unpickler into safetensors, `--dtype`, `--prune-ema`).
 to="diffusers" builds a complete pipeline folder whose configs are inferred from tensor shapes.
+A Flux.1 BFL single file becomes a diffusers transformer folder and back (`flux_checkpoint`).
 Outputs go to a temporary path beside the destination and are renamed into place when complete.
 """
 
@@ -21,6 +22,13 @@ from adapterzoo.formats.checkpoint_to_ldm import (
     prediction_warnings,
     rewrite_plan,
 )
+from adapterzoo.formats.flux_checkpoint import (
+    bfl_to_diffusers_plan,
+    diffusers_to_bfl_plan,
+    flux_transformer_folder,
+    write_flux_folder,
+)
+from adapterzoo.formats.flux_modules import bfl_prefix
 from adapterzoo.formats.probe_checkpoint import probe_checkpoint
 from adapterzoo.formats.probe_result import ProbeResult
 from adapterzoo.formats.safetensors_writer import (
@@ -33,6 +41,7 @@ from adapterzoo.formats.tensor_table import TensorMeta
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TARGETS = ("ldm", "diffusers")
+FLUX_HEAD_DIM = 128
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
 
@@ -49,7 +58,7 @@ def _check_paths(src: Path, dest: Path, to: str, force: bool) -> None:
     if dest.exists():
         if to == "ldm" and not dest.is_file():
             raise AdapterzooError(f"{dest} exists and is not a file; refusing to replace it")
-        if to == "diffusers" and not (dest / "model_index.json").is_file():
+        if to == "diffusers" and not any((dest / marker).is_file() for marker in ("model_index.json", "config.json")):
             raise AdapterzooError(f"{dest} exists and is not a diffusers folder; refusing to replace it")
 
 
@@ -59,6 +68,14 @@ def _single_file_base(source: TensorSource, name: str) -> str:
     if not any(k.startswith(unet_names.LDM_PREFIX) for k in table) or not probe_checkpoint(table, result):
         raise BadFileError(f"{name} is not a single-file checkpoint (no {unet_names.LDM_PREFIX}* weights)")
     return result.base
+
+
+def _rope_warning(config: dict) -> list[str]:
+    """The rope axes are in no weight; say so when they are not Flux.1's own (head_dim 128)."""
+    if config["attention_head_dim"] == FLUX_HEAD_DIM:
+        return []
+    return [f"head dim {config['attention_head_dim']}: rope axes set to {config['axes_dims_rope']} "
+            "(the weights do not record them); edit config.json if the model was trained with others"]
 
 
 def convert_checkpoint(
@@ -80,7 +97,14 @@ def convert_checkpoint(
     _check_paths(src, dest, to, force)
     torch_dtype = DTYPES.get(dtype) if dtype else None
 
-    if src.is_dir():
+    if src.is_dir() and (flux := flux_transformer_folder(src)) is not None:
+        if to == "diffusers":
+            raise AdapterzooError(f"{src} is already a diffusers folder; convert it --to ldm")
+        plan = diffusers_to_bfl_plan(flux, torch_dtype)
+        with atomic_output(dest) as tmp:
+            written = write_safetensors(tmp, plan, {"format": "pt"})
+        report = {"base": "flux", "tensors": written, "dtype": plan_dtype(plan), "dropped": 0, "warnings": []}
+    elif src.is_dir():
         if not (src / "model_index.json").is_file():
             raise BadFileError(f"{src} is not a diffusers pipeline folder (no model_index.json)")
         if to == "diffusers":
@@ -92,8 +116,14 @@ def convert_checkpoint(
                   "warnings": prediction_warnings(src, base)}
     else:
         source = open_checkpoint_file(src)
-        base = _single_file_base(source, src.name)
-        if to == "diffusers":
+        base = "flux" if bfl_prefix(source.shapes) is not None else _single_file_base(source, src.name)
+        if to == "diffusers" and base == "flux":
+            config, plan, dropped = bfl_to_diffusers_plan(source, torch_dtype)
+            with atomic_output(dest, folder=True) as tmp:
+                written = write_flux_folder(tmp, config, plan)
+            report = {"base": base, "tensors": written, "dtype": plan_dtype(plan), "dropped": dropped,
+                      "warnings": _rope_warning(config)}
+        elif to == "diffusers":
             planned = plan_diffusers(source, torch_dtype)
             with atomic_output(dest, folder=True) as tmp:
                 report = write_diffusers(planned, tmp)

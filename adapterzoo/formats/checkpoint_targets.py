@@ -5,8 +5,10 @@ LoRA names are resolved against the checkpoint's own modules, whatever its size:
 configs (config.json in a folder, inferred from tensor shapes in a single file) give each part's
 module table (`module_tables`), `architecture_from_tables` lists their targets, and each target gets the tensor
 holding its weight: the UNet's LDM or diffusers key, a text encoder's Hugging Face key, or a row
-block of OpenCLIP's fused `in_proj` (FORMATS.md §2.3). `merge` writes into these tensors and
-`extract` reads them.
+block of OpenCLIP's fused `in_proj` (FORMATS.md §2.3). Flux.1 checkpoints (a BFL single file, a diffusers
+transformer or pipeline folder) locate each diffusers target in the same way: a row block of BFL's fused
+`qkv`/`linear1`, or the final modulation with its halves swapped (FLUX.md §1.2). `merge` writes into
+these tensors and `extract` reads them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from adapterzoo.formats.clip_names import (
     openclip_to_hf,
     strip_text_model,
 )
+from adapterzoo.formats.flux_checkpoint import flux_transformer_folder
+from adapterzoo.formats.flux_modules import TRANSFORMER, bfl_prefix, flux_checkpoint_architecture
 from adapterzoo.formats.json_file import read_json_object
 from adapterzoo.formats.module_tables import CLIP_CLASS, CLIP_PROJECTION_CLASS, UNET_CLASS, ModuleTable, module_table
 from adapterzoo.formats.probe import probe
@@ -41,7 +45,8 @@ from adapterzoo.formats.tensor_table import TensorMeta
 
 SINGLE_FILE = ""  # WeightLocation.file of every tensor of a single-file checkpoint
 LORA_BASES = ("sd1", "sd2", "sdxl")
-WEIGHT_STEMS = {UNET: "diffusion_pytorch_model", "text_encoder": "model", "text_encoder_2": "model"}
+WEIGHT_STEMS = {UNET: "diffusion_pytorch_model", TRANSFORMER: "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
 SDXL_POOLED_WIDTH = 1280  # bigG's projection; only sizes the UNet's unused time-id projection when te2 is absent
 _CLIP_CLASSES = (CLIP_CLASS, CLIP_PROJECTION_CLASS)
 
@@ -55,6 +60,28 @@ class WeightLocation:
     bias: str | None = None  # the bias tensor's key, if the module has one stored
     rows: tuple[int, int] | None = None  # [start, stop) rows of a fused OpenCLIP in_proj weight and bias
     transposed: bool = False  # stored as the transpose of the module's weight (OpenCLIP text_projection)
+    halves_swapped: bool = False  # stored with its two row halves swapped (Flux's final modulation in BFL)
+
+    def region(self, stored: torch.Tensor) -> torch.Tensor:
+        """The part of the stored weight (or bias) tensor that is this target's: a view of it."""
+        return stored if self.rows is None else stored[self.rows[0]:self.rows[1]]
+
+    def as_module(self, region: torch.Tensor) -> torch.Tensor:
+        """The region laid out as the module holds it; a view when nothing moves, else a copy."""
+        if self.halves_swapped:
+            region = torch.cat(region.chunk(2)[::-1])
+        return region.t().contiguous() if self.transposed else region
+
+    def as_stored(self, module: torch.Tensor) -> torch.Tensor:
+        """The inverse of `as_module` (both moves are their own inverse)."""
+        if self.transposed:
+            module = module.t()
+        return torch.cat(module.chunk(2)[::-1]) if self.halves_swapped else module
+
+    @property
+    def moved(self) -> bool:
+        """Whether `as_module` copies, so a change to it must be written back with `as_stored`."""
+        return self.transposed or self.halves_swapped
 
 
 @dataclass
@@ -71,12 +98,15 @@ class CheckpointTargets:
     def weight(self, target: str) -> torch.Tensor:
         """The target's weight as its module holds it (shape and layout), in the stored dtype."""
         location = self.locations[target]
-        tensor = self.sources[location.file].get(location.key)
-        if location.rows is not None:
-            tensor = tensor[location.rows[0]:location.rows[1]]
-        if location.transposed:
-            tensor = tensor.t()
+        tensor = location.as_module(location.region(self.sources[location.file].get(location.key)))
         return tensor.reshape(self.architecture.targets[target].shape)
+
+    def bias(self, target: str) -> torch.Tensor | None:
+        """The target's bias as its module holds it, or None if none is stored."""
+        location = self.locations[target]
+        if location.bias is None:
+            return None
+        return location.as_module(location.region(self.sources[location.file].get(location.bias)))
 
     @property
     def components(self) -> set[str]:
@@ -96,10 +126,13 @@ class CheckpointTargets:
 
 def checkpoint_targets(path: str | os.PathLike) -> CheckpointTargets:
     """Targets and weight locations of a single-file SD1/SD2/SDXL checkpoint, a diffusers pipeline folder,
-    or a UNet on its own (a diffusers UNet folder, or a file of its tensors alone)."""
+    a UNet on its own (a diffusers UNet folder, or a file of its tensors alone), or a Flux.1 model (BFL
+    single file, diffusers transformer or pipeline folder)."""
     path = Path(path)
     if not path.exists():
         raise BadFileError(f"{path} does not exist")
+    if path.is_dir() and flux_transformer_folder(path) is not None:
+        return _flux_folder_targets(path)
     if path.is_dir():
         if (path / "model_index.json").is_file():
             return _folder_targets(path)
@@ -113,7 +146,7 @@ def checkpoint_targets(path: str | os.PathLike) -> CheckpointTargets:
 def check_lora_base(targets: CheckpointTargets, lora: str | os.PathLike) -> None:
     """Refuse a LoRA whose probed base differs from the checkpoint's; an undecided probe passes."""
     found = probe(lora)
-    if found.base in LORA_BASES and found.base != targets.base:
+    if found.base in (*LORA_BASES, "flux") and found.base != targets.base:
         raise AdapterzooError(
             f"{Path(lora).name} is a {found.base} {found.kind} but {targets.path.name} is a {targets.base} "
             "checkpoint; a LoRA only fits the base it was trained on"
@@ -290,6 +323,8 @@ def _text_location(keys: dict[str, str], prefix: str, rel: str, rows: int) -> We
 
 def _single_file_targets(path: Path) -> CheckpointTargets:
     source = open_checkpoint_file(path)
+    if bfl_prefix(source.shapes) is not None:
+        return _bfl_targets(path, source)
     base = _single_file_base(source, path.name)
     parts = single_file_parts(source, base)
     tables = {component: module_table(part.model_class, part.config) for component, part in parts.items()}
@@ -307,3 +342,43 @@ def _single_file_targets(path: Path) -> CheckpointTargets:
         if location is not None:
             locations[target.path] = _checked(location, source, target.shape)
     return CheckpointTargets(path, base, False, architecture, locations, {SINGLE_FILE: source})
+
+
+# -- Flux.1 ---------------------------------------------------------------------------------------
+
+
+def _flux_folder_targets(path: Path) -> CheckpointTargets:
+    """A diffusers Flux transformer folder, or a pipeline folder (transformer, and CLIP/T5 when present)."""
+    architecture = flux_checkpoint_architecture(path)
+    if architecture is None:
+        raise BadFileError(f"{path.name} is not a Flux model folder")
+    if (path / "config.json").is_file():  # the transformer alone: its weights live in the folder itself
+        source = open_component(path, WEIGHT_STEMS[TRANSFORMER])
+        locations = _diffusers_locations(architecture, {TRANSFORMER: source}, SINGLE_FILE)
+        return CheckpointTargets(path, "flux", True, architecture, locations, {SINGLE_FILE: source})
+    components = {target.component for target in architecture.targets.values()}
+    sources = {c: open_component(path / c, WEIGHT_STEMS[c]) for c in components}
+    return CheckpointTargets(path, "flux", True, architecture, _diffusers_locations(architecture, sources), sources)
+
+
+def _bfl_targets(path: Path, source: TensorSource) -> CheckpointTargets:
+    """A BFL single file: each target is its BFL weight, a row block of a fused one (qkv, linear1), or the
+    final modulation with its halves swapped (FLUX.md §1.2-1.3)."""
+    architecture = flux_checkpoint_architecture(path)
+    if architecture is None:
+        raise BadFileError(f"{path.name} is a Flux checkpoint this cannot read (not safetensors)")
+    prefix = bfl_prefix(source.shapes)
+    locations = {}
+    for module in architecture.bfl:
+        weight, bias = f"{prefix}{module.name}.weight", f"{prefix}{module.name}.bias"
+        if weight not in source.shapes:
+            continue
+        bias_key = bias if bias in source.shapes else None
+        for target, rows in module.parts:
+            if len(rows) == 2:  # the two halves, swapped
+                location = WeightLocation(SINGLE_FILE, weight, bias_key, halves_swapped=True)
+            else:
+                whole = rows[0] == (0, module.shape[0])
+                location = WeightLocation(SINGLE_FILE, weight, bias_key, None if whole else rows[0])
+            locations[target] = _checked(location, source, architecture.targets[target].shape)
+    return CheckpointTargets(path, "flux", False, architecture, locations, {SINGLE_FILE: source})

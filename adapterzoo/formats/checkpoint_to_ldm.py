@@ -36,7 +36,7 @@ def diffusers_base(folder: Path) -> str:
     parts = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]}
     missing = {"unet", "vae", "text_encoder"} - parts
     if "transformer" in parts:
-        raise BadFileError("DiT pipelines (SD3, Flux) have no LDM single-file layout we write")
+        raise BadFileError("SD3 pipelines have no LDM single-file layout we write")
     if missing:
         raise BadFileError(f"the pipeline has no {', '.join(sorted(missing))}; an SD checkpoint needs all of them")
     if "text_encoder_2" in parts:

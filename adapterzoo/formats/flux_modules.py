@@ -206,7 +206,8 @@ def flux_architecture() -> FluxArchitecture:
 
 # -- Flux models on disk (convert --checkpoint) ---------------------------------------------------------
 
-_KEY_NORM = "double_blocks.0.img_attn.norm.key_norm.scale"
+KEY_NORM = "double_blocks.0.img_attn.norm.key_norm.scale"  # marks Flux.1 (diffusers, ComfyUI detection)
+BFL_CHECKPOINT_PREFIXES = ("", "model.diffusion_model.")  # bare (BFL release) or a ComfyUI full checkpoint
 _TEXT_ENCODER_CLASSES = {CLIP_L: (CLIP_CLASS,), T5: (T5_CLASS,)}
 
 
@@ -223,22 +224,22 @@ def flux_checkpoint_architecture(path: str | Path) -> FluxArchitecture | None:
         config = read_json_object(path / "config.json")
         if config.get("_class_name") != FLUX_CLASS:
             return None
-        return flux_architecture_from_tables({TRANSFORMER: module_table(FLUX_CLASS, _model_config(config))})
+        return flux_architecture_from_tables({TRANSFORMER: module_table(FLUX_CLASS, saved_config(config))})
     index_path = path / "model_index.json"
     if not index_path.is_file() or read_json_object(index_path).get("transformer", [None, None])[1] != FLUX_CLASS:
         return None
     index = read_json_object(index_path)
-    transformer = _model_config(read_json_object(path / TRANSFORMER / "config.json"))
+    transformer = saved_config(read_json_object(path / TRANSFORMER / "config.json"))
     tables = {TRANSFORMER: module_table(FLUX_CLASS, transformer)}
     for component, classes in _TEXT_ENCODER_CLASSES.items():
         entry = index.get(component)
         if isinstance(entry, list) and len(entry) == 2 and entry[1] in classes:
             config = read_json_object(path / component / "config.json")
-            tables[component] = module_table(entry[1], _model_config(config))
+            tables[component] = module_table(entry[1], saved_config(config))
     return flux_architecture_from_tables(tables)
 
 
-def _model_config(config: dict) -> dict:
+def saved_config(config: dict) -> dict:
     """A saved config without the fields that only describe the save (`_name_or_path`, versions)."""
     dropped = ("architectures", "transformers_version", "torch_dtype", "dtype")
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in dropped}
@@ -250,12 +251,35 @@ def bfl_config_from_file(path: Path) -> dict | None:
         table = table_from_header(read_header(path))
     except BadFileError:  # not a safetensors file: not a Flux checkpoint this reads
         return None
-    prefix = next((p for p in ("", "model.diffusion_model.") if p + _KEY_NORM in table), None)
+    shapes = {k: tuple(v.shape) for k, v in table.items()}
+    prefix = bfl_prefix(shapes)
     if prefix is None:
         return None
-    shapes = {k[len(prefix):]: tuple(v.shape) for k, v in table.items() if k.startswith(prefix)}
+    return bfl_config_from_shapes({k[len(prefix):]: tuple(v.shape) for k, v in table.items() if k.startswith(prefix)})
+
+
+def bfl_prefix(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """`""` or `model.diffusion_model.` for a Flux.1 single file's keys; None for anything else."""
+    return next((p for p in BFL_CHECKPOINT_PREFIXES if p + KEY_NORM in shapes), None)
+
+
+def axes_dims_rope(head_dim: int) -> list[int]:
+    """Flux's (16, 56, 56) for head_dim 128; otherwise even parts in about that proportion summing to head_dim
+    (no weight says; the rope only has to fit the heads)."""
+    if head_dim == 128:
+        return list(FLUX_DEV_CONFIG["axes_dims_rope"])
+    if head_dim % 4:
+        raise BadFileError(f"attention head dim {head_dim} cannot be split into Flux's three even rope axes")
+    first = 2 * max(1, round(head_dim / 16))
+    if (head_dim - first) % 4:
+        first += 2
+    return [first, (head_dim - first) // 2, (head_dim - first) // 2]
+
+
+def bfl_config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict:
+    """The config of a BFL transformer whose tensors (bare BFL names) have these shapes."""
     hidden, in_channels = shapes["img_in.weight"]
-    head_dim = shapes[_KEY_NORM][0]
+    head_dim = shapes[KEY_NORM][0]
 
     def count(blocks: str) -> int:
         return len({k.split(".")[1] for k in shapes if k.startswith(blocks + ".")})
@@ -263,7 +287,7 @@ def bfl_config_from_file(path: Path) -> dict | None:
     config = {
         **FLUX_DEV_CONFIG, "in_channels": in_channels, "num_layers": count("double_blocks"),
         "num_single_layers": count("single_blocks"), "attention_head_dim": head_dim,
-        "num_attention_heads": hidden // head_dim, "joint_attention_dim": shapes["txt_in.weight"][1],
+        "num_attention_heads": hidden // head_dim, "axes_dims_rope": axes_dims_rope(head_dim), "joint_attention_dim": shapes["txt_in.weight"][1],
         "pooled_projection_dim": shapes["vector_in.in_layer.weight"][1],
         "guidance_embeds": "guidance_in.in_layer.weight" in shapes,
     }

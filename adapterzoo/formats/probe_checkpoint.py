@@ -7,6 +7,7 @@ from adapterzoo.formats.tensor_table import TensorTable
 
 CONTEXT_BASE = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
 IN_CHANNEL_VARIANT = {9: "inpaint", 8: "instruct-pix2pix"}
+FLUX_IN_CHANNEL_VARIANT = {384: "fill", 128: "depth"}  # packed img_in widths with guidance (FLUX.md §1.4; Canny = Depth)
 TEXT_ENCODER_FAMILIES = {
     "cond_stage_model.transformer.": ("text_encoder", "sd1"),
     "cond_stage_model.model.": ("text_encoder", "sd2"),
@@ -20,12 +21,16 @@ def _has(keys: list[str], fragment: str) -> bool:
     return any(fragment in k for k in keys)
 
 
-def _dit_base(keys: list[str]) -> tuple[str, dict] | None:
+def _dit_base(table: TensorTable) -> tuple[str, dict] | None:
+    keys = list(table)
     if _has(keys, "joint_blocks.") or (_has(keys, "attn.add_q_proj") and _has(keys, "pos_embed.proj")):
         return "sd3", {}
     if _has(keys, "double_blocks.") or _has(keys, "single_transformer_blocks."):
-        guidance = _has(keys, "guidance_in.") or _has(keys, "guidance_embedder.")
-        return "flux", {"variant": "dev" if guidance else "schnell"}
+        if not (_has(keys, "guidance_in.") or _has(keys, "guidance_embedder.")):
+            return "flux", {"variant": "schnell"}  # no guidance embedder: the one difference in shapes
+        in_channels = next((m.shape[1] for k, m in table.items()
+                            if k.endswith(("img_in.weight", "x_embedder.weight")) and len(m.shape) == 2), None)
+        return "flux", {"variant": FLUX_IN_CHANNEL_VARIANT.get(in_channels, "dev")}
     return None
 
 
@@ -47,11 +52,11 @@ def _is_vae(keys: list[str]) -> bool:
 def probe_checkpoint(table: TensorTable, result: ProbeResult) -> bool:
     """Fill `result` if the tensors are a checkpoint, a checkpoint part, a VAE or a ControlNet."""
     keys = list(table)
-    dit = _dit_base(keys)
+    dit = _dit_base(table)
     naming = _unet_naming(keys)
     if dit:
-        result.kind, result.format = "checkpoint", "ldm"
-        result.base = dit[0]
+        result.kind, result.base = "checkpoint", dit[0]
+        result.format = "diffusers" if _has(keys, "transformer_blocks.") and not _has(keys, "double_blocks.") else "ldm"
         result.details.update(dit[1])
         result.details["components"] = ["transformer" if c == "unet" else c for c in _components(keys)]
         return True

@@ -101,6 +101,17 @@ class TensorSource:
             return PlannedTensor(name, shape, out, lambda: self.get(key))
         return PlannedTensor(name, shape, out, lambda: transform(self.get(key)))
 
+    def planned_rows(self, key: str, name: str, dtype: torch.dtype | None, start: int, stop: int) -> PlannedTensor:
+        """Rows [start, stop) of `key` as output tensor `name`. A row block of a stored tensor is one byte
+        range, so kept as stored it is copied as bytes, never read whole."""
+        shape = (stop - start, *self.shapes[key][1:])
+        stored, out = self.stored(key), self.output_dtype(key, dtype)
+        if stored is None or out != self.dtypes[key]:
+            return self.planned(key, name, dtype, shape, lambda t: t[start:stop])
+        row = stored.nbytes // self.shapes[key][0]
+        return PlannedTensor(name, shape, out, stored=StoredBytes(stored.path, stored.offset + start * row,
+                                                                  (stop - start) * row))
+
     def update(self, other: TensorSource) -> None:
         """Add another file's tensors (shards of one model)."""
         for key in other.shapes:

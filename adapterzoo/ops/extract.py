@@ -105,14 +105,7 @@ def _changed_biases(before: CheckpointTargets, after: CheckpointTargets, common:
     """`<target>.bias` for every bias that differs (a LoRA changes weights only)."""
     changed = []
     for path in common:
-        old, new = before.locations[path], after.locations[path]
-        if old.bias is None or new.bias is None:
-            continue
-        a, b = before.sources[old.file].get(old.bias), after.sources[new.file].get(new.bias)
-        if old.rows is not None:
-            a = a[old.rows[0]:old.rows[1]]
-        if new.rows is not None:
-            b = b[new.rows[0]:new.rows[1]]
-        if not torch.equal(a.float(), b.float()):
+        a, b = before.bias(path), after.bias(path)
+        if a is not None and b is not None and not torch.equal(a.float(), b.float()):
             changed.append(f"{path}.bias")
     return changed

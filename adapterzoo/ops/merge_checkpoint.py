@@ -325,17 +325,16 @@ def _apply(weight: torch.Tensor, patches: list[_Patch], device: torch.device, sc
     else:
         w = weight.to(device).float()
     for patch in patches:
-        rows = patch.location.rows
-        region = w if rows is None else w[rows[0]:rows[1]]
+        location = patch.location
+        region = location.region(w)
+        current = location.as_module(region)
         if patch.on_bias:
             for module, multiplier in patch.modules:
-                region.add_(module.diff_b.to(device).float().reshape(region.shape), alpha=multiplier)
-            continue
-        current = region.t().contiguous() if patch.location.transposed else region
-        current = current.view(patch.shape)
-        _accumulate(current, patch.modules, device)
-        if patch.location.transposed:
-            region.copy_(current.reshape(region.shape[::-1]).t())
+                current.add_(module.diff_b.to(device).float().reshape(current.shape), alpha=multiplier)
+        else:
+            _accumulate(current.view(patch.shape), patch.modules, device)
+        if location.moved:
+            region.copy_(location.as_stored(current))
     return w
 
 
