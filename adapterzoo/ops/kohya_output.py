@@ -6,10 +6,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from adapterzoo.formats.atomic import atomic_output
-from adapterzoo.formats.lora_metadata import output_metadata
-from adapterzoo.formats.lora_model import LoraFile
-from adapterzoo.formats.lora_write import kohya_tensors
+from adapterzoo.formats.io.atomic import atomic_output
+from adapterzoo.formats.lora.lora_metadata import output_metadata
+from adapterzoo.formats.lora.lora_model import LoraFile
+from adapterzoo.formats.lora.lora_write import kohya_tensors
 
 
 def write_kohya(lora: LoraFile, dest: Path, provenance: dict[str, str]) -> None:
