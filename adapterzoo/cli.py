@@ -13,7 +13,7 @@ import click
 
 from adapterzoo import __version__
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.probe_result import BASES, KINDS
+from adapterzoo.formats.io.probe_result import BASES, KINDS
 
 VERIFIABLE_KINDS = ["lora", "lycoris", "hypernetwork", "embedding", "vae", "checkpoint"]  # what verify reads
 

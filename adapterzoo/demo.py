@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from adapterzoo.demo_library import build_library
+from adapterzoo.devices import pick_device
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.convert import convert
 from adapterzoo.formats.probe import probe
-from adapterzoo.devices import pick_device
 from adapterzoo.ops.extract import extract_lora
 from adapterzoo.ops.lowrank import Rank
 from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adapterzoo.formats.architectures import UNET_CONFIGS, builtin_architecture
-from adapterzoo.formats.safetensors_writer import PlannedTensor, write_safetensors
-from adapterzoo.formats.unet_names import LDM_PREFIX, diffusers_to_ldm_module, layout_from_config
+from adapterzoo.formats.io.safetensors_writer import PlannedTensor, write_safetensors
+from adapterzoo.formats.model.architectures import UNET_CONFIGS, builtin_architecture
+from adapterzoo.formats.model.unet_names import LDM_PREFIX, diffusers_to_ldm_module, layout_from_config
 
 RANK, ALPHA = 32, 16.0
 KOHYA_UNET = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out)$")
@@ -52,8 +52,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 BASELINE = """
 import json, resource, sys, time, torch
 from safetensors import safe_open
-from adapterzoo.formats.safetensors_header import read_header
-from adapterzoo.formats.safetensors_writer import TORCH_DTYPES, PlannedTensor, write_safetensors
+from adapterzoo.formats.io.safetensors_header import read_header
+from adapterzoo.formats.io.safetensors_writer import TORCH_DTYPES, PlannedTensor, write_safetensors
 torch.set_num_threads(int(sys.argv[3]))
 start = time.perf_counter()
 header = read_header(sys.argv[1])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterzoo.formats.safetensors_header import DTYPE_BITS
+from adapterzoo.formats.io.safetensors_header import DTYPE_BITS
 
 SPARSE_ABOVE = 64 << 20  # seeds larger than this keep their data section as a length: written as a hole
 

@@ -22,7 +22,7 @@ from mutations import mutate, read_seed, trimmed, write
 from safetensors.torch import save_file
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.safetensors_header import read_header
+from adapterzoo.formats.io.safetensors_header import read_header
 from adapterzoo.tiny_models import save_tiny_pipeline
 
 REAL = Path(__file__).parent / "fixtures" / "real"

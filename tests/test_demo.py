@@ -59,7 +59,7 @@ def test_demo_outputs_load_where_users_load_them(tmp_path):
     from diffusers import UNet2DConditionModel
 
     from adapterzoo.formats.checkpoint_targets import checkpoint_targets
-    from adapterzoo.formats.lora_read import load_lora
+    from adapterzoo.formats.lora.lora_read import load_lora
 
     base = UNet2DConditionModel.from_pretrained(out / "models/Stable-diffusion/tiny-sd1", subfolder="unet")
     merged = UNet2DConditionModel.from_pretrained(out / "ops/tiny-sd1-styled", subfolder="unet")

@@ -15,7 +15,7 @@ from fake_storage import LOGIN_PAGE, FakeStorage, Served
 
 import factory
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.safetensors_header import read_header
+from adapterzoo.formats.io.safetensors_header import read_header
 from adapterzoo.zoo import download as engine
 from adapterzoo.zoo.download import download
 from adapterzoo.zoo.hashing import hash_file

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from adapterzoo.cli import main
 from adapterzoo.formats.checkpoint_targets import checkpoint_targets
-from adapterzoo.formats.lora_model import LoraModule
-from adapterzoo.formats.lora_read import load_lora
+from adapterzoo.formats.lora.lora_model import LoraModule
+from adapterzoo.formats.lora.lora_read import load_lora
 from adapterzoo.tiny_models import save_tiny_pipeline
 
 BLOCK = "down_blocks.0.attentions.0"

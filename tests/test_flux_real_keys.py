@@ -18,8 +18,8 @@ from diffusers import FluxPipeline
 from safetensors.torch import save_file
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.lora_convert import convert_lora
-from adapterzoo.formats.lora_read import load_lora
+from adapterzoo.formats.lora.lora_convert import convert_lora
+from adapterzoo.formats.lora.lora_read import load_lora
 from adapterzoo.formats.probe import probe
 
 KEYS = Path(__file__).parent / "fixtures" / "flux_keys"
@@ -132,7 +132,7 @@ def test_control_lora_is_refused_with_the_reason(tmp_path):
 
 
 def test_builtin_flux_resolves_without_importing_diffusers():
-    script = ("import sys; from adapterzoo.formats.architectures import builtin_architecture as b; "
+    script = ("import sys; from adapterzoo.formats.model.architectures import builtin_architecture as b; "
               "a = b('flux'); print(len(a.targets), sorted({'diffusers', 'transformers'} & set(sys.modules)))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.split(maxsplit=1) == ["975", "[]\n"]

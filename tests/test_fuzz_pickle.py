@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from adapterzoo.errors import BadFileError
+from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.probe import probe
-from adapterzoo.formats.probe_result import ProbeResult
 
 CASES_PER_SEED = 330
 OPCODES = sorted({op.code.encode("latin-1")[0] for op in pickletools.opcodes})

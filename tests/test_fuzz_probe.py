@@ -17,8 +17,8 @@ import pytest
 from mutations import Seed, mutate, read_seed, trimmed, write
 
 from adapterzoo.errors import BadFileError
+from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.probe import probe
-from adapterzoo.formats.probe_result import ProbeResult
 
 REAL = Path(__file__).parent / "fixtures" / "real"
 FACTORY_SEEDS = ("lycoris-lokr", "lycoris-ia3", "lycoris-full", "embedding-kohya-sd1", "vae-ldm",

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.safetensors_header import read_header
+from adapterzoo.formats.io.safetensors_header import read_header
 from adapterzoo.zoo import hashing
 from adapterzoo.zoo.hashing import FileHashes, hash_file
 

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from adapterzoo import tiny_models
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.checkpoint_convert import convert_checkpoint
+from adapterzoo.formats.checkpoint.checkpoint_convert import convert_checkpoint
 from adapterzoo.formats.checkpoint_targets import checkpoint_targets
 from adapterzoo.zoo import hashing, known_hashes
 from adapterzoo.zoo.known_hashes import LOOKUP_FROM_BYTES, hash_in_background, provenance_sha256

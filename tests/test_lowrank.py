@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapterzoo.errors import AdapterzooError
 from adapterzoo import devices as ops_device
 from adapterzoo.devices import pick_device
+from adapterzoo.errors import AdapterzooError
 from adapterzoo.ops.lowrank import (
     Rank,
     SvCumulative,

@@ -21,12 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from adapterzoo import tiny_models
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats import unet_names
-from adapterzoo.formats.architectures import builtin_architecture
-from adapterzoo.formats.checkpoint_convert import convert_checkpoint
+from adapterzoo.formats.checkpoint.checkpoint_convert import convert_checkpoint
 from adapterzoo.formats.checkpoint_targets import checkpoint_targets
 from adapterzoo.formats.convert import convert
-from adapterzoo.formats.lora_read import UnmatchedKeysError
+from adapterzoo.formats.lora.lora_read import UnmatchedKeysError
+from adapterzoo.formats.model import unet_names
+from adapterzoo.formats.model.architectures import builtin_architecture
 from adapterzoo.formats.probe import probe
 from adapterzoo.ops import merge_checkpoint as merging
 from adapterzoo.ops.extract import extract_lora

@@ -19,7 +19,7 @@ from deltas import kohya_deltas
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adapterzoo.formats.lora_read import load_lora
+from adapterzoo.formats.lora.lora_read import load_lora
 from adapterzoo.formats.probe import probe
 from adapterzoo.tiny_models import save_tiny_pipeline
 

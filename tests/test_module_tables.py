@@ -11,9 +11,9 @@ from pathlib import Path
 import factory
 import pytest
 
-from adapterzoo.formats import module_tables
 from adapterzoo.formats.checkpoint_targets import checkpoint_targets
-from adapterzoo.formats.module_tables import build_on_meta, shipped_keys, shipped_table, table_of
+from adapterzoo.formats.model import module_tables
+from adapterzoo.formats.model.module_tables import build_on_meta, shipped_keys, shipped_table, table_of
 
 STANDARD = {"sd1": 4, "sd2": 4, "sdxl": 4, "sd1-inpainting": 9, "sdxl-inpainting": 9}
 
@@ -39,8 +39,8 @@ def test_every_shipped_table_is_what_the_libraries_build(key):
 def test_standard_files_and_builtin_bases_resolve_without_importing_diffusers(standard_files):
     script = """
 import json, sys
-from adapterzoo.formats.architectures import builtin_architecture
 from adapterzoo.formats.checkpoint_targets import checkpoint_targets
+from adapterzoo.formats.model.architectures import builtin_architecture
 counts = {p: len(checkpoint_targets(p).locations) for p in sys.argv[1:]}
 counts.update({b: len(builtin_architecture(b).targets) for b in ("sd1", "sd2", "sdxl")})
 print(json.dumps({"imported": sorted({"diffusers", "transformers"} & set(sys.modules)), "counts": counts}))

@@ -19,7 +19,7 @@ import torch
 
 from adapterzoo.cli import main
 from adapterzoo.errors import BadFileError, UnsafeFileError
-from adapterzoo.formats.pickle_safe import load_pickle
+from adapterzoo.formats.io.pickle_safe import load_pickle
 from adapterzoo.formats.probe import probe
 
 HOSTILE_NAMES = {  # what each payload imports, as Python 3 names it

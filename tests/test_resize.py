@@ -23,8 +23,8 @@ from deltas import kohya_deltas
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adapterzoo.formats.lora_model import LoraModule
-from adapterzoo.formats.lora_read import load_lora
+from adapterzoo.formats.lora.lora_model import LoraModule
+from adapterzoo.formats.lora.lora_read import load_lora
 from adapterzoo.formats.probe import probe
 
 RANK = 12

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.safetensors_header import read_header
-from adapterzoo.formats.safetensors_writer import write_safetensors
-from adapterzoo.formats.tensor_source import open_checkpoint_file
+from adapterzoo.formats.io.safetensors_header import read_header
+from adapterzoo.formats.io.safetensors_writer import write_safetensors
+from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 
 
 def source_file(path: Path) -> dict[str, torch.Tensor]:

@@ -21,10 +21,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from adapterzoo import tiny_models
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.architectures import architecture_from_models
-from adapterzoo.formats.checkpoint_convert import convert_checkpoint
+from adapterzoo.formats.checkpoint.checkpoint_convert import convert_checkpoint
 from adapterzoo.formats.convert import convert
-from adapterzoo.formats.lora_read import load_lora, load_lora_matched
+from adapterzoo.formats.lora.lora_read import load_lora, load_lora_matched
+from adapterzoo.formats.model.architectures import architecture_from_models
 from adapterzoo.formats.probe import probe
 from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
 from adapterzoo.verify import denoise

@@ -1,4 +1,4 @@
-"""Write adapterzoo/data/module_tables.json.gz: the module tables `formats.module_tables` ships.
+"""Write adapterzoo/data/module_tables.json.gz: the module tables `formats.model.module_tables` ships.
 
 One table per (model class, config) that the built-in SD1/SD2/SDXL/Flux.1 bases and standard single files
 (those bases, plus the 9-channel inpainting UNets) ask for, built on the `meta` device by the installed
@@ -21,10 +21,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import factory  # noqa: E402 - the tests folder is put on the path first
 
-from adapterzoo.formats.architectures import TEXT_ENCODER_CONFIGS, UNET_CONFIGS  # noqa: E402
 from adapterzoo.formats.checkpoint_targets import single_file_parts  # noqa: E402
-from adapterzoo.formats.flux_modules import CLIP_L_CONFIG, FLUX_DEV_CONFIG, T5_XXL_CONFIG  # noqa: E402
-from adapterzoo.formats.module_tables import (  # noqa: E402
+from adapterzoo.formats.io.tensor_source import open_checkpoint_file  # noqa: E402
+from adapterzoo.formats.model.architectures import TEXT_ENCODER_CONFIGS, UNET_CONFIGS  # noqa: E402
+from adapterzoo.formats.model.flux_modules import CLIP_L_CONFIG, FLUX_DEV_CONFIG, T5_XXL_CONFIG  # noqa: E402
+from adapterzoo.formats.model.module_tables import (  # noqa: E402
     CLIP_CLASS,
     CLIP_PROJECTION_CLASS,
     FLUX_CLASS,
@@ -35,7 +36,6 @@ from adapterzoo.formats.module_tables import (  # noqa: E402
     table_key,
     table_of,
 )
-from adapterzoo.formats.tensor_source import open_checkpoint_file  # noqa: E402
 
 STANDARD_FILES = [("sd1", 4), ("sd2", 4), ("sdxl", 4), ("sd1", 9), ("sdxl", 9)]  # (base, UNet input channels)
 

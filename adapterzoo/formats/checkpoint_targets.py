@@ -20,11 +20,22 @@ from pathlib import Path
 import torch
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats import unet_names
-from adapterzoo.formats.architectures import TEXT_ENCODERS, UNET, Architecture, architecture_from_tables, relative
-from adapterzoo.formats.checkpoint_config import clip_config_from_hf, unet_config_from_ldm, unet_layout_from_diffusers
-from adapterzoo.formats.checkpoint_to_ldm import diffusers_base
-from adapterzoo.formats.clip_names import (
+from adapterzoo.formats.checkpoint.checkpoint_config import (
+    clip_config_from_hf,
+    unet_config_from_ldm,
+    unet_layout_from_diffusers,
+)
+from adapterzoo.formats.checkpoint.checkpoint_to_ldm import diffusers_base
+from adapterzoo.formats.checkpoint.flux_checkpoint import flux_transformer_folder
+from adapterzoo.formats.checkpoint.probe_checkpoint import probe_checkpoint
+from adapterzoo.formats.io.json_file import read_json_object
+from adapterzoo.formats.io.probe_result import ProbeResult
+from adapterzoo.formats.io.safetensors_writer import SAFETENSORS_DTYPES
+from adapterzoo.formats.io.tensor_source import TensorSource, open_checkpoint_file, open_component
+from adapterzoo.formats.io.tensor_table import TensorMeta
+from adapterzoo.formats.model import unet_names
+from adapterzoo.formats.model.architectures import TEXT_ENCODERS, UNET, Architecture, architecture_from_tables, relative
+from adapterzoo.formats.model.clip_names import (
     LDM_TEXT_ENCODERS,
     TRANSPOSED,
     hf_to_openclip,
@@ -32,16 +43,9 @@ from adapterzoo.formats.clip_names import (
     openclip_to_hf,
     strip_text_model,
 )
-from adapterzoo.formats.flux_checkpoint import flux_transformer_folder
-from adapterzoo.formats.flux_modules import TRANSFORMER, bfl_prefix, flux_checkpoint_architecture
-from adapterzoo.formats.json_file import read_json_object
-from adapterzoo.formats.module_tables import CLIP_CLASS, CLIP_PROJECTION_CLASS, UNET_CLASS, ModuleTable, module_table
+from adapterzoo.formats.model.flux_modules import TRANSFORMER, bfl_prefix, flux_checkpoint_architecture
+from adapterzoo.formats.model.module_tables import CLIP_CLASS, CLIP_PROJECTION_CLASS, UNET_CLASS, ModuleTable, module_table
 from adapterzoo.formats.probe import probe
-from adapterzoo.formats.probe_checkpoint import probe_checkpoint
-from adapterzoo.formats.probe_result import ProbeResult
-from adapterzoo.formats.safetensors_writer import SAFETENSORS_DTYPES
-from adapterzoo.formats.tensor_source import TensorSource, open_checkpoint_file, open_component
-from adapterzoo.formats.tensor_table import TensorMeta
 
 SINGLE_FILE = ""  # WeightLocation.file of every tensor of a single-file checkpoint
 LORA_BASES = ("sd1", "sd2", "sdxl")

@@ -6,9 +6,9 @@ import os
 from typing import Any
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.atomic import check_output
+from adapterzoo.formats.io.atomic import check_output
+from adapterzoo.formats.io.probe_result import with_article
 from adapterzoo.formats.probe import LORA_UNREAD, probe
-from adapterzoo.formats.probe_result import with_article
 
 # DESIGN.md's contract: the formats each kind converts to.
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -76,16 +76,16 @@ def _dispatch(kind: str, src: Any, dest: Any, to: str, force: bool, options: dic
 
         return convert_hypernetwork(src, dest, to, force=force)
     if kind == "checkpoint":
-        from adapterzoo.formats.checkpoint_convert import convert_checkpoint
+        from adapterzoo.formats.checkpoint.checkpoint_convert import convert_checkpoint
 
         return convert_checkpoint(src, dest, to, dtype=options.get("dtype"),
                                   prune_ema=bool(options.get("prune_ema")), force=force)
-    from adapterzoo.formats.lora_convert import convert_lora
+    from adapterzoo.formats.lora.lora_convert import convert_lora
 
     architecture = None
     if options.get("checkpoint"):
         from adapterzoo.formats.checkpoint_targets import check_lora_base, checkpoint_targets
-        from adapterzoo.formats.flux_modules import flux_checkpoint_architecture
+        from adapterzoo.formats.model.flux_modules import flux_checkpoint_architecture
 
         if options.get("base"):
             raise AdapterzooError("--base and --checkpoint both say what the LoRA is for; give one")

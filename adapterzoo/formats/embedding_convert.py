@@ -18,12 +18,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.atomic import atomic_output, check_output
-from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES, load_pickle
+from adapterzoo.formats.embedding.probe_embedding import EMBEDDING_WIDTH_BASE
+from adapterzoo.formats.io.atomic import atomic_output, check_output
+from adapterzoo.formats.io.pickle_safe import PICKLE_SUFFIXES, load_pickle
+from adapterzoo.formats.io.probe_result import with_article
+from adapterzoo.formats.io.safetensors_header import safetensors_errors
 from adapterzoo.formats.probe import probe
-from adapterzoo.formats.probe_embedding import EMBEDDING_WIDTH_BASE
-from adapterzoo.formats.probe_result import with_article
-from adapterzoo.formats.safetensors_header import safetensors_errors
 
 EMBEDDING_TARGETS = ("a1111", "kohya", "diffusers")
 SINGLE = "text_encoder"  # the one part of an SD1/SD2 embedding

@@ -20,12 +20,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.atomic import atomic_output, check_output
-from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES, load_pickle
+from adapterzoo.formats.embedding.probe_embedding import SAFETENSORS_HYPERNETWORK_KEY
+from adapterzoo.formats.io.atomic import atomic_output, check_output
+from adapterzoo.formats.io.pickle_safe import PICKLE_SUFFIXES, load_pickle
+from adapterzoo.formats.io.probe_result import with_article
+from adapterzoo.formats.io.safetensors_header import safetensors_errors
 from adapterzoo.formats.probe import probe
-from adapterzoo.formats.probe_embedding import SAFETENSORS_HYPERNETWORK_KEY
-from adapterzoo.formats.probe_result import with_article
-from adapterzoo.formats.safetensors_header import safetensors_errors
 
 HYPERNETWORK_TARGETS = ("safetensors", "a1111")
 TEXT_FIELDS = ("name", "activation_func", "weight_initialization", "sd_checkpoint", "sd_checkpoint_name",

@@ -13,30 +13,30 @@ from typing import Any
 from safetensors import safe_open
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.json_file import read_json_object
-from adapterzoo.formats.lora_keys import lora_like_key
-from adapterzoo.formats.pickle_safe import (
-    PICKLE_SUFFIXES,
-    load_pickle,
-    unwrap_state_dict,
-)
-from adapterzoo.formats.probe_checkpoint import CONTEXT_BASE, probe_checkpoint
-from adapterzoo.formats.probe_embedding import (
+from adapterzoo.formats.checkpoint.probe_checkpoint import CONTEXT_BASE, probe_checkpoint
+from adapterzoo.formats.embedding.probe_embedding import (
     probe_a1111_embedding,
     probe_a1111_hypernetwork,
     probe_embedding_table,
     probe_safetensors_hypernetwork,
 )
-from adapterzoo.formats.probe_lora import ScalarReader, probe_lora
-from adapterzoo.formats.probe_result import ProbeResult
-from adapterzoo.formats.safetensors_header import read_header, safetensors_errors
-from adapterzoo.formats.tensor_table import (
+from adapterzoo.formats.io.json_file import read_json_object
+from adapterzoo.formats.io.pickle_safe import (
+    PICKLE_SUFFIXES,
+    load_pickle,
+    unwrap_state_dict,
+)
+from adapterzoo.formats.io.probe_result import ProbeResult
+from adapterzoo.formats.io.safetensors_header import read_header, safetensors_errors
+from adapterzoo.formats.io.tensor_table import (
     TensorTable,
     dominant_dtype,
     one_number,
     table_from_header,
     table_from_state_dict,
 )
+from adapterzoo.formats.lora.lora_keys import lora_like_key
+from adapterzoo.formats.lora.probe_lora import ScalarReader, probe_lora
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 LORA_UNREAD = "looks like a LoRA, but its key names match no dialect we read"  # the warning, and convert's reason

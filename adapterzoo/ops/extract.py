@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.atomic import check_output
 from adapterzoo.formats.checkpoint_targets import CheckpointTargets, checkpoint_targets
-from adapterzoo.formats.lora_model import LoraFile, LoraModule
+from adapterzoo.formats.io.atomic import check_output
+from adapterzoo.formats.lora.lora_model import LoraFile, LoraModule
 from adapterzoo.ops.kohya_output import write_kohya
 from adapterzoo.ops.lowrank import Rank, extract
 from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata, rule_setting

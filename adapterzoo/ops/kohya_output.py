@@ -6,11 +6,11 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from adapterzoo.formats.atomic import atomic_output
-from adapterzoo.formats.lora_metadata import output_metadata
-from adapterzoo.formats.lora_model import LoraFile
-from adapterzoo.formats.flux_lora_write import flux_kohya_tensors
-from adapterzoo.formats.lora_write import kohya_tensors
+from adapterzoo.formats.io.atomic import atomic_output
+from adapterzoo.formats.lora.flux_lora_write import flux_kohya_tensors
+from adapterzoo.formats.lora.lora_metadata import output_metadata
+from adapterzoo.formats.lora.lora_model import LoraFile
+from adapterzoo.formats.lora.lora_write import kohya_tensors
 
 
 def write_kohya(lora: LoraFile, dest: Path, provenance: dict[str, str]) -> None:

@@ -30,8 +30,6 @@ import torch
 from tqdm import tqdm
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.atomic import atomic_output, check_output
-from adapterzoo.formats.architectures import UNET
 from adapterzoo.formats.checkpoint_targets import (
     SINGLE_FILE,
     CheckpointTargets,
@@ -39,13 +37,15 @@ from adapterzoo.formats.checkpoint_targets import (
     check_lora_base,
     checkpoint_targets,
 )
-from adapterzoo.formats.lora_keys import detect_lora_dialect, group_modules
-from adapterzoo.formats.lora_model import AdapterModule, FullModule, Ia3Module, LoraFile, LoraModule
-from adapterzoo.formats.lora_read import Misfit, load_lora_matched, misfit_example
-from adapterzoo.formats.pickle_safe import PICKLE_SUFFIXES
-from adapterzoo.formats.probe_lora import is_text_encoder_module
-from adapterzoo.formats.safetensors_writer import PlannedTensor, write_safetensors
-from adapterzoo.formats.tensor_source import TensorSource, open_checkpoint_file
+from adapterzoo.formats.io.atomic import atomic_output, check_output
+from adapterzoo.formats.io.pickle_safe import PICKLE_SUFFIXES
+from adapterzoo.formats.io.safetensors_writer import PlannedTensor, write_safetensors
+from adapterzoo.formats.io.tensor_source import TensorSource, open_checkpoint_file
+from adapterzoo.formats.lora.lora_keys import detect_lora_dialect, group_modules
+from adapterzoo.formats.lora.lora_model import AdapterModule, FullModule, Ia3Module, LoraFile, LoraModule
+from adapterzoo.formats.lora.lora_read import Misfit, load_lora_matched, misfit_example
+from adapterzoo.formats.lora.probe_lora import is_text_encoder_module
+from adapterzoo.formats.model.architectures import UNET
 from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

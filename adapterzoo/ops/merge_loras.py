@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.architectures import Architecture
-from adapterzoo.formats.atomic import check_output
 from adapterzoo.formats.checkpoint_targets import check_lora_base, checkpoint_targets
-from adapterzoo.formats.lora_model import LoraFile, LoraModule
-from adapterzoo.formats.lora_read import load_lora
+from adapterzoo.formats.io.atomic import check_output
+from adapterzoo.formats.lora.lora_model import LoraFile, LoraModule
+from adapterzoo.formats.lora.lora_read import load_lora
+from adapterzoo.formats.model.architectures import Architecture
 from adapterzoo.ops.kohya_output import write_kohya
 from adapterzoo.ops.lowrank import Rule, concat, fold_tucker, svd_merge
 from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata, rule_setting

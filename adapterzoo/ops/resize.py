@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.atomic import atomic_output, check_output
-from adapterzoo.formats.lora_keys import LYCORIS_PARTS, detect_lora_dialect, group_modules
-from adapterzoo.formats.tensor_source import TensorSource, open_checkpoint_file
-from adapterzoo.formats.tensor_table import one_number
+from adapterzoo.formats.io.atomic import atomic_output, check_output
+from adapterzoo.formats.io.tensor_source import TensorSource, open_checkpoint_file
+from adapterzoo.formats.io.tensor_table import one_number
+from adapterzoo.formats.lora.lora_keys import LYCORIS_PARTS, detect_lora_dialect, group_modules
 from adapterzoo.ops.lowrank import Rank, Rule, Truncation, truncate
 from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata, rule_setting
 from adapterzoo.ops.retention import Retention

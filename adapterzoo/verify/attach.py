@@ -14,12 +14,12 @@ from typing import Callable
 import torch
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.architectures import builtin_architecture
 from adapterzoo.formats.embedding_convert import read_embedding
 from adapterzoo.formats.hypernetwork_convert import read_hypernetwork
-from adapterzoo.formats.lora_model import LoraFile, LoraModule
-from adapterzoo.formats.lora_read import load_lora_matched, misfit_example
-from adapterzoo.formats.probe_result import ProbeResult
+from adapterzoo.formats.io.probe_result import ProbeResult
+from adapterzoo.formats.lora.lora_model import LoraFile, LoraModule
+from adapterzoo.formats.lora.lora_read import load_lora_matched, misfit_example
+from adapterzoo.formats.model.architectures import builtin_architecture
 from adapterzoo.verify.pipeline_load import LoadedPipeline
 from adapterzoo.verify.runtime_embedding import AppliedEmbedding, apply_embedding, width_problems
 from adapterzoo.verify.runtime_hypernetwork import AppliedHypernetwork, apply_hypernetwork, attention_widths

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from adapterzoo.formats.atomic import atomic_output
+from adapterzoo.formats.io.atomic import atomic_output
 
 INDEX = "index.html"
 STYLE = """

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from adapterzoo.formats.atomic import atomic_output
+from adapterzoo.formats.io.atomic import atomic_output
 
 PAD = 6
 FONT_SIZE = 13  # PIL's default font at a size that keeps its spaces visible

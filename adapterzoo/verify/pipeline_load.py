@@ -20,10 +20,10 @@ from transformers.utils import logging as transformers_logging
 
 from adapterzoo.devices import pick_device
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.architectures import TEXT_ENCODERS, UNET, Architecture, architecture_from_models
-from adapterzoo.formats.checkpoint_to_diffusers import plan_diffusers, write_diffusers
-from adapterzoo.formats.checkpoint_to_ldm import diffusers_base
-from adapterzoo.formats.tensor_source import open_checkpoint_file
+from adapterzoo.formats.checkpoint.checkpoint_to_diffusers import plan_diffusers, write_diffusers
+from adapterzoo.formats.checkpoint.checkpoint_to_ldm import diffusers_base
+from adapterzoo.formats.io.tensor_source import open_checkpoint_file
+from adapterzoo.formats.model.architectures import TEXT_ENCODERS, UNET, Architecture, architecture_from_models
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

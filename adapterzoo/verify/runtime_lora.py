@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from adapterzoo.formats.architectures import Architecture
-from adapterzoo.formats.lora_model import AdapterModule, FullModule, LoraFile, LoraModule
+from adapterzoo.formats.lora.lora_model import AdapterModule, FullModule, LoraFile, LoraModule
+from adapterzoo.formats.model.architectures import Architecture
 
 
 PATCHABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, torch.nn.GroupNorm)

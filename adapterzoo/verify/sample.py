@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from adapterzoo import __version__
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.atomic import check_output
+from adapterzoo.formats.io.atomic import check_output
 from adapterzoo.formats.probe import probe
 from adapterzoo.verify import denoise, measure
 from adapterzoo.verify.attach import Attached, attach

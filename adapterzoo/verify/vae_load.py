@@ -13,10 +13,10 @@ import torch
 from diffusers import AutoencoderKL
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats import vae_names
-from adapterzoo.formats.checkpoint_config import vae_config_from_ldm
-from adapterzoo.formats.json_file import read_json_object
-from adapterzoo.formats.tensor_source import open_checkpoint_file
+from adapterzoo.formats.checkpoint.checkpoint_config import vae_config_from_ldm
+from adapterzoo.formats.io.json_file import read_json_object
+from adapterzoo.formats.io.tensor_source import open_checkpoint_file
+from adapterzoo.formats.model import vae_names
 
 PREFIXES = (vae_names.LDM_PREFIX, "vae.")
 

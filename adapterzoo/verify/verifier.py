@@ -21,8 +21,8 @@ import transformers
 
 from adapterzoo import __version__
 from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.probe import probe
-from adapterzoo.formats.probe_result import ProbeResult
 from adapterzoo.verify import denoise, measure
 from adapterzoo.verify.attach import ADAPTER_KINDS, Attached, attach
 from adapterzoo.verify.grid import draw_grid, save_grid

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.safetensors_header import MAX_HEADER_BYTES
+from adapterzoo.formats.io.safetensors_header import MAX_HEADER_BYTES
 from adapterzoo.zoo.file_names import content_disposition_name, safe_file_name, url_name
 from adapterzoo.zoo.hashing import FileHashes, StreamHashes, hash_file, sha256_of
 from adapterzoo.zoo.http_get import Host, Retry, get_file, shown_url, token_sent, wait_or_raise

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.atomic import atomic_output
-from adapterzoo.formats.probe_result import ProbeResult
+from adapterzoo.formats.io.atomic import atomic_output
+from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.zoo.download import place_file
 from adapterzoo.zoo.triggers import CIVITAI_SIDECAR, sidecar_stem
 

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from adapterzoo.formats.atomic import atomic_output, check_output
+from adapterzoo.formats.io.atomic import atomic_output, check_output
 from adapterzoo.zoo.models import FileEntry, Source
 from adapterzoo.zoo.refs import ref_of
 

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.json_file import read_json_object
+from adapterzoo.formats.io.json_file import read_json_object
 from adapterzoo.zoo import hub
 from adapterzoo.zoo.civitai import CivitaiClient
 from adapterzoo.zoo.download import (

@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from tqdm import tqdm
 
 from adapterzoo.errors import AdapterzooError, BadFileError, UnsafeFileError
-from adapterzoo.formats.probe_result import ProbeResult
+from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.zoo.hashing import FileHashes, hash_file
 from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry
 from adapterzoo.zoo.triggers import find_preview, sidecar_stem, sidecars, trigger_words

@@ -7,7 +7,7 @@ from datetime import datetime
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from adapterzoo.formats.atomic import atomic_output
+from adapterzoo.formats.io.atomic import atomic_output
 from adapterzoo.zoo.civitai import CivitaiClient
 from adapterzoo.zoo.db import home_folder
 from adapterzoo.zoo.library import PREVIEW_SIDECAR

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.json_file import read_json_object
+from adapterzoo.formats.io.json_file import read_json_object
 
 PREVIEW_SUFFIXES = (".preview.png", ".png", ".jpg", ".webp")
 A1111_SIDECAR = ".json"

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.pickle_safe import (
+from adapterzoo.formats.io.pickle_safe import (
     PICKLE_SUFFIXES,
     load_pickle,
     unwrap_state_dict,
 )
-from adapterzoo.formats.safetensors_header import SafetensorsHeader, read_header
-from adapterzoo.formats.safetensors_writer import TORCH_DTYPES, PlannedTensor, StoredBytes
+from adapterzoo.formats.io.safetensors_header import SafetensorsHeader, read_header
+from adapterzoo.formats.io.safetensors_writer import TORCH_DTYPES, PlannedTensor, StoredBytes
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from adapterzoo.formats.flux_lora_keys import XLABS_PART, detect_flux_dialect
+from adapterzoo.formats.lora.flux_lora_keys import XLABS_PART, detect_flux_dialect
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
 LDM_UNET_MARKERS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")

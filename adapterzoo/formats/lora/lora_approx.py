@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterzoo.formats.lora_model import FullModule, LohaModule, LokrModule, LoraModule
+from adapterzoo.formats.lora.lora_model import FullModule, LohaModule, LokrModule, LoraModule
 
 
 @dataclass(frozen=True)

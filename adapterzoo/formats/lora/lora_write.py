@@ -16,8 +16,7 @@ from dataclasses import replace
 import torch
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.architectures import Target
-from adapterzoo.formats.lora_model import (
+from adapterzoo.formats.lora.lora_model import (
     AdapterModule,
     FullModule,
     Ia3Module,
@@ -27,7 +26,8 @@ from adapterzoo.formats.lora_model import (
     LoraModule,
     dora_on_output,
 )
-from adapterzoo.formats.lora_read import DIFFUSERS_ADAPTER_METADATA, PEFT_PREFIX
+from adapterzoo.formats.lora.lora_read import DIFFUSERS_ADAPTER_METADATA, PEFT_PREFIX
+from adapterzoo.formats.model.architectures import Target
 
 Tensors = dict[str, torch.Tensor]
 Modules = list[tuple[Target, LoraModule]]

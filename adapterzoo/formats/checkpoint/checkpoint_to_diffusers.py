@@ -17,14 +17,21 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats import unet_names, vae_names
-from adapterzoo.formats.checkpoint_config import (
+from adapterzoo.formats.checkpoint.checkpoint_config import (
     clip_config_from_hf,
     unet_config_from_ldm,
     unet_layout_from_ldm,
     vae_config_from_ldm,
 )
-from adapterzoo.formats.clip_names import (
+from adapterzoo.formats.checkpoint.clip_tokenizer import write_clip_tokenizer
+from adapterzoo.formats.io.safetensors_writer import (
+    PlannedTensor,
+    plan_dtype,
+    write_safetensors,
+)
+from adapterzoo.formats.io.tensor_source import TensorSource
+from adapterzoo.formats.model import unet_names, vae_names
+from adapterzoo.formats.model.clip_names import (
     LDM_TEXT_ENCODERS,
     TRANSPOSED,
     is_openclip_root,
@@ -32,15 +39,8 @@ from adapterzoo.formats.clip_names import (
     split_in_proj,
     strip_text_model,
 )
-from adapterzoo.formats.clip_tokenizer import write_clip_tokenizer
-from adapterzoo.formats.safetensors_writer import (
-    PlannedTensor,
-    plan_dtype,
-    write_safetensors,
-)
-from adapterzoo.formats.tensor_source import TensorSource
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"  # adapterzoo/data
 CLIP_VOCAB = 49408
 OPENCLIP_H_LAYERS = 24  # SD2 reads the penultimate of OpenCLIP-H's 24 layers; diffusers keeps 23
 PIPELINES = {

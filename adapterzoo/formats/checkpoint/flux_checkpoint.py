@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.flux_modules import (
+from adapterzoo.formats.io.json_file import read_json_object
+from adapterzoo.formats.io.safetensors_writer import PlannedTensor, write_safetensors
+from adapterzoo.formats.io.tensor_source import TensorSource, open_component
+from adapterzoo.formats.model.flux_modules import (
     KEY_NORM,
     TRANSFORMER,
     bfl_config_from_shapes,
@@ -22,10 +25,7 @@ from adapterzoo.formats.flux_modules import (
     flux_architecture_from_tables,
     saved_config,
 )
-from adapterzoo.formats.json_file import read_json_object
-from adapterzoo.formats.module_tables import FLUX_CLASS, build_on_meta, module_table
-from adapterzoo.formats.safetensors_writer import PlannedTensor, write_safetensors
-from adapterzoo.formats.tensor_source import TensorSource, open_component
+from adapterzoo.formats.model.module_tables import FLUX_CLASS, build_on_meta, module_table
 
 WEIGHTS = "diffusion_pytorch_model"
 Rows = tuple[tuple[int, int], ...]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.module_tables import (
+from adapterzoo.formats.model.module_tables import (
     CLIP_CLASS,
     CLIP_PROJECTION_CLASS,
     UNET_CLASS,
@@ -24,7 +24,7 @@ from adapterzoo.formats.module_tables import (
     module_table,
     table_of,
 )
-from adapterzoo.formats.unet_names import diffusers_to_ldm_module, layout_from_config
+from adapterzoo.formats.model.unet_names import diffusers_to_ldm_module, layout_from_config
 
 UNET = "unet"
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -181,7 +181,7 @@ def architecture_from_models(base: str, models: dict[str, torch.nn.Module]) -> A
 def builtin_architecture(base: str) -> Architecture:
     """The real-size table of sd1, sd2, sdxl (from the configs above) or flux (`flux_modules`)."""
     if base == "flux":
-        from adapterzoo.formats.flux_modules import flux_architecture
+        from adapterzoo.formats.model.flux_modules import flux_architecture
 
         return flux_architecture()
     if base not in UNET_CONFIGS:

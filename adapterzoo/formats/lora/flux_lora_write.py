@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.architectures import flatten, relative
-from adapterzoo.formats.flux_fused import fuse_full, fuse_split
-from adapterzoo.formats.flux_modules import BFL_PREFIX, CLIP_L, FLUX_CONVENTION, TRANSFORMER, FluxArchitecture
-from adapterzoo.formats.lora_model import AdapterModule, FullModule, LoraFile, LoraModule
-from adapterzoo.formats.lora_write import _fold, _kohya_parts
+from adapterzoo.formats.lora.flux_fused import fuse_full, fuse_split
+from adapterzoo.formats.lora.lora_model import AdapterModule, FullModule, LoraFile, LoraModule
+from adapterzoo.formats.lora.lora_write import _fold, _kohya_parts
+from adapterzoo.formats.model.architectures import flatten, relative
+from adapterzoo.formats.model.flux_modules import BFL_PREFIX, CLIP_L, FLUX_CONVENTION, TRANSFORMER, FluxArchitecture
 
 Tensors = dict[str, torch.Tensor]
 

@@ -7,16 +7,16 @@ import re
 from collections import Counter
 from typing import Callable
 
-from adapterzoo.formats.flux_lora_keys import flux_coverage, is_control_lora
-from adapterzoo.formats.lora_keys import (
+from adapterzoo.formats.io.probe_result import ProbeResult
+from adapterzoo.formats.io.tensor_table import TensorTable
+from adapterzoo.formats.lora.flux_lora_keys import flux_coverage, is_control_lora
+from adapterzoo.formats.lora.lora_keys import (
     DOWN_PARTS,
     LYCORIS_PARTS,
     UP_PARTS,
     detect_lora_dialect,
     group_modules,
 )
-from adapterzoo.formats.probe_result import ProbeResult
-from adapterzoo.formats.tensor_table import TensorTable
 
 ScalarReader = Callable[[str], float]
 

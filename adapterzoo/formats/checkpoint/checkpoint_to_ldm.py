@@ -11,8 +11,11 @@ from pathlib import Path
 import torch
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats import unet_names, vae_names
-from adapterzoo.formats.clip_names import (
+from adapterzoo.formats.io.json_file import read_json_object
+from adapterzoo.formats.io.safetensors_writer import PlannedTensor
+from adapterzoo.formats.io.tensor_source import TensorSource, open_component
+from adapterzoo.formats.model import unet_names, vae_names
+from adapterzoo.formats.model.clip_names import (
     LDM_TEXT_ENCODERS,
     TRANSPOSED,
     fuse_in_proj,
@@ -20,9 +23,6 @@ from adapterzoo.formats.clip_names import (
     is_openclip_root,
     strip_text_model,
 )
-from adapterzoo.formats.json_file import read_json_object
-from adapterzoo.formats.safetensors_writer import PlannedTensor
-from adapterzoo.formats.tensor_source import TensorSource, open_component
 
 EMA_PREFIX = "model_ema."
 POSITION_IDS = "embeddings.position_ids"  # a buffer; OpenCLIP has no such tensor

@@ -14,30 +14,30 @@ from pathlib import Path
 import torch
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats import unet_names
-from adapterzoo.formats.atomic import atomic_output, check_output
-from adapterzoo.formats.checkpoint_to_diffusers import plan_diffusers, write_diffusers
-from adapterzoo.formats.checkpoint_to_ldm import (
+from adapterzoo.formats.checkpoint.checkpoint_to_diffusers import plan_diffusers, write_diffusers
+from adapterzoo.formats.checkpoint.checkpoint_to_ldm import (
     diffusers_to_ldm_plan,
     prediction_warnings,
     rewrite_plan,
 )
-from adapterzoo.formats.flux_checkpoint import (
+from adapterzoo.formats.checkpoint.flux_checkpoint import (
     bfl_to_diffusers_plan,
     diffusers_to_bfl_plan,
     flux_transformer_folder,
     write_flux_folder,
 )
-from adapterzoo.formats.flux_modules import bfl_prefix
-from adapterzoo.formats.probe_checkpoint import probe_checkpoint
-from adapterzoo.formats.probe_result import ProbeResult
-from adapterzoo.formats.safetensors_writer import (
+from adapterzoo.formats.checkpoint.probe_checkpoint import probe_checkpoint
+from adapterzoo.formats.io.atomic import atomic_output, check_output
+from adapterzoo.formats.io.probe_result import ProbeResult
+from adapterzoo.formats.io.safetensors_writer import (
     SAFETENSORS_DTYPES,
     plan_dtype,
     write_safetensors,
 )
-from adapterzoo.formats.tensor_source import TensorSource, open_checkpoint_file
-from adapterzoo.formats.tensor_table import TensorMeta
+from adapterzoo.formats.io.tensor_source import TensorSource, open_checkpoint_file
+from adapterzoo.formats.io.tensor_table import TensorMeta
+from adapterzoo.formats.model import unet_names
+from adapterzoo.formats.model.flux_modules import bfl_prefix
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TARGETS = ("ldm", "diffusers")

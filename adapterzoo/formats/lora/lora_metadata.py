@@ -7,7 +7,7 @@ implementation are set for the output (FORMATS.md §6).
 
 from __future__ import annotations
 
-from adapterzoo.formats.lora_model import LoraFile
+from adapterzoo.formats.lora.lora_model import LoraFile
 
 IMPL_DIFFUSERS = "diffusers"
 IMPL_STABILITY = "https://github.com/Stability-AI/generative-models"

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from adapterzoo.formats.probe_result import ProbeResult
-from adapterzoo.formats.tensor_table import FRIENDLY_DTYPE, TensorTable, table_from_state_dict
+from adapterzoo.formats.io.probe_result import ProbeResult
+from adapterzoo.formats.io.tensor_table import FRIENDLY_DTYPE, TensorTable, table_from_state_dict
 
 EMBEDDING_WIDTH_BASE = {768: "sd1", 1024: "sd2"}
 ENCODER_SLOTS = ("clip_l", "clip_g", "t5xxl")  # text-encoder slots of ComfyUI's SDXL/SD3/Flux embeddings

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from adapterzoo.errors import AdapterzooError
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"  # adapterzoo/data
 BPE_FILE = DATA / "bpe_simple_vocab_16e6.txt.gz"
 CACHE_REPO = "openai/clip-vit-large-patch14"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

@@ -12,17 +12,17 @@ from typing import Any
 from safetensors.torch import save_file
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.architectures import Architecture
-from adapterzoo.formats.atomic import atomic_output, check_output
-from adapterzoo.formats.lora_approx import approximate
-from adapterzoo.formats.lora_metadata import output_metadata
-from adapterzoo.formats.lora_model import Ia3Module, LoraFile, LoraModule
-from adapterzoo.formats.lora_read import PEFT_CONFIG, PEFT_WEIGHTS, load_lora
-from adapterzoo.formats.lora_write import (
+from adapterzoo.formats.io.atomic import atomic_output, check_output
+from adapterzoo.formats.lora.lora_approx import approximate
+from adapterzoo.formats.lora.lora_metadata import output_metadata
+from adapterzoo.formats.lora.lora_model import Ia3Module, LoraFile, LoraModule
+from adapterzoo.formats.lora.lora_read import PEFT_CONFIG, PEFT_WEIGHTS, load_lora
+from adapterzoo.formats.lora.lora_write import (
     diffusers_tensors,
     kohya_tensors,
     peft_adapters,
 )
+from adapterzoo.formats.model.architectures import Architecture
 
 LORA_TARGETS = ("kohya", "diffusers", "peft", "bfl")  # bfl: Flux only
 
@@ -48,7 +48,7 @@ def convert_lora(
     embedding_paths = _embedding_paths(lora, dest, src, force)
     metadata = output_metadata(lora, to, dest.stem, rank if approximation else None)
     if to == "bfl" or (to == "kohya" and lora.base == "flux"):  # Flux's BFL module space, fused projections
-        from adapterzoo.formats.flux_lora_write import flux_bfl_tensors, flux_kohya_tensors
+        from adapterzoo.formats.lora.flux_lora_write import flux_bfl_tensors, flux_kohya_tensors
 
         tensors = flux_bfl_tensors(lora) if to == "bfl" else flux_kohya_tensors(lora)
         with atomic_output(dest) as tmp:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from adapterzoo.formats.probe_result import ProbeResult
-from adapterzoo.formats.tensor_table import TensorTable
+from adapterzoo.formats.io.probe_result import ProbeResult
+from adapterzoo.formats.io.tensor_table import TensorTable
 
 CONTEXT_BASE = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
 IN_CHANNEL_VARIANT = {9: "inpaint", 8: "instruct-pix2pix"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.unet_names import UnetLayout
+from adapterzoo.formats.model.unet_names import UnetLayout
 
 Shapes = dict[str, tuple[int, ...]]
 

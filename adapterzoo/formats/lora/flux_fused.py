@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.flux_modules import BflModule, Rows
-from adapterzoo.formats.lora_model import AdapterModule, FullModule, LoraModule, dora_on_output
+from adapterzoo.formats.lora.lora_model import AdapterModule, FullModule, LoraModule, dora_on_output
+from adapterzoo.formats.model.flux_modules import BflModule, Rows
 
 
 def _rows_of(tensor: torch.Tensor, rows: Rows) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import BinaryIO
 import torch
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.tensor_table import TensorMeta, dominant_dtype
+from adapterzoo.formats.io.tensor_table import TensorMeta, dominant_dtype
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

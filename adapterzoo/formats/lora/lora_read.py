@@ -20,11 +20,18 @@ import torch
 from safetensors.torch import load_file
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.architectures import Architecture, Target, builtin_architecture
-from adapterzoo.formats.json_file import read_json_object
-from adapterzoo.formats.lora_cloneofsimo import injected_classes, injection_order
-from adapterzoo.formats.lora_keys import detect_lora_dialect, split_key
-from adapterzoo.formats.lora_model import (
+from adapterzoo.formats.io.json_file import read_json_object
+from adapterzoo.formats.io.pickle_safe import (
+    PICKLE_SUFFIXES,
+    load_pickle,
+    unwrap_state_dict,
+)
+from adapterzoo.formats.io.probe_result import ProbeResult
+from adapterzoo.formats.io.safetensors_header import read_header, safetensors_errors
+from adapterzoo.formats.io.tensor_table import one_number, table_from_state_dict
+from adapterzoo.formats.lora.lora_cloneofsimo import injected_classes, injection_order
+from adapterzoo.formats.lora.lora_keys import detect_lora_dialect, split_key
+from adapterzoo.formats.lora.lora_model import (
     AdapterModule,
     FullModule,
     Ia3Module,
@@ -34,15 +41,8 @@ from adapterzoo.formats.lora_model import (
     LoraModule,
     dora_on_output,
 )
-from adapterzoo.formats.pickle_safe import (
-    PICKLE_SUFFIXES,
-    load_pickle,
-    unwrap_state_dict,
-)
-from adapterzoo.formats.probe_lora import config_number, probe_lora
-from adapterzoo.formats.probe_result import ProbeResult
-from adapterzoo.formats.safetensors_header import read_header, safetensors_errors
-from adapterzoo.formats.tensor_table import one_number, table_from_state_dict
+from adapterzoo.formats.lora.probe_lora import config_number, probe_lora
+from adapterzoo.formats.model.architectures import Architecture, Target, builtin_architecture
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -156,7 +156,7 @@ def _resolve(source: _Source, architecture: Architecture) -> tuple[LoraFile | No
     """The modules of `source` that land on `architecture` (None if none do), its keys that land nowhere,
     and the modules among those whose name matched a target but whose shape did not."""
     if architecture.base == "flux":  # BFL names may be fused projections: split on read
-        from adapterzoo.formats.flux_lora_read import resolve_flux
+        from adapterzoo.formats.lora.flux_lora_read import resolve_flux
 
         lora, unmatched = resolve_flux(source, architecture)
         return lora, unmatched, []

@@ -11,13 +11,13 @@ LoRAs are refused: they change shapes and replace norm scales, so they are not a
 from __future__ import annotations
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.architectures import Target
-from adapterzoo.formats.flux_fused import split_fused, split_full
-from adapterzoo.formats.flux_lora_keys import is_control_lora
-from adapterzoo.formats.flux_modules import TRANSFORMER, BflModule, FluxArchitecture
-from adapterzoo.formats.lora_keys import split_key
-from adapterzoo.formats.lora_model import AdapterModule, LoraFile, LoraModule
-from adapterzoo.formats.lora_read import _PART_NAMES, PEFT_PREFIX, _build, _diffusers_configs, _Group, _Source
+from adapterzoo.formats.lora.flux_fused import split_fused, split_full
+from adapterzoo.formats.lora.flux_lora_keys import is_control_lora
+from adapterzoo.formats.lora.lora_keys import split_key
+from adapterzoo.formats.lora.lora_model import AdapterModule, LoraFile, LoraModule
+from adapterzoo.formats.lora.lora_read import _PART_NAMES, PEFT_PREFIX, _build, _diffusers_configs, _Group, _Source
+from adapterzoo.formats.model.architectures import Target
+from adapterzoo.formats.model.flux_modules import TRANSFORMER, BflModule, FluxArchitecture
 
 
 def _groups(source: _Source, architecture: FluxArchitecture) -> list[tuple[_Group, BflModule | None]]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.safetensors_header import SafetensorsHeader
+from adapterzoo.formats.io.safetensors_header import SafetensorsHeader
 
 _TORCH_DTYPE_NAMES = {
     torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",

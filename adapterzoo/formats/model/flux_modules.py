@@ -15,17 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.architectures import Architecture, KohyaConvention, Target, flatten
-from adapterzoo.formats.json_file import read_json_object
-from adapterzoo.formats.module_tables import (
+from adapterzoo.formats.io.json_file import read_json_object
+from adapterzoo.formats.io.safetensors_header import read_header
+from adapterzoo.formats.io.tensor_table import table_from_header
+from adapterzoo.formats.model.architectures import Architecture, KohyaConvention, Target, flatten
+from adapterzoo.formats.model.module_tables import (
     CLIP_CLASS,
     FLUX_CLASS,
     T5_CLASS,
     ModuleTable,
     module_table,
 )
-from adapterzoo.formats.safetensors_header import read_header
-from adapterzoo.formats.tensor_table import table_from_header
 
 TRANSFORMER = "transformer"
 CLIP_L = "text_encoder"

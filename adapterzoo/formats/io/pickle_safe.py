@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import BadFileError, UnsafeFileError
-from adapterzoo.formats.pickle_scan import ZIP_MAGIC, python3_name, scan_file, unique
+from adapterzoo.formats.io.pickle_scan import ZIP_MAGIC, python3_name, scan_file, unique
 
 PICKLE_SUFFIXES = {".pt", ".ckpt", ".bin", ".pth"}
 

@@ -1,0 +1,1 @@
+"""Bytes in and out, safely: safetensors header checks and writer, pickle scan, tensor sources, atomic outputs."""

@@ -1,0 +1,1 @@
+"""LoRA-family adapters: the canonical model, its probe, every dialect read and written (Flux dialects: flux_*)."""
