@@ -40,11 +40,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adapterzoo.formats.flux_checkpoint import bfl_tensors
-from adapterzoo.formats.flux_modules import FLUX_DEV_CONFIG, TRANSFORMER, flux_architecture_from_tables
-from adapterzoo.formats.module_tables import FLUX_CLASS, module_table
-from adapterzoo.formats.safetensors_header import read_header
-from adapterzoo.formats.safetensors_writer import PlannedTensor, write_safetensors
+from adapterzoo.formats.checkpoint.flux_checkpoint import bfl_tensors
+from adapterzoo.formats.io.safetensors_header import read_header
+from adapterzoo.formats.io.safetensors_writer import PlannedTensor, write_safetensors
+from adapterzoo.formats.model.flux_modules import FLUX_DEV_CONFIG, TRANSFORMER, flux_architecture_from_tables
+from adapterzoo.formats.model.module_tables import FLUX_CLASS, module_table
 
 RANK, ALPHA, WEIGHT = 16, 8.0, 0.8
 LORA_MODULES = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
@@ -54,12 +54,12 @@ SPOT_CHECKS = (("double_blocks.3.img_attn.qkv", 3072, 6144),  # the k block of a
                ("single_blocks.20.linear1", 9216, 9216 + 1024),  # MLP-input rows of the fused linear1
                ("double_blocks.11.txt_attn.proj", 0, 3072))
 BARE = "import torch"
-MERGE_IMPORTS = ("import torch, adapterzoo.cli, adapterzoo.ops.merge_checkpoint, adapterzoo.formats.flux_checkpoint, "
-                 "adapterzoo.zoo.known_hashes")
+MERGE_IMPORTS = ("import torch, adapterzoo.cli, adapterzoo.ops.merge_checkpoint, "
+                 "adapterzoo.formats.checkpoint.flux_checkpoint, adapterzoo.zoo.known_hashes")
 COPY = """
 import sys
-from adapterzoo.formats.tensor_source import open_checkpoint_file
-from adapterzoo.formats.safetensors_writer import PlannedTensor, write_safetensors
+from adapterzoo.formats.io.safetensors_writer import PlannedTensor, write_safetensors
+from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 source = open_checkpoint_file(sys.argv[1])
 write_safetensors(sys.argv[2], [PlannedTensor(k, source.shapes[k], source.dtypes[k], lambda k=k: source.get(k))
                                 for k in source.shapes], source.metadata)
