@@ -1447,3 +1447,17 @@ def small_lora(path: Path, seed: int = 0, rank: int = 4) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path), metadata={"ss_base_model_version": "sd_v1", "ss_network_dim": str(rank)})
     return path
+
+
+def save_flux_pipeline(transformer: Any, folder: Path, with_clip: bool = False) -> Path:
+    """A diffusers Flux pipeline folder holding `transformer` (and a tiny CLIP text encoder when asked):
+    what a Flux checkpoint folder looks like to convert, merge and --checkpoint."""
+    from adapterzoo.tiny_models import tiny_text_encoder
+
+    transformer.save_pretrained(folder / "transformer")
+    index = {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}
+    if with_clip:
+        tiny_text_encoder("sd1").save_pretrained(folder / "text_encoder")
+        index["text_encoder"] = ["transformers", "CLIPTextModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder

@@ -10,6 +10,7 @@ import copy
 import json
 from pathlib import Path
 
+import factory
 import pytest
 import torch
 from cli_helpers import run
@@ -134,9 +135,7 @@ def test_bfl_to_folder_and_back_is_bit_identical(tmp_path, bfl_file, capsys, mon
 
 
 def test_a_pipeline_folder_converts_to_the_bfl_file_diffusers_maps_back(tmp_path, model, capsys, monkeypatch):
-    model.save_pretrained(tmp_path / "pipe" / "transformer")
-    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(
-        {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    factory.save_flux_pipeline(model, tmp_path / "pipe")
     cli(["convert", str(tmp_path / "pipe"), "-o", str(tmp_path / "bfl.safetensors"), "--to", "ldm"], capsys, monkeypatch)
     written = load_file(tmp_path / "bfl.safetensors")
     expected = to_bfl(model.state_dict())
@@ -170,8 +169,6 @@ def test_probe_names_dev_and_schnell(tmp_path, model, capsys, monkeypatch):
     model.save_pretrained(tmp_path / "folder")
     found = cli(["probe", str(tmp_path / "folder")], capsys, monkeypatch)
     assert (found["base"], found["format"], found["details"]["variant"]) == ("flux", "diffusers", "dev")
-    import factory
-
     for in_channels, variant in ((384, "fill"), (128, "depth")):  # FLUX.1-Fill / -Depth img_in widths
         header = {"img_in.weight": ("BF16", (3072, in_channels)), "guidance_in.in_layer.weight": ("BF16", (3072, 256)),
                   "double_blocks.0.img_attn.norm.key_norm.scale": ("BF16", (128,))}
@@ -381,10 +378,7 @@ def test_extract_between_two_bfl_files_gives_back_the_merged_lora(tmp_path, mode
 
 def test_merge_into_a_flux_pipeline_folder_rewrites_the_transformer(tmp_path, model, loras, capsys, monkeypatch):
     kohya, ours, deltas = loras
-    pipe = tmp_path / "pipe"
-    model.save_pretrained(pipe / "transformer")
-    (pipe / "model_index.json").write_text(json.dumps(
-        {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    pipe = factory.save_flux_pipeline(model, tmp_path / "pipe")
     cli(["merge", str(pipe), "--lora", f"{kohya}:0.7", "--lora", str(ours), "-o", str(tmp_path / "merged")],
         capsys, monkeypatch)
     merged = FluxTransformer2DModel.from_pretrained(tmp_path / "merged", subfolder="transformer")
@@ -396,15 +390,8 @@ def test_merge_into_a_flux_pipeline_folder_rewrites_the_transformer(tmp_path, mo
 def test_merge_into_a_flux_pipeline_patches_clip_too(tmp_path, model, loras, capsys, monkeypatch):
     from transformers import CLIPTextModel
 
-    from adapterzoo.tiny_models import tiny_text_encoder
-
     kohya, _, _ = loras
-    pipe = tmp_path / "pipe"
-    model.save_pretrained(pipe / "transformer")
-    tiny_text_encoder("sd1").save_pretrained(pipe / "text_encoder")
-    (pipe / "model_index.json").write_text(json.dumps({
-        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"]}))
+    pipe = factory.save_flux_pipeline(model, tmp_path / "pipe", with_clip=True)
     clip = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
     width = CLIPTextModel.from_pretrained(pipe / "text_encoder").config.hidden_size
     gen = torch.Generator().manual_seed(4)

@@ -9,6 +9,7 @@ import copy
 import json
 from pathlib import Path
 
+import factory
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -421,8 +422,6 @@ def test_the_commands_as_a_user_runs_them(tmp_path, model, kohya_source, capsys,
 
 def test_a_bfl_single_file_as_checkpoint_gives_the_same_modules(tmp_path, arch, kohya_source):
     """The config is read from the file's shapes (FLUX.md §1.4); only the header is needed."""
-    import factory
-
     specs = {f"model.diffusion_model.{k}": ("BF16", shape) for k, shape in {
         "img_in.weight": (H, IN), "txt_in.weight": (H, JOINT), "vector_in.in_layer.weight": (H, POOLED),
         "guidance_in.in_layer.weight": (H, 256), "final_layer.linear.weight": (IN, H),
@@ -436,14 +435,7 @@ def test_a_bfl_single_file_as_checkpoint_gives_the_same_modules(tmp_path, arch, 
 
 
 def test_a_flux_pipeline_folder_as_checkpoint_resolves_clip_too(tmp_path, model, kohya_source):
-    from adapterzoo.tiny_models import tiny_text_encoder
-
-    folder = tmp_path / "pipeline"
-    model.save_pretrained(folder / "transformer")
-    tiny_text_encoder("sd1").save_pretrained(folder / "text_encoder")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"]}))
+    folder = factory.save_flux_pipeline(model, tmp_path / "pipeline", with_clip=True)
     src, expected = kohya_source
     sd = load_file(src)
     clip = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
