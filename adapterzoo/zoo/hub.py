@@ -76,8 +76,11 @@ def page_url(repo: str) -> str:
 
 
 def _api() -> Any:
+    """huggingface_hub's client, its own retry chatter silenced: a failure reaches the user as our one line."""
     from huggingface_hub import HfApi
+    from huggingface_hub.utils import logging as hub_logging
 
+    hub_logging.set_verbosity_error()
     return HfApi()
 
 
