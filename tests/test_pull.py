@@ -154,6 +154,20 @@ def test_a_plain_url_is_named_by_the_server_and_registered_with_it(tmp_path: Pat
     assert (source["provider"], source["download_url"]) == ("url", url)
 
 
+def test_a_plain_url_pulled_again_into_a_library_is_said_to_be_there_already(tmp_path: Path, capsys,
+                                                                             monkeypatch) -> None:
+    data = small_lora(tmp_path / "src" / "x.safetensors", seed=7).read_bytes()
+    library = tmp_path / "lib"
+    with FakeStorage() as storage:
+        url = storage.add("8", Served(data, content_disposition='attachment; filename="plain.safetensors"'))
+        first = pull_json([url, "--library", str(library)], capsys, monkeypatch)
+        second = pull_json([url, "--library", str(library)], capsys, monkeypatch)
+    assert [(code, outcome["status"]) for code, (outcome,), _ in (first, second)] == [
+        (0, "pulled"), (0, "already have")]
+    assert [p.relative_to(library) for p in library.rglob("*.safetensors")] == [
+        Path("models/Lora/plain.safetensors")]
+
+
 def test_a_file_already_in_the_registry_is_not_downloaded_again(knight, tmp_path: Path, capsys, monkeypatch) -> None:
     fake, version_id, data = knight
     mine = tmp_path / "mine" / "my-knight.safetensors"

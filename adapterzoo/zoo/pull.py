@@ -192,11 +192,11 @@ class _Puller:
 
     def _register(self, ref: str, remote: RemoteFile, got: Downloaded, notes: list[str]) -> Pulled:
         probed = probe_entry(got.path)
-        path, beside = got.path, got.beside
+        path, beside, reused = got.path, got.beside, got.reused
         if self.target.library is not None:
             placed = settle(got.path, self.target.library, self.target.layout, remote.source.kind, probed.result,
                             got.hashes.sha256)
-            path, beside = placed.path, placed.beside or beside
+            path, beside, reused = placed.path, placed.beside or beside, reused or placed.reused
         notes += _disagreements(remote, probed)
         if beside is not None:
             notes.append(f"{beside.name} is a different file: this one is {path.name}")
@@ -209,7 +209,7 @@ class _Puller:
             image = Path(preview).read_bytes() if preview else None
             sidecars = [str(p) for p in write_sidecars(path, remote.info, image)]
         result = probed.result
-        return Pulled(ref, "already have" if got.reused else "pulled", path=str(path), id=file_id,
+        return Pulled(ref, "already have" if reused else "pulled", path=str(path), id=file_id,
                       source_ref=remote.ref,
                       kind=result.kind if result else remote.source.kind, base=result.base if result else None,
                       size=got.size, sha256=got.hashes.sha256, autov2=got.hashes.autov2, unsafe=probed.unsafe,
