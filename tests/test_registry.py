@@ -7,6 +7,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -134,15 +135,8 @@ OLD_SOURCES = """CREATE TABLE sources (
 
 def test_a_registry_from_before_the_source_columns_opens_and_gains_them(tmp_path: Path) -> None:
     """A registry made before sources had names, words and licences, and before unknown_files."""
-    path = tmp_path / "old.db"
+    path = old_registry(tmp_path / "old.db")
     with sqlite3.connect(path) as connection:
-        for statement in db.schema_statements("sqlite"):
-            table = db.table_columns(statement)
-            if table and table[0] == "sources":
-                statement = OLD_SOURCES
-            if (table and table[0] == "unknown_files") or "unknown_files" in statement:
-                continue
-            connection.execute(statement)
         connection.execute("INSERT INTO files (path, is_folder, size, mtime_ns, kind, base, tensors, metadata, details,"
                            " warnings, trigger_words, unsafe, missing, first_seen, last_seen) VALUES ('/m', 0, 1, 1,"
                            " 'lora', 'sd1', 1, '{}', '{}', '[]', '[]', 0, 0, '2020-01-01', '2020-01-01')")
@@ -154,6 +148,35 @@ def test_a_registry_from_before_the_source_columns_opens_and_gains_them(tmp_path
     with sqlite3.connect(path) as connection:
         assert connection.execute("SELECT civitai_version_id, model_name FROM sources").fetchall() == [(7, None)]
     db.connect(f"sqlite:///{path}").dispose()  # a second open finds nothing left to add
+
+
+def old_registry(path: Path) -> Path:
+    """A registry made before sources had names, words and licences, and before unknown_files."""
+    with sqlite3.connect(path) as connection:
+        for statement in db.schema_statements("sqlite"):
+            table = db.table_columns(statement)
+            if table and table[0] == "sources":
+                statement = OLD_SOURCES
+            if (table and table[0] == "unknown_files") or "unknown_files" in statement:
+                continue
+            connection.execute(statement)
+    return path
+
+
+@pytest.mark.parametrize("made", ["new", "old"])
+def test_processes_opening_one_registry_at_once_all_get_it(made: str, tmp_path: Path) -> None:
+    """Two pulls or scans started together both create (or upgrade) the registry: none may fail with
+    'database is locked' because the other one was writing its tables."""
+    path = tmp_path / "zoo.db"
+    if made == "old":
+        old_registry(path)
+    opener = ("import sys, time; from adapterzoo.zoo import db; start = float(sys.argv[2]);"
+              "time.sleep(max(0.0, start - time.time())); db.connect(sys.argv[1]).dispose()")
+    start = str(time.time() + 3)
+    runs = [subprocess.Popen([sys.executable, "-c", opener, f"sqlite:///{path}", start], stderr=subprocess.PIPE,
+                             text=True) for _ in range(10)]
+    assert [(run.wait(timeout=120), run.stderr.read()) for run in runs] == [(0, "")] * 10
+    assert schema_differences(path, Base.metadata) == []
 
 
 def test_registry_url_prefers_option_then_env_then_home(

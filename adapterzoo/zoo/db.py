@@ -60,23 +60,32 @@ def table_columns(statement: str) -> tuple[str, dict[str, str]] | None:
     return match.group(1), {line.split()[0]: line for line in lines if line}
 
 
-def _upgrade(connection: Connection, backend: str) -> None:
-    """Bring a registry made by an older adapterzoo up to registry.db.sql: its new tables and indexes,
-    and new columns by ALTER TABLE ADD COLUMN (so they are nullable). An up-to-date registry is only
-    read, so opening it never waits for another process's write."""
+def _missing_statements(connection: Connection, backend: str) -> list[str]:
+    """What registry.db.sql asks for that the database lacks: every statement for a new one; for one made by
+    an older adapterzoo its new tables and indexes, and new columns by ALTER TABLE ADD COLUMN (so nullable)."""
     inspector = inspect(connection)
     tables = set(inspector.get_table_names())
     indexes = {i["name"] for table in tables for i in inspector.get_indexes(table)}
+    missing = []
     for statement in schema_statements(backend):
         parsed = table_columns(statement)
         index = re.match(r"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)", statement)
         if parsed and parsed[0] in tables:
             present = {c["name"] for c in inspector.get_columns(parsed[0])}
-            for name, definition in parsed[1].items():
-                if name not in present:
-                    connection.exec_driver_sql(f"ALTER TABLE {parsed[0]} ADD COLUMN {definition}")
+            missing += [f"ALTER TABLE {parsed[0]} ADD COLUMN {definition}"
+                        for name, definition in parsed[1].items() if name not in present]
         elif not (index and index.group(1) in indexes):
-            connection.exec_driver_sql(statement)
+            missing.append(statement)
+    return missing
+
+
+def _lock_schema(connection: Connection, backend: str) -> None:
+    """Serialise schema changes between processes. SQLite: take the write lock before reading, else two
+    readers that both decide to write fail at once ("database is locked") instead of waiting their turn."""
+    if backend == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    elif backend == "postgresql":  # concurrent CREATE TABLE races in pg_type
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -112,15 +121,15 @@ def connect(url: str) -> Engine:
             engine = create_engine(parsed)
     except ImportError as exc:
         raise AdapterzooError(f"no database driver for {shown}: {exc}") from None
+    backend = parsed.get_backend_name()
     try:
-        with engine.begin() as connection:
-            if parsed.get_backend_name() == "postgresql":  # concurrent CREATE TABLE races in pg_type
-                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_ID})")
-            if not inspect(connection).has_table("files"):
-                for statement in schema_statements(parsed.get_backend_name()):
+        with engine.connect() as connection:  # an up-to-date registry is only read: opening it never waits
+            missing = _missing_statements(connection, backend)
+        if missing:
+            with engine.begin() as connection:
+                _lock_schema(connection, backend)
+                for statement in _missing_statements(connection, backend):  # another process may have done it
                     connection.exec_driver_sql(statement)
-            else:
-                _upgrade(connection, parsed.get_backend_name())
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise AdapterzooError(f"cannot open the registry {shown}: {reason}") from None
