@@ -1,7 +1,7 @@
 """`verify --registry`: verify the indexed library in bulk, each file on a checkpoint of its base.
 
 It needs the registry (which files, which checkpoints, where results go) and the verifier, and `verify/`
-may not import `zoo/`: so, like `demo.py`, it lives beside `cli.py` as the one place that joins them.
+may not import `zoo/`: so, like `demo.py`, it lives beside `cli/` as the one place that joins them.
 One Verifier per checkpoint (its pipeline is loaded once and released before the next base); a bad file
 is a fail with its reason, and the run goes on; unsafe, broken and missing entries are reported unopened.
 """

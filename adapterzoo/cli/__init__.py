@@ -1,0 +1,39 @@
+"""The adapterzoo command line: parse, call one room, print a table or --json. No logic here.
+
+One module per group of commands; importing them registers their commands on `cli`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from adapterzoo.cli import demo, files, merging, registry, sources, verifying  # noqa: F401 - registers commands
+from adapterzoo.cli.group import cli
+from adapterzoo.cli.output import emit_json
+from adapterzoo.errors import AdapterzooError
+
+__all__ = ["cli", "main"]
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 1."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except AdapterzooError as exc:
+        if "--json" in sys.argv[1:]:
+            emit_json({"error": str(exc), **exc.json_details()})
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

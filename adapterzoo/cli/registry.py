@@ -1,0 +1,117 @@
+"""scan, list, show, lock: the registry of what is on disk."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from adapterzoo.cli.group import cli
+from adapterzoo.cli.output import describe_source, emit_json, print_table
+from adapterzoo.formats.io.probe_result import BASES, KINDS
+
+
+@cli.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the counts and every entry found as JSON.")
+@click.pass_obj
+def scan(obj: dict[str, Any], dirs: tuple[str, ...], as_json: bool) -> None:
+    """Index model files and folders under DIR... into the registry (only new or changed ones are read)."""
+    from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.queries import entries_by_id
+    from adapterzoo.zoo.scan import scan_paths
+
+    engine = open_registry(obj["db"])
+    report = scan_paths(dirs, engine, progress_bar=not as_json)
+    if as_json:
+        files = [e.to_json() for e in entries_by_id(engine, report.ids)]
+        emit_json({**report.counts(), "problems": report.problems, "files": files})
+        return
+    for problem in report.problems:
+        click.echo(f"{problem['status']}: {problem['path']}: {problem['error']}")
+    click.echo(report.summary())
+
+
+@cli.command("list")
+@click.option("--kind", type=click.Choice(KINDS), help="Only entries of this kind.")
+@click.option("--base", type=click.Choice(BASES), help="Only entries for this base model.")
+@click.option("--query", metavar="TEXT",
+              help="Only entries whose path, trigger words, or source's model name, version name or trained "
+              "words contain TEXT.")
+@click.option("--verdict", type=click.Choice(["pass", "fail", "never"]),
+              help="Only entries whose latest verification passed / failed, or that were never verified.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.pass_obj
+def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | None, verdict: str | None,
+          as_json: bool) -> None:
+    """List registry entries."""
+    from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.queries import latest_verifications, list_entries
+
+    engine = open_registry(obj["db"])
+    latest = latest_verifications(engine)
+    rows = [{**e.to_json(), "verified": latest[e.id].verdict if e.id in latest else None}
+            for e in list_entries(engine, kind=kind, base=base, query=query, verdict=verdict)]
+    if as_json:
+        emit_json(rows)
+        return
+    print_table([{**r, "verified": r["verified"] or "-"} for r in rows],
+                ["id", "kind", "base", "format", "rank", "autov2", "status", "verified", "name"])
+
+
+@cli.command()
+@click.argument("ref", metavar="ID|PATH|HASH")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_obj
+def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
+    """Show one registry entry, found by id, path, any of its hashes, or a sha256 prefix (8+ hex)."""
+    from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.queries import find_entry, latest_verifications, sources_of
+
+    engine = open_registry(obj["db"])
+    found = find_entry(engine, ref)
+    latest = latest_verifications(engine, found.id).get(found.id)
+    entry = {**found.to_json(), "sources": [s.to_json() for s in sources_of(engine, found.id)],
+             "verification": latest.to_json() if latest else None}
+    if as_json:
+        emit_json(entry)
+        return
+    verification = entry.pop("verification")
+    for key, value in entry.items():
+        if key == "metadata":
+            value = f"{len(value)} keys (--json shows them)" if value else None
+        elif key == "sources":
+            for source in value:
+                click.echo(f"{'source':14} {describe_source(source)}")
+            continue
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value))
+        elif isinstance(value, dict):
+            value = json.dumps(value, default=str)
+        click.echo(f"{key:14} {'-' if value in (None, '') else value}")
+    if verification is None:
+        click.echo(f"{'verified':14} never")
+        return
+    click.echo(f"{'verified':14} {verification['verdict']} on {verification['checkpoint']} ({verification['created']})")
+    for reason in verification["reasons"]:
+        click.echo(f"{'':14} - {reason}")
+    click.echo(f"{'grid':14} {verification['grid'] or '-'}")
+
+
+@cli.command()
+@click.option("-o", "--output", "dest", metavar="FILE", required=True, type=click.Path(dir_okay=False),
+              help="The lock file to write (JSON).")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Also print what was written.")
+@click.pass_obj
+def lock(obj: dict[str, Any], dest: str, force: bool, as_json: bool) -> None:
+    """Write every registry file that has a source (REF, name, kind, base, size, SHA-256) to a lock file."""
+    from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.lock import write_lock
+
+    body = write_lock(open_registry(obj["db"]), dest, force)
+    if as_json:
+        emit_json(body)
+        return
+    click.echo(f"wrote    {dest} ({len(body['files'])} files)")

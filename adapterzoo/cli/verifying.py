@@ -1,0 +1,200 @@
+"""verify and sample: render with adapters applied at run time."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adapterzoo.cli.group import cli
+from adapterzoo.cli.output import emit_json, print_loras, print_table, print_verification
+from adapterzoo.cli.params import DEVICE_OPTION, CheckpointFor, SizeParam, WeightedPath, provenance_hasher
+
+VERIFIABLE_KINDS = ["lora", "lycoris", "hypernetwork", "embedding", "vae", "checkpoint"]  # what verify reads
+
+
+def grid_path(output: str | None, out_dir: str | None, file: str, several: bool,
+              sha256: Callable[[Path], Any]) -> Path | None:
+    """-o GRID.png for one file; with several, GRID-<file stem>.png beside it; --out-dir: DIR/<stem>-<sha>.png."""
+    if out_dir is not None:
+        from adapterzoo.verify.contact_sheet import grid_file
+        from adapterzoo.verify.verifier import digest_of
+
+        return grid_file(Path(out_dir), Path(file), digest_of(sha256(Path(file))))
+    if output is None:
+        return None
+    grid = Path(output)
+    return grid.with_name(f"{grid.stem}-{Path(file).stem}{grid.suffix or '.png'}") if several else grid
+
+
+def verify_usage(files: tuple[str, ...], registry: bool, checkpoint: str | None, grid: str | None,
+                 out_dir: str | None, library_options: dict[str, Any]) -> None:
+    """FILE... with --checkpoint, or --registry with --out-dir: the two modes' flags do not mix."""
+    if grid and out_dir:
+        raise click.UsageError("give -o GRID.png or --out-dir DIR, not both")
+    if registry:
+        if files:
+            raise click.UsageError("give FILE... or --registry, not both")
+        if checkpoint or grid or not out_dir:
+            raise click.UsageError("--registry writes to --out-dir DIR and takes --checkpoint-for BASE=CKPT "
+                                   "(not --checkpoint or -o)")
+        return
+    if not files:
+        raise click.UsageError("say what to verify: FILE... --checkpoint CKPT, or --registry --out-dir DIR")
+    if not checkpoint:
+        raise click.UsageError("FILE... is verified on --checkpoint CKPT")
+    given = [f"--{name.replace('_', '-')}" for name, value in library_options.items() if value]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: only with --registry")
+
+
+@cli.command()
+@click.argument("files", metavar="[FILE]...", nargs=-1, type=click.Path(exists=True, dir_okay=True))
+@click.option("--checkpoint", metavar="CKPT", type=click.Path(exists=True, dir_okay=True),
+              help="The checkpoint (single file or diffusers folder) to apply each FILE to.")
+@click.option("--registry", is_flag=True, help="Verify the registry's files instead of FILE... (needs --out-dir).")
+@click.option("--kind", type=click.Choice(VERIFIABLE_KINDS),
+              help="--registry: only this kind (checkpoints, each rendered alone, only when asked for).")
+@click.option("--base", type=click.Choice(["sd1", "sd2", "sdxl"]), help="--registry: only files for this base.")
+@click.option("--unverified", is_flag=True, help="--registry: only files never verified.")
+@click.option("--checkpoint-for", "checkpoint_for", metavar="BASE=CKPT", multiple=True, type=CheckpointFor(),
+              help="--registry: render BASE's files on CKPT (default: the one indexed checkpoint of BASE).")
+@click.option("-o", "--output", "grid", metavar="GRID.png", type=click.Path(dir_okay=False),
+              help="Write the grid here; with several files, GRID-<file stem>.png each.")
+@click.option("--out-dir", metavar="DIR", type=click.Path(file_okay=False),
+              help="A grid per file (DIR/<stem>-<sha256[:10]>.png) and DIR/index.html, a contact sheet of them.")
+@click.option("--prompt", "prompts", metavar="P", multiple=True,
+              help="Prompt (repeatable). Default: 'a photo of a cat'; for an embedding 'a photo of <its token>'.")
+@click.option("--seed", "seeds", metavar="S", multiple=True, type=int, help="Seed (repeatable). Default: 0.")
+@click.option("--multiplier", "multipliers", metavar="M", multiple=True, type=float,
+              help="Grid column (repeatable). Default: 0, 0.5, 1.")
+@click.option("--steps", type=click.IntRange(min=1), metavar="N", help="Sampling steps. Default: 20.")
+@click.option("--size", type=SizeParam(), help="Image size. Default: the model's own (SD1.5 512, SDXL 1024).")
+@DEVICE_OPTION
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (a list for several).")
+@click.pass_obj
+def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, registry: bool, kind: str | None,
+           base: str | None, unverified: bool, checkpoint_for: tuple[tuple[str, Path], ...], grid: str | None,
+           out_dir: str | None, prompts: tuple[str, ...], seeds: tuple[int, ...], multipliers: tuple[float, ...],
+           steps: int | None, size: tuple[int, int] | None, device: str, dtype: str | None, as_json: bool) -> None:
+    """Render each FILE on CKPT (or, with --registry, each indexed file on a checkpoint of its base) at several
+    multipliers and judge it: pass or fail, with every reason. Each result is stored in the registry; exit
+    code 1 when any file fails."""
+    verify_usage(files, registry, checkpoint, grid, out_dir,
+                 {"kind": kind, "base": base, "unverified": unverified, "checkpoint_for": checkpoint_for})
+    sha256 = provenance_hasher(*([checkpoint, *files] if checkpoint else []))
+    from adapterzoo.verify.verifier import VerifyOptions
+    from adapterzoo.zoo.db import open_registry
+
+    options = VerifyOptions(prompts=list(prompts) or None, size=size, device=device, dtype=dtype)
+    options.seeds = list(seeds) or options.seeds
+    options.multipliers = list(multipliers) or options.multipliers
+    options.steps = steps or options.steps
+    engine = open_registry(obj["db"])
+    if registry:
+        verify_registry(engine, options, Path(out_dir), sha256, kind, base, unverified, dict(checkpoint_for),
+                        as_json)
+        return
+    from adapterzoo.verify.contact_sheet import write_contact_sheet
+    from adapterzoo.verify.verifier import Verifier
+    from adapterzoo.zoo.verifications import record_verification
+
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    verifier = Verifier(Path(checkpoint), options, sha256)
+    results = []
+    for file in files:
+        result = verifier.verify(Path(file), grid_path(grid, out_dir, file, len(files) > 1, sha256))
+        record_verification(engine, result)
+        results.append(result)
+        if not as_json:
+            print_verification(result)
+    passed = sum(r["verdict"] == "pass" for r in results)
+    if out_dir:
+        sheet = write_contact_sheet(Path(out_dir), results, f"{len(results)} verified: {passed} pass, "
+                                                           f"{len(results) - passed} fail")
+        if not as_json:
+            click.echo(f"contact sheet {sheet}")
+    if as_json:
+        emit_json(results[0] if len(results) == 1 else results)
+    if passed < len(results):
+        sys.exit(1)
+
+
+def verify_registry(engine: Any, options: Any, out_dir: Path, sha256: Callable[[Path], Any], kind: str | None,
+                    base: str | None, unverified: bool, checkpoint_for: dict[str, Path], as_json: bool) -> None:
+    """`verify --registry`: a row per file, the summary line, the contact sheet; exit 1 unless all passed."""
+    from adapterzoo.verify_library import verify_library
+
+    report = verify_library(engine, options, out_dir, sha256, kind, base, unverified, checkpoint_for,
+                            progress_bar=not as_json)
+    if as_json:
+        emit_json(report.results)
+    else:
+        print_table([{**r, "name": Path(r["file"]).name, "why": "; ".join(r["reasons"])} for r in report.results],
+                    ["verdict", "kind", "base", "name", "why"])
+        click.echo(report.summary())
+        click.echo(f"contact sheet {out_dir / 'index.html'}")
+    if any(r["verdict"] != "pass" for r in report.results):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--checkpoint", metavar="CKPT", required=True, type=click.Path(exists=True, dir_okay=True),
+              help="The checkpoint (single file or diffusers folder).")
+@click.option("--lora", "loras", metavar="FILE[:W]", multiple=True, required=True, type=WeightedPath(),
+              help="A LoRA-family file or PEFT folder and its weight (default 1); repeat for more, in order.")
+@click.option("--prompt", required=True, metavar="P", help="The prompt.")
+@click.option("--negative-prompt", metavar="N", default="", help="The negative prompt (default: empty).")
+@click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of the starting noise.")
+@click.option("-o", "--output", "dest", metavar="OUT.png", required=True, type=click.Path(dir_okay=False),
+              help="The image (PNG, with A1111's parameters chunk).")
+@click.option("--compose", type=click.Choice(["merge", "switch", "composite"]), default="merge", show_default=True,
+              help="merge: every LoRA every step at its weight. switch: one LoRA per step, LoRA i(s) = "
+                   "floor(s / K) mod k at step s (0-based), in the order given. composite: each step, the "
+                   "guided prediction of each LoRA alone, averaged (k UNet batches per step).")
+@click.option("--switch-every", type=click.IntRange(min=1), metavar="K",
+              help="switch: steps per LoRA (default 5). The clean cycle above; the reference code gives the "
+                   "first LoRA K+1 steps.")
+@click.option("--autolora", type=float, metavar="GAMMA",
+              help="AutoLoRA: base + GAMMA x (with LoRAs - base), both CFG-guided; 'with LoRAs' is what "
+                   "--compose predicts. 0 is the model without the LoRAs, 1 the LoRAs alone (2 UNet batches).")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, metavar="N",
+              help="Sampling steps.")
+@click.option("--size", type=SizeParam(), help="Image size. Default: the base's (512, 768, 1024).")
+@DEVICE_OPTION
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
+@click.option("--force", is_flag=True, help="Replace OUT.png if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, negative_prompt: str, seed: int,
+           dest: str, compose: str, switch_every: int | None, autolora: float | None, steps: int,
+           size: tuple[int, int] | None, device: str, dtype: str | None, force: bool, as_json: bool) -> None:
+    """Render one image from CKPT with several LoRAs composed while sampling (merge, LoRA Switch, LoRA
+    Composite, each optionally mixed with the bare model by AutoLoRA's GAMMA). Text-encoder LoRAs act
+    merge-style in every mode: the prompt is encoded once, with every LoRA on."""
+    if switch_every is not None and compose != "switch":
+        raise click.UsageError("--switch-every is for --compose switch")
+    if autolora is not None and not math.isfinite(autolora):
+        raise click.UsageError("--autolora takes a finite number")
+    sha256 = provenance_hasher(checkpoint, *(path for path, _ in loras))
+    from adapterzoo.verify.compose import DEFAULT_SWITCH_EVERY, Composition
+    from adapterzoo.verify.sample import SampleOptions
+    from adapterzoo.verify.sample import sample as render_sample
+
+    composition = Composition(compose, switch_every or DEFAULT_SWITCH_EVERY, autolora)
+    options = SampleOptions(prompt, [(Path(path), weight) for path, weight in loras], seed, steps, size,
+                            negative_prompt, composition, device, dtype)
+    report = render_sample(Path(checkpoint), options, Path(dest), sha256, force=force, progress_bar=not as_json)
+    if as_json:
+        emit_json(report)
+        return
+    print_loras(report, ["file", "weight", "modules", "modules_hit"])
+    mix = "" if report["autolora"] is None else f", AutoLoRA {report['autolora']:g}"
+    click.echo(f"sampled  {report['compose']}{mix}, {report['steps']} steps, seed {report['seed']}, "
+               f"{report['size'][0]}x{report['size'][1]} on {report['device']} in {report['seconds']:.1f} s")
+    click.echo(f"wrote    {report['output']}")
