@@ -25,6 +25,18 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
+def human_size(size: int | None) -> str:
+    """Bytes in binary units for people: 512 B, 5.5 KiB, 1.9 GiB."""
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
 def _number(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
