@@ -124,3 +124,18 @@ def paths_by_sha256(engine: Engine, digests: Iterable[str]) -> dict[str, list[st
                                                 .where(FileEntry.sha256.in_(chunk)).order_by(FileEntry.path)):
                 found.setdefault(sha256, []).append(path)
     return found
+
+
+def file_on_disk(engine: Engine, sha256: str) -> FileEntry | None:
+    """A registry file with this SHA-256 that is still on disk, unchanged (size, mtime) since it was hashed."""
+    with Session(engine) as session:
+        rows = session.scalars(select(FileEntry).where(FileEntry.sha256 == sha256, FileEntry.missing.is_(False))
+                               .order_by(FileEntry.id)).all()
+    for row in rows:
+        try:
+            stat = os.stat(row.path)
+        except OSError:
+            continue
+        if (stat.st_size, stat.st_mtime_ns) == (row.size, row.mtime_ns):
+            return row
+    return None
