@@ -70,7 +70,8 @@ def print_loras(report: dict[str, Any], columns: list[str]) -> None:
 
 def describe_source(source: dict[str, Any]) -> str:
     """One line for `show`: where the file came from and what the source says it is."""
-    where = {"civitai": f"civitai model {source['civitai_model_id']} version {source['civitai_version_id']}",
+    model = f"model {source['civitai_model_id']} " if source["civitai_model_id"] else ""  # from a mirror: none yet
+    where = {"civitai": f"civitai {model}version {source['civitai_version_id']}",
              "hf": f"hf {source['hf_repo']}/{source['hf_path']}@{source['hf_revision']}"}.get(
         source["provider"], source["download_url"] or source["provider"])
     parts = [where, " / ".join(n for n in (source["model_name"], source["version_name"]) if n)]
