@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.zoo.download import Downloaded, bring_in, download
-from adapterzoo.zoo.http_get import Host
+from adapterzoo.zoo.http_get import Host, shown_url
 from adapterzoo.zoo.queries import file_on_disk
 
 MIRROR = Host("the mirror")
@@ -50,6 +50,11 @@ class Mirror:
     @property
     def is_url(self) -> bool:
         return urlsplit(self.location).scheme in ("http", "https")
+
+    @property
+    def shown(self) -> str:
+        """The location fit to print: a URL without a password or query in it."""
+        return shown_url(self.location) if self.is_url else self.location
 
     def fetch(self, sha256: str, size: int | None, name: str, folder: Path, progress_bar: bool = False,
               session: requests.Session | None = None) -> Downloaded:

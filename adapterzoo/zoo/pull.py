@@ -132,7 +132,7 @@ class _Puller:
         except AdapterzooError as exc:  # not there, or other bytes under its name: the lock's source is next
             missed = f"not from the mirror: {exc}"
         else:
-            return self._register(ref, pinned, got, [f"from the mirror {self.mirror.location}"])
+            return self._register(ref, pinned, got, [f"from the mirror {self.mirror.shown}"])
         try:
             return self._from_source(ref, expected, [missed])
         except AdapterzooError as exc:
