@@ -62,6 +62,7 @@ class FakeVersion:
     needs_token: bool = False
     download_needs_token: bool = False  # early access: the version is public, its download answers a login page
     created: str = "2024-01-01T00:00:00.000Z"
+    early_access_ends: str | None = None  # ISO time: the version is in early access until then
 
 
 @dataclass
@@ -109,11 +110,13 @@ class FakeCivitai:
         return model
 
     def add_version(self, model: FakeModel, files: list[Path], base_model: str, trained_words: list[str],
-                    needs_token: bool = False, name: str = "v2.0", download_needs_token: bool = False) -> FakeVersion:
+                    needs_token: bool = False, name: str = "v2.0", download_needs_token: bool = False,
+                    early_access_ends: str | None = None) -> FakeVersion:
         """A newer version of `model`: it goes first in modelVersions. Its files go to the storage host."""
         version = FakeVersion(self._id(), model.id, name, base_model, [(p.name, p.read_bytes()) for p in files],
                               trained_words, needs_token, download_needs_token,
-                              created=f"2024-01-{len(model.versions) + 1:02d}T00:00:00.000Z")
+                              created=f"2024-01-{len(model.versions) + 1:02d}T00:00:00.000Z",
+                              early_access_ends=early_access_ends)
         model.versions.insert(0, version)
         self.versions[version.id] = version
         for index, (file_name, data) in enumerate(version.files):
@@ -148,6 +151,9 @@ class FakeCivitai:
         air_type = AIR_TYPES.get(model.type, "other")
         body: dict[str, Any] = {
             "id": version.id, "modelId": model.id, "name": version.name, "createdAt": version.created,
+            "publishedAt": version.created, "status": "Published",
+            "availability": "EarlyAccess" if version.early_access_ends else "Public",
+            "earlyAccessEndsAt": version.early_access_ends,
             "baseModel": version.base_model, "baseModelType": "Standard",
             "air": f"urn:air:{ECOSYSTEMS.get(version.base_model, 'sd1')}:{air_type}:civitai:{model.id}@{version.id}",
             "trainedWords": version.trained_words, "description": None,
@@ -221,7 +227,12 @@ class _Handler(Handler):
 
     def _api(self, fake: FakeCivitai, path: list[str], query: dict[str, list[str]], body: bytes) -> None:
         if path == ["models"]:
-            self.answer(200, self._search(fake, query))
+            try:
+                listing = self._search(fake, query)
+            except ValueError:  # e.g. ids=1,x: Civitai answers 400 to an invalid value
+                self._error(400, "Invalid query parameters")
+                return
+            self.answer(200, listing)
         elif len(path) == 2 and path[0] == "models":
             model = fake.models.get(int(path[1])) if path[1].isdigit() else None
             if model is None:
@@ -264,10 +275,11 @@ class _Handler(Handler):
         text = query.get("query", [""])[0].lower()
         types = set(query.get("types", []))
         bases = set(query.get("baseModels", []))
-        nsfw = query.get("nsfw", ["true"])[0].lower() == "true"
+        nsfw = query.get("nsfw", ["false"])[0].lower() == "true"  # Civitai leaves NSFW out unless asked
+        ids = {int(i) for value in query.get("ids", []) for i in value.split(",")}  # comma-separated
         models = [m for m in fake.models.values()
                   if text in m.name.lower() and (not types or m.type in types) and (nsfw or not m.nsfw)
-                  and (not bases or any(v.base_model in bases for v in m.versions))]
+                  and (not bases or any(v.base_model in bases for v in m.versions)) and (not ids or m.id in ids)]
         sort = query.get("sort", ["Highest Rated"])[0]
         if sort == "Most Downloaded":
             models.sort(key=lambda m: -m.downloads)

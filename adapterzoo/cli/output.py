@@ -25,6 +25,18 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
+def human_size(size: int | None) -> str:
+    """Bytes in binary units for people: 512 B, 5.5 KiB, 1.9 GiB."""
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
 def _number(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
@@ -58,7 +70,8 @@ def print_loras(report: dict[str, Any], columns: list[str]) -> None:
 
 def describe_source(source: dict[str, Any]) -> str:
     """One line for `show`: where the file came from and what the source says it is."""
-    where = {"civitai": f"civitai model {source['civitai_model_id']} version {source['civitai_version_id']}",
+    model = f"model {source['civitai_model_id']} " if source["civitai_model_id"] else ""  # from a mirror: none yet
+    where = {"civitai": f"civitai {model}version {source['civitai_version_id']}",
              "hf": f"hf {source['hf_repo']}/{source['hf_path']}@{source['hf_revision']}"}.get(
         source["provider"], source["download_url"] or source["provider"])
     parts = [where, " / ".join(n for n in (source["model_name"], source["version_name"]) if n)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -103,15 +105,32 @@ def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
 @click.option("-o", "--output", "dest", metavar="FILE", required=True, type=click.Path(dir_okay=False),
               help="The lock file to write (JSON).")
 @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
+@click.option("--mirror", metavar="DIR", type=click.Path(file_okay=False),
+              help="Also put every file the lock names into the team mirror DIR (sha256/ab/<sha256>), hard-linked "
+              "where the filesystem allows, else copied; `pull --lock FILE --mirror DIR|URL` takes them from there.")
 @click.option("--json", "as_json", is_flag=True, help="Also print what was written.")
 @click.pass_obj
-def lock(obj: dict[str, Any], dest: str, force: bool, as_json: bool) -> None:
-    """Write every registry file that has a source (REF, name, kind, base, size, SHA-256) to a lock file."""
+def lock(obj: dict[str, Any], dest: str, force: bool, mirror: str | None, as_json: bool) -> None:
+    """Write every registry file that has a source (REF, name, kind, base, size, SHA-256) to a lock file.
+    Exit code 1 when a file could not go into the --mirror."""
     from adapterzoo.zoo.db import open_registry
     from adapterzoo.zoo.lock import write_lock
+    from adapterzoo.zoo.mirror import mirror_folder, stock
 
-    body = write_lock(open_registry(obj["db"]), dest, force)
+    engine = open_registry(obj["db"])
+    root = mirror_folder(Path(mirror)) if mirror else None
+    body = write_lock(engine, dest, force)
+    stocked = stock(engine, root, body["files"]) if root else []
     if as_json:
-        emit_json(body)
-        return
-    click.echo(f"wrote    {dest} ({len(body['files'])} files)")
+        emit_json({**body, "mirror": [s.to_json() for s in stocked]} if mirror else body)
+    else:
+        click.echo(f"wrote    {dest} ({len(body['files'])} files)")
+    if mirror and not as_json:
+        for item in stocked:
+            if item.reason:
+                click.echo(f"{item.status:8} {item.file_name}: {item.reason}")
+        added = [s for s in stocked if s.status == "added"]
+        click.echo(f"mirror   {mirror}: {len(added)} added ({sum(s.linked for s in added)} hard-linked), "
+                   f"{sum(s.status == 'present' for s in stocked)} already there")
+    if any(s.reason for s in stocked):
+        sys.exit(1)

@@ -85,14 +85,18 @@ def enrich(obj: dict[str, Any], refs: tuple[str, ...], every: bool, retry_missin
 @click.option("--token", metavar="T", help="Civitai API token (default: $CIVITAI_API_TOKEN); the Hub reads HF_TOKEN.")
 @click.option("--lock", "lock_file", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
               help="Also pull every file a lock file (from `adapterzoo lock`) lists, skipping those already there.")
+@click.option("--mirror", metavar="PATH|URL",
+              help="Take --lock's files from this team mirror (a folder `lock --mirror` filled, or an http(s) server "
+              "of it) before their sources; checked by SHA-256.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per REF.")
 @click.pass_obj
 def pull(obj: dict[str, Any], refs: tuple[str, ...], dest: str | None, library: str | None, layout: str | None,
-         token: str | None, lock_file: str | None, as_json: bool) -> None:
+         token: str | None, lock_file: str | None, mirror: str | None, as_json: bool) -> None:
     """Download REF... (civitai:VERSION_ID, civitai:model/MODEL_ID, a civitai.com model URL,
     hf:OWNER/REPO/PATH[@REV] or a URL), check it against the source's hashes, and register it with its source.
     Exit code 1 when any REF failed."""
     from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.mirror import Mirror
     from adapterzoo.zoo.pull import Target
     from adapterzoo.zoo.pull import pull as run_pull
 
@@ -102,8 +106,11 @@ def pull(obj: dict[str, Any], refs: tuple[str, ...], dest: str | None, library: 
         raise click.UsageError("--layout goes with --library")
     if not refs and not lock_file:
         raise click.UsageError("say what to pull: REF..., or --lock FILE")
+    if mirror and not lock_file:
+        raise click.UsageError("--mirror goes with --lock: the mirror finds files by the lock's SHA-256s")
     target = Target(Path(dest or "."), Path(library) if library else None, layout or "a1111")
-    outcomes = run_pull(open_registry(obj["db"]), list(refs), target, token, lock_file, progress_bar=not as_json)
+    outcomes = run_pull(open_registry(obj["db"]), list(refs), target, token, lock_file, progress_bar=not as_json,
+                        mirror=Mirror.at(mirror) if mirror else None)
     if as_json:
         emit_json([o.to_json() for o in outcomes])
     for outcome in [] if as_json else outcomes:

@@ -11,7 +11,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -161,6 +162,19 @@ class CivitaiClient:
             params["types"] = KIND_TYPES.get(kind, ["Other"])
         if base:
             params["baseModels"] = BASE_MODELS.get(base, [])
+        yield from self._model_pages(params)
+
+    def models_by_id(self, model_ids: Iterable[int]) -> Iterator[dict[str, Any]]:
+        """The models with these ids, each with all its versions: one `GET /models?ids=...` per 100 ids.
+        NSFW models are asked for too, since Civitai leaves them out by default."""
+        ids = sorted(set(model_ids))
+        for start in range(0, len(ids), PAGE_LIMIT):
+            chunk = ids[start:start + PAGE_LIMIT]
+            yield from self._model_pages({"ids": ",".join(map(str, chunk)), "limit": PAGE_LIMIT, "nsfw": "true"})
+
+    def _model_pages(self, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The items of `GET /models` page after page (cursor paging), until the caller stops."""
+        params = dict(params)
         while True:
             answer = self.request("GET", "/models", params=params)
             yield from answer.get("items", [])
@@ -202,8 +216,7 @@ class CivitaiClient:
 
     def version_file(self, version: dict[str, Any], model: dict[str, Any] | None = None) -> RemoteFile:
         """The primary file of a model-version body (Civitai's own JSON becomes `info`)."""
-        files = version.get("files") or []
-        primary = next((f for f in files if f.get("primary")), files[0] if files else None)
+        primary = primary_file(version)
         if primary is None:
             raise AdapterzooError(f"Civitai version {version.get('id')} has no files")
         record = source_record(version, primary, model)
@@ -230,6 +243,30 @@ def file_sha256(file: dict[str, Any]) -> str | None:
 def file_size(file: dict[str, Any]) -> int | None:
     size_kb = file.get("sizeKB")
     return round(size_kb * 1024) if size_kb is not None else None
+
+
+def primary_file(version: dict[str, Any]) -> dict[str, Any] | None:
+    """The file a pull of the version takes: the one marked primary, else the first."""
+    files = version.get("files") or []
+    return next((f for f in files if f.get("primary")), files[0] if files else None)
+
+
+def published(version: dict[str, Any]) -> str | None:
+    """When the version came out, as Civitai writes it (ISO 8601); listings may carry only one of the two."""
+    return version.get("publishedAt") or version.get("createdAt")
+
+
+def in_early_access(version: dict[str, Any], now: datetime) -> bool:
+    """Whether only paying supporters can download the version now: its `earlyAccessEndsAt` is still ahead, or,
+    without that date, Civitai marks its availability EarlyAccess."""
+    ends = version.get("earlyAccessEndsAt")
+    try:
+        until = datetime.fromisoformat(ends) if ends else None
+    except ValueError:
+        until = None
+    if until is not None:
+        return (until if until.tzinfo else until.replace(tzinfo=timezone.utc)) > now
+    return version.get("availability") == "EarlyAccess"
 
 
 def preview_url(version: dict[str, Any]) -> str | None:

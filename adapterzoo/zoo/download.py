@@ -15,8 +15,10 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import struct
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +41,10 @@ VALIDATOR_ATTR = "user.adapterzoo.validator"
 THREADS_FROM_BYTES = 1 << 20  # hash in threads from here; below it the thread start-up costs more
 FALLBACK_NAME = "download"
 CUT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, Urllib3Error)
+
+
+class WrongFile(AdapterzooError):
+    """The bytes are not the file the source or the lock file names (size or SHA-256); nothing was kept."""
 
 
 @dataclass(frozen=True)
@@ -237,8 +243,8 @@ class _Job:
             problem = f"its SHA256 is {hashes.sha256} but {self.host.name} says {self.sha256}"
         if problem:
             part.path.unlink(missing_ok=True)
-            raise AdapterzooError(f"{name} from {shown_url(self.url)} is not the file expected: {problem}; "
-                                  f"nothing was saved")
+            raise WrongFile(f"{name} from {shown_url(self.url)} is not the file expected: {problem}; "
+                            f"nothing was saved")
         _clear_validator(part.fh)
         path, reused, beside = place_file(part.path, folder / name, hashes.sha256)
         return Downloaded(path=path, hashes=hashes, size=size, reused=reused, beside=beside,
@@ -287,13 +293,48 @@ def identical_in_place(final: Path, size: int | None, sha256: str) -> Downloaded
     """The file we would download, if it already sits at its name or beside it."""
     for target in (final, beside_name(final, sha256)):
         if target.is_file() and (size is None or target.stat().st_size == size):
-            with open(target, "rb") as fh:
-                head = fh.read(64)
-            hashes = hash_file(target, safetensors_data_offset(head))
+            hashes = local_hashes(target)
             if hashes.sha256 == sha256:
                 return Downloaded(path=target, hashes=hashes, size=target.stat().st_size, reused=True,
                                   beside=final if target != final else None)
     return None
+
+
+def bring_in(src: Path, folder: Path, name: str, sha256: str | None, claimant: str) -> Downloaded:
+    """Put a local file (another copy in the registry, the Hub's cache, a mirror folder) into `folder` under
+    `name`: hard-linked where the filesystem allows (no second copy of gigabytes), else copied. The bytes that
+    landed are hashed and refused (WrongFile) unless their SHA-256 is `sha256`, as `claimant` states; never
+    placed over a different file (see place_file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name_of_tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=PART_SUFFIX)
+    os.close(fd)
+    tmp = Path(name_of_tmp)
+    tmp.unlink()
+    try:
+        try:
+            os.link(src.resolve(), tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        hashes, size = local_hashes(tmp), tmp.stat().st_size
+        if sha256 and hashes.sha256 != sha256:
+            raise WrongFile(f"{src.name} is not the file expected: its SHA256 is {hashes.sha256} but {claimant} "
+                            f"says {sha256}; nothing was saved")
+        final = folder / (safe_file_name(name) or src.name)
+        try:
+            path, reused, beside = place_file(tmp, final, hashes.sha256)
+        except AdapterzooError:
+            raise AdapterzooError(f"{final.name} and its AutoV2 name already hold different files in {folder}; "
+                                  f"nothing was replaced") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Downloaded(path=path, hashes=hashes, size=size, reused=reused, beside=beside)
+
+
+def local_hashes(path: Path) -> FileHashes:
+    """Every hash of a file on disk in one pass (AutoV3 too when it is a safetensors file)."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    return hash_file(path, safetensors_data_offset(head))
 
 
 @contextmanager

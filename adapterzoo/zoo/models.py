@@ -167,6 +167,19 @@ class UnknownFile(Base):
     asked: Mapped[datetime] = mapped_column(DateTime)
 
 
+class IgnoredUpdate(Base):
+    """A Civitai model or version that `updates` no longer offers (`updates ignore`)."""
+
+    __tablename__ = "ignored_updates"
+    __table_args__ = (Index("ux_ignored_updates_target", "provider", "target", "remote_id", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    provider: Mapped[str] = mapped_column(Text)
+    target: Mapped[str] = mapped_column(Text)
+    remote_id: Mapped[int] = mapped_column(BigInteger)
+    created: Mapped[datetime] = mapped_column(DateTime)
+
+
 class Verification(Base):
     """One verify run of a file on a checkpoint: verdict and reasons, coverage, effects, grid, parameters."""
 

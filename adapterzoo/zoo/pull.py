@@ -2,42 +2,34 @@
 check the bytes against the source's claims, and register the file with its source.
 
 A file whose SHA-256 the registry already holds on disk is not fetched again; a file a lock file lists
-that is already in place is not even looked up. Each REF succeeds or fails on its own.
+that is already in place is not even looked up, and with a team mirror (zoo/mirror.py) one the mirror holds
+is taken from there without asking its source. Each REF succeeds or fails on its own.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.json_file import read_json_object
 from adapterzoo.zoo import hub
 from adapterzoo.zoo.civitai import CivitaiClient
-from adapterzoo.zoo.download import (
-    PART_SUFFIX,
-    Downloaded,
-    download,
-    identical_in_place,
-    place_file,
-    safetensors_data_offset,
-)
+from adapterzoo.zoo.download import Downloaded, WrongFile, bring_in, download, identical_in_place
 from adapterzoo.zoo.file_names import safe_file_name
-from adapterzoo.zoo.hashing import FileHashes, hash_file
 from adapterzoo.zoo.http_get import Host
 from adapterzoo.zoo.library import choose_kind, library_folder, settle, write_sidecars
 from adapterzoo.zoo.lock import LOCK_VERSION
-from adapterzoo.zoo.models import FileEntry
-from adapterzoo.zoo.refs import resolve_ref
+from adapterzoo.zoo.mirror import Mirror
+from adapterzoo.zoo.queries import file_on_disk
+from adapterzoo.zoo.refs import locked_remote, resolve_ref
 from adapterzoo.zoo.remote import RemoteFile
 from adapterzoo.zoo.scan import Probed, index_file, probe_entry
 from adapterzoo.zoo.sources import record_source, save_preview
@@ -89,9 +81,10 @@ class Pulled:
 
 
 def pull(engine: Engine, refs: list[str], target: Target, token: str | None = None, lock_file: str | None = None,
-         progress_bar: bool = False) -> list[Pulled]:
-    """Pull every entry of `lock_file` (if given), then every REF; one outcome each, in that order."""
-    puller = _Puller(engine, target, CivitaiClient(token=token), progress_bar)
+         progress_bar: bool = False, mirror: Mirror | None = None) -> list[Pulled]:
+    """Pull every entry of `lock_file` (if given), then every REF; one outcome each, in that order. Lock entries
+    come from `mirror` first when it holds them."""
+    puller = _Puller(engine, target, CivitaiClient(token=token), progress_bar, mirror)
     wanted: list[tuple[str, dict[str, Any] | None]] = [(e["ref"], e) for e in read_lock(lock_file)] if lock_file else []
     wanted += [(ref, None) for ref in refs]
     outcomes = []
@@ -123,12 +116,31 @@ class _Puller:
     target: Target
     civitai: CivitaiClient
     progress_bar: bool
+    mirror: Mirror | None = None
 
     def pull(self, ref: str, expected: dict[str, Any] | None) -> Pulled:
         if expected is not None and (there := self._in_place(expected)) is not None:
             return Pulled(ref, "already have", path=str(there.path), sha256=there.hashes.sha256,
                           autov2=there.hashes.autov2, size=there.size, kind=expected["kind"],
                           notes=["already in place; its SHA256 checked"])
+        if expected is None or self.mirror is None or file_on_disk(self.engine, expected["sha256"]) is not None:
+            return self._from_source(ref, expected, [])
+        pinned = locked_remote(expected)
+        try:
+            got = self.mirror.fetch(expected["sha256"], expected["size"], expected["file_name"],
+                                    self.target.folder(expected["kind"]), self.progress_bar, self.civitai.session)
+        except AdapterzooError as exc:  # not there, or other bytes under its name: the lock's source is next
+            missed = f"not from the mirror: {exc}"
+        else:
+            return self._register(ref, pinned, got, [f"from the mirror {self.mirror.shown}"])
+        try:
+            return self._from_source(ref, expected, [missed])
+        except AdapterzooError as exc:
+            raise AdapterzooError(f"{exc} ({missed})") from None
+
+    def _from_source(self, ref: str, expected: dict[str, Any] | None, notes: list[str]) -> Pulled:
+        """Resolve `ref` at its source (Civitai, the Hub, a URL) and take the file from the registry's copy or
+        from there."""
         remote = resolve_ref(ref, token=self.civitai.token)
         sha256, size = remote.sha256, remote.size
         if expected is not None:
@@ -136,41 +148,26 @@ class _Puller:
                 raise AdapterzooError(f"{remote.ref} now offers a different file (SHA256 {sha256}) than the lock "
                                       f"file names ({expected['sha256']}); nothing was downloaded")
             sha256, size = expected["sha256"], expected["size"]
-        known = self._registered(sha256) if sha256 else None
+        known = file_on_disk(self.engine, sha256) if sha256 else None
         if known is not None and not self.target.wants_copy_of(known.path):
-            notes = ["in the registry already; nothing was downloaded"]
+            notes = [*notes, "in the registry already; nothing was downloaded"]
             self._record(known.id, remote, notes)  # the registry learns where the file can be had again
             return Pulled(ref, "already have", path=known.path, id=known.id, source_ref=remote.ref, kind=known.kind,
                           base=known.base, size=known.size, sha256=known.sha256, autov2=known.autov2, notes=notes)
         folder = self.target.folder(expected["kind"] if expected else remote.source.kind)
         if known is not None:  # on disk elsewhere: the library gets it from there, not from the network
-            got = _bring_in(Path(known.path), _checked_hashes(Path(known.path), sha256, "the registry's copy"),
-                            folder, os.path.basename(known.path))
-            note = f"copied from {known.path}, not downloaded"
+            got = bring_in(Path(known.path), folder, os.path.basename(known.path), sha256, "the registry's copy")
+            notes = [*notes, f"copied from {known.path}, not downloaded"]
         elif remote.source.provider == "hf":
-            got, note = self._from_hub(remote, folder, sha256), None
+            got = self._from_hub(remote, folder, sha256)
         else:
-            got, note = self._download(remote, folder, size, sha256), None
-        return self._register(ref, remote, got, [note] if note else [])
+            got = self._download(remote, folder, size, sha256)
+        return self._register(ref, remote, got, notes)
 
     def _in_place(self, expected: dict[str, Any]) -> Downloaded | None:
         name = safe_file_name(expected["file_name"])
         folder = self.target.folder(expected["kind"])
         return identical_in_place(folder / name, expected["size"], expected["sha256"]) if name else None
-
-    def _registered(self, sha256: str) -> FileEntry | None:
-        """A registry file with this SHA-256 that is still on disk, unchanged since it was hashed."""
-        with Session(self.engine) as session:
-            rows = session.scalars(select(FileEntry).where(FileEntry.sha256 == sha256, FileEntry.missing.is_(False))
-                                   .order_by(FileEntry.id)).all()
-        for row in rows:
-            try:
-                stat = os.stat(row.path)
-            except OSError:
-                continue
-            if (stat.st_size, stat.st_mtime_ns) == (row.size, row.mtime_ns):
-                return row
-        return None
 
     def _download(self, remote: RemoteFile, folder: Path, size: int | None, sha256: str | None) -> Downloaded:
         civitai = remote.source.provider == "civitai"
@@ -184,11 +181,11 @@ class _Puller:
         """Through huggingface_hub's cache, then the SHA-256 it does not check, then into the folder."""
         cached = hub.fetch(remote.source, self.progress_bar)
         try:
-            hashes = _checked_hashes(cached, sha256, "the Hub" if sha256 == remote.sha256 else "the lock file")
-        except AdapterzooError:
+            return bring_in(cached, folder, remote.file_name or cached.name, sha256,
+                            "the Hub" if sha256 == remote.sha256 else "the lock file")
+        except WrongFile:
             hub.drop_cached(cached)
             raise
-        return _bring_in(cached, hashes, folder, remote.file_name or cached.name)
 
     def _register(self, ref: str, remote: RemoteFile, got: Downloaded, notes: list[str]) -> Pulled:
         probed = probe_entry(got.path)
@@ -243,37 +240,3 @@ def _disagreements(remote: RemoteFile, probed: Probed) -> list[str]:
     if stated.base != "unknown" and found != "unknown" and stated.base != found:
         notes.append(f"the source says base {stated.base_stated or stated.base} but the file is {found}")
     return notes
-
-
-def _checked_hashes(path: Path, sha256: str | None, claimant: str) -> FileHashes:
-    """All hashes of `path` in one pass, refused when its SHA-256 is not `sha256`."""
-    with open(path, "rb") as fh:
-        head = fh.read(64)
-    hashes = hash_file(path, safetensors_data_offset(head))
-    if sha256 and hashes.sha256 != sha256:
-        raise AdapterzooError(f"{path.name} is not the file expected: its SHA256 is {hashes.sha256} but "
-                              f"{claimant} says {sha256}; nothing was saved")
-    return hashes
-
-
-def _bring_in(src: Path, hashes: FileHashes, folder: Path, name: str) -> Downloaded:
-    """Put a checked local file into `folder` under `name`: hard-linked where the filesystem allows (no second
-    copy of gigabytes), else copied; never over a different file (see place_file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=PART_SUFFIX)
-    os.close(fd)
-    os.unlink(tmp)
-    try:
-        try:
-            os.link(src.resolve(), tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        final = folder / (safe_file_name(name) or src.name)
-        try:
-            path, reused, beside = place_file(Path(tmp), final, hashes.sha256)
-        except AdapterzooError:
-            raise AdapterzooError(f"{final.name} and its AutoV2 name already hold different files in {folder}; "
-                                  f"nothing was replaced") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return Downloaded(path=path, hashes=hashes, size=src.stat().st_size, reused=reused, beside=beside)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,31 @@ def latest_verifications(engine: Engine, file_id: int | None = None) -> dict[int
         statement = statement.where(Verification.file_id == file_id)
     with Session(engine) as session:
         return {v.file_id: v for v in session.scalars(statement)}
+
+
+def paths_by_sha256(engine: Engine, digests: Iterable[str]) -> dict[str, list[str]]:
+    """SHA-256 -> the registry paths holding those bytes, for each of `digests` the registry knows."""
+    digests = sorted(set(digests))
+    found: dict[str, list[str]] = {}
+    with Session(engine) as session:
+        for start in range(0, len(digests), ID_BATCH):
+            chunk = digests[start:start + ID_BATCH]
+            for sha256, path in session.execute(select(FileEntry.sha256, FileEntry.path)
+                                                .where(FileEntry.sha256.in_(chunk)).order_by(FileEntry.path)):
+                found.setdefault(sha256, []).append(path)
+    return found
+
+
+def file_on_disk(engine: Engine, sha256: str) -> FileEntry | None:
+    """A registry file with this SHA-256 that is still on disk, unchanged (size, mtime) since it was hashed."""
+    with Session(engine) as session:
+        rows = session.scalars(select(FileEntry).where(FileEntry.sha256 == sha256, FileEntry.missing.is_(False))
+                               .order_by(FileEntry.id)).all()
+    for row in rows:
+        try:
+            stat = os.stat(row.path)
+        except OSError:
+            continue
+        if (stat.st_size, stat.st_mtime_ns) == (row.size, row.mtime_ns):
+            return row
+    return None

@@ -5,6 +5,8 @@ civitai:VERSION_ID | civitai:model/MODEL_ID | a civitai.com model page | hf:OWNE
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
 from urllib.parse import urlsplit
 
 from adapterzoo.errors import AdapterzooError
@@ -30,6 +32,24 @@ def resolve_ref(ref: str, token: str | None = None) -> RemoteFile:
         return RemoteFile(ref=ref, download_url=ref, file_name=None, size=None, sha256=None,
                           source=SourceRecord(provider="url", download_url=ref))
     raise AdapterzooError(f"not a reference: {ref!r} (give {REF_FORMS})")
+
+
+def locked_remote(entry: dict[str, Any]) -> RemoteFile:
+    """What a lock file entry names, from the entry alone (no network), for a file taken from a mirror: the
+    source record holds what the REF says (Civitai version, Hub repo, path and commit, or the URL), enough for
+    `lock` to name it again; `enrich` adds the rest."""
+    from adapterzoo.zoo import hub
+
+    ref = entry["ref"]
+    record = SourceRecord(provider="url", download_url=ref if _is_url(ref) else None, kind=entry["kind"],
+                          file_name=entry["file_name"])
+    if ref.startswith("civitai:") and ref.removeprefix("civitai:").isdigit():
+        record = replace(record, provider="civitai", civitai_version_id=int(ref.removeprefix("civitai:")))
+    elif ref.startswith("hf:"):
+        repo, path, revision = hub.parse_ref(ref)
+        record = replace(record, provider="hf", hf_repo=repo, hf_path=path, hf_revision=revision)
+    return RemoteFile(ref=ref, download_url=record.download_url or "", file_name=entry["file_name"],
+                      size=entry["size"], sha256=entry["sha256"], source=record)
 
 
 def ref_of(source: Source) -> str | None:

@@ -3,18 +3,16 @@ a file of it (same SHA-256) is already in the registry."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
 
-from adapterzoo.zoo.models import FileEntry
+from adapterzoo.zoo.queries import paths_by_sha256
 
 SOURCES = ("civitai", "hf", "all")
-ID_BATCH = 500
 HUB_OVERFETCH = 5  # repos listed per Hub row wanted: base and kind are filtered here, after listing
 
 
@@ -40,7 +38,7 @@ def search(engine: Engine, query: str, source: str = "all", kind: str | None = N
     if source in ("hf", "all"):
         wanted = limit - len(hits)
         hits += islice(_hub_hits(query, kind, base, sort, nsfw, wanted * HUB_OVERFETCH), wanted)
-    known = _registered(engine, [f["sha256"] for h in hits for f in h.json["files"] if f["sha256"]])
+    known = paths_by_sha256(engine, [f["sha256"] for h in hits for f in h.json["files"] if f["sha256"]])
     for hit in hits:
         hit.json["in_registry"] = any(f["sha256"] in known for f in hit.json["files"])
     return hits
@@ -91,13 +89,3 @@ def _hub_hits(query: str, kind: str | None, base: str | None, sort: str, nsfw: b
                        "download": hf_hub_url(info.id, s.rfilename, revision=info.sha)} for s in weights],
             "in_registry": False,
         }, info.downloads or 0)
-
-
-def _registered(engine: Engine, digests: Iterable[str]) -> set[str]:
-    digests = sorted(set(digests))
-    found: set[str] = set()
-    with Session(engine) as session:
-        for start in range(0, len(digests), ID_BATCH):
-            chunk = digests[start:start + ID_BATCH]
-            found.update(session.scalars(select(FileEntry.sha256).where(FileEntry.sha256.in_(chunk))))
-    return found
