@@ -13,7 +13,7 @@ from typing import Any
 from safetensors import safe_open
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.checkpoint.probe_checkpoint import CONTEXT_BASE, probe_checkpoint
+from adapterzoo.formats.checkpoint.probe_checkpoint import probe_checkpoint
 from adapterzoo.formats.embedding.probe_embedding import (
     probe_a1111_embedding,
     probe_a1111_hypernetwork,
@@ -37,16 +37,13 @@ from adapterzoo.formats.io.tensor_table import (
 )
 from adapterzoo.formats.lora.lora_keys import lora_like_key
 from adapterzoo.formats.lora.probe_lora import ScalarReader, probe_lora
+from adapterzoo.formats.model.registry import families, first
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 LORA_UNREAD = "looks like a LoRA, but its key names match no dialect we read"  # the warning, and convert's reason
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # parts diffusers saves adapters for
-PIPELINE_BASES = {
-    "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
-    "StableDiffusionXLInpaintPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
-}
 
 
 def classify(
@@ -109,8 +106,6 @@ def _pickle_dtype(obj: Any) -> str | None:
     return dominant_dtype(table_from_state_dict(tensors))
 
 
-
-
 def _weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
 
@@ -129,16 +124,15 @@ def _probe_diffusers_folder(folder: Path) -> ProbeResult:
     main_part = next((c for c in ("unet", "transformer") if c in components), None)
     main_table = {k: v for k, v in table.items() if main_part and k.startswith(main_part + ".")}
     result.dtype = dominant_dtype(main_table or table)
-    base = PIPELINE_BASES.get(str(index.get("_class_name")))
+    config = {}
     if main_part and (folder / main_part / "config.json").is_file():
         config = read_json_object(folder / main_part / "config.json")
-        context = config.get("cross_attention_dim")
-        base = base or CONTEXT_BASE.get(context if isinstance(context, int) else -1)
         in_channels = config.get("in_channels")
         result.details["in_channels"] = in_channels
         if in_channels == 9:
             result.details["variant"] = "inpaint"
-    result.base = base or "unknown"
+    pipeline = str(index.get("_class_name"))
+    result.base = first(family.pipeline_base(pipeline, config) for family in families()) or "unknown"
     if not table:
         result.warnings.append("no .safetensors weights found in the component folders")
     return result
