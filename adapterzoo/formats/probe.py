@@ -1,7 +1,8 @@
 """`probe`: what a file or folder is, from keys and shapes; metadata is only a hint.
 
-safetensors files are judged from the header (plus the few 0-d alpha scalars of a LoRA), so
-probing a multi-GB checkpoint reads kilobytes. Pickles must be unpickled, always safely.
+safetensors files are judged from the header (plus the few 0-d alpha scalars of a LoRA, read as bytes),
+with plain file I/O: probing a checkpoint larger than memory reads kilobytes, maps nothing and needs no
+torch. Pickles must be unpickled, always safely (torch is imported for them only).
 """
 
 from __future__ import annotations
@@ -9,8 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
-
-from safetensors import safe_open
 
 from adapterzoo.errors import BadFileError
 from adapterzoo.formats.checkpoint.probe_checkpoint import probe_checkpoint
@@ -27,7 +26,8 @@ from adapterzoo.formats.io.pickle_safe import (
     unwrap_state_dict,
 )
 from adapterzoo.formats.io.probe_result import ProbeResult
-from adapterzoo.formats.io.safetensors_header import read_header, safetensors_errors
+from adapterzoo.formats.io.safetensors_header import SafetensorsHeader, read_header
+from adapterzoo.formats.io.safetensors_values import read_number
 from adapterzoo.formats.io.tensor_table import (
     TensorTable,
     dominant_dtype,
@@ -69,15 +69,20 @@ def classify(
     return result
 
 
+def _numbers(files: dict[str, tuple[Path, SafetensorsHeader]]) -> ScalarReader:
+    """A reader of the scalars (alphas) of the files holding each key, by plain file I/O."""
+    def scalar(key: str) -> float:
+        path, header = files[key]
+        return read_number(path, header, key)
+
+    return scalar
+
+
 def _probe_safetensors(path: Path, peft_config: dict | None = None) -> ProbeResult:
     header = read_header(path)
     result = ProbeResult(path=str(path), data_offset=header.data_offset)
-    with safetensors_errors(path), safe_open(str(path), framework="pt") as handle:  # maps it; reads only alphas
-
-        def scalar(key: str) -> float:
-            return one_number(key, handle.get_tensor(key))
-
-        return classify(table_from_header(header), header.metadata, scalar, result, peft_config)
+    scalar = _numbers(dict.fromkeys(header.tensors, (path, header)))
+    return classify(table_from_header(header), header.metadata, scalar, result, peft_config)
 
 
 def _probe_pickle(path: Path) -> ProbeResult:
@@ -149,17 +154,12 @@ def _diffusers_model_weights(folder: Path) -> list[Path]:
 def _probe_diffusers_model(folder: Path, weights: list[Path]) -> ProbeResult:
     """Its weight files' headers as one table, judged as a file of them would be."""
     table: TensorTable = {}
-    files: dict[str, Path] = {}
+    files: dict[str, tuple[Path, SafetensorsHeader]] = {}
     for path in weights:
-        part = table_from_header(read_header(path))
-        table.update(part)
-        files.update(dict.fromkeys(part, path))
-
-    def scalar(key: str) -> float:
-        with safe_open(str(files[key]), framework="pt") as handle:
-            return float(handle.get_tensor(key).float().item())
-
-    return classify(table, {}, scalar, ProbeResult(path=str(folder)))
+        header = read_header(path)
+        table.update(table_from_header(header))
+        files.update(dict.fromkeys(header.tensors, (path, header)))
+    return classify(table, {}, _numbers(files), ProbeResult(path=str(folder)))
 
 
 def _peft_weights(adapter: Path, where: str = "PEFT folder") -> Path:
@@ -189,18 +189,19 @@ def _probe_peft_components(folder: Path, components: dict[str, Path]) -> ProbeRe
     table: TensorTable = {}
     metadata: dict[str, str] = {}
     config: dict[str, Any] = {}
-    files: dict[str, Path] = {}
+    files: dict[str, tuple[Path, SafetensorsHeader]] = {}
     for component, adapter in components.items():
-        files[component] = _peft_weights(adapter, f"{component}/")
-        header = read_header(files[component])
+        weights = _peft_weights(adapter, f"{component}/")
+        header = read_header(weights)
         table.update({f"{component}.{k}": v for k, v in table_from_header(header).items()})
         metadata.update(header.metadata)
         config.update({f"{component}.{k}": v for k, v in read_json_object(adapter / PEFT_CONFIG).items()})
+        files[component] = (weights, header)
 
     def scalar(key: str) -> float:
         component, _, name = key.partition(".")
-        with safetensors_errors(files[component]), safe_open(str(files[component]), framework="pt") as handle:
-            return one_number(key, handle.get_tensor(name))
+        path, header = files[component]
+        return read_number(path, header, name)
 
     result = classify(table, metadata, scalar, ProbeResult(path=str(folder)), config)
     result.format = "peft" if result.kind == "lora" else result.format

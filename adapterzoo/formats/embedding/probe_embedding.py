@@ -6,8 +6,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
-
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.tensor_table import FRIENDLY_DTYPE, TensorTable, table_from_state_dict
 from adapterzoo.formats.model.registry import families, first
@@ -67,6 +65,7 @@ def probe_a1111_embedding(obj: Any, result: ProbeResult) -> bool:
     """A1111 `.pt`: string_to_param {"*": [n, dim]} (an nn.ParameterDict in the oldest files)."""
     if not isinstance(obj, dict) or "string_to_param" not in obj:
         return False
+    import torch  # the pickle was loaded by torch already
     params = obj["string_to_param"]
     if hasattr(params, "parameters"):
         params = params.parameters()
