@@ -20,11 +20,6 @@ from adapterzoo.formats.embedding.probe_embedding import (
     probe_safetensors_hypernetwork,
 )
 from adapterzoo.formats.io.json_file import read_json_object
-from adapterzoo.formats.io.pickle_safe import (
-    PICKLE_SUFFIXES,
-    load_pickle,
-    unwrap_state_dict,
-)
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.safetensors_header import SafetensorsHeader, read_header
 from adapterzoo.formats.io.safetensors_values import read_number
@@ -86,6 +81,8 @@ def _probe_safetensors(path: Path, peft_config: dict | None = None) -> ProbeResu
 
 
 def _probe_pickle(path: Path) -> ProbeResult:
+    from adapterzoo.formats.io.pickle_safe import load_pickle, unwrap_state_dict  # the unpickler, for pickles only
+
     obj = load_pickle(path)
     result = ProbeResult(path=str(path))
     if probe_a1111_embedding(obj, result) or probe_a1111_hypernetwork(obj, result):
@@ -228,10 +225,12 @@ def probe(path: str | os.PathLike) -> ProbeResult:
     if not path.is_file():
         raise BadFileError(f"{path} is not a file")
     suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        return _probe_pickle(path)
     if suffix in SAFETENSORS_SUFFIXES:
         return _probe_safetensors(path)
+    from adapterzoo.formats.io.pickle_safe import PICKLE_SUFFIXES
+
+    if suffix in PICKLE_SUFFIXES:
+        return _probe_pickle(path)
     with open(path, "rb") as fh:
         head = fh.read(16)
     if head.startswith(b"PK") or head[:1] == b"\x80":
