@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from adapterzoo.formats.model.weight_locations import CheckpointTargets
 
 LoraModules = dict[str, dict[str, str]]  # module as a file spells it -> {part: key}
-Shapes = dict[str, tuple[int, ...]]
 
 
 def _nothing(*_: Any) -> None:
