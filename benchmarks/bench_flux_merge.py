@@ -40,11 +40,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adapterzoo.formats.checkpoint.flux_checkpoint import bfl_tensors
+from adapterzoo.formats.families.flux.checkpoint import bfl_tensors
+from adapterzoo.formats.families.flux.modules import FLUX_CLASS, FLUX_DEV_CONFIG, flux_architecture_from_tables
 from adapterzoo.formats.io.safetensors_header import read_header
 from adapterzoo.formats.io.safetensors_writer import PlannedTensor, write_safetensors
-from adapterzoo.formats.model.flux_modules import FLUX_DEV_CONFIG, TRANSFORMER, flux_architecture_from_tables
-from adapterzoo.formats.model.module_tables import FLUX_CLASS, module_table
+from adapterzoo.formats.model.module_tables import module_table
+from adapterzoo.formats.model.targets import TRANSFORMER
 
 RANK, ALPHA, WEIGHT = 16, 8.0, 0.8
 LORA_MODULES = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",

@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from adapterzoo.formats.families.sd.modules import UNET_CONFIGS
 from adapterzoo.formats.io.safetensors_writer import PlannedTensor, write_safetensors
-from adapterzoo.formats.model.architectures import UNET_CONFIGS, builtin_architecture
+from adapterzoo.formats.model.architectures import builtin_architecture
 from adapterzoo.formats.model.unet_names import LDM_PREFIX, diffusers_to_ldm_module, layout_from_config
 
 RANK, ALPHA = 32, 16.0

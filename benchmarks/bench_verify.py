@@ -27,8 +27,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
+from adapterzoo.formats.families.sd.modules import UNET_CONFIGS
 from adapterzoo.formats.lora.lora_read import load_lora
-from adapterzoo.formats.model.architectures import UNET_CONFIGS
 from adapterzoo.verify.runtime_lora import apply_lora, live_modules
 
 RANK, ALPHA = 32, 16.0

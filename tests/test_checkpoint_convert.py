@@ -31,7 +31,7 @@ from adapterzoo import tiny_models
 from adapterzoo.errors import AdapterzooError, BadFileError
 from adapterzoo.formats.checkpoint import clip_tokenizer
 from adapterzoo.formats.checkpoint.checkpoint_convert import convert_checkpoint
-from adapterzoo.formats.checkpoint.checkpoint_to_diffusers import plan_diffusers
+from adapterzoo.formats.families.sd.to_diffusers import plan_diffusers
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 from adapterzoo.formats.model.unet_names import UnetLayout, diffusers_to_ldm_module, ldm_to_diffusers_module
 

@@ -18,8 +18,8 @@ from diffusers import FluxTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
 
-from adapterzoo.formats.checkpoint.flux_checkpoint import bfl_tensors
-from adapterzoo.formats.model.flux_modules import FLUX_DEV_CONFIG
+from adapterzoo.formats.families.flux.checkpoint import bfl_tensors
+from adapterzoo.formats.families.flux.modules import FLUX_DEV_CONFIG
 
 HEADS, IN, JOINT, POOLED = 2, 8, 32, 16
 

@@ -18,10 +18,11 @@ from safetensors.torch import load_file, save_file
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.convert import convert
+from adapterzoo.formats.families.flux.modules import flux_architecture_from_tables
 from adapterzoo.formats.lora.lora_convert import convert_lora
 from adapterzoo.formats.lora.lora_read import load_lora
-from adapterzoo.formats.model.flux_modules import TRANSFORMER, flux_architecture_from_tables
 from adapterzoo.formats.model.module_tables import table_of
+from adapterzoo.formats.model.targets import TRANSFORMER
 from adapterzoo.formats.probe import probe
 
 H, M, IN, JOINT, POOLED, RANK = 256, 1024, 8, 32, 16, 4  # 2 heads x 128, one double and one single block

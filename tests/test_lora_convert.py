@@ -21,14 +21,10 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.families.sd.modules import TEXT_ENCODER_CONFIGS, UNET_CONFIGS
 from adapterzoo.formats.lora.lora_convert import convert_lora
 from adapterzoo.formats.lora.lora_read import UnmatchedKeysError, load_lora
-from adapterzoo.formats.model.architectures import (
-    TEXT_ENCODER_CONFIGS,
-    UNET_CONFIGS,
-    architecture_from_models,
-    builtin_architecture,
-)
+from adapterzoo.formats.model.architectures import architecture_from_models, builtin_architecture
 from adapterzoo.tiny_models import tiny_pipeline
 
 REAL = factory.REAL

@@ -21,14 +21,18 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import factory  # noqa: E402 - the tests folder is put on the path first
 
-from adapterzoo.formats.checkpoint_targets import single_file_parts  # noqa: E402
+from adapterzoo.formats.families.flux.modules import (  # noqa: E402
+    CLIP_L_CONFIG,
+    FLUX_CLASS,
+    FLUX_DEV_CONFIG,
+    T5_XXL_CONFIG,
+)
+from adapterzoo.formats.families.sd.modules import TEXT_ENCODER_CONFIGS, UNET_CONFIGS  # noqa: E402
+from adapterzoo.formats.families.sd.targets import single_file_parts  # noqa: E402
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file  # noqa: E402
-from adapterzoo.formats.model.architectures import TEXT_ENCODER_CONFIGS, UNET_CONFIGS  # noqa: E402
-from adapterzoo.formats.model.flux_modules import CLIP_L_CONFIG, FLUX_DEV_CONFIG, T5_XXL_CONFIG  # noqa: E402
 from adapterzoo.formats.model.module_tables import (  # noqa: E402
     CLIP_CLASS,
     CLIP_PROJECTION_CLASS,
-    FLUX_CLASS,
     SHIPPED,
     T5_CLASS,
     UNET_CLASS,

@@ -8,6 +8,7 @@ import click
 
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import emit_json
+from adapterzoo.formats.model.registry import lora_bases, lora_targets
 
 
 @cli.command()
@@ -34,14 +35,13 @@ def probe(path: str, as_json: bool) -> None:
 @click.option("-o", "--output", "dest", metavar="OUT", required=True, type=click.Path(),
               help="Where to write the result.")
 @click.option("--to", "to", required=True,
-              type=click.Choice(["kohya", "diffusers", "peft", "bfl", "ldm", "a1111", "safetensors"]),
-              help="LoRA: kohya|diffusers|peft (Flux also bfl); checkpoint: ldm|diffusers; "
-              "embedding: a1111|kohya|diffusers; "
-              "hypernetwork: safetensors|a1111.")
-@click.option("--base", type=click.Choice(["sd1", "sd2", "sdxl", "flux"]),
+              type=click.Choice([*lora_targets(), "ldm", "a1111", "safetensors"]),
+              help=f"LoRA: {'|'.join(lora_targets())} (a family's own dialect for its LoRAs only); "
+              "checkpoint: ldm|diffusers; embedding: a1111|kohya|diffusers; hypernetwork: safetensors|a1111.")
+@click.option("--base", type=click.Choice(lora_bases()),
               help="LoRA: read it as this base instead of the detected one.")
 @click.option("--checkpoint", metavar="CKPT", type=click.Path(exists=True, dir_okay=True),
-              help="LoRA: resolve module names against this model (SD or Flux, any size) "
+              help="LoRA: resolve module names against this model (any family's, any size) "
               "instead of the built-in tables.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--token", help="Embedding: the token (name) to store where the target format has one.")

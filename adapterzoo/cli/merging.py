@@ -52,7 +52,7 @@ def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, devi
 @rule_options
 @DEVICE_OPTION
 @click.option("--checkpoint", metavar="CKPT", type=click.Path(exists=True, dir_okay=True),
-              help="Resolve module names against this model instead of the built-in SD1/SD2/SDXL tables.")
+              help="Resolve module names against this model instead of the built-in tables of its base.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, device: str, checkpoint: str | None,

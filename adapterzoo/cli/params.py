@@ -101,7 +101,9 @@ class CheckpointFor(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, Path]:
         if isinstance(value, tuple):
             return value
-        from adapterzoo.verify.verifier import BASES
+        from adapterzoo.formats.model.registry import sampled_bases
+
+        BASES = sampled_bases()
 
         base, sep, path = str(value).partition("=")
         if not sep or base not in BASES:

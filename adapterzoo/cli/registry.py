@@ -11,7 +11,8 @@ import click
 
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import describe_source, emit_json, print_table
-from adapterzoo.formats.io.probe_result import BASES, KINDS
+from adapterzoo.formats.io.probe_result import KINDS
+from adapterzoo.formats.model.registry import bases
 
 
 @cli.command()
@@ -37,7 +38,7 @@ def scan(obj: dict[str, Any], dirs: tuple[str, ...], as_json: bool) -> None:
 
 @cli.command("list")
 @click.option("--kind", type=click.Choice(KINDS), help="Only entries of this kind.")
-@click.option("--base", type=click.Choice(BASES), help="Only entries for this base model.")
+@click.option("--base", type=click.Choice([*bases(), "unknown"]), help="Only entries for this base model.")
 @click.option("--query", metavar="TEXT",
               help="Only entries whose path, trigger words, or source's model name, version name or trained "
               "words contain TEXT.")

@@ -10,7 +10,8 @@ import click
 
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import describe_source, emit_json, print_table
-from adapterzoo.formats.io.probe_result import BASES, KINDS
+from adapterzoo.formats.io.probe_result import KINDS
+from adapterzoo.formats.model.registry import bases
 
 
 @cli.command()
@@ -18,7 +19,7 @@ from adapterzoo.formats.io.probe_result import BASES, KINDS
 @click.option("--source", type=click.Choice(["civitai", "hf", "all"]), default="all", show_default=True,
               help="Where to search (all: Civitai fills half the rows, the Hub the rest).")
 @click.option("--kind", type=click.Choice([k for k in KINDS if k != "unknown"]), help="Only this kind.")
-@click.option("--base", type=click.Choice([b for b in BASES if b != "unknown"]), help="Only this base model.")
+@click.option("--base", type=click.Choice(bases()), help="Only this base model.")
 @click.option("--sort", type=click.Choice(["downloads", "rating", "newest"]), default="downloads",
               show_default=True, help="Order of the results.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,

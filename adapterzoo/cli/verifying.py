@@ -13,6 +13,7 @@ import click
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import emit_json, print_loras, print_table, print_verification
 from adapterzoo.cli.params import DEVICE_OPTION, CheckpointFor, SizeParam, WeightedPath, provenance_hasher
+from adapterzoo.formats.model.registry import sampled_bases
 
 VERIFIABLE_KINDS = ["lora", "lycoris", "hypernetwork", "embedding", "vae", "checkpoint"]  # what verify reads
 
@@ -59,7 +60,7 @@ def verify_usage(files: tuple[str, ...], registry: bool, checkpoint: str | None,
 @click.option("--registry", is_flag=True, help="Verify the registry's files instead of FILE... (needs --out-dir).")
 @click.option("--kind", type=click.Choice(VERIFIABLE_KINDS),
               help="--registry: only this kind (checkpoints, each rendered alone, only when asked for).")
-@click.option("--base", type=click.Choice(["sd1", "sd2", "sdxl"]), help="--registry: only files for this base.")
+@click.option("--base", type=click.Choice(sampled_bases()), help="--registry: only files for this base.")
 @click.option("--unverified", is_flag=True, help="--registry: only files never verified.")
 @click.option("--checkpoint-for", "checkpoint_for", metavar="BASE=CKPT", multiple=True, type=CheckpointFor(),
               help="--registry: render BASE's files on CKPT (default: the one indexed checkpoint of BASE).")
@@ -73,7 +74,7 @@ def verify_usage(files: tuple[str, ...], registry: bool, checkpoint: str | None,
 @click.option("--multiplier", "multipliers", metavar="M", multiple=True, type=float,
               help="Grid column (repeatable). Default: 0, 0.5, 1.")
 @click.option("--steps", type=click.IntRange(min=1), metavar="N", help="Sampling steps. Default: 20.")
-@click.option("--size", type=SizeParam(), help="Image size. Default: the model's own (SD1.5 512, SDXL 1024).")
+@click.option("--size", type=SizeParam(), help="Image size. Default: the size the model was trained at.")
 @DEVICE_OPTION
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (a list for several).")

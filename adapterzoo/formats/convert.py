@@ -8,12 +8,13 @@ from typing import Any
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.atomic import check_output
 from adapterzoo.formats.io.probe_result import with_article
+from adapterzoo.formats.model.registry import lora_targets
 from adapterzoo.formats.probe import LORA_UNREAD, probe
 
-# DESIGN.md's contract: the formats each kind converts to.
+# DESIGN.md's contract: the formats each kind converts to (a LoRA also to its family's own dialects).
 TARGETS: dict[str, tuple[str, ...]] = {
-    "lora": ("kohya", "diffusers", "peft", "bfl"),  # bfl: Flux LoRAs only
-    "lycoris": ("kohya", "diffusers", "peft", "bfl"),
+    "lora": lora_targets(),
+    "lycoris": lora_targets(),
     "checkpoint": ("ldm", "diffusers"),
     "embedding": ("a1111", "kohya", "diffusers"),
     "hypernetwork": ("safetensors", "a1111"),
@@ -36,7 +37,7 @@ def convert(src: str | os.PathLike, dest: str | os.PathLike, to: str, **options:
     """Convert `src` into format `to` at `dest`; options: force, base, rank, checkpoint, dtype, prune_ema, token.
 
     `checkpoint` (a LoRA's) resolves its module names against that model's own modules instead of the
-    built-in SD1/SD2/SDXL tables, so LoRAs made for non-standard or tiny models convert too.
+    built-in tables of its base, so LoRAs made for non-standard or tiny models convert too.
     """
     force = bool(options.pop("force", False))
     check_output(dest, [src, *([options["checkpoint"]] if options.get("checkpoint") else [])], force)
@@ -85,15 +86,9 @@ def _dispatch(kind: str, src: Any, dest: Any, to: str, force: bool, options: dic
     architecture = None
     if options.get("checkpoint"):
         from adapterzoo.formats.checkpoint_targets import check_lora_base, checkpoint_targets
-        from adapterzoo.formats.model.flux_modules import flux_checkpoint_architecture
 
         if options.get("base"):
             raise AdapterzooError("--base and --checkpoint both say what the LoRA is for; give one")
-        architecture = flux_checkpoint_architecture(options["checkpoint"])
-        if architecture is not None:
-            if (lora_base := probe(src).base) in ("sd1", "sd2", "sdxl"):
-                raise AdapterzooError(f"the LoRA is for {lora_base} but the checkpoint is a Flux model")
-            return convert_lora(src, dest, to, force=force, rank=options.get("rank"), architecture=architecture)
         targets = checkpoint_targets(options["checkpoint"])
         check_lora_base(targets, src)
         architecture = targets.architecture

@@ -1,8 +1,9 @@
 """Convert textual-inversion embeddings between A1111 `.pt`, kohya and diffusers files (FORMATS.md §4).
 
 Every reader yields one `Embedding` (the vectors per text encoder plus A1111's bookkeeping) and every
-writer serialises it, so vectors pass through bit for bit. SDXL in diffusers is the layout diffusers'
-own SDXL trainer writes: two files, OUT for text_encoder (clip_l) and OUT_2 for text_encoder_2 (clip_g).
+writer serialises it, so vectors pass through bit for bit. A clip_l + clip_g pair (two text encoders) in
+diffusers is the layout diffusers' own trainer writes: two files, OUT for text_encoder (clip_l) and OUT_2
+for text_encoder_2 (clip_g). The base is the model family's whose text encoders take these widths.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.embedding.probe_embedding import EMBEDDING_WIDTH_BASE
+from adapterzoo.formats.embedding.probe_embedding import embedding_base
 from adapterzoo.formats.io.atomic import atomic_output, check_output
 from adapterzoo.formats.io.pickle_safe import PICKLE_SUFFIXES, load_pickle
 from adapterzoo.formats.io.probe_result import with_article
@@ -26,24 +27,24 @@ from adapterzoo.formats.io.safetensors_header import safetensors_errors
 from adapterzoo.formats.probe import probe
 
 EMBEDDING_TARGETS = ("a1111", "kohya", "diffusers")
-SINGLE = "text_encoder"  # the one part of an SD1/SD2 embedding
-SDXL_PARTS = ("clip_l", "clip_g")
-SDXL_WIDTHS = {"clip_l": 768, "clip_g": 1280}
+SINGLE = "text_encoder"  # the one part of an embedding for one text encoder
+PAIR_PARTS = ("clip_l", "clip_g")  # the parts of an embedding for CLIP-L and CLIP-G together
+PAIR_WIDTHS = {"clip_l": 768, "clip_g": 1280}
 A1111_STAR_TOKEN = 265  # CLIP's id of "*": A1111 writes it into every embedding
 A1111_INFO = ("step", "sd_checkpoint", "sd_checkpoint_name")  # kept in safetensors metadata as strings
 
 
 @dataclass
 class Embedding:
-    """One term: [n, dim] vectors per part ({"text_encoder"} or SDXL {"clip_l", "clip_g"})."""
+    """One term: [n, dim] vectors per part ({"text_encoder"} or the pair {"clip_l", "clip_g"})."""
 
     parts: dict[str, torch.Tensor]
     name: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def is_sdxl(self) -> bool:
-        return set(self.parts) == set(SDXL_PARTS)
+    def is_pair(self) -> bool:
+        return set(self.parts) == set(PAIR_PARTS)
 
     @property
     def vectors(self) -> int:
@@ -51,9 +52,9 @@ class Embedding:
 
     @property
     def base(self) -> str:
-        if self.is_sdxl:
-            return "sdxl"
-        return EMBEDDING_WIDTH_BASE.get(self.parts[SINGLE].shape[-1], "unknown")
+        if self.is_pair:
+            return embedding_base({part: self.parts[part].shape[-1] for part in PAIR_PARTS})
+        return embedding_base({"": self.parts[SINGLE].shape[-1]})
 
 
 def _rows(tensor: Any, what: str) -> torch.Tensor:
@@ -64,11 +65,11 @@ def _rows(tensor: Any, what: str) -> torch.Tensor:
     return tensor.unsqueeze(0) if tensor.dim() == 1 else tensor
 
 
-def _sdxl(clip_l: Any, clip_g: Any, name: str | None, info: dict[str, Any]) -> Embedding:
+def _pair(clip_l: Any, clip_g: Any, name: str | None, info: dict[str, Any]) -> Embedding:
     parts = {"clip_l": _rows(clip_l, "clip_l"), "clip_g": _rows(clip_g, "clip_g")}
     for part, tensor in parts.items():
-        if tensor.shape[-1] != SDXL_WIDTHS[part]:
-            raise BadFileError(f"SDXL {part} vectors are {SDXL_WIDTHS[part]} wide, not {tensor.shape[-1]}")
+        if tensor.shape[-1] != PAIR_WIDTHS[part]:
+            raise BadFileError(f"{part} vectors are {PAIR_WIDTHS[part]} wide, not {tensor.shape[-1]}")
     if parts["clip_l"].shape[0] != parts["clip_g"].shape[0]:
         raise BadFileError(
             f"clip_l has {parts['clip_l'].shape[0]} vectors but clip_g has {parts['clip_g'].shape[0]}; they must match"
@@ -111,7 +112,7 @@ def _read_kohya(path: Path, is_safetensors: bool) -> Embedding:
     info, name = _info_from_metadata(metadata), metadata.get("name")
     if "emb_params" in tensors:
         return Embedding({SINGLE: _rows(tensors["emb_params"], "emb_params")}, name, info)
-    return _sdxl(tensors["clip_l"], tensors["clip_g"], name, info)
+    return _pair(tensors["clip_l"], tensors["clip_g"], name, info)
 
 
 def _diffusers_term(path: Path, is_safetensors: bool) -> tuple[str, torch.Tensor, dict[str, str]]:
@@ -129,31 +130,31 @@ def _diffusers_term(path: Path, is_safetensors: bool) -> tuple[str, torch.Tensor
     return token, torch.stack([tensors[t].detach() for t in ordered]), metadata
 
 
-def sdxl_partner(path: Path) -> Path:
-    """diffusers' SDXL trainer writes learned_embeds.safetensors (clip_l) and learned_embeds_2 (clip_g)."""
+def pair_partner(path: Path) -> Path:
+    """diffusers' trainer writes learned_embeds.safetensors (clip_l) and learned_embeds_2 (clip_g)."""
     return path.with_name(f"{path.stem}_2{path.suffix}")
 
 
 def _read_diffusers(path: Path, is_safetensors: bool, partners: list[Path]) -> Embedding:
     token, vectors, metadata = _diffusers_term(path, is_safetensors)
     width = vectors.shape[-1]
-    if width == SDXL_WIDTHS["clip_g"]:
+    if width == PAIR_WIDTHS["clip_g"]:
         first = path.with_name(f"{path.stem[:-2]}{path.suffix}") if path.stem.endswith("_2") else None
         if first is None or not first.is_file():
             where = first.name if first else f"NAME{path.suffix} beside NAME_2{path.suffix}"
             raise BadFileError(
-                f"{path.name} is the clip_g (text_encoder_2) half of an SDXL embedding; "
+                f"{path.name} is the clip_g (text_encoder_2) half of a clip_l + clip_g embedding; "
                 f"its clip_l half {where} is missing"
             )
         partners.append(first)
         _, clip_l, _ = _diffusers_term(first, probe(first).data_offset is not None)
-        return _sdxl(clip_l, vectors, token, _info_from_metadata(metadata))
-    second = sdxl_partner(path)
-    if width == SDXL_WIDTHS["clip_l"] and second.is_file():
+        return _pair(clip_l, vectors, token, _info_from_metadata(metadata))
+    second = pair_partner(path)
+    if width == PAIR_WIDTHS["clip_l"] and second.is_file():
         _, clip_g, _ = _diffusers_term(second, probe(second).data_offset is not None)
-        if clip_g.shape[-1] == SDXL_WIDTHS["clip_g"]:
+        if clip_g.shape[-1] == PAIR_WIDTHS["clip_g"]:
             partners.append(second)
-            return _sdxl(vectors, clip_g, token, _info_from_metadata(metadata))
+            return _pair(vectors, clip_g, token, _info_from_metadata(metadata))
     return Embedding({SINGLE: vectors}, token, _info_from_metadata(metadata))
 
 
@@ -211,7 +212,7 @@ def _a1111_dict(embedding: Embedding, name: str) -> dict[str, Any]:
 
 
 def _outputs(embedding: Embedding, dest: Path, to: str) -> list[Path]:
-    return [dest, sdxl_partner(dest)] if to == "diffusers" and embedding.is_sdxl else [dest]
+    return [dest, pair_partner(dest)] if to == "diffusers" and embedding.is_pair else [dest]
 
 
 def _write(embedding: Embedding, to: str, name: str, outputs: list[Path], temps: list[Path]) -> None:
@@ -219,10 +220,10 @@ def _write(embedding: Embedding, to: str, name: str, outputs: list[Path], temps:
     if to == "a1111":
         torch.save(_a1111_dict(embedding, name), temps[0])
     elif to == "kohya":
-        tensors = dict(embedding.parts) if embedding.is_sdxl else {"emb_params": embedding.parts[SINGLE]}
+        tensors = dict(embedding.parts) if embedding.is_pair else {"emb_params": embedding.parts[SINGLE]}
         _save_tensors(tensors, meta, temps[0], outputs[0])
     else:
-        for part, tmp, dest in zip(SDXL_PARTS if embedding.is_sdxl else (SINGLE,), temps, outputs):
+        for part, tmp, dest in zip(PAIR_PARTS if embedding.is_pair else (SINGLE,), temps, outputs):
             _save_tensors({name: embedding.parts[part]}, meta, tmp, dest)
 
 
@@ -235,8 +236,8 @@ def convert_embedding(
     src, dest = Path(src), Path(dest)
     _check_suffix(dest, to)
     embedding, source_format, sources = read_embedding(src)
-    if to == "a1111" and embedding.is_sdxl:
-        raise AdapterzooError("A1111 reads SDXL embeddings in the kohya clip_l/clip_g layout; use --to kohya")
+    if to == "a1111" and embedding.is_pair:
+        raise AdapterzooError("A1111 reads clip_l + clip_g embeddings in the kohya layout; use --to kohya")
     name = token or embedding.name or src.stem
     if not name.strip():
         raise AdapterzooError("the token must not be blank")

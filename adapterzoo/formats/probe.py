@@ -1,7 +1,8 @@
 """`probe`: what a file or folder is, from keys and shapes; metadata is only a hint.
 
-safetensors files are judged from the header (plus the few 0-d alpha scalars of a LoRA), so
-probing a multi-GB checkpoint reads kilobytes. Pickles must be unpickled, always safely.
+safetensors files are judged from the header (plus the few 0-d alpha scalars of a LoRA, read as bytes),
+with plain file I/O: probing a checkpoint larger than memory reads kilobytes, maps nothing and needs no
+torch. Pickles must be unpickled, always safely (torch is imported for them only).
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.checkpoint.probe_checkpoint import CONTEXT_BASE, probe_checkpoint
+from adapterzoo.formats.checkpoint.probe_checkpoint import probe_checkpoint
 from adapterzoo.formats.embedding.probe_embedding import (
     probe_a1111_embedding,
     probe_a1111_hypernetwork,
@@ -21,13 +20,9 @@ from adapterzoo.formats.embedding.probe_embedding import (
     probe_safetensors_hypernetwork,
 )
 from adapterzoo.formats.io.json_file import read_json_object
-from adapterzoo.formats.io.pickle_safe import (
-    PICKLE_SUFFIXES,
-    load_pickle,
-    unwrap_state_dict,
-)
 from adapterzoo.formats.io.probe_result import ProbeResult
-from adapterzoo.formats.io.safetensors_header import read_header, safetensors_errors
+from adapterzoo.formats.io.safetensors_header import SafetensorsHeader, read_header
+from adapterzoo.formats.io.safetensors_values import read_number
 from adapterzoo.formats.io.tensor_table import (
     TensorTable,
     dominant_dtype,
@@ -37,16 +32,13 @@ from adapterzoo.formats.io.tensor_table import (
 )
 from adapterzoo.formats.lora.lora_keys import lora_like_key
 from adapterzoo.formats.lora.probe_lora import ScalarReader, probe_lora
+from adapterzoo.formats.model.registry import families, first
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 LORA_UNREAD = "looks like a LoRA, but its key names match no dialect we read"  # the warning, and convert's reason
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # parts diffusers saves adapters for
-PIPELINE_BASES = {
-    "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
-    "StableDiffusionXLInpaintPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
-}
 
 
 def classify(
@@ -72,18 +64,25 @@ def classify(
     return result
 
 
+def _numbers(files: dict[str, tuple[Path, SafetensorsHeader]]) -> ScalarReader:
+    """A reader of the scalars (alphas) of the files holding each key, by plain file I/O."""
+    def scalar(key: str) -> float:
+        path, header = files[key]
+        return read_number(path, header, key)
+
+    return scalar
+
+
 def _probe_safetensors(path: Path, peft_config: dict | None = None) -> ProbeResult:
     header = read_header(path)
     result = ProbeResult(path=str(path), data_offset=header.data_offset)
-    with safetensors_errors(path), safe_open(str(path), framework="pt") as handle:  # maps it; reads only alphas
-
-        def scalar(key: str) -> float:
-            return one_number(key, handle.get_tensor(key))
-
-        return classify(table_from_header(header), header.metadata, scalar, result, peft_config)
+    scalar = _numbers(dict.fromkeys(header.tensors, (path, header)))
+    return classify(table_from_header(header), header.metadata, scalar, result, peft_config)
 
 
 def _probe_pickle(path: Path) -> ProbeResult:
+    from adapterzoo.formats.io.pickle_safe import load_pickle, unwrap_state_dict  # the unpickler, for pickles only
+
     obj = load_pickle(path)
     result = ProbeResult(path=str(path))
     if probe_a1111_embedding(obj, result) or probe_a1111_hypernetwork(obj, result):
@@ -109,8 +108,6 @@ def _pickle_dtype(obj: Any) -> str | None:
     return dominant_dtype(table_from_state_dict(tensors))
 
 
-
-
 def _weight_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.safetensors") if p.is_file())
 
@@ -129,16 +126,15 @@ def _probe_diffusers_folder(folder: Path) -> ProbeResult:
     main_part = next((c for c in ("unet", "transformer") if c in components), None)
     main_table = {k: v for k, v in table.items() if main_part and k.startswith(main_part + ".")}
     result.dtype = dominant_dtype(main_table or table)
-    base = PIPELINE_BASES.get(str(index.get("_class_name")))
+    config = {}
     if main_part and (folder / main_part / "config.json").is_file():
         config = read_json_object(folder / main_part / "config.json")
-        context = config.get("cross_attention_dim")
-        base = base or CONTEXT_BASE.get(context if isinstance(context, int) else -1)
         in_channels = config.get("in_channels")
         result.details["in_channels"] = in_channels
         if in_channels == 9:
             result.details["variant"] = "inpaint"
-    result.base = base or "unknown"
+    pipeline = str(index.get("_class_name"))
+    result.base = first(family.pipeline_base(pipeline, config) for family in families()) or "unknown"
     if not table:
         result.warnings.append("no .safetensors weights found in the component folders")
     return result
@@ -155,17 +151,12 @@ def _diffusers_model_weights(folder: Path) -> list[Path]:
 def _probe_diffusers_model(folder: Path, weights: list[Path]) -> ProbeResult:
     """Its weight files' headers as one table, judged as a file of them would be."""
     table: TensorTable = {}
-    files: dict[str, Path] = {}
+    files: dict[str, tuple[Path, SafetensorsHeader]] = {}
     for path in weights:
-        part = table_from_header(read_header(path))
-        table.update(part)
-        files.update(dict.fromkeys(part, path))
-
-    def scalar(key: str) -> float:
-        with safe_open(str(files[key]), framework="pt") as handle:
-            return float(handle.get_tensor(key).float().item())
-
-    return classify(table, {}, scalar, ProbeResult(path=str(folder)))
+        header = read_header(path)
+        table.update(table_from_header(header))
+        files.update(dict.fromkeys(header.tensors, (path, header)))
+    return classify(table, {}, _numbers(files), ProbeResult(path=str(folder)))
 
 
 def _peft_weights(adapter: Path, where: str = "PEFT folder") -> Path:
@@ -195,18 +186,19 @@ def _probe_peft_components(folder: Path, components: dict[str, Path]) -> ProbeRe
     table: TensorTable = {}
     metadata: dict[str, str] = {}
     config: dict[str, Any] = {}
-    files: dict[str, Path] = {}
+    files: dict[str, tuple[Path, SafetensorsHeader]] = {}
     for component, adapter in components.items():
-        files[component] = _peft_weights(adapter, f"{component}/")
-        header = read_header(files[component])
+        weights = _peft_weights(adapter, f"{component}/")
+        header = read_header(weights)
         table.update({f"{component}.{k}": v for k, v in table_from_header(header).items()})
         metadata.update(header.metadata)
         config.update({f"{component}.{k}": v for k, v in read_json_object(adapter / PEFT_CONFIG).items()})
+        files[component] = (weights, header)
 
     def scalar(key: str) -> float:
         component, _, name = key.partition(".")
-        with safetensors_errors(files[component]), safe_open(str(files[component]), framework="pt") as handle:
-            return one_number(key, handle.get_tensor(name))
+        path, header = files[component]
+        return read_number(path, header, name)
 
     result = classify(table, metadata, scalar, ProbeResult(path=str(folder)), config)
     result.format = "peft" if result.kind == "lora" else result.format
@@ -233,10 +225,12 @@ def probe(path: str | os.PathLike) -> ProbeResult:
     if not path.is_file():
         raise BadFileError(f"{path} is not a file")
     suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        return _probe_pickle(path)
     if suffix in SAFETENSORS_SUFFIXES:
         return _probe_safetensors(path)
+    from adapterzoo.formats.io.pickle_safe import PICKLE_SUFFIXES
+
+    if suffix in PICKLE_SUFFIXES:
+        return _probe_pickle(path)
     with open(path, "rb") as fh:
         head = fh.read(16)
     if head.startswith(b"PK") or head[:1] == b"\x80":

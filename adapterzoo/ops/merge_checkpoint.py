@@ -43,9 +43,9 @@ from adapterzoo.formats.io.safetensors_writer import PlannedTensor, write_safete
 from adapterzoo.formats.io.tensor_source import TensorSource, open_checkpoint_file
 from adapterzoo.formats.lora.lora_keys import detect_lora_dialect, group_modules
 from adapterzoo.formats.lora.lora_model import AdapterModule, FullModule, Ia3Module, LoraFile, LoraModule
+from adapterzoo.formats.lora.lora_parts import is_text_encoder_module
 from adapterzoo.formats.lora.lora_read import Misfit, load_lora_matched, misfit_example
-from adapterzoo.formats.lora.probe_lora import is_text_encoder_module
-from adapterzoo.formats.model.architectures import UNET
+from adapterzoo.formats.model.targets import UNET
 from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

@@ -21,7 +21,7 @@ from adapterzoo.formats.checkpoint_targets import check_lora_base, checkpoint_ta
 from adapterzoo.formats.io.atomic import check_output
 from adapterzoo.formats.lora.lora_model import LoraFile, LoraModule
 from adapterzoo.formats.lora.lora_read import load_lora
-from adapterzoo.formats.model.architectures import Architecture
+from adapterzoo.formats.model.targets import Architecture
 from adapterzoo.ops.kohya_output import write_kohya
 from adapterzoo.ops.lowrank import Rule, concat, fold_tucker, svd_merge
 from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata, rule_setting

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from adapterzoo.formats.model.registry import family_of
+
 # Floors at multiplier 1. Float noise between two renders of the same thing is 0 on one device
 # (deterministic kernels) and ~1e-4 relative across kernels; a weak real rank-4 LoRA moves the
 # noise prediction of a random-weight SD1.5 by ~1e-2 and its pixels by far more than 0.1/255.
@@ -36,10 +38,12 @@ def black(image: torch.Tensor) -> bool:
 
 
 def image_problem(image: torch.Tensor, base: str, vae_dtype: torch.dtype) -> str | None:
-    """Why an image is unusable: NaN/inf, SDXL's fp16-VAE black image (with the cure), one colour."""
-    if base == "sdxl" and vae_dtype == torch.float16 and (not finite(image) or black(image)):
-        return ("the SDXL VAE overflows in fp16 and decodes a black image: decode in fp32 (--dtype fp32) "
-                "or use an fp16-fixed VAE (madebyollin/sdxl-vae-fp16-fix)")
+    """Why an image is unusable: NaN/inf, an fp16 VAE's black image where the family knows it (with the cure),
+    one colour."""
+    family = family_of(base)
+    sampling = family.sampling if family is not None else None
+    if sampling and base in sampling.vae_fp32 and vae_dtype == torch.float16 and (not finite(image) or black(image)):
+        return sampling.vae_fp16_black
     if not finite(image):
         return "the image holds NaN or inf"
     if single_colour(image):

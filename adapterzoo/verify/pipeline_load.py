@@ -20,10 +20,10 @@ from transformers.utils import logging as transformers_logging
 
 from adapterzoo.devices import pick_device
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.checkpoint.checkpoint_to_diffusers import plan_diffusers, write_diffusers
-from adapterzoo.formats.checkpoint.checkpoint_to_ldm import diffusers_base
-from adapterzoo.formats.io.tensor_source import open_checkpoint_file
-from adapterzoo.formats.model.architectures import TEXT_ENCODERS, UNET, Architecture, architecture_from_models
+from adapterzoo.formats.checkpoint.checkpoint_convert import folder_base, single_file_as_folder
+from adapterzoo.formats.model.architectures import architecture_from_models
+from adapterzoo.formats.model.registry import family_of, sampled_bases
+from adapterzoo.formats.model.targets import TEXT_ENCODERS, UNET, Architecture
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -74,18 +74,22 @@ def _from_folder(folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
         raise BadFileError(f"diffusers cannot load {folder.name}: {str(exc).splitlines()[0]}") from None
 
 
+def _rendered(base: str, checkpoint: Path) -> str:
+    if base not in sampled_bases():
+        raise AdapterzooError(f"{checkpoint.name} is a {base} checkpoint; verify renders {', '.join(sampled_bases())}")
+    return base
+
+
 def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> LoadedPipeline:
     """The pipeline of a single-file checkpoint or a diffusers folder, on `device` in `dtype`."""
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
-        base = diffusers_base(checkpoint)
+        base = _rendered(folder_base(checkpoint), checkpoint)
         pipe = _from_folder(checkpoint, dtype)
     elif checkpoint.is_file():
-        plan = plan_diffusers(open_checkpoint_file(checkpoint), None)
         with tempfile.TemporaryDirectory(prefix="adapterzoo-verify-") as tmp:
-            write_diffusers(plan, Path(tmp))
+            base = _rendered(single_file_as_folder(checkpoint, Path(tmp))["base"], checkpoint)
             pipe = _from_folder(Path(tmp), dtype)
-        base = plan.base
     else:
         raise BadFileError(f"{checkpoint} does not exist")
     pipe.to(device)
@@ -99,12 +103,13 @@ def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype) ->
 
 
 def load_for_sampling(checkpoint: Path, device_name: str, dtype_name: str | None) -> LoadedPipeline:
-    """What verify and sample render with: --device and --dtype resolved, and SDXL's VAE kept in fp32 unless
-    fp16 was asked for by name, since that VAE overflows to black images in fp16."""
+    """What verify and sample render with: --device and --dtype resolved, and a VAE that overflows to black
+    images in fp16 (its family says which) kept in fp32 unless fp16 was asked for by name."""
     device = pick_device(device_name)
     dtype = pick_dtype(dtype_name, device)
     loaded = load_pipeline(checkpoint, device, dtype)
-    if loaded.base == "sdxl" and dtype == torch.float16 and dtype_name is None:
+    sampling = family_of(loaded.base).sampling
+    if loaded.base in sampling.vae_fp32 and dtype == torch.float16 and dtype_name is None:
         loaded.pipe.vae.to(torch.float32)
     return loaded
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapterzoo.formats.embedding_convert import SDXL_PARTS, SINGLE, Embedding
+from adapterzoo.formats.embedding_convert import PAIR_PARTS, SINGLE, Embedding
 from adapterzoo.verify.denoise import PLACEHOLDER_ID
 
-ENCODER_OF_PART = {SINGLE: "text_encoder", SDXL_PARTS[0]: "text_encoder", SDXL_PARTS[1]: "text_encoder_2"}
+ENCODER_OF_PART = {SINGLE: "text_encoder", PAIR_PARTS[0]: "text_encoder", PAIR_PARTS[1]: "text_encoder_2"}
 
 
 @dataclass

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from adapterzoo.formats.lora.lora_model import AdapterModule, FullModule, LoraFile, LoraModule
-from adapterzoo.formats.model.architectures import Architecture
-
+from adapterzoo.formats.model.targets import Architecture
 
 PATCHABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm, torch.nn.GroupNorm)
 

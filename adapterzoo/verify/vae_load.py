@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.checkpoint.checkpoint_config import vae_config_from_ldm
+from adapterzoo.formats.checkpoint.shape_reading import vae_config_from_ldm
 from adapterzoo.formats.io.json_file import read_json_object
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 from adapterzoo.formats.model import vae_names
@@ -32,8 +32,9 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _ldm_to_diffusers(state: dict[str, torch.Tensor], base: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    config = vae_config_from_ldm({k: tuple(v.shape) for k, v in state.items()}, base)
+def _ldm_to_diffusers(state: dict[str, torch.Tensor], like: AutoencoderKL) -> tuple[dict, dict[str, torch.Tensor]]:
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    config = vae_config_from_ldm(shapes, like.config.sample_size, like.config.scaling_factor)
     levels = len(config["down_block_types"])
     renamed = {}
     for key, tensor in state.items():
@@ -50,7 +51,7 @@ def load_vae(path: Path, base: str, like: AutoencoderKL) -> AutoencoderKL:
     """The VAE in `path` as an AutoencoderKL on `like`'s device and dtype, with `like`'s scaling factor."""
     state = _state_dict(Path(path))
     if "encoder.down.0.block.0.conv1.weight" in state:
-        config, state = _ldm_to_diffusers(state, base)
+        config, state = _ldm_to_diffusers(state, like)
     else:
         beside = Path(path).with_name("config.json")
         config = read_json_object(beside) if beside.is_file() else dict(like.config)

@@ -22,6 +22,7 @@ import transformers
 from adapterzoo import __version__
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.probe_result import ProbeResult
+from adapterzoo.formats.model.registry import sampled_bases
 from adapterzoo.formats.probe import probe
 from adapterzoo.verify import denoise, measure
 from adapterzoo.verify.attach import ADAPTER_KINDS, Attached, attach
@@ -33,7 +34,7 @@ from adapterzoo.verify.verdict import judge
 DEFAULT_PROMPT = "a photo of a cat"
 DEFAULT_STEPS = 20
 FIXED_TIMESTEP = 500  # where the noise prediction is compared: mid-schedule, image and noise both matter
-BASES = ("sd1", "sd2", "sdxl")
+BASES = sampled_bases()
 CHECKPOINT_COLUMN = "checkpoint"
 VAE_COLUMNS = ["checkpoint VAE", "this VAE"]
 KIND_NAMES = {"lora": "LoRA", "lycoris": "LyCORIS", "hypernetwork": "hypernetwork", "embedding": "embedding"}

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import requests
 
 from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.model.registry import families
 from adapterzoo.zoo.remote import RemoteFile, SourceRecord
 
 DEFAULT_BASE_URL = "https://civitai.com"
@@ -34,14 +35,8 @@ KIND_TYPES = {
     "hypernetwork": ["Hypernetwork"], "vae": ["VAE"], "controlnet": ["Controlnet"],
 }
 TYPE_KINDS = {t: kind for kind, types in KIND_TYPES.items() for t in types}
-BASE_MODELS = {
-    "sd1": ["SD 1.4", "SD 1.5", "SD 1.5 LCM", "SD 1.5 Hyper"],
-    "sd2": ["SD 2.0", "SD 2.0 768", "SD 2.1", "SD 2.1 768", "SD 2.1 Unclip"],
-    "sdxl": ["SDXL 0.9", "SDXL 1.0", "SDXL 1.0 LCM", "SDXL Distilled", "SDXL Turbo", "SDXL Lightning",
-             "SDXL Hyper", "Pony", "Illustrious", "NoobAI"],
-    "sd3": ["SD 3", "SD 3.5", "SD 3.5 Medium", "SD 3.5 Large", "SD 3.5 Large Turbo"],
-    "flux": ["Flux.1 D", "Flux.1 S", "Flux.1 Krea", "Flux.1 Kontext"],
-}
+# Civitai's baseModel labels of each base, as the model families declare them.
+BASE_MODELS = {base: list(names) for family in families() for base, names in family.civitai_base_models.items()}
 BASE_OF_MODEL = {name: base for base, names in BASE_MODELS.items() for name in names}
 SORTS = {"downloads": "Most Downloaded", "rating": "Highest Rated", "newest": "Newest"}
 MODEL_PAGE = re.compile(r"^/models/(\d+)(?:/[^/]*)?/?$")

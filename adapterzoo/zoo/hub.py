@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.model.registry import families
 from adapterzoo.zoo.remote import RemoteFile, SourceRecord
 
 KIND_TAGS = {"lora": "lora", "embedding": "textual_inversion"}
@@ -18,8 +19,7 @@ SORTS = {"downloads": "downloads", "rating": "likes", "newest": "created_at"}
 # Known file names first, then any single-file weights, largest first.
 PRIMARY_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "learned_embeds.safetensors")
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
-BASE_HINTS = (("flux", "flux"), ("stable-diffusion-3", "sd3"), ("xl", "sdxl"), ("stable-diffusion-2", "sd2"),
-              ("v2-", "sd2"), ("stable-diffusion-v1", "sd1"), ("v1-5", "sd1"), ("sd-1", "sd1"))
+BASE_HINTS = tuple(hint for family in families() for hint in family.hub_hints)  # in detection order
 
 
 def parse_ref(ref: str) -> tuple[str, str, str | None]:

@@ -1,1 +1,1 @@
-"""Full checkpoints: their probe, config, and conversion between single-file (LDM) and diffusers folders."""
+"""Full checkpoints: their probe and conversion, asked of the families; configs read from shapes, the CLIP tokenizer."""

@@ -1,10 +1,11 @@
-"""`convert_checkpoint`: diffusers folder <-> single-file LDM/SGM checkpoint, and single-file rewrites.
+"""`convert_checkpoint`: diffusers folder <-> single file, and single-file rewrites, by the family that owns the
+checkpoint (`Family.checkpoints`).
 
-to="ldm" from a folder joins the components into one `.safetensors`; from a single file it
-rewrites it (a `.ckpt`/`.pt` through the safe unpickler into safetensors, `--dtype`, `--prune-ema`).
-to="diffusers" builds a complete pipeline folder whose configs are inferred from tensor shapes.
-A Flux.1 BFL single file becomes a diffusers transformer folder and back (`flux_checkpoint`).
-Outputs go to a temporary path beside the destination and are renamed into place when complete.
+to="ldm" from a folder joins the components into one `.safetensors` in the family's single-file layout
+(LDM/SGM for SD, BFL for Flux); from a single file it rewrites it (a `.ckpt`/`.pt` through the safe
+unpickler into safetensors, `--dtype`, `--prune-ema`), whatever its family. to="diffusers" builds a folder
+whose configs are inferred from tensor shapes. Outputs go to a temporary path beside the destination and
+are renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -14,35 +15,16 @@ from pathlib import Path
 import torch
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.checkpoint.checkpoint_to_diffusers import plan_diffusers, write_diffusers
-from adapterzoo.formats.checkpoint.checkpoint_to_ldm import (
-    diffusers_to_ldm_plan,
-    prediction_warnings,
-    rewrite_plan,
-)
-from adapterzoo.formats.checkpoint.flux_checkpoint import (
-    bfl_to_diffusers_plan,
-    diffusers_to_bfl_plan,
-    flux_transformer_folder,
-    write_flux_folder,
-)
-from adapterzoo.formats.checkpoint.probe_checkpoint import probe_checkpoint
 from adapterzoo.formats.io.atomic import atomic_output, check_output
-from adapterzoo.formats.io.probe_result import ProbeResult
-from adapterzoo.formats.io.safetensors_writer import (
-    SAFETENSORS_DTYPES,
-    plan_dtype,
-    write_safetensors,
-)
+from adapterzoo.formats.io.safetensors_writer import PlannedTensor, plan_dtype, write_safetensors
 from adapterzoo.formats.io.tensor_source import TensorSource, open_checkpoint_file
-from adapterzoo.formats.io.tensor_table import TensorMeta
-from adapterzoo.formats.model import unet_names
-from adapterzoo.formats.model.flux_modules import bfl_prefix
+from adapterzoo.formats.model.family import Family
+from adapterzoo.formats.model.registry import families
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TARGETS = ("ldm", "diffusers")
-FLUX_HEAD_DIM = 128
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+EMA_PREFIX = "model_ema."
 
 
 def _check_paths(src: Path, dest: Path, to: str, force: bool) -> None:
@@ -62,20 +44,40 @@ def _check_paths(src: Path, dest: Path, to: str, force: bool) -> None:
             raise AdapterzooError(f"{dest} exists and is not a diffusers folder; refusing to replace it")
 
 
-def _single_file_base(source: TensorSource, name: str) -> str:
-    table = {k: TensorMeta(shape, SAFETENSORS_DTYPES.get(source.dtypes[k], "?")) for k, shape in source.shapes.items()}
-    result = ProbeResult(path=name)
-    if not any(k.startswith(unet_names.LDM_PREFIX) for k in table) or not probe_checkpoint(table, result):
-        raise BadFileError(f"{name} is not a single-file checkpoint (no {unet_names.LDM_PREFIX}* weights)")
-    return result.base
+def _folder_family(src: Path) -> Family:
+    for family in families():
+        if family.checkpoints.owns_folder and family.checkpoints.owns_folder(src):
+            return family
+    raise BadFileError(f"{src} is not a diffusers pipeline folder (no model_index.json)")
 
 
-def _rope_warning(config: dict) -> list[str]:
-    """The rope axes are in no weight; say so when they are not Flux.1's own (head_dim 128)."""
-    if config["attention_head_dim"] == FLUX_HEAD_DIM:
-        return []
-    return [f"head dim {config['attention_head_dim']}: rope axes set to {config['axes_dims_rope']} "
-            "(the weights do not record them); edit config.json if the model was trained with others"]
+def folder_base(folder: Path) -> str:
+    """The base of a diffusers folder, as the family that owns it reads it."""
+    family = _folder_family(folder)
+    return family.checkpoints.folder_base(folder) if family.checkpoints.folder_base else family.bases[0]
+
+
+def single_file_as_folder(path: Path, folder: Path, dtype: torch.dtype | None = None) -> dict:
+    """Write a single-file checkpoint as a diffusers folder into `folder` (existing, empty); the report."""
+    source = open_checkpoint_file(path)
+    family, base = _file_family(source, path.name)
+    if family.checkpoints.to_folder is None:
+        raise AdapterzooError(f"{path.name} is a {base} checkpoint, which has no diffusers layout we write")
+    return family.checkpoints.to_folder(source, dtype, folder)
+
+
+def _file_family(source: TensorSource, name: str) -> tuple[Family, str]:
+    """The family owning a whole single file, and its base."""
+    table = source.table()
+    for family in families():
+        if family.checkpoints.file_base and (base := family.checkpoints.file_base(table)) is not None:
+            return family, base
+    raise BadFileError(f"{name} is not a single-file checkpoint (no model.diffusion_model.* weights)")
+
+
+def rewrite_plan(source: TensorSource, dtype: torch.dtype | None, prune_ema: bool) -> list[PlannedTensor]:
+    """Every tensor of a single file, cast if asked, without `model_ema.*` when pruning."""
+    return [source.planned(k, k, dtype) for k in source.shapes if not (prune_ema and k.startswith(EMA_PREFIX))]
 
 
 def convert_checkpoint(
@@ -96,41 +98,25 @@ def convert_checkpoint(
         raise BadFileError(f"{src} does not exist")
     _check_paths(src, dest, to, force)
     torch_dtype = DTYPES.get(dtype) if dtype else None
-
-    if src.is_dir() and (flux := flux_transformer_folder(src)) is not None:
+    if src.is_dir():
+        family = _folder_family(src)
         if to == "diffusers":
             raise AdapterzooError(f"{src} is already a diffusers folder; convert it --to ldm")
-        plan = diffusers_to_bfl_plan(flux, torch_dtype)
+        if family.checkpoints.to_single_file is None:
+            raise AdapterzooError(f"{src.name} is a {family.title} folder, which has no single-file layout we write")
+        base, plan, warnings = family.checkpoints.to_single_file(src, torch_dtype)
         with atomic_output(dest) as tmp:
             written = write_safetensors(tmp, plan, {"format": "pt"})
-        report = {"base": "flux", "tensors": written, "dtype": plan_dtype(plan), "dropped": 0, "warnings": []}
-    elif src.is_dir():
-        if not (src / "model_index.json").is_file():
-            raise BadFileError(f"{src} is not a diffusers pipeline folder (no model_index.json)")
-        if to == "diffusers":
-            raise AdapterzooError(f"{src} is already a diffusers folder; convert it --to ldm")
-        base, plan = diffusers_to_ldm_plan(src, torch_dtype)
-        with atomic_output(dest) as tmp:
-            written = write_safetensors(tmp, plan, {"format": "pt"})
-        report = {"base": base, "tensors": written, "dtype": plan_dtype(plan), "dropped": 0,
-                  "warnings": prediction_warnings(src, base)}
+        report = {"base": base, "tensors": written, "dtype": plan_dtype(plan), "dropped": 0, "warnings": warnings}
+    elif to == "diffusers":
+        with atomic_output(dest, folder=True) as tmp:
+            report = single_file_as_folder(src, tmp, torch_dtype)
     else:
         source = open_checkpoint_file(src)
-        base = "flux" if bfl_prefix(source.shapes) is not None else _single_file_base(source, src.name)
-        if to == "diffusers" and base == "flux":
-            config, plan, dropped = bfl_to_diffusers_plan(source, torch_dtype)
-            with atomic_output(dest, folder=True) as tmp:
-                written = write_flux_folder(tmp, config, plan)
-            report = {"base": base, "tensors": written, "dtype": plan_dtype(plan), "dropped": dropped,
-                      "warnings": _rope_warning(config)}
-        elif to == "diffusers":
-            planned = plan_diffusers(source, torch_dtype)
-            with atomic_output(dest, folder=True) as tmp:
-                report = write_diffusers(planned, tmp)
-        else:
-            plan = rewrite_plan(source, torch_dtype, prune_ema)
-            with atomic_output(dest) as tmp:
-                written = write_safetensors(tmp, plan, {**source.metadata, "format": "pt"})
-            report = {"base": base, "tensors": written, "dtype": plan_dtype(plan),
-                      "dropped": len(source.shapes) - written, "warnings": []}
+        _, base = _file_family(source, src.name)
+        plan = rewrite_plan(source, torch_dtype, prune_ema)
+        with atomic_output(dest) as tmp:
+            written = write_safetensors(tmp, plan, {**source.metadata, "format": "pt"})
+        report = {"base": base, "tensors": written, "dtype": plan_dtype(plan),
+                  "dropped": len(source.shapes) - written, "warnings": []}
     return {**report, "to": to, "output": str(dest)}

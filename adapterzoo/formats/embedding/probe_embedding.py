@@ -1,21 +1,24 @@
-"""Probe textual-inversion embeddings (FORMATS.md §4) and A1111 hypernetworks (§3)."""
+"""Probe textual-inversion embeddings (FORMATS.md §4) and A1111 hypernetworks (§3); their base is asked of the
+model families, from the vectors' widths per text-encoder slot and the hypernetwork's context widths."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-import torch
-
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.tensor_table import FRIENDLY_DTYPE, TensorTable, table_from_state_dict
+from adapterzoo.formats.model.registry import families, first
 
-EMBEDDING_WIDTH_BASE = {768: "sd1", 1024: "sd2"}
-ENCODER_SLOTS = ("clip_l", "clip_g", "t5xxl")  # text-encoder slots of ComfyUI's SDXL/SD3/Flux embeddings
-HYPERNETWORK_WIDTH_BASE = {1024: "sd2", 768: "sd1", 2048: "sdxl"}
+ENCODER_SLOTS = ("clip_l", "clip_g", "t5xxl")  # text-encoder slots of kohya's and ComfyUI's embeddings
 # Our safetensors hypernetwork layout: "<width>.<0 for k, 1 for v>.linear.<i>.<weight|bias>".
 SAFETENSORS_HYPERNETWORK_KEY = re.compile(r"^(\d+)\.([01])\.linear\d*(\.\d+)?\.(weight|bias)$")
 _MODULE_SUFFIXES = (".weight", ".bias", ".alpha", "position_ids")
+
+
+def embedding_base(slots: dict[str, int]) -> str:
+    """The base whose text encoders take vectors this wide in these slots ("" for one unnamed encoder)."""
+    return first(family.embedding_base(slots) for family in families()) or "unknown"
 
 
 def _set_embedding(result: ProbeResult, fmt: str, vectors: int, width: int, base: str) -> None:
@@ -28,32 +31,31 @@ def _rows(shape: tuple[int, ...]) -> int:
 
 
 def probe_embedding_table(table: TensorTable, result: ProbeResult) -> bool:
-    """kohya `emb_params`, SDXL `clip_l`/`clip_g`, Flux/SD3 with `t5xxl`, or a diffusers `{token: vector}` dict."""
+    """kohya `emb_params`, `clip_l`/`clip_g` pairs, ComfyUI slots with `t5xxl`, or a diffusers `{token: vector}`."""
     keys = set(table)
     if not keys or any(len(m.shape) not in (1, 2) for m in table.values()):
         return False
     if keys == {"emb_params"}:
         meta = table["emb_params"]
-        _set_embedding(result, "kohya", _rows(meta.shape), meta.shape[-1],
-                       EMBEDDING_WIDTH_BASE.get(meta.shape[-1], "unknown"))
+        _set_embedding(result, "kohya", _rows(meta.shape), meta.shape[-1], embedding_base({"": meta.shape[-1]}))
         return True
     if "t5xxl" in keys and keys <= set(ENCODER_SLOTS):  # ComfyUI's per-encoder slots (FLUX.md §3.5)
         slots = {slot: table[slot].shape[-1] for slot in ENCODER_SLOTS if slot in keys}
-        base = "sd3" if {"clip_l", "clip_g"} <= keys else "flux"
-        _set_embedding(result, "kohya", _rows(table["t5xxl"].shape), sum(slots.values()), base)
+        _set_embedding(result, "kohya", _rows(table["t5xxl"].shape), sum(slots.values()), embedding_base(slots))
         result.details["slots"] = slots
         return True
     if keys == {"clip_l", "clip_g"}:
         n_l, n_g = _rows(table["clip_l"].shape), _rows(table["clip_g"].shape)
-        _set_embedding(result, "kohya", n_l, table["clip_l"].shape[-1] + table["clip_g"].shape[-1], "sdxl")
+        slots = {slot: table[slot].shape[-1] for slot in ("clip_l", "clip_g")}
+        _set_embedding(result, "kohya", n_l, sum(slots.values()), embedding_base(slots))
         if n_l != n_g:
             result.warnings.append(f"clip_l has {n_l} vectors but clip_g has {n_g}; loaders refuse this")
         return True
     widths = {m.shape[-1] for m in table.values()}
     if len(keys) <= 16 and len(widths) == 1 and not any(k.endswith(_MODULE_SUFFIXES) for k in keys):
         width = widths.pop()
-        base = {**EMBEDDING_WIDTH_BASE, 1280: "sdxl"}.get(width, "unknown")
-        _set_embedding(result, "diffusers", sum(_rows(m.shape) for m in table.values()), width, base)
+        _set_embedding(result, "diffusers", sum(_rows(m.shape) for m in table.values()), width,
+                       embedding_base({"": width}))
         result.details["tokens"] = sorted(keys)
         return True
     return False
@@ -63,6 +65,7 @@ def probe_a1111_embedding(obj: Any, result: ProbeResult) -> bool:
     """A1111 `.pt`: string_to_param {"*": [n, dim]} (an nn.ParameterDict in the oldest files)."""
     if not isinstance(obj, dict) or "string_to_param" not in obj:
         return False
+    import torch  # the pickle was loaded by torch already
     params = obj["string_to_param"]
     if hasattr(params, "parameters"):
         params = params.parameters()
@@ -73,8 +76,7 @@ def probe_a1111_embedding(obj: Any, result: ProbeResult) -> bool:
         return False
     vector = tensors[0]
     width = vector.shape[-1]
-    _set_embedding(result, "a1111", 1 if vector.dim() == 1 else vector.shape[0], width,
-                   EMBEDDING_WIDTH_BASE.get(width, "unknown"))
+    _set_embedding(result, "a1111", 1 if vector.dim() == 1 else vector.shape[0], width, embedding_base({"": width}))
     result.dtype = FRIENDLY_DTYPE.get(table_from_state_dict({"v": vector})["v"].dtype)
     result.tensors = len(tensors)
     for key in ("name", "step", "sd_checkpoint", "sd_checkpoint_name"):
@@ -116,5 +118,5 @@ def _set_hypernetwork(result: ProbeResult, widths: list[int], fmt: str, table: T
     result.kind, result.format = "hypernetwork", fmt
     result.details["widths"] = widths
     result.tensors = len(table)
-    result.base = next((base for w, base in HYPERNETWORK_WIDTH_BASE.items() if w in widths), "unknown")
+    result.base = first(family.hypernetwork_base(widths) for family in families()) or "unknown"
 

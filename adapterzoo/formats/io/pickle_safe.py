@@ -16,12 +16,13 @@ import types
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from adapterzoo.errors import BadFileError, UnsafeFileError
 from adapterzoo.formats.io.pickle_scan import ZIP_MAGIC, python3_name, scan_file, unique
+
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = {".pt", ".ckpt", ".bin", ".pth"}
 
@@ -146,6 +147,8 @@ def _is_torchscript(path: Path) -> bool:
 def _load_with_allowlist(path: Path, container: str) -> Any:
     """torch's weights-only unpickler first; the restricted stdlib one for protocol 3-5 opcodes torch lacks.
     `container` is "zip" or "stream" (load_pickle never hands a tar here)."""
+    import torch  # only here: recognising a pickle by its name never loads torch
+
     with warnings.catch_warnings(), torch.serialization.safe_globals(_extra_globals()):
         warnings.simplefilter("ignore")
         try:

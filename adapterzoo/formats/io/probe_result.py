@@ -1,4 +1,4 @@
-"""What `probe` answers about one file or folder, in the vocabulary of DESIGN.md."""
+"""What `probe` answers about one file or folder, in the vocabulary of DESIGN.md (bases: the model families')."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 KINDS = ("checkpoint", "lora", "lycoris", "hypernetwork", "embedding", "vae", "controlnet", "unknown")
-BASES = ("sd1", "sd2", "sdxl", "sd3", "flux", "unknown")
 
 
 def with_article(word: str) -> str:

@@ -25,7 +25,8 @@ from adapterzoo.formats.io.pickle_safe import (
     unwrap_state_dict,
 )
 from adapterzoo.formats.io.safetensors_header import SafetensorsHeader, read_header
-from adapterzoo.formats.io.safetensors_writer import TORCH_DTYPES, PlannedTensor, StoredBytes
+from adapterzoo.formats.io.safetensors_writer import SAFETENSORS_DTYPES, TORCH_DTYPES, PlannedTensor, StoredBytes
+from adapterzoo.formats.io.tensor_table import TensorMeta, TensorTable
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,10 @@ class TensorSource:
         row = stored.nbytes // self.shapes[key][0]
         return PlannedTensor(name, shape, out, stored=StoredBytes(stored.path, stored.offset + start * row,
                                                                   (stop - start) * row))
+
+    def table(self) -> TensorTable:
+        """Shapes and dtypes as probe reads them (safetensors dtype names)."""
+        return {k: TensorMeta(shape, SAFETENSORS_DTYPES.get(self.dtypes[k], "?")) for k, shape in self.shapes.items()}
 
     def update(self, other: TensorSource) -> None:
         """Add another file's tensors (shards of one model)."""

@@ -1,19 +1,24 @@
-"""Shapes and dtypes of a state dict, whether read from a safetensors header or a loaded pickle."""
+"""Shapes and dtypes of a state dict, whether read from a safetensors header or a loaded pickle.
+
+Plain Python: only a pickle's tensors (already loaded by torch) bring torch in.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from adapterzoo.errors import BadFileError
 from adapterzoo.formats.io.safetensors_header import SafetensorsHeader
 
-_TORCH_DTYPE_NAMES = {
-    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+if TYPE_CHECKING:
+    import torch
+
+_TORCH_DTYPE_NAMES = {  # torch's dtype names -> the safetensors spelling
+    "torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32", "torch.float64": "F64",
+    "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16", "torch.int8": "I8", "torch.uint8": "U8",
+    "torch.bool": "BOOL", "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2",
 }
 FRIENDLY_DTYPE = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64", "F8_E4M3": "fp8", "F8_E5M2": "fp8"}
 
@@ -37,8 +42,10 @@ def table_from_header(header: SafetensorsHeader) -> TensorTable:
 
 def table_from_state_dict(state_dict: dict) -> TensorTable:
     """Tensors only; bookkeeping values (global_step, epoch) are skipped."""
+    import torch
+
     return {
-        str(name): TensorMeta(tuple(value.shape), _TORCH_DTYPE_NAMES.get(value.dtype, str(value.dtype)))
+        str(name): TensorMeta(tuple(value.shape), _TORCH_DTYPE_NAMES.get(str(value.dtype), str(value.dtype)))
         for name, value in state_dict.items()
         if isinstance(value, torch.Tensor)
     }

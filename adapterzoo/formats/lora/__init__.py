@@ -1,1 +1,1 @@
-"""LoRA-family adapters: the canonical model, its probe, every dialect read and written (Flux dialects: flux_*)."""
+"""LoRA-family adapters: the canonical model, its probe, every common dialect read and written, fused <-> split math."""

@@ -11,7 +11,7 @@ import json
 import re
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.model.architectures import Architecture, Target
+from adapterzoo.formats.model.targets import Architecture, Target
 
 ATTENTION_CLASSES = {"CrossAttention", "Attention"}
 DEFAULT_CLASSES = {"unet": {"CrossAttention", "Attention", "GEGLU"}, "text_encoder": {"CLIPAttention"}}

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
 from adapterzoo.errors import AdapterzooError
@@ -22,9 +23,21 @@ from adapterzoo.formats.lora.lora_write import (
     kohya_tensors,
     peft_adapters,
 )
-from adapterzoo.formats.model.architectures import Architecture
+from adapterzoo.formats.model.registry import families, family_of, lora_targets
+from adapterzoo.formats.model.targets import Architecture
 
-LORA_TARGETS = ("kohya", "diffusers", "peft", "bfl")  # bfl: Flux only
+
+def dialect_tensors(lora: LoraFile, to: str) -> dict[str, torch.Tensor]:
+    """A kohya or family dialect's tensors: the base's family writes its own module space where it has one
+    (BFL names with fused projections), else the common kohya writer names the canonical modules."""
+    family = family_of(lora.base)
+    writer = family.lora_writers.get(to) if family is not None else None
+    if writer is not None:
+        return writer(lora)
+    if to == "kohya":
+        return kohya_tensors(lora)
+    writers = [family.title for family in families() if to in family.lora_writers]
+    raise AdapterzooError(f"{to} names exist for {' and '.join(writers)} LoRAs only; this one is for {lora.base}")
 
 
 def convert_lora(
@@ -37,9 +50,10 @@ def convert_lora(
     rank: int | None = None,
     architecture: Architecture | None = None,
 ) -> dict[str, Any]:
-    """Write `src` as `to` (kohya | diffusers | peft | bfl) at `dest`; `rank` approximates LyCORIS modules by SVD."""
-    if to not in LORA_TARGETS:
-        raise AdapterzooError(f"a LoRA converts to {' | '.join(LORA_TARGETS)}, not {to!r}")
+    """Write `src` as `to` (kohya | diffusers | peft, or a family's own dialect) at `dest`; `rank` approximates
+    LyCORIS modules by SVD."""
+    if to not in lora_targets():
+        raise AdapterzooError(f"a LoRA converts to {' | '.join(lora_targets())}, not {to!r}")
     dest = check_output(dest, [src], force)
     if to != "peft" and dest.suffix != ".safetensors":
         raise AdapterzooError(f"a {to} LoRA is a .safetensors file; name the output *.safetensors")
@@ -47,15 +61,10 @@ def convert_lora(
     approximation = _make_plain(lora, to, rank)
     embedding_paths = _embedding_paths(lora, dest, src, force)
     metadata = output_metadata(lora, to, dest.stem, rank if approximation else None)
-    if to == "bfl" or (to == "kohya" and lora.base == "flux"):  # Flux's BFL module space, fused projections
-        from adapterzoo.formats.lora.flux_lora_write import flux_bfl_tensors, flux_kohya_tensors
-
-        tensors = flux_bfl_tensors(lora) if to == "bfl" else flux_kohya_tensors(lora)
+    if to not in ("diffusers", "peft"):
+        tensors = dialect_tensors(lora, to)
         with atomic_output(dest) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-    elif to == "kohya":
-        with atomic_output(dest) as tmp:
-            save_file(kohya_tensors(lora), str(tmp), metadata=metadata)
     elif to == "diffusers":
         tensors, header = diffusers_tensors(lora)
         with atomic_output(dest) as tmp:

@@ -1,34 +1,19 @@
 """The `__metadata__` a converted LoRA carries: the source's training notes, ModelSpec fixed for the output.
 
 `ss_*` / `ssmd_*` / `modelspec.*` travel; what described the old bytes (embedded hashes, diffusers'
-adapter config, cloneofsimo's injection lists) does not. ModelSpec's architecture and
-implementation are set for the output (FORMATS.md §6).
+adapter config, cloneofsimo's injection lists) does not. ModelSpec's architecture (the base's family
+names it) and implementation are set for the output (FORMATS.md §6).
 """
 
 from __future__ import annotations
 
 from adapterzoo.formats.lora.lora_model import LoraFile
+from adapterzoo.formats.model.registry import family_of
 
 IMPL_DIFFUSERS = "diffusers"
 IMPL_STABILITY = "https://github.com/Stability-AI/generative-models"
-# base -> (ModelSpec architecture prefix every id of that base starts with, default id)
-ARCHITECTURE_IDS = {
-    "sd1": ("stable-diffusion-v1", "stable-diffusion-v1"),
-    "sd2": ("stable-diffusion-v2", "stable-diffusion-v2-512"),
-    "sdxl": ("stable-diffusion-xl", "stable-diffusion-xl-v1-base"),
-    "flux": ("flux-1", "flux-1-dev"),
-}
 _STALE = ("format", "lora_adapter_metadata", "modelspec.hash_sha256")
 _CLONEOFSIMO_KEYS = ("unet", "text_encoder")
-
-
-def _architecture_id(base: str, metadata: dict[str, str]) -> str:
-    prefix, default = ARCHITECTURE_IDS[base]
-    current = metadata.get("modelspec.architecture", "").split("/")[0]
-    if current.startswith(prefix):
-        return current
-    v_model = metadata.get("ss_v_parameterization") == "True" or metadata.get("ss_base_model_version") == "sd_v2_v"
-    return "stable-diffusion-v2-768-v" if base == "sd2" and v_model else default
 
 
 def _carried(lora: LoraFile) -> dict[str, str]:
@@ -53,6 +38,8 @@ def output_metadata(lora: LoraFile, to: str, title: str, approximated_rank: int 
     kohya_ldm = to == "kohya" and lora.architecture.convention.unet_naming == "ldm"
     metadata.setdefault("modelspec.sai_model_spec", "1.0.0")
     metadata.setdefault("modelspec.title", title)
-    metadata["modelspec.architecture"] = f"{_architecture_id(lora.base, metadata)}/lora"
+    family = family_of(lora.base)
+    if family is not None and family.modelspec_architecture is not None:
+        metadata["modelspec.architecture"] = f"{family.modelspec_architecture(lora.base, metadata)}/lora"
     metadata["modelspec.implementation"] = IMPL_STABILITY if kohya_ldm else IMPL_DIFFUSERS
     return metadata

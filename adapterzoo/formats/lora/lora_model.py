@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapterzoo.formats.model.architectures import Architecture
+from adapterzoo.formats.model.targets import Architecture
 
 
 def _tucker(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 Each dialect only says how its keys group into modules, which module each group names and where
 its alpha lives; one builder then checks every group against the real module it lands on (shape
-included) and makes the canonical dataclass. Keys that land nowhere are never dropped silently:
-they are all listed in an `UnmatchedKeysError`, or handed back by `load_lora_matched`.
+included) and makes the canonical dataclass. A name that spells a fused projection of the family's
+own layout (BFL's qkv) is built against the fused shape and split exactly into its parts (`fused`).
+Keys that land nowhere are never dropped silently: they are all listed in an `UnmatchedKeysError`,
+or handed back by `load_lora_matched`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from adapterzoo.errors import BadFileError
+from adapterzoo.errors import AdapterzooError, BadFileError
 from adapterzoo.formats.io.json_file import read_json_object
 from adapterzoo.formats.io.pickle_safe import (
     PICKLE_SUFFIXES,
@@ -29,6 +31,7 @@ from adapterzoo.formats.io.pickle_safe import (
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.safetensors_header import read_header, safetensors_errors
 from adapterzoo.formats.io.tensor_table import one_number, table_from_state_dict
+from adapterzoo.formats.lora.fused import split_full, split_fused
 from adapterzoo.formats.lora.lora_cloneofsimo import injected_classes, injection_order
 from adapterzoo.formats.lora.lora_keys import detect_lora_dialect, split_key
 from adapterzoo.formats.lora.lora_model import (
@@ -41,13 +44,14 @@ from adapterzoo.formats.lora.lora_model import (
     LoraModule,
     dora_on_output,
 )
+from adapterzoo.formats.lora.lora_parts import DIFFUSERS_ADAPTER_METADATA, PEFT_PREFIX
 from adapterzoo.formats.lora.probe_lora import config_number, probe_lora
-from adapterzoo.formats.model.architectures import Architecture, Target, builtin_architecture
+from adapterzoo.formats.model.architectures import builtin_architecture
+from adapterzoo.formats.model.registry import family_of, lora_bases
+from adapterzoo.formats.model.targets import Architecture, FusedModule, Target
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
-DIFFUSERS_ADAPTER_METADATA = "lora_adapter_metadata"
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default lora_alpha, used when a config leaves it out
 
 _PART_NAMES = {
@@ -114,6 +118,7 @@ class _Group:
     keys: dict[str, str] = field(default_factory=dict)
     peft_config: dict | None = None  # LoraConfig-style alphas (lora_alpha, alpha_pattern, use_rslora)
     spelled: str = ""  # the module path as the config's patterns see it
+    fused: FusedModule | None = None  # the fused projection it names, split into its parts once built
 
 
 @dataclass
@@ -155,17 +160,15 @@ def load_lora_matched(
 def _resolve(source: _Source, architecture: Architecture) -> tuple[LoraFile | None, list[str], list[Misfit]]:
     """The modules of `source` that land on `architecture` (None if none do), its keys that land nowhere,
     and the modules among those whose name matched a target but whose shape did not."""
-    if architecture.base == "flux":  # BFL names may be fused projections: split on read
-        from adapterzoo.formats.lora.flux_lora_read import resolve_flux
-
-        lora, unmatched = resolve_flux(source, architecture)
-        return lora, unmatched, []
     if source.dialect == "cloneofsimo":
         groups = _cloneofsimo_groups(source, architecture)
     elif source.dialect == "peft":
         groups = _peft_groups(source, architecture)
     else:
         groups = _named_groups(source, architecture)
+    family = family_of(architecture.base)
+    if family is not None and (refusal := family.lora_refusal({g.name: g.keys for g in groups})):
+        raise AdapterzooError(refusal)
     modules: dict[str, AdapterModule] = {}
     used: set[str] = set()
     misfits: list[Misfit] = []
@@ -174,11 +177,14 @@ def _resolve(source: _Source, architecture: Architecture) -> tuple[LoraFile | No
         if module is None and group.target is not None:
             misfits.append(Misfit(group.name, tuple(group.keys.values()), _file_shape(group, source.tensors),
                                   group.target.shape))
-        if module is not None:
-            _check_delta_forms(group.name, module)
-        if module is not None and group.target.path not in modules:
-            modules[group.target.path] = module
-            used.update(group.keys.values())
+        if module is None:
+            continue
+        _check_delta_forms(group.name, module)
+        pieces = _pieces(module, group, architecture)
+        if any(path in modules for path in pieces):
+            continue  # a second spelling of a module already read: its keys stay unmatched, never dropped
+        modules.update(pieces)
+        used.update(group.keys.values())
     embeddings = {k: v for k, v in source.tensors.items() if source.metadata.get(k) == "<embed>"}
     unmatched = sorted(k for k in source.tensors if k not in used and k not in embeddings)
     if not modules:
@@ -186,6 +192,26 @@ def _resolve(source: _Source, architecture: Architecture) -> tuple[LoraFile | No
     order = {p: i for i, p in enumerate(architecture.targets)}
     modules = dict(sorted(modules.items(), key=lambda item: order[item[0]]))
     return LoraFile(modules, architecture, source.dialect, dict(source.metadata), embeddings), unmatched, misfits
+
+
+def _pieces(module: AdapterModule, group: _Group, architecture: Architecture) -> dict[str, AdapterModule]:
+    """The module on its target, or a fused module split into its parts (exact row blocks of ΔW)."""
+    if group.fused is None:
+        return {group.target.path: module}
+    shapes = {path: architecture.targets[path].shape for path, _ in group.fused.parts}
+    if isinstance(module, LoraModule):
+        return split_fused(module, group.fused, shapes)
+    return split_full(module, group.fused, shapes)
+
+
+def _target(architecture: Architecture, name: str) -> tuple[Target | None, FusedModule | None]:
+    """The target `name` spells, or a stand-in of a fused projection's shape with that projection."""
+    target = architecture.resolve(name)
+    fused = architecture.fused.get(name) if target is None else None
+    if fused is not None:
+        component = architecture.targets[fused.parts[0][0]].component
+        target = Target(f"{component}.{fused.name}", component, fused.name, None, fused.shape)
+    return target, fused
 
 
 def _file_shape(group: _Group, tensors: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
@@ -271,7 +297,7 @@ def _detect_base(source: _Source) -> str:
 
     root_config = source.peft_folders.get(None)
     probe_lora(table_from_state_dict(tensors), source.metadata, scalar, result, root_config)
-    if result.base not in ("sd1", "sd2", "sdxl", "flux"):
+    if result.base not in lora_bases():
         raise BadFileError(f"cannot tell the base model from this file (probe says {result.base}); pass --base")
     return result.base
 
@@ -292,8 +318,8 @@ def _named_groups(source: _Source, architecture: Architecture) -> list[_Group]:
             lookup = name
             if source.dialect == "diffusers-legacy" and (m := _LEGACY_CLIP_NAME.match(name)):
                 lookup = f"{m['head']}.{_LEGACY_CLIP[m['proj']]}"
-            target = architecture.resolve(lookup)
-            groups[name] = _Group(name, target)
+            target, fused = _target(architecture, lookup)
+            groups[name] = _Group(name, target, fused=fused)
             if target is not None and target.component in configs:
                 groups[name].peft_config = configs[target.component]
                 groups[name].spelled = name.removeprefix(target.component + ".")
@@ -332,12 +358,14 @@ def _peft_groups(source: _Source, architecture: Architecture) -> list[_Group]:
     for full, group in groups.items():
         by_folder.setdefault(full.rpartition("/")[0], []).append(group)
     for folder, members in by_folder.items():
-        config = source.peft_folders[folder or None]
+        config = source.peft_folders.get(folder or None)
         components = [folder] if folder else _components(architecture)
         component = max(components, key=lambda c: _fitting(members, c, source.tensors, architecture))
         for group in members:
             group.spelled = group.name.removeprefix(PEFT_PREFIX)
-            group.target = architecture.resolve(f"{component}.{group.spelled}")
+            group.target, group.fused = _target(architecture, group.name)  # a family may spell PEFT names itself
+            if group.target is None:
+                group.target, group.fused = _target(architecture, f"{component}.{group.spelled}")
             group.peft_config = config
     return list(groups.values())
 

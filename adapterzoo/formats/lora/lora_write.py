@@ -26,8 +26,8 @@ from adapterzoo.formats.lora.lora_model import (
     LoraModule,
     dora_on_output,
 )
-from adapterzoo.formats.lora.lora_read import DIFFUSERS_ADAPTER_METADATA, PEFT_PREFIX
-from adapterzoo.formats.model.architectures import Target
+from adapterzoo.formats.lora.lora_parts import DIFFUSERS_ADAPTER_METADATA, PEFT_PREFIX
+from adapterzoo.formats.model.targets import Target
 
 Tensors = dict[str, torch.Tensor]
 Modules = list[tuple[Target, LoraModule]]
@@ -38,7 +38,7 @@ def _alpha(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float32)
 
 
-def _kohya_parts(module: AdapterModule) -> Tensors:
+def kohya_parts(module: AdapterModule) -> Tensors:
     if isinstance(module, LoraModule):
         parts = {"lora_down.weight": module.down, "lora_up.weight": module.up, "alpha": _alpha(module.alpha)}
         if module.mid is not None:
@@ -65,7 +65,7 @@ def kohya_tensors(lora: LoraFile) -> Tensors:
     out: Tensors = {}
     for path, module in lora.modules.items():
         name = lora.architecture.kohya_name(lora.architecture.targets[path])
-        out.update({f"{name}.{part}": tensor.contiguous() for part, tensor in _kohya_parts(module).items()})
+        out.update({f"{name}.{part}": tensor.contiguous() for part, tensor in kohya_parts(module).items()})
     return out
 
 
@@ -113,7 +113,7 @@ def _by_component(modules: Modules) -> dict[str, Modules]:
     return out
 
 
-def _fold(module: LoraModule) -> LoraModule:
+def fold_scale(module: LoraModule) -> LoraModule:
     """alpha / r multiplied into up in fp32, cast back to up's dtype; alpha = r, so ΔW = up @ down."""
     return replace(module, up=(module.up.float() * module.scale).to(module.up.dtype), alpha=float(module.rank))
 
@@ -125,7 +125,7 @@ def _folded(lora: LoraFile, to: str) -> tuple[dict[str, Modules], dict[str, str]
     """
     components = _by_component(_plain(lora, to))
     record = {c: {k: lora_config(ms)[k] for k in ("lora_alpha", "alpha_pattern")} for c, ms in components.items()}
-    folded = {c: [(t, _fold(m)) for t, m in ms] for c, ms in components.items()}
+    folded = {c: [(t, fold_scale(m)) for t, m in ms] for c, ms in components.items()}
     return folded, {FOLDED_ALPHA: lora.metadata.get(FOLDED_ALPHA, json.dumps(record, sort_keys=True))}
 
 

@@ -1,1 +1,2 @@
-"""The base models themselves: architectures (SD1/SD2/SDXL, Flux), module tables, UNet/CLIP/VAE key names."""
+"""What every model family shares: targets and architectures, module tables, UNet/CLIP/VAE key names, where a
+target's weight lives; the `Family` interface and the registry that finds the families (formats/families/)."""

@@ -13,16 +13,6 @@ import re
 
 import torch
 
-# Where each base keeps its text encoders in a single file; `.model.` roots are OpenCLIP, `.transformer.`
-# roots hold Hugging Face CLIP names (with `text_model.`).
-LDM_TEXT_ENCODERS = {
-    "sd1": {"text_encoder": "cond_stage_model.transformer."},
-    "sd2": {"text_encoder": "cond_stage_model.model."},
-    "sdxl": {
-        "text_encoder": "conditioner.embedders.0.transformer.",
-        "text_encoder_2": "conditioner.embedders.1.model.",
-    },
-}
 QKV = ("q_proj", "k_proj", "v_proj")
 TRANSPOSED = "text_projection"  # OpenCLIP name of the one tensor stored transposed
 

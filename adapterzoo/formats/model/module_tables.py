@@ -1,8 +1,9 @@
-"""Which modules of a UNet, Flux transformer, CLIP or T5 text encoder hold a weight, with its shape, from the model's class and config.
+"""Which modules of a model (a UNet, a DiT transformer, a CLIP or T5 text encoder) hold a weight, with its shape,
+from the model's class and config.
 
 Building the model on the `meta` device answers it exactly, but importing diffusers and transformers
 costs a command about 5 s, more than merging a LoRA into an SD1.5 UNet takes. So the tables of the
-configs that the built-in bases and standard SD1/SD2/SDXL single files give ship with the package
+configs that the families' built-in bases and standard single files give ship with the package
 (`data/module_tables.json.gz`, written by `tools/write_module_tables.py`); any other config is built.
 A test proves that every shipped table equals what diffusers and transformers build now.
 """
@@ -14,14 +15,14 @@ import gzip
 import json
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 UNET_CLASS = "UNet2DConditionModel"
 CLIP_CLASS = "CLIPTextModel"
 CLIP_PROJECTION_CLASS = "CLIPTextModelWithProjection"
-FLUX_CLASS = "FluxTransformer2DModel"
 T5_CLASS = "T5EncoderModel"
 SHIPPED = "module_tables.json.gz"
 
@@ -37,7 +38,7 @@ class ModuleTable:
 
 
 def module_table(model_class: str, config: dict[str, Any]) -> ModuleTable:
-    """The table of `model_class` (UNet2DConditionModel or a CLIP text model) built from `config`."""
+    """The table of `model_class` (a diffusers model or a transformers text encoder) built from `config`."""
     shipped = shipped_table(table_key(model_class, config))
     return shipped if shipped is not None else table_of(build_on_meta(model_class, config))
 
@@ -57,16 +58,18 @@ def table_of(model: torch.nn.Module) -> ModuleTable:
 
 
 def build_on_meta(model_class: str, config: dict[str, Any]) -> torch.nn.Module:
-    """The model without weights: only its modules' names and shapes are wanted."""
-    with torch.device("meta"):
-        if model_class in (UNET_CLASS, FLUX_CLASS):
-            import diffusers
+    """The model without weights (diffusers' class of that name, else transformers'): only its modules' names and
+    shapes are wanted."""
+    import diffusers
+    import torch
 
+    with torch.device("meta"):
+        if hasattr(diffusers, model_class):
             return getattr(diffusers, model_class).from_config(config)
         import transformers
 
-        config_class = transformers.T5Config if model_class == T5_CLASS else transformers.CLIPTextConfig
-        return getattr(transformers, model_class)(config_class.from_dict(config))
+        model = getattr(transformers, model_class)
+        return model(model.config_class.from_dict(config))
 
 
 @functools.cache

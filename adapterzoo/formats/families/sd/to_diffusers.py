@@ -17,13 +17,16 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.checkpoint.checkpoint_config import (
+from adapterzoo.formats.checkpoint.clip_tokenizer import write_clip_tokenizer
+from adapterzoo.formats.checkpoint.shape_reading import vae_config_from_ldm
+from adapterzoo.formats.families.sd.config_from_shapes import (
+    VAE_SAMPLE_SIZE,
+    VAE_SCALING,
     clip_config_from_hf,
     unet_config_from_ldm,
     unet_layout_from_ldm,
-    vae_config_from_ldm,
 )
-from adapterzoo.formats.checkpoint.clip_tokenizer import write_clip_tokenizer
+from adapterzoo.formats.families.sd.probe import LDM_TEXT_ENCODERS
 from adapterzoo.formats.io.safetensors_writer import (
     PlannedTensor,
     plan_dtype,
@@ -32,7 +35,6 @@ from adapterzoo.formats.io.safetensors_writer import (
 from adapterzoo.formats.io.tensor_source import TensorSource
 from adapterzoo.formats.model import unet_names, vae_names
 from adapterzoo.formats.model.clip_names import (
-    LDM_TEXT_ENCODERS,
     TRANSPOSED,
     is_openclip_root,
     openclip_to_hf,
@@ -40,7 +42,7 @@ from adapterzoo.formats.model.clip_names import (
     strip_text_model,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "data"  # adapterzoo/data
+DATA = Path(__file__).resolve().parents[3] / "data"  # adapterzoo/data
 CLIP_VOCAB = 49408
 OPENCLIP_H_LAYERS = 24  # SD2 reads the penultimate of OpenCLIP-H's 24 layers; diffusers keeps 23
 PIPELINES = {
@@ -178,7 +180,7 @@ def _unet(source: TensorSource, base: str, pooled: int | None, prediction: str, 
 def _vae(source: TensorSource, base: str, dtype: torch.dtype | None) -> Component:
     keys = _under(source, vae_names.LDM_PREFIX)
     shapes = {rest: source.shapes[key] for rest, key in keys.items()}
-    config = vae_config_from_ldm(shapes, base)
+    config = vae_config_from_ldm(shapes, VAE_SAMPLE_SIZE[base], VAE_SCALING[base])
     levels = len(config["down_block_types"])
     plan: Plan = {}
     origins: dict[str, str] = {}

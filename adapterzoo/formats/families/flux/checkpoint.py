@@ -14,21 +14,30 @@ from pathlib import Path
 import torch
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.io.json_file import read_json_object
-from adapterzoo.formats.io.safetensors_writer import PlannedTensor, write_safetensors
-from adapterzoo.formats.io.tensor_source import TensorSource, open_component
-from adapterzoo.formats.model.flux_modules import (
-    KEY_NORM,
-    TRANSFORMER,
+from adapterzoo.formats.families.flux.modules import (
+    FLUX_CLASS,
     bfl_config_from_shapes,
-    bfl_prefix,
     flux_architecture_from_tables,
+    flux_checkpoint_architecture,
     saved_config,
 )
-from adapterzoo.formats.model.module_tables import FLUX_CLASS, build_on_meta, module_table
+from adapterzoo.formats.families.flux.probe import BASE, KEY_NORM, bfl_prefix
+from adapterzoo.formats.io.json_file import read_json_object
+from adapterzoo.formats.io.safetensors_writer import PlannedTensor, plan_dtype, write_safetensors
+from adapterzoo.formats.io.tensor_source import TensorSource, open_component
+from adapterzoo.formats.model.module_tables import build_on_meta, module_table
+from adapterzoo.formats.model.targets import TRANSFORMER, Rows
+from adapterzoo.formats.model.weight_locations import (
+    SINGLE_FILE,
+    WEIGHT_STEMS,
+    CheckpointTargets,
+    WeightLocation,
+    checked,
+    diffusers_locations,
+)
 
 WEIGHTS = "diffusion_pytorch_model"
-Rows = tuple[tuple[int, int], ...]
+FLUX_HEAD_DIM = 128
 
 
 @dataclass(frozen=True)
@@ -160,3 +169,70 @@ def write_flux_folder(folder: Path, config: dict, plan: list[PlannedTensor]) -> 
     """A bare transformer folder (config.json + weights), as `FluxTransformer2DModel.from_pretrained` reads it."""
     build_on_meta(FLUX_CLASS, config).save_config(folder)
     return write_safetensors(folder / f"{WEIGHTS}.safetensors", plan, {"format": "pt"})
+
+
+def to_folder(source: TensorSource, dtype: torch.dtype | None, folder: Path) -> dict:
+    """A BFL single file as a diffusers transformer folder; the rope axes are in no weight, so a head dim other
+    than Flux.1's own gets a warning."""
+    config, plan, dropped = bfl_to_diffusers_plan(source, dtype)
+    written = write_flux_folder(folder, config, plan)
+    warnings = []
+    if config["attention_head_dim"] != FLUX_HEAD_DIM:
+        warnings.append(f"head dim {config['attention_head_dim']}: rope axes set to {config['axes_dims_rope']} "
+                        "(the weights do not record them); edit config.json if the model was trained with others")
+    return {"base": BASE, "tensors": written, "dtype": plan_dtype(plan), "dropped": dropped, "warnings": warnings}
+
+
+def to_single_file(folder: Path, dtype: torch.dtype | None) -> tuple[str, list[PlannedTensor], list[str]]:
+    transformer = flux_transformer_folder(folder)
+    if transformer is None:
+        raise BadFileError(f"{folder.name} holds no {FLUX_CLASS}")
+    return BASE, diffusers_to_bfl_plan(transformer, dtype), []
+
+
+# -- where LoRA targets live (merge, extract) ------------------------------------------------------------
+
+
+def flux_targets(path: Path, source: TensorSource | None) -> CheckpointTargets | None:
+    """A diffusers Flux transformer or pipeline folder, or a BFL single file (`source`, opened); None for any
+    other model."""
+    if source is None:
+        return _folder_targets(path) if flux_transformer_folder(path) is not None else None
+    return _bfl_targets(path, source) if bfl_prefix(source.shapes) is not None else None
+
+
+def _folder_targets(path: Path) -> CheckpointTargets:
+    """A diffusers Flux transformer folder, or a pipeline folder (transformer, and CLIP/T5 when present)."""
+    architecture = flux_checkpoint_architecture(path)
+    if architecture is None:
+        raise BadFileError(f"{path.name} is not a Flux model folder")
+    if (path / "config.json").is_file():  # the transformer alone: its weights live in the folder itself
+        source = open_component(path, WEIGHT_STEMS[TRANSFORMER])
+        locations = diffusers_locations(architecture, {TRANSFORMER: source}, SINGLE_FILE)
+        return CheckpointTargets(path, BASE, True, architecture, locations, {SINGLE_FILE: source})
+    components = {target.component for target in architecture.targets.values()}
+    sources = {c: open_component(path / c, WEIGHT_STEMS[c]) for c in components}
+    return CheckpointTargets(path, BASE, True, architecture, diffusers_locations(architecture, sources), sources)
+
+
+def _bfl_targets(path: Path, source: TensorSource) -> CheckpointTargets:
+    """A BFL single file: each target is its BFL weight, a row block of a fused one (qkv, linear1), or the
+    final modulation with its halves swapped (FLUX.md §1.2-1.3)."""
+    architecture = flux_checkpoint_architecture(path)
+    if architecture is None:
+        raise BadFileError(f"{path.name} is a Flux checkpoint this cannot read (not safetensors)")
+    prefix = bfl_prefix(source.shapes)
+    locations = {}
+    for module in architecture.bfl:
+        weight, bias = f"{prefix}{module.name}.weight", f"{prefix}{module.name}.bias"
+        if weight not in source.shapes:
+            continue
+        bias_key = bias if bias in source.shapes else None
+        for target, rows in module.parts:
+            if len(rows) == 2:  # the two halves, swapped
+                location = WeightLocation(SINGLE_FILE, weight, bias_key, halves_swapped=True)
+            else:
+                whole = rows[0] == (0, module.shape[0])
+                location = WeightLocation(SINGLE_FILE, weight, bias_key, None if whole else rows[0])
+            locations[target] = checked(location, source, architecture.targets[target].shape)
+    return CheckpointTargets(path, BASE, False, architecture, locations, {SINGLE_FILE: source})

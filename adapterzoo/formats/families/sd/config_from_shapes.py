@@ -1,8 +1,8 @@
 """Diffusers configs of a single-file checkpoint's parts, inferred from tensor shapes alone (no hub).
 
 Everything that shapes the weights is read from them: channels, resnets per level, which levels
-attend, transformer depth, context width, linear vs conv projection, VAE levels and latent width,
-CLIP width/depth/vocabulary. What the weights cannot tell (attention heads, group-norm groups,
+attend, transformer depth, context width, linear vs conv projection, CLIP width/depth/vocabulary
+(the VAE's are in `checkpoint.shape_reading`). What the weights cannot tell (attention heads, group-norm groups,
 the VAE scaling factor) follows the LDM configs each base ships with (FORMATS.md §2, §5).
 """
 
@@ -11,11 +11,9 @@ from __future__ import annotations
 import re
 
 from adapterzoo.errors import BadFileError
+from adapterzoo.formats.checkpoint.shape_reading import NORM_GROUPS, Shapes, count, indices, need
 from adapterzoo.formats.model.unet_names import UnetLayout
 
-Shapes = dict[str, tuple[int, ...]]
-
-NORM_GROUPS = 32  # LDM's GroupNorm32 everywhere, so any LDM file has 32 groups
 HEAD_WIDTH = 64  # SD2/SDXL (num_head_channels: 64) and every CLIP text encoder here
 SD1_HEADS = 8  # SD1 (num_heads: 8)
 UNET_SAMPLE_SIZE = {"sd1": 64, "sd2": 96, "sdxl": 128}
@@ -24,22 +22,6 @@ VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 # CLIP's own special-token ids as its Hugging Face configs spell them (eos 2 selects the
 # argmax-of-ids pooling that SD's text encoders were trained with).
 CLIP_TOKEN_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
-
-
-def _need(shapes: Shapes, key: str, part: str) -> tuple[int, ...]:
-    if key not in shapes:
-        raise BadFileError(f"the {part} has no {key}; cannot infer its configuration")
-    return shapes[key]
-
-
-def _indices(shapes: Shapes, pattern: str) -> list[int]:
-    regex = re.compile(pattern)
-    return sorted({int(m[1]) for k in shapes if (m := regex.match(k))})
-
-
-def _count(shapes: Shapes, pattern: str) -> int:
-    found = _indices(shapes, pattern)
-    return found[-1] + 1 if found else 0
 
 
 def heads_for(width: int, head_width: int) -> int:
@@ -58,9 +40,9 @@ def _unet_heads(channels: list[int], base: str) -> int | list[int]:
 
 def unet_layout_from_ldm(shapes: Shapes) -> UnetLayout:
     """Resnets per level and attention levels from the LDM block numbering (FORMATS.md §2.1)."""
-    inputs = _count(shapes, r"^input_blocks\.(\d+)\.")
-    outputs = _count(shapes, r"^output_blocks\.(\d+)\.")
-    downsamplers = _indices(shapes, r"^input_blocks\.(\d+)\.0\.op\.weight$")
+    inputs = count(shapes, r"^input_blocks\.(\d+)\.")
+    outputs = count(shapes, r"^output_blocks\.(\d+)\.")
+    downsamplers = indices(shapes, r"^input_blocks\.(\d+)\.0\.op\.weight$")
     levels = len(downsamplers) + 1
     layers, remainder = divmod(inputs - 1 - len(downsamplers), levels)
     per_level = layers + 1
@@ -81,24 +63,24 @@ def unet_layout_from_ldm(shapes: Shapes) -> UnetLayout:
 
 def unet_layout_from_diffusers(shapes: Shapes) -> UnetLayout:
     """Resnets per level and attention levels from diffusers UNet keys (a UNet saved on its own, without config)."""
-    levels = _count(shapes, r"^down_blocks\.(\d+)\.")
+    levels = count(shapes, r"^down_blocks\.(\d+)\.")
     if not levels:
         raise BadFileError("the UNet has no down_blocks; cannot infer its configuration")
     down = tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in shapes) for i in range(levels))
     up = tuple(any(k.startswith(f"up_blocks.{i}.attentions.") for k in shapes) for i in range(levels))
-    return UnetLayout(_count(shapes, r"^down_blocks\.0\.resnets\.(\d+)\."), down, up)
+    return UnetLayout(count(shapes, r"^down_blocks\.0\.resnets\.(\d+)\."), down, up)
 
 
 def unet_config_from_ldm(shapes: Shapes, base: str, pooled_width: int | None, prediction_type: str) -> dict:
     """UNet2DConditionModel config for LDM UNet tensors (keys without `model.diffusion_model.`)."""
-    conv_in = _need(shapes, "input_blocks.0.0.weight", "UNet")
+    conv_in = need(shapes, "input_blocks.0.0.weight", "UNet")
     layout = unet_layout_from_ldm(shapes)
     per_level = layout.layers_per_block + 1
-    channels = [_need(shapes, f"input_blocks.{per_level * i + 1}.0.out_layers.3.weight", "UNet")[0]
+    channels = [need(shapes, f"input_blocks.{per_level * i + 1}.0.out_layers.3.weight", "UNet")[0]
                 for i in range(layout.levels)]
 
     def depth(block: str) -> int:
-        return _count(shapes, rf"^{re.escape(block)}\.transformer_blocks\.(\d+)\.")
+        return count(shapes, rf"^{re.escape(block)}\.transformer_blocks\.(\d+)\.")
 
     down_depth = [depth(f"input_blocks.{per_level * i + 1}.1") for i in range(layout.levels)]
     up_depth = [depth(f"output_blocks.{per_level * i}.1") for i in range(layout.levels)]
@@ -119,7 +101,7 @@ def unet_config_from_ldm(shapes: Shapes, base: str, pooled_width: int | None, pr
     config: dict = {
         "sample_size": UNET_SAMPLE_SIZE["sd1"] if sd2_base else UNET_SAMPLE_SIZE[base],
         "in_channels": conv_in[1],
-        "out_channels": _need(shapes, "out.2.weight", "UNet")[0],
+        "out_channels": need(shapes, "out.2.weight", "UNet")[0],
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in layout.down_attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in layout.up_attention],
         "block_out_channels": channels,
@@ -132,7 +114,7 @@ def unet_config_from_ldm(shapes: Shapes, base: str, pooled_width: int | None, pr
     }
     if up_needed != reverse:
         config["reverse_transformer_layers_per_block"] = up_needed
-    time_width = _need(shapes, "time_embed.0.weight", "UNet")[0]
+    time_width = need(shapes, "time_embed.0.weight", "UNet")[0]
     if time_width != 4 * channels[0]:
         config["time_embedding_dim"] = time_width
     if "label_emb.0.0.weight" in shapes:
@@ -154,41 +136,16 @@ def _text_time_config(width: int, base: str, pooled_width: int | None) -> dict:
     }
 
 
-def vae_config_from_ldm(shapes: Shapes, base: str) -> dict:
-    """AutoencoderKL config for LDM VAE tensors (keys without `first_stage_model.`)."""
-    conv_in = _need(shapes, "encoder.conv_in.weight", "VAE")
-    levels = _count(shapes, r"^encoder\.down\.(\d+)\.")
-    if not levels:
-        raise BadFileError("the VAE has no encoder.down blocks")
-    latent = _need(shapes, "decoder.conv_in.weight", "VAE")[1]
-    return {
-        "in_channels": conv_in[1],
-        "out_channels": _need(shapes, "decoder.conv_out.weight", "VAE")[0],
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "block_out_channels": [_need(shapes, f"encoder.down.{i}.block.0.conv2.weight", "VAE")[0]
-                               for i in range(levels)],
-        "layers_per_block": _count(shapes, r"^encoder\.down\.0\.block\.(\d+)\."),
-        "latent_channels": latent,
-        "norm_num_groups": NORM_GROUPS,
-        "sample_size": VAE_SAMPLE_SIZE[base],
-        "scaling_factor": VAE_SCALING[base],
-        "use_quant_conv": "quant_conv.weight" in shapes,
-        "use_post_quant_conv": "post_quant_conv.weight" in shapes,
-        "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in shapes,
-    }
-
-
 def clip_config_from_hf(shapes: Shapes, openclip: bool) -> dict:
     """CLIPTextConfig fields for HF-named text-encoder tensors (keys without `text_model.`)."""
-    vocab, width = _need(shapes, "embeddings.token_embedding.weight", "text encoder")
+    vocab, width = need(shapes, "embeddings.token_embedding.weight", "text encoder")
     config = {
         "vocab_size": vocab,
         "hidden_size": width,
-        "intermediate_size": _need(shapes, "encoder.layers.0.mlp.fc1.weight", "text encoder")[0],
-        "num_hidden_layers": _count(shapes, r"^encoder\.layers\.(\d+)\."),
+        "intermediate_size": need(shapes, "encoder.layers.0.mlp.fc1.weight", "text encoder")[0],
+        "num_hidden_layers": count(shapes, r"^encoder\.layers\.(\d+)\."),
         "num_attention_heads": heads_for(width, HEAD_WIDTH),
-        "max_position_embeddings": _need(shapes, "embeddings.position_embedding.weight", "text encoder")[0],
+        "max_position_embeddings": need(shapes, "embeddings.position_embedding.weight", "text encoder")[0],
         # OpenAI's CLIP-L uses quick_gelu; the OpenCLIP towers of SD2 and SDXL use exact gelu.
         "hidden_act": "gelu" if openclip else "quick_gelu",
         "layer_norm_eps": 1e-5,

@@ -1,4 +1,4 @@
-"""Plans for single-file LDM/SGM output: from a diffusers folder, or rewriting a single file (dtype, EMA, pickle).
+"""The single-file LDM/SGM checkpoint of an SD1/SD2/SDXL diffusers pipeline folder, as a plan.
 
 A plan lists every output tensor with its shape and dtype and a way to produce it, so the writer
 streams one tensor at a time (FORMATS.md §2, §5).
@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from adapterzoo.errors import BadFileError
+from adapterzoo.formats.families.sd.probe import LDM_TEXT_ENCODERS
 from adapterzoo.formats.io.json_file import read_json_object
 from adapterzoo.formats.io.safetensors_writer import PlannedTensor
 from adapterzoo.formats.io.tensor_source import TensorSource, open_component
 from adapterzoo.formats.model import unet_names, vae_names
 from adapterzoo.formats.model.clip_names import (
-    LDM_TEXT_ENCODERS,
     TRANSPOSED,
     fuse_in_proj,
     hf_to_openclip,
@@ -24,7 +24,6 @@ from adapterzoo.formats.model.clip_names import (
     strip_text_model,
 )
 
-EMA_PREFIX = "model_ema."
 POSITION_IDS = "embeddings.position_ids"  # a buffer; OpenCLIP has no such tensor
 
 
@@ -36,7 +35,7 @@ def diffusers_base(folder: Path) -> str:
     parts = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]}
     missing = {"unet", "vae", "text_encoder"} - parts
     if "transformer" in parts:
-        raise BadFileError("SD3 pipelines have no LDM single-file layout we write")
+        raise BadFileError("the pipeline has a transformer, not a UNet: it has no LDM single-file layout we write")
     if missing:
         raise BadFileError(f"the pipeline has no {', '.join(sorted(missing))}; an SD checkpoint needs all of them")
     if "text_encoder_2" in parts:
@@ -132,8 +131,3 @@ def diffusers_to_ldm_plan(folder: Path, dtype: torch.dtype | None) -> tuple[str,
         build = _openclip_plan if is_openclip_root(prefix) else _clip_plan
         plan += build(source, prefix, dtype)
     return base, plan
-
-
-def rewrite_plan(source: TensorSource, dtype: torch.dtype | None, prune_ema: bool) -> list[PlannedTensor]:
-    """Every tensor of a single file, cast if asked, without `model_ema.*` when pruning."""
-    return [source.planned(k, k, dtype) for k in source.shapes if not (prune_ema and k.startswith(EMA_PREFIX))]

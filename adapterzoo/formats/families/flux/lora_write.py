@@ -1,6 +1,6 @@
 """Write a Flux LoRA in BFL module space: kohya (`lora_unet_double_blocks_0_img_attn_qkv`, sd-scripts'
 spelling, text encoders as `lora_te1_` CLIP-L and `lora_te3_` T5) or BFL/ComfyUI-native
-(`diffusion_model.<BFL name>.lora_A/B`). Split diffusers modules are fused exactly (`flux_fused`).
+(`diffusion_model.<BFL name>.lora_A/B`). Split diffusers modules are fused exactly (`lora.fused`).
 
 kohya keeps each module's alpha. The BFL dialect folds alpha / r into lora_B and writes no alpha, as
 the diffusers writer does: InvokeAI reads these files with alpha = r, ComfyUI with or without alpha.
@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.formats.lora.flux_fused import fuse_full, fuse_split
+from adapterzoo.formats.families.flux.modules import CLIP_L, FLUX_CONVENTION, FluxArchitecture
+from adapterzoo.formats.families.flux.probe import BFL_PREFIX
+from adapterzoo.formats.lora.fused import fuse_full, fuse_split
 from adapterzoo.formats.lora.lora_model import AdapterModule, FullModule, LoraFile, LoraModule
-from adapterzoo.formats.lora.lora_write import _fold, _kohya_parts
-from adapterzoo.formats.model.architectures import flatten, relative
-from adapterzoo.formats.model.flux_modules import BFL_PREFIX, CLIP_L, FLUX_CONVENTION, TRANSFORMER, FluxArchitecture
+from adapterzoo.formats.lora.lora_write import fold_scale, kohya_parts
+from adapterzoo.formats.model.targets import TRANSFORMER, flatten, relative
 
 Tensors = dict[str, torch.Tensor]
 
@@ -52,7 +53,7 @@ def _bfl_modules(lora: LoraFile) -> list[tuple[str, AdapterModule]]:
     return out
 
 
-def flux_kohya_tensors(lora: LoraFile) -> Tensors:
+def kohya_tensors(lora: LoraFile) -> Tensors:
     """sd-scripts' networks.lora_flux keys with per-module alpha."""
     out: Tensors = {}
     names = [(f"lora_unet_{flatten(name)}", module) for name, module in _bfl_modules(lora)]
@@ -64,11 +65,11 @@ def flux_kohya_tensors(lora: LoraFile) -> Tensors:
         spelled = "text_model." + relative(target) if target.component == CLIP_L else relative(target)
         names.append((f"{prefix}_{flatten(spelled)}", module))
     for name, module in names:
-        out.update({f"{name}.{part}": tensor.contiguous() for part, tensor in _kohya_parts(module).items()})
+        out.update({f"{name}.{part}": tensor.contiguous() for part, tensor in kohya_parts(module).items()})
     return out
 
 
-def flux_bfl_tensors(lora: LoraFile) -> Tensors:
+def bfl_tensors(lora: LoraFile) -> Tensors:
     """`diffusion_model.<BFL name>.lora_A/B.weight`, alpha / r folded into lora_B; transformer only."""
     encoders = sorted({_flux(lora).targets[p].component for p in lora.modules} - {TRANSFORMER})
     if encoders:
@@ -78,7 +79,7 @@ def flux_bfl_tensors(lora: LoraFile) -> Tensors:
     for name, module in _bfl_modules(lora):
         if not isinstance(module, LoraModule) or module.mid is not None or module.dora_scale is not None:
             raise AdapterzooError(f"{name}: the bfl dialect holds plain LoRA modules only")
-        folded = _fold(module)
+        folded = fold_scale(module)
         out[f"{BFL_PREFIX}{name}.lora_A.weight"] = folded.down.contiguous()
         out[f"{BFL_PREFIX}{name}.lora_B.weight"] = folded.up.contiguous()
     return out

@@ -3,7 +3,7 @@
 The canonical form keys every Flux module by its diffusers path (`transformer.transformer_blocks.0.attn.to_q`).
 BFL names (kohya, ComfyUI, XLabs files) are either one of those modules under another name or a fused
 projection whose rows are pieces of several of them (qkv, linear1, the final layer's swapped halves;
-FLUX.md §1.2-1.3). `BflModule` says which rows go where; the tables are built from the module list of
+FLUX.md §1.2-1.3). Each `FusedModule` says which rows go where; the tables are built from the module list of
 a diffusers config (shipped for Flux.1, built on the meta device for any other size).
 """
 
@@ -15,23 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterzoo.errors import BadFileError
+from adapterzoo.formats.families.flux.probe import BASE, BFL_PREFIX, KEY_NORM, bfl_prefix
 from adapterzoo.formats.io.json_file import read_json_object
 from adapterzoo.formats.io.safetensors_header import read_header
 from adapterzoo.formats.io.tensor_table import table_from_header
-from adapterzoo.formats.model.architectures import Architecture, KohyaConvention, Target, flatten
-from adapterzoo.formats.model.module_tables import (
-    CLIP_CLASS,
-    FLUX_CLASS,
-    T5_CLASS,
-    ModuleTable,
-    module_table,
+from adapterzoo.formats.lora.lora_parts import PEFT_PREFIX
+from adapterzoo.formats.model.module_tables import CLIP_CLASS, T5_CLASS, ModuleTable, module_table
+from adapterzoo.formats.model.targets import (
+    TRANSFORMER,
+    Architecture,
+    FusedModule,
+    KohyaConvention,
+    Target,
+    flatten,
 )
 
-TRANSFORMER = "transformer"
+FLUX_CLASS = "FluxTransformer2DModel"
 CLIP_L = "text_encoder"
 T5 = "text_encoder_2"
-BFL_PREFIX = "diffusion_model."
-PEFT_PREFIX = "base_model.model."
 
 # diffusers FluxTransformer2DModel config of FLUX.1-dev; schnell differs only in guidance_embeds.
 FLUX_DEV_CONFIG = {
@@ -51,38 +52,21 @@ FLUX_CONVENTION = KohyaConvention(
     "bfl",
 )
 
-Rows = tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True)
-class BflModule:
-    """One Linear of BFL's `Flux` and the canonical targets its weight rows belong to."""
-
-    name: str  # BFL module path: double_blocks.0.img_attn.qkv
-    shape: tuple[int, int]  # its weight [out, in]
-    parts: tuple[tuple[str, Rows], ...]  # target path -> the BFL rows that make its rows, in its row order
-
-    @property
-    def fused(self) -> bool:
-        """Whether the BFL weight is anything but one target's weight under another name."""
-        return len(self.parts) > 1 or self.parts[0][1] != ((0, self.shape[0]),)
-
 
 @dataclass(frozen=True)
 class FluxArchitecture(Architecture):
-    """Flux targets plus the BFL modules, and every spelling of a fused one (kohya, ComfyUI, XLabs slots)."""
+    """Flux targets plus BFL's Linears in its order (each a target renamed or a fused projection)."""
 
-    bfl: tuple[BflModule, ...]
-    fused: dict[str, BflModule]
+    bfl: tuple[FusedModule, ...] = ()
 
 
-def _bfl_modules(targets: dict[str, Target]) -> list[BflModule]:
+def _bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
     """BFL's Linears (FLUX.md §1.2) for the transformer whose targets are given; any width, any depth."""
     def shape(rel: str) -> tuple[int, ...] | None:
         target = targets.get(f"{TRANSFORMER}.{rel}")
         return None if target is None else target.shape
 
-    out: list[BflModule] = []
+    out: list[FusedModule] = []
 
     def add(name: str, *rels: str, swap: bool = False) -> None:
         shapes = [shape(rel) for rel in rels]
@@ -95,7 +79,7 @@ def _bfl_modules(targets: dict[str, Target]) -> list[BflModule]:
         if swap:  # BFL (shift, scale) against diffusers (scale, shift): the two row halves trade places
             half = rows // 2
             parts = [(parts[0][0], ((half, rows), (0, half)))]
-        out.append(BflModule(name, (rows, shapes[0][1]), tuple(parts)))
+        out.append(FusedModule(name, (rows, shapes[0][1]), tuple(parts)))
 
     add("img_in", "x_embedder")
     add("txt_in", "context_embedder")
@@ -130,9 +114,9 @@ def _block_indices(targets: dict[str, Target], blocks: str) -> list[int]:
     return sorted({int(m[1]) for path in targets if (m := pattern.match(path))})
 
 
-def _xlabs_slots(bfl: dict[str, BflModule]) -> dict[str, BflModule]:
+def _xlabs_slots(bfl: dict[str, FusedModule]) -> dict[str, FusedModule]:
     """XLabs processor slots (FLUX.md §3.4); a single block's `qkv_lora` is linear1's q, k, v rows only."""
-    slots: dict[str, BflModule] = {}
+    slots: dict[str, FusedModule] = {}
     for name, module in bfl.items():
         if m := re.fullmatch(r"double_blocks\.(\d+)\.(img|txt)_attn\.(qkv|proj)", name):
             stream = "1" if m[2] == "img" else "2"
@@ -142,7 +126,7 @@ def _xlabs_slots(bfl: dict[str, BflModule]) -> dict[str, BflModule]:
                 slots[f"single_blocks.{m[1]}.processor.proj_lora"] = module
             else:
                 qkv = module.parts[:3]
-                slots[f"single_blocks.{m[1]}.processor.qkv_lora"] = BflModule(
+                slots[f"single_blocks.{m[1]}.processor.qkv_lora"] = FusedModule(
                     f"{name}[qkv]", (qkv[-1][1][0][1], module.shape[1]), qkv)
     return slots
 
@@ -179,7 +163,7 @@ def flux_architecture_from_tables(tables: dict[str, ModuleTable]) -> FluxArchite
             for name in _target_spellings(target, rel):
                 alias(name, target.path)
     bfl = _bfl_modules(targets)
-    fused: dict[str, BflModule] = {}
+    fused: dict[str, FusedModule] = {}
     for module in bfl:
         for name in bfl_spellings(module.name):
             if module.fused:
@@ -191,7 +175,7 @@ def flux_architecture_from_tables(tables: dict[str, ModuleTable]) -> FluxArchite
             fused[slot] = module
         else:
             alias(slot, module.parts[0][0])
-    return FluxArchitecture("flux", targets, aliases, FLUX_CONVENTION, tuple(bfl), fused)
+    return FluxArchitecture(BASE, targets, aliases, FLUX_CONVENTION, fused, tuple(bfl))
 
 
 @functools.cache
@@ -206,8 +190,6 @@ def flux_architecture() -> FluxArchitecture:
 
 # -- Flux models on disk (convert --checkpoint) ---------------------------------------------------------
 
-KEY_NORM = "double_blocks.0.img_attn.norm.key_norm.scale"  # marks Flux.1 (diffusers, ComfyUI detection)
-BFL_CHECKPOINT_PREFIXES = ("", "model.diffusion_model.")  # bare (BFL release) or a ComfyUI full checkpoint
 _TEXT_ENCODER_CLASSES = {CLIP_L: (CLIP_CLASS,), T5: (T5_CLASS,)}
 
 
@@ -256,11 +238,6 @@ def bfl_config_from_file(path: Path) -> dict | None:
     if prefix is None:
         return None
     return bfl_config_from_shapes({k[len(prefix):]: tuple(v.shape) for k, v in table.items() if k.startswith(prefix)})
-
-
-def bfl_prefix(shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """`""` or `model.diffusion_model.` for a Flux.1 single file's keys; None for anything else."""
-    return next((p for p in BFL_CHECKPOINT_PREFIXES if p + KEY_NORM in shapes), None)
 
 
 def axes_dims_rope(head_dim: int) -> list[int]:

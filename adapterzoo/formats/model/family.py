@@ -1,0 +1,103 @@
+"""What a model family declares about itself (formats/families/ holds one module per family).
+
+The dispatchers (probe, LoRA read and write, checkpoint conversion and targets, sources, verify) ask the
+registered families through this interface and name none of them. Everything here is plain data and
+functions: a family keeps torch, diffusers and transformers behind imports inside its functions, so
+recognising a file from its header never loads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from adapterzoo.formats.io.probe_result import ProbeResult
+    from adapterzoo.formats.io.safetensors_writer import PlannedTensor
+    from adapterzoo.formats.io.tensor_source import TensorSource
+    from adapterzoo.formats.io.tensor_table import TensorTable
+    from adapterzoo.formats.model.module_tables import ModuleTable
+    from adapterzoo.formats.model.targets import Architecture
+    from adapterzoo.formats.model.weight_locations import CheckpointTargets
+
+LoraModules = dict[str, dict[str, str]]  # module as a file spells it -> {part: key}
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """A key spelling only this family's LoRAs use (ComfyUI/BFL `diffusion_model.` names, XLabs slots)."""
+
+    name: str  # the format word probe answers: bfl, xlabs
+    speaks: Callable[[list[str]], bool]  # whether a file's keys are in this dialect
+    split: Callable[[str], tuple[str, str] | None]  # key -> (module as spelled, part), None for no LoRA key
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """How the family's checkpoints lie on disk: which it converts and where each LoRA target's weight lives.
+    Every field is optional; what a family leaves out is refused by the dispatcher in one line."""
+
+    file_base: Callable[[TensorTable], str | None] | None = None  # a whole single file of the family's, its base
+    owns_folder: Callable[[Path], bool] | None = None  # a diffusers folder of the family's
+    folder_base: Callable[[Path], str] | None = None  # the base of a folder it owns
+    to_single_file: Callable[[Path, torch.dtype | None], tuple[str, list[PlannedTensor], list[str]]] | None = None
+    to_folder: Callable[[TensorSource, torch.dtype | None, Path], dict] | None = None  # a single file -> folder
+    # a folder (source None) or an opened single file -> its LoRA targets; None: not the family's checkpoint
+    targets: Callable[[Path, TensorSource | None], CheckpointTargets | None] | None = None
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What verify and sample need to render the family's bases (pipeline classes, scheduler and guidance
+    join here as the sampler learns more families)."""
+
+    bases: tuple[str, ...]  # the bases verify renders
+    vae_fp32: tuple[str, ...] = ()  # bases whose VAE overflows in fp16: kept in fp32 unless fp16 is asked for by name
+    vae_fp16_black: str = ""  # what to tell a user whose fp16 decode of such a VAE came out black
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: how to recognise its files, its module tables and dialects, its checkpoint layouts.
+
+    Only `name`, `title`, `bases` and `order` are required; each other field defaults to "this family has
+    none", so a new family starts with detection and grows a field at a time.
+    """
+
+    name: str  # the module's name under formats/families/
+    title: str  # what people call it, in messages: "Flux", "Stable Diffusion 1/2/XL"
+    bases: tuple[str, ...]  # the `base` words probe answers for it
+    order: int  # detection runs in this order, lower first: a family whose names overlap another's goes first
+
+    # -- recognising files from names and shapes (plain Python on a header) --
+    lora_base: Callable[[LoraModules, TensorTable], str | None] = _nothing  # from module names and factor shapes
+    metadata_base: Callable[[dict[str, str]], str | None] = _nothing  # kohya/ModelSpec hints, used when shapes fail
+    describe_lora: Callable[[LoraModules, ProbeResult], None] = _nothing  # details probe adds (coverage, variant)
+    dialects: tuple[Dialect, ...] = ()
+    probe_checkpoint: Callable[[TensorTable, ProbeResult], bool] = lambda table, result: False  # fills kind, base
+    pipeline_base: Callable[[str, dict], str | None] = _nothing  # diffusers folder: pipeline class, UNet/DiT config
+    vae_latents: dict[int, str] = field(default_factory=dict)  # a lone VAE's latent channels -> base
+    embedding_base: Callable[[dict[str, int]], str | None] = _nothing  # text-encoder slot ("" if unnamed) -> width
+    hypernetwork_base: Callable[[list[int]], str | None] = _nothing  # an A1111 hypernetwork's context widths
+
+    # -- module tables, trainer dialects, fused <-> split rules (may import torch inside) --
+    architecture: Callable[[str], Architecture] | None = None  # the real-size targets of a base
+    architecture_from_tables: Callable[[str, dict[str, ModuleTable]], Architecture] | None = None  # any size
+    # a dialect this family writes in its own module space (bfl): LoraFile -> tensors
+    lora_writers: dict[str, Callable[[Any], dict[str, torch.Tensor]]] = field(default_factory=dict)
+    lora_refusal: Callable[[LoraModules], str | None] = _nothing  # why a LoRA is not additive, refused on read
+    modelspec_architecture: Callable[[str, dict[str, str]], str] | None = None  # ModelSpec id of a base's LoRA
+
+    # -- checkpoints, sources, sampling --
+    checkpoints: Checkpoints = field(default_factory=Checkpoints)
+    civitai_base_models: dict[str, tuple[str, ...]] = field(default_factory=dict)  # base -> Civitai baseModel labels
+    hub_hints: tuple[tuple[str, str], ...] = ()  # (word in a Hub base_model tag, base), tried in order
+    sampling: Sampling | None = None
