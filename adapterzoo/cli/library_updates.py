@@ -12,7 +12,8 @@ from adapterzoo.cli.output import emit_json, human_size, print_table
 
 @cli.group(invoke_without_command=True)
 @click.option("--same-base", is_flag=True,
-              help="Only versions for the same base as yours (Civitai's 'Pony' and 'SDXL 1.0' are both sdxl).")
+              help="Only versions for the same base as yours, in adapterzoo's words (several Civitai labels "
+              "map to one base).")
 @click.option("--include-early-access", is_flag=True,
               help="Also versions still in early access (downloadable only by paying supporters for now).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per model.")
