@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Select, Text, func, or_, select, type_coerce
+from sqlalchemy import Engine, Select, Text, and_, case, func, or_, select, type_coerce
 from sqlalchemy.orm import Session
 
 from adapterzoo.errors import AdapterzooError
@@ -19,28 +20,93 @@ ID_BATCH = 500  # ids per IN (...): databases cap the number of bound parameters
 
 
 VERDICTS = ("pass", "fail", "never")
+STATUSES = ("ok", "missing", "unsafe", "broken")
+PROVIDERS = ("civitai", "hf", "url", "none")  # none: no source recorded
+SORTS = ("name", "size", "newest", "verdict")
+VERDICT_ORDER = {"fail": 0, "pass": 1}  # sort by verdict: failures first, then passes, then never verified
+
+
+@dataclass(frozen=True)
+class FileFilter:
+    """What `list` and the web page's filters select; None means any. `query` matches path, trigger words,
+    or a source's model/version name or trained words, ignoring case; `verdict` is the latest verification's
+    (pass, fail) or `never`; `root` keeps files under that folder; `source` a provider, or `none`."""
+
+    kind: str | None = None
+    base: str | None = None
+    query: str | None = None
+    verdict: str | None = None
+    status: str | None = None
+    source: str | None = None
+    root: str | None = None
 
 
 def list_entries(
     engine: Engine, kind: str | None = None, base: str | None = None, query: str | None = None,
     verdict: str | None = None,
 ) -> list[FileEntry]:
-    """Entries by path; `query` matches path, trigger words, or a source's model/version name or trained
-    words, ignoring case; `verdict` is the latest verification's (pass, fail) or `never` for files never
-    verified."""
-    statement = select(FileEntry).order_by(FileEntry.path)
-    if verdict == "never":
+    """Every entry the filter selects, by path."""
+    statement = _filtered(select(FileEntry), FileFilter(kind, base, query, verdict)).order_by(FileEntry.path)
+    with Session(engine) as session:
+        return list(session.scalars(statement))
+
+
+def page_entries(engine: Engine, chosen: FileFilter, sort: str = "name", page: int = 1,
+                 per_page: int = 48) -> tuple[list[FileEntry], int]:
+    """One page (1-based) of the entries `chosen` selects in `sort` order, and how many it selects in all."""
+    if sort not in SORTS:
+        raise AdapterzooError(f"sort is one of {', '.join(SORTS)}, not {sort!r}")
+    statement = _filtered(select(FileEntry), chosen)
+    counted = _filtered(select(func.count(FileEntry.id)), chosen)
+    if sort == "verdict":
+        latest = select(Verification.file_id, Verification.verdict).where(Verification.id.in_(latest_ids())).subquery()
+        rank = case(VERDICT_ORDER, value=latest.c.verdict, else_=len(VERDICT_ORDER))
+        statement = statement.outerjoin(latest, latest.c.file_id == FileEntry.id).order_by(rank, _name(), FileEntry.id)
+    else:
+        order = {"name": (_name(), FileEntry.id), "size": (FileEntry.size.desc(), FileEntry.id),
+                 "newest": (FileEntry.first_seen.desc(), FileEntry.id.desc())}[sort]
+        statement = statement.order_by(*order)
+    statement = statement.limit(per_page).offset((max(page, 1) - 1) * per_page)
+    with Session(engine) as session:
+        return list(session.scalars(statement)), session.scalar(counted) or 0
+
+
+def counts_by(engine: Engine, column: str) -> dict[str, int]:
+    """How many entries have each value of `column` (kind or base): what a filter menu offers."""
+    field_ = getattr(FileEntry, column)
+    with Session(engine) as session:
+        rows = session.execute(select(field_, func.count(FileEntry.id)).group_by(field_).order_by(field_))
+        return {value: n for value, n in rows}
+
+
+def _name() -> Any:
+    """The file name (what follows the last '/'), lower case: what `sort name` orders by."""
+    folder = func.rtrim(FileEntry.path, func.replace(FileEntry.path, "/", ""))
+    return func.lower(func.substr(FileEntry.path, func.length(folder) + 1))
+
+
+def _filtered(statement: Select, chosen: FileFilter) -> Select:
+    if chosen.verdict == "never":
         statement = statement.where(FileEntry.id.not_in(select(Verification.file_id)))
-    elif verdict:
+    elif chosen.verdict:
         verified = select(Verification.file_id).where(Verification.id.in_(latest_ids()),
-                                                      Verification.verdict == verdict)
+                                                      Verification.verdict == chosen.verdict)
         statement = statement.where(FileEntry.id.in_(verified))
-    if kind:
-        statement = statement.where(FileEntry.kind == kind)
-    if base:
-        statement = statement.where(FileEntry.base == base)
-    if query:
-        needle = query.lower()
+    if chosen.kind:
+        statement = statement.where(FileEntry.kind == chosen.kind)
+    if chosen.base:
+        statement = statement.where(FileEntry.base == chosen.base)
+    if chosen.status:
+        statement = statement.where(_status(chosen.status))
+    if chosen.source == "none":
+        statement = statement.where(FileEntry.id.not_in(select(Source.file_id)))
+    elif chosen.source:
+        statement = statement.where(FileEntry.id.in_(select(Source.file_id).where(Source.provider == chosen.source)))
+    if chosen.root:
+        root = chosen.root.rstrip("/")
+        statement = statement.where(FileEntry.path.startswith(root + "/", autoescape=True))
+    if chosen.query:
+        needle = chosen.query.lower()
 
         def has(column: Any) -> Any:
             text = type_coerce(column, Text)  # JSON lists are searched as their stored text
@@ -52,8 +118,22 @@ def list_entries(
         statement = statement.where(
             or_(has(FileEntry.path), has(FileEntry.trigger_words), FileEntry.id.in_(named))
         )
-    with Session(engine) as session:
-        return list(session.scalars(statement))
+    return statement
+
+
+def _status(status: str) -> Any:
+    """FileEntry.status as SQL: missing wins over unsafe, unsafe over broken."""
+    present = FileEntry.missing.is_(False)
+    if status == "missing":
+        return FileEntry.missing.is_(True)
+    if status == "unsafe":
+        return and_(present, FileEntry.unsafe.is_(True))
+    healthy = and_(present, FileEntry.unsafe.is_(False))
+    if status == "broken":
+        return and_(healthy, FileEntry.error.is_not(None))
+    if status == "ok":
+        return and_(healthy, FileEntry.error.is_(None))
+    raise AdapterzooError(f"status is one of {', '.join(STATUSES)}, not {status!r}")
 
 
 def find_entry(engine: Engine, ref: str) -> FileEntry:
@@ -103,10 +183,47 @@ def latest_ids() -> Select:
     return select(func.max(Verification.id)).group_by(Verification.file_id)
 
 
-def latest_verifications(engine: Engine, file_id: int | None = None) -> dict[int, Verification]:
-    """file id -> its latest verification, for every verified file (or just `file_id`)."""
+def latest_verifications(engine: Engine, file_id: int | None = None,
+                         file_ids: list[int] | None = None) -> dict[int, Verification]:
+    """file id -> its latest verification, for every verified file (or just `file_id`, or `file_ids`)."""
     statement = select(Verification).where(Verification.id.in_(latest_ids()))
     if file_id is not None:
         statement = statement.where(Verification.file_id == file_id)
+    found: dict[int, Verification] = {}
     with Session(engine) as session:
-        return {v.file_id: v for v in session.scalars(statement)}
+        if file_ids is None:
+            return {v.file_id: v for v in session.scalars(statement)}
+        for start in range(0, len(file_ids), ID_BATCH):
+            chunk = file_ids[start:start + ID_BATCH]
+            found.update((v.file_id, v) for v in session.scalars(statement.where(Verification.file_id.in_(chunk))))
+    return found
+
+
+def verifications_of(engine: Engine, file_id: int) -> list[Verification]:
+    """Every verification of the entry, newest first."""
+    with Session(engine) as session:
+        return list(session.scalars(select(Verification).where(Verification.file_id == file_id)
+                                    .order_by(Verification.id.desc())))
+
+
+def verification_by_id(engine: Engine, verification_id: int) -> Verification | None:
+    with Session(engine) as session:
+        return session.get(Verification, verification_id)
+
+
+def sources_for(engine: Engine, file_ids: list[int]) -> dict[int, list[Source]]:
+    """file id -> its sources, newest first, for a page of entries."""
+    found: dict[int, list[Source]] = {i: [] for i in file_ids}
+    with Session(engine) as session:
+        for start in range(0, len(file_ids), ID_BATCH):
+            chunk = file_ids[start:start + ID_BATCH]
+            rows = session.scalars(select(Source).where(Source.file_id.in_(chunk))
+                                   .order_by(Source.created.desc(), Source.id.desc()))
+            for source in rows:
+                found[source.file_id].append(source)
+    return found
+
+
+def entry_by_id(engine: Engine, file_id: int) -> FileEntry | None:
+    with Session(engine) as session:
+        return session.get(FileEntry, file_id)
