@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.web.heatmap import blocks_of, layout
+from adapterzoo.zoo.db import home_folder
 from adapterzoo.zoo.home_cache import KEY, cache_path
 from adapterzoo.zoo.models import FileEntry
 from adapterzoo.zoo.queries import entry_by_id, latest_verifications, sources_of, verification_by_id
@@ -35,7 +36,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def preview_of(request: Request, entry: FileEntry) -> Path | None:
     """The file's own preview (beside it), else its source's (kept in the home folder); only if it is real."""
-    home = request.app.state.zoo.context.home
+    home = home_folder()  # where pull and enrich keep sources' previews
     candidates = [(entry.preview_path, Path(entry.path).parent)]
     candidates += [(s.preview_path, home) for s in sources_of(request.app.state.zoo.engine, entry.id)]
     for found, allowed in candidates:
@@ -90,7 +91,12 @@ def _thumb_redirect(path: Path | None) -> Response:
 
 @router.get("/files/{file_id}/card")
 def card(request: Request, file_id: int) -> Response:
-    return _thumb_redirect(card_image(request, _entry(request, file_id)))
+    """The card's thumbnail; the kind's icon when the image the registry names is gone or is no image."""
+    entry = _entry(request, file_id)
+    try:
+        return _thumb_redirect(card_image(request, entry))
+    except HTTPException:
+        return RedirectResponse(f"/static/kinds/{entry.kind}.svg", status_code=302, headers={"Cache-Control": SHORT})
 
 
 @router.get("/files/{file_id}/preview")

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.probe_result import BASES, KINDS
@@ -56,9 +56,14 @@ def link(params: dict[str, Any], **changes: Any) -> str:
 def library(request: Request, q: str | None = None, kind: str | None = None, base: str | None = None,
             verdict: str | None = None, status: str | None = None, source: str | None = None,
             root: str | None = None, sort: str = "name", view: str = "cards", page: int = Query(1, ge=1)
-            ) -> HTMLResponse:
+            ) -> Response:
     if sort not in SORTS or view not in VIEWS:
         raise HTTPException(400, f"sort is one of {', '.join(SORTS)} and view one of {', '.join(VIEWS)}")
+    params = {"q": q, "kind": kind, "base": base, "verdict": verdict, "status": status, "source": source,
+              "root": root, "sort": sort, "view": view}
+    canonical = link(params, page=page)
+    if canonical != "/" and request.url.query and "/?" + request.url.query != canonical:
+        return RedirectResponse(canonical, status_code=303)  # the filter form's empty fields, left out
     engine = request.app.state.zoo.engine
     chosen = file_filter(kind, base, verdict, status, source, root, q)
     entries, total = page_entries(engine, chosen, sort, page, PER_PAGE)
@@ -75,8 +80,6 @@ def library(request: Request, q: str | None = None, kind: str | None = None, bas
                       "version_name": named.version_name if named else None,
                       "provider": sources[entry.id][0].provider if sources[entry.id] else None,
                       "image": f"/media/files/{entry.id}/card" if has_image else f"/static/kinds/{entry.kind}.svg"})
-    params = {"q": q, "kind": kind, "base": base, "verdict": verdict, "status": status, "source": source,
-              "root": root, "sort": sort, "view": view}
     pages = max(1, math.ceil(total / PER_PAGE))
     return render(request, "library.html", cards=cards, total=total, page=page, pages=pages, params=params,
                   link=lambda **c: link(params, **c), kinds=counts_by(engine, "kind"), bases=counts_by(engine, "base"),
