@@ -61,6 +61,8 @@ def site(tmp_path_factory) -> Iterator[dict]:
     save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 1280),
                "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(5120, 4)},
               str(lora / "xl-detail.safetensors"))
+    preview(lora / "fresh.preview.png", ((32, 64, 160), (240, 120, 80)))
+    preview(lora / "xl-detail.preview.png", ((20, 120, 90), (230, 220, 120)))
     db = root / "reg.db"
     mp = pytest.MonkeyPatch()
     mp.setenv("ADAPTERZOO_HOME", str(root / "home"))
@@ -109,7 +111,22 @@ def page(browser, site) -> Iterator:
     assert problems == []
 
 
+def preview(path: Path, colours: tuple[tuple[int, int, int], tuple[int, int, int]]) -> None:
+    """A made-up preview picture (a gradient and a few circles), so cards look like a real library's."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (384, 384))
+    draw = ImageDraw.Draw(image)
+    for y in range(384):
+        t = y / 383
+        draw.line([(0, y), (383, y)], fill=tuple(round(a + (b - a) * t) for a, b in zip(*colours)))
+    for i, r in enumerate((90, 55, 30)):
+        draw.ellipse([192 - r + i * 30, 170 - r, 192 + r + i * 30, 170 + r], outline=(255, 255, 255), width=4)
+    image.save(path)
+
+
 def shot(site: dict, page, name: str) -> None:
+    page.wait_for_function("[...document.images].every(i => i.complete)")
     path = site["shots"] / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     if os.environ.get("ADAPTERZOO_SCREENSHOTS"):

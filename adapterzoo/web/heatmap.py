@@ -17,7 +17,7 @@ STOPS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 3
 ROW_NAMES = {"unet": "UNet / transformer", "te": "text encoder", "te1": "text encoder 1",
              "te2": "text encoder 2", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2",
              "clip_l": "CLIP-L", "t5xxl": "T5-XXL"}
-CELL, GAP, LABEL_W, ROW_H = 26, 2, 130, 44
+CELL, GAP, LABEL_W, ROW_H = 28, 3, 130, 48
 
 
 def mappable(entry: FileEntry) -> bool:
@@ -42,6 +42,15 @@ def colour(share: float) -> str:
     return "#" + "".join(f"{c:02x}" for c in rgb)
 
 
+def short(label: str) -> str:
+    """'down 0' -> 'd0', 'layer 11' -> '11', 'double 7' -> 'D7', 'single 30' -> 'S30': what fits under a cell."""
+    for word, letter in (("down ", "d"), ("up ", "u"), ("in ", "i"), ("out ", "o"), ("layer ", ""), ("double ", "D"),
+                         ("single ", "S")):
+        if label.startswith(word):
+            return letter + label.removeprefix(word)
+    return {"mid": "m", "other": "…"}.get(label, label)
+
+
 def layout(blocks: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows of cells with their positions and colours (the template draws them), scaled to the largest norm."""
     top = max((b["norm"] for b in blocks), default=0.0) or 1.0
@@ -53,7 +62,7 @@ def layout(blocks: list[dict[str, Any]]) -> dict[str, Any]:
         y = index * ROW_H
         drawn.append({"name": ROW_NAMES.get(component, component), "y": y, "cells": [
             {**cell, "x": LABEL_W + i * (CELL + GAP), "y": y, "fill": colour(cell["norm"] / top),
-             "short": cell["label"].replace("layer ", "").replace("double ", "d").replace("single ", "s")}
+             "short": short(cell["label"])}
             for i, cell in enumerate(cells)]})
     widest = max((len(r["cells"]) for r in drawn), default=0)
     return {"rows": drawn, "width": LABEL_W + widest * (CELL + GAP) + 10, "height": len(drawn) * ROW_H + 4,

@@ -74,12 +74,13 @@ def library(request: Request, q: str | None = None, kind: str | None = None, bas
     for entry in entries:
         row = file_row(entry, latest.get(entry.id))
         named = next((s for s in sources[entry.id] if s.model_name), None)
-        has_image = entry.preview_path or any(s.preview_path for s in sources[entry.id]) or (
-            entry.id in latest and latest[entry.id].grid_path)
+        has_preview = entry.preview_path or any(s.preview_path for s in sources[entry.id])
+        has_grid = entry.id in latest and latest[entry.id].grid_path
         cards.append({**row, "source_name": named.model_name if named else None,
                       "version_name": named.version_name if named else None,
-                      "provider": sources[entry.id][0].provider if sources[entry.id] else None,
-                      "image": f"/media/files/{entry.id}/card" if has_image else f"/static/kinds/{entry.kind}.svg"})
+                      "image": f"/media/files/{entry.id}/card" if has_preview or has_grid
+                      else f"/static/kinds/{entry.kind}.svg",
+                      "fit": "cover" if has_preview or not has_grid else "contain"})  # a grid is shown whole
     pages = max(1, math.ceil(total / PER_PAGE))
     return render(request, "library.html", cards=cards, total=total, page=page, pages=pages, params=params,
                   link=lambda **c: link(params, **c), kinds=counts_by(engine, "kind"), bases=counts_by(engine, "base"),
