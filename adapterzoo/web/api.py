@@ -33,6 +33,12 @@ NOT_YET = {
 }
 
 
+def json_answer(body: Any, headers: dict[str, str] | None = None) -> Response:
+    """JSON as the CLI prints it (json.dumps), without FastAPI's slower generic encoder."""
+    return Response(json.dumps(body, default=str, ensure_ascii=False), media_type="application/json",
+                    headers=headers)
+
+
 def zoo(request: Request) -> Any:
     return request.app.state.zoo
 
@@ -51,18 +57,18 @@ def file_filter(kind: str | None, base: str | None, verdict: str | None, status:
 @router.get("/files", summary="list --json, filtered, sorted and paged",
             description="The rows of `adapterzoo list --json`. The total is in X-Total-Count; the next page in "
                         "a Link header (rel=next).")
-def files(request: Request, response: Response, kind: str | None = None, base: str | None = None,
+def files(request: Request, kind: str | None = None, base: str | None = None,
           verdict: str | None = None, status: str | None = None, source: str | None = None,
           root: str | None = None, q: str | None = None, sort: str = "name", page: int = Query(1, ge=1),
-          per_page: int = Query(PER_PAGE, ge=1, le=MAX_PER_PAGE)) -> list[dict[str, Any]]:
+          per_page: int = Query(PER_PAGE, ge=1, le=MAX_PER_PAGE)) -> Response:
     if sort not in SORTS:
         raise HTTPException(400, f"sort is one of {', '.join(SORTS)}, not {sort!r}")
     chosen = file_filter(kind, base, verdict, status, source, root, q)
     entries, total = page_entries(zoo(request).engine, chosen, sort, page, per_page)
-    response.headers["X-Total-Count"] = str(total)
+    headers = {"X-Total-Count": str(total)}
     if page * per_page < total:
-        response.headers["Link"] = f'<{request.url.include_query_params(page=page + 1)}>; rel="next"'
-    return file_rows(zoo(request).engine, entries)
+        headers["Link"] = f'<{request.url.include_query_params(page=page + 1)}>; rel="next"'
+    return json_answer(file_rows(zoo(request).engine, entries), headers)
 
 
 @router.get("/files/{file_id}", summary="show --json")

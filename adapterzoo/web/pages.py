@@ -25,7 +25,7 @@ from adapterzoo.zoo.queries import (
     SORTS,
     STATUSES,
     VERDICTS,
-    counts_by,
+    counts_by_kind_and_base,
     entry_by_id,
     latest_verifications,
     list_entries,
@@ -82,8 +82,9 @@ def library(request: Request, q: str | None = None, kind: str | None = None, bas
                       else f"/static/kinds/{entry.kind}.svg",
                       "fit": "cover" if has_preview or not has_grid else "contain"})  # a grid is shown whole
     pages = max(1, math.ceil(total / PER_PAGE))
+    kinds, bases = counts_by_kind_and_base(engine)
     return render(request, "library.html", cards=cards, total=total, page=page, pages=pages, params=params,
-                  link=lambda **c: link(params, **c), kinds=counts_by(engine, "kind"), bases=counts_by(engine, "base"),
+                  link=lambda **c: link(params, **c), kinds=kinds, bases=bases,
                   choices={"kind": KINDS, "base": BASES, "verdict": VERDICTS, "status": STATUSES,
                            "source": PROVIDERS, "sort": SORTS},
                   filtered=any(params[k] for k in ("q", "kind", "base", "verdict", "status", "source", "root")))
