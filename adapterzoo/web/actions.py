@@ -22,18 +22,18 @@ class JobRequest(BaseModel):
     action: Literal["pull", "scan", "verify", "enrich"]
     refs: list[str] = Field(default_factory=list, description="pull: civitai:VERSION, hf:OWNER/REPO/PATH, URL")
     library: str | None = Field(None, description="pull: an A1111/ComfyUI library folder (default: serve's)")
-    layout: Literal["a1111", "comfyui"] | None = None
+    layout: Literal["a1111", "comfyui"] | None = Field(None, description="pull: the library's layout")
     dest: str | None = Field(None, description="pull: a plain folder instead of a library")
     paths: list[str] = Field(default_factory=list, description="scan: folders or files to index")
     ids: list[int] = Field(default_factory=list, description="verify, enrich: registry ids")
     all: bool = Field(False, description="enrich: every file without a Civitai source")
     checkpoint: int | None = Field(None, description="verify: the registry id of the checkpoint to render on")
-    steps: int | None = Field(None, ge=1, le=200)
+    steps: int | None = Field(None, ge=1, le=200, description="verify: sampling steps (default 20)")
     size: str | None = Field(None, pattern=r"^\d{2,5}x\d{2,5}$", description="verify: WxH")
-    prompts: list[str] = Field(default_factory=list)
-    seeds: list[int] = Field(default_factory=list)
-    multipliers: list[float] = Field(default_factory=list)
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    prompts: list[str] = Field(default_factory=list, description="verify: the grid's rows (default: a photo of a cat)")
+    seeds: list[int] = Field(default_factory=list, description="verify: seeds (default 0)")
+    multipliers: list[float] = Field(default_factory=list, description="verify: the grid's columns (default 0, 0.5, 1)")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="verify: where to render")
 
 
 class Context:

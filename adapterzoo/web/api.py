@@ -43,6 +43,14 @@ def zoo(request: Request) -> Any:
     return request.app.state.zoo
 
 
+def entry_or_404(request: Request, file_id: int) -> Any:
+    """The registry entry `file_id`, or a 404 naming it."""
+    entry = entry_by_id(zoo(request).engine, file_id)
+    if entry is None:
+        raise HTTPException(404, f"no registry entry {file_id}")
+    return entry
+
+
 def file_filter(kind: str | None, base: str | None, verdict: str | None, status: str | None, source: str | None,
                 root: str | None, q: str | None) -> FileFilter:
     """The filter the query string asks for; a value outside the vocabulary is a 400 naming it."""
@@ -73,39 +81,28 @@ def files(request: Request, kind: str | None = None, base: str | None = None,
 
 @router.get("/files/{file_id}", summary="show --json")
 def file(request: Request, file_id: int) -> dict[str, Any]:
-    entry = entry_by_id(zoo(request).engine, file_id)
-    if entry is None:
-        raise HTTPException(404, f"no registry entry {file_id}")
-    return file_detail(zoo(request).engine, entry)
+    return file_detail(zoo(request).engine, entry_or_404(request, file_id))
 
 
 @router.get("/files/{file_id}/blocks", summary="per-block ‖ΔW‖_F of a LoRA (the file page's heat map)")
 def blocks(request: Request, file_id: int) -> list[dict[str, Any]]:
     from adapterzoo.web.heatmap import blocks_of
 
-    entry = entry_by_id(zoo(request).engine, file_id)
-    if entry is None:
-        raise HTTPException(404, f"no registry entry {file_id}")
-    return blocks_of(entry)
+    return blocks_of(entry_or_404(request, file_id))
 
 
 @router.post("/files/{file_id}/trash", summary="move the file and its sidecars to the platform trash")
 def trash(request: Request, file_id: int) -> dict[str, Any]:
     from adapterzoo.zoo.trash import to_trash
 
-    entry = entry_by_id(zoo(request).engine, file_id)
-    if entry is None:
-        raise HTTPException(404, f"no registry entry {file_id}")
-    return to_trash(zoo(request).engine, entry)
+    return to_trash(zoo(request).engine, entry_or_404(request, file_id))
 
 
 @router.post("/files/{file_id}/reveal", summary="show the file in the system's file manager")
 def reveal(request: Request, file_id: int) -> dict[str, Any]:
     from adapterzoo.web.reveal import reveal_path
 
-    entry = entry_by_id(zoo(request).engine, file_id)
-    if entry is None:
-        raise HTTPException(404, f"no registry entry {file_id}")
+    entry = entry_or_404(request, file_id)
     return {"path": entry.path, "opened": reveal_path(entry.path)}
 
 

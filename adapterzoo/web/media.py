@@ -18,11 +18,12 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 
 from adapterzoo.errors import AdapterzooError
+from adapterzoo.web.api import entry_or_404
 from adapterzoo.web.heatmap import blocks_of, layout
 from adapterzoo.zoo.db import home_folder
 from adapterzoo.zoo.home_cache import KEY, cache_path
 from adapterzoo.zoo.models import FileEntry
-from adapterzoo.zoo.queries import entry_by_id, latest_verifications, sources_of, verification_by_id
+from adapterzoo.zoo.queries import latest_verifications, sources_of, verification_by_id
 from adapterzoo.zoo.thumbnails import image_type, thumbnail
 
 router = APIRouter(prefix="/media", include_in_schema=False)
@@ -62,13 +63,6 @@ def card_image(request: Request, entry: FileEntry) -> Path | None:
     return found
 
 
-def _entry(request: Request, file_id: int) -> FileEntry:
-    entry = entry_by_id(request.app.state.zoo.engine, file_id)
-    if entry is None:
-        raise HTTPException(404, f"no registry entry {file_id}")
-    return entry
-
-
 def _image(path: Path | None) -> Response:
     if path is None:
         raise HTTPException(404, "no image")
@@ -92,7 +86,7 @@ def _thumb_redirect(path: Path | None) -> Response:
 @router.get("/files/{file_id}/card")
 def card(request: Request, file_id: int) -> Response:
     """The card's thumbnail; the kind's icon when the image the registry names is gone or is no image."""
-    entry = _entry(request, file_id)
+    entry = entry_or_404(request, file_id)
     try:
         return _thumb_redirect(card_image(request, entry))
     except HTTPException:
@@ -101,7 +95,7 @@ def card(request: Request, file_id: int) -> Response:
 
 @router.get("/files/{file_id}/preview")
 def preview(request: Request, file_id: int) -> Response:
-    return _image(preview_of(request, _entry(request, file_id)))
+    return _image(preview_of(request, entry_or_404(request, file_id)))
 
 
 @router.get("/verifications/{verification_id}/grid")
@@ -153,7 +147,7 @@ def search_image(request: Request, key: str) -> Response:
 
 @router.get("/files/{file_id}/blocks.svg")
 def heat_map(request: Request, file_id: int) -> Response:
-    entry = _entry(request, file_id)
+    entry = entry_or_404(request, file_id)
     try:
         blocks = blocks_of(entry)
     except AdapterzooError as exc:
