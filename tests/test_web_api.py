@@ -299,3 +299,13 @@ def test_serve_prints_its_url_and_answers_there(library: Path, tmp_path: Path) -
     finally:
         server.terminate()
         server.wait(20)
+
+
+def test_serve_on_a_port_in_use_says_so_in_one_line(library: Path, capsys, monkeypatch) -> None:
+    import socket
+
+    with socket.create_server((HOST, 0)) as taken:
+        port = taken.getsockname()[1]
+        code, out, err = run(["--db", str(library), "serve", "--port", str(port)], capsys, monkeypatch)
+    assert code == 1 and out == ""
+    assert err.startswith(f"error: cannot listen on {HOST}:{port}: ") and len(err.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from adapterzoo.errors import AdapterzooError
 from adapterzoo.web.actions import Context
 from adapterzoo.web.app import create_app
 from adapterzoo.web.security import Guard
@@ -32,8 +33,15 @@ def build(db: str | None, host: str, port: int, library: Path | None = None, lay
 def serve(db: str | None, host: str, port: int, open_browser: bool, library: Path | None, layout: str,
           announce: Callable[[str], None]) -> None:
     """Run until interrupted; `announce` gets the line with the URL (and the access token, if one is needed)."""
+    import socket
+
     import uvicorn
 
+    try:
+        with socket.create_server((host, port)):
+            pass  # uvicorn would say so in a log line and a traceback-free exit, after building everything
+    except OSError as exc:
+        raise AdapterzooError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     app, guard = build(db, host, port, library, layout)
     announce(f"adapterzoo serve: {guard.url()}")
     if guard.token:
