@@ -20,7 +20,7 @@ transformers_logging.disable_progress_bar()
 diffusers_logging.set_verbosity_error()
 diffusers_logging.disable_progress_bar()
 
-from adapterzoo import tiny_models  # noqa: E402 - after the logging switches, which its imports honour
+from adapterzoo import tiny_models
 
 LORA_RANK, LORA_ALPHA = 4, 2.0
 

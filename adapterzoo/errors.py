@@ -15,3 +15,8 @@ class BadFileError(AdapterzooError):
 
 class UnsafeFileError(BadFileError):
     """A pickle that needs code we refuse to run; nothing in it was executed."""
+
+
+class Cancelled(BaseException):
+    """Raised from a progress callback to stop a long job (the web page's Cancel). A BaseException, like
+    KeyboardInterrupt, so the `except Exception` that keeps a batch going past one bad file lets it through."""

@@ -50,6 +50,9 @@ CREATE INDEX IF NOT EXISTS ix_files_autov2 ON files (autov2);
 CREATE INDEX IF NOT EXISTS ix_files_autov3 ON files (autov3);
 CREATE INDEX IF NOT EXISTS ix_files_blake3 ON files (blake3);
 CREATE INDEX IF NOT EXISTS ix_files_crc32 ON files (crc32);
+-- The web page's sorts (benchmarks/bench_web.py): biggest first, newest first.
+CREATE INDEX IF NOT EXISTS ix_files_size ON files (size);
+CREATE INDEX IF NOT EXISTS ix_files_first_seen ON files (first_seen);
 
 -- Where a file came from: a Civitai model version, a Hugging Face repo, or a plain URL, and what
 -- that source states about it. Columns after `created` were added later: db.py adds them to an older
@@ -80,6 +83,7 @@ CREATE TABLE IF NOT EXISTS sources (
 );
 CREATE INDEX IF NOT EXISTS ix_sources_file_id ON sources (file_id);
 CREATE INDEX IF NOT EXISTS ix_sources_civitai_version_id ON sources (civitai_version_id);
+CREATE INDEX IF NOT EXISTS ix_sources_provider_file_id ON sources (provider, file_id);  -- files by source
 
 -- A file a provider was asked about and did not know, so enrich does not ask again (--retry-missing does).
 -- Keyed by content: the same bytes at another path are just as unknown.
@@ -113,6 +117,8 @@ CREATE TABLE IF NOT EXISTS verifications (
     version    TEXT
 );
 CREATE INDEX IF NOT EXISTS ix_verifications_file_id ON verifications (file_id);
+-- Each file's latest verification (max id per file_id), read from the index alone.
+CREATE INDEX IF NOT EXISTS ix_verifications_file_id_id ON verifications (file_id, id);
 
 -- What `adapterzoo updates` no longer offers (`updates ignore`): a whole Civitai model, or one version of it.
 CREATE TABLE IF NOT EXISTS ignored_updates (

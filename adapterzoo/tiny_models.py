@@ -29,16 +29,7 @@ VOCAB_SIZE = 1000  # text-encoder embedding rows; the tiny tokenizer uses fewer 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # Prompt words the tiny tokenizer knows whole; anything else falls back to byte-level pieces.
-_WORDS = (
-    "a an the of in on at with and photo picture painting drawing portrait landscape close up "
-    "cat dog bird horse fish cow sheep fox wolf lion tiger bear rabbit mouse duck owl frog "
-    "red green blue yellow black white orange purple pink brown gray golden silver "
-    "house tree forest mountain river lake sea ocean beach city street road bridge castle garden "
-    "sky cloud sun moon star night day morning evening snow rain fog storm light shadow "
-    "man woman girl boy child old young smiling sitting standing running flying sleeping "
-    "detailed realistic cinematic lighting sharp focus high quality masterpiece style art oil "
-    "watercolor sketch anime digital render studio soft warm cold bright dark"
-).split()
+_WORDS = ["a", "an", "the", "of", "in", "on", "at", "with", "and", "photo", "picture", "painting", "drawing", "portrait", "landscape", "close", "up", "cat", "dog", "bird", "horse", "fish", "cow", "sheep", "fox", "wolf", "lion", "tiger", "bear", "rabbit", "mouse", "duck", "owl", "frog", "red", "green", "blue", "yellow", "black", "white", "orange", "purple", "pink", "brown", "gray", "golden", "silver", "house", "tree", "forest", "mountain", "river", "lake", "sea", "ocean", "beach", "city", "street", "road", "bridge", "castle", "garden", "sky", "cloud", "sun", "moon", "star", "night", "day", "morning", "evening", "snow", "rain", "fog", "storm", "light", "shadow", "man", "woman", "girl", "boy", "child", "old", "young", "smiling", "sitting", "standing", "running", "flying", "sleeping", "detailed", "realistic", "cinematic", "lighting", "sharp", "focus", "high", "quality", "masterpiece", "style", "art", "oil", "watercolor", "sketch", "anime", "digital", "render", "studio", "soft", "warm", "cold", "bright", "dark"]
 
 _SCHEDULER_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -86,6 +86,17 @@ def _checkpoint_for(engine: Engine, base: str, given: dict[str, Path]) -> Path |
     if not found:
         return f"no checkpoint for {base}: {hint}"
     return f"{len(found)} {base} checkpoints indexed, which one? {hint}"
+
+
+def verify_each(engine: Engine, checkpoint: Path, files: list[Path], options: VerifyOptions,
+                sha256_of: Callable[[Path], Any], grid_for: Callable[[Path], Path | None]) -> Iterator[dict[str, Any]]:
+    """`verify FILE... --checkpoint CKPT`: each file on one checkpoint (its pipeline loaded once), each result
+    recorded in the registry and yielded as it lands; a file that cannot be verified raises its error."""
+    verifier = Verifier(checkpoint, options, sha256_of)
+    for file in files:
+        result = verifier.verify(file, grid_for(file))
+        record_verification(engine, result)
+        yield result
 
 
 def verify_library(engine: Engine, options: VerifyOptions, out_dir: Path, sha256_of: Callable[[Path], Any],

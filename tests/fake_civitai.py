@@ -76,6 +76,7 @@ class FakeModel:
     allow_commercial_use: list[str] = field(default_factory=lambda: ["Image", "Rent"])
     allow_derivatives: bool = True
     allow_no_credit: bool = True
+    description: str = "<p>a test model</p>"  # creator-written HTML, as Civitai serves it
 
 
 class FakeCivitai:
@@ -170,7 +171,7 @@ class FakeCivitai:
 
     def model_json(self, model: FakeModel) -> dict[str, Any]:
         return {
-            "id": model.id, "name": model.name, "description": "<p>a test model</p>", "type": model.type,
+            "id": model.id, "name": model.name, "description": model.description, "type": model.type,
             "poi": False, "nsfw": model.nsfw, "nsfwLevel": 4 if model.nsfw else 1,
             "allowNoCredit": model.allow_no_credit, "allowCommercialUse": model.allow_commercial_use,
             "allowDerivatives": model.allow_derivatives, "allowDifferentLicense": True,

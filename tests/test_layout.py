@@ -97,6 +97,37 @@ def test_rooms_import_only_downward() -> None:
     assert not wrong, f"imports against DESIGN.md's arrows (cli -> zoo, ops, verify -> formats): {wrong}"
 
 
+FACES = ("cli", "web")  # DESIGN.md: cli, web -> zoo, ops, verify -> formats; views.py is their one serializer
+
+
+def face(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in FACES else None
+
+
+def test_web_is_a_second_face_beside_cli_that_nothing_below_imports() -> None:
+    """web and cli never import each other, except that the `serve` command starts the server; no room and
+    not views.py imports either face (views.py serves both)."""
+    wrong = {}
+    for path in sources(PACKAGE):
+        here = module_name(path)
+        names = imported_modules(path)
+        if face(here) == "web":
+            bad = [n for n in names if face(n) == "cli"]
+        elif face(here) == "cli":
+            bad = [n for n in names if face(n) == "web" and not (here == "adapterzoo.cli.serve"
+                                                                   and n == "adapterzoo.web.server")]
+        elif here == "adapterzoo.__main__":  # `python -m adapterzoo` is the command line
+            bad = [n for n in names if face(n) == "web"]
+        else:
+            bad = [n for n in names if face(n)]
+        if bad:
+            wrong[here] = sorted(bad)
+    assert not wrong, f"imports across the faces (cli, web) or up into them: {wrong}"
+    assert "adapterzoo.views" in imported_modules(PACKAGE / "cli" / "registry.py")
+    assert "adapterzoo.views" in imported_modules(PACKAGE / "web" / "api.py")
+
+
 def test_no_formats_subpackage_imports_the_dispatcher_level_above_it() -> None:
     upward = {
         here: sorted(

@@ -20,7 +20,7 @@ from adapterzoo.zoo.civitai import CivitaiClient, parse_model_url
 from adapterzoo.zoo.refs import resolve_ref
 
 HIT_KEYS = {"source", "model_id", "version_id", "name", "version_name", "kind", "base", "url", "trained_words",
-            "files", "in_registry"}
+            "description", "image", "files", "in_registry"}
 
 
 def sha256(path: Path) -> str:

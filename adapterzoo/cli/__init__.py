@@ -14,6 +14,7 @@ from adapterzoo.cli import (  # noqa: F401 - registers commands
     library_updates,
     merging,
     registry,
+    serve,
     sources,
     verifying,
 )

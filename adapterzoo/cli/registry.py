@@ -21,15 +21,14 @@ from adapterzoo.formats.model.registry import bases
 @click.pass_obj
 def scan(obj: dict[str, Any], dirs: tuple[str, ...], as_json: bool) -> None:
     """Index model files and folders under DIR... into the registry (only new or changed ones are read)."""
+    from adapterzoo.views import scan_result
     from adapterzoo.zoo.db import open_registry
-    from adapterzoo.zoo.queries import entries_by_id
     from adapterzoo.zoo.scan import scan_paths
 
     engine = open_registry(obj["db"])
     report = scan_paths(dirs, engine, progress_bar=not as_json)
     if as_json:
-        files = [e.to_json() for e in entries_by_id(engine, report.ids)]
-        emit_json({**report.counts(), "problems": report.problems, "files": files})
+        emit_json(scan_result(engine, report))
         return
     for problem in report.problems:
         click.echo(f"{problem['status']}: {problem['path']}: {problem['error']}")
@@ -49,13 +48,12 @@ def scan(obj: dict[str, Any], dirs: tuple[str, ...], as_json: bool) -> None:
 def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | None, verdict: str | None,
           as_json: bool) -> None:
     """List registry entries."""
+    from adapterzoo.views import file_rows
     from adapterzoo.zoo.db import open_registry
-    from adapterzoo.zoo.queries import latest_verifications, list_entries
+    from adapterzoo.zoo.queries import list_entries
 
     engine = open_registry(obj["db"])
-    latest = latest_verifications(engine)
-    rows = [{**e.to_json(), "verified": latest[e.id].verdict if e.id in latest else None}
-            for e in list_entries(engine, kind=kind, base=base, query=query, verdict=verdict)]
+    rows = file_rows(engine, list_entries(engine, kind=kind, base=base, query=query, verdict=verdict))
     if as_json:
         emit_json(rows)
         return
@@ -69,18 +67,18 @@ def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | 
 @click.pass_obj
 def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
     """Show one registry entry, found by id, path, any of its hashes, or a sha256 prefix (8+ hex)."""
+    from adapterzoo.views import file_detail
     from adapterzoo.zoo.db import open_registry
-    from adapterzoo.zoo.queries import find_entry, latest_verifications, sources_of
+    from adapterzoo.zoo.queries import find_entry
 
     engine = open_registry(obj["db"])
-    found = find_entry(engine, ref)
-    latest = latest_verifications(engine, found.id).get(found.id)
-    entry = {**found.to_json(), "sources": [s.to_json() for s in sources_of(engine, found.id)],
-             "verification": latest.to_json() if latest else None}
+    entry = file_detail(engine, find_entry(engine, ref))
     if as_json:
         emit_json(entry)
         return
     verification = entry.pop("verification")
+    for key in ("verifications", "training_tags", "provenance"):  # --json shows them; the table stays short
+        entry.pop(key)
     for key, value in entry.items():
         if key == "metadata":
             value = f"{len(value)} keys (--json shows them)" if value else None

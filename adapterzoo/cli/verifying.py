@@ -102,16 +102,13 @@ def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, 
                         as_json)
         return
     from adapterzoo.verify.contact_sheet import write_contact_sheet
-    from adapterzoo.verify.verifier import Verifier
-    from adapterzoo.zoo.verifications import record_verification
+    from adapterzoo.verify_library import verify_each
 
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-    verifier = Verifier(Path(checkpoint), options, sha256)
     results = []
-    for file in files:
-        result = verifier.verify(Path(file), grid_path(grid, out_dir, file, len(files) > 1, sha256))
-        record_verification(engine, result)
+    for result in verify_each(engine, Path(checkpoint), [Path(f) for f in files], options, sha256,
+                              lambda file: grid_path(grid, out_dir, str(file), len(files) > 1, sha256)):
         results.append(result)
         if not as_json:
             print_verification(result)

@@ -7,8 +7,8 @@ plain functions here; `render` takes the noise prediction as a function of (step
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

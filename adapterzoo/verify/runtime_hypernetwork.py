@@ -8,8 +8,8 @@ no weight is touched, `multiplier` may change between steps, and each attention'
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

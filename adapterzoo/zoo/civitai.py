@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
+from html.parser import HTMLParser
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -29,6 +30,7 @@ PAGE_LIMIT = 100
 TIMEOUT_S = 30
 MAX_TRIES = 5
 MAX_WAIT_S = 60.0  # the longest Retry-After we honour; past it we give up with a message
+DESCRIPTION_CHARS = 600
 
 KIND_TYPES = {
     "checkpoint": ["Checkpoint"], "lora": ["LORA"], "lycoris": ["LoCon", "DoRA"], "embedding": ["TextualInversion"],
@@ -228,6 +230,39 @@ class CivitaiClient:
         if response.status_code != 200:
             raise AdapterzooError(f"preview image {_shown(url)} answered {response.status_code}")
         return response.content
+
+
+class _Text(HTMLParser):
+    """The text of an HTML fragment: tags dropped, script and style bodies left out, entities decoded."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.skipping += tag in ("script", "style")
+        if tag in ("p", "br", "li", "div", "h1", "h2", "h3"):
+            self.parts.append(" ")
+
+    def handle_endtag(self, tag: str) -> None:
+        self.skipping -= tag in ("script", "style") and self.skipping > 0
+
+    def handle_data(self, data: str) -> None:
+        if not self.skipping:
+            self.parts.append(data)
+
+
+def description_text(html: str | None, limit: int = DESCRIPTION_CHARS) -> str | None:
+    """A Civitai description (creator-written HTML) as plain text, cut at `limit` characters: what we show
+    of it, so none of its markup ever reaches a page."""
+    if not html:
+        return None
+    parser = _Text()
+    parser.feed(html)
+    parser.close()
+    text = " ".join("".join(parser.parts).split())
+    return (text[: limit - 1] + "…" if len(text) > limit else text) or None
 
 
 def file_sha256(file: dict[str, Any]) -> str | None:

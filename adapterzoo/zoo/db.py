@@ -55,7 +55,7 @@ def schema_statements(backend: str) -> list[str]:
 
 def table_columns(statement: str) -> tuple[str, dict[str, str]] | None:
     """(table, {column: its definition}) of a CREATE TABLE statement from registry.db.sql, else None."""
-    match = re.match(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*)\)$", statement, re.S)
+    match = re.match(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*)\)$", statement, re.DOTALL)
     if not match:
         return None
     lines = (line.split("--", 1)[0].strip().rstrip(",") for line in match.group(2).splitlines())

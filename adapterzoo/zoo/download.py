@@ -40,6 +40,7 @@ PART_SUFFIX = ".part"
 VALIDATOR_ATTR = "user.adapterzoo.validator"
 THREADS_FROM_BYTES = 1 << 20  # hash in threads from here; below it the thread start-up costs more
 FALLBACK_NAME = "download"
+Progress = Callable[[int, "int | None"], None]  # (bytes so far, total bytes or None)
 CUT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError, Urllib3Error)
 
 
@@ -78,6 +79,7 @@ def download(
     retry: Retry = Retry(),
     progress_bar: bool = False,
     session: requests.Session | None = None,
+    progress: Progress | None = None,
 ) -> Downloaded:
     """Fetch `url` into folder `dest` (created if missing) and return where it landed.
 
@@ -85,11 +87,13 @@ def download(
     source's claims, checked before the file gets its name; either may be None. `name` is the name
     the source gives, used when the server sends no Content-Disposition and to find a `.part` to
     resume before asking; the server's name wins. `host` names the provider in errors. A file with
-    `sha256` already in place (or beside it) is reused without a request.
+    `sha256` already in place (or beside it) is reused without a request. `progress(bytes, total)` is called
+    as bytes arrive (total None while unknown); it may raise to stop, leaving the .part to resume.
     """
     folder = Path(dest)
     folder.mkdir(parents=True, exist_ok=True)
-    job = _Job(session or requests.Session(), url, headers, host, retry, size, sha256.lower() if sha256 else None)
+    job = _Job(session or requests.Session(), url, headers, host, retry, size, sha256.lower() if sha256 else None,
+               progress)
     known = safe_file_name(name) if name else None
     response = None
     try:
@@ -127,6 +131,7 @@ class _Job:
     retry: Retry
     size: int | None
     sha256: str | None
+    progress: Progress | None = None
     hasher: StreamHashes | None = field(default=None, init=False)
 
     def get(self, start: int, validator: str | None) -> requests.Response:
@@ -207,6 +212,8 @@ class _Job:
             self.hasher.update(chunk)
             offset += len(chunk)
             bar.update(len(chunk))
+            if self.progress is not None:
+                self.progress(offset, bar.total)
         if self.hasher is None:
             self._start_hasher(fh, offset, b"")
         return offset

@@ -50,6 +50,8 @@ class FileEntry(Base):
         Index("ix_files_kind", "kind"),
         Index("ix_files_base", "base"),
         *(Index(f"ix_files_{name}", name) for name in HASH_COLUMNS),
+        Index("ix_files_size", "size"),
+        Index("ix_files_first_seen", "first_seen"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -127,6 +129,7 @@ class Source(Base):
     __table_args__ = (
         Index("ix_sources_file_id", "file_id"),
         Index("ix_sources_civitai_version_id", "civitai_version_id"),
+        Index("ix_sources_provider_file_id", "provider", "file_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -184,7 +187,7 @@ class Verification(Base):
     """One verify run of a file on a checkpoint: verdict and reasons, coverage, effects, grid, parameters."""
 
     __tablename__ = "verifications"
-    __table_args__ = (Index("ix_verifications_file_id", "file_id"),)
+    __table_args__ = (Index("ix_verifications_file_id", "file_id"), Index("ix_verifications_file_id_id", "file_id", "id"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     file_id: Mapped[int] = mapped_column(Integer, ForeignKey("files.id"))

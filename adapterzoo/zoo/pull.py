@@ -22,7 +22,14 @@ from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.json_file import read_json_object
 from adapterzoo.zoo import hub
 from adapterzoo.zoo.civitai import CivitaiClient
-from adapterzoo.zoo.download import Downloaded, WrongFile, bring_in, download, identical_in_place
+from adapterzoo.zoo.download import (
+    Downloaded,
+    Progress,
+    WrongFile,
+    bring_in,
+    download,
+    identical_in_place,
+)
 from adapterzoo.zoo.file_names import safe_file_name
 from adapterzoo.zoo.http_get import Host
 from adapterzoo.zoo.library import choose_kind, library_folder, settle, write_sidecars
@@ -81,10 +88,12 @@ class Pulled:
 
 
 def pull(engine: Engine, refs: list[str], target: Target, token: str | None = None, lock_file: str | None = None,
-         progress_bar: bool = False, mirror: Mirror | None = None) -> list[Pulled]:
+         progress_bar: bool = False, mirror: Mirror | None = None,
+         progress: Progress | None = None) -> list[Pulled]:
     """Pull every entry of `lock_file` (if given), then every REF; one outcome each, in that order. Lock entries
-    come from `mirror` first when it holds them."""
-    puller = _Puller(engine, target, CivitaiClient(token=token), progress_bar, mirror)
+    come from `mirror` first when it holds them. `progress(bytes, total)` follows each download (see
+    `download`); what it raises stops the pull."""
+    puller = _Puller(engine, target, CivitaiClient(token=token), progress_bar, mirror, progress)
     wanted: list[tuple[str, dict[str, Any] | None]] = [(e["ref"], e) for e in read_lock(lock_file)] if lock_file else []
     wanted += [(ref, None) for ref in refs]
     outcomes = []
@@ -117,6 +126,7 @@ class _Puller:
     civitai: CivitaiClient
     progress_bar: bool
     mirror: Mirror | None = None
+    progress: Progress | None = None
 
     def pull(self, ref: str, expected: dict[str, Any] | None) -> Pulled:
         if expected is not None and (there := self._in_place(expected)) is not None:
@@ -175,11 +185,13 @@ class _Puller:
         return download(remote.download_url, folder, headers={"Authorization": f"Bearer {token}"} if token else None,
                         size=size, sha256=sha256, name=remote.file_name,
                         host=CIVITAI if civitai else Host(urlsplit(remote.download_url).netloc or "the server"),
-                        progress_bar=self.progress_bar, session=self.civitai.session)
+                        progress_bar=self.progress_bar, session=self.civitai.session, progress=self.progress)
 
     def _from_hub(self, remote: RemoteFile, folder: Path, sha256: str | None) -> Downloaded:
         """Through huggingface_hub's cache, then the SHA-256 it does not check, then into the folder."""
         cached = hub.fetch(remote.source, self.progress_bar)
+        if self.progress is not None:  # huggingface_hub streams on its own: its end is what we can tell
+            self.progress(cached.stat().st_size, cached.stat().st_size)
         try:
             return bring_in(cached, folder, remote.file_name or cached.name, sha256,
                             "the Hub" if sha256 == remote.sha256 else "the lock file")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Select, Text, func, or_, select, type_coerce
+from sqlalchemy import Engine, Select, Text, and_, case, exists, func, or_, select, type_coerce
 from sqlalchemy.orm import Session
 
 from adapterzoo.errors import AdapterzooError
@@ -20,28 +21,107 @@ ID_BATCH = 500  # ids per IN (...): databases cap the number of bound parameters
 
 
 VERDICTS = ("pass", "fail", "never")
+STATUSES = ("ok", "missing", "unsafe", "broken")
+PROVIDERS = ("civitai", "hf", "url", "none")  # none: no source recorded
+SORTS = ("name", "size", "newest", "verdict")
+VERDICT_ORDER = {"fail": 0, "pass": 1}  # sort by verdict: failures first, then passes, then never verified
+
+
+@dataclass(frozen=True)
+class FileFilter:
+    """What `list` and the web page's filters select; None means any. `query` matches path, trigger words,
+    or a source's model/version name or trained words, ignoring case; `verdict` is the latest verification's
+    (pass, fail) or `never`; `root` keeps files under that folder; `source` a provider, or `none`."""
+
+    kind: str | None = None
+    base: str | None = None
+    query: str | None = None
+    verdict: str | None = None
+    status: str | None = None
+    source: str | None = None
+    root: str | None = None
 
 
 def list_entries(
     engine: Engine, kind: str | None = None, base: str | None = None, query: str | None = None,
     verdict: str | None = None,
 ) -> list[FileEntry]:
-    """Entries by path; `query` matches path, trigger words, or a source's model/version name or trained
-    words, ignoring case; `verdict` is the latest verification's (pass, fail) or `never` for files never
-    verified."""
-    statement = select(FileEntry).order_by(FileEntry.path)
-    if verdict == "never":
-        statement = statement.where(FileEntry.id.not_in(select(Verification.file_id)))
-    elif verdict:
-        verified = select(Verification.file_id).where(Verification.id.in_(latest_ids()),
-                                                      Verification.verdict == verdict)
-        statement = statement.where(FileEntry.id.in_(verified))
-    if kind:
-        statement = statement.where(FileEntry.kind == kind)
-    if base:
-        statement = statement.where(FileEntry.base == base)
-    if query:
-        needle = query.lower()
+    """Every entry the filter selects, by path."""
+    statement = _filtered(select(FileEntry), FileFilter(kind, base, query, verdict)).order_by(FileEntry.path)
+    with Session(engine) as session:
+        return list(session.scalars(statement))
+
+
+def page_entries(engine: Engine, chosen: FileFilter, sort: str = "name", page: int = 1,
+                 per_page: int = 48) -> tuple[list[FileEntry], int]:
+    """One page (1-based) of the entries `chosen` selects in `sort` order, and how many it selects in all."""
+    if sort not in SORTS:
+        raise AdapterzooError(f"sort is one of {', '.join(SORTS)}, not {sort!r}")
+    skip = (max(page, 1) - 1) * per_page
+    with Session(engine) as session:
+        if sort == "name":  # by file name: sorted here, as SQL has no portable basename() that is fast
+            ids, paths = _columns(session, _filtered(select(FileEntry.id, FileEntry.path), chosen))
+            names = [path.rpartition("/")[2].lower() for path in paths]
+            order = sorted(range(len(ids)), key=lambda i: (names[i], ids[i]))
+            ids, total = [ids[i] for i in order[skip:skip + per_page]], len(order)
+        else:  # ids first (from the index alone), then only this page's rows
+            order = {"size": (FileEntry.size.desc(), FileEntry.id),
+                     "newest": (FileEntry.first_seen.desc(), FileEntry.id),
+                     "verdict": (case(VERDICT_ORDER, value=_latest_verdict(), else_=len(VERDICT_ORDER)),
+                                 FileEntry.id)}[sort]
+            ids = list(session.scalars(_filtered(select(FileEntry.id), chosen).order_by(*order).limit(per_page)
+                                       .offset(skip)))
+            total = session.scalar(_filtered(select(func.count(FileEntry.id)), chosen)) or 0
+        by_id = {e.id: e for e in session.scalars(select(FileEntry).where(FileEntry.id.in_(ids)))}
+        return [by_id[i] for i in ids], total
+
+
+def _columns(session: Session, statement: Select) -> tuple[list[Any], ...]:
+    """The result's columns as plain lists, straight from the driver (no ORM rows: 20,000 of them cost more
+    than the query)."""
+    cursor = session.connection().execute(statement).cursor
+    rows = cursor.fetchall() if cursor is not None else []
+    return tuple(map(list, zip(*rows))) if rows else tuple([] for _ in statement.selected_columns)
+
+
+def counts_by_kind_and_base(engine: Engine) -> tuple[dict[str, int], dict[str, int]]:
+    """How many entries there are of each kind and of each base (one pass): what the filter menus offer."""
+    kinds: dict[str, int] = {}
+    bases: dict[str, int] = {}
+    with Session(engine) as session:
+        for kind, base, n in session.execute(select(FileEntry.kind, FileEntry.base, func.count(FileEntry.id))
+                                             .group_by(FileEntry.kind, FileEntry.base)):
+            kinds[kind] = kinds.get(kind, 0) + n
+            bases[base] = bases.get(base, 0) + n
+    return kinds, bases
+
+
+def _latest_verdict() -> Any:
+    """The verdict of the file's latest verification (NULL: never verified), one index seek per file."""
+    return (select(Verification.verdict).where(Verification.file_id == FileEntry.id)
+            .order_by(Verification.id.desc()).limit(1).scalar_subquery())
+
+
+def _filtered(statement: Select, chosen: FileFilter) -> Select:
+    if chosen.verdict == "never":
+        statement = statement.where(~exists().where(Verification.file_id == FileEntry.id))
+    elif chosen.verdict:
+        statement = statement.where(_latest_verdict() == chosen.verdict)
+    if chosen.kind:
+        statement = statement.where(FileEntry.kind == chosen.kind)
+    if chosen.base:
+        statement = statement.where(FileEntry.base == chosen.base)
+    if chosen.status:
+        statement = statement.where(_status(chosen.status))
+    if chosen.source == "none":
+        statement = statement.where(FileEntry.id.not_in(select(Source.file_id)))
+    elif chosen.source:
+        statement = statement.where(FileEntry.id.in_(select(Source.file_id).where(Source.provider == chosen.source)))
+    if chosen.root:
+        root = chosen.root.rstrip("/")
+        statement = statement.where(FileEntry.path.startswith(root + "/", autoescape=True))
+    if chosen.query:
+        needle = chosen.query.lower()
 
         def has(column: Any) -> Any:
             text = type_coerce(column, Text)  # JSON lists are searched as their stored text
@@ -53,8 +133,22 @@ def list_entries(
         statement = statement.where(
             or_(has(FileEntry.path), has(FileEntry.trigger_words), FileEntry.id.in_(named))
         )
-    with Session(engine) as session:
-        return list(session.scalars(statement))
+    return statement
+
+
+def _status(status: str) -> Any:
+    """FileEntry.status as SQL: missing wins over unsafe, unsafe over broken."""
+    present = FileEntry.missing.is_(False)
+    if status == "missing":
+        return FileEntry.missing.is_(True)
+    if status == "unsafe":
+        return and_(present, FileEntry.unsafe.is_(True))
+    healthy = and_(present, FileEntry.unsafe.is_(False))
+    if status == "broken":
+        return and_(healthy, FileEntry.error.is_not(None))
+    if status == "ok":
+        return and_(healthy, FileEntry.error.is_(None))
+    raise AdapterzooError(f"status is one of {', '.join(STATUSES)}, not {status!r}")
 
 
 def find_entry(engine: Engine, ref: str) -> FileEntry:
@@ -99,18 +193,57 @@ def sources_of(engine: Engine, file_id: int) -> list[Source]:
         return list(session.scalars(statement))
 
 
-def latest_ids() -> Select:
-    """The id of each file's latest verification."""
-    return select(func.max(Verification.id)).group_by(Verification.file_id)
+def latest_ids(file_ids: list[int] | None = None) -> Select:
+    """The id of each file's latest verification (of `file_ids` only, when given)."""
+    statement = select(func.max(Verification.id))
+    if file_ids is not None:
+        statement = statement.where(Verification.file_id.in_(file_ids))
+    return statement.group_by(Verification.file_id)
 
 
-def latest_verifications(engine: Engine, file_id: int | None = None) -> dict[int, Verification]:
-    """file id -> its latest verification, for every verified file (or just `file_id`)."""
-    statement = select(Verification).where(Verification.id.in_(latest_ids()))
+def latest_verifications(engine: Engine, file_id: int | None = None,
+                         file_ids: list[int] | None = None) -> dict[int, Verification]:
+    """file id -> its latest verification, for every verified file (or just `file_id`, or `file_ids`)."""
     if file_id is not None:
-        statement = statement.where(Verification.file_id == file_id)
+        file_ids = [file_id]
     with Session(engine) as session:
-        return {v.file_id: v for v in session.scalars(statement)}
+        if file_ids is None:
+            return {v.file_id: v for v in session.scalars(select(Verification).where(Verification.id.in_(latest_ids())))}
+        found: dict[int, Verification] = {}
+        for start in range(0, len(file_ids), ID_BATCH):
+            latest = latest_ids(file_ids[start:start + ID_BATCH])
+            found.update((v.file_id, v) for v in session.scalars(select(Verification).where(Verification.id.in_(latest))))
+        return found
+
+
+def verifications_of(engine: Engine, file_id: int) -> list[Verification]:
+    """Every verification of the entry, newest first."""
+    with Session(engine) as session:
+        return list(session.scalars(select(Verification).where(Verification.file_id == file_id)
+                                    .order_by(Verification.id.desc())))
+
+
+def verification_by_id(engine: Engine, verification_id: int) -> Verification | None:
+    with Session(engine) as session:
+        return session.get(Verification, verification_id)
+
+
+def sources_for(engine: Engine, file_ids: list[int]) -> dict[int, list[Source]]:
+    """file id -> its sources, newest first, for a page of entries."""
+    found: dict[int, list[Source]] = {i: [] for i in file_ids}
+    with Session(engine) as session:
+        for start in range(0, len(file_ids), ID_BATCH):
+            chunk = file_ids[start:start + ID_BATCH]
+            rows = session.scalars(select(Source).where(Source.file_id.in_(chunk))
+                                   .order_by(Source.created.desc(), Source.id.desc()))
+            for source in rows:
+                found[source.file_id].append(source)
+    return found
+
+
+def entry_by_id(engine: Engine, file_id: int) -> FileEntry | None:
+    with Session(engine) as session:
+        return session.get(FileEntry, file_id)
 
 
 def paths_by_sha256(engine: Engine, digests: Iterable[str]) -> dict[str, list[str]]:

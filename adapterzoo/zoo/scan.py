@@ -51,8 +51,10 @@ class ScanReport:
         return {k: getattr(self, k) for k in ("indexed", "unchanged", "broken", "unsafe", "missing")}
 
 
-def scan_paths(paths: Sequence[str | os.PathLike], engine: Engine, progress_bar: bool = False) -> ScanReport:
-    """Index every model file and folder under `paths` into the registry behind `engine`."""
+def scan_paths(paths: Sequence[str | os.PathLike], engine: Engine, progress_bar: bool = False,
+               progress: Callable[[int, int, str], None] | None = None) -> ScanReport:
+    """Index every model file and folder under `paths` into the registry behind `engine`. `progress(done,
+    total, path)` is called before each new or changed entry is read; what it raises stops the scan."""
     roots = [Path(p).resolve() for p in paths]
     found = {str(f.path): f for root in roots for f in find_entries(root)}
     known = _known_rows(engine, roots)
@@ -75,7 +77,9 @@ def scan_paths(paths: Sequence[str | os.PathLike], engine: Engine, progress_bar:
     todo = [f for path, f in sorted(found.items()) if path not in results]
     with tqdm(total=sum(f.size for f in todo), unit="B", unit_scale=True, desc="scan",
               disable=None if progress_bar else True) as bar:
-        for entry in todo:
+        for done, entry in enumerate(todo):
+            if progress is not None:
+                progress(done, len(todo), str(entry.path))
             bar.set_postfix_str(entry.path.name[-40:], refresh=False)
             values = index_values(entry, bar.update)
             results[str(entry.path)] = (_upsert(engine, values, now), values["error"], values["unsafe"])

@@ -13,6 +13,8 @@ from sqlalchemy import Engine
 from adapterzoo.zoo.queries import paths_by_sha256
 
 SOURCES = ("civitai", "hf", "all")
+ID_BATCH = 500
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # a Hub repo's first image stands for its preview
 HUB_OVERFETCH = 5  # repos listed per Hub row wanted: base and kind are filtered here, after listing
 
 
@@ -60,6 +62,8 @@ def _civitai_hits(query: str, kind: str | None, base: str | None, sort: str, nsf
                 "base": civitai.base_of(version.get("baseModel")),
                 "url": f"{client.url}/models/{model['id']}?modelVersionId={version['id']}",
                 "trained_words": list(version.get("trainedWords") or []),
+                "description": civitai.description_text(model.get("description")),
+                "image": civitai.preview_url(version),
                 "files": [{"name": f.get("name"), "size": civitai.file_size(f), "sha256": civitai.file_sha256(f),
                            "download": f.get("downloadUrl")} for f in files],
                 "in_registry": False,
@@ -82,9 +86,11 @@ def _hub_hits(query: str, kind: str | None, base: str | None, sort: str, nsfw: b
             continue
         weights = [s for s in info.siblings or [] if s.rfilename.endswith(hub.WEIGHT_SUFFIXES)]
         weights.sort(key=lambda s: s is not primary)
+        image = next((s.rfilename for s in info.siblings or [] if s.rfilename.lower().endswith(IMAGE_SUFFIXES)), None)
         yield Hit({
             "source": "hf", "model_id": info.id, "version_id": info.sha, "name": info.id, "version_name": info.sha,
             "kind": record.kind, "base": record.base, "url": hub.page_url(info.id), "trained_words": [],
+            "description": None, "image": hf_hub_url(info.id, image, revision=info.sha) if image else None,
             "files": [{"name": s.rfilename, "size": s.size, "sha256": s.lfs.sha256 if s.lfs else None,
                        "download": hf_hub_url(info.id, s.rfilename, revision=info.sha)} for s in weights],
             "in_registry": False,

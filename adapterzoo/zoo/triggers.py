@@ -63,7 +63,13 @@ def trigger_words(metadata: dict[str, str], stem: Path, names: Collection[str]) 
 
 
 def top_tags(tag_frequency: str, limit: int = TOP_TAGS) -> list[str]:
-    """kohya's `ss_tag_frequency` is JSON {dataset_dir: {tag: count}}; most frequent first."""
+    """The `limit` most frequent training tags, most frequent first."""
+    return [tag for tag, _ in tag_counts(tag_frequency)[:limit]]
+
+
+def tag_counts(tag_frequency: str) -> list[tuple[str, int]]:
+    """kohya's `ss_tag_frequency` is JSON {dataset_dir: {tag: count}}: (tag, count summed over the folders),
+    most frequent first; anything else in it is left out."""
     try:
         per_dir = json.loads(tag_frequency) if tag_frequency else {}
     except json.JSONDecodeError:
@@ -73,7 +79,7 @@ def top_tags(tag_frequency: str, limit: int = TOP_TAGS) -> list[str]:
         for tag, count in tags.items() if isinstance(tags, dict) else ():
             if isinstance(count, int) and str(tag).strip():
                 counts[str(tag).strip()] += count
-    return [tag for tag, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]]
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -192,7 +192,7 @@ def load_pickle(path: str | os.PathLike) -> Any:
         raise BadFileError("torch's legacy tar format (torch < 0.4) is not read; nothing was run")
     try:
         return _load_with_allowlist(path, container)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a one-line reason below
+    except Exception as exc:
         foreign = _foreign_globals(path)
         if foreign or isinstance(exc, _Refused):
             raise _unsafe(foreign or [exc.name]) from None

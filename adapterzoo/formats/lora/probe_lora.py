@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.tensor_table import TensorTable

@@ -1,0 +1,34 @@
+"""How numbers read on the page: sizes in binary units, ratios as percents, dates without microseconds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def human_size(value: int | None) -> str:
+    if value is None:
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def number(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def day(value: str | None) -> str:
+    """'2026-03-01T12:30:00.123' -> '2026-03-01 12:30'."""
+    return "-" if not value else value.replace("T", " ")[:16]
+
+
+FILTERS = {"human_size": human_size, "percent": percent, "number": number, "day": day}
