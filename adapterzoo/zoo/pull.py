@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from adapterzoo.errors import AdapterzooError
@@ -36,7 +36,7 @@ from adapterzoo.zoo.hashing import FileHashes, hash_file
 from adapterzoo.zoo.http_get import Host
 from adapterzoo.zoo.library import choose_kind, library_folder, settle, write_sidecars
 from adapterzoo.zoo.lock import LOCK_VERSION
-from adapterzoo.zoo.models import FileEntry
+from adapterzoo.zoo.queries import present_copy
 from adapterzoo.zoo.refs import resolve_ref
 from adapterzoo.zoo.remote import RemoteFile
 from adapterzoo.zoo.scan import Probed, index_file, probe_entry
@@ -136,17 +136,18 @@ class _Puller:
                 raise AdapterzooError(f"{remote.ref} now offers a different file (SHA256 {sha256}) than the lock "
                                       f"file names ({expected['sha256']}); nothing was downloaded")
             sha256, size = expected["sha256"], expected["size"]
-        known = self._registered(sha256) if sha256 else None
-        if known is not None and not self.target.wants_copy_of(known.path):
+        copy = present_copy(self.engine, sha256) if sha256 else None
+        if copy is not None and not self.target.wants_copy_of(copy[1]):
+            known, where = copy
             notes = ["in the registry already; nothing was downloaded"]
             self._record(known.id, remote, notes)  # the registry learns where the file can be had again
-            return Pulled(ref, "already have", path=known.path, id=known.id, source_ref=remote.ref, kind=known.kind,
+            return Pulled(ref, "already have", path=str(where), id=known.id, source_ref=remote.ref, kind=known.kind,
                           base=known.base, size=known.size, sha256=known.sha256, autov2=known.autov2, notes=notes)
         folder = self.target.folder(expected["kind"] if expected else remote.source.kind)
-        if known is not None:  # on disk elsewhere: the library gets it from there, not from the network
-            got = _bring_in(Path(known.path), _checked_hashes(Path(known.path), sha256, "the registry's copy"),
-                            folder, os.path.basename(known.path))
-            note = f"copied from {known.path}, not downloaded"
+        if copy is not None:  # on disk elsewhere: the library gets it from there, not from the network
+            where = copy[1]
+            got = _bring_in(where, _checked_hashes(where, sha256, "the registry's copy"), folder, where.name)
+            note = f"copied from {where}, not downloaded"
         elif remote.source.provider == "hf":
             got, note = self._from_hub(remote, folder, sha256), None
         else:
@@ -157,20 +158,6 @@ class _Puller:
         name = safe_file_name(expected["file_name"])
         folder = self.target.folder(expected["kind"])
         return identical_in_place(folder / name, expected["size"], expected["sha256"]) if name else None
-
-    def _registered(self, sha256: str) -> FileEntry | None:
-        """A registry file with this SHA-256 that is still on disk, unchanged since it was hashed."""
-        with Session(self.engine) as session:
-            rows = session.scalars(select(FileEntry).where(FileEntry.sha256 == sha256, FileEntry.missing.is_(False))
-                                   .order_by(FileEntry.id)).all()
-        for row in rows:
-            try:
-                stat = os.stat(row.path)
-            except OSError:
-                continue
-            if (stat.st_size, stat.st_mtime_ns) == (row.size, row.mtime_ns):
-                return row
-        return None
 
     def _download(self, remote: RemoteFile, folder: Path, size: int | None, sha256: str | None) -> Downloaded:
         civitai = remote.source.provider == "civitai"

@@ -7,11 +7,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Select, Text, func, or_, select, type_coerce
+from sqlalchemy import Engine, Select, Text, and_, func, or_, select, type_coerce
 from sqlalchemy.orm import Session
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Source, Verification
+from adapterzoo.zoo.hosts import SHARED_HOST, current_host
+from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Location, RootMount, Source, Verification
+from adapterzoo.zoo.roots import load_places
 
 HEX = re.compile(r"[0-9a-f]+")
 MIN_SHA256_PREFIX = 8
@@ -23,12 +25,12 @@ VERDICTS = ("pass", "fail", "never")
 
 def list_entries(
     engine: Engine, kind: str | None = None, base: str | None = None, query: str | None = None,
-    verdict: str | None = None,
+    verdict: str | None = None, host: str | None = None,
 ) -> list[FileEntry]:
-    """Entries by path; `query` matches path, trigger words, or a source's model/version name or trained
-    words, ignoring case; `verdict` is the latest verification's (pass, fail) or `never` for files never
-    verified."""
-    statement = select(FileEntry).order_by(FileEntry.path)
+    """Entries by path (as this host sees them); `query` matches a path, trigger words, or a source's
+    model/version name or trained words, ignoring case; `verdict` is the latest verification's (pass, fail) or
+    `never` for files never verified; `host`: only files with a location that host reaches (present or not)."""
+    statement = select(FileEntry).where(FileEntry.id.in_(select(Location.file_id)))
     if verdict == "never":
         statement = statement.where(FileEntry.id.not_in(select(Verification.file_id)))
     elif verdict:
@@ -39,6 +41,8 @@ def list_entries(
         statement = statement.where(FileEntry.kind == kind)
     if base:
         statement = statement.where(FileEntry.base == base)
+    if host:
+        statement = statement.where(FileEntry.id.in_(select(Location.file_id).where(reached_by(host))))
     if query:
         needle = query.lower()
 
@@ -49,21 +53,32 @@ def list_entries(
         named = select(Source.file_id).where(
             or_(has(Source.model_name), has(Source.version_name), has(Source.trained_words))
         )
+        placed = select(Location.file_id).where(has(Location.path))
         statement = statement.where(
-            or_(has(FileEntry.path), has(FileEntry.trigger_words), FileEntry.id.in_(named))
+            or_(FileEntry.id.in_(placed), has(FileEntry.trigger_words), FileEntry.id.in_(named))
         )
     with Session(engine) as session:
-        return list(session.scalars(statement))
+        entries = list(session.scalars(statement))
+    return sorted(entries, key=lambda e: (e.path is None, e.path or "", e.id))
+
+
+def reached_by(host: str) -> Any:
+    """SQL condition on locations: on `host`, or on a shared root `host` mounts."""
+    mounted = select(RootMount.root_id).where(RootMount.host == host)
+    return or_(Location.host == host, (Location.host == SHARED_HOST) & Location.root_id.in_(mounted))
 
 
 def find_entry(engine: Engine, ref: str) -> FileEntry:
-    """The one entry whose id, path, any hash, or sha256 prefix (>= 8 hex) is `ref`.
+    """The one entry whose id, path (on this host), any hash, or sha256 prefix (>= 8 hex) is `ref`; failing
+    those, whose file name is `ref` on any host.
 
     Raises AdapterzooError when nothing matches or when `ref` fits more than one entry.
     """
     ref = ref.strip()
-    paths = {os.path.abspath(ref), str(Path(ref).resolve())}
-    conditions = [FileEntry.path.in_(paths)]
+    places = load_places(engine, current_host())
+    paths = {places.stored(p)[:2] for p in {os.path.abspath(ref), str(Path(ref).resolve())}}
+    conditions = [FileEntry.id.in_(select(Location.file_id).where(
+        or_(*(and_(Location.host == host, Location.path == path) for host, path in paths))))]
     if ref.isdigit():
         conditions.append(FileEntry.id == int(ref))
     digest = ref.lower().removeprefix("0x")
@@ -71,14 +86,41 @@ def find_entry(engine: Engine, ref: str) -> FileEntry:
         conditions.extend(getattr(FileEntry, name) == digest for name in HASH_COLUMNS)
         if len(digest) >= MIN_SHA256_PREFIX:
             conditions.append(FileEntry.sha256.startswith(digest, autoescape=True))
-    with Session(engine) as session:
-        matches = list(session.scalars(select(FileEntry).where(or_(*conditions)).order_by(FileEntry.id)))
+    matches = _entries_where(engine, or_(*conditions))
+    if not matches and ref and not set(ref) & set("/\\"):
+        named = select(Location.file_id).where(or_(Location.path.endswith("/" + ref, autoescape=True),
+                                                   Location.path.endswith("\\" + ref, autoescape=True)))
+        matches = _entries_where(engine, FileEntry.id.in_(named))
     if not matches:
-        raise AdapterzooError(f"nothing in the registry matches {ref!r} (an id, a path, or a hash)")
+        raise AdapterzooError(f"nothing in the registry matches {ref!r} (an id, a path, a file name, or a hash)")
     if len(matches) > 1:
         ids = ", ".join(str(m.id) for m in matches[:10])
         raise AdapterzooError(f"{ref!r} matches {len(matches)} entries (ids {ids}): give a longer hash or the path")
     return matches[0]
+
+
+def _entries_where(engine: Engine, condition: Any) -> list[FileEntry]:
+    with Session(engine) as session:
+        return list(session.scalars(select(FileEntry).where(condition).order_by(FileEntry.id)))
+
+
+def entry_by_sha256(engine: Engine, sha256: str) -> FileEntry | None:
+    """The file with this content, if the registry knows it."""
+    with Session(engine) as session:
+        return session.scalars(select(FileEntry).where(FileEntry.sha256 == sha256)).first()
+
+
+def present_copy(engine: Engine, sha256: str) -> tuple[FileEntry, Path] | None:
+    """A file with this SHA-256 that is on disk here, unchanged since it was hashed, and where."""
+    entry = entry_by_sha256(engine, sha256)
+    for location, local in entry.reachable() if entry is not None else []:
+        try:
+            stat = os.stat(local)
+        except OSError:
+            continue
+        if not location.missing and (stat.st_size, stat.st_mtime_ns) == (location.size, location.mtime_ns):
+            return entry, Path(local)
+    return None
 
 
 def entries_by_id(engine: Engine, ids: list[int]) -> list[FileEntry]:
