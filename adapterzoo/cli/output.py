@@ -54,6 +54,16 @@ def describe_location(location: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def describe_event(event: dict[str, Any]) -> str:
+    """One line of a file's history: when, what, where from and to."""
+    when = str(event["created"])[:19]
+    state = "" if event["state"] == "done" else f" ({event['state']})"
+    where = event["path"] or ""
+    if event["new_path"] and event["new_path"] != event["path"]:
+        where = f"{where} -> {event['new_path']}"
+    return f"{when}  {event['action']}{state}  {where}".rstrip()
+
+
 def _number(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"

@@ -9,7 +9,14 @@ from typing import Any
 import click
 
 from adapterzoo.cli.group import cli
-from adapterzoo.cli.output import describe_location, describe_source, emit_json, human_size, print_table
+from adapterzoo.cli.output import (
+    describe_event,
+    describe_location,
+    describe_source,
+    emit_json,
+    human_size,
+    print_table,
+)
 from adapterzoo.formats.io.probe_result import BASES, KINDS
 
 
@@ -54,6 +61,7 @@ def scan(obj: dict[str, Any], dirs: tuple[str, ...], as_json: bool) -> None:
 LIST_COLUMNS = ("id", "kind", "base", "format", "rank", "autov2", "status", "verified", "name", "size", "path",
                 "triggers", "copies", "hosts", "sha256")
 DEFAULT_COLUMNS = "id,kind,base,format,rank,autov2,status,verified,name"
+HISTORY_SHOWN = 20  # newest events `show` lists
 
 
 @cli.command("list")
@@ -110,12 +118,14 @@ def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
     """Show one registry entry, found by id, path, file name, any of its hashes, or a sha256 prefix (8+ hex),
     with every location it has on every host."""
     from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.events import history
     from adapterzoo.zoo.queries import find_entry, latest_verifications, sources_of
 
     engine = open_registry(obj["db"])
     found = find_entry(engine, ref)
     latest = latest_verifications(engine, found.id).get(found.id)
     entry = {**found.to_json(), "sources": [s.to_json() for s in sources_of(engine, found.id)],
+             "history": [e.to_json() for e in history(engine, found.id, limit=HISTORY_SHOWN)],
              "verification": latest.to_json() if latest else None}
     if as_json:
         emit_json(entry)
@@ -133,6 +143,10 @@ def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
         elif key == "locations":
             for location in value:
                 click.echo(f"{'location':14} {describe_location(location)}")
+            continue
+        elif key == "history":
+            for event in value:
+                click.echo(f"{'history':14} {describe_event(event)}")
             continue
         elif isinstance(value, list):
             value = ", ".join(map(str, value))

@@ -30,7 +30,7 @@ from adapterzoo.zoo.events import move_action, record_event, utcnow
 from adapterzoo.zoo.hashing import FileHashes, hash_file, sha256_of
 from adapterzoo.zoo.hosts import Places, current_host
 from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Location
-from adapterzoo.zoo.roots import load_places
+from adapterzoo.zoo.roots import load_places, under
 from adapterzoo.zoo.triggers import find_preview, own_tokens, sidecar_stem, sidecars, trigger_words
 from adapterzoo.zoo.walk import Found, find_entries
 
@@ -540,13 +540,6 @@ def _storable(path: str) -> bool:
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else exc.__class__.__name__
-
-
-def under(column: Any, folder: str) -> Any:
-    """SQL: `column` is the path `folder` or a path inside it (either separator)."""
-    base = folder.rstrip("/\\")
-    return or_(column == folder, column.startswith(base + "/", autoescape=True),
-               column.startswith(base + "\\", autoescape=True))
 
 
 def _known_rows(engine: Engine, places: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Known]:
