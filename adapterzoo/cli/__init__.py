@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from adapterzoo.cli import demo, files, merging, registry, roots, sources, verifying  # noqa: F401 - registers commands
+from adapterzoo.cli import demo, files, library, merging, registry, roots, sources, verifying  # noqa: F401 - registers commands
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import emit_json
 from adapterzoo.errors import AdapterzooError

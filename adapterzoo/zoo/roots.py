@@ -114,7 +114,7 @@ def mount_root(engine: Engine, ref: str, path: str | os.PathLike, host: str | No
     host = host or current_host()
     folder = _folder(path) if host == current_host() else os.path.normpath(str(path))
     with Session(engine) as session, session.begin():
-        root = _find(session, ref, host)
+        root = find_root(session, ref, host)
         if root.host != SHARED_HOST:
             raise AdapterzooError(f"root {root.id} ({root.path}) is {root.host}'s, not shared: only a shared root "
                                   f"is mounted (roots add --shared)")
@@ -128,7 +128,7 @@ def remove_root(engine: Engine, ref: str) -> RootChange:
     root). A shared root loses this host's mount; with the last mount gone, its locations become this host's."""
     host = current_host()
     with Session(engine) as session, session.begin():
-        root = _find(session, ref, host)
+        root = find_root(session, ref, host)
         connection = session.connection()
         view = _view(root, root.local_path(host) or root.path).to_json()
         if root.host == SHARED_HOST:
@@ -185,7 +185,7 @@ def _folder(path: str | os.PathLike) -> str:
     return str(folder.resolve())
 
 
-def _find(session: Session, ref: str, host: str) -> Root:
+def find_root(session: Session, ref: str, host: str) -> Root:
     """A root by id, or by its path on `host` (its mount, for a shared one) or its stored path."""
     roots = session.scalars(select(Root).where(Root.host.in_([host, SHARED_HOST])).order_by(Root.id)).all()
     wanted = {ref, os.path.normpath(os.path.abspath(os.path.expanduser(ref)))}

@@ -211,7 +211,7 @@ def write_entry(engine: Engine, host: str, seen: Seen, values: dict[str, Any], k
             file_id = _give_identity(connection, known.file_id, values, now)
         else:
             file_id = upsert_content(connection, _with_other_words(connection, seen, values), now)
-        _upsert_location(connection, seen, values["preview_path"], file_id, now)
+        upsert_location(connection, seen, values["preview_path"], file_id, now)
         if known is not None and known.file_id != file_id and known.sha256 is not None:
             record_event(connection, host, "replace", known.file_id, seen.path, seen.path, {"file_id": file_id})
     return file_id
@@ -401,7 +401,7 @@ class _Scan:
         entry = seen.found
         preview = find_preview(sidecar_stem(entry.path, entry.is_folder), entry.neighbours)
         with self.engine.begin() as connection:
-            _upsert_location(connection, seen, preview, row.file_id, self.now)
+            upsert_location(connection, seen, preview, row.file_id, self.now)
         self._result(seen, row)
         self.report.linked += 1
 
@@ -498,7 +498,7 @@ def _with_other_words(connection: Connection, seen: Seen, values: dict[str, Any]
     return {**values, "trigger_words": words}
 
 
-def _upsert_location(connection: Connection, seen: Seen, preview: str | None, file_id: int, now: Any) -> int:
+def upsert_location(connection: Connection, seen: Seen, preview: str | None, file_id: int, now: Any) -> int:
     """Insert the location or, if (host, path) is there already, overwrite all but id and first_seen."""
     dialect = sqlite if connection.dialect.name == "sqlite" else postgresql
     entry = seen.found
