@@ -22,11 +22,6 @@ REAL = Path(__file__).parent / "fixtures" / "real"
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch) -> Cli:
-    return Cli(capsys, monkeypatch)
-
-
-@pytest.fixture
 def library(tmp_path: Path, cli: Cli) -> dict[str, Path]:
     files = side_by_side(tmp_path / "sd")
     cli("roots", "add", files["a1111"])

@@ -20,11 +20,6 @@ FAST = ["--steps", "1", "--size", "64x64", "--multiplier", "0", "--multiplier", 
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch) -> Cli:
-    return Cli(capsys, monkeypatch)
-
-
-@pytest.fixture
 def library(tmp_path: Path) -> dict[str, Path]:
     return side_by_side(tmp_path / "sd")
 

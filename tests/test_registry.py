@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import MetaData, create_engine, func, inspect, select
+from sqlalchemy import MetaData, create_engine, inspect, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql.base import ischema_names as PG_TYPE_NAMES
 

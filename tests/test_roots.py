@@ -6,12 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from library_layout import Cli, locations, side_by_side
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch) -> Cli:
-    return Cli(capsys, monkeypatch)
+from library_layout import locations, side_by_side
 
 
 @pytest.fixture

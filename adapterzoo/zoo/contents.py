@@ -4,6 +4,7 @@ be one content into one, so its locations, sources, verifications and history st
 from __future__ import annotations
 
 from datetime import datetime
+from functools import cache
 from typing import Any
 
 from sqlalchemy import Connection, delete, func, insert, select, update
@@ -24,17 +25,20 @@ def content_values(values: dict[str, Any]) -> dict[str, Any]:
 def upsert_content(connection: Connection, values: dict[str, Any], now: datetime) -> int:
     """The id of the row for this content: a new row, or the one with the same SHA-256 brought up to date
     (probe results of this adapterzoo). A content with no SHA-256 (unreadable) always gets a row of its own."""
-    content = content_values(values)
-    if content["sha256"] is None:
-        statement = insert(FILES).values(**content, first_seen=now, last_seen=now)
-        return connection.execute(statement.returning(FILES.c.id)).scalar_one()
-    dialect = sqlite if connection.dialect.name == "sqlite" else postgresql
-    statement = dialect.insert(FILES).values(**content, first_seen=now, last_seen=now)
-    statement = statement.on_conflict_do_update(
+    row = {**content_values(values), "first_seen": now, "last_seen": now}
+    if row["sha256"] is None:
+        return connection.execute(insert(FILES).returning(FILES.c.id), row).scalar_one()
+    return connection.execute(_content_upsert(connection.dialect.name), row).scalar_one()
+
+
+@cache
+def _content_upsert(dialect_name: str) -> Any:
+    """INSERT ... ON CONFLICT (sha256) DO UPDATE, built once: its values come with each execute."""
+    statement = (sqlite if dialect_name == "sqlite" else postgresql).insert(FILES)
+    return statement.on_conflict_do_update(
         index_elements=[FILES.c.sha256],
         set_={name: statement.excluded[name] for name in (*CONTENT_COLUMNS, "last_seen") if name != "sha256"},
-    )
-    return connection.execute(statement.returning(FILES.c.id)).scalar_one()
+    ).returning(FILES.c.id)
 
 
 def overwrite_content(connection: Connection, file_id: int, values: dict[str, Any], now: datetime) -> None:

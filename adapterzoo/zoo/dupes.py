@@ -22,7 +22,7 @@ BY = ("sha256", "tensors", "name")
 DU_BY = ("kind", "base", "root", "source")
 
 
-@dataclass
+@dataclass(slots=True)
 class Copy:
     """One present copy on this host, with what a choice between copies looks at."""
 
@@ -49,7 +49,7 @@ class Copy:
         return (self.device, self.inode) if self.inode is not None else (self.path,)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("inode", "device", "location_id")}
+        return {name: getattr(self, name) for name in self.__slots__ if name not in ("inode", "device", "location_id")}
 
 
 @dataclass
@@ -88,8 +88,9 @@ def copies_here(engine: Engine) -> list[Copy]:
             providers[file_id].append(provider)
         verdicts = dict(connection.execute(select(Verification.file_id, Verification.verdict)
                                            .where(Verification.id.in_(latest))).all())
+    roots = {root.id: _root(places, root.id) for root in places.roots}
     copies = [Copy(row.file_id, row.id, local, row.size, row.mtime_ns, row.inode, row.device,
-                   _root(places, row.root_id), row.sha256, row.autov3, row.kind, row.base, row.is_folder,
+                   roots.get(row.root_id), row.sha256, row.autov3, row.kind, row.base, row.is_folder,
                    sorted(providers.get(row.file_id, [])), verdicts.get(row.file_id))
               for row in rows if (local := places.local(row.host, row.path, row.root_id)) is not None]
     copies.sort(key=lambda c: c.path)

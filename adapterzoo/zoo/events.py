@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from adapterzoo.zoo.models import Event
 
 EVENTS = Event.__table__
+ADD_EVENT = insert(EVENTS).returning(EVENTS.c.id)  # its values come with each execute: compiled once
 
 
 def utcnow() -> datetime:
@@ -22,9 +23,9 @@ def utcnow() -> datetime:
 def record_event(connection: Connection, host: str, action: str, file_id: int | None, path: str | None = None,
                  new_path: str | None = None, detail: dict[str, Any] | None = None, state: str = "done") -> int:
     """Add one event in the caller's transaction; returns its id."""
-    statement = insert(EVENTS).values(created=utcnow(), host=host, action=action, state=state, file_id=file_id,
-                                      path=path, new_path=new_path, detail=detail or {})
-    return connection.execute(statement.returning(EVENTS.c.id)).scalar_one()
+    row = {"created": utcnow(), "host": host, "action": action, "state": state, "file_id": file_id, "path": path,
+           "new_path": new_path, "detail": detail or {}}
+    return connection.execute(ADD_EVENT, row).scalar_one()
 
 
 def move_action(old: str, new: str) -> str:

@@ -69,7 +69,7 @@ def prune(engine: Engine, found: Prunable) -> Prunable:
         for loc in done.locations:
             record_event(connection, host, "forget", loc["id"], loc["path"], None,
                          {"host": loc["host"], "missing_since": loc["missing_since"]})
-        connection.execute(delete(locations).where(locations.c.id.in_(still)))
+        connection.execute(delete(locations).where(locations.c.id.in_(still), locations.c.missing.is_(True)))
         empty = set(connection.execute(select(files.c.id).where(
             files.c.id.in_([f["id"] for f in found.files]), files.c.id.not_in(select(locations.c.file_id))))
             .scalars())
@@ -78,5 +78,5 @@ def prune(engine: Engine, found: Prunable) -> Prunable:
             record_event(connection, host, "forget", entry["id"], None, None, entry)
         for table in (Source.__table__, Verification.__table__):
             connection.execute(delete(table).where(table.c.file_id.in_(empty)))
-        connection.execute(delete(files).where(files.c.id.in_(empty)))
+        connection.execute(delete(files).where(files.c.id.in_(empty), files.c.id.not_in(select(locations.c.file_id))))
     return done

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timezone
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from tqdm import tqdm
 
 from adapterzoo.errors import AdapterzooError, BadFileError, UnsafeFileError
@@ -31,12 +31,18 @@ from adapterzoo.zoo.hashing import FileHashes, hash_file, sha256_of
 from adapterzoo.zoo.hosts import Places, current_host
 from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Location
 from adapterzoo.zoo.roots import load_places, under
-from adapterzoo.zoo.triggers import find_preview, own_tokens, sidecar_stem, sidecars, trigger_words
-from adapterzoo.zoo.walk import Found, find_entries
+from adapterzoo.zoo.triggers import BESIDE_SUFFIXES, find_preview, own_tokens, sidecar_stem, sidecars, trigger_words
+from adapterzoo.zoo.walk import Found, find_entries, signed64
 
 FILES = FileEntry.__table__
 LOCATIONS = Location.__table__
 BATCH = 500  # ids per UPDATE ... WHERE id IN (...)
+_TAKEN = select(LOCATIONS.c.id).where(LOCATIONS.c.host == bindparam("to_host"),
+                                      LOCATIONS.c.path == bindparam("to_path")).alias("taken")
+MOVE_LOCATION = update(LOCATIONS).where(  # unless another scan recorded the new path meanwhile
+    LOCATIONS.c.id == bindparam("lid"), LOCATIONS.c.path == bindparam("was"), ~exists(select(_TAKEN.c.id)),
+).values(host=bindparam("to_host"), path=bindparam("to_path"), **{name: bindparam(f"to_{name}") for name in (
+    "size", "mtime_ns", "inode", "device", "root_id", "preview_path", "missing", "missing_since", "last_seen")})
 KNOWN_COLUMNS = (LOCATIONS.c.id, LOCATIONS.c.file_id, LOCATIONS.c.host, LOCATIONS.c.path, LOCATIONS.c.size,
                  LOCATIONS.c.mtime_ns, LOCATIONS.c.inode, LOCATIONS.c.device, LOCATIONS.c.root_id,
                  LOCATIONS.c.preview_path, LOCATIONS.c.first_seen, LOCATIONS.c.last_seen, FILES.c.sha256,
@@ -72,7 +78,7 @@ class ScanReport:
                                               "missing")}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Seen:
     """A found entry and the location it is stored as (host '*' and the root's path on a shared root)."""
 
@@ -86,7 +92,7 @@ class Seen:
         return self.host, self.path
 
 
-@dataclass
+@dataclass(slots=True)
 class Known:
     """A location the registry holds, with what a rescan compares and the few facts of its file it reports."""
 
@@ -234,10 +240,10 @@ class _Scan:
     def run(self) -> ScanReport:
         self._walk()
         self.known = _known_rows(self.engine, [self.places.stored(str(t))[:2] for t in self.targets])
-        unchanged = [row for key, row in self.known.items() if key in self.found and row.unchanged(
-            self.found[key].found)]
+        unchanged = [(row, seen) for key, row in self.known.items()
+                     if (seen := self.found.get(key)) is not None and row.unchanged(seen.found)]
         self._keep(unchanged)
-        kept = {row.key for row in unchanged}
+        kept = {seen.key for _, seen in unchanged}
         new = [seen for key, seen in sorted(self.found.items()) if key not in kept]
         followed = self._follow_inodes([seen for seen in new if seen.key not in self.known])
         self._index([seen for seen in new if seen.key not in followed])
@@ -246,7 +252,7 @@ class _Scan:
         self._moves_from_elsewhere()
         self._mark_missing(gone)
         self.report.missing = len(gone)
-        for path, (file_id, shown, error, unsafe) in sorted(self.results.items(), key=lambda kv: kv[1][1]):
+        for file_id, shown, error, unsafe in sorted(self.results.values(), key=lambda result: result[1]):
             self.report.found.append((file_id, shown))
             if error:
                 status = "unsafe" if unsafe else "broken"
@@ -268,26 +274,26 @@ class _Scan:
     def _result(self, seen: Seen, row: Known) -> None:
         self.results[seen.key] = (row.file_id, str(seen.found.path), row.error, row.unsafe)
 
-    def _keep(self, rows: list[Known]) -> None:
+    def _keep(self, pairs: list[tuple[Known, Seen]]) -> None:
         """Unchanged locations: seen now; inode, device and root filled in where they differ; sidecars rechecked."""
-        ids = [row.id for row in rows]
+        ids = [row.id for row, _ in pairs]
         for start in range(0, len(ids), BATCH):
             with self.engine.begin() as connection:
                 connection.execute(update(LOCATIONS).where(LOCATIONS.c.id.in_(ids[start:start + BATCH]))
                                    .values(last_seen=self.now, missing=False, missing_since=None))
         fixes = [{"lid": row.id, "ino": seen.found.inode, "dev": seen.found.device, "root": seen.root_id}
-                 for row in rows if (row.inode, row.device, row.root_id) != (
-                     (seen := self.found[row.key]).found.inode, seen.found.device, seen.root_id)]
+                 for row, seen in pairs
+                 if (row.inode, row.device, row.root_id) != (seen.found.inode, seen.found.device, seen.root_id)]
         if fixes:
             with self.engine.begin() as connection:
                 connection.execute(update(LOCATIONS).where(LOCATIONS.c.id == bindparam("lid"))
                                    .values(inode=bindparam("ino"), device=bindparam("dev"),
                                            root_id=bindparam("root")), fixes)
-        self._touch_files({row.file_id for row in rows})
-        self._refresh_sidecars(rows)
-        for row in rows:
-            self._result(self.found[row.key], row)
-        self.report.unchanged = len(rows)
+        self._touch_files({row.file_id for row, _ in pairs})
+        self._refresh_sidecars(pairs)
+        for row, seen in pairs:
+            self._result(seen, row)
+        self.report.unchanged = len(pairs)
 
     def _touch_files(self, file_ids: Iterable[int]) -> None:
         ids = sorted(file_ids)
@@ -296,13 +302,16 @@ class _Scan:
                 connection.execute(update(FILES).where(FILES.c.id.in_(ids[start:start + BATCH]))
                                    .values(last_seen=self.now))
 
-    def _refresh_sidecars(self, rows: list[Known]) -> None:
+    def _refresh_sidecars(self, pairs: list[tuple[Known, Seen]]) -> None:
         """An unchanged file whose preview or JSON sidecars changed gets new trigger words and preview.
 
         Only those few rows are read back and written; the model file itself is not touched again.
         """
-        for row in rows:
-            entry = self.found[row.key].found
+        for row, seen in pairs:
+            entry = seen.found
+            name = entry.path.name if entry.is_folder else entry.path.name.rsplit(".", 1)[0]
+            if row.preview_path is None and not any(name + suffix in entry.neighbours for suffix in BESIDE_SUFFIXES):
+                continue  # nothing beside it, before or now: the common case, decided without a path object
             stem = sidecar_stem(entry.path, entry.is_folder)
             seen_ns = row.last_seen.replace(tzinfo=timezone.utc).timestamp() * 1e9
             preview = find_preview(stem, entry.neighbours)
@@ -314,8 +323,8 @@ class _Scan:
                 file = connection.execute(select(FILES.c.metadata, FILES.c.kind, FILES.c.details)
                                           .where(FILES.c.id == row.file_id)).one()
                 words = trigger_words(file.metadata, stem, entry.neighbours, own_tokens(file.kind, file.details, stem))
-                words = _with_other_words(connection, self.found[row.key], {"sha256": row.sha256,
-                                                                             "trigger_words": words})["trigger_words"]
+                words = _with_other_words(connection, seen, {"sha256": row.sha256, "trigger_words": words})[
+                    "trigger_words"]
                 connection.execute(update(FILES).where(FILES.c.id == row.file_id).values(trigger_words=words))
 
     def _follow_inodes(self, fresh: list[Seen]) -> set[tuple[str, str]]:
@@ -330,9 +339,9 @@ class _Scan:
                                           .where(LOCATIONS.c.inode.in_(inodes[start:start + BATCH]),
                                                  LOCATIONS.c.host.in_(hosts))).all()
             for row in rows:
-                known = Known(**row._mapping)
+                known = Known(*row)
                 candidates.setdefault((known.host, known.device, known.inode), []).append(known)
-        handled = set()
+        follows: list[tuple[Known, Seen, Known | None]] = []  # (row, new place, the row as it was if it moves)
         for seen in fresh:
             entry = seen.found
             same = [row for row in candidates.get((seen.host, entry.device, entry.inode), [])
@@ -341,12 +350,50 @@ class _Scan:
             if not same:
                 continue
             gone = next((row for row in same if self._gone(row)), None)
-            if gone is not None and self._move(gone, seen):
-                handled.add(seen.key)
-            elif gone is None:
-                self._link(same[0], seen)
-                handled.add(seen.key)
+            if gone is None:
+                follows.append((same[0], seen, None))
+                continue
+            before = replace(gone)
+            gone.host, gone.path, gone.root_id = seen.host, seen.path, seen.root_id  # later links see it here
+            self.moved_from.add(before.key)
+            follows.append((gone, seen, before))
+        return self._write_follows(follows)
+
+    def _write_follows(self, follows: list[tuple[Known, Seen, Known | None]]) -> set[tuple[str, str]]:
+        """Record the moves and links `_follow_inodes` found, many to a transaction; a move another scan recorded
+        meanwhile is left to it."""
+        handled = set()
+        for start in range(0, len(follows), BATCH):
+            with self.engine.begin() as connection:
+                for row, seen, before in follows[start:start + BATCH]:
+                    if not self._record_follow(connection, row, seen, before):
+                        if before is not None:
+                            self.moved_from.discard(before.key)
+                        continue
+                    handled.add(seen.key)
+                    self._result(seen, row)
+                    if before is None:
+                        self.report.linked += 1
+                    else:
+                        self._moved(before, seen)
+        self._touch_files({row.file_id for row, seen, _ in follows if seen.key in handled})
         return handled
+
+    def _record_follow(self, connection: Connection, row: Known, seen: Seen, before: Known | None) -> bool:
+        entry = seen.found
+        preview = find_preview(sidecar_stem(entry.path, entry.is_folder), entry.neighbours)
+        if before is None:
+            upsert_location(connection, seen, preview, row.file_id, self.now)
+            return True
+        values = {"host": seen.host, "path": seen.path, "size": entry.size, "mtime_ns": entry.mtime_ns,
+                  "inode": entry.inode, "device": entry.device, "root_id": seen.root_id, "preview_path": preview,
+                  "missing": False, "missing_since": None, "last_seen": self.now}
+        moved = connection.execute(MOVE_LOCATION, {"lid": row.id, "was": before.path,
+                                                   **{f"to_{k}": v for k, v in values.items()}}).rowcount
+        if moved:
+            record_event(connection, self.host, move_action(before.path, seen.path), row.file_id, before.path,
+                         seen.path, {"recognised_by": "inode"})
+        return bool(moved)
 
     def _gone(self, row: Known) -> bool:
         """Whether a known location's path no longer holds its file (checked on disk outside the scanned folders)."""
@@ -363,47 +410,15 @@ class _Scan:
             return True
         except OSError:
             return False  # cannot tell: leave it be
-        return (stat.st_dev, stat.st_ino) != (row.device, row.inode)
-
-    def _move(self, row: Known, seen: Seen) -> bool:
-        """The known location `row` is now at `seen`: same location row, new path, and the event."""
-        entry = seen.found
-        preview = find_preview(sidecar_stem(entry.path, entry.is_folder), entry.neighbours)
-        try:
-            with self.engine.begin() as connection:
-                moved = connection.execute(update(LOCATIONS).where(LOCATIONS.c.id == row.id,
-                                                                   LOCATIONS.c.path == row.path).values(
-                    host=seen.host, path=seen.path, size=entry.size, mtime_ns=entry.mtime_ns, inode=entry.inode,
-                    device=entry.device, root_id=seen.root_id, preview_path=preview, missing=False,
-                    missing_since=None, last_seen=self.now)).rowcount
-                if moved:
-                    record_event(connection, self.host, move_action(row.path, seen.path), row.file_id, row.path,
-                                 seen.path, {"recognised_by": "inode"})
-        except IntegrityError:  # another scan recorded the new path meanwhile: it is handled there
-            return False
-        if not moved:
-            return False
-        self._moved(row, seen)
-        row.host, row.path = seen.host, seen.path
-        self._result(seen, row)
-        self._touch_files([row.file_id])
-        return True
+        return (signed64(stat.st_dev), signed64(stat.st_ino)) != (row.device, row.inode)
 
     def _moved(self, row: Known, seen: Seen) -> None:
+        """Report `row` (as it was) moved to `seen`."""
         self.moved_from.add(row.key)
         self.report.moved += 1
         self.report.moves.append({"file_id": row.file_id, "action": move_action(row.path, seen.path),
                                   "from": self.places.local(row.host, row.path, row.root_id) or row.path,
                                   "to": str(seen.found.path)})
-
-    def _link(self, row: Known, seen: Seen) -> None:
-        """A second name of a known file (a hard link): a new location of it, not read."""
-        entry = seen.found
-        preview = find_preview(sidecar_stem(entry.path, entry.is_folder), entry.neighbours)
-        with self.engine.begin() as connection:
-            upsert_location(connection, seen, preview, row.file_id, self.now)
-        self._result(seen, row)
-        self.report.linked += 1
 
     def _index(self, todo: list[Seen]) -> None:
         with tqdm(total=sum(s.found.size for s in todo), unit="B", unit_scale=True, desc="scan",
@@ -445,7 +460,7 @@ class _Scan:
         if not waiting:
             return
         with self.engine.connect() as connection:
-            rows = [Known(**r._mapping) for r in connection.execute(
+            rows = [Known(*r) for r in connection.execute(
                 select(*KNOWN_COLUMNS).join(FILES, FILES.c.id == LOCATIONS.c.file_id).where(
                     LOCATIONS.c.file_id.in_(sorted(waiting)), LOCATIONS.c.missing.is_(False)))]
         for row in rows:
@@ -500,18 +515,22 @@ def _with_other_words(connection: Connection, seen: Seen, values: dict[str, Any]
 
 def upsert_location(connection: Connection, seen: Seen, preview: str | None, file_id: int, now: Any) -> int:
     """Insert the location or, if (host, path) is there already, overwrite all but id and first_seen."""
-    dialect = sqlite if connection.dialect.name == "sqlite" else postgresql
     entry = seen.found
-    statement = dialect.insert(LOCATIONS).values(
-        file_id=file_id, host=seen.host, path=seen.path, size=entry.size, mtime_ns=entry.mtime_ns,
-        inode=entry.inode, device=entry.device, root_id=seen.root_id, preview_path=preview, missing=False,
-        missing_since=None, first_seen=now, last_seen=now)
+    row = {"file_id": file_id, "host": seen.host, "path": seen.path, "size": entry.size, "mtime_ns": entry.mtime_ns,
+           "inode": entry.inode, "device": entry.device, "root_id": seen.root_id, "preview_path": preview,
+           "missing": False, "missing_since": None, "first_seen": now, "last_seen": now}
+    return connection.execute(_location_upsert(connection.dialect.name), row).scalar_one()
+
+
+@cache
+def _location_upsert(dialect_name: str) -> Any:
+    """INSERT ... ON CONFLICT (host, path) DO UPDATE all but id and first_seen, built once."""
+    statement = (sqlite if dialect_name == "sqlite" else postgresql).insert(LOCATIONS)
     kept = {"id", "host", "path", "first_seen"}
-    statement = statement.on_conflict_do_update(
+    return statement.on_conflict_do_update(
         index_elements=[LOCATIONS.c.host, LOCATIONS.c.path],
         set_={c.name: statement.excluded[c.name] for c in LOCATIONS.columns if c.name not in kept},
     ).returning(LOCATIONS.c.id)
-    return connection.execute(statement).scalar_one()
 
 
 def _seen(places: Places, entry: Found) -> Seen:
@@ -549,7 +568,7 @@ def _known_rows(engine: Engine, places: Iterable[tuple[str, str]]) -> dict[tuple
         return {}
     statement = select(*KNOWN_COLUMNS).join(FILES, FILES.c.id == LOCATIONS.c.file_id).where(or_(*conditions))
     with engine.connect() as connection:
-        return {(row.host, row.path): Known(**row._mapping) for row in connection.execute(statement)}
+        return {(row.host, row.path): Known(*row) for row in connection.execute(statement)}
 
 
 def _mtime_ns(path: Path) -> int:

@@ -20,6 +20,7 @@ PREVIEW_SUFFIXES = (".preview.png", ".png", ".jpg", ".webp")
 A1111_SIDECAR = ".json"
 CIVITAI_SIDECAR = ".civitai.info"
 SIDECAR_SUFFIXES = (A1111_SIDECAR, CIVITAI_SIDECAR)
+BESIDE_SUFFIXES = PREVIEW_SUFFIXES + SIDECAR_SUFFIXES  # every name that changes what a file's row says
 TOP_TAGS = 10  # the most frequent training tags; the trigger tag is usually in every caption
 
 

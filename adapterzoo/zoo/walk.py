@@ -33,13 +33,12 @@ class Found:
 
 
 def is_model_file(name: str) -> bool:
-    suffixes = [s.lower() for s in Path(name).suffixes]
-    return (
-        not name.startswith(".")
-        and bool(suffixes)
-        and suffixes[-1] in MODEL_SUFFIXES
-        and not SKIPPED_SUFFIXES.intersection(suffixes)
-    )
+    """A model file by its name: a model suffix last, no optimizer-state or download suffix, not hidden.
+    Plain string work: a rescan asks it of every file in the library."""
+    if name.startswith("."):
+        return False
+    suffixes = ["." + part for part in name.lower().split(".")[1:]]
+    return bool(suffixes) and suffixes[-1] in MODEL_SUFFIXES and not SKIPPED_SUFFIXES.intersection(suffixes)
 
 
 def signed64(number: int) -> int:
@@ -81,7 +80,7 @@ def find_entries(root: Path) -> Iterator[Found]:
                     if entry.name not in SKIPPED_FOLDERS:
                         stack.append(Path(entry.path))
                 elif entry.is_file() and is_model_file(entry.name):
-                    yield found_file(Path(entry.path), entry.stat(), names)
+                    yield found_file(folder / entry.name, entry.stat(), names)
             except OSError:  # a dangling link or a file removed while we walk
                 continue
 
