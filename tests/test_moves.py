@@ -10,11 +10,15 @@ from pathlib import Path
 
 import pytest
 from library_layout import Cli, locations, lora, side_by_side
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 from test_verify import kohya_file
 
 from adapterzoo import tiny_models
 from adapterzoo.formats import probe as probe_module
 from adapterzoo.zoo import hashing, scan
+from adapterzoo.zoo.db import open_registry
+from adapterzoo.zoo.models import FileEntry
 
 FAST = ["--steps", "1", "--size", "64x64", "--multiplier", "0", "--multiplier", "1"]
 
@@ -108,7 +112,7 @@ def test_hard_links_are_known_without_reading_and_new_bytes_are_a_new_file(libra
     assert [(e["action"], e["path"]) for e in old["history"]] == [("replace", str(library["twin_name"]))]
 
 
-def test_a_scan_marks_only_its_own_hosts_locations_missing(tmp_path, cli):
+def test_a_scan_marks_only_its_own_hosts_locations_missing(tmp_path, cli, monkeypatch):
     """Both hosts record the same path (each has /models on its own disk); host a scans after the file is gone
     on its disk: a's location is missing, b's is not touched."""
     models = tmp_path / "models"
@@ -129,6 +133,15 @@ def test_a_scan_marks_only_its_own_hosts_locations_missing(tmp_path, cli):
     assert locations(entries["shared-name.safetensors"], "b") == {str(models / "shared-name.safetensors"): False}
     assert entries["shared-name.safetensors"]["status"] == "ok"  # as b sees it
     assert by_name(cli, host="a")["shared-name.safetensors"]["status"] == "elsewhere"  # gone here, on b still
+
+    def present(host: str) -> list[str | None]:  # FileEntry.path and .missing in SQL: as `host` sees them
+        monkeypatch.setenv("ADAPTERZOO_HOST", host)
+        with Session(open_registry()) as session:
+            return list(session.scalars(select(FileEntry.path).where(FileEntry.missing.is_(False))
+                                        .order_by(FileEntry.path)))
+
+    assert present("a") == [] and present("b") == [str(models / "only-b.safetensors"),
+                                                    str(models / "shared-name.safetensors")]
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,14 @@ from sqlalchemy import (
     Index,
     Integer,
     Text,
+    and_,
+    case,
+    exists,
+    or_,
+    select,
 )
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -97,15 +103,35 @@ class FileEntry(Base):
         other = sorted(self.locations, key=lambda loc: (loc.missing, loc.host, loc.path))
         return (other[0], other[0].path) if other else (None, None)
 
-    @property
+    @hybrid_property
     def path(self) -> str | None:
-        """This host's path of the file (see `_shown`); None for a content no location holds any more."""
+        """This host's path of the file (see `_shown`); None for a content no location holds any more. In SQL
+        (select, where, order by): the first of this host's and shared locations, present ones first, as stored."""
         return self._shown(current_host())[1]
 
-    @property
+    @path.inplace.expression
+    @classmethod
+    def _path_expression(cls) -> Any:
+        first = (select(Location.path).where(Location.file_id == cls.id,
+                                             Location.host.in_([current_host(), SHARED_HOST]))
+                 .order_by(Location.missing, Location.path).limit(1).correlate_except(Location).scalar_subquery())
+        return case((cls.id.is_not(None), first))  # names files.id itself: `select(FileEntry.path)` reads files
+
+    @hybrid_property
     def missing(self) -> bool:
-        """True unless this host has a present location of it."""
+        """True unless this host has a present location of it (in SQL too)."""
         return self.is_missing(current_host())
+
+    @missing.inplace.expression
+    @classmethod
+    def _missing_expression(cls) -> Any:
+        host = current_host()
+        mounted = select(RootMount.root_id).where(RootMount.host == host)
+        present = exists().where(Location.file_id == cls.id, Location.missing.is_(False),
+                                 or_(Location.host == host, and_(Location.host == SHARED_HOST,
+                                                                 Location.root_id.in_(mounted)))
+                                 ).correlate_except(Location)
+        return and_(cls.id.is_not(None), ~present)  # names files.id itself, as `path` does
 
     def is_missing(self, host: str) -> bool:
         return not any(not loc.missing for loc, _ in self.reachable(host))

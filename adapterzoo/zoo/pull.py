@@ -36,7 +36,7 @@ from adapterzoo.zoo.hashing import FileHashes, hash_file
 from adapterzoo.zoo.http_get import Host
 from adapterzoo.zoo.library import choose_kind, library_folder, settle, write_sidecars
 from adapterzoo.zoo.lock import LOCK_VERSION
-from adapterzoo.zoo.queries import present_copy
+from adapterzoo.zoo.queries import file_on_disk
 from adapterzoo.zoo.refs import resolve_ref
 from adapterzoo.zoo.remote import RemoteFile
 from adapterzoo.zoo.scan import Probed, index_file, probe_entry
@@ -136,18 +136,17 @@ class _Puller:
                 raise AdapterzooError(f"{remote.ref} now offers a different file (SHA256 {sha256}) than the lock "
                                       f"file names ({expected['sha256']}); nothing was downloaded")
             sha256, size = expected["sha256"], expected["size"]
-        copy = present_copy(self.engine, sha256) if sha256 else None
-        if copy is not None and not self.target.wants_copy_of(copy[1]):
-            known, where = copy
+        known = file_on_disk(self.engine, sha256) if sha256 else None
+        if known is not None and not self.target.wants_copy_of(known.path):
             notes = ["in the registry already; nothing was downloaded"]
             self._record(known.id, remote, notes)  # the registry learns where the file can be had again
-            return Pulled(ref, "already have", path=str(where), id=known.id, source_ref=remote.ref, kind=known.kind,
+            return Pulled(ref, "already have", path=known.path, id=known.id, source_ref=remote.ref, kind=known.kind,
                           base=known.base, size=known.size, sha256=known.sha256, autov2=known.autov2, notes=notes)
         folder = self.target.folder(expected["kind"] if expected else remote.source.kind)
-        if copy is not None:  # on disk elsewhere: the library gets it from there, not from the network
-            where = copy[1]
-            got = _bring_in(where, _checked_hashes(where, sha256, "the registry's copy"), folder, where.name)
-            note = f"copied from {where}, not downloaded"
+        if known is not None:  # on disk elsewhere: the library gets it from there, not from the network
+            got = _bring_in(Path(known.path), _checked_hashes(Path(known.path), sha256, "the registry's copy"),
+                            folder, os.path.basename(known.path))
+            note = f"copied from {known.path}, not downloaded"
         elif remote.source.provider == "hf":
             got, note = self._from_hub(remote, folder, sha256), None
         else:

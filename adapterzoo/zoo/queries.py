@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +111,17 @@ def entry_by_sha256(engine: Engine, sha256: str) -> FileEntry | None:
         return session.scalars(select(FileEntry).where(FileEntry.sha256 == sha256)).first()
 
 
-def present_copy(engine: Engine, sha256: str) -> tuple[FileEntry, Path] | None:
-    """A file with this SHA-256 that is on disk here, unchanged since it was hashed, and where."""
+def file_on_disk(engine: Engine, sha256: str) -> FileEntry | None:
+    """The registry file with this SHA-256 if its copy here (its `path`) is on disk, unchanged (size, mtime)
+    since it was hashed."""
     entry = entry_by_sha256(engine, sha256)
-    for location, local in entry.reachable() if entry is not None else []:
+    for location, local in entry.reachable()[:1] if entry is not None else []:
         try:
             stat = os.stat(local)
         except OSError:
-            continue
+            return None
         if not location.missing and (stat.st_size, stat.st_mtime_ns) == (location.size, location.mtime_ns):
-            return entry, Path(local)
+            return entry
     return None
 
 
@@ -152,3 +154,17 @@ def latest_verifications(engine: Engine, file_id: int | None = None) -> dict[int
         statement = statement.where(Verification.file_id == file_id)
     with Session(engine) as session:
         return {v.file_id: v for v in session.scalars(statement)}
+
+
+def paths_by_sha256(engine: Engine, digests: Iterable[str]) -> dict[str, list[str]]:
+    """SHA-256 -> the paths the registry holds those bytes at, on any host (as this host reaches them, else as
+    stored), for each of `digests` the registry knows."""
+    digests = sorted(set(digests))
+    host = current_host()
+    found: dict[str, list[str]] = {}
+    with Session(engine) as session:
+        for start in range(0, len(digests), ID_BATCH):
+            for entry in session.scalars(select(FileEntry).where(FileEntry.sha256.in_(digests[start:start + ID_BATCH]))):
+                paths = sorted(loc.local_path(host) or loc.path for loc in entry.locations)
+                found[entry.sha256] = paths  # type: ignore[index]
+    return found
