@@ -24,6 +24,7 @@ from adapterzoo import __version__
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.verify.contact_sheet import grid_file, write_contact_sheet
 from adapterzoo.verify.verifier import BASES, Verifier, VerifyOptions, digest_of
+from adapterzoo.zoo.hosts import current_host
 from adapterzoo.zoo.models import FileEntry
 from adapterzoo.zoo.queries import list_entries
 from adapterzoo.zoo.verifications import record_verification
@@ -79,7 +80,7 @@ def _checkpoint_for(engine: Engine, base: str, given: dict[str, Path]) -> Path |
     if base not in BASES:
         return ("base unknown: verify it alone, `adapterzoo verify FILE --checkpoint CKPT`" if base == "unknown"
                 else f"a {base} file: verify renders {', '.join(BASES)}")
-    found = [e for e in list_entries(engine, kind="checkpoint", base=base) if e.status == "ok"]
+    found = [e for e in list_entries(engine, kind="checkpoint", base=base, host=current_host()) if e.status == "ok"]
     if len(found) == 1:
         return Path(found[0].path)
     hint = f"give --checkpoint-for {base}=CKPT"
@@ -103,8 +104,8 @@ def verify_library(engine: Engine, options: VerifyOptions, out_dir: Path, sha256
                    kind: str | None = None, base: str | None = None, unverified: bool = False,
                    checkpoint_for: dict[str, Path] | None = None, checkpoints: bool = False,
                    progress_bar: bool = True) -> LibraryReport:
-    """Verify the registry's entries (of `kind` and `base`; only those never verified if `unverified`), record
-    each result, write a grid per file and DIR/index.html. Checkpoints are each rendered alone, and only when
+    """Verify the registry's entries this host reaches (of `kind` and `base`; only those never verified if
+    `unverified`), record each result, write a grid per file and DIR/index.html. Checkpoints are each rendered alone, and only when
     asked for (`kind` checkpoint, or `checkpoints` with every kind): a library's checkpoints are what its
     other files are verified on, and loading each is the slow part."""
     given = checkpoint_for or {}
@@ -113,7 +114,8 @@ def verify_library(engine: Engine, options: VerifyOptions, out_dir: Path, sha256
     out_dir.mkdir(parents=True, exist_ok=True)
     report = LibraryReport()
     groups: dict[str, list[FileEntry]] = {}
-    for entry in list_entries(engine, kind=kind, base=base, verdict="never" if unverified else None):
+    for entry in list_entries(engine, kind=kind, base=base, verdict="never" if unverified else None,
+                              host=current_host()):
         if entry.status in UNOPENED:
             report.results.append(_unopened(entry, entry.status, f"{entry.status}: {entry.error or 'file not found'}"))
         elif entry.kind in kinds:

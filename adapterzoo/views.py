@@ -7,38 +7,44 @@ It reads the registry through zoo's query functions and holds no logic beyond ch
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from sqlalchemy import Engine
 
+from adapterzoo.zoo.events import history as events_of
 from adapterzoo.zoo.models import FileEntry, Verification
 from adapterzoo.zoo.queries import entries_by_id, latest_verifications, sources_of, verifications_of
 from adapterzoo.zoo.scan import ScanReport
 from adapterzoo.zoo.triggers import tag_counts
 
+HISTORY_SHOWN = 20  # newest events `show` lists
 PROVENANCE_KEY = "adapterzoo.operation"  # the metadata entry ops/provenance.py writes into every output
 
 
-def file_row(entry: FileEntry, latest: Verification | None) -> dict[str, Any]:
-    """One entry as `list --json` prints it: the registry row and its latest verdict (null: never verified)."""
-    return {**entry.to_json(), "verified": latest.verdict if latest else None}
+def file_row(entry: FileEntry, latest: Verification | None, host: str | None = None) -> dict[str, Any]:
+    """One entry as `list --json` prints it: the registry row (paths as `host` sees them, default this host)
+    and its latest verdict (null: never verified)."""
+    return {**entry.to_json(host), "verified": latest.verdict if latest else None}
 
 
-def file_rows(engine: Engine, entries: list[FileEntry]) -> list[dict[str, Any]]:
+def file_rows(engine: Engine, entries: list[FileEntry], host: str | None = None) -> list[dict[str, Any]]:
     """`list --json` / `GET /api/files`: a row per entry, in the order given."""
     latest = latest_verifications(engine, file_ids=[e.id for e in entries])
-    return [file_row(e, latest.get(e.id)) for e in entries]
+    return [file_row(e, latest.get(e.id), host) for e in entries]
 
 
 def file_detail(engine: Engine, entry: FileEntry) -> dict[str, Any]:
-    """`show --json` / `GET /api/files/{id}`: the row, its sources, its latest and every verification, the
-    training tags counted over the dataset folders, and how adapterzoo made the file (if it did)."""
-    history = verifications_of(engine, entry.id)
+    """`show --json` / `GET /api/files/{id}`: the row with every location, its sources, its newest events (moves,
+    trash, ...), its latest and every verification, the training tags counted over the dataset folders, and how
+    adapterzoo made the file (if it did)."""
+    verifications = verifications_of(engine, entry.id)
     return {
         **entry.to_json(),
         "sources": [s.to_json() for s in sources_of(engine, entry.id)],
-        "verification": history[0].to_json() if history else None,
-        "verifications": [v.to_json() for v in history],
+        "history": [e.to_json() for e in events_of(engine, entry.id, limit=HISTORY_SHOWN)],
+        "verification": verifications[0].to_json() if verifications else None,
+        "verifications": [v.to_json() for v in verifications],
         "training_tags": [{"tag": tag, "count": n} for tag, n in tag_counts(entry.file_metadata.get(
             "ss_tag_frequency", ""))],
         "provenance": provenance(entry.file_metadata),
@@ -54,7 +60,26 @@ def provenance(metadata: dict[str, str]) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def scan_result(engine: Engine, report: ScanReport) -> dict[str, Any]:
-    """`scan --json` and a finished scan job: the counts, each problem, every entry found."""
-    files = file_rows(engine, entries_by_id(engine, report.ids))
-    return {**report.counts(), "problems": report.problems, "files": files}
+def scan_result(engine: Engine, report: ScanReport | None, roots_not_found: list[str] = ()) -> dict[str, Any]:
+    """`scan --json` and a finished scan job: the counts, each problem and move, the roots that were not
+    there (unplugged: nothing under them was marked missing), every entry found at the path it was found at."""
+    if report is None:
+        return {"problems": [], "moves": [], "roots_not_found": list(roots_not_found), "files": []}
+    rows = {row["id"]: row for row in file_rows(engine, entries_by_id(engine, report.ids))}
+    files = [{**rows[file_id], "path": path, "name": os.path.basename(path)} for file_id, path in report.found]
+    return {**report.counts(), "problems": report.problems, "moves": report.moves,
+            "roots_not_found": list(roots_not_found), "files": files}
+
+
+def human_size(size: int | None) -> str:
+    """Bytes in binary units, three figures: 812 B, 1.50 KiB, 144 MiB, 6.46 GiB."""
+    if size is None:
+        return "-"
+    value, unit = float(size), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{size} B"
+    return f"{value:.2f} {unit}" if value < 10 else f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"

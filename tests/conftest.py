@@ -24,3 +24,11 @@ def registry_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("ADAPTERZOO_HOME", str(home))
     monkeypatch.delenv("ADAPTERZOO_DB", raising=False)
     return home
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    """`cli(*args, host=H)`: the command line in-process as host H (tests/library_layout.py)."""
+    from library_layout import Cli
+
+    return Cli(capsys, monkeypatch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -13,15 +14,16 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import MetaData, create_engine, func, inspect, select
+from sqlalchemy import MetaData, create_engine, inspect, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql.base import ischema_names as PG_TYPE_NAMES
 
 from adapterzoo.cli import cli
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.zoo import db
+from adapterzoo.zoo.contents import upsert_content
 from adapterzoo.zoo.models import Base, FileEntry
-from adapterzoo.zoo.scan import _upsert, index_values
+from adapterzoo.zoo.scan import index_values
 from adapterzoo.zoo.walk import Found
 
 PG = postgresql.dialect()
@@ -101,7 +103,8 @@ def test_tables_made_from_the_sql_file_match_the_orm(schema_db: Path) -> None:
     assert schema_differences(schema_db, Base.metadata) == []
     with sqlite3.connect(schema_db) as connection:
         assert {r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")} == {
-            "files", "sources", "verifications", "unknown_files", "ignored_updates"}
+            "registry_meta", "files", "roots", "root_mounts", "locations", "events", "sources", "verifications",
+            "unknown_files", "ignored_updates"}
 
 
 def test_schema_comparison_notices_a_drifted_orm(schema_db: Path) -> None:
@@ -124,13 +127,20 @@ def test_sql_file_uses_portable_types_and_identity_only_outside_sqlite() -> None
     pg = db.schema_statements("postgresql")
     lite = db.schema_statements("sqlite")
     assert len(pg) == len(lite) == text.count(";")
-    assert sum(db.IDENTITY_CLAUSE.strip() in s for s in pg) == 5
+    assert sum(db.IDENTITY_CLAUSE.strip() in s for s in pg) == 9  # every table but registry_meta
     assert not any("IDENTITY" in s for s in lite)
 
 
+V1_SCHEMA = Path(__file__).parent / "fixtures" / "registry_v1.sql"  # registry.db.sql before files had locations
 OLD_SOURCES = """CREATE TABLE sources (
     id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL REFERENCES files (id), provider TEXT NOT NULL,
     civitai_model_id BIGINT, civitai_version_id BIGINT, hf_repo TEXT, download_url TEXT, created TIMESTAMP NOT NULL)"""
+
+
+def v1_statements() -> list[str]:
+    """The version-1 schema as db.py ran it on SQLite: files keyed by path."""
+    text = "\n".join(line for line in V1_SCHEMA.read_text().splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in text.replace(db.IDENTITY_CLAUSE, "").split(";") if s.strip()]
 
 
 def test_a_registry_from_before_the_source_columns_opens_and_gains_them(tmp_path: Path) -> None:
@@ -151,9 +161,10 @@ def test_a_registry_from_before_the_source_columns_opens_and_gains_them(tmp_path
 
 
 def old_registry(path: Path) -> Path:
-    """A registry made before sources had names, words and licences, and before unknown_files."""
+    """A version-1 registry (files keyed by path) made before sources had names, words and licences, and
+    before unknown_files."""
     with sqlite3.connect(path) as connection:
-        for statement in db.schema_statements("sqlite"):
+        for statement in v1_statements():
             table = db.table_columns(statement)
             if table and table[0] == "sources":
                 statement = OLD_SOURCES
@@ -161,6 +172,89 @@ def old_registry(path: Path) -> Path:
                 continue
             connection.execute(statement)
     return path
+
+
+def file_row(connection: sqlite3.Connection, path: str, sha: str | None, missing: int = 0, folder: int = 0,
+             words: str = "[]") -> int:
+    """A version-1 files row."""
+    return connection.execute(
+        "INSERT INTO files (path, is_folder, size, mtime_ns, sha256, autov2, kind, base, tensors, metadata, details,"
+        " warnings, trigger_words, preview_path, unsafe, missing, first_seen, last_seen) VALUES (?, ?, 10, 5, ?, ?,"
+        " 'lora', 'sd1', 1, '{}', '{}', '[]', ?, ?, 0, ?, '2020-01-01 00:00:00', '2021-01-01 00:00:00')",
+        (path, folder, sha, sha and sha[:10], words, path + ".png", missing)).lastrowid
+
+
+def library_of_v1(path: Path) -> dict[str, int]:
+    """An old registry holding one LoRA twice (A1111 and ComfyUI copies; the ComfyUI one went missing), with a
+    source on one row and a verification on the other, a folder (no SHA-256 then) and a file of its own."""
+    old_registry(path)
+    with sqlite3.connect(path) as connection:
+        ids = {"a1111": file_row(connection, "/sd/webui/models/Lora/style.safetensors", "aa" * 32,
+                                 words='["ohwx", "ink"]'),
+               "comfy": file_row(connection, "/sd/ComfyUI/models/loras/style.safetensors", "aa" * 32, missing=1,
+                                 words='["ink", "wash"]'),
+               "folder": file_row(connection, "/sd/ComfyUI/models/diffusers/tiny", None, folder=1),
+               "other": file_row(connection, "/sd/webui/models/Lora/other.safetensors", "bb" * 32)}
+        connection.execute("INSERT INTO sources (file_id, provider, civitai_version_id, created) "
+                           "VALUES (?, 'civitai', 7, '2020-01-01')", (ids["a1111"],))
+        connection.execute("INSERT INTO verifications (file_id, checkpoint, verdict, created) "
+                           "VALUES (?, '/ck', 'pass', '2020-01-02')", (ids["comfy"],))
+    return ids
+
+
+def test_an_old_registry_keyed_by_path_becomes_files_with_locations_and_loses_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18 §2: its paths become locations of this host; rows with one SHA-256 become one file with every
+    location, its sources and verifications re-pointed; the folder keeps its row; nothing is lost."""
+    monkeypatch.setenv("ADAPTERZOO_HOST", "studio")
+    path = tmp_path / "old.db"
+    ids = library_of_v1(path)
+    db.connect(f"sqlite:///{path}").dispose()
+    assert schema_differences(path, Base.metadata) == []
+    with sqlite3.connect(path) as connection:
+        files = connection.execute("SELECT id, sha256, trigger_words FROM files ORDER BY id").fetchall()
+        locations = connection.execute("SELECT file_id, host, path, size, mtime_ns, preview_path, missing, "
+                                       "missing_since FROM locations ORDER BY path").fetchall()
+        sources = connection.execute("SELECT file_id, civitai_version_id FROM sources").fetchall()
+        verifications = connection.execute("SELECT file_id, verdict FROM verifications").fetchall()
+        version = connection.execute("SELECT value FROM registry_meta WHERE name = 'schema'").fetchall()
+    assert files == [(ids["a1111"], "aa" * 32, '["ohwx", "ink", "wash"]'), (ids["folder"], None, "[]"),
+                     (ids["other"], "bb" * 32, "[]")]
+    by_path = {row[2]: row for row in locations}
+    assert len(locations) == 4
+    assert {by_path[p][0] for p in ("/sd/webui/models/Lora/style.safetensors",
+                                    "/sd/ComfyUI/models/loras/style.safetensors")} == {ids["a1111"]}
+    assert by_path["/sd/ComfyUI/models/diffusers/tiny"][0] == ids["folder"]
+    assert by_path["/sd/webui/models/Lora/other.safetensors"][0] == ids["other"]
+    assert {row[1] for row in locations} == {"studio"}
+    assert by_path["/sd/ComfyUI/models/loras/style.safetensors"][6:] == (1, "2021-01-01 00:00:00")
+    assert by_path["/sd/webui/models/Lora/style.safetensors"][3:7] == (
+        10, 5, "/sd/webui/models/Lora/style.safetensors.png", 0)
+    assert sources == [(ids["a1111"], 7)] and verifications == [(ids["a1111"], "pass")]
+    assert version == [("2",)]
+    result = CliRunner().invoke(cli, ["--db", str(path), "list", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    assert listed["style.safetensors"]["path"] == "/sd/webui/models/Lora/style.safetensors"  # the present copy
+    assert listed["style.safetensors"]["verified"] == "pass" and len(listed["style.safetensors"]["locations"]) == 2
+    db.connect(f"sqlite:///{path}").dispose()  # a second open finds nothing left to do
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM locations").fetchone() == (4,)
+
+
+def test_processes_opening_an_old_registry_at_once_migrate_it_once(tmp_path: Path) -> None:
+    """Four processes open the same old registry together: each waits for the one that migrates, none fails,
+    and every path is a location once."""
+    path = tmp_path / "old.db"
+    library_of_v1(path)
+    runs = [subprocess.Popen([sys.executable, "-m", "adapterzoo", "--db", str(path), "list", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [r.communicate(timeout=120) for r in runs]
+    assert [r.returncode for r in runs] == [0] * 4, [err for _, err in outputs]
+    assert all(len(json.loads(out)) == 3 for out, _ in outputs)
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT COUNT(*), COUNT(DISTINCT path) FROM locations").fetchone() == (4, 4)
+        assert connection.execute("SELECT COUNT(*) FROM files").fetchone() == (3,)
 
 
 @pytest.mark.parametrize("made", ["new", "old"])
@@ -244,19 +338,20 @@ def test_sqlite_registry_uses_wal_and_a_busy_timeout(tmp_path: Path) -> None:
     engine.dispose()
 
 
-def test_upsert_keeps_id_and_first_seen_and_overwrites_the_rest(tmp_path: Path) -> None:
+def test_one_content_is_one_row_its_id_and_first_seen_kept(tmp_path: Path) -> None:
     model = tmp_path / "m.bin"
     model.write_bytes(b"not a pickle at all")
     engine = db.connect(f"sqlite:///{tmp_path / 'z.db'}")
     values = index_values(Found(model, False, 19, 1, frozenset()))
-    first = _upsert(engine, values, datetime(2020, 1, 1))
-    second = _upsert(engine, {**values, "size": 20, "kind": "lora"}, datetime(2021, 1, 1))
+    with engine.begin() as connection:
+        first = upsert_content(connection, values, datetime(2020, 1, 1))
+    with engine.begin() as connection:
+        second = upsert_content(connection, {**values, "kind": "lora"}, datetime(2021, 1, 1))
     with engine.connect() as connection:
-        rows = connection.execute(select(FileEntry.id, FileEntry.size, FileEntry.kind, FileEntry.first_seen,
+        rows = connection.execute(select(FileEntry.id, FileEntry.kind, FileEntry.first_seen,
                                          FileEntry.last_seen)).all()
-        assert connection.execute(select(func.count()).select_from(FileEntry)).scalar() == 1
     assert first == second
-    assert rows == [(first, 20, "lora", datetime(2020, 1, 1), datetime(2021, 1, 1))]
+    assert rows == [(first, "lora", datetime(2020, 1, 1), datetime(2021, 1, 1))]
     engine.dispose()
 
 
@@ -275,5 +370,7 @@ def test_postgresql_registry_from_the_same_sql_file(tmp_path: Path) -> None:
     model = tmp_path / "m.bin"
     model.write_bytes(b"not a pickle at all")
     values = index_values(Found(model, False, 19, 1, frozenset()))
-    assert _upsert(engine, values, datetime(2020, 1, 1)) == _upsert(engine, values, datetime(2021, 1, 1))
+    with engine.begin() as connection:
+        ids = [upsert_content(connection, values, datetime(2020 + i, 1, 1)) for i in range(2)]
+    assert ids[0] == ids[1]
     engine.dispose()

@@ -127,6 +127,13 @@ def library(tmp_path: Path) -> dict[str, Path]:
     return files
 
 
+def folder_digest(folder: Path) -> str:
+    """What verify records a folder checkpoint by: SHA-256 of the sorted {relative path: SHA-256} JSON."""
+    listing = {f.relative_to(folder).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+               for f in folder.rglob("*") if f.is_file()}
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
 def invoke(*args: str) -> Any:
     result = CliRunner().invoke(cli, list(args))
     assert result.exit_code == 0, (result.output, result.exception)
@@ -179,7 +186,8 @@ def test_scan_indexes_the_library_and_records_bad_files(library: dict[str, Path]
 
     for folder, kind in (("peft_adapter", "lora"), ("tiny-sd15", "checkpoint")):
         assert rows[folder]["is_folder"] and rows[folder]["kind"] == kind
-        assert rows[folder]["sha256"] is None
+        assert rows[folder]["sha256"] == folder_digest(library["peft" if kind == "lora" else "diffusers"])
+        assert rows[folder]["autov2"] is None
     assert rows["peft_adapter"]["format"] == "peft" and rows["tiny-sd15"]["format"] == "diffusers"
 
     for name in ("empty.safetensors", "truncated.safetensors", "random.ckpt", "lying.safetensors", "hostile.pt"):
@@ -228,8 +236,13 @@ def test_rescan_reads_only_changed_files_and_flags_missing_ones(
     assert (changed["indexed"], changed["unchanged"], changed["missing"]) == (1, 8, 2)
     rows = {r["path"]: r for r in json.loads(invoke("list", "--json").stdout)}
     assert len(rows) == 11
-    assert rows[str(library["style"])]["id"] == ids[str(library["style"])]
+    # New bytes at a known path are a new file (a file is its content); the old content keeps its id, its
+    # sources and verifications, and is listed no more: no location holds it.
+    old_id = ids[str(library["style"])]
+    assert rows[str(library["style"])]["id"] != old_id
     assert rows[str(library["style"])]["sha256"] == hashlib.sha256(library["style"].read_bytes()).hexdigest()
+    old = json.loads(invoke("show", str(old_id), "--json").stdout)
+    assert (old["locations"], old["path"], old["status"]) == ([], None, "missing")
     assert rows[str(library["nested"])]["missing"] and rows[str(library["nested"])]["status"] == "missing"
     assert rows[str(library["peft"])]["missing"] and rows[str(library["peft"])]["kind"] == "lora"
 
@@ -277,8 +290,9 @@ def test_two_scans_of_one_folder_at_once(tmp_path: Path, registry_home: Path) ->
         assert scan.returncode == 0 and err == "", err
         assert out.splitlines()[-1].endswith("1 broken, 0 unsafe, 0 missing")
     with sqlite3.connect(registry_home / "registry.db") as connection:
-        count, paths = connection.execute("SELECT COUNT(*), COUNT(DISTINCT path) FROM files").fetchone()
-    assert count == paths == 301
+        count, paths = connection.execute("SELECT COUNT(*), COUNT(DISTINCT path) FROM locations").fetchone()
+        files = connection.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+    assert count == paths == files == 301
 
 
 def test_trigger_words_and_preview_come_from_metadata_and_sidecars(
@@ -338,12 +352,16 @@ def test_show_finds_an_entry_by_id_path_any_hash_or_sha256_prefix(
 
 def test_show_of_an_unknown_or_ambiguous_thing_is_one_line_and_exit_1(library: dict[str, Path]) -> None:
     shutil.copy2(library["style"], library["root"] / "copy_of_style.safetensors")
+    kohya_lora(library["root"] / "other" / "comfy.sft", seed=9)  # another file under a name the library has
     scan_json(library["root"])
     sha = hashlib.sha256(library["style"].read_bytes()).hexdigest()
+    copies = json.loads(adapterzoo("show", sha, "--json").stdout)  # one content, found at two paths
+    assert sorted(Path(loc["path"]).name for loc in copies["locations"]) == ["copy_of_style.safetensors",
+                                                                            "style.safetensors"]
     for ref, message in (("deadbeefcafe", "nothing in the registry matches 'deadbeefcafe'"),
                          ("9999", "nothing in the registry matches '9999'"),
-                         ("e3b0c442", "matches 8 entries"),  # the AutoV1 of each of the 8 files under 1 MiB
-                         (sha, "matches 2 entries")):
+                         ("e3b0c442", "matches 9 entries"),  # the AutoV1 of each of the 9 files under 1 MiB
+                         ("comfy.sft", "matches 2 entries")):
         run = adapterzoo("show", ref)
         assert run.returncode == 1 and run.stdout == ""
         assert run.stderr.startswith("error: ") and message in run.stderr and run.stderr.count("\n") == 1

@@ -91,7 +91,7 @@ def library(root: Path, checkpoint: Path) -> Path:
     pipe = tiny_models.tiny_pipeline("sd1", 1)
     good = kohya_file(pipe, "sd1", models / "Lora" / "good.safetensors")
     kohya_file(pipe, "sd1", models / "Lora" / "zero.safetensors", zero_up=True)
-    kohya_file(pipe, "sd1", models / "Lora" / "changed.safetensors")
+    kohya_file(pipe, "sd1", models / "Lora" / "changed.safetensors", std=0.2)  # its own bytes: a file of its own
     (models / "Lora" / "half.safetensors").write_bytes(good.read_bytes()[:1000])
     with open(models / "Stable-diffusion" / "needs-code.ckpt", "wb") as fh:
         pickle.dump({"state_dict": print}, fh)
@@ -155,6 +155,7 @@ def test_several_checkpoints_of_a_base_need_checkpoint_for(checkpoint, tmp_path,
     models.mkdir()
     shutil.copytree(checkpoint, models / "a")
     shutil.copytree(checkpoint, models / "b")
+    (models / "b" / "README.md").write_text("b")  # another content: identical copies would be one checkpoint
     kohya_file(tiny_models.tiny_pipeline("sd1", 1), "sd1", models / "style.safetensors")
     assert cli("scan", models)[0] == 0
     code, stdout, _ = cli("verify", "--registry", "--out-dir", tmp_path / "out", *FAST, "--json")

@@ -204,7 +204,7 @@ def test_a_scan_job_indexes_a_folder(library: Path, tmp_path: Path) -> None:
     assert api.get("/api/files", params={"q": "gamma"}).headers["x-total-count"] == "1"
 
 
-def test_trash_moves_the_file_and_its_sidecars_and_the_entry_stays_missing(
+def test_trash_moves_the_file_and_its_sidecars_and_the_history_says_so(
         library: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     api = client(library)
@@ -214,9 +214,10 @@ def test_trash_moves_the_file_and_its_sidecars_and_the_entry_stays_missing(
     assert not Path(beta["path"]).exists() and not Path(beta["path"]).with_suffix(".preview.png").exists()
     trashed = sorted(p.name for p in (tmp_path / "xdg" / "Trash" / "files").iterdir())
     assert trashed == ["beta.preview.png", "beta.safetensors"]
-    assert api.get(f"/api/files/{beta['id']}").json()["status"] == "missing"
-    log = (Path(os.environ["ADAPTERZOO_HOME"]) / "trash.jsonl").read_text().splitlines()
-    assert json.loads(log[0])["trashed"] == [beta["path"], str(Path(beta["path"]).with_suffix(".preview.png"))]
+    detail = api.get(f"/api/files/{beta['id']}").json()
+    assert detail["status"] == "missing"
+    assert [(e["action"], e["path"], e["detail"]["sidecars"]) for e in detail["history"]] == [
+        ("trash", beta["path"], [str(Path(beta["path"]).with_suffix(".preview.png"))])]
 
 
 def test_what_other_commands_will_compute_answers_501_for_now(library: Path) -> None:

@@ -11,9 +11,11 @@ import click
 from adapterzoo.cli import (  # noqa: F401 - registers commands
     demo,
     files,
+    library,
     library_updates,
     merging,
     registry,
+    roots,
     serve,
     sources,
     verifying,

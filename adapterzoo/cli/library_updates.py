@@ -7,7 +7,8 @@ from typing import Any
 import click
 
 from adapterzoo.cli.group import cli
-from adapterzoo.cli.output import emit_json, human_size, print_table
+from adapterzoo.cli.output import emit_json, print_table
+from adapterzoo.views import human_size
 
 
 @cli.group(invoke_without_command=True)

@@ -13,28 +13,41 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    """Plain aligned columns; long values are cut so a row stays on one line."""
+def print_table(rows: list[dict[str, Any]], columns: list[str], wide: set[str] | frozenset[str] = frozenset()) -> None:
+    """Plain aligned columns; long values are cut so a row stays on one line, except in the `wide` columns
+    (a path cut short names nothing)."""
     if not rows:
         click.echo("(nothing)")
         return
-    cells = [[("" if r.get(c) is None else str(r.get(c)))[:60] for c in columns] for r in rows]
+    cells = [[("" if r.get(c) is None else str(r.get(c)))[:None if c in wide else 60] for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
     for row in cells:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
-def human_size(size: int | None) -> str:
-    """Bytes in binary units for people: 512 B, 5.5 KiB, 1.9 GiB."""
-    if size is None:
-        return "-"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+def describe_location(location: dict[str, Any]) -> str:
+    """One line for `show`: where a copy is, on which host, in which root, and whether it is still there."""
+    host = "shared" if location["host"] == "*" else location["host"]
+    root = location["root"]
+    parts = [f"{host}  {location['path']}"]
+    if root is not None:
+        parts.append(f"(root {root['id']}: {root['layout']}{' ' + root['kind'] if root['kind'] else ''})")
+    if location["missing"]:
+        parts.append(f"MISSING since {location['missing_since'] or '?'}")
+    elif not location["here"]:
+        parts.append("(another host)")
+    return "  ".join(parts)
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    """One line of a file's history: when, what, where from and to."""
+    when = str(event["created"])[:19]
+    state = "" if event["state"] == "done" else f" ({event['state']})"
+    where = event["path"] or ""
+    if event["new_path"] and event["new_path"] != event["path"]:
+        where = f"{where} -> {event['new_path']}"
+    return f"{when}  {event['action']}{state}  {where}".rstrip()
 
 
 def _number(value: Any) -> str:

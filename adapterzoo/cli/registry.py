@@ -1,4 +1,4 @@
-"""scan, list, show, lock: the registry of what is on disk."""
+"""scan, list, show, lock: the registry of what is on disk, on every host."""
 
 from __future__ import annotations
 
@@ -10,29 +10,48 @@ from typing import Any
 import click
 
 from adapterzoo.cli.group import cli
-from adapterzoo.cli.output import describe_source, emit_json, print_table
+from adapterzoo.cli.output import describe_event, describe_location, describe_source, emit_json, print_table
 from adapterzoo.formats.io.probe_result import KINDS
 from adapterzoo.formats.model.registry import bases
+from adapterzoo.views import human_size
 
 
 @cli.command()
-@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("dirs", nargs=-1, type=click.Path(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the counts and every entry found as JSON.")
 @click.pass_obj
 def scan(obj: dict[str, Any], dirs: tuple[str, ...], as_json: bool) -> None:
-    """Index model files and folders under DIR... into the registry (only new or changed ones are read)."""
+    """Index model files and folders under DIR... (default: every root, `adapterzoo roots list`) into the
+    registry, as this host's (ADAPTERZOO_HOST). Only new or changed files are read; moved ones are followed."""
     from adapterzoo.views import scan_result
     from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.roots import roots_to_scan
     from adapterzoo.zoo.scan import scan_paths
 
     engine = open_registry(obj["db"])
-    report = scan_paths(dirs, engine, progress_bar=not as_json)
+    absent: list[str] = []
+    if not dirs:
+        dirs, absent = roots_to_scan(engine)
+        if not dirs and not absent:
+            raise click.UsageError("say what to scan: DIR..., or add roots first (adapterzoo roots add DIR)")
+    report = scan_paths(dirs, engine, progress_bar=not as_json) if dirs else None
     if as_json:
-        emit_json(scan_result(engine, report))
+        emit_json(scan_result(engine, report, absent))
         return
+    for root in absent:
+        click.echo(f"not found: {root}: root skipped (unplugged?); nothing under it is marked missing")
+    if report is None:
+        return
+    for move in report.moves:
+        click.echo(f"{move['action'] + 'd':9} {move['from']} -> {move['to']}")
     for problem in report.problems:
         click.echo(f"{problem['status']}: {problem['path']}: {problem['error']}")
     click.echo(report.summary())
+
+
+LIST_COLUMNS = ("id", "kind", "base", "format", "rank", "autov2", "status", "verified", "name", "size", "path",
+                "triggers", "copies", "hosts", "sha256")
+DEFAULT_COLUMNS = "id,kind,base,format,rank,autov2,status,verified,name"
 
 
 @cli.command("list")
@@ -43,30 +62,50 @@ def scan(obj: dict[str, Any], dirs: tuple[str, ...], as_json: bool) -> None:
               "words contain TEXT.")
 @click.option("--verdict", type=click.Choice(["pass", "fail", "never"]),
               help="Only entries whose latest verification passed / failed, or that were never verified.")
+@click.option("--host", metavar="H", help="Only entries with a location on host H (as ADAPTERZOO_HOST names it); "
+              "paths and status as H sees them.")
+@click.option("--here", is_flag=True, help="Only entries with a location on this host.")
+@click.option("--columns", metavar="A,B,...", default=DEFAULT_COLUMNS, show_default=True,
+              help=f"Table columns, of: {', '.join(LIST_COLUMNS)}.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.pass_obj
 def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | None, verdict: str | None,
-          as_json: bool) -> None:
-    """List registry entries."""
+          host: str | None, here: bool, columns: str, as_json: bool) -> None:
+    """List registry entries: one row per file (content), wherever its copies are."""
     from adapterzoo.views import file_rows
     from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.hosts import current_host
     from adapterzoo.zoo.queries import list_entries
 
+    wanted = [c.strip().lower() for c in columns.split(",") if c.strip()]
+    if unknown := [c for c in wanted if c not in LIST_COLUMNS]:
+        raise click.UsageError(f"no column {', '.join(unknown)}; choose from {', '.join(LIST_COLUMNS)}")
+    if host and here:
+        raise click.UsageError("give --host H or --here, not both")
+    host = current_host() if here else host
     engine = open_registry(obj["db"])
-    rows = file_rows(engine, list_entries(engine, kind=kind, base=base, query=query, verdict=verdict))
+    rows = file_rows(engine, list_entries(engine, kind=kind, base=base, query=query, verdict=verdict, host=host), host)
     if as_json:
         emit_json(rows)
         return
-    print_table([{**r, "verified": r["verified"] or "-"} for r in rows],
-                ["id", "kind", "base", "format", "rank", "autov2", "status", "verified", "name"])
+    print_table([table_row(r) for r in rows], wanted, wide={"path", "triggers"})
+
+
+def table_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A `list` JSON object as table cells."""
+    present = [loc for loc in row["locations"] if not loc["missing"]]
+    return {**row, "verified": row["verified"] or "-", "size": human_size(row["size"]),
+            "triggers": ", ".join(row["trigger_words"]), "copies": len(present),
+            "hosts": ",".join(sorted({loc["host"] for loc in present}))}
 
 
 @cli.command()
-@click.argument("ref", metavar="ID|PATH|HASH")
+@click.argument("ref", metavar="ID|PATH|NAME|HASH")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_obj
 def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
-    """Show one registry entry, found by id, path, any of its hashes, or a sha256 prefix (8+ hex)."""
+    """Show one registry entry, found by id, path, file name, any of its hashes, or a sha256 prefix (8+ hex),
+    with every location it has on every host."""
     from adapterzoo.views import file_detail
     from adapterzoo.zoo.db import open_registry
     from adapterzoo.zoo.queries import find_entry
@@ -82,9 +121,19 @@ def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
     for key, value in entry.items():
         if key == "metadata":
             value = f"{len(value)} keys (--json shows them)" if value else None
+        elif key == "size":
+            value = f"{human_size(value)} ({value} bytes)"
         elif key == "sources":
             for source in value:
                 click.echo(f"{'source':14} {describe_source(source)}")
+            continue
+        elif key == "locations":
+            for location in value:
+                click.echo(f"{'location':14} {describe_location(location)}")
+            continue
+        elif key == "history":
+            for event in value:
+                click.echo(f"{'history':14} {describe_event(event)}")
             continue
         elif isinstance(value, list):
             value = ", ".join(map(str, value))

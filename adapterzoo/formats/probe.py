@@ -20,6 +20,7 @@ from adapterzoo.formats.embedding.probe_embedding import (
     probe_safetensors_hypernetwork,
 )
 from adapterzoo.formats.io.json_file import read_json_object
+from adapterzoo.formats.io.model_folders import PEFT_CONFIG, peft_component_folders
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.safetensors_header import SafetensorsHeader, read_header
 from adapterzoo.formats.io.safetensors_values import read_number
@@ -36,9 +37,7 @@ from adapterzoo.formats.model.registry import families, first
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 LORA_UNREAD = "looks like a LoRA, but its key names match no dialect we read"  # the warning, and convert's reason
-PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # parts diffusers saves adapters for
 
 
 def classify(
@@ -172,12 +171,6 @@ def _probe_peft_folder(folder: Path) -> ProbeResult:
     result.path = str(folder)
     result.format = "peft" if result.kind == "lora" else result.format
     return result
-
-
-def peft_component_folders(folder: Path) -> dict[str, Path]:
-    """diffusers/PEFT save one adapter per model part (unet/, text_encoder/, ...); empty if `folder` holds none.
-    Only part names count, so a folder of separate adapters is never taken for one LoRA."""
-    return {name: folder / name for name in PEFT_COMPONENTS if (folder / name / PEFT_CONFIG).is_file()}
 
 
 def _probe_peft_components(folder: Path, components: dict[str, Path]) -> ProbeResult:

@@ -8,11 +8,9 @@ measured (`measure`) and judged (`verdict`); the grid (`grid`) shows what was ju
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import transformers
 
 from adapterzoo import __version__
 from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.io.digest import digest_of
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.model.registry import sampled_bases
 from adapterzoo.formats.probe import probe
@@ -57,13 +56,6 @@ def refuse_other_base(file: Path, found: ProbeResult, base: str, checkpoint: Pat
     if found.base in BASES and found.base != base:
         raise AdapterzooError(f"{found.base} {KIND_NAMES[found.kind]}, {base} checkpoint: {file.name} "
                               f"does not fit {checkpoint.name}")
-
-
-def digest_of(value: str | dict[str, str]) -> str:
-    """A folder's hasher answer is one SHA-256 per file: its digest is the SHA-256 of that sorted listing."""
-    if isinstance(value, str):
-        return value
-    return sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 class Verifier:

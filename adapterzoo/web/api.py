@@ -95,9 +95,11 @@ def blocks(request: Request, file_id: int) -> list[dict[str, Any]]:
 
 @router.post("/files/{file_id}/trash", summary="move the file and its sidecars to the platform trash")
 def trash(request: Request, file_id: int) -> dict[str, Any]:
-    from adapterzoo.zoo.trash import to_trash
+    """`adapterzoo rm ID`: every copy on this host with its sidecars; the registry records each in its history."""
+    from adapterzoo.zoo.trash import trash as to_trash
 
-    return to_trash(zoo(request).engine, entry_or_404(request, file_id))
+    entry = entry_or_404(request, file_id)
+    return {"trashed": [t.to_json() for t in to_trash(zoo(request).engine, [str(entry.id)])]}
 
 
 @router.post("/files/{file_id}/reveal", summary="show the file in the system's file manager")

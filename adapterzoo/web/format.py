@@ -4,16 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def human_size(value: int | None) -> str:
-    if value is None:
-        return "-"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
+from adapterzoo.views import human_size
 
 
 def percent(value: float | None) -> str:

@@ -319,6 +319,7 @@ def source_record(version: dict[str, Any], file: dict[str, Any], model: dict[str
         allow_commercial_use=[commercial] if isinstance(commercial, str) else commercial,
         allow_derivatives=model.get("allowDerivatives"), allow_no_credit=model.get("allowNoCredit"),
         nsfw=about.get("nsfw", model.get("nsfw")), file_name=file.get("name"), preview_url=preview_url(version),
+        creator=(model.get("creator") or {}).get("username"),
     )
 
 

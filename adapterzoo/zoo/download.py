@@ -10,7 +10,6 @@ later run asks `If-Range` and restarts cleanly when the file changed on the serv
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -31,6 +30,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.safetensors_header import MAX_HEADER_BYTES
+from adapterzoo.zoo.file_moves import move_new
 from adapterzoo.zoo.file_names import content_disposition_name, safe_file_name, url_name
 from adapterzoo.zoo.hashing import FileHashes, StreamHashes, hash_file, sha256_of
 from adapterzoo.zoo.http_get import Host, Retry, get_file, shown_url, token_sent, wait_or_raise
@@ -265,7 +265,7 @@ def place_file(src: Path, final: Path, sha256: str) -> tuple[Path, bool, Path | 
     beside_path = beside_name(final, sha256)
     for target in (final, beside_path):
         avoided = final if target != final else None
-        if _move_new(src, target):
+        if move_new(src, target):
             return target, False, avoided
         if target.is_file() and sha256_of(target) == sha256:
             src.unlink()
@@ -277,23 +277,6 @@ def place_file(src: Path, final: Path, sha256: str) -> tuple[Path, bool, Path | 
 def beside_name(final: Path, sha256: str) -> Path:
     """`name.safetensors` -> `name.<autov2>.safetensors`: where a file goes when its name is taken."""
     return final.with_name(f"{final.stem}.{sha256[:10]}{final.suffix}")
-
-
-def _move_new(src: Path, target: Path) -> bool:
-    """Give `src` the name `target` unless that name exists (checked atomically where hard links work)."""
-    try:
-        os.link(src, target)
-    except FileExistsError:
-        return False
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-            raise AdapterzooError(f"cannot create {target}: {exc.strerror or exc}") from None
-        if os.path.lexists(target):  # no hard links here (FAT, some shares): check, then rename
-            return False
-        os.replace(src, target)
-        return True
-    src.unlink()
-    return True
 
 
 def identical_in_place(final: Path, size: int | None, sha256: str) -> Downloaded | None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from adapterzoo.zoo.civitai import CivitaiClient, file_sha256, source_record
 from adapterzoo.zoo.library import write_sidecars
-from adapterzoo.zoo.models import FileEntry, Source, UnknownFile
+from adapterzoo.zoo.models import FileEntry, Location, Source, UnknownFile
 from adapterzoo.zoo.queries import find_entry
 from adapterzoo.zoo.remote import SourceRecord
 from adapterzoo.zoo.sources import record_source, save_preview
@@ -30,7 +30,7 @@ class Outcome:
     """What enrich did for one entry: found (with what), unknown, or skipped and why."""
 
     id: int
-    path: str
+    path: str | None
     sha256: str | None
     status: str  # found | unknown | skipped
     reason: str | None = None
@@ -38,7 +38,7 @@ class Outcome:
     sidecars: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "path": self.path, "name": Path(self.path).name, "sha256": self.sha256,
+        return {"id": self.id, "path": self.path, "name": Path(self.path).name if self.path else None, "sha256": self.sha256,
                 "status": self.status, "reason": self.reason, "source": self.source, "sidecars": self.sidecars}
 
 
@@ -51,7 +51,7 @@ def enrich(engine: Engine, refs: list[str], every: bool = False, retry_missing: 
     outcomes: dict[int, Outcome] = {}
     todo: list[FileEntry] = []
     for entry in entries:
-        if not entry.sha256:
+        if entry.is_folder or not entry.sha256:
             outcomes[entry.id] = Outcome(entry.id, entry.path, None, "skipped", "no SHA-256 (a folder or unreadable)")
         elif entry.sha256 in asked_before and not retry_missing:
             when = asked_before[entry.sha256].isoformat(timespec="seconds")
@@ -80,19 +80,21 @@ def enrich(engine: Engine, refs: list[str], every: bool = False, retry_missing: 
             record_source(session, entry.id, record, preview, now)
             outcome = Outcome(entry.id, entry.path, entry.sha256, "found",
                               source={**record.columns(), "preview_path": preview})
-            if write_sidecars and not entry.is_folder:
+            if write_sidecars and not entry.is_folder and not entry.missing:
                 outcome.sidecars = _write_sidecars(Path(entry.path), version, preview)
             outcomes[entry.id] = outcome
     return [outcomes[e.id] for e in entries]
 
 
 def _unsourced(engine: Engine) -> list[FileEntry]:
-    """Every present, hashed file with no Civitai source yet."""
+    """Every hashed file present somewhere (any host) with no Civitai source yet, by path."""
     sourced = select(Source.file_id).where(Source.provider == PROVIDER)
+    present = select(Location.file_id).where(Location.missing.is_(False))
     with Session(engine) as session:
-        return list(session.scalars(select(FileEntry).where(
-            FileEntry.sha256.is_not(None), FileEntry.missing.is_(False), FileEntry.id.not_in(sourced),
-        ).order_by(FileEntry.path)))
+        entries = list(session.scalars(select(FileEntry).where(
+            FileEntry.sha256.is_not(None), FileEntry.is_folder.is_(False), FileEntry.id.in_(present),
+            FileEntry.id.not_in(sourced))))
+    return sorted(entries, key=lambda e: e.path or "")
 
 
 def _unknown(engine: Engine) -> dict[str, datetime]:

@@ -140,6 +140,7 @@ def record(info: Any, path: str) -> SourceRecord:
         hf_revision=info.sha, hf_path=path, model_name=info.id, version_name=info.sha,
         kind=kind_of_tags(info.tags, path), base=base_of_tags(info.tags), base_stated=stated_base(info.tags),
         file_name=path.rsplit("/", 1)[-1], nsfw="not-for-all-audiences" in (info.tags or []),
+        creator=info.id.split("/", 1)[0] if "/" in info.id else None,
     )
 
 

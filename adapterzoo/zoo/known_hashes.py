@@ -56,31 +56,36 @@ def hash_in_background(paths: Iterable[str | os.PathLike], db: str | None = None
 def registered_sha256(path: Path, db: str | None = None) -> str | None:
     """The SHA-256 a scan recorded for `path`, if its size and mtime are still those it was hashed at."""
     # Imported here: sqlalchemy adds 0.3 s to the start of every ops command, and only large inputs get here.
-    from sqlalchemy import select
+    from sqlalchemy import and_, or_, select
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.orm import Session
 
     from adapterzoo.errors import AdapterzooError
     from adapterzoo.zoo.db import connect, registry_url
-    from adapterzoo.zoo.models import FileEntry
+    from adapterzoo.zoo.hosts import current_host
+    from adapterzoo.zoo.models import FileEntry, Location
+    from adapterzoo.zoo.roots import load_places
 
     url = make_url(registry_url(db))
     if url.get_backend_name() == "sqlite" and not (url.database and Path(url.database).is_file()):
         return None
     stat = path.stat()
-    query = select(FileEntry.sha256).where(
-        FileEntry.path.in_({str(path.absolute()), str(path.resolve())}),
-        FileEntry.size == stat.st_size,
-        FileEntry.mtime_ns == stat.st_mtime_ns,
-        FileEntry.sha256.is_not(None),
-        FileEntry.missing.is_(False),
-    )
     try:
         engine = connect(url.render_as_string(hide_password=False))
     except AdapterzooError:
         return None
     try:
+        places = load_places(engine, current_host())
+        stored = [places.stored(p)[:2] for p in {str(path.absolute()), str(path.resolve())}]
+        query = select(FileEntry.sha256).join(Location, Location.file_id == FileEntry.id).where(
+            or_(*(and_(Location.host == host, Location.path == where) for host, where in stored)),
+            Location.size == stat.st_size,
+            Location.mtime_ns == stat.st_mtime_ns,
+            Location.missing.is_(False),
+            FileEntry.sha256.is_not(None),
+            FileEntry.is_folder.is_(False),
+        )
         with Session(engine) as session:
             return session.scalars(query).first()
     except SQLAlchemyError:

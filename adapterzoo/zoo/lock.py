@@ -21,15 +21,16 @@ def lock_entries(engine: Engine) -> list[dict[str, Any]]:
     """One object per sourced file (by path), from its newest source: ref, file_name, kind, base, size, sha256."""
     with Session(engine) as session:
         rows = session.execute(select(FileEntry, Source).join(Source, Source.file_id == FileEntry.id)
-                               .order_by(FileEntry.path, Source.created.desc(), Source.id.desc())).all()
-    entries: dict[int, dict[str, Any]] = {}
+                               .order_by(Source.created.desc(), Source.id.desc())).all()
+    entries: dict[int, tuple[str, dict[str, Any]]] = {}
     for entry, source in rows:
         ref = ref_of(source)
         if entry.id in entries or not ref:
             continue
-        entries[entry.id] = {"ref": ref, "file_name": os.path.basename(entry.path), "kind": entry.kind,
-                             "base": entry.base, "size": entry.size, "sha256": entry.sha256}
-    return list(entries.values())
+        name = os.path.basename(entry.path) if entry.path else source.file_name
+        entries[entry.id] = (entry.path or "", {"ref": ref, "file_name": name, "kind": entry.kind,
+                                                "base": entry.base, "size": entry.size, "sha256": entry.sha256})
+    return [body for _, body in sorted(entries.values(), key=lambda pair: pair[0])]
 
 
 def write_lock(engine: Engine, dest: str | os.PathLike, force: bool = False) -> dict[str, Any]:

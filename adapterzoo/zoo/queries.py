@@ -13,7 +13,9 @@ from sqlalchemy import Engine, Select, Text, and_, case, exists, func, or_, sele
 from sqlalchemy.orm import Session
 
 from adapterzoo.errors import AdapterzooError
-from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Source, Verification
+from adapterzoo.zoo.hosts import SHARED_HOST, current_host
+from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Location, RootMount, Source, Verification
+from adapterzoo.zoo.roots import load_places
 
 HEX = re.compile(r"[0-9a-f]+")
 MIN_SHA256_PREFIX = 8
@@ -31,7 +33,8 @@ VERDICT_ORDER = {"fail": 0, "pass": 1}  # sort by verdict: failures first, then 
 class FileFilter:
     """What `list` and the web page's filters select; None means any. `query` matches path, trigger words,
     or a source's model/version name or trained words, ignoring case; `verdict` is the latest verification's
-    (pass, fail) or `never`; `root` keeps files under that folder; `source` a provider, or `none`."""
+    (pass, fail) or `never`; `root` keeps files with a copy under that folder; `source` a provider, or
+    `none`; `host` keeps files with a location that host reaches (present or not)."""
 
     kind: str | None = None
     base: str | None = None
@@ -40,16 +43,20 @@ class FileFilter:
     status: str | None = None
     source: str | None = None
     root: str | None = None
+    host: str | None = None
 
 
 def list_entries(
     engine: Engine, kind: str | None = None, base: str | None = None, query: str | None = None,
-    verdict: str | None = None,
+    verdict: str | None = None, host: str | None = None,
 ) -> list[FileEntry]:
-    """Every entry the filter selects, by path."""
-    statement = _filtered(select(FileEntry), FileFilter(kind, base, query, verdict)).order_by(FileEntry.path)
+    """Entries by path (as this host sees them); `query` matches a path, trigger words, or a source's
+    model/version name or trained words, ignoring case; `verdict` is the latest verification's (pass, fail) or
+    `never` for files never verified; `host`: only files with a location that host reaches (present or not)."""
+    statement = _filtered(select(FileEntry), FileFilter(kind, base, query, verdict, host=host))
     with Session(engine) as session:
-        return list(session.scalars(statement))
+        entries = list(session.scalars(statement))
+    return sorted(entries, key=lambda e: (e.path is None, e.path or "", e.id))
 
 
 def page_entries(engine: Engine, chosen: FileFilter, sort: str = "name", page: int = 1,
@@ -103,6 +110,10 @@ def _latest_verdict() -> Any:
 
 
 def _filtered(statement: Select, chosen: FileFilter) -> Select:
+    """The entries `chosen` selects among those with a location on some host."""
+    statement = statement.where(FileEntry.id.in_(select(Location.file_id)))
+    if chosen.host:
+        statement = statement.where(FileEntry.id.in_(select(Location.file_id).where(reached_by(chosen.host))))
     if chosen.verdict == "never":
         statement = statement.where(~exists().where(Verification.file_id == FileEntry.id))
     elif chosen.verdict:
@@ -119,7 +130,8 @@ def _filtered(statement: Select, chosen: FileFilter) -> Select:
         statement = statement.where(FileEntry.id.in_(select(Source.file_id).where(Source.provider == chosen.source)))
     if chosen.root:
         root = chosen.root.rstrip("/")
-        statement = statement.where(FileEntry.path.startswith(root + "/", autoescape=True))
+        statement = statement.where(FileEntry.id.in_(
+            select(Location.file_id).where(Location.path.startswith(root + "/", autoescape=True))))
     if chosen.query:
         needle = chosen.query.lower()
 
@@ -130,8 +142,9 @@ def _filtered(statement: Select, chosen: FileFilter) -> Select:
         named = select(Source.file_id).where(
             or_(has(Source.model_name), has(Source.version_name), has(Source.trained_words))
         )
+        placed = select(Location.file_id).where(has(Location.path))
         statement = statement.where(
-            or_(has(FileEntry.path), has(FileEntry.trigger_words), FileEntry.id.in_(named))
+            or_(FileEntry.id.in_(placed), has(FileEntry.trigger_words), FileEntry.id.in_(named))
         )
     return statement
 
@@ -151,14 +164,23 @@ def _status(status: str) -> Any:
     raise AdapterzooError(f"status is one of {', '.join(STATUSES)}, not {status!r}")
 
 
+def reached_by(host: str) -> Any:
+    """SQL condition on locations: on `host`, or on a shared root `host` mounts."""
+    mounted = select(RootMount.root_id).where(RootMount.host == host)
+    return or_(Location.host == host, (Location.host == SHARED_HOST) & Location.root_id.in_(mounted))
+
+
 def find_entry(engine: Engine, ref: str) -> FileEntry:
-    """The one entry whose id, path, any hash, or sha256 prefix (>= 8 hex) is `ref`.
+    """The one entry whose id, path (on this host), any hash, or sha256 prefix (>= 8 hex) is `ref`; failing
+    those, whose file name is `ref` on any host.
 
     Raises AdapterzooError when nothing matches or when `ref` fits more than one entry.
     """
     ref = ref.strip()
-    paths = {os.path.abspath(ref), str(Path(ref).resolve())}
-    conditions = [FileEntry.path.in_(paths)]
+    places = load_places(engine, current_host())
+    paths = {places.stored(p)[:2] for p in {os.path.abspath(ref), str(Path(ref).resolve())}}
+    conditions = [FileEntry.id.in_(select(Location.file_id).where(
+        or_(*(and_(Location.host == host, Location.path == path) for host, path in paths))))]
     if ref.isdigit():
         conditions.append(FileEntry.id == int(ref))
     digest = ref.lower().removeprefix("0x")
@@ -166,14 +188,42 @@ def find_entry(engine: Engine, ref: str) -> FileEntry:
         conditions.extend(getattr(FileEntry, name) == digest for name in HASH_COLUMNS)
         if len(digest) >= MIN_SHA256_PREFIX:
             conditions.append(FileEntry.sha256.startswith(digest, autoescape=True))
-    with Session(engine) as session:
-        matches = list(session.scalars(select(FileEntry).where(or_(*conditions)).order_by(FileEntry.id)))
+    matches = _entries_where(engine, or_(*conditions))
+    if not matches and ref and not set(ref) & set("/\\"):
+        named = select(Location.file_id).where(or_(Location.path.endswith("/" + ref, autoescape=True),
+                                                   Location.path.endswith("\\" + ref, autoescape=True)))
+        matches = _entries_where(engine, FileEntry.id.in_(named))
     if not matches:
-        raise AdapterzooError(f"nothing in the registry matches {ref!r} (an id, a path, or a hash)")
+        raise AdapterzooError(f"nothing in the registry matches {ref!r} (an id, a path, a file name, or a hash)")
     if len(matches) > 1:
         ids = ", ".join(str(m.id) for m in matches[:10])
         raise AdapterzooError(f"{ref!r} matches {len(matches)} entries (ids {ids}): give a longer hash or the path")
     return matches[0]
+
+
+def _entries_where(engine: Engine, condition: Any) -> list[FileEntry]:
+    with Session(engine) as session:
+        return list(session.scalars(select(FileEntry).where(condition).order_by(FileEntry.id)))
+
+
+def entry_by_sha256(engine: Engine, sha256: str) -> FileEntry | None:
+    """The file with this content, if the registry knows it."""
+    with Session(engine) as session:
+        return session.scalars(select(FileEntry).where(FileEntry.sha256 == sha256)).first()
+
+
+def file_on_disk(engine: Engine, sha256: str) -> FileEntry | None:
+    """The registry file with this SHA-256 if its copy here (its `path`) is on disk, unchanged (size, mtime)
+    since it was hashed."""
+    entry = entry_by_sha256(engine, sha256)
+    for location, local in entry.reachable()[:1] if entry is not None else []:
+        try:
+            stat = os.stat(local)
+        except OSError:
+            return None
+        if not location.missing and (stat.st_size, stat.st_mtime_ns) == (location.size, location.mtime_ns):
+            return entry
+    return None
 
 
 def entries_by_id(engine: Engine, ids: list[int]) -> list[FileEntry]:
@@ -247,28 +297,14 @@ def entry_by_id(engine: Engine, file_id: int) -> FileEntry | None:
 
 
 def paths_by_sha256(engine: Engine, digests: Iterable[str]) -> dict[str, list[str]]:
-    """SHA-256 -> the registry paths holding those bytes, for each of `digests` the registry knows."""
+    """SHA-256 -> the paths the registry holds those bytes at, on any host (as this host reaches them, else as
+    stored), for each of `digests` the registry knows."""
     digests = sorted(set(digests))
+    host = current_host()
     found: dict[str, list[str]] = {}
     with Session(engine) as session:
         for start in range(0, len(digests), ID_BATCH):
-            chunk = digests[start:start + ID_BATCH]
-            for sha256, path in session.execute(select(FileEntry.sha256, FileEntry.path)
-                                                .where(FileEntry.sha256.in_(chunk)).order_by(FileEntry.path)):
-                found.setdefault(sha256, []).append(path)
+            for entry in session.scalars(select(FileEntry).where(FileEntry.sha256.in_(digests[start:start + ID_BATCH]))):
+                paths = sorted(loc.local_path(host) or loc.path for loc in entry.locations)
+                found[entry.sha256] = paths  # type: ignore[index]
     return found
-
-
-def file_on_disk(engine: Engine, sha256: str) -> FileEntry | None:
-    """A registry file with this SHA-256 that is still on disk, unchanged (size, mtime) since it was hashed."""
-    with Session(engine) as session:
-        rows = session.scalars(select(FileEntry).where(FileEntry.sha256 == sha256, FileEntry.missing.is_(False))
-                               .order_by(FileEntry.id)).all()
-    for row in rows:
-        try:
-            stat = os.stat(row.path)
-        except OSError:
-            continue
-        if (stat.st_size, stat.st_mtime_ns) == (row.size, row.mtime_ns):
-            return row
-    return None

@@ -29,6 +29,7 @@ class SourceRecord:
     nsfw: bool | None = None
     file_name: str | None = None
     preview_url: str | None = None
+    creator: str | None = None  # who published it: Civitai's creator, the Hub repo's owner
 
     def columns(self) -> dict[str, Any]:
         """The values for a `sources` row (everything but id, file_id, created, preview_path)."""

@@ -20,6 +20,7 @@ PREVIEW_SUFFIXES = (".preview.png", ".png", ".jpg", ".webp")
 A1111_SIDECAR = ".json"
 CIVITAI_SIDECAR = ".civitai.info"
 SIDECAR_SUFFIXES = (A1111_SIDECAR, CIVITAI_SIDECAR)
+BESIDE_SUFFIXES = PREVIEW_SUFFIXES + SIDECAR_SUFFIXES  # every name that changes what a file's row says
 TOP_TAGS = 10  # the most frequent training tags; the trigger tag is usually in every caption
 
 
@@ -41,9 +42,19 @@ def sidecars(stem: Path, names: Collection[str]) -> list[Path]:
     return [stem.with_name(stem.name + s) for s in SIDECAR_SUFFIXES if stem.name + s in names]
 
 
-def trigger_words(metadata: dict[str, str], stem: Path, names: Collection[str]) -> list[str]:
-    """modelspec trigger phrase, then sidecar words, then top training tags; no duplicates."""
-    words: list[str] = [metadata.get("modelspec.trigger_phrase", "")]
+def own_tokens(kind: str, details: dict[str, Any], stem: Path) -> list[str]:
+    """The words that call an embedding or a LoRA's embedded tokens up: a diffusers embedding's and a
+    cloneofsimo LoRA's tokens (`<s1>`), else an embedding's file name (what A1111 and ComfyUI match)."""
+    tokens = details.get("tokens") or details.get("embedded_tokens") or []
+    if kind == "embedding" and not tokens:
+        tokens = [stem.name]
+    return [t for t in tokens if isinstance(t, str)]
+
+
+def trigger_words(metadata: dict[str, str], stem: Path, names: Collection[str],
+                  tokens: Collection[str] = ()) -> list[str]:
+    """Own tokens, then the modelspec trigger phrase, sidecar words, top training tags; no duplicates."""
+    words: list[str] = [*tokens, metadata.get("modelspec.trigger_phrase", "")]
     for sidecar in sidecars(stem, names):
         data = _read_json(sidecar)
         if sidecar.name.endswith(CIVITAI_SIDECAR):

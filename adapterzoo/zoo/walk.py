@@ -12,11 +12,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapterzoo.formats.probe import peft_component_folders
+from adapterzoo.formats.io.model_folders import is_model_folder
 
 MODEL_SUFFIXES = frozenset({".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"})
 SKIPPED_SUFFIXES = frozenset({".optim", ".part"})  # optimizer states and unfinished downloads
-FOLDER_MARKERS = ("model_index.json", "adapter_config.json")
 SKIPPED_FOLDERS = frozenset({"__pycache__", "node_modules", "site-packages", "venv"})
 
 
@@ -29,20 +28,27 @@ class Found:
     size: int
     mtime_ns: int
     neighbours: frozenset[str]  # names in its parent folder, for sidecar and preview lookups
+    inode: int | None = None  # st_ino and st_dev as signed 64-bit numbers (what a BIGINT column holds):
+    device: int | None = None  # the same pair, size and mtime after a rename say it is the same file
 
 
 def is_model_file(name: str) -> bool:
-    suffixes = [s.lower() for s in Path(name).suffixes]
-    return (
-        not name.startswith(".")
-        and bool(suffixes)
-        and suffixes[-1] in MODEL_SUFFIXES
-        and not SKIPPED_SUFFIXES.intersection(suffixes)
-    )
+    """A model file by its name: a model suffix last, no optimizer-state or download suffix, not hidden.
+    Plain string work: a rescan asks it of every file in the library."""
+    if name.startswith("."):
+        return False
+    suffixes = ["." + part for part in name.lower().split(".")[1:]]
+    return bool(suffixes) and suffixes[-1] in MODEL_SUFFIXES and not SKIPPED_SUFFIXES.intersection(suffixes)
 
 
-def is_model_folder(path: Path) -> bool:
-    return any((path / marker).is_file() for marker in FOLDER_MARKERS) or bool(peft_component_folders(path))
+def signed64(number: int) -> int:
+    """An unsigned 64-bit st_ino / st_dev as the signed number a database BIGINT holds."""
+    return number - (1 << 64) if number >= 1 << 63 else number
+
+
+def found_file(path: Path, stat: os.stat_result, neighbours: frozenset[str]) -> Found:
+    return Found(path, False, stat.st_size, stat.st_mtime_ns, neighbours, signed64(stat.st_ino),
+                 signed64(stat.st_dev))
 
 
 def find_entries(root: Path) -> Iterator[Found]:
@@ -74,8 +80,7 @@ def find_entries(root: Path) -> Iterator[Found]:
                     if entry.name not in SKIPPED_FOLDERS:
                         stack.append(Path(entry.path))
                 elif entry.is_file() and is_model_file(entry.name):
-                    stat = entry.stat()
-                    yield Found(Path(entry.path), False, stat.st_size, stat.st_mtime_ns, names)
+                    yield found_file(folder / entry.name, entry.stat(), names)
             except OSError:  # a dangling link or a file removed while we walk
                 continue
 
@@ -88,13 +93,13 @@ def _listing(folder: Path) -> frozenset[str]:
 
 
 def _file_entry(path: Path, neighbours: frozenset[str]) -> Found:
-    stat = path.stat()
-    return Found(path, False, stat.st_size, stat.st_mtime_ns, neighbours)
+    return found_file(path, path.stat(), neighbours)
 
 
 def _folder_entry(folder: Path) -> Found:
     """A model folder changes when any file in it does: total size and newest mtime say so."""
-    size, newest = 0, folder.stat().st_mtime_ns
+    own = folder.stat()
+    size, newest = 0, own.st_mtime_ns
     for dirpath, _dirnames, filenames in os.walk(folder):
         for name in filenames:
             try:
@@ -103,4 +108,4 @@ def _folder_entry(folder: Path) -> Found:
                 continue
             size += stat.st_size
             newest = max(newest, stat.st_mtime_ns)
-    return Found(folder, True, size, newest, _listing(folder.parent))
+    return Found(folder, True, size, newest, _listing(folder.parent), signed64(own.st_ino), signed64(own.st_dev))
