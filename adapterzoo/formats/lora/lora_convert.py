@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.atomic import atomic_output, check_output
-from adapterzoo.formats.lora.lora_approx import approximate
+from adapterzoo.formats.lora.lora_approx import approximate, bias_left_out
 from adapterzoo.formats.lora.lora_metadata import output_metadata
 from adapterzoo.formats.lora.lora_model import Ia3Module, LoraFile, LoraModule
 from adapterzoo.formats.lora.lora_read import PEFT_CONFIG, PEFT_WEIGHTS, load_lora
@@ -44,6 +44,7 @@ def convert_lora(
     if to != "peft" and dest.suffix != ".safetensors":
         raise AdapterzooError(f"a {to} LoRA is a .safetensors file; name the output *.safetensors")
     lora = load_lora(src, base, architecture)
+    bias_warning = bias_left_out(list(lora.modules.values())) if rank is not None else None
     approximation = _make_plain(lora, to, rank)
     embedding_paths = _embedding_paths(lora, dest, src, force)
     metadata = output_metadata(lora, to, dest.stem, rank if approximation else None)
@@ -73,6 +74,8 @@ def convert_lora(
         report["embeddings"] = {token: str(path) for token, path in embedding_paths.items()}
     if approximation:
         report["approximation"] = approximation
+    if bias_warning:
+        report["warnings"] = [bias_warning]
     return report
 
 
