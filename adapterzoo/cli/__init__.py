@@ -11,6 +11,7 @@ import click
 from adapterzoo.cli import demo, files, merging, registry, sources, verifying  # noqa: F401 - registers commands
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import emit_json
+from adapterzoo.devices import quiet_openmp_waits
 from adapterzoo.errors import AdapterzooError
 
 __all__ = ["cli", "main"]
@@ -18,6 +19,7 @@ __all__ = ["cli", "main"]
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
+    quiet_openmp_waits()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
