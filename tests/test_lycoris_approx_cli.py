@@ -20,6 +20,7 @@ REAL = Path(__file__).resolve().parent / "fixtures" / "real"
 BLOCK = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0"
 CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # 320x320x3x3
 LOHA, LOKR, FULL, LOCON = f"{BLOCK}_attn1_to_q", f"{BLOCK}_attn2_to_k", f"{BLOCK}_attn1_to_k", f"{BLOCK}_attn1_to_v"
+NORM = f"{BLOCK}_norm1"  # a LayerNorm: LyCORIS' full module spells its change w_norm / b_norm
 
 
 def r(gen: torch.Generator, *shape: int) -> torch.Tensor:
@@ -29,7 +30,8 @@ def r(gen: torch.Generator, *shape: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def lycoris(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     """An SD1 LyCORIS file (fp32) with an early-layout LoKr conv, a LoHa, a LoKr with a full w1, a full module
-    with a bias, and a plain LoCon; and each module's ΔW [out, in·k·k] in float64."""
+    with a bias, a plain LoCon and a norm layer's change; and each module's ΔW [out, in·k·k] in float64 (not
+    the norm's: no LoRA holds it)."""
     g = torch.Generator().manual_seed(0)
     sd = {f"{CONV}.lokr_w1_a": r(g, 16, 4), f"{CONV}.lokr_w1_b": r(g, 4, 48), f"{CONV}.lokr_w2_a": r(g, 20, 4),
           f"{CONV}.lokr_w2_b": r(g, 4, 60), f"{CONV}.alpha": torch.tensor(2.0),
@@ -39,7 +41,7 @@ def lycoris(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
           f"{LOKR}.alpha": torch.tensor(1.0),
           f"{FULL}.diff": r(g, 320, 320), f"{FULL}.diff_b": r(g, 320),
           f"{LOCON}.lora_down.weight": r(g, 4, 320), f"{LOCON}.lora_up.weight": r(g, 320, 4),
-          f"{LOCON}.alpha": torch.tensor(2.0)}
+          f"{LOCON}.alpha": torch.tensor(2.0), f"{NORM}.w_norm": r(g, 320), f"{NORM}.b_norm": r(g, 320)}
     t = {k: v.double() for k, v in sd.items()}
     deltas = {
         CONV: torch.kron(t[f"{CONV}.lokr_w1_a"] @ t[f"{CONV}.lokr_w1_b"], t[f"{CONV}.lokr_w2_a"] @ t[f"{CONV}.lokr_w2_b"])
@@ -82,6 +84,9 @@ def test_resize_truncates_loha_lokr_and_full_modules_like_a_dense_svd_keeping_na
     written = load_file(out)
     got = kohya_deltas(written)
     assert set(got) == set(deltas)
+    source = load_file(path)
+    assert all(torch.equal(written[f"{NORM}.{part}"], source[f"{NORM}.{part}"]) for part in ("w_norm", "b_norm"))
+    assert report["passed_through"] == 2
     rows = {row["module"]: row for row in report["modules"]}
     for name, delta in deltas.items():
         if name == FULL:
@@ -113,8 +118,11 @@ def test_merge_loras_svd_sums_lycoris_and_lora_modules_like_a_dense_svd(lycoris,
     code, _, stderr = run(["merge-loras", f"{path}:0.5", f"{tmp_path / 'plain.safetensors'}:-1", "-o", str(out),
                            "--method", "svd", "--rank", "4"], capsys, monkeypatch)
     assert (code, stderr) == (0, ""), stderr
-    got = kohya_deltas(load_file(out))
+    written = load_file(out)
+    got = kohya_deltas(written)
     assert len(got) == len(deltas)
+    source = load_file(path)
+    assert torch.allclose(written[f"{NORM}.w_norm"], 0.5 * source[f"{NORM}.w_norm"])  # summed exactly
     for name, delta in deltas.items():
         total = 0.5 * delta.reshape(delta.shape[0], -1) - plain_deltas[name]
         (assert_near_best(got[name], total, 4) if name == FULL else assert_best(got[name], total, 4, 1e-5))
@@ -146,6 +154,24 @@ def test_convert_rank_of_a_real_early_lycoris_lokr_file_is_the_dense_svds_trunca
         assert_best(got[name], delta, 4, 2e-3)
         assert report["approximation"]["modules"][path] == pytest.approx(truncated(delta, 4)[1], rel=1e-5), name
     assert written[f"{conv}.lora_down.weight"].shape == (4, 320, 3, 3)
+
+
+def test_convert_rank_keeps_a_norm_layers_change_in_kohya_and_no_other_dialect_takes_it(lycoris, tmp_path, capsys,
+                                                                                     monkeypatch):
+    path, deltas = lycoris
+    out = tmp_path / "k.safetensors"
+    code, stdout, stderr = run(["convert", str(path), "-o", str(out), "--to", "kohya", "--rank", "3", "--json"],
+                               capsys, monkeypatch)
+    assert (code, stderr) == (0, ""), stderr
+    written, source = load_file(out), load_file(path)
+    assert torch.equal(written[f"{NORM}.w_norm"], source[f"{NORM}.w_norm"])
+    got = kohya_deltas(written)
+    assert_best(got[LOKR], deltas[LOKR], 3, 1e-5)
+    assert json.loads(stdout)["warnings"] == [("1 full module(s) also change a bias (diff_b); a LoRA carries no "
+                                               "bias, so that part is left out")]
+    code, _, stderr = run(["convert", str(path), "-o", str(tmp_path / "d.safetensors"), "--to", "diffusers",
+                           "--rank", "3"], capsys, monkeypatch)
+    assert code == 1 and "norm-layer change(s)" in stderr and stderr.count("\n") == 1
 
 
 def test_lokr_factors_that_do_not_fit_each_other_are_one_line(tmp_path, capsys, monkeypatch):

@@ -66,12 +66,16 @@ def merge_loras(inputs: Sequence[tuple[str | os.PathLike, float]], dest: str | o
     # Not a source: nothing of it is merged (ModelSpec's merged_from must not name it), it only names the modules.
     named_by = Source(Path(checkpoint), sha256(Path(checkpoint))).to_json() if checkpoint else None
     architecture = loras[0].architecture
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, LoraModule | FullModule] = {}
     rows: list[dict[str, Any]] = []
     retention = Retention()
     for target in (p for p in architecture.targets if any(p in lora.modules for lora in loras)):
         members = [(lora.modules[target], w) for lora, w in zip(loras, weights) if target in lora.modules]
         first = members[0][0]
+        if len(first.shape) == 1:  # a norm layer's weight (LyCORIS w_norm): no LoRA holds it; the sum is exact
+            modules[target] = _summed_norm(members)
+            rows.append({"module": target, "inputs": len(members), "rank": None})
+            continue
         if method == "concat":
             up, down = concat([_pair(module, w, device) for module, w in members])
             rank, row = int(up.shape[1]), {}
@@ -100,6 +104,15 @@ def merge_loras(inputs: Sequence[tuple[str | os.PathLike, float]], dest: str | o
     if warnings:
         report["warnings"] = warnings
     return report
+
+
+def _summed_norm(members: list[tuple[FullModule, float]]) -> FullModule:
+    """Σ weight · diff (and diff_b) of full modules on a norm layer, in the first one's dtype."""
+    first = members[0][0]
+    diff = sum(w * m.diff.float() for m, w in members).to(first.diff.dtype)
+    biases = [(m.diff_b, w) for m, w in members if m.diff_b is not None]
+    diff_b = sum(w * b.float() for b, w in biases).to(biases[0][0].dtype) if biases else None
+    return FullModule(diff, first.shape, diff_b)
 
 
 def _pair(module: LoraModule, weight: float, device: torch.device) -> Pair:

@@ -90,6 +90,8 @@ def _grouped_modules(tensors: TensorSource) -> dict[str, dict[str, str]]:
     if dora:
         raise AdapterzooError(f"{len(dora)} DoRA module(s) (e.g. {dora[0]}): DoRA renormalises W + ΔW, so a "
                               "truncated ΔW is no longer the best approximation; resize refuses them")
+    # A norm layer's full module (w_norm, b_norm) has no LoRA form: it passes through unchanged.
+    modules = {name: parts for name, parts in modules.items() if not {"w_norm", "b_norm"} & set(parts)}
     ia3 = [name for name, parts in modules.items() if "on_input" in parts]
     if ia3:
         raise AdapterzooError(f"{len(ia3)} IA3 module(s) (e.g. {ia3[0]}): IA3 scales the base weights, so no "

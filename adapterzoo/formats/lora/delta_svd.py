@@ -46,7 +46,12 @@ class DeltaSvd:
 
     def kept_energy(self, k: int) -> float:
         """Σ of the k largest σ²: ‖ΔW_k‖_F²."""
-        return float(self.s[:k].double().square().sum())
+        return _square_sum(self.s[:k])
+
+
+def _square_sum(s: torch.Tensor) -> float:
+    """Σ s² in float64, on the CPU (MPS has no float64): ‖ΔW‖_F² from its singular values."""
+    return float(s.cpu().double().square().sum())
 
 
 def check_finite(t: torch.Tensor) -> None:
@@ -67,14 +72,14 @@ def product_svd(left: torch.Tensor, right: torch.Tensor, wanted: int | None = No
         check_finite(right)
         u, s, vh = _leading_svd(lambda x: left @ (right @ x), lambda x: right.T @ (left.T @ x), right.shape[1],
                                 wanted + OVERSAMPLE, left)
-        energy = float(((left.T @ left).double() * (right @ right.T).double()).sum())  # ‖LR‖_F² = tr(LᵀL RRᵀ)
+        energy = float(((left.T @ left).cpu().double() * (right @ right.T).cpu().double()).sum())  # tr(LᵀL RRᵀ)
         return DeltaSvd(s, energy, lambda k: (u[:, :k], vh[:k]))
     q_left, r_left = torch.linalg.qr(left)
     q_right, r_right = torch.linalg.qr(right.T)
     core = r_left @ r_right.T
     check_finite(core)
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    return DeltaSvd(s, float(s.double().square().sum()), lambda k: (q_left @ u[:, :k], vh[:k] @ q_right.T))
+    return DeltaSvd(s, _square_sum(s), lambda k: (q_left @ u[:, :k], vh[:k] @ q_right.T))
 
 
 def matrix_svd(matrix: torch.Tensor, wanted: int | None = None) -> DeltaSvd:
@@ -87,7 +92,7 @@ def matrix_svd(matrix: torch.Tensor, wanted: int | None = None) -> DeltaSvd:
         energy = float(torch.linalg.vector_norm(matrix)) ** 2
     else:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        energy = float(s.double().square().sum())
+        energy = _square_sum(s)
     return DeltaSvd(s, energy, lambda k: (u[:, :k], vh[:k]))
 
 

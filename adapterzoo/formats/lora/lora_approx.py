@@ -38,8 +38,9 @@ def approximate(module: LohaModule | LokrModule | FullModule, rank: int) -> Appr
 
 
 def bias_left_out(modules: list[AdapterModule]) -> str | None:
-    """The warning when full modules that also change their layer's bias (diff_b) become LoRAs, which carry none."""
-    biased = sum(isinstance(m, FullModule) and m.diff_b is not None for m in modules)
+    """The warning when full modules that also change their layer's bias (diff_b) become LoRAs, which carry none
+    (a norm layer's, 1-D, stays a full module)."""
+    biased = sum(isinstance(m, FullModule) and m.diff_b is not None and len(m.shape) > 1 for m in modules)
     if not biased:
         return None
     return f"{biased} full module(s) also change a bias (diff_b); a LoRA carries no bias, so that part is left out"
