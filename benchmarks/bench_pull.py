@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from adapterzoo.zoo.download import download
+from bench_hashing import WRITE_BYTES, warm
 
-WRITE_BYTES = 64 << 20
+from adapterzoo.zoo.download import download
 
 
 def bench_file(size_mib: int) -> Path:
@@ -106,9 +106,7 @@ def main() -> None:
 
     path = bench_file(args.size_mib)
     size = path.stat().st_size
-    with open(path, "rb", buffering=0) as fh:  # warm the page cache
-        while fh.read(WRITE_BYTES):
-            pass
+    warm(path)
     server, port = serve(path.parent)
     url = f"http://127.0.0.1:{port}/{path.name}"
     best = {"theirs": math.inf, "pull": math.inf, "download": math.inf}
