@@ -1,11 +1,14 @@
 """Suite-wide settings."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 pytest_plugins = ("fake_civitai", "fake_hub")  # their fixtures: fake_civitai, fake_hub
+# Commands set torch's threads from it (devices.cpu_threads): in-process they would otherwise take every core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from adapterzoo import devices as ops_device
 from adapterzoo.devices import pick_device
 from adapterzoo.errors import AdapterzooError
+from adapterzoo.formats.lora.lora_model import LoraModule
 from adapterzoo.ops.lowrank import (
     Rank,
     SvCumulative,
@@ -25,6 +26,7 @@ from adapterzoo.ops.lowrank import (
 )
 
 KNOWN_SPECTRUM = (8.0, 4.0, 2.0, 1.0, 0.5, 0.25)
+CPU = torch.device("cpu")
 
 
 def gen(seed: int) -> torch.Generator:
@@ -214,6 +216,12 @@ def weighted_sum(pairs) -> torch.Tensor:
     return sum(w * s * delta(up.double(), down.double()) for up, down, s, w in pairs)
 
 
+def as_modules(pairs) -> list[tuple[LoraModule, float]]:
+    """(up, down, scale, weight) as svd_merge's (module, weight) members: alpha = scale · rank."""
+    return [(LoraModule(down, up, scale * down.shape[0], (up.shape[0], *down.shape[1:])), weight)
+            for up, down, scale, weight in pairs]
+
+
 @pytest.mark.parametrize("conv", [False, True])
 def test_concat_is_exact(conv):
     pairs = three_loras(conv)
@@ -233,14 +241,14 @@ def test_concat_refuses_loras_of_different_weights():
 def test_svd_merge_is_the_truncated_svd_of_the_weighted_sum(conv):
     # 13 < min(60, 50) takes the factor path; for the conv, 13 >= min(20, 72) the explicit sum.
     pairs = three_loras(conv)
-    t = svd_merge(pairs, Rank(5))
+    t = svd_merge(as_modules(pairs), Rank(5), CPU)
     assert t.down.shape[1:] == pairs[0][1].shape[1:]
     assert_optimal(t, weighted_sum(pairs), 5)
 
 
 def test_svd_merge_at_weight_zero_is_a_zero_module():
     up, down = randn(20, 4, seed=64), randn(4, 8, seed=65)
-    t = svd_merge([(up, down, 1.0, 0.0), (up, down, 0.5, 0.0)], SvRatio(2.0))
+    t = svd_merge(as_modules([(up, down, 1.0, 0.0), (up, down, 0.5, 0.0)]), SvRatio(2.0), CPU)
     assert t.kept_rank == 1 and t.retained_fro == 1.0
     assert t.up.shape == (20, 1) and t.down.shape == (1, 8) and not (t.up @ t.down).any()
 

@@ -157,11 +157,16 @@ def test_loras_for_different_bases_are_refused_saying_which_file_is_for_what(inp
     assert f"{path_a} is for sd1" in stderr and f"{path_sd2} is for sd2" in stderr
 
 
-def test_lycoris_modules_that_are_no_factor_pair_are_refused(inputs, tmp_path, capsys, monkeypatch):
+def test_concat_refuses_lycoris_modules_and_no_method_sums_ia3(inputs, tmp_path, capsys, monkeypatch):
     loha = factory.CASES["lycoris-loha"](tmp_path).path
     code, _, stderr = run(["merge-loras", str(inputs[0]), str(loha), "-o", str(tmp_path / "x.safetensors")],
                           capsys, monkeypatch)
-    assert code == 1 and f"{loha} has 224 Loha module(s)" in stderr and "--rank N" in stderr
+    assert code == 1 and f"{loha} has 224 LoHa module(s)" in stderr and "--method svd" in stderr
+    ia3 = factory.CASES["lycoris-ia3"](tmp_path).path
+    code, _, stderr = run(["merge-loras", str(inputs[0]), str(ia3), "-o", str(tmp_path / "x.safetensors"),
+                           "--method", "svd", "--rank", "2"], capsys, monkeypatch)
+    assert code == 1 and "IA3 module(s)" in stderr and stderr.count("\n") == 1
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 @pytest.mark.parametrize(("args", "says"), [

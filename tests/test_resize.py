@@ -183,7 +183,7 @@ def test_fp16_files_stay_fp16_and_bundled_embeddings_pass_through(tmp_path, caps
 
 
 @pytest.mark.parametrize(("case", "says"), [
-    ("lycoris-loha", "loha module(s)"),
+    ("lycoris-ia3", "IA3 module(s)"),
     ("lycoris-dora", "DoRA"),
     ("diffusers", "--to kohya"),
 ])

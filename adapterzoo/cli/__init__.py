@@ -22,6 +22,7 @@ from adapterzoo.cli import (  # noqa: F401 - registers commands
 )
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import emit_json
+from adapterzoo.devices import quiet_openmp_waits
 from adapterzoo.errors import AdapterzooError
 
 __all__ = ["cli", "main"]
@@ -29,6 +30,7 @@ __all__ = ["cli", "main"]
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
+    quiet_openmp_waits()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -8,6 +8,7 @@ import click
 
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import emit_json
+from adapterzoo.cli.params import use_threads
 from adapterzoo.formats.model.registry import lora_bases, lora_targets
 
 
@@ -51,6 +52,7 @@ def probe(path: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def convert(src: str, dest: str, to: str, as_json: bool, **options: Any) -> None:
     """Convert IN to another format of the same kind, written to OUT (never over IN)."""
+    use_threads()
     from adapterzoo.formats.convert import convert as convert_path
 
     report = convert_path(src, dest, to, **options)

@@ -15,7 +15,13 @@ from adapterzoo import __version__
     help="Registry: an SQLAlchemy URL or an SQLite file (default: $ADAPTERZOO_DB, else registry.db "
     "in $ADAPTERZOO_HOME or the user data folder).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="CPU threads for tensor work (default: $OMP_NUM_THREADS, else the cores this process may use).",
+)
 @click.pass_context
-def cli(ctx: click.Context, db: str | None) -> None:
+def cli(ctx: click.Context, db: str | None, threads: int | None) -> None:
     """Index, read, convert, merge and verify Stable Diffusion checkpoints and adapters."""
-    ctx.obj = {"db": db}
+    ctx.obj = {"db": db, "threads": threads}

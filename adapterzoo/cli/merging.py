@@ -9,7 +9,14 @@ import click
 
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import emit_json, print_loras, print_module_report
-from adapterzoo.cli.params import DEVICE_OPTION, WeightedPath, provenance_hasher, rank_rule, rule_options
+from adapterzoo.cli.params import (
+    DEVICE_OPTION,
+    WeightedPath,
+    provenance_hasher,
+    rank_rule,
+    rule_options,
+    use_threads,
+)
 
 
 @cli.command()
@@ -28,6 +35,7 @@ def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, devi
           allow_unmatched: bool, force: bool, as_json: bool) -> None:
     """Merge LoRAs into CHECKPOINT's weights (W += weight·ΔW, computed in fp32), written to OUT."""
     sha256 = provenance_hasher(checkpoint, *(path for path, _ in loras))
+    use_threads()
     from adapterzoo.devices import pick_device
     from adapterzoo.ops.merge_checkpoint import LoraSpec, merge_checkpoint
 
@@ -59,6 +67,7 @@ def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, d
                 force: bool, as_json: bool, **rule: Any) -> None:
     """Merge LoRAs of one base into one whose ΔW is the weighted sum (W after ':' defaults to 1)."""
     sha256 = provenance_hasher(*(path for path, _ in inputs), *([checkpoint] if checkpoint else []))
+    use_threads()
     from adapterzoo.devices import pick_device
     from adapterzoo.ops.merge_loras import merge_loras as merge
 
@@ -84,6 +93,7 @@ def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, d
 def resize(src: str, dest: str, device: str, force: bool, as_json: bool, **rule: Any) -> None:
     """Truncate every module of a kohya LoRA to a new rank, optimally (Eckart–Young), alpha kept right."""
     sha256 = provenance_hasher(src)
+    use_threads()
     from adapterzoo.devices import pick_device
     from adapterzoo.ops.resize import resize_lora
 
@@ -109,6 +119,7 @@ def resize(src: str, dest: str, device: str, force: bool, as_json: bool, **rule:
 def extract(base: str, tuned: str, dest: str, rank: int, device: str, force: bool, as_json: bool) -> None:
     """Extract a LoRA of TUNED − BASE (two checkpoints of one model: single files or diffusers folders)."""
     sha256 = provenance_hasher(base, tuned)
+    use_threads()
     from adapterzoo.devices import pick_device
     from adapterzoo.ops.extract import extract_lora
 

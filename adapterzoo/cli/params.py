@@ -19,6 +19,14 @@ def provenance_hasher(*inputs: str | Path) -> Callable[[Path], str | dict[str, s
     return hash_in_background(inputs, click.get_current_context().obj["db"])
 
 
+def use_threads() -> None:
+    """Give torch the CPU threads `devices.cpu_threads` decides (from the global --threads, OMP_NUM_THREADS or
+    the usable cores). Called by each command that computes with torch, after its hashing has started."""
+    from adapterzoo.devices import use_cpu_threads
+
+    use_cpu_threads(click.get_current_context().obj.get("threads"))
+
+
 class WeightedPath(click.ParamType):
     """FILE or FILE:W. Only a number after the last ':' is a weight, so a path may contain ':' itself."""
 

@@ -12,7 +12,14 @@ import click
 
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import emit_json, print_loras, print_table, print_verification
-from adapterzoo.cli.params import DEVICE_OPTION, CheckpointFor, SizeParam, WeightedPath, provenance_hasher
+from adapterzoo.cli.params import (
+    DEVICE_OPTION,
+    CheckpointFor,
+    SizeParam,
+    WeightedPath,
+    provenance_hasher,
+    use_threads,
+)
 from adapterzoo.formats.model.registry import sampled_bases
 
 VERIFIABLE_KINDS = ["lora", "lycoris", "hypernetwork", "embedding", "vae", "checkpoint"]  # what verify reads
@@ -89,6 +96,7 @@ def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, 
     verify_usage(files, registry, checkpoint, grid, out_dir,
                  {"kind": kind, "base": base, "unverified": unverified, "checkpoint_for": checkpoint_for})
     sha256 = provenance_hasher(*([checkpoint, *files] if checkpoint else []))
+    use_threads()
     from adapterzoo.verify.verifier import VerifyOptions
     from adapterzoo.zoo.db import open_registry
 
@@ -180,6 +188,7 @@ def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, n
     if autolora is not None and not math.isfinite(autolora):
         raise click.UsageError("--autolora takes a finite number")
     sha256 = provenance_hasher(checkpoint, *(path for path, _ in loras))
+    use_threads()
     from adapterzoo.verify.compose import DEFAULT_SWITCH_EVERY, Composition
     from adapterzoo.verify.sample import SampleOptions
     from adapterzoo.verify.sample import sample as render_sample

@@ -2,8 +2,9 @@
 
 Factors follow the canonical form: `up` [out, r] or [out, r, 1, 1], `down` [r, in] or [r, in, k, k],
 optional Tucker `mid` [r, r, k, k]; ΔW = scale · up @ down. Truncations never form the out x in matrix
-when the factors are thin: QR of both factors leaves an r x r core whose SVD is the SVD of ΔW.
-Everything is computed in fp32 on the device the inputs live on; results stay there, in fp32.
+when the factors are thin: QR of both factors leaves an r x r core whose SVD is the SVD of ΔW. LoHa and
+LoKr modules are truncated from their own structure (`formats.lora.delta_svd`), exactly and without ΔW.
+Everything is computed on the device the inputs live on; results stay there, in fp32.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from adapterzoo.errors import AdapterzooError
-
-# Extra directions sampled beyond the wanted rank, and power iterations, of the randomized SVD in extract.
-_OVERSAMPLE = 10
-_POWER_ITERATIONS = 4
-# A randomized SVD pays off only when it samples a small fraction of the matrix's smaller side.
-_RANDOMIZED_MAX_FRACTION = 0.125
+from adapterzoo.formats.lora.delta_svd import (
+    DeltaSvd,
+    Structured,
+    exact_factors,
+    matrix_svd,
+    module_svd,
+    product_svd,
+)
+from adapterzoo.formats.lora.lora_model import FullModule
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class Truncation:
     Store it with alpha = kept_rank (file scale 1), or use `factors_for_alpha` to keep another alpha.
     The singular value is split as √σ on both factors, which keeps fp16 storage well inside its range.
     `retained_fro` = ‖ΔW_k‖_F / ‖ΔW‖_F; `sv` holds ΔW's singular values in descending order (all of
-    them, except after a randomized extract, which computes only the leading ones).
+    them, except after a randomized SVD, which computes only the leading ones); `energy` = ‖ΔW‖_F².
     """
 
     up: torch.Tensor
@@ -84,6 +88,7 @@ class Truncation:
     kept_rank: int
     retained_fro: float
     sv: torch.Tensor
+    energy: float
 
     def factors_for_alpha(self, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(up, down) to write beside `alpha` so that alpha / kept_rank · up @ down still equals ΔW_k."""
@@ -124,22 +129,12 @@ def _select_rank(rule: Rule, sv: list[float]) -> int:
     return len(sv)
 
 
-def _keep(rule: Rule, s: torch.Tensor, energy: float | None = None) -> tuple[int, float]:
-    """(kept rank, retained Frobenius fraction) for singular values `s`, which must not be all zero.
-
-    `energy` is ‖ΔW‖_F² when `s` holds only the leading singular values; by default Σ s².
-    """
+def _keep(rule: Rule, s: torch.Tensor, energy: float) -> tuple[int, float]:
+    """(kept rank, retained Frobenius fraction) for singular values `s`, which must not be all zero, of a ΔW
+    with ‖ΔW‖_F² = `energy` (more than Σ s² when `s` holds only the leading singular values)."""
     values = s.tolist()
     kept = _select_rank(rule, values)
-    squares = [v * v for v in values]
-    total = sum(squares) if energy is None else energy
-    return kept, min(1.0, math.sqrt(sum(squares[:kept]) / total))
-
-
-def _balanced(left: torch.Tensor, s: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """left · diag(s) · right as (up, down) with √σ on each side."""
-    root = s.sqrt()
-    return left * root, root[:, None] * right
+    return kept, min(1.0, math.sqrt(sum(v * v for v in values[:kept]) / energy))
 
 
 def _shaped(up2: torch.Tensor, down2: torch.Tensor, up_tail: tuple[int, ...], down_tail: tuple[int, ...]
@@ -149,60 +144,17 @@ def _shaped(up2: torch.Tensor, down2: torch.Tensor, up_tail: tuple[int, ...], do
             down2.reshape(down2.shape[0], *down_tail))
 
 
-def _zero(out: int, inner: int, device: torch.device, up_tail: tuple[int, ...], down_tail: tuple[int, ...],
-          sv: torch.Tensor) -> Truncation:
-    """An all-zero ΔW stays a rank-1 zero module, so a resized file keeps the same module set."""
-    up, down = _shaped(torch.zeros(out, 1, device=device), torch.zeros(1, inner, device=device), up_tail, down_tail)
-    return Truncation(up, down, 1, 1.0, sv)
-
-
-def _check_finite(t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise AdapterzooError("the weights contain NaN or infinite values; nothing sensible can be computed")
-
-
-def _truncate_flat(up2: torch.Tensor, down2: torch.Tensor, rule: Rule, up_tail: tuple[int, ...],
-                   down_tail: tuple[int, ...]) -> Truncation:
-    """Eckart–Young truncation of up2 @ down2 (2-D, fp32) through QR of both factors."""
-    q_up, r_up = torch.linalg.qr(up2)
-    q_down, r_down = torch.linalg.qr(down2.T)
-    core = r_up @ r_down.T
-    _check_finite(core)
-    u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    if not bool(s[0] > 0):
-        return _zero(up2.shape[0], down2.shape[1], up2.device, up_tail, down_tail, s)
-    kept, retained = _keep(rule, s)
-    up_k, down_k = _balanced(q_up @ u[:, :kept], s[:kept], vh[:kept] @ q_down.T)
-    return Truncation(*_shaped(up_k, down_k, up_tail, down_tail), kept, retained, s)
-
-
-def _from_svd(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rule: Rule, up_tail: tuple[int, ...],
-              down_tail: tuple[int, ...], energy: float | None = None) -> Truncation:
-    """Truncate the SVD u · diag(s) · vh of an explicit matrix by the rule."""
-    if not bool(s[0] > 0):
-        return _zero(u.shape[0], vh.shape[1], u.device, up_tail, down_tail, s)
-    kept, retained = _keep(rule, s, energy)
-    up_k, down_k = _balanced(u[:, :kept], s[:kept], vh[:kept])
-    return Truncation(*_shaped(up_k, down_k, up_tail, down_tail), kept, retained, s)
-
-
-def _truncate_matrix(matrix: torch.Tensor, rule: Rule, up_tail: tuple[int, ...], down_tail: tuple[int, ...]
-                     ) -> Truncation:
-    """Exact truncated SVD of an explicit 2-D fp32 matrix."""
-    _check_finite(matrix)
-    return _from_svd(*torch.linalg.svd(matrix, full_matrices=False), rule, up_tail, down_tail)
-
-
-def _leading_svd(matrix: torch.Tensor, sample: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Randomized SVD (Halko et al.) with power iterations; the probe is drawn on the CPU from a fixed
-    seed, so extract gives the same file on every run and every device.
-    """
-    probe = torch.randn(matrix.shape[1], sample, generator=torch.Generator().manual_seed(0)).to(matrix.device)
-    basis = torch.linalg.qr(matrix @ probe).Q
-    for _ in range(_POWER_ITERATIONS):
-        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
-    u, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return basis @ u, s, vh
+def _truncation(svd: DeltaSvd, rule: Rule, out: int, up_tail: tuple[int, ...], down_tail: tuple[int, ...]
+                ) -> Truncation:
+    """The rule's truncation of ΔW [out, ...] from its SVD. An all-zero ΔW stays a rank-1 zero module, so a
+    resized file keeps the same module set."""
+    if not bool(svd.s[0] > 0):
+        device = svd.s.device
+        up, down = _shaped(torch.zeros(out, 1, device=device), torch.zeros(1, math.prod(down_tail), device=device),
+                           up_tail, down_tail)
+        return Truncation(up, down, 1, 1.0, svd.s.float(), svd.energy)
+    kept, retained = _keep(rule, svd.s, svd.energy)
+    return Truncation(*_shaped(*svd.factors(kept), up_tail, down_tail), kept, retained, svd.s.float(), svd.energy)
 
 
 def _flat(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +163,16 @@ def _flat(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     if up2.shape[1] != down2.shape[0]:
         raise AdapterzooError(f"up {tuple(up.shape)} and down {tuple(down.shape)} disagree on the rank")
     return up2, down2
+
+
+def _wanted(rule: Rule) -> int | None:
+    """The rank a rule keeps if known before the spectrum is: only then may a randomized SVD serve."""
+    return rule.n if isinstance(rule, Rank) else None
+
+
+def _tails(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The trailing dims of up and down for a target weight of `shape`: a conv's up is [out, r, 1, 1]."""
+    return (1,) * (len(shape) - 2), tuple(shape[1:])
 
 
 def truncate(up: torch.Tensor, down: torch.Tensor, scale: float, rule: Rule,
@@ -222,7 +184,26 @@ def truncate(up: torch.Tensor, down: torch.Tensor, scale: float, rule: Rule,
     if mid is not None:
         down = fold_tucker(down, mid)
     up2, down2 = _flat(up, down)
-    return _truncate_flat(up2 * scale, down2, rule, tuple(up.shape[2:]), tuple(down.shape[1:]))
+    return _truncation(product_svd(up2 * scale, down2), rule, up2.shape[0], tuple(up.shape[2:]),
+                       tuple(down.shape[1:]))
+
+
+def truncate_module(module: Structured, rule: Rule, device: torch.device, weight: float = 1.0) -> Truncation:
+    """Optimal truncation of weight · ΔW of a LoRA, LoHa, LoKr or full module, from its structure: exact
+    for all but a full module asked for a small fixed rank, whose randomized SVD is near-optimal."""
+    return _truncation(module_svd(module, _wanted(rule), weight, device), rule, module.shape[0],
+                       *_tails(module.shape))
+
+
+def _sum_svd(ups: list[torch.Tensor], downs: list[torch.Tensor], dense: torch.Tensor | None,
+             wanted: int | None) -> DeltaSvd:
+    """SVD of dense + Σ up @ down (2-D, in fp32): from the stacked factors while there is no dense part and their
+    ranks sum below min(out, in), else from the explicit sum. A small `wanted` rank of either may be randomized."""
+    up2, down2 = torch.cat(ups, dim=1).float(), torch.cat(downs, dim=0).float()
+    if dense is None and up2.shape[1] < min(up2.shape[0], down2.shape[1]):
+        return product_svd(up2, down2, wanted)
+    matrix = up2 @ down2
+    return matrix_svd(matrix if dense is None else matrix + dense, wanted)
 
 
 def concat(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,17 +231,33 @@ def concat(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]]) -> tupl
                    tuple(first_down.shape[1:]))
 
 
-def svd_merge(pairs: list[tuple[torch.Tensor, torch.Tensor, float, float]], rule: Rule) -> Truncation:
-    """Σ weight · scale · up @ down re-factorised to the rule's rank (lossy, kohya svd_merge_lora).
+def svd_merge(members: list[tuple[Structured, float]], rule: Rule, device: torch.device) -> Truncation:
+    """Σ weight · ΔW of (module, weight) members re-factorised to the rule's rank (lossy, kohya svd_merge_lora).
 
-    From the stacked factors while their summed rank is below min(out, in), else from the explicit sum.
+    One member is truncated from its own structure. Several: each one's exact thin factors (LoRA; LoHa by
+    Khatri–Rao; LoKr from its Kronecker SVD) are stacked while their ranks sum below min(out, in), full
+    modules and larger sums are added up explicitly.
     """
-    up, down = concat(pairs)
-    up2, down2 = _flat(up, down)
-    up_tail, down_tail = tuple(up.shape[2:]), tuple(down.shape[1:])
-    if up2.shape[1] < min(up2.shape[0], down2.shape[1]):
-        return _truncate_flat(up2, down2, rule, up_tail, down_tail)
-    return _truncate_matrix(up2 @ down2, rule, up_tail, down_tail)
+    if not members:
+        raise AdapterzooError("nothing to merge: no LoRA given")
+    shape = members[0][0].shape
+    if any(module.shape != shape for module, _ in members):
+        shapes = " and ".join(sorted({str(list(module.shape)) for module, _ in members}))
+        raise AdapterzooError(f"cannot merge changes of different weights: {shapes}")
+    if len(members) == 1:
+        return truncate_module(members[0][0], rule, device, members[0][1])
+    ups, downs, dense = [], [], None
+    for module, weight in members:
+        if isinstance(module, FullModule):
+            diff = module.diff.to(device, torch.float32).reshape(shape[0], -1) * weight
+            dense = diff if dense is None else dense + diff
+        else:
+            up, down = exact_factors(module, weight, device)
+            ups.append(up)
+            downs.append(down)
+    if not ups:
+        ups, downs = [torch.zeros(shape[0], 0, device=device)], [torch.zeros(0, dense.shape[1], device=device)]
+    return _truncation(_sum_svd(ups, downs, dense, _wanted(rule)), rule, shape[0], *_tails(shape))
 
 
 def extract(delta_w: torch.Tensor, rule: Rule) -> Truncation | None:
@@ -272,9 +269,4 @@ def extract(delta_w: torch.Tensor, rule: Rule) -> Truncation | None:
     matrix = delta_w.float().reshape(delta_w.shape[0], -1)
     if not bool(matrix.any()):
         return None
-    up_tail, down_tail = (1,) * (delta_w.dim() - 2), tuple(delta_w.shape[1:])
-    if isinstance(rule, Rank) and rule.n + _OVERSAMPLE <= _RANDOMIZED_MAX_FRACTION * min(matrix.shape):
-        _check_finite(matrix)
-        energy = float(torch.linalg.vector_norm(matrix)) ** 2
-        return _from_svd(*_leading_svd(matrix, rule.n + _OVERSAMPLE), rule, up_tail, down_tail, energy)
-    return _truncate_matrix(matrix, rule, up_tail, down_tail)
+    return _truncation(matrix_svd(matrix, _wanted(rule)), rule, matrix.shape[0], *_tails(tuple(delta_w.shape)))

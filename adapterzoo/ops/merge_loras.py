@@ -1,9 +1,10 @@
 """`merge-loras`: several LoRAs of one base into one kohya LoRA whose ΔW is Σ wᵢ·ΔWᵢ (FORMATS.md §1.5).
 
-concat stacks the ranks and is exact; svd re-factorises the sum to a rank rule from the stacked factors
-(`ops.lowrank.svd_merge`) and reports how much of it each module kept. Inputs are read into the
-canonical form, so files of different dialects merge, module by module, on the real target they change;
-the targets are the built-in tables' or, with a checkpoint, that model's own.
+concat stacks the ranks of LoRA/LoCon modules and is exact; svd re-factorises the sum to a rank rule
+(`ops.lowrank.svd_merge`: from the stacked factors, LoHa and LoKr from their own structure) and reports
+how much of it each module kept. Inputs are read into the canonical form, so files of different dialects
+merge, module by module, on the real target they change; the targets are the built-in tables' or, with a
+checkpoint, that model's own.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.checkpoint_targets import check_lora_base, checkpoint_targets
 from adapterzoo.formats.io.atomic import check_output
-from adapterzoo.formats.lora.lora_model import LoraFile, LoraModule
+from adapterzoo.formats.lora.delta_svd import module_dtype
+from adapterzoo.formats.lora.lora_approx import bias_left_out
+from adapterzoo.formats.lora.lora_model import FullModule, Ia3Module, LohaModule, LokrModule, LoraFile, LoraModule
 from adapterzoo.formats.lora.lora_read import load_lora
 from adapterzoo.formats.model.targets import Architecture
 from adapterzoo.ops.kohya_output import write_kohya
@@ -30,6 +33,7 @@ from adapterzoo.ops.retention import Retention
 METHODS = ("concat", "svd")
 
 Pair = tuple[torch.Tensor, torch.Tensor, float, float]
+_KINDS = {LohaModule: "LoHa", LokrModule: "LoKr", Ia3Module: "IA3", FullModule: "full"}
 
 
 def merge_loras(inputs: Sequence[tuple[str | os.PathLike, float]], dest: str | os.PathLike, method: str,
@@ -57,29 +61,32 @@ def merge_loras(inputs: Sequence[tuple[str | os.PathLike, float]], dest: str | o
     loras = [load_lora(path, architecture=against) for path in paths]
     _check_bases(paths, loras)
     for path, lora in zip(paths, loras):
-        _check_plain(path, lora)
+        _check_summable(path, lora, method)
     sources = [Source(path, sha256(path), weight) for path, weight in zip(paths, weights)]
     # Not a source: nothing of it is merged (ModelSpec's merged_from must not name it), it only names the modules.
     named_by = Source(Path(checkpoint), sha256(Path(checkpoint))).to_json() if checkpoint else None
     architecture = loras[0].architecture
-    modules: dict[str, LoraModule] = {}
+    modules: dict[str, LoraModule | FullModule] = {}
     rows: list[dict[str, Any]] = []
     retention = Retention()
     for target in (p for p in architecture.targets if any(p in lora.modules for lora in loras)):
         members = [(lora.modules[target], w) for lora, w in zip(loras, weights) if target in lora.modules]
-        pairs = [_pair(module, w, device) for module, w in members]
         first = members[0][0]
+        if len(first.shape) == 1:  # a norm layer's weight (LyCORIS w_norm): no LoRA holds it; the sum is exact
+            modules[target] = _summed_norm(members)
+            rows.append({"module": target, "inputs": len(members), "rank": None})
+            continue
         if method == "concat":
-            up, down = concat(pairs)
+            up, down = concat([_pair(module, w, device) for module, w in members])
             rank, row = int(up.shape[1]), {}
         else:
-            t = svd_merge(pairs, rule)
+            t = svd_merge(members, rule, device)
             up, down, rank = t.up, t.down, t.kept_rank
             row = {"retained_fro": t.retained_fro}
-            retention.add(t.retained_fro, float(t.sv.double().square().sum()))
-        modules[target] = LoraModule(down.to("cpu", first.up.dtype), up.to("cpu", first.up.dtype), float(rank),
-                                   first.shape)
-        rows.append({"module": target, "inputs": len(pairs), "rank": rank, **row})
+            retention.add(t.retained_fro, t.energy)
+        dtype = module_dtype(first)
+        modules[target] = LoraModule(down.to("cpu", dtype), up.to("cpu", dtype), float(rank), first.shape)
+        rows.append({"module": target, "inputs": len(members), "rank": rank, **row})
     merged = LoraFile(modules, architecture, "kohya")
     settings = {"method": method, "rule": rule_setting(rule) if rule else None, "device": device.type}
     write_kohya(merged, dest, provenance_metadata("merge-loras", sources, **settings, checkpoint=named_by))
@@ -92,9 +99,20 @@ def merge_loras(inputs: Sequence[tuple[str | os.PathLike, float]], dest: str | o
     if method == "svd":
         report["retained_fro"] = retention.fraction
     dropped = [f"{p}: {', '.join(sorted(lora.embeddings))}" for p, lora in zip(paths, loras) if lora.embeddings]
-    if dropped:
-        report["warnings"] = [f"embedded tokens are not merged: {entry}" for entry in dropped]
+    warnings = [f"embedded tokens are not merged: {entry}" for entry in dropped]
+    warnings += [f"{p}: {w}" for p, lora in zip(paths, loras) if (w := bias_left_out(list(lora.modules.values())))]
+    if warnings:
+        report["warnings"] = warnings
     return report
+
+
+def _summed_norm(members: list[tuple[FullModule, float]]) -> FullModule:
+    """Σ weight · diff (and diff_b) of full modules on a norm layer, in the first one's dtype."""
+    first = members[0][0]
+    diff = sum(w * m.diff.float() for m, w in members).to(first.diff.dtype)
+    biases = [(m.diff_b, w) for m, w in members if m.diff_b is not None]
+    diff_b = sum(w * b.float() for b, w in biases).to(biases[0][0].dtype) if biases else None
+    return FullModule(diff, first.shape, diff_b)
 
 
 def _pair(module: LoraModule, weight: float, device: torch.device) -> Pair:
@@ -117,17 +135,20 @@ def _check_bases(paths: list[Path], loras: list[LoraFile]) -> None:
         raise AdapterzooError(f"these LoRAs are for different base models: {which}")
 
 
-def _check_plain(path: Path, lora: LoraFile) -> None:
-    """Only plain LoRA/LoCon modules sum: the others' ΔW depends on the base weight or is no factor pair."""
-    others = Counter(type(m).__name__.removesuffix("Module") for m in lora.modules.values()
-                     if not isinstance(m, LoraModule))
+def _check_summable(path: Path, lora: LoraFile, method: str) -> None:
+    """concat stacks LoRA/LoCon factors only; svd also sums LoHa, LoKr and full modules. IA3 and DoRA change W
+    by something that depends on W itself, which adds up with nothing."""
+    plain = method == "concat"
+    others = Counter(_KINDS[type(m)] for m in lora.modules.values()
+                     if isinstance(m, Ia3Module) or (plain and not isinstance(m, LoraModule)))
     if others:
         kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(others.items()))
-        raise AdapterzooError(
-            f"{path} has {kinds} module(s); merge-loras sums LoRA/LoCon factors only "
-            "(adapterzoo convert IN -o OUT.safetensors --to kohya --rank N approximates LoHa, LoKr and full "
-            "modules as LoRAs)")
-    dora = sum(m.dora_scale is not None for m in lora.modules.values())
+        if "IA3" in others:
+            raise AdapterzooError(f"{path} has {kinds} module(s); IA3 scales the base weights, so its change "
+                                  "is not a ΔW that adds up with others")
+        raise AdapterzooError(f"{path} has {kinds} module(s); --method concat stacks LoRA/LoCon factors only "
+                              "(--method svd with a rank rule merges LoHa, LoKr and full modules too)")
+    dora = sum(getattr(m, "dora_scale", None) is not None for m in lora.modules.values())
     if dora:
         raise AdapterzooError(f"{path} has {dora} DoRA module(s): DoRA renormalises W + ΔW, so its "
                               "change is not a ΔW that adds up with others")

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.atomic import atomic_output, check_output
-from adapterzoo.formats.lora.lora_approx import approximate
+from adapterzoo.formats.lora.lora_approx import approximate, bias_left_out
 from adapterzoo.formats.lora.lora_metadata import output_metadata
-from adapterzoo.formats.lora.lora_model import Ia3Module, LoraFile, LoraModule
+from adapterzoo.formats.lora.lora_model import FullModule, Ia3Module, LoraFile, LoraModule
 from adapterzoo.formats.lora.lora_read import PEFT_CONFIG, PEFT_WEIGHTS, load_lora
 from adapterzoo.formats.lora.lora_write import (
     diffusers_tensors,
@@ -58,6 +58,7 @@ def convert_lora(
     if to != "peft" and dest.suffix != ".safetensors":
         raise AdapterzooError(f"a {to} LoRA is a .safetensors file; name the output *.safetensors")
     lora = load_lora(src, base, architecture)
+    bias_warning = bias_left_out(list(lora.modules.values())) if rank is not None else None
     approximation = _make_plain(lora, to, rank)
     embedding_paths = _embedding_paths(lora, dest, src, force)
     metadata = output_metadata(lora, to, dest.stem, rank if approximation else None)
@@ -82,12 +83,19 @@ def convert_lora(
         report["embeddings"] = {token: str(path) for token, path in embedding_paths.items()}
     if approximation:
         report["approximation"] = approximation
+    if bias_warning:
+        report["warnings"] = [bias_warning]
     return report
 
 
 def _make_plain(lora: LoraFile, to: str, rank: int | None) -> dict[str, Any] | None:
-    """Replace LoHa/LoKr/full modules by rank-N LoRAs where asked or needed; None if nothing changed."""
-    lycoris = {p: m for p, m in lora.modules.items() if not isinstance(m, LoraModule)}
+    """Replace LoHa/LoKr/full modules by rank-N LoRAs where asked or needed; None if nothing changed. A norm
+    layer's full module (1-D) has no LoRA form: kohya keeps it as it is, the other dialects cannot hold it."""
+    norms = [p for p, m in lora.modules.items() if isinstance(m, FullModule) and len(m.shape) == 1]
+    if norms and to != "kohya":
+        raise AdapterzooError(f"{len(norms)} norm-layer change(s) (e.g. {norms[0]}) have no LoRA form; only "
+                              "--to kohya keeps them")
+    lycoris = {p: m for p, m in lora.modules.items() if not isinstance(m, LoraModule) and p not in norms}
     if any(isinstance(m, Ia3Module) for m in lycoris.values()) and (to != "kohya" or rank is not None):
         raise AdapterzooError("IA3 modules scale the base weights themselves; they cannot become a LoRA without them")
     if rank is None:

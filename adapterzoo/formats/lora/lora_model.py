@@ -18,8 +18,9 @@ from adapterzoo.formats.model.targets import Architecture
 
 
 def _tucker(core: torch.Tensor, out_factor: torch.Tensor, in_factor: torch.Tensor) -> torch.Tensor:
-    """LyCORIS `rebuild_tucker`: core [r, r, k, k], out_factor [r, out], in_factor [r, in] -> [out, in, k, k]."""
-    return torch.einsum("i j ..., i p, j r -> p r ...", core, out_factor, in_factor)
+    """LyCORIS `rebuild_tucker`: core [r, r, k, k], out_factor [r, out], in_factor [r, in] -> [out, in, k, k].
+    Contiguous: einsum may answer with permuted strides, which torch.kron cannot view."""
+    return torch.einsum("i j ..., i p, j r -> p r ...", core, out_factor, in_factor).contiguous()
 
 
 def dora_on_output(dora_scale: torch.Tensor) -> bool:

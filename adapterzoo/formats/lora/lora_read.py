@@ -10,7 +10,6 @@ or handed back by `load_lora_matched`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from adapterzoo.formats.io.pickle_safe import (
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.safetensors_header import read_header, safetensors_errors
 from adapterzoo.formats.io.tensor_table import one_number, table_from_state_dict
+from adapterzoo.formats.lora.delta_shapes import ShapeMismatch, check_delta_shape
 from adapterzoo.formats.lora.fused import split_full, split_fused
 from adapterzoo.formats.lora.lora_cloneofsimo import injected_classes, injection_order
 from adapterzoo.formats.lora.lora_keys import detect_lora_dialect, split_key
@@ -497,19 +497,14 @@ def _fits_lokr(parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> bool:
 
 
 def _check_delta_forms(name: str, module: AdapterModule) -> None:
-    """Form ΔW on the meta device (shapes only, no arithmetic): factors that fit the target on the outside
-    but not each other inside are a broken file, said here in one line instead of as a torch error later."""
-    on_meta = dataclasses.replace(module, **{
-        f.name: value.to("meta") for f in dataclasses.fields(module)
-        if isinstance(value := getattr(module, f.name), torch.Tensor)
-    })
+    """Factors that fit the target on the outside but not each other inside are a broken file, said here in
+    one line instead of as a torch error later (from shapes alone: `delta_shapes`)."""
     try:
-        on_meta.delta(torch.empty(module.shape, device="meta"))
+        check_delta_shape(module)
     except ZeroDivisionError:
         raise BadFileError(f"module {name} has rank 0") from None
-    except RuntimeError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadFileError(f"module {name}: its factors do not form a {list(module.shape)} change ({reason})") from None
+    except ShapeMismatch as exc:
+        raise BadFileError(f"module {name}: its factors do not form a {list(module.shape)} change ({exc})") from None
 
 
 def _build(group: _Group, tensors: dict[str, torch.Tensor]) -> AdapterModule | None:
