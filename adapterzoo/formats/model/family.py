@@ -79,6 +79,8 @@ class Family:
 
     # -- recognising files from names and shapes (plain Python on a header) --
     lora_base: Callable[[LoraModules, TensorTable], str | None] = _nothing  # from module names and factor shapes
+    # the base whose model a LoRA's modules fit as well by name and shape, when another family claimed it first
+    lora_fits: Callable[[LoraModules, TensorTable], str | None] = _nothing
     metadata_base: Callable[[dict[str, str]], str | None] = _nothing  # kohya/ModelSpec hints, used when shapes fail
     describe_lora: Callable[[LoraModules, ProbeResult], None] = _nothing  # details probe adds (coverage, variant)
     dialects: tuple[Dialect, ...] = ()
@@ -89,12 +91,12 @@ class Family:
     hypernetwork_base: Callable[[list[int]], str | None] = _nothing  # an A1111 hypernetwork's context widths
 
     # -- module tables, trainer dialects, fused <-> split rules (may import torch inside) --
-    architecture: Callable[[str], Architecture] | None = None  # the real-size targets of a base
+    architecture: Callable[[str, str | None], Architecture] | None = None  # real-size targets of a base (and variant)
     architecture_from_tables: Callable[[str, dict[str, ModuleTable]], Architecture] | None = None  # any size
     # a dialect this family writes in its own module space (bfl): LoraFile -> tensors
     lora_writers: dict[str, Callable[[Any], dict[str, torch.Tensor]]] = field(default_factory=dict)
     lora_refusal: Callable[[LoraModules], str | None] = _nothing  # why a LoRA is not additive, refused on read
-    modelspec_architecture: Callable[[str, dict[str, str]], str] | None = None  # ModelSpec id of a base's LoRA
+    modelspec_architecture: Callable[[Architecture, dict[str, str]], str] | None = None  # ModelSpec id of a LoRA
 
     # -- checkpoints, sources, sampling --
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
