@@ -53,3 +53,7 @@ def check_lora_base(targets: CheckpointTargets, lora: str | os.PathLike) -> None
             f"{Path(lora).name} is a {found.base} {found.kind} but {targets.path.name} is a {targets.base} "
             "checkpoint; a LoRA only fits the base it was trained on"
         )
+    ours, theirs = found.details.get("variant"), targets.architecture.variant
+    if found.base == targets.base and ours and theirs and ours != theirs:
+        raise AdapterzooError(f"{Path(lora).name} is a {found.base} {ours} {found.kind} but {targets.path.name} is a "
+                              f"{targets.base} {theirs} checkpoint; their shapes differ, so it does not fit")

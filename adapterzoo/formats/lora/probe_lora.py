@@ -102,7 +102,7 @@ def probe_lora(
         result.details["embedded_tokens"] = tokens
     result.base = _base(modules, table, metadata, result)
     if (family := family_of(result.base)) is not None:
-        family.describe_lora(modules, result)
+        family.describe_lora(modules, table, result)
     return True
 
 

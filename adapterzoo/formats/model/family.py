@@ -82,10 +82,11 @@ class Family:
     # the base whose model a LoRA's modules fit as well by name and shape, when another family claimed it first
     lora_fits: Callable[[LoraModules, TensorTable], str | None] = _nothing
     metadata_base: Callable[[dict[str, str]], str | None] = _nothing  # kohya/ModelSpec hints, used when shapes fail
-    describe_lora: Callable[[LoraModules, ProbeResult], None] = _nothing  # details probe adds (coverage, variant)
+    describe_lora: Callable[[LoraModules, TensorTable, ProbeResult], None] = _nothing  # details probe adds (coverage, variant)
     dialects: tuple[Dialect, ...] = ()
     probe_checkpoint: Callable[[TensorTable, ProbeResult], bool] = lambda table, result: False  # fills kind, base
     pipeline_base: Callable[[str, dict], str | None] = _nothing  # diffusers folder: pipeline class, UNet/DiT config
+    describe_folder: Callable[[dict, ProbeResult], None] = _nothing  # details from a folder's UNet/DiT config (variant)
     vae_latents: dict[int, str] = field(default_factory=dict)  # a lone VAE's latent channels -> base
     embedding_base: Callable[[dict[str, int]], str | None] = _nothing  # text-encoder slot ("" if unnamed) -> width
     hypernetwork_base: Callable[[list[int]], str | None] = _nothing  # an A1111 hypernetwork's context widths

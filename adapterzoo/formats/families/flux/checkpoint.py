@@ -43,7 +43,7 @@ FLUX_HEAD_DIM = 128
 TITLE = "Flux"
 
 
-def _norm_names(config: dict) -> list[LayoutTensor]:
+def bfl_norm_tensors(config: dict) -> list[LayoutTensor]:
     """RMSNorm scales of the attention (FLUX.md §1.2), one [head_dim] vector each."""
     out = []
     pairs = {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
@@ -61,7 +61,7 @@ def _norm_names(config: dict) -> list[LayoutTensor]:
 def bfl_tensors(config: dict) -> list[LayoutTensor]:
     """Every tensor of the BFL checkpoint of a FluxTransformer2DModel with this config."""
     architecture = flux_architecture_from_tables({TRANSFORMER: module_table(FLUX_CLASS, config)})
-    return layout_tensors(architecture.bfl) + _norm_names(config)
+    return layout_tensors(architecture.bfl) + bfl_norm_tensors(config)
 
 
 def bfl_config(source: TensorSource) -> tuple[str, dict]:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.families.flux.probe import BASE, BFL_PREFIX, KEY_NORM, bfl_prefix
+from adapterzoo.formats.families.flux.probe import BASE, KEY_NORM, bfl_prefix
 from adapterzoo.formats.io.json_file import read_json_object
 from adapterzoo.formats.io.safetensors_header import read_header
 from adapterzoo.formats.io.tensor_table import table_from_header
-from adapterzoo.formats.lora.lora_parts import PEFT_PREFIX
+from adapterzoo.formats.lora.spellings import layout_spellings, transformer_spellings
 from adapterzoo.formats.model.layouts import Spellings, block_indices, layout_module
 from adapterzoo.formats.model.module_tables import CLIP_CLASS, T5_CLASS, ModuleTable, module_table, saved_config
 from adapterzoo.formats.model.targets import (
@@ -61,7 +61,7 @@ class FluxArchitecture(Architecture):
     bfl: tuple[FusedModule, ...] = ()
 
 
-def _bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
+def bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
     """BFL's Linears (FLUX.md §1.2) for the transformer whose targets are given; any width, any depth."""
     out: list[FusedModule] = []
 
@@ -116,17 +116,12 @@ def _xlabs_slots(bfl: dict[str, FusedModule]) -> dict[str, FusedModule]:
 
 def _target_spellings(target: Target, rel: str) -> list[str]:
     if target.component == TRANSFORMER:
-        return [target.path, rel, PEFT_PREFIX + rel, f"lora_transformer_{flatten(rel)}", f"lora_unet_{flatten(rel)}"]
+        return transformer_spellings(target)
     if target.component == CLIP_L:
         names = [target.path, f"{CLIP_L}.text_model.{rel}", f"text_encoders.clip_l.transformer.text_model.{rel}"]
         return names + [f"{p}_text_model_{flatten(rel)}" for p in FLUX_CONVENTION.prefixes[CLIP_L]]
     return [target.path, f"text_encoders.t5xxl.transformer.{rel}"] + [
         f"{p}_{flatten(rel)}" for p in FLUX_CONVENTION.prefixes[T5]]
-
-
-def bfl_spellings(name: str) -> list[str]:
-    """Every way a file names a BFL module: kohya, ComfyUI/BFL, bare (control LoRAs), fal's PEFT prefix."""
-    return [f"lora_unet_{flatten(name)}", BFL_PREFIX + name, name, PEFT_PREFIX + name]
 
 
 def flux_architecture_from_tables(tables: dict[str, ModuleTable]) -> FluxArchitecture:
@@ -140,9 +135,9 @@ def flux_architecture_from_tables(tables: dict[str, ModuleTable]) -> FluxArchite
             targets[target.path] = target
             for name in _target_spellings(target, rel):
                 spellings.alias(name, target.path)
-    bfl = _bfl_modules(targets)
+    bfl = bfl_modules(targets)
     for module in bfl:
-        spellings.layout(module, bfl_spellings(module.name))
+        spellings.layout(module, layout_spellings(module.name))
     for slot, module in _xlabs_slots({m.name: m for m in bfl}).items():
         spellings.layout(module, [slot])
     return FluxArchitecture(BASE, targets, spellings.aliases, FLUX_CONVENTION, spellings.fused, bfl=tuple(bfl))
