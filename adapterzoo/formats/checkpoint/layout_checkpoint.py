@@ -172,9 +172,9 @@ def diffusers_file_targets(path: Path, base: str, architecture: Architecture, so
 
 def layout_file_targets(path: Path, base: str, architecture: Architecture, source: TensorSource, prefix: str,
                         layout: Sequence[FusedModule]) -> CheckpointTargets:
-    """A single file in the family's layout: each target is a layout weight, a row block of a fused one, or a
-    weight stored with its two row halves swapped."""
-    locations = {}
+    """A single file in the family's layout: each target is a layout weight, a row block of a fused one, a
+    weight stored with its two row halves swapped, or (a target the layout names as diffusers does) its own."""
+    locations = diffusers_file_targets(path, base, architecture, source, prefix).locations
     for module in layout:
         weight, bias = f"{prefix}{module.name}.weight", f"{prefix}{module.name}.bias"
         if weight not in source.shapes:

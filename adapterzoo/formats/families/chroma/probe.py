@@ -46,7 +46,7 @@ def describe_lora(modules: dict[str, dict[str, str]], table: TensorTable, result
 def checkpoint_prefix(keys: dict | list) -> str | None:
     """`""` or `model.diffusion_model.` for a Chroma transformer's keys (BFL or diffusers names); None otherwise."""
     found = next((p for p in CHECKPOINT_PREFIXES for marker in MARKERS if p + marker in keys), None)
-    return found if found is not None and any(k.startswith(found + BLOCKS) for k in keys) else None
+    return found if found is not None and any(k.startswith(tuple(found + b for b in BLOCKS)) for k in keys) else None
 
 
 def probe_checkpoint(table: TensorTable, result: ProbeResult) -> bool:
