@@ -260,3 +260,11 @@ def test_merge_into_a_bfl_file_and_a_folder_is_w_plus_delta(tmp_path, model, fol
                "lora_unet_double_blocks_0_img_mod_lin.lora_up.weight": torch.zeros(6 * H, 2)}, str(flux_lora))
     err = refused(["merge", str(folder), "--lora", str(flux_lora), "-o", str(tmp_path / "x")], capsys, monkeypatch)
     assert "flux lora" in err and "chroma checkpoint" in err and not (tmp_path / "x").exists()
+
+
+def test_the_table_written_out_is_diffusers_own(model):
+    from adapterzoo.formats.families.chroma.modules import CONFIG, module_table
+    from adapterzoo.formats.model.module_tables import build_on_meta, table_of
+
+    assert module_table(CONFIG).modules == table_of(build_on_meta("ChromaTransformer2DModel", CONFIG)).modules
+    assert module_table(dict(model.config)).modules == table_of(model).modules

@@ -437,3 +437,38 @@ def test_extract_resize_and_merge_loras_on_flux2_files(tmp_path, model, factors,
         capsys, monkeypatch)
     assert_same_deltas(load_lora(tmp_path / "sum.safetensors", architecture=arch),
                        {p: 2 * d for p, d in expected.items()}, rtol=1e-5)
+
+
+def test_a_real_size_klein_lora_converts_against_the_builtin_release(tmp_path, capsys, monkeypatch):
+    """No --checkpoint: a musubi Klein 4B LoRA (rank 1, real shapes) is read against the built-in Klein 4B table and
+    its diffusers output means what diffusers' own kohya converter makes of the source."""
+    gen = torch.Generator().manual_seed(6)
+    specs = real_lora_specs("klein-4b", rank=1)
+    sd = {k: torch.tensor(0.5) if k.endswith(".alpha") else torch.randn(shape, generator=gen)
+          for k, (_, shape) in specs.items()}
+    save_file(sd, str(tmp_path / "klein.safetensors"))
+    report = cli(["convert", str(tmp_path / "klein.safetensors"), "-o", str(tmp_path / "out.safetensors"),
+                  "--to", "diffusers"], capsys, monkeypatch)
+    assert report["base"] == "flux2"
+    x = {w: torch.randn(w, generator=gen, dtype=torch.float64) for w in (3072, 9216, 12288)}
+    ours, theirs = (Flux2Pipeline.lora_state_dict(str(p)) for p in (tmp_path / "out.safetensors",
+                                                                     tmp_path / "klein.safetensors"))
+
+    def applied(state_dict: dict) -> dict:  # B @ (A @ x): ΔW on a random vector, without forming [out, in]
+        return {k: state_dict[k.replace("lora_A", "lora_B")].double() @ (v.double() @ x[v.shape[1]])
+                for k, v in state_dict.items() if k.endswith("lora_A.weight")}
+
+    got, expected = applied(ours), applied(theirs)
+    assert sorted(got) == sorted(expected)
+    assert all(torch.allclose(got[k], expected[k], rtol=1e-5, atol=1e-6 * expected[k].abs().max()) for k in expected)
+
+
+@pytest.mark.parametrize("variant", REAL)
+def test_the_tables_written_out_are_diffusers_own(variant, model):
+    """The real-size tables (plain Python, so reading a LoRA needs no diffusers) equal what diffusers builds."""
+    from adapterzoo.formats.families.flux2.modules import CONFIGS, module_table
+    from adapterzoo.formats.model.module_tables import build_on_meta, table_of
+
+    assert module_table(CONFIGS[variant]).modules == table_of(build_on_meta("Flux2Transformer2DModel",
+                                                                            CONFIGS[variant])).modules
+    assert module_table(dict(model.config)).modules == table_of(model).modules

@@ -273,3 +273,39 @@ def test_merge_into_a_comfy_file_and_a_folder_is_w_plus_delta(tmp_path, model, f
         cli(["merge", str(folder), "--lora", str(musubi), "-o", str(tmp_path / "merged")], capsys, monkeypatch)
         merged = ZImageTransformer2DModel.from_pretrained(tmp_path / "merged").state_dict()
         assert all(torch.allclose(merged[k].double(), v, atol=1e-5, rtol=0) for k, v in expected.items())
+
+
+def test_a_real_size_musubi_lora_converts_against_the_builtin_table(tmp_path, capsys, monkeypatch):
+    """No --checkpoint: a musubi LoRA at Z-Image's real shapes (rank 1) -> comfy -> diffusers means what
+    diffusers' own converter makes of the source."""
+    gen = torch.Generator().manual_seed(7)
+    sd = {k: torch.tensor(4.0) if k.endswith(".alpha") else torch.randn(shape[:1] + (1,) if "up" in k else (1,) + shape[1:],
+                                                                         generator=gen)
+          for k, (_, shape) in real_lora_specs().items()}
+    save_file(sd, str(tmp_path / "musubi.safetensors"))
+    cli(["convert", str(tmp_path / "musubi.safetensors"), "-o", str(tmp_path / "comfy.safetensors"), "--to", "comfy"],
+        capsys, monkeypatch)
+    report = cli(["convert", str(tmp_path / "comfy.safetensors"), "-o", str(tmp_path / "out.safetensors"),
+                  "--to", "diffusers"], capsys, monkeypatch)
+    assert (report["base"], report["from"]) == ("zimage", "bfl")
+    x = {w: torch.randn(w, generator=gen, dtype=torch.float64) for w in (3840, 10240)}
+
+    def applied(state_dict: dict) -> dict:
+        return {k: state_dict[k.replace("lora_A", "lora_B")].double() @ (v.double() @ x[v.shape[1]])
+                for k, v in state_dict.items() if k.endswith("lora_A.weight")}
+
+    got = applied(ZImagePipeline.lora_state_dict(str(tmp_path / "out.safetensors")))
+    expected = applied(ZImagePipeline.lora_state_dict(str(tmp_path / "musubi.safetensors")))
+    assert all(torch.allclose(got[k], expected[k], rtol=1e-5, atol=1e-6 * expected[k].abs().max()) for k in expected)
+    extra = set(got) - set(expected)  # k and v: fused into qkv beside q, their rows zero
+    assert extra and all(".to_k." in k or ".to_v." in k for k in extra) and all(got[k].abs().max() == 0 for k in extra)
+
+
+def test_the_table_written_out_is_diffusers_own(model):
+    from adapterzoo.formats.families.zimage.modules import CONFIG, module_table
+    from adapterzoo.formats.model.module_tables import build_on_meta, table_of
+
+    omni = {**CONFIG, "siglip_feat_dim": 1152, "all_patch_size": [2, 1], "all_f_patch_size": [1, 1]}
+    for config in (CONFIG, omni):
+        assert module_table(config).modules == table_of(build_on_meta("ZImageTransformer2DModel", config)).modules
+    assert module_table(dict(model.config)).modules == table_of(model).modules

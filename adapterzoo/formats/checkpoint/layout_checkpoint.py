@@ -9,7 +9,7 @@ at a time; a row block kept as stored is copied as bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +17,9 @@ import torch
 
 from adapterzoo.errors import BadFileError
 from adapterzoo.formats.io.json_file import read_json_object
-from adapterzoo.formats.io.safetensors_writer import PlannedTensor, write_safetensors
+from adapterzoo.formats.io.safetensors_writer import PlannedTensor, plan_dtype, write_safetensors
 from adapterzoo.formats.io.tensor_source import TensorSource, open_component
-from adapterzoo.formats.model.module_tables import build_on_meta
+from adapterzoo.formats.model.module_tables import build_on_meta, saved_config
 from adapterzoo.formats.model.targets import TRANSFORMER, Architecture, FusedModule, Rows
 from adapterzoo.formats.model.weight_locations import (
     SINGLE_FILE,
@@ -188,3 +188,79 @@ def layout_file_targets(path: Path, base: str, architecture: Architecture, sourc
                 location = WeightLocation(SINGLE_FILE, weight, bias_key, None if whole else rows[0])
             locations[target] = checked(location, source, architecture.targets[target].shape)
     return CheckpointTargets(path, base, False, architecture, locations, {SINGLE_FILE: source})
+
+
+# -- one family's single-file layout, converted and located as a whole ----------------------------------------
+
+
+def _no_warnings(config: dict) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class SingleFileLayout:
+    """What a transformer family says about its single files; the methods convert them and locate merge targets.
+    A file holds either the layout's names (`marker` among them) or diffusers' own."""
+
+    base: str
+    title: str  # for messages: "Flux.2"
+    model_class: str
+    marker: str  # a bare key only a file in the layout's names holds
+    prefix: Callable[[dict], str | None]  # the key prefix of the family's transformer in a file; None: not one
+    config: Callable[[dict[str, tuple[int, ...]]], dict]  # the model config from the bare shapes
+    tensors: Callable[[dict, dict[str, tuple[int, ...]], bool], list[LayoutTensor]]  # config, shapes, layout names?
+    layout: Callable[[Architecture], Sequence[FusedModule]]  # the layout's Linears of an architecture
+    architecture: Callable[[dict], Architecture]  # the targets of a config
+    folder_config: Callable[[dict], dict] = lambda config: config  # a saved config as the class takes it
+    warnings: Callable[[dict], list[str]] = _no_warnings  # what a folder written with this config should say
+
+    def _bare(self, source: TensorSource) -> tuple[str, dict[str, tuple[int, ...]]]:
+        prefix = self.prefix(source.shapes)
+        if prefix is None:
+            raise BadFileError(f"no {self.title} transformer in the file")
+        return prefix, {k[len(prefix):]: v for k, v in source.shapes.items() if k.startswith(prefix)}
+
+    def _folder_config(self, transformer: Path) -> dict:
+        return self.folder_config(saved_config(read_json_object(transformer / "config.json")))
+
+    def owns_folder(self, folder: Path) -> bool:
+        return model_folder(folder, self.model_class) is not None
+
+    def file_to_folder(self, source: TensorSource, dtype: torch.dtype | None, folder: Path) -> dict:
+        """A single file of the family as a diffusers transformer folder, its config from the shapes."""
+        prefix, shapes = self._bare(source)
+        config = self.config(shapes)
+        if self.marker in shapes:
+            plan, dropped = to_diffusers_plan(source, prefix, self.tensors(config, shapes, True), dtype)
+        else:
+            plan, dropped = [source.planned(prefix + k, k, dtype) for k in shapes], len(source.shapes) - len(shapes)
+        plan = fit(self.model_class, config, plan, self.title)
+        written = write_model_folder(folder, self.model_class, config, plan)
+        return {"base": self.base, "tensors": written, "dtype": plan_dtype(plan), "dropped": dropped,
+                "warnings": self.warnings(config)}
+
+    def folder_to_file(self, folder: Path, dtype: torch.dtype | None) -> tuple[str, list[PlannedTensor], list[str]]:
+        """A diffusers transformer (or pipeline) folder as the family's single file, bare names."""
+        transformer = model_folder(folder, self.model_class)
+        if transformer is None:
+            raise BadFileError(f"{folder.name} holds no {self.model_class}")
+        config = self._folder_config(transformer)
+        source = open_component(transformer, WEIGHTS)
+        fit(self.model_class, config, [source.planned(k, k, None) for k in source.shapes], self.title)
+        return self.base, to_layout_plan(source, self.tensors(config, source.shapes, False), dtype), []
+
+    def targets(self, path: Path, source: TensorSource | None) -> CheckpointTargets | None:
+        """The family's transformer or pipeline folder, or a single file (`source`, opened); None for any other."""
+        if source is None:
+            transformer = model_folder(path, self.model_class)
+            if transformer is None:
+                return None
+            return folder_targets(path, self.base, self.architecture(self._folder_config(transformer)))
+        prefix = self.prefix(source.shapes)
+        if prefix is None:
+            return None
+        _, shapes = self._bare(source)
+        architecture = self.architecture(self.config(shapes))
+        if self.marker in shapes:
+            return layout_file_targets(path, self.base, architecture, source, prefix, self.layout(architecture))
+        return diffusers_file_targets(path, self.base, architecture, source, prefix)

@@ -8,6 +8,7 @@ recognising a file from its header never loads them.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,18 @@ LoraModules = dict[str, dict[str, str]]  # module as a file spells it -> {part: 
 
 def _nothing(*_: Any) -> None:
     return None
+
+
+def lazy(module: str, attribute: str) -> Callable[..., Any]:
+    """`module`'s `attribute` (a dotted path: `LAYOUT.targets`), imported at its first call, so a family's
+    declaration stays as light as its recognisers while its heavy parts live beside it."""
+    def call(*args: Any) -> Any:
+        found: Any = importlib.import_module(module)
+        for name in attribute.split("."):
+            found = getattr(found, name)
+        return found(*args)
+
+    return call
 
 
 @dataclass(frozen=True)

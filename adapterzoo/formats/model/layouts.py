@@ -38,6 +38,11 @@ def block_indices(targets: Iterable[str], prefix: str) -> list[int]:
     return sorted({int(m[1]) for path in targets if (m := pattern.match(path))})
 
 
+def block_count(keys: Iterable[str], root: str) -> int:
+    """How many blocks `root` (`double_blocks.`) numbers among keys without their prefix."""
+    return len({k[len(root):].split(".")[0] for k in keys if k.startswith(root)})
+
+
 class Spellings:
     """Every name a file may spell a target or a layout Linear by: `aliases` (name -> target path) and `fused`
     (name -> the Linear whose rows several targets share). One name never spells two things."""

@@ -8,23 +8,19 @@ BFL writers it uses), `checkpoint` converts BFL single files <-> diffusers folde
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.chroma import probe
 from adapterzoo.formats.families.chroma.modules import BASE
 from adapterzoo.formats.io.tensor_table import TensorTable
-from adapterzoo.formats.model.family import Checkpoints, Family
+from adapterzoo.formats.model.family import Checkpoints, Family, lazy
+
+FLUX_WRITE = "adapterzoo.formats.families.flux.lora_write"
+CHECKPOINT = "adapterzoo.formats.families.chroma.checkpoint"  # its layout (`LAYOUT`) converts and locates
 
 if TYPE_CHECKING:
-    import torch
-
-    from adapterzoo.formats.io.safetensors_writer import PlannedTensor
-    from adapterzoo.formats.io.tensor_source import TensorSource
-    from adapterzoo.formats.lora.lora_model import LoraFile
     from adapterzoo.formats.model.module_tables import ModuleTable
     from adapterzoo.formats.model.targets import Architecture
-    from adapterzoo.formats.model.weight_locations import CheckpointTargets
 
 PIPELINES = ("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline")
 
@@ -40,43 +36,6 @@ def _architecture_from_tables(base: str, tables: dict[str, ModuleTable]) -> Arch
     from adapterzoo.formats.model.targets import TRANSFORMER
 
     return architecture_from_table(tables[TRANSFORMER])
-
-
-def _kohya(lora: LoraFile) -> dict[str, torch.Tensor]:
-    from adapterzoo.formats.families.flux.lora_write import kohya_tensors
-
-    return kohya_tensors(lora)
-
-
-def _bfl(lora: LoraFile) -> dict[str, torch.Tensor]:
-    from adapterzoo.formats.families.flux.lora_write import bfl_tensors
-
-    return bfl_tensors(lora)
-
-
-def _owns_folder(folder: Path) -> bool:
-    from adapterzoo.formats.checkpoint.layout_checkpoint import model_folder
-    from adapterzoo.formats.families.chroma.modules import CHROMA_CLASS
-
-    return model_folder(folder, CHROMA_CLASS) is not None
-
-
-def _to_single_file(folder: Path, dtype: torch.dtype | None) -> tuple[str, list[PlannedTensor], list[str]]:
-    from adapterzoo.formats.families.chroma.checkpoint import to_single_file
-
-    return to_single_file(folder, dtype)
-
-
-def _to_folder(source: TensorSource, dtype: torch.dtype | None, folder: Path) -> dict:
-    from adapterzoo.formats.families.chroma.checkpoint import to_folder
-
-    return to_folder(source, dtype, folder)
-
-
-def _targets(path: Path, source: TensorSource | None) -> CheckpointTargets | None:
-    from adapterzoo.formats.families.chroma.checkpoint import chroma_targets
-
-    return chroma_targets(path, source)
 
 
 def _file_base(table: TensorTable) -> str | None:
@@ -96,15 +55,16 @@ FAMILY = Family(
     pipeline_base=lambda pipeline, config: BASE if pipeline in PIPELINES else None,
     architecture=_architecture,
     architecture_from_tables=_architecture_from_tables,
-    lora_writers={"kohya": _kohya, "bfl": _bfl, "comfy": _bfl},
+    lora_writers={"kohya": lazy(FLUX_WRITE, "kohya_tensors"), "bfl": lazy(FLUX_WRITE, "bfl_tensors"),
+                  "comfy": lazy(FLUX_WRITE, "bfl_tensors")},  # Flux.1's BFL writers: same names, own layout
     modelspec_architecture=lambda architecture, metadata: BASE,
     checkpoints=Checkpoints(
         file_base=_file_base,
-        owns_folder=_owns_folder,
+        owns_folder=lazy(CHECKPOINT, "LAYOUT.owns_folder"),
         folder_base=lambda folder: BASE,
-        to_single_file=_to_single_file,
-        to_folder=_to_folder,
-        targets=_targets,
+        to_single_file=lazy(CHECKPOINT, "LAYOUT.folder_to_file"),
+        to_folder=lazy(CHECKPOINT, "LAYOUT.file_to_folder"),
+        targets=lazy(CHECKPOINT, "LAYOUT.targets"),
     ),
     civitai_base_models={BASE: ("Chroma",)},
     hub_hints=(("chroma", BASE),),

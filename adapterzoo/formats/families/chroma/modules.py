@@ -12,8 +12,8 @@ from __future__ import annotations
 import functools
 
 from adapterzoo.formats.families.flux.modules import FLUX_CONVENTION, FluxArchitecture, bfl_modules
-from adapterzoo.formats.lora.spellings import layout_spellings, transformer_spellings
-from adapterzoo.formats.model.layouts import Spellings, block_indices, layout_module
+from adapterzoo.formats.lora.spellings import spelled_transformer
+from adapterzoo.formats.model.layouts import block_indices, layout_module
 from adapterzoo.formats.model.module_tables import ModuleTable
 from adapterzoo.formats.model.targets import TRANSFORMER, FusedModule, Target
 
@@ -71,17 +71,8 @@ def chroma_bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
 
 def architecture_from_table(table: ModuleTable) -> FluxArchitecture:
     """The targets of a Chroma transformer with this module table, spelled every way its trainers write them."""
-    targets: dict[str, Target] = {}
-    spellings = Spellings()
-    for module_path, shape in table.modules:
-        target = Target(f"{TRANSFORMER}.{module_path}", TRANSFORMER, module_path, None, shape)
-        targets[target.path] = target
-        for name in transformer_spellings(target):
-            spellings.alias(name, target.path)
-    bfl = chroma_bfl_modules(targets)
-    for module in bfl:
-        spellings.layout(module, layout_spellings(module.name))
-    return FluxArchitecture(BASE, targets, spellings.aliases, FLUX_CONVENTION, spellings.fused, bfl=tuple(bfl))
+    targets, spellings, bfl = spelled_transformer(table, chroma_bfl_modules)
+    return FluxArchitecture(BASE, targets, spellings.aliases, FLUX_CONVENTION, spellings.fused, bfl=bfl)
 
 
 @functools.cache

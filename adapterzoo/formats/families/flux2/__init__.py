@@ -8,23 +8,19 @@ layout (shared with Flux.1's naming: the BFL writers and `FluxArchitecture` come
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.flux2 import probe
 from adapterzoo.formats.families.flux2.modules import BASE, DEV
 from adapterzoo.formats.io.tensor_table import TensorTable
-from adapterzoo.formats.model.family import Checkpoints, Family
+from adapterzoo.formats.model.family import Checkpoints, Family, lazy
+
+FLUX_WRITE = "adapterzoo.formats.families.flux.lora_write"
+CHECKPOINT = "adapterzoo.formats.families.flux2.checkpoint"  # its layout (`LAYOUT`) converts and locates
 
 if TYPE_CHECKING:
-    import torch
-
-    from adapterzoo.formats.io.safetensors_writer import PlannedTensor
-    from adapterzoo.formats.io.tensor_source import TensorSource
-    from adapterzoo.formats.lora.lora_model import LoraFile
     from adapterzoo.formats.model.module_tables import ModuleTable
     from adapterzoo.formats.model.targets import Architecture
-    from adapterzoo.formats.model.weight_locations import CheckpointTargets
 
 PIPELINES = ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline", "Flux2KleinKVPipeline")
 MODELSPEC = {"dev": "Flux.2-dev", "klein-4b": "Flux.2-klein-4b", "klein-9b": "Flux.2-klein-9b"}  # musubi-tuner's ids
@@ -43,45 +39,8 @@ def _architecture_from_tables(base: str, tables: dict[str, ModuleTable]) -> Arch
     return architecture_from_table(tables[TRANSFORMER])
 
 
-def _kohya(lora: LoraFile) -> dict[str, torch.Tensor]:
-    from adapterzoo.formats.families.flux.lora_write import kohya_tensors
-
-    return kohya_tensors(lora)
-
-
-def _bfl(lora: LoraFile) -> dict[str, torch.Tensor]:
-    from adapterzoo.formats.families.flux.lora_write import bfl_tensors
-
-    return bfl_tensors(lora)
-
-
 def _modelspec_architecture(architecture: Architecture, metadata: dict[str, str]) -> str:
     return MODELSPEC[architecture.variant or DEV]
-
-
-def _owns_folder(folder: Path) -> bool:
-    from adapterzoo.formats.checkpoint.layout_checkpoint import model_folder
-    from adapterzoo.formats.families.flux2.modules import FLUX2_CLASS
-
-    return model_folder(folder, FLUX2_CLASS) is not None
-
-
-def _to_single_file(folder: Path, dtype: torch.dtype | None) -> tuple[str, list[PlannedTensor], list[str]]:
-    from adapterzoo.formats.families.flux2.checkpoint import to_single_file
-
-    return to_single_file(folder, dtype)
-
-
-def _to_folder(source: TensorSource, dtype: torch.dtype | None, folder: Path) -> dict:
-    from adapterzoo.formats.families.flux2.checkpoint import to_folder
-
-    return to_folder(source, dtype, folder)
-
-
-def _targets(path: Path, source: TensorSource | None) -> CheckpointTargets | None:
-    from adapterzoo.formats.families.flux2.checkpoint import flux2_targets
-
-    return flux2_targets(path, source)
 
 
 def _file_base(table: TensorTable) -> str | None:
@@ -103,15 +62,16 @@ FAMILY = Family(
     vae_latents={32: BASE},
     architecture=_architecture,
     architecture_from_tables=_architecture_from_tables,
-    lora_writers={"kohya": _kohya, "bfl": _bfl, "comfy": _bfl},
+    lora_writers={"kohya": lazy(FLUX_WRITE, "kohya_tensors"), "bfl": lazy(FLUX_WRITE, "bfl_tensors"),
+                  "comfy": lazy(FLUX_WRITE, "bfl_tensors")},  # Flux.1's BFL writers: same names, own layout
     modelspec_architecture=_modelspec_architecture,
     checkpoints=Checkpoints(
         file_base=_file_base,
-        owns_folder=_owns_folder,
+        owns_folder=lazy(CHECKPOINT, "LAYOUT.owns_folder"),
         folder_base=lambda folder: BASE,
-        to_single_file=_to_single_file,
-        to_folder=_to_folder,
-        targets=_targets,
+        to_single_file=lazy(CHECKPOINT, "LAYOUT.folder_to_file"),
+        to_folder=lazy(CHECKPOINT, "LAYOUT.file_to_folder"),
+        targets=lazy(CHECKPOINT, "LAYOUT.targets"),
     ),
     civitai_base_models={BASE: ("Flux.2 D", "Flux.2 Klein 9B", "Flux.2 Klein 9B-base", "Flux.2 Klein 4B",
                                 "Flux.2 Klein 4B-base")},

@@ -18,6 +18,7 @@ from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.tensor_table import TensorTable
 from adapterzoo.formats.lora.fitting import fits
 from adapterzoo.formats.model import unet_names
+from adapterzoo.formats.model.layouts import block_count
 
 CHECKPOINT_PREFIXES = ("", unet_names.LDM_PREFIX)
 MARKERS = ("double_stream_modulation_img.lin.weight", "double_stream_modulation_img.linear.weight")
@@ -104,11 +105,6 @@ def describe_folder(config: dict, result: ProbeResult) -> None:
         return
     if variant is not None:
         result.details["variant"] = variant
-
-
-def block_count(bare: dict, root: str) -> int:
-    """How many blocks `root` (`double_blocks.`) numbers among keys without their prefix."""
-    return len({k.split(".")[1] for k in bare if k.startswith(root)})
 
 
 def probe_checkpoint(table: TensorTable, result: ProbeResult) -> bool:

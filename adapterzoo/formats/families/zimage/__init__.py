@@ -9,23 +9,21 @@ as diffusers/PEFT (canonical), kohya (musubi-tuner's `lora_unet_layers_0_attenti
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.zimage import probe
 from adapterzoo.formats.families.zimage.modules import BASE
 from adapterzoo.formats.io.tensor_table import TensorTable
-from adapterzoo.formats.model.family import Checkpoints, Family
+from adapterzoo.formats.model.family import Checkpoints, Family, lazy
+
+CHECKPOINT = "adapterzoo.formats.families.zimage.checkpoint"  # its layout (`LAYOUT`) converts and locates
 
 if TYPE_CHECKING:
     import torch
 
-    from adapterzoo.formats.io.safetensors_writer import PlannedTensor
-    from adapterzoo.formats.io.tensor_source import TensorSource
     from adapterzoo.formats.lora.lora_model import LoraFile
     from adapterzoo.formats.model.module_tables import ModuleTable
     from adapterzoo.formats.model.targets import Architecture
-    from adapterzoo.formats.model.weight_locations import CheckpointTargets
 
 PIPELINES = ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "ZImageOmniPipeline",
              "ZImageControlNetPipeline", "ZImageControlNetInpaintPipeline")
@@ -67,31 +65,6 @@ def _unrenamed(lora: LoraFile) -> tuple:
     return tuple(layout_module(targets, targets[path].module_path, [path]) for path in lora.modules if path not in placed)
 
 
-def _owns_folder(folder: Path) -> bool:
-    from adapterzoo.formats.checkpoint.layout_checkpoint import model_folder
-    from adapterzoo.formats.families.zimage.modules import ZIMAGE_CLASS
-
-    return model_folder(folder, ZIMAGE_CLASS) is not None
-
-
-def _to_single_file(folder: Path, dtype: torch.dtype | None) -> tuple[str, list[PlannedTensor], list[str]]:
-    from adapterzoo.formats.families.zimage.checkpoint import to_single_file
-
-    return to_single_file(folder, dtype)
-
-
-def _to_folder(source: TensorSource, dtype: torch.dtype | None, folder: Path) -> dict:
-    from adapterzoo.formats.families.zimage.checkpoint import to_folder
-
-    return to_folder(source, dtype, folder)
-
-
-def _targets(path: Path, source: TensorSource | None) -> CheckpointTargets | None:
-    from adapterzoo.formats.families.zimage.checkpoint import zimage_targets
-
-    return zimage_targets(path, source)
-
-
 def _file_base(table: TensorTable) -> str | None:
     return BASE if probe.checkpoint_prefix(table) is not None else None
 
@@ -113,11 +86,11 @@ FAMILY = Family(
     modelspec_architecture=lambda architecture, metadata: "Z-Image",
     checkpoints=Checkpoints(
         file_base=_file_base,
-        owns_folder=_owns_folder,
+        owns_folder=lazy(CHECKPOINT, "LAYOUT.owns_folder"),
         folder_base=lambda folder: BASE,
-        to_single_file=_to_single_file,
-        to_folder=_to_folder,
-        targets=_targets,
+        to_single_file=lazy(CHECKPOINT, "LAYOUT.folder_to_file"),
+        to_folder=lazy(CHECKPOINT, "LAYOUT.file_to_folder"),
+        targets=lazy(CHECKPOINT, "LAYOUT.targets"),
     ),
     civitai_base_models={BASE: ("ZImageTurbo", "ZImageBase")},
     hub_hints=(("z-image", BASE), ("z_image", BASE)),

@@ -1,4 +1,4 @@
-"""Z-Image transformer checkpoints: ComfyUI's single file (diffusion_models, with or without a prefix) or a file
+"""Z-Image transformer checkpoints (`LAYOUT`): ComfyUI's single file (diffusion_models, with or without a prefix) or a file
 of diffusers-named tensors <-> a diffusers `ZImageTransformer2DModel` folder, any size, config from shapes; and
 where each LoRA target lives in any of them. Reference: diffusers' `convert_z_image_transformer_checkpoint_to_diffusers`.
 
@@ -9,25 +9,10 @@ of the folder, and a single file written from a folder has none (ComfyUI loads i
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.checkpoint.layout_checkpoint import (
-    LayoutTensor,
-    diffusers_file_targets,
-    fit,
-    folder_targets,
-    layout_file_targets,
-    layout_tensors,
-    model_folder,
-    renamed,
-    to_diffusers_plan,
-    to_layout_plan,
-    write_model_folder,
-)
+from adapterzoo.formats.checkpoint.layout_checkpoint import LayoutTensor, SingleFileLayout, layout_tensors, renamed
 from adapterzoo.formats.families.zimage.modules import (
+    BASE,
     CONFIG,
     ZIMAGE_CLASS,
     ZImageArchitecture,
@@ -35,14 +20,8 @@ from adapterzoo.formats.families.zimage.modules import (
     module_table,
 )
 from adapterzoo.formats.families.zimage.probe import COMFY_MARKER, checkpoint_prefix
-from adapterzoo.formats.io.json_file import read_json_object
-from adapterzoo.formats.io.safetensors_writer import PlannedTensor, plan_dtype
-from adapterzoo.formats.io.tensor_source import TensorSource, open_component
-from adapterzoo.formats.model.module_tables import saved_config
-from adapterzoo.formats.model.targets import TRANSFORMER
-from adapterzoo.formats.model.weight_locations import WEIGHT_STEMS, CheckpointTargets
+from adapterzoo.formats.model.layouts import block_count
 
-BASE = "zimage"
 TITLE = "Z-Image"
 UNUSED = "norm_final.weight"  # in ComfyUI's files, in neither model's forward
 _NORMS = {"q_norm": "norm_q", "k_norm": "norm_k"}  # ComfyUI -> diffusers, under <block>.N.attention.
@@ -58,10 +37,6 @@ def axes_dims(head: int) -> list[int]:
     if rest % 4:
         raise BadFileError(f"attention head dim {head} cannot be split into Z-Image's three even rope axes")
     return [first, rest // 2, rest // 2]
-
-
-def _count(bare: dict, root: str) -> int:
-    return len({k[len(root):].split(".")[0] for k in bare if k.startswith(root)})
 
 
 def config_from_shapes(bare: dict[str, tuple[int, ...]]) -> dict:
@@ -80,7 +55,7 @@ def config_from_shapes(bare: dict[str, tuple[int, ...]]) -> dict:
                        if k.startswith("all_x_embedder.") and k.endswith(".weight")]
         p, f, width = patches[0]
         config = {**CONFIG, "dim": dim, "cap_feat_dim": cap, "n_heads": heads, "n_kv_heads": kv_rows // 2 // head,
-                  "n_layers": _count(bare, "layers."), "n_refiner_layers": _count(bare, "noise_refiner."),
+                  "n_layers": block_count(bare, "layers."), "n_refiner_layers": block_count(bare, "noise_refiner."),
                   "in_channels": width // (int(p) ** 2 * int(f)), "all_patch_size": [int(x[0]) for x in patches],
                   "all_f_patch_size": [int(x[1]) for x in patches], "axes_dims": axes_dims(head),
                   "siglip_feat_dim": bare["siglip_embedder.1.weight"][1] if "siglip_embedder.1.weight" in bare else None}
@@ -108,52 +83,7 @@ def comfy_tensors(config: dict, shapes: dict[str, tuple[int, ...]], comfy_names:
                       if name not in covered and name != UNUSED]
 
 
-def _bare(source: TensorSource) -> tuple[str, dict[str, tuple[int, ...]]]:
-    prefix = checkpoint_prefix(source.shapes)
-    if prefix is None:
-        raise BadFileError("no Z-Image transformer (cap_embedder, layers.0.adaLN_modulation.0) in the file")
-    return prefix, {k[len(prefix):]: v for k, v in source.shapes.items() if k.startswith(prefix)}
-
-
-def to_folder(source: TensorSource, dtype: torch.dtype | None, folder: Path) -> dict:
-    """A Z-Image single file as a diffusers transformer folder."""
-    prefix, bare = _bare(source)
-    config = config_from_shapes(bare)
-    if COMFY_MARKER in bare:
-        tensors = comfy_tensors(config, bare, True)
-        plan, dropped = to_diffusers_plan(source, prefix, tensors, dtype)
-    else:
-        plan, dropped = [source.planned(prefix + k, k, dtype) for k in bare], len(source.shapes) - len(bare)
-    plan = fit(ZIMAGE_CLASS, config, plan, TITLE)
-    written = write_model_folder(folder, ZIMAGE_CLASS, config, plan)
-    return {"base": BASE, "tensors": written, "dtype": plan_dtype(plan), "dropped": dropped, "warnings": []}
-
-
-def to_single_file(folder: Path, dtype: torch.dtype | None) -> tuple[str, list[PlannedTensor], list[str]]:
-    """A diffusers Z-Image transformer (or pipeline) folder as ComfyUI's single file, bare names."""
-    transformer = model_folder(folder, ZIMAGE_CLASS)
-    if transformer is None:
-        raise BadFileError(f"{folder.name} holds no {ZIMAGE_CLASS}")
-    config = {**CONFIG, **saved_config(read_json_object(transformer / "config.json"))}
-    source = open_component(transformer, WEIGHT_STEMS[TRANSFORMER])
-    fit(ZIMAGE_CLASS, config, [source.planned(k, k, None) for k in source.shapes], TITLE)
-    tensors = comfy_tensors(config, source.shapes, False)
-    return BASE, to_layout_plan(source, tensors, dtype), []
-
-
-def zimage_targets(path: Path, source: TensorSource | None) -> CheckpointTargets | None:
-    """A diffusers Z-Image transformer or pipeline folder, or a single file (`source`, opened); None for any other."""
-    if source is None:
-        transformer = model_folder(path, ZIMAGE_CLASS)
-        if transformer is None:
-            return None
-        config = {**CONFIG, **saved_config(read_json_object(transformer / "config.json"))}
-        return folder_targets(path, BASE, architecture_from_table(module_table(config)))
-    prefix = checkpoint_prefix(source.shapes)
-    if prefix is None:
-        return None
-    _, bare = _bare(source)
-    architecture = architecture_from_table(module_table(config_from_shapes(bare)))
-    if COMFY_MARKER in bare:
-        return layout_file_targets(path, BASE, architecture, source, prefix, architecture.comfy)
-    return diffusers_file_targets(path, BASE, architecture, source, prefix)
+LAYOUT = SingleFileLayout(BASE, TITLE, ZIMAGE_CLASS, COMFY_MARKER, checkpoint_prefix, config_from_shapes,
+                          comfy_tensors, lambda architecture: architecture.comfy,
+                          lambda config: architecture_from_table(module_table(config)),
+                          lambda config: {**CONFIG, **config})

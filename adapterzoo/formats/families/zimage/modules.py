@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from adapterzoo.formats.lora.spellings import layout_spellings, transformer_spellings
-from adapterzoo.formats.model.layouts import Spellings, block_indices, layout_module
+from adapterzoo.formats.lora.spellings import spelled_transformer
+from adapterzoo.formats.model.layouts import block_indices, layout_module
 from adapterzoo.formats.model.module_tables import ModuleTable
 from adapterzoo.formats.model.targets import TRANSFORMER, Architecture, FusedModule, KohyaConvention, Target
 
@@ -101,17 +101,8 @@ def comfy_modules(targets: dict[str, Target]) -> list[FusedModule]:
 
 def architecture_from_table(table: ModuleTable) -> ZImageArchitecture:
     """The targets of a Z-Image transformer with this module table, spelled every way its trainers write them."""
-    targets: dict[str, Target] = {}
-    spellings = Spellings()
-    for module_path, shape in table.modules:
-        target = Target(f"{TRANSFORMER}.{module_path}", TRANSFORMER, module_path, None, shape)
-        targets[target.path] = target
-        for name in transformer_spellings(target):
-            spellings.alias(name, target.path)
-    comfy = comfy_modules(targets)
-    for module in comfy:
-        spellings.layout(module, layout_spellings(module.name))
-    return ZImageArchitecture(BASE, targets, spellings.aliases, CONVENTION, spellings.fused, comfy=tuple(comfy))
+    targets, spellings, comfy = spelled_transformer(table, comfy_modules)
+    return ZImageArchitecture(BASE, targets, spellings.aliases, CONVENTION, spellings.fused, comfy=comfy)
 
 
 @functools.cache
