@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from adapterzoo.formats.model.targets import FusedModule, Target
+from adapterzoo.formats.model.targets import TRANSFORMER, FusedModule, Target
 
 
 def layout_module(targets: dict[str, Target], name: str, paths: Sequence[str], swap: bool = False
@@ -30,6 +30,24 @@ def layout_module(targets: dict[str, Target], name: str, paths: Sequence[str], s
         half = rows // 2
         parts = [(paths[0], ((half, rows), (0, half)))]
     return FusedModule(name, (rows, targets[paths[0]].shape[1]), tuple(parts))
+
+
+class LayoutBuilder:
+    """A layout's Linears in its order, each named with the transformer-relative paths of its parts; a Linear
+    whose parts the model lacks (guidance_in of a schnell) is left out."""
+
+    def __init__(self, targets: dict[str, Target]) -> None:
+        self.targets = targets
+        self.modules: list[FusedModule] = []
+
+    def add(self, name: str, *rels: str, swap: bool = False) -> None:
+        paths = [f"{TRANSFORMER}.{rel}" for rel in rels]
+        if (module := layout_module(self.targets, name, paths, swap)) is not None:
+            self.modules.append(module)
+
+    def blocks(self, rel: str) -> list[int]:
+        """The numbers of the transformer's blocks under `rel` (`transformer_blocks`)."""
+        return block_indices(self.targets, f"{TRANSFORMER}.{rel}")
 
 
 def block_indices(targets: Iterable[str], prefix: str) -> list[int]:

@@ -13,9 +13,9 @@ import functools
 
 from adapterzoo.formats.families.flux.modules import FLUX_CONVENTION, FluxArchitecture, bfl_modules
 from adapterzoo.formats.lora.spellings import spelled_transformer
-from adapterzoo.formats.model.layouts import block_indices, layout_module
+from adapterzoo.formats.model.layouts import LayoutBuilder
 from adapterzoo.formats.model.module_tables import ModuleTable
-from adapterzoo.formats.model.targets import TRANSFORMER, FusedModule, Target
+from adapterzoo.formats.model.targets import FusedModule, Target
 
 BASE = "chroma"
 CHROMA_CLASS = "ChromaTransformer2DModel"
@@ -59,14 +59,14 @@ def module_table(config: dict) -> ModuleTable:
 
 def chroma_bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
     """BFL's Linears of a Chroma transformer: Flux.1's that it keeps, then the approximator's."""
-    out = bfl_modules(targets)
-    renames = [("in_proj", "in_proj"), ("out_proj", "out_proj")]
-    for n in block_indices(targets, f"{TRANSFORMER}.{APPROXIMATOR}.layers"):
-        renames += [(f"layers.{n}.in_layer", f"layers.{n}.linear_1"), (f"layers.{n}.out_layer", f"layers.{n}.linear_2")]
-    for bfl, ours in renames:
-        if (module := layout_module(targets, f"{APPROXIMATOR}.{bfl}", [f"{TRANSFORMER}.{APPROXIMATOR}.{ours}"])):
-            out.append(module)
-    return out
+    layout = LayoutBuilder(targets)
+    layout.modules = bfl_modules(targets)
+    for name in ("in_proj", "out_proj"):
+        layout.add(f"{APPROXIMATOR}.{name}", f"{APPROXIMATOR}.{name}")
+    for n in layout.blocks(f"{APPROXIMATOR}.layers"):
+        layout.add(f"{APPROXIMATOR}.layers.{n}.in_layer", f"{APPROXIMATOR}.layers.{n}.linear_1")
+        layout.add(f"{APPROXIMATOR}.layers.{n}.out_layer", f"{APPROXIMATOR}.layers.{n}.linear_2")
+    return layout.modules
 
 
 def architecture_from_table(table: ModuleTable) -> FluxArchitecture:

@@ -20,7 +20,7 @@ from adapterzoo.formats.io.json_file import read_json_object
 from adapterzoo.formats.io.safetensors_header import read_header
 from adapterzoo.formats.io.tensor_table import table_from_header
 from adapterzoo.formats.lora.spellings import layout_spellings, transformer_spellings
-from adapterzoo.formats.model.layouts import Spellings, block_indices, layout_module
+from adapterzoo.formats.model.layouts import LayoutBuilder, Spellings
 from adapterzoo.formats.model.module_tables import CLIP_CLASS, T5_CLASS, ModuleTable, module_table, saved_config
 from adapterzoo.formats.model.targets import (
     TRANSFORMER,
@@ -63,19 +63,15 @@ class FluxArchitecture(Architecture):
 
 def bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
     """BFL's Linears (FLUX.md §1.2) for the transformer whose targets are given; any width, any depth."""
-    out: list[FusedModule] = []
-
-    def add(name: str, *rels: str, swap: bool = False) -> None:
-        if (module := layout_module(targets, name, [f"{TRANSFORMER}.{rel}" for rel in rels], swap)) is not None:
-            out.append(module)
-
+    layout = LayoutBuilder(targets)
+    add = layout.add
     add("img_in", "x_embedder")
     add("txt_in", "context_embedder")
     for bfl, embedder in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
                           ("guidance_in", "guidance_embedder")):
         add(f"{bfl}.in_layer", f"time_text_embed.{embedder}.linear_1")
         add(f"{bfl}.out_layer", f"time_text_embed.{embedder}.linear_2")
-    for n in block_indices(targets, f"{TRANSFORMER}.transformer_blocks"):
+    for n in layout.blocks("transformer_blocks"):
         d, b = f"double_blocks.{n}", f"transformer_blocks.{n}"
         add(f"{d}.img_attn.qkv", f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v")
         add(f"{d}.img_attn.proj", f"{b}.attn.to_out.0")
@@ -87,14 +83,14 @@ def bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
         add(f"{d}.txt_mlp.0", f"{b}.ff_context.net.0.proj")
         add(f"{d}.txt_mlp.2", f"{b}.ff_context.net.2")
         add(f"{d}.txt_mod.lin", f"{b}.norm1_context.linear")
-    for n in block_indices(targets, f"{TRANSFORMER}.single_transformer_blocks"):
+    for n in layout.blocks("single_transformer_blocks"):
         s, b = f"single_blocks.{n}", f"single_transformer_blocks.{n}"
         add(f"{s}.linear1", f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp")
         add(f"{s}.linear2", f"{b}.proj_out")
         add(f"{s}.modulation.lin", f"{b}.norm.linear")
     add("final_layer.linear", "proj_out")
     add("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
-    return out
+    return layout.modules
 
 
 def _xlabs_slots(bfl: dict[str, FusedModule]) -> dict[str, FusedModule]:

@@ -13,9 +13,9 @@ import functools
 
 from adapterzoo.formats.families.flux.modules import FLUX_CONVENTION, FluxArchitecture
 from adapterzoo.formats.lora.spellings import spelled_transformer
-from adapterzoo.formats.model.layouts import block_indices, layout_module
+from adapterzoo.formats.model.layouts import LayoutBuilder
 from adapterzoo.formats.model.module_tables import ModuleTable
-from adapterzoo.formats.model.targets import TRANSFORMER, FusedModule, Target
+from adapterzoo.formats.model.targets import FusedModule, Target
 
 BASE = "flux2"
 FLUX2_CLASS = "Flux2Transformer2DModel"
@@ -69,12 +69,8 @@ def module_table(config: dict) -> ModuleTable:
 
 def bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
     """BFL's Linears of a Flux.2 transformer with these targets (flux2 src/flux2/model.py), any size."""
-    out: list[FusedModule] = []
-
-    def add(name: str, *rels: str, swap: bool = False) -> None:
-        if (module := layout_module(targets, name, [f"{TRANSFORMER}.{rel}" for rel in rels], swap)) is not None:
-            out.append(module)
-
+    layout = LayoutBuilder(targets)
+    add = layout.add
     add("img_in", "x_embedder")
     add("txt_in", "context_embedder")
     for bfl, embedder in (("time_in", "timestep_embedder"), ("guidance_in", "guidance_embedder")):
@@ -82,7 +78,7 @@ def bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
         add(f"{bfl}.out_layer", f"time_guidance_embed.{embedder}.linear_2")
     for stream in ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"):
         add(f"{stream}.lin", f"{stream}.linear")
-    for n in block_indices(targets, f"{TRANSFORMER}.transformer_blocks"):
+    for n in layout.blocks("transformer_blocks"):
         d, b = f"double_blocks.{n}", f"transformer_blocks.{n}"
         add(f"{d}.img_attn.qkv", f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v")
         add(f"{d}.img_attn.proj", f"{b}.attn.to_out.0")
@@ -92,12 +88,12 @@ def bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
         add(f"{d}.txt_attn.proj", f"{b}.attn.to_add_out")
         add(f"{d}.txt_mlp.0", f"{b}.ff_context.linear_in")
         add(f"{d}.txt_mlp.2", f"{b}.ff_context.linear_out")
-    for n in block_indices(targets, f"{TRANSFORMER}.single_transformer_blocks"):
+    for n in layout.blocks("single_transformer_blocks"):
         add(f"single_blocks.{n}.linear1", f"single_transformer_blocks.{n}.attn.to_qkv_mlp_proj")
         add(f"single_blocks.{n}.linear2", f"single_transformer_blocks.{n}.attn.to_out")
     add("final_layer.linear", "proj_out")
     add("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
-    return out
+    return layout.modules
 
 
 def architecture_from_table(table: ModuleTable, variant: str | None = None) -> FluxArchitecture:

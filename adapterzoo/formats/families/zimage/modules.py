@@ -11,7 +11,7 @@ import functools
 from dataclasses import dataclass
 
 from adapterzoo.formats.lora.spellings import spelled_transformer
-from adapterzoo.formats.model.layouts import block_indices, layout_module
+from adapterzoo.formats.model.layouts import LayoutBuilder
 from adapterzoo.formats.model.module_tables import ModuleTable
 from adapterzoo.formats.model.targets import TRANSFORMER, Architecture, FusedModule, KohyaConvention, Target
 
@@ -81,22 +81,18 @@ def module_table(config: dict) -> ModuleTable:
 def comfy_modules(targets: dict[str, Target]) -> list[FusedModule]:
     """ComfyUI's Linears that are not diffusers' own: the fused qkv, `attention.out`, the embedder and final layer
     of the first patch size (ComfyUI's model has one)."""
-    out: list[FusedModule] = []
-
-    def add(name: str, *rels: str) -> None:
-        if (module := layout_module(targets, name, [f"{TRANSFORMER}.{rel}" for rel in rels])) is not None:
-            out.append(module)
-
+    layout = LayoutBuilder(targets)
+    add = layout.add
     first = next((p.split(".")[2] for p in targets if p.startswith(f"{TRANSFORMER}.all_x_embedder.")), None)
     add("x_embedder", f"all_x_embedder.{first}")
     add("final_layer.linear", f"all_final_layer.{first}.linear")
     add("final_layer.adaLN_modulation.1", f"all_final_layer.{first}.adaLN_modulation.1")
     for blocks in ("noise_refiner", "context_refiner", "siglip_refiner", "layers"):
-        for n in block_indices(targets, f"{TRANSFORMER}.{blocks}"):
+        for n in layout.blocks(blocks):
             a = f"{blocks}.{n}.attention"
             add(f"{a}.qkv", f"{a}.to_q", f"{a}.to_k", f"{a}.to_v")
             add(f"{a}.out", f"{a}.to_out.0")
-    return out
+    return layout.modules
 
 
 def architecture_from_table(table: ModuleTable) -> ZImageArchitecture:
