@@ -472,3 +472,15 @@ def test_the_tables_written_out_are_diffusers_own(variant, model):
     assert module_table(CONFIGS[variant]).modules == table_of(build_on_meta("Flux2Transformer2DModel",
                                                                             CONFIGS[variant])).modules
     assert module_table(dict(model.config)).modules == table_of(model).modules
+
+
+def test_a_pipeline_folder_says_its_release(tmp_path):
+    from adapterzoo.formats.families.flux2.modules import CONFIGS
+
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline",
+                                                           "transformer": ["diffusers", "Flux2Transformer2DModel"]}))
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "Flux2Transformer2DModel",
+                                                                      **CONFIGS["klein-9b"]}))
+    found = probe(tmp_path)
+    assert (found.kind, found.base, found.details["variant"]) == ("checkpoint", "flux2", "klein-9b")

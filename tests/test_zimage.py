@@ -309,3 +309,20 @@ def test_the_table_written_out_is_diffusers_own(model):
     for config in (CONFIG, omni):
         assert module_table(config).modules == table_of(build_on_meta("ZImageTransformer2DModel", config)).modules
     assert module_table(dict(model.config)).modules == table_of(model).modules
+
+
+def test_merge_into_a_pipeline_folder_rewrites_the_transformer(tmp_path, model, factors, musubi, capsys, monkeypatch):
+    import json
+
+    model.save_pretrained(tmp_path / "pipe" / "transformer")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({
+        "_class_name": "ZImagePipeline", "transformer": ["diffusers", "ZImageTransformer2DModel"],
+        "_name_or_path": "Tongyi-MAI/Z-Image-Turbo"}))
+    assert probe(tmp_path / "pipe").base == "zimage"
+    report = cli(["merge", str(tmp_path / "pipe"), "--lora", str(musubi), "-o", str(tmp_path / "out")], capsys, monkeypatch)
+    assert (report["base"], report["layout"]) == ("zimage", "diffusers")
+    assert (tmp_path / "out" / "model_index.json").is_file()
+    merged = ZImageTransformer2DModel.from_pretrained(tmp_path / "out", subfolder="transformer").state_dict()
+    deltas = {f"{p.removeprefix('transformer.')}.weight": d for p, d in layout_deltas(factors, MAPPING).items()}
+    expected = {k: v.double() + deltas.get(k, 0) for k, v in model.state_dict().items()}
+    assert all(torch.allclose(merged[k].double(), v, atol=1e-5, rtol=0) for k, v in expected.items())
