@@ -33,7 +33,7 @@ from adapterzoo.formats.io.tensor_table import (
 )
 from adapterzoo.formats.lora.lora_keys import lora_like_key
 from adapterzoo.formats.lora.probe_lora import ScalarReader, probe_lora
-from adapterzoo.formats.model.registry import families, first
+from adapterzoo.formats.model.registry import families, family_of, first
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 LORA_UNREAD = "looks like a LoRA, but its key names match no dialect we read"  # the warning, and convert's reason
@@ -134,6 +134,8 @@ def _probe_diffusers_folder(folder: Path) -> ProbeResult:
             result.details["variant"] = "inpaint"
     pipeline = str(index.get("_class_name"))
     result.base = first(family.pipeline_base(pipeline, config) for family in families()) or "unknown"
+    if (family := family_of(result.base)) is not None:
+        family.describe_folder(config, result)
     if not table:
         result.warnings.append("no .safetensors weights found in the component folders")
     return result

@@ -53,6 +53,9 @@ METHOD = "W + sum(weight * delta W), fp32; LoRA factors concatenated per weight;
 SHA256_HEX = 64
 PENDING = "pending-sha256-"  # header placeholder, numbered and padded to exactly SHA256_HEX characters
 SHOWN_KEYS = 5
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_SCALES = ("scale_weight", "weight_scale", "comfy_quant", "input_scale")  # per-tensor scales beside a weight
+FP8_MARKER = "scaled_fp8"  # ComfyUI's scaled-fp8 files carry it
 
 
 @dataclass(frozen=True)
@@ -367,6 +370,7 @@ class _Merger:
              ) -> tuple[list[PlannedTensor], dict[str, str]]:
         """The output tensors of one weight file, merged ones made when written, and the metadata it keeps."""
         reader = open_checkpoint_file(source) if targets.is_folder else targets.sources[SINGLE_FILE]
+        _check_fp8(reader, patches, self.dtype, source.name)
         plan = []
         for key, shape in reader.shapes.items():
             if key in patches:
@@ -379,6 +383,21 @@ class _Merger:
                 plan.append(reader.planned(key, key, self.dtype))
         kept = {k: v for k, v in reader.metadata.items() if not k.startswith("modelspec.hash_")}  # no longer true
         return plan, kept
+
+
+def _check_fp8(reader: TensorSource, patches: dict[str, list[_Patch]], dtype: torch.dtype | None, name: str) -> None:
+    """Merging into fp8 weights (README, merge): a LoRA's ΔW is mostly far below fp8's rounding step, so
+    merged tensors are written in the dtype --dtype names, never back in fp8; weights stored with scales (ComfyUI's
+    scaled fp8, quantized files) would need those applied and are refused."""
+    for key in patches:
+        stem = key.removesuffix("weight")
+        scales = [stem + scale for scale in FP8_SCALES if stem + scale in reader.shapes]
+        if scales or FP8_MARKER in reader.shapes:
+            raise AdapterzooError(f"{name} stores {key} with a scale ({(scales or [FP8_MARKER])[0]}): scaled fp8 or "
+                                  "quantized weights cannot take a LoRA exactly; merge into the bf16 or fp16 release")
+        if reader.dtypes[key] in FP8 and dtype is None:
+            raise AdapterzooError(f"{name} stores {key} in fp8, which would round most of a LoRA's change away; "
+                                  "pass --dtype bf16 (or fp16, fp32) to write the merged checkpoint in that dtype")
 
 
 # -- provenance -----------------------------------------------------------------------------------

@@ -12,13 +12,16 @@ Everything else is optional and defaults to "this family has none" (the dispatch
 line, or asks the next family):
 
 - recognising files, plain Python on names and shapes (probe reads a header, never torch):
-  `lora_base(modules, table)`, `metadata_base(metadata)`, `describe_lora(modules, result)` (coverage,
-  variants, warnings), `dialects` (key spellings only this family's LoRAs use: name, `speaks(keys)`,
-  `split(key)`), `probe_checkpoint(table, result)` (kind, base, format, details), `pipeline_base(class,
-  config)` (a diffusers folder), `vae_latents` {latent channels: base}, `embedding_base(slots)` {encoder
-  slot or "": width}, `hypernetwork_base(widths)`;
-- module tables and dialects: `architecture(base)` (the real-size targets, from configs shipped in
-  data/module_tables.json.gz or built on the meta device) and `architecture_from_tables(base, tables)`
+  `lora_base(modules, table)`, `lora_fits(modules, table)` (a base whose model a LoRA claimed by another
+  family fits as well: metadata then decides between them), `metadata_base(metadata)`,
+  `describe_lora(modules, table, result)` (coverage, variants, warnings), `dialects` (key spellings only this
+  family's LoRAs use: name, `speaks(keys)`, `split(key)`), `probe_checkpoint(table, result)` (kind, base,
+  format, details), `pipeline_base(class, config)` and `describe_folder(config, result)` (a diffusers folder),
+  `vae_latents` {latent channels: base}, `embedding_base(slots)` {encoder slot or "": width},
+  `hypernetwork_base(widths)`;
+- module tables and dialects: `architecture(base, variant)` (the real-size targets of a base, or of its
+  member where members differ in size; from configs shipped in data/module_tables.json.gz, built on the meta
+  device, or written out from the config in plain Python as `flux2` does) and `architecture_from_tables(base, tables)`
   (any size), each target with every spelling its trainers write as the `Architecture`'s aliases, and a
   fused projection's spellings as `Architecture.fused` (fused <-> split rows, read and split exactly);
   `lora_writers` {dialect: LoraFile -> tensors} for the dialects it names its own way (kohya in BFL

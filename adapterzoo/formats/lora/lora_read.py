@@ -136,7 +136,12 @@ def load_lora(
     source = _read_source(Path(path))
     builtin = architecture is None
     if architecture is None:
-        architecture = builtin_architecture(base or _detect_base(source))
+        found = _probe_source(source)
+        base = base or found.base
+        if base not in lora_bases():
+            raise BadFileError(f"cannot tell the base model from this file (probe says {base}); pass --base")
+        variant = found.details.get("variant") if found.base == base else None
+        architecture = builtin_architecture(base, variant)
     lora, unmatched, misfits = _resolve(source, architecture)
     if unmatched:
         raise UnmatchedKeysError(unmatched, architecture.base, misfits, builtin)
@@ -287,8 +292,9 @@ def _read_peft_folder(folder: Path) -> _Source:
     return _Source(tensors, metadata, "peft", configs)
 
 
-def _detect_base(source: _Source) -> str:
-    """probe's shape rules (FORMATS.md §1.7) on the same keys; PEFT subfolder keys get their component."""
+def _probe_source(source: _Source) -> ProbeResult:
+    """probe's shape rules (FORMATS.md §1.7) on the same keys; PEFT subfolder keys get their component. The
+    variant of a family whose members differ in size comes with the base."""
     tensors = {k.replace("/", "."): v for k, v in source.tensors.items()}
     result = ProbeResult(path="")
 
@@ -297,9 +303,7 @@ def _detect_base(source: _Source) -> str:
 
     root_config = source.peft_folders.get(None)
     probe_lora(table_from_state_dict(tensors), source.metadata, scalar, result, root_config)
-    if result.base not in lora_bases():
-        raise BadFileError(f"cannot tell the base model from this file (probe says {result.base}); pass --base")
-    return result.base
+    return result
 
 
 # -- grouping keys per dialect --------------------------------------------------------------------

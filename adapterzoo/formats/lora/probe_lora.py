@@ -100,10 +100,29 @@ def probe_lora(
     tokens = [k for k in keys if metadata.get(k) == "<embed>"]
     if tokens:
         result.details["embedded_tokens"] = tokens
-    base = first(family.lora_base(modules, table) for family in families())
-    if base is None and (base := base_from_metadata(metadata)) is not None:
-        result.warnings.append("base model read from metadata only; the tensor shapes do not tell")
-    result.base = base or "unknown"
+    result.base = _base(modules, table, metadata, result)
     if (family := family_of(result.base)) is not None:
-        family.describe_lora(modules, result)
+        family.describe_lora(modules, table, result)
     return True
+
+
+def _base(modules: dict[str, dict[str, str]], table: TensorTable, metadata: dict[str, str], result: ProbeResult) -> str:
+    """The base the tensors say; where they fit several bases alike, the one metadata names among them (the
+    others go to `details.also_fits`); metadata alone only when the tensors say nothing, with a warning."""
+    base = first(family.lora_base(modules, table) for family in families())
+    hinted = base_from_metadata(metadata)
+    if base is None:
+        if hinted is not None:
+            result.warnings.append("base model read from metadata only; the tensor shapes do not tell")
+        return hinted or "unknown"
+    fits = [b for family in families() if base not in family.bases and (b := family.lora_fits(modules, table))]
+    if fits:
+        if hinted in fits:
+            fits = [base] + [b for b in fits if b != hinted]
+            base = hinted
+        result.details["also_fits"] = fits
+        result.warnings.append(f"its modules fit {' and '.join([base, *fits])} alike (the tensors cannot tell "
+                               f"them apart); read as {base}{' as its metadata says' if hinted == base else ''}")
+    elif hinted is not None and hinted != base:
+        result.warnings.append(f"its metadata says {hinted}, but its tensors are {base}'s; read as {base}")
+    return base

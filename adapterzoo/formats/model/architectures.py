@@ -25,9 +25,10 @@ def _family_with_tables(base: str) -> Family:
     return family
 
 
-def builtin_architecture(base: str) -> Architecture:
-    """The real-size targets of `base`, from the configs its family ships."""
-    return _family_with_tables(base).architecture(base)
+def builtin_architecture(base: str, variant: str | None = None) -> Architecture:
+    """The real-size targets of `base` (of its `variant`, where a family's members differ in size), from the
+    configs its family ships."""
+    return _family_with_tables(base).architecture(base, variant)
 
 
 def architecture_from_tables(base: str, tables: dict[str, ModuleTable]) -> Architecture:

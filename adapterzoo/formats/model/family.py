@@ -8,6 +8,7 @@ recognising a file from its header never loads them.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,18 @@ LoraModules = dict[str, dict[str, str]]  # module as a file spells it -> {part: 
 
 def _nothing(*_: Any) -> None:
     return None
+
+
+def lazy(module: str, attribute: str) -> Callable[..., Any]:
+    """`module`'s `attribute` (a dotted path: `LAYOUT.targets`), imported at its first call, so a family's
+    declaration stays as light as its recognisers while its heavy parts live beside it."""
+    def call(*args: Any) -> Any:
+        found: Any = importlib.import_module(module)
+        for name in attribute.split("."):
+            found = getattr(found, name)
+        return found(*args)
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -79,22 +92,25 @@ class Family:
 
     # -- recognising files from names and shapes (plain Python on a header) --
     lora_base: Callable[[LoraModules, TensorTable], str | None] = _nothing  # from module names and factor shapes
+    # the base whose model a LoRA's modules fit as well by name and shape, when another family claimed it first
+    lora_fits: Callable[[LoraModules, TensorTable], str | None] = _nothing
     metadata_base: Callable[[dict[str, str]], str | None] = _nothing  # kohya/ModelSpec hints, used when shapes fail
-    describe_lora: Callable[[LoraModules, ProbeResult], None] = _nothing  # details probe adds (coverage, variant)
+    describe_lora: Callable[[LoraModules, TensorTable, ProbeResult], None] = _nothing  # details probe adds (coverage, variant)
     dialects: tuple[Dialect, ...] = ()
     probe_checkpoint: Callable[[TensorTable, ProbeResult], bool] = lambda table, result: False  # fills kind, base
     pipeline_base: Callable[[str, dict], str | None] = _nothing  # diffusers folder: pipeline class, UNet/DiT config
+    describe_folder: Callable[[dict, ProbeResult], None] = _nothing  # details from a folder's UNet/DiT config (variant)
     vae_latents: dict[int, str] = field(default_factory=dict)  # a lone VAE's latent channels -> base
     embedding_base: Callable[[dict[str, int]], str | None] = _nothing  # text-encoder slot ("" if unnamed) -> width
     hypernetwork_base: Callable[[list[int]], str | None] = _nothing  # an A1111 hypernetwork's context widths
 
     # -- module tables, trainer dialects, fused <-> split rules (may import torch inside) --
-    architecture: Callable[[str], Architecture] | None = None  # the real-size targets of a base
+    architecture: Callable[[str, str | None], Architecture] | None = None  # real-size targets of a base (and variant)
     architecture_from_tables: Callable[[str, dict[str, ModuleTable]], Architecture] | None = None  # any size
     # a dialect this family writes in its own module space (bfl): LoraFile -> tensors
     lora_writers: dict[str, Callable[[Any], dict[str, torch.Tensor]]] = field(default_factory=dict)
     lora_refusal: Callable[[LoraModules], str | None] = _nothing  # why a LoRA is not additive, refused on read
-    modelspec_architecture: Callable[[str, dict[str, str]], str] | None = None  # ModelSpec id of a base's LoRA
+    modelspec_architecture: Callable[[Architecture, dict[str, str]], str] | None = None  # ModelSpec id of a LoRA
 
     # -- checkpoints, sources, sampling --
     checkpoints: Checkpoints = field(default_factory=Checkpoints)

@@ -25,6 +25,7 @@ CLIP_CLASS = "CLIPTextModel"
 CLIP_PROJECTION_CLASS = "CLIPTextModelWithProjection"
 T5_CLASS = "T5EncoderModel"
 SHIPPED = "module_tables.json.gz"
+SAVE_ONLY = ("architectures", "transformers_version", "torch_dtype", "dtype")  # config fields that describe a save
 
 Modules = tuple[tuple[str, tuple[int, ...]], ...]
 
@@ -41,6 +42,11 @@ def module_table(model_class: str, config: dict[str, Any]) -> ModuleTable:
     """The table of `model_class` (a diffusers model or a transformers text encoder) built from `config`."""
     shipped = shipped_table(table_key(model_class, config))
     return shipped if shipped is not None else table_of(build_on_meta(model_class, config))
+
+
+def saved_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config without the fields that only describe the save (`_name_or_path`, versions)."""
+    return {k: v for k, v in config.items() if not k.startswith("_") and k not in SAVE_ONLY}
 
 
 def table_key(model_class: str, config: dict[str, Any]) -> str:

@@ -60,6 +60,7 @@ class Architecture:
     aliases: dict[str, str]
     convention: KohyaConvention
     fused: dict[str, FusedModule] = field(default_factory=dict)
+    variant: str | None = None  # the member of the family these targets are sized for, where members differ
 
     def resolve(self, name: str) -> Target | None:
         path = self.aliases.get(name)
@@ -71,6 +72,8 @@ class Architecture:
         if target.component == UNET:
             ldm = self.convention.unet_naming == "ldm" and target.ldm_path
             spelled = target.ldm_path if ldm else target.module_path
+        elif target.component == TRANSFORMER:
+            spelled = target.module_path
         else:
             spelled = "text_model." + relative(target)
         return f"{prefix}_{flatten(spelled)}"

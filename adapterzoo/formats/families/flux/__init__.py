@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 MODELSPEC = ("flux-1", "flux-1-dev")  # (prefix of every Flux.1 ModelSpec id, the default)
 
 
-def _architecture(base: str) -> Architecture:
+def _architecture(base: str, variant: str | None) -> Architecture:
     from adapterzoo.formats.families.flux.modules import flux_architecture
 
     return flux_architecture()
@@ -52,7 +52,7 @@ def _bfl(lora: LoraFile) -> dict[str, torch.Tensor]:
     return bfl_tensors(lora)
 
 
-def _modelspec_architecture(base: str, metadata: dict[str, str]) -> str:
+def _modelspec_architecture(architecture: Architecture, metadata: dict[str, str]) -> str:
     current = metadata.get("modelspec.architecture", "").split("/")[0]
     return current if current.startswith(MODELSPEC[0]) else MODELSPEC[1]
 
@@ -102,7 +102,7 @@ FAMILY = Family(
     embedding_base=probe.embedding_base,
     architecture=_architecture,
     architecture_from_tables=_architecture_from_tables,
-    lora_writers={"kohya": _kohya, "bfl": _bfl},
+    lora_writers={"kohya": _kohya, "bfl": _bfl, "comfy": _bfl},  # ComfyUI reads BFL names natively
     lora_refusal=probe.lora_refusal,
     modelspec_architecture=_modelspec_architecture,
     checkpoints=Checkpoints(

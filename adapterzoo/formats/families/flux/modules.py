@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.families.flux.probe import BASE, BFL_PREFIX, KEY_NORM, bfl_prefix
+from adapterzoo.formats.families.flux.probe import BASE, KEY_NORM, bfl_prefix
 from adapterzoo.formats.io.json_file import read_json_object
 from adapterzoo.formats.io.safetensors_header import read_header
 from adapterzoo.formats.io.tensor_table import table_from_header
-from adapterzoo.formats.lora.lora_parts import PEFT_PREFIX
-from adapterzoo.formats.model.module_tables import CLIP_CLASS, T5_CLASS, ModuleTable, module_table
+from adapterzoo.formats.lora.spellings import layout_spellings, transformer_spellings
+from adapterzoo.formats.model.layouts import LayoutBuilder, Spellings
+from adapterzoo.formats.model.module_tables import CLIP_CLASS, T5_CLASS, ModuleTable, module_table, saved_config
 from adapterzoo.formats.model.targets import (
     TRANSFORMER,
     Architecture,
@@ -60,34 +61,17 @@ class FluxArchitecture(Architecture):
     bfl: tuple[FusedModule, ...] = ()
 
 
-def _bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
+def bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
     """BFL's Linears (FLUX.md §1.2) for the transformer whose targets are given; any width, any depth."""
-    def shape(rel: str) -> tuple[int, ...] | None:
-        target = targets.get(f"{TRANSFORMER}.{rel}")
-        return None if target is None else target.shape
-
-    out: list[FusedModule] = []
-
-    def add(name: str, *rels: str, swap: bool = False) -> None:
-        shapes = [shape(rel) for rel in rels]
-        if any(s is None for s in shapes):
-            return
-        rows, parts = 0, []
-        for rel, s in zip(rels, shapes):
-            parts.append((f"{TRANSFORMER}.{rel}", ((rows, rows + s[0]),)))
-            rows += s[0]
-        if swap:  # BFL (shift, scale) against diffusers (scale, shift): the two row halves trade places
-            half = rows // 2
-            parts = [(parts[0][0], ((half, rows), (0, half)))]
-        out.append(FusedModule(name, (rows, shapes[0][1]), tuple(parts)))
-
+    layout = LayoutBuilder(targets)
+    add = layout.add
     add("img_in", "x_embedder")
     add("txt_in", "context_embedder")
     for bfl, embedder in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
                           ("guidance_in", "guidance_embedder")):
         add(f"{bfl}.in_layer", f"time_text_embed.{embedder}.linear_1")
         add(f"{bfl}.out_layer", f"time_text_embed.{embedder}.linear_2")
-    for n in _block_indices(targets, "transformer_blocks"):
+    for n in layout.blocks("transformer_blocks"):
         d, b = f"double_blocks.{n}", f"transformer_blocks.{n}"
         add(f"{d}.img_attn.qkv", f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v")
         add(f"{d}.img_attn.proj", f"{b}.attn.to_out.0")
@@ -99,19 +83,14 @@ def _bfl_modules(targets: dict[str, Target]) -> list[FusedModule]:
         add(f"{d}.txt_mlp.0", f"{b}.ff_context.net.0.proj")
         add(f"{d}.txt_mlp.2", f"{b}.ff_context.net.2")
         add(f"{d}.txt_mod.lin", f"{b}.norm1_context.linear")
-    for n in _block_indices(targets, "single_transformer_blocks"):
+    for n in layout.blocks("single_transformer_blocks"):
         s, b = f"single_blocks.{n}", f"single_transformer_blocks.{n}"
         add(f"{s}.linear1", f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp")
         add(f"{s}.linear2", f"{b}.proj_out")
         add(f"{s}.modulation.lin", f"{b}.norm.linear")
     add("final_layer.linear", "proj_out")
     add("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
-    return out
-
-
-def _block_indices(targets: dict[str, Target], blocks: str) -> list[int]:
-    pattern = re.compile(rf"^{TRANSFORMER}\.{blocks}\.(\d+)\.")
-    return sorted({int(m[1]) for path in targets if (m := pattern.match(path))})
+    return layout.modules
 
 
 def _xlabs_slots(bfl: dict[str, FusedModule]) -> dict[str, FusedModule]:
@@ -133,7 +112,7 @@ def _xlabs_slots(bfl: dict[str, FusedModule]) -> dict[str, FusedModule]:
 
 def _target_spellings(target: Target, rel: str) -> list[str]:
     if target.component == TRANSFORMER:
-        return [target.path, rel, PEFT_PREFIX + rel, f"lora_transformer_{flatten(rel)}", f"lora_unet_{flatten(rel)}"]
+        return transformer_spellings(target)
     if target.component == CLIP_L:
         names = [target.path, f"{CLIP_L}.text_model.{rel}", f"text_encoders.clip_l.transformer.text_model.{rel}"]
         return names + [f"{p}_text_model_{flatten(rel)}" for p in FLUX_CONVENTION.prefixes[CLIP_L]]
@@ -141,41 +120,23 @@ def _target_spellings(target: Target, rel: str) -> list[str]:
         f"{p}_{flatten(rel)}" for p in FLUX_CONVENTION.prefixes[T5]]
 
 
-def bfl_spellings(name: str) -> list[str]:
-    """Every way a file names a BFL module: kohya, ComfyUI/BFL, bare (control LoRAs), fal's PEFT prefix."""
-    return [f"lora_unet_{flatten(name)}", BFL_PREFIX + name, name, PEFT_PREFIX + name]
-
-
 def flux_architecture_from_tables(tables: dict[str, ModuleTable]) -> FluxArchitecture:
     """Targets of the components given ({"transformer": ..., "text_encoder": ..., "text_encoder_2": ...})."""
     targets: dict[str, Target] = {}
-    aliases: dict[str, str] = {}
-
-    def alias(name: str, path: str) -> None:
-        if aliases.setdefault(name, path) != path:
-            raise ValueError(f"{name} spells both {aliases[name]} and {path}")
-
+    spellings = Spellings()
     for component, table in tables.items():
         for module_path, shape in table.modules:
             rel = module_path.removeprefix("text_model.") if component == CLIP_L else module_path
             target = Target(f"{component}.{rel}", component, module_path, None, shape)
             targets[target.path] = target
             for name in _target_spellings(target, rel):
-                alias(name, target.path)
-    bfl = _bfl_modules(targets)
-    fused: dict[str, FusedModule] = {}
+                spellings.alias(name, target.path)
+    bfl = bfl_modules(targets)
     for module in bfl:
-        for name in bfl_spellings(module.name):
-            if module.fused:
-                fused[name] = module
-            else:
-                alias(name, module.parts[0][0])
+        spellings.layout(module, layout_spellings(module.name))
     for slot, module in _xlabs_slots({m.name: m for m in bfl}).items():
-        if module.fused:
-            fused[slot] = module
-        else:
-            alias(slot, module.parts[0][0])
-    return FluxArchitecture(BASE, targets, aliases, FLUX_CONVENTION, fused, tuple(bfl))
+        spellings.layout(module, [slot])
+    return FluxArchitecture(BASE, targets, spellings.aliases, FLUX_CONVENTION, spellings.fused, bfl=tuple(bfl))
 
 
 @functools.cache
@@ -219,12 +180,6 @@ def flux_checkpoint_architecture(path: str | Path) -> FluxArchitecture | None:
             config = read_json_object(path / component / "config.json")
             tables[component] = module_table(entry[1], saved_config(config))
     return flux_architecture_from_tables(tables)
-
-
-def saved_config(config: dict) -> dict:
-    """A saved config without the fields that only describe the save (`_name_or_path`, versions)."""
-    dropped = ("architectures", "transformers_version", "torch_dtype", "dtype")
-    return {k: v for k, v in config.items() if not k.startswith("_") and k not in dropped}
 
 
 def bfl_config_from_file(path: Path) -> dict | None:

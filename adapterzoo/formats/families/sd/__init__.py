@@ -31,7 +31,7 @@ MODELSPEC = {
 }
 
 
-def _architecture(base: str) -> Architecture:
+def _architecture(base: str, variant: str | None) -> Architecture:
     from adapterzoo.formats.families.sd.modules import builtin_architecture
 
     return builtin_architecture(base)
@@ -43,7 +43,8 @@ def _architecture_from_tables(base: str, tables: dict[str, ModuleTable]) -> Arch
     return architecture_from_tables(base, tables)
 
 
-def _modelspec_architecture(base: str, metadata: dict[str, str]) -> str:
+def _modelspec_architecture(architecture: Architecture, metadata: dict[str, str]) -> str:
+    base = architecture.base
     prefix, default = MODELSPEC[base]
     current = metadata.get("modelspec.architecture", "").split("/")[0]
     if current.startswith(prefix):
