@@ -44,9 +44,11 @@ def checkpoint_targets(path: str | os.PathLike) -> CheckpointTargets:
 
 
 def check_lora_base(targets: CheckpointTargets, lora: str | os.PathLike) -> None:
-    """Refuse a LoRA whose probed base differs from the checkpoint's; an undecided probe passes."""
+    """Refuse a LoRA whose probed base differs from the checkpoint's, unless its tensors fit the checkpoint's base
+    as well; an undecided probe passes."""
     found = probe(lora)
-    if found.base in bases() and found.base != targets.base:
+    fits = targets.base == found.base or targets.base in found.details.get("also_fits", ())
+    if found.base in bases() and not fits:
         raise AdapterzooError(
             f"{Path(lora).name} is a {found.base} {found.kind} but {targets.path.name} is a {targets.base} "
             "checkpoint; a LoRA only fits the base it was trained on"

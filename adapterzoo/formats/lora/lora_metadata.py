@@ -40,6 +40,6 @@ def output_metadata(lora: LoraFile, to: str, title: str, approximated_rank: int 
     metadata.setdefault("modelspec.title", title)
     family = family_of(lora.base)
     if family is not None and family.modelspec_architecture is not None:
-        metadata["modelspec.architecture"] = f"{family.modelspec_architecture(lora.base, metadata)}/lora"
+        metadata["modelspec.architecture"] = f"{family.modelspec_architecture(lora.architecture, metadata)}/lora"
     metadata["modelspec.implementation"] = IMPL_STABILITY if kohya_ldm else IMPL_DIFFUSERS
     return metadata

@@ -136,7 +136,8 @@ def load_lora(
     source = _read_source(Path(path))
     builtin = architecture is None
     if architecture is None:
-        architecture = builtin_architecture(base or _detect_base(source))
+        found = _probe_source(source)
+        architecture = builtin_architecture(base or _detected_base(found), found)
     lora, unmatched, misfits = _resolve(source, architecture)
     if unmatched:
         raise UnmatchedKeysError(unmatched, architecture.base, misfits, builtin)
@@ -287,7 +288,7 @@ def _read_peft_folder(folder: Path) -> _Source:
     return _Source(tensors, metadata, "peft", configs)
 
 
-def _detect_base(source: _Source) -> str:
+def _probe_source(source: _Source) -> ProbeResult:
     """probe's shape rules (FORMATS.md §1.7) on the same keys; PEFT subfolder keys get their component."""
     tensors = {k.replace("/", "."): v for k, v in source.tensors.items()}
     result = ProbeResult(path="")
@@ -297,9 +298,13 @@ def _detect_base(source: _Source) -> str:
 
     root_config = source.peft_folders.get(None)
     probe_lora(table_from_state_dict(tensors), source.metadata, scalar, result, root_config)
-    if result.base not in lora_bases():
-        raise BadFileError(f"cannot tell the base model from this file (probe says {result.base}); pass --base")
-    return result.base
+    return result
+
+
+def _detected_base(found: ProbeResult) -> str:
+    if found.base not in lora_bases():
+        raise BadFileError(f"cannot tell the base model from this file (probe says {found.base}); pass --base")
+    return found.base
 
 
 # -- grouping keys per dialect --------------------------------------------------------------------

@@ -105,5 +105,5 @@ def probe_lora(
         result.warnings.append("base model read from metadata only; the tensor shapes do not tell")
     result.base = base or "unknown"
     if (family := family_of(result.base)) is not None:
-        family.describe_lora(modules, result)
+        family.describe_lora(modules, table, result)
     return True

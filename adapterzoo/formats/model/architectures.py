@@ -17,6 +17,8 @@ from adapterzoo.formats.model.targets import Architecture
 if TYPE_CHECKING:
     import torch
 
+    from adapterzoo.formats.io.probe_result import ProbeResult
+
 
 def _family_with_tables(base: str) -> Family:
     family = family_of(base)
@@ -25,9 +27,13 @@ def _family_with_tables(base: str) -> Family:
     return family
 
 
-def builtin_architecture(base: str) -> Architecture:
-    """The real-size targets of `base`, from the configs its family ships."""
-    return _family_with_tables(base).architecture(base)
+def builtin_architecture(base: str, found: ProbeResult | None = None) -> Architecture:
+    """The real-size targets of `base`, from the configs its family ships; of the size a LoRA fits where the base
+    has several and `found` (the LoRA's probe) says which."""
+    family = _family_with_tables(base)
+    if found is not None and found.base == base and family.lora_architecture is not None:
+        return family.lora_architecture(base, found)
+    return family.architecture(base)
 
 
 def architecture_from_tables(base: str, tables: dict[str, ModuleTable]) -> Architecture:

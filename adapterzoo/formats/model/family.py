@@ -80,7 +80,7 @@ class Family:
     # -- recognising files from names and shapes (plain Python on a header) --
     lora_base: Callable[[LoraModules, TensorTable], str | None] = _nothing  # from module names and factor shapes
     metadata_base: Callable[[dict[str, str]], str | None] = _nothing  # kohya/ModelSpec hints, used when shapes fail
-    describe_lora: Callable[[LoraModules, ProbeResult], None] = _nothing  # details probe adds (coverage, variant)
+    describe_lora: Callable[[LoraModules, TensorTable, ProbeResult], None] = _nothing  # details (coverage, variant)
     dialects: tuple[Dialect, ...] = ()
     probe_checkpoint: Callable[[TensorTable, ProbeResult], bool] = lambda table, result: False  # fills kind, base
     pipeline_base: Callable[[str, dict], str | None] = _nothing  # diffusers folder: pipeline class, UNet/DiT config
@@ -90,11 +90,13 @@ class Family:
 
     # -- module tables, trainer dialects, fused <-> split rules (may import torch inside) --
     architecture: Callable[[str], Architecture] | None = None  # the real-size targets of a base
+    # a base of several sizes (SD3.5 Large/Medium): the real-size targets of the one a LoRA fits, from its probe
+    lora_architecture: Callable[[str, ProbeResult], Architecture] | None = None
     architecture_from_tables: Callable[[str, dict[str, ModuleTable]], Architecture] | None = None  # any size
     # a dialect this family writes in its own module space (bfl): LoraFile -> tensors
     lora_writers: dict[str, Callable[[Any], dict[str, torch.Tensor]]] = field(default_factory=dict)
     lora_refusal: Callable[[LoraModules], str | None] = _nothing  # why a LoRA is not additive, refused on read
-    modelspec_architecture: Callable[[str, dict[str, str]], str] | None = None  # ModelSpec id of a base's LoRA
+    modelspec_architecture: Callable[[Architecture, dict[str, str]], str] | None = None  # ModelSpec id of a LoRA
 
     # -- checkpoints, sources, sampling --
     checkpoints: Checkpoints = field(default_factory=Checkpoints)

@@ -52,7 +52,7 @@ def _bfl(lora: LoraFile) -> dict[str, torch.Tensor]:
     return bfl_tensors(lora)
 
 
-def _modelspec_architecture(base: str, metadata: dict[str, str]) -> str:
+def _modelspec_architecture(architecture: Architecture, metadata: dict[str, str]) -> str:
     current = metadata.get("modelspec.architecture", "").split("/")[0]
     return current if current.startswith(MODELSPEC[0]) else MODELSPEC[1]
 

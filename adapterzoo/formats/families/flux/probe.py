@@ -80,7 +80,7 @@ def metadata_base(metadata: dict[str, str]) -> str | None:
     return BASE if version.startswith("flux") or metadata.get("modelspec.architecture", "").startswith("flux") else None
 
 
-def describe_lora(modules: dict[str, dict[str, str]], result: ProbeResult) -> None:
+def describe_lora(modules: dict[str, dict[str, str]], table: TensorTable, result: ProbeResult) -> None:
     result.details["coverage"] = coverage(list(modules))
     if is_control_lora(modules):
         result.details["variant"] = "control"

@@ -43,7 +43,8 @@ def _architecture_from_tables(base: str, tables: dict[str, ModuleTable]) -> Arch
     return architecture_from_tables(base, tables)
 
 
-def _modelspec_architecture(base: str, metadata: dict[str, str]) -> str:
+def _modelspec_architecture(architecture: Architecture, metadata: dict[str, str]) -> str:
+    base = architecture.base
     prefix, default = MODELSPEC[base]
     current = metadata.get("modelspec.architecture", "").split("/")[0]
     if current.startswith(prefix):

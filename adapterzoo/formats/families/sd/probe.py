@@ -40,10 +40,14 @@ TEXT_ENCODER_BASE = {  # a single file's text-encoder root -> the base it marks
 }
 UNET_ROOTS = (unet_names.LDM_PREFIX, "input_blocks.", "conv_in.")
 _DEPTH = re.compile(r"transformer_blocks[._](\d+)[._]")
+DIT_PREFIXES = ("transformer.", "lora_transformer_", "diffusion_model.")  # a DiT's modules, never a UNet's
 
 
 def lora_base(modules: dict[str, dict[str, str]], table: TensorTable) -> str | None:
-    """The cross-attention context width of the UNet modules, else the text encoders' widths, else depth."""
+    """The cross-attention context width of the UNet modules, else the text encoders' widths, else depth. A file
+    naming a DiT's transformer (another family's, at a size no family recognised) is none of these."""
+    if any(module.startswith(DIT_PREFIXES) for module in modules):
+        return None
     names = " ".join(modules)
     if "lora_te2_" in names or "text_encoder_2." in names:
         return "sdxl"
