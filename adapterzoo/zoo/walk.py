@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adapterzoo.formats.probe import peft_component_folders
 
-MODEL_SUFFIXES = frozenset({".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"})
+MODEL_SUFFIXES = frozenset({".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf"})
 SKIPPED_SUFFIXES = frozenset({".optim", ".part"})  # optimizer states and unfinished downloads
 FOLDER_MARKERS = ("model_index.json", "adapter_config.json")
 SKIPPED_FOLDERS = frozenset({"__pycache__", "node_modules", "site-packages", "venv"})

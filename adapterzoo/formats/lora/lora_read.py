@@ -47,7 +47,7 @@ from adapterzoo.formats.lora.lora_model import (
 from adapterzoo.formats.lora.lora_parts import DIFFUSERS_ADAPTER_METADATA, PEFT_PREFIX
 from adapterzoo.formats.lora.probe_lora import config_number, probe_lora
 from adapterzoo.formats.model.architectures import builtin_architecture
-from adapterzoo.formats.model.registry import family_of, lora_bases
+from adapterzoo.formats.model.registry import bases, family_of
 from adapterzoo.formats.model.targets import Architecture, FusedModule, Target
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -302,7 +302,8 @@ def _probe_source(source: _Source) -> ProbeResult:
 
 
 def _detected_base(found: ProbeResult) -> str:
-    if found.base not in lora_bases():
+    """The probed base; one a family names but reads no LoRAs of is refused by its architecture, saying so."""
+    if found.base not in bases():
         raise BadFileError(f"cannot tell the base model from this file (probe says {found.base}); pass --base")
     return found.base
 
