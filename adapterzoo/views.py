@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 from adapterzoo.zoo.models import FileEntry, Verification
 from adapterzoo.zoo.queries import entries_by_id, latest_verifications, sources_of, verifications_of
 from adapterzoo.zoo.scan import ScanReport
+from adapterzoo.zoo.stated import source_warnings
 from adapterzoo.zoo.triggers import tag_counts
 
 PROVENANCE_KEY = "adapterzoo.operation"  # the metadata entry ops/provenance.py writes into every output
@@ -31,12 +32,15 @@ def file_rows(engine: Engine, entries: list[FileEntry]) -> list[dict[str, Any]]:
 
 
 def file_detail(engine: Engine, entry: FileEntry) -> dict[str, Any]:
-    """`show --json` / `GET /api/files/{id}`: the row, its sources, its latest and every verification, the
-    training tags counted over the dataset folders, and how adapterzoo made the file (if it did)."""
+    """`show --json` / `GET /api/files/{id}`: the row, its sources (and what they say that the tensors contradict),
+    its latest and every verification, the training tags counted over the dataset folders, and how adapterzoo made
+    the file (if it did)."""
     history = verifications_of(engine, entry.id)
+    sources = sources_of(engine, entry.id)
     return {
         **entry.to_json(),
-        "sources": [s.to_json() for s in sources_of(engine, entry.id)],
+        "sources": [s.to_json() for s in sources],
+        "source_warnings": source_warnings(entry.base, entry.details or {}, sources),
         "verification": history[0].to_json() if history else None,
         "verifications": [v.to_json() for v in history],
         "training_tags": [{"tag": tag, "count": n} for tag, n in tag_counts(entry.file_metadata.get(

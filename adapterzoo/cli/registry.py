@@ -12,7 +12,7 @@ import click
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import describe_source, emit_json, print_table
 from adapterzoo.formats.io.probe_result import KINDS
-from adapterzoo.formats.model.registry import bases
+from adapterzoo.formats.model.registry import bases, detail_values
 
 
 @cli.command()
@@ -38,6 +38,9 @@ def scan(obj: dict[str, Any], dirs: tuple[str, ...], as_json: bool) -> None:
 @cli.command("list")
 @click.option("--kind", type=click.Choice(KINDS), help="Only entries of this kind.")
 @click.option("--base", type=click.Choice([*bases(), "unknown"]), help="Only entries for this base model.")
+@click.option("--family", type=click.Choice(detail_values("family")),
+              help="Only files of this family of their base: what the file's own metadata names, else its Civitai "
+              "source's label.")
 @click.option("--query", metavar="TEXT",
               help="Only entries whose path, trigger words, or source's model name, version name or trained "
               "words contain TEXT.")
@@ -45,15 +48,15 @@ def scan(obj: dict[str, Any], dirs: tuple[str, ...], as_json: bool) -> None:
               help="Only entries whose latest verification passed / failed, or that were never verified.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.pass_obj
-def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | None, verdict: str | None,
-          as_json: bool) -> None:
+def list_(obj: dict[str, Any], kind: str | None, base: str | None, family: str | None, query: str | None,
+          verdict: str | None, as_json: bool) -> None:
     """List registry entries."""
     from adapterzoo.views import file_rows
     from adapterzoo.zoo.db import open_registry
     from adapterzoo.zoo.queries import list_entries
 
     engine = open_registry(obj["db"])
-    rows = file_rows(engine, list_entries(engine, kind=kind, base=base, query=query, verdict=verdict))
+    rows = file_rows(engine, list_entries(engine, kind=kind, base=base, query=query, verdict=verdict, family=family))
     if as_json:
         emit_json(rows)
         return
@@ -85,6 +88,10 @@ def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
         elif key == "sources":
             for source in value:
                 click.echo(f"{'source':14} {describe_source(source)}")
+            continue
+        elif key == "source_warnings":
+            for warning in value:
+                click.echo(f"{'warning':14} {warning}")
             continue
         elif isinstance(value, list):
             value = ", ".join(map(str, value))

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Source, Verification
+from adapterzoo.zoo.stated import stated_detail
 
 HEX = re.compile(r"[0-9a-f]+")
 MIN_SHA256_PREFIX = 8
@@ -44,12 +45,18 @@ class FileFilter:
 
 def list_entries(
     engine: Engine, kind: str | None = None, base: str | None = None, query: str | None = None,
-    verdict: str | None = None,
+    verdict: str | None = None, family: str | None = None,
 ) -> list[FileEntry]:
-    """Every entry the filter selects, by path."""
+    """Every entry the filter selects, by path; `family` keeps those of that family (SDXL's), as the file's own
+    metadata names it, else its sources' labels (`zoo.stated`)."""
     statement = _filtered(select(FileEntry), FileFilter(kind, base, query, verdict)).order_by(FileEntry.path)
     with Session(engine) as session:
-        return list(session.scalars(statement))
+        entries = list(session.scalars(statement))
+    if family is None:
+        return entries
+    sources = sources_for(engine, [e.id for e in entries])
+    return [e for e in entries if stated_detail(e.details or {}, [s.base_stated for s in sources[e.id]],
+                                                "family") == family]
 
 
 def page_entries(engine: Engine, chosen: FileFilter, sort: str = "name", page: int = 1,

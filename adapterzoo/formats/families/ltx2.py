@@ -109,6 +109,6 @@ FAMILY = Family(
     dialects=(Dialect("comfy", speaks_comfy, lambda key: split_suffix(key, PEFT_SUFFIXES + KOHYA_SUFFIXES)),),
     probe_checkpoint=probe_checkpoint,
     pipeline_base=lambda pipeline, config: BASE if pipeline.startswith("LTX2") else None,
-    civitai_base_models={BASE: ("LTXV 2", "LTXV2", "LTX-2", "LTXV 2.3")},
+    civitai_base_models={BASE: ("LTXV2",)},  # "LTXV" is LTX-Video 0.9, another model
     hub_hints=(("ltx-2", BASE),),
 )

@@ -110,5 +110,7 @@ FAMILY = Family(
                             targets=_targets),
     civitai_base_models={probe.SD3: ("SD 3",),
                          probe.SD35: ("SD 3.5", "SD 3.5 Large", "SD 3.5 Large Turbo", "SD 3.5 Medium")},
+    civitai_details={"SD 3.5 Large": {"variant": probe.LARGE}, "SD 3.5 Large Turbo": {"variant": probe.TURBO},
+                     "SD 3.5 Medium": {"variant": probe.MEDIUM}},
     hub_hints=(("stable-diffusion-3.5", probe.SD35), ("stable-diffusion-3", probe.SD3)),
 )
