@@ -127,3 +127,25 @@ def test_convert_and_merge_refuse_in_one_line_saying_why(tmp_path, capsys, monke
                        capsys, monkeypatch)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "is a hidream checkpoint" in err
     assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "m.safetensors").exists()
+
+
+def test_resize_needs_no_module_table(tmp_path):
+    """A kohya-dialect LoRA of a family read at probe level resizes: resize is factor math on its own keys."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from adapterzoo.ops.lowrank import Rank
+    from adapterzoo.ops.resize import resize_lora
+
+    gen = torch.Generator().manual_seed(0)
+    stem = "lora_unet_double_stream_blocks_0_block_attn1_to_q"
+    down, up = torch.randn(2, 2560, generator=gen), torch.randn(2560, 2, generator=gen)
+    save_file({f"{stem}.lora_down.weight": torch.cat([down, down]), f"{stem}.lora_up.weight": torch.cat([up, up], 1),
+               f"{stem}.alpha": torch.tensor(4.0)}, str(tmp_path / "hidream.safetensors"))
+    assert probe(tmp_path / "hidream.safetensors").base == "hidream"
+    resize_lora(tmp_path / "hidream.safetensors", tmp_path / "r.safetensors", Rank(2), torch.device("cpu"),
+                lambda path: "0" * 64)
+    out = load_file(tmp_path / "r.safetensors")
+    delta = out[f"{stem}.lora_up.weight"] @ out[f"{stem}.lora_down.weight"] * (float(out[f"{stem}.alpha"]) / 2)
+    assert out[f"{stem}.lora_down.weight"].shape[0] == 2
+    assert torch.allclose(delta, 2 * up @ down, rtol=1e-4, atol=1e-3)

@@ -471,3 +471,26 @@ def test_the_commands_as_a_user_runs_them(tmp_path, sai_file, capsys, monkeypatc
                         str(tmp_path / "m.safetensors")], capsys, monkeypatch)
     assert code == 0, err
     assert math.isfinite(float(load_file(tmp_path / "m.safetensors")[LDM + "final_layer.linear.weight"].sum()))
+
+
+def test_text_encoder_modules_keep_kohya_s_names_both_ways(tmp_path):
+    """sd-scripts' lora_te1 (CLIP-L), lora_te2 (CLIP-G) and lora_te3 (T5) names read onto the pipeline's text
+    encoders and are written back as they were; diffusers output names them by the encoders' module paths, which
+    diffusers' loader matches with or without `text_model.`."""
+    gen = torch.Generator().manual_seed(5)
+    sd = {}
+    for stem, width in (("lora_unet_joint_blocks_0_x_block_attn_qkv", 2432),
+                        ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768),
+                        ("lora_te2_text_model_encoder_layers_31_mlp_fc1", 1280),
+                        ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", 4096)):
+        out = 3 * width if stem.endswith("qkv") else 5120 if stem.endswith("fc1") else width
+        sd |= {f"{stem}.lora_down.weight": torch.randn(2, width, generator=gen),
+               f"{stem}.lora_up.weight": torch.randn(out, 2, generator=gen), f"{stem}.alpha": torch.tensor(1.0)}
+    save_file(sd, str(tmp_path / "te.safetensors"))
+    convert_lora(tmp_path / "te.safetensors", tmp_path / "k.safetensors", "kohya")
+    assert sorted(load_file(tmp_path / "k.safetensors")) == sorted(sd)
+    convert_lora(tmp_path / "te.safetensors", tmp_path / "d.safetensors", "diffusers")
+    written = [k.replace("text_model.", "") for k in load_file(tmp_path / "d.safetensors")]
+    assert {"text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+            "text_encoder_2.encoder.layers.31.mlp.fc1.lora_B.weight",
+            "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight"} <= set(written)

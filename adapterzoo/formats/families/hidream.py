@@ -12,20 +12,13 @@ import re
 
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.tensor_table import TensorTable
-from adapterzoo.formats.lora.lora_parts import KOHYA_SUFFIXES, PEFT_SUFFIXES, split_suffix
+from adapterzoo.formats.lora.comfy_keys import comfy_dialect
 from adapterzoo.formats.model.block_names import bare, block_numbers, prefix_of
-from adapterzoo.formats.model.family import Dialect, Family
+from adapterzoo.formats.model.family import Family
 
 BASE = "hidream"
-COMFY_PREFIX = "diffusion_model."
 MARKER = "double_stream_blocks.0.block.attn1.to_q.weight"
 _BLOCKS = re.compile(r"^(?:double|single)_stream_blocks[._]\d+[._]")
-_LORA_ENDINGS = PEFT_SUFFIXES + (".lora_down.weight", ".lora_up.weight", ".lokr_w1", ".lokr_w1_a", ".hada_w1_a")
-
-
-def speaks_comfy(keys: list[str]) -> bool:
-    return any(k.startswith(COMFY_PREFIX) and k.endswith(_LORA_ENDINGS) and _BLOCKS.match(k[len(COMFY_PREFIX):])
-               for k in keys)
 
 
 def lora_base(modules: dict[str, dict[str, str]], table: TensorTable) -> str | None:
@@ -69,7 +62,7 @@ FAMILY = Family(
     lora_base=lora_base,
     metadata_base=metadata_base,
     describe_lora=describe_lora,
-    dialects=(Dialect("comfy", speaks_comfy, lambda key: split_suffix(key, PEFT_SUFFIXES + KOHYA_SUFFIXES)),),
+    dialects=(comfy_dialect(_BLOCKS),),
     probe_checkpoint=probe_checkpoint,
     pipeline_base=lambda pipeline, config: BASE if pipeline.startswith("HiDream") else None,
     civitai_base_models={BASE: ("HiDream",)},

@@ -15,12 +15,12 @@ import re
 
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.tensor_table import TensorTable
-from adapterzoo.formats.lora.lora_parts import KOHYA_SUFFIXES, PEFT_SUFFIXES, module_dims, split_suffix
+from adapterzoo.formats.lora.comfy_keys import comfy_dialect
+from adapterzoo.formats.lora.lora_parts import module_dims
 from adapterzoo.formats.model.block_names import bare, block_numbers, prefix_of
-from adapterzoo.formats.model.family import Dialect, Family
+from adapterzoo.formats.model.family import Family
 
 BASE = "hunyuan_video"
-COMFY_PREFIX = "diffusion_model."
 FLUX_DOUBLE, FLUX_SINGLE = 19, 38  # Flux.1's block counts: a higher block number is HunyuanVideo's own
 I2V_CHANNELS = 33  # HunyuanVideo-I2V's packed input: latents, the image's latents and a mask
 # Names only HunyuanVideo's modules have, dotted or kohya-flattened (where Flux.1's `img_attn.qkv` reads
@@ -28,7 +28,6 @@ I2V_CHANNELS = 33  # HunyuanVideo-I2V's packed input: latents, the image's laten
 _OWN = re.compile(r"(?:img|txt)_(?:attn_[qkv](?=[._]|$)|mod[._]linear|mlp[._]fc[12])|modulation[._]linear"
                   r"|individual_token_refiner|token_refiner|byt5_in|vision_in|context_embedder_2|image_embedder"
                   r"|cond_type_embed|\.(?:img|txt)_attn_(?:qkv|proj)(?:\.|$)")
-_LORA_ENDINGS = PEFT_SUFFIXES + (".lora_down.weight", ".lora_up.weight", ".lokr_w1", ".lokr_w1_a", ".hada_w1_a")
 
 
 def _version(names: list[str]) -> str | None:
@@ -38,11 +37,6 @@ def _version(names: list[str]) -> str | None:
     if any(n.startswith(("vector_in", "time_text_embed.text_embedder")) for n in names):
         return "1.0"
     return None
-
-
-def speaks_comfy(keys: list[str]) -> bool:
-    """The original module names under ComfyUI's `diffusion_model.` (what diffusers' converter reads)."""
-    return any(k.startswith(COMFY_PREFIX) and k.endswith(_LORA_ENDINGS) and _OWN.search(k) for k in keys)
 
 
 def _width(modules: dict[str, dict[str, str]], table: TensorTable) -> int | None:
@@ -118,7 +112,7 @@ FAMILY = Family(
     lora_base=lora_base,
     metadata_base=metadata_base,
     describe_lora=describe_lora,
-    dialects=(Dialect("comfy", speaks_comfy, lambda key: split_suffix(key, PEFT_SUFFIXES + KOHYA_SUFFIXES)),),
+    dialects=(comfy_dialect(_OWN),),
     probe_checkpoint=probe_checkpoint,
     pipeline_base=lambda pipeline, config: BASE if pipeline.startswith(("HunyuanVideo", "HunyuanSkyreels")) else None,
     civitai_base_models={BASE: ("Hunyuan Video",)},

@@ -15,26 +15,19 @@ import re
 
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.tensor_table import TensorTable
-from adapterzoo.formats.lora.lora_parts import KOHYA_SUFFIXES, PEFT_SUFFIXES, module_dims, split_suffix
+from adapterzoo.formats.lora.comfy_keys import comfy_dialect
+from adapterzoo.formats.lora.lora_parts import module_dims
 from adapterzoo.formats.model.block_names import bare, block_numbers, prefix_of
-from adapterzoo.formats.model.family import Dialect, Family
+from adapterzoo.formats.model.family import Family
 
 BASE = "ltx2"
 WIDTH = 4096
-COMFY_PREFIX = "diffusion_model."
 MARKER = "transformer_blocks.0.audio_attn1.to_q.weight"  # both layouts name the blocks alike
 # The audio stream and the two cross-modal attentions, in any dialect and layout: LTX-2's alone.
 _AUDIO = re.compile(r"audio_(?:attn[12]|ff|to_video_attn|proj_in|patchify_proj|caption_projection|time_embed"
                     r"|adaln_single)|video_to_audio_attn|av_ca_|av_cross_attn")
 _VIDEO = re.compile(r"^transformer_blocks[._]\d+[._](?:attn[12]|ff)[._]")
-_LORA_ENDINGS = PEFT_SUFFIXES + (".lora_down.weight", ".lora_up.weight", ".lokr_w1", ".lokr_w1_a", ".hada_w1_a")
 COMPONENTS = {"vae.": "vae", "audio_vae.": "audio_vae", "vocoder.": "vocoder"}
-
-
-def speaks_comfy(keys: list[str]) -> bool:
-    """Lightricks'/ComfyUI's names under `diffusion_model.` (what diffusers' LTX-2 converter reads)."""
-    return any(k.startswith(COMFY_PREFIX) and k.endswith(_LORA_ENDINGS)
-               and (_AUDIO.search(k) or _VIDEO.search(k[len(COMFY_PREFIX):])) for k in keys)
 
 
 def _width(modules: dict[str, dict[str, str]], table: TensorTable) -> int | None:
@@ -106,7 +99,7 @@ FAMILY = Family(
     lora_base=lora_base,
     metadata_base=metadata_base,
     describe_lora=describe_lora,
-    dialects=(Dialect("comfy", speaks_comfy, lambda key: split_suffix(key, PEFT_SUFFIXES + KOHYA_SUFFIXES)),),
+    dialects=(comfy_dialect(re.compile(f"{_AUDIO.pattern}|{_VIDEO.pattern}")),),
     probe_checkpoint=probe_checkpoint,
     pipeline_base=lambda pipeline, config: BASE if pipeline.startswith("LTX2") else None,
     civitai_base_models={BASE: ("LTXV2",)},  # "LTXV" is LTX-Video 0.9, another model

@@ -13,22 +13,15 @@ import re
 
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.tensor_table import TensorTable
-from adapterzoo.formats.lora.lora_parts import KOHYA_SUFFIXES, PEFT_SUFFIXES, module_dims, split_suffix
+from adapterzoo.formats.lora.comfy_keys import comfy_dialect
+from adapterzoo.formats.lora.lora_parts import module_dims
 from adapterzoo.formats.model.block_names import bare, block_numbers, prefix_of
-from adapterzoo.formats.model.family import Dialect, Family
+from adapterzoo.formats.model.family import Family
 
 BASE = "lumina2"
 WIDTH = 2304
-COMFY_PREFIX = "diffusion_model."
 _BLOCKS = re.compile(r"^(?:layers|noise_refiner|context_refiner)[._]\d+[._]")
 _ATTENTION = re.compile(r"^(?:layers|noise_refiner|context_refiner)[._]\d+[._](?:attention[._]qkv|attn[._]to_q)$")
-_LORA_ENDINGS = PEFT_SUFFIXES + (".lora_down.weight", ".lora_up.weight", ".lokr_w1", ".lokr_w1_a", ".hada_w1_a")
-
-
-def speaks_comfy(keys: list[str]) -> bool:
-    """NextDiT block names under `diffusion_model.` (Z-Image's ComfyUI LoRAs share them: the same dialect)."""
-    return any(k.startswith(COMFY_PREFIX) and k.endswith(_LORA_ENDINGS) and _BLOCKS.match(k[len(COMFY_PREFIX):])
-               for k in keys)
 
 
 def _width(modules: dict[str, dict[str, str]], table: TensorTable) -> int | None:
@@ -86,7 +79,7 @@ FAMILY = Family(
     lora_base=lora_base,
     metadata_base=metadata_base,
     describe_lora=describe_lora,
-    dialects=(Dialect("comfy", speaks_comfy, lambda key: split_suffix(key, PEFT_SUFFIXES + KOHYA_SUFFIXES)),),
+    dialects=(comfy_dialect(_BLOCKS),),
     probe_checkpoint=probe_checkpoint,
     pipeline_base=lambda pipeline, config: BASE if pipeline.startswith("Lumina2") else None,
     civitai_base_models={BASE: ("Lumina",)},

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from dataclasses import dataclass
 
 from adapterzoo.errors import BadFileError
 from adapterzoo.formats.families.sd3.probe import COMFY_PREFIX, LARGE, MEDIUM, SD3, TURBO
 from adapterzoo.formats.lora.lora_parts import PEFT_PREFIX
+from adapterzoo.formats.model.layouts import LayoutBuilder, Spellings
 from adapterzoo.formats.model.module_tables import (
     CLIP_CLASS,
     CLIP_PROJECTION_CLASS,
@@ -72,44 +72,30 @@ class Sd3Architecture(Architecture):
 def _sai_modules(targets: dict[str, Target]) -> list[FusedModule]:
     """SAI's Linears of the transformer whose targets are given, any width and depth (single_file_utils'
     convert_sd3_transformer_checkpoint_to_diffusers, read backwards)."""
-    out: list[FusedModule] = []
-
-    def linear(name: str, *rels: str, swap: bool = False) -> None:
-        paths = [f"{TRANSFORMER}.{rel}" for rel in rels]
-        if any(path not in targets for path in paths):
-            return
-        parts, rows = [], 0
-        for path in paths:
-            parts.append((path, ((rows, rows + targets[path].shape[0]),)))
-            rows += targets[path].shape[0]
-        if swap:  # SAI (shift, scale) against diffusers (scale, shift)
-            parts = [(paths[0], ((rows // 2, rows), (0, rows // 2)))]
-        out.append(FusedModule(name, (rows, targets[paths[0]].shape[1]), tuple(parts)))
-
-    linear("x_embedder.proj", "pos_embed.proj")
-    linear("context_embedder", "context_embedder")
-    for sai, ours in (("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder")):
-        linear(f"{sai}.mlp.0", f"time_text_embed.{ours}.linear_1")
-        linear(f"{sai}.mlp.2", f"time_text_embed.{ours}.linear_2")
-    blocks = sorted({int(m[1]) for path in targets if (m := re.match(rf"{TRANSFORMER}\.transformer_blocks\.(\d+)\.", path))})
+    sai = LayoutBuilder(targets)
+    sai.add("x_embedder.proj", "pos_embed.proj")
+    sai.add("context_embedder", "context_embedder")
+    for theirs, ours in (("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder")):
+        sai.add(f"{theirs}.mlp.0", f"time_text_embed.{ours}.linear_1")
+        sai.add(f"{theirs}.mlp.2", f"time_text_embed.{ours}.linear_2")
+    blocks = sai.blocks("transformer_blocks")
     for n in blocks:
         x, c, b = f"joint_blocks.{n}.x_block", f"joint_blocks.{n}.context_block", f"transformer_blocks.{n}"
-        last = n == blocks[-1]  # its context block is "pre only": qkv and a (shift, scale) modulation
-        linear(f"{x}.attn.qkv", f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v")
-        linear(f"{x}.attn.proj", f"{b}.attn.to_out.0")
-        linear(f"{x}.attn2.qkv", f"{b}.attn2.to_q", f"{b}.attn2.to_k", f"{b}.attn2.to_v")
-        linear(f"{x}.attn2.proj", f"{b}.attn2.to_out.0")
-        linear(f"{x}.mlp.fc1", f"{b}.ff.net.0.proj")
-        linear(f"{x}.mlp.fc2", f"{b}.ff.net.2")
-        linear(f"{x}.adaLN_modulation.1", f"{b}.norm1.linear")
-        linear(f"{c}.attn.qkv", f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj")
-        linear(f"{c}.attn.proj", f"{b}.attn.to_add_out")
-        linear(f"{c}.mlp.fc1", f"{b}.ff_context.net.0.proj")
-        linear(f"{c}.mlp.fc2", f"{b}.ff_context.net.2")
-        linear(f"{c}.adaLN_modulation.1", f"{b}.norm1_context.linear", swap=last)
-    linear("final_layer.linear", "proj_out")
-    linear("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
-    return out
+        for attn in ("attn", "attn2"):
+            sai.add(f"{x}.{attn}.qkv", f"{b}.{attn}.to_q", f"{b}.{attn}.to_k", f"{b}.{attn}.to_v")
+            sai.add(f"{x}.{attn}.proj", f"{b}.{attn}.to_out.0")
+        sai.add(f"{x}.mlp.fc1", f"{b}.ff.net.0.proj")
+        sai.add(f"{x}.mlp.fc2", f"{b}.ff.net.2")
+        sai.add(f"{x}.adaLN_modulation.1", f"{b}.norm1.linear")
+        sai.add(f"{c}.attn.qkv", f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj")
+        sai.add(f"{c}.attn.proj", f"{b}.attn.to_add_out")
+        sai.add(f"{c}.mlp.fc1", f"{b}.ff_context.net.0.proj")
+        sai.add(f"{c}.mlp.fc2", f"{b}.ff_context.net.2")
+        # the last context block is "pre only": its (shift, scale) modulation is diffusers' (scale, shift)
+        sai.add(f"{c}.adaLN_modulation.1", f"{b}.norm1_context.linear", swap=n == blocks[-1])
+    sai.add("final_layer.linear", "proj_out")
+    sai.add("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
+    return sai.modules
 
 
 def _spellings(target: Target) -> list[str]:
@@ -132,28 +118,18 @@ def sai_spellings(name: str) -> list[str]:
 def architecture_from_tables(base: str, tables: dict[str, ModuleTable], variant: str | None = None) -> Sd3Architecture:
     """Targets of the components given ({"transformer": ..., "text_encoder": ...}), any size."""
     targets: dict[str, Target] = {}
-    aliases: dict[str, str] = {}
-
-    def alias(name: str, path: str) -> None:
-        if aliases.setdefault(name, path) != path:
-            raise ValueError(f"{name} spells both {aliases[name]} and {path}")
-
+    names = Spellings()
     for component, table in tables.items():
         for module_path, shape in table.modules:
             rel = module_path.removeprefix("text_model.") if component in (CLIP_L, CLIP_G) else module_path
             target = Target(f"{component}.{rel}", component, module_path, None, shape)
             targets[target.path] = target
             for name in _spellings(target):
-                alias(name, target.path)
+                names.alias(name, target.path)
     sai = _sai_modules(targets)
-    fused: dict[str, FusedModule] = {}
     for module in sai:
-        for name in sai_spellings(module.name):
-            if module.fused:
-                fused[name] = module
-            else:
-                alias(name, module.parts[0][0])
-    return Sd3Architecture(base, targets, aliases, CONVENTION, fused, tuple(sai), variant)
+        names.layout(module, sai_spellings(module.name))
+    return Sd3Architecture(base, targets, names.aliases, CONVENTION, names.fused, tuple(sai), variant)
 
 
 def release_variant(base: str, variant: str | None) -> str:
