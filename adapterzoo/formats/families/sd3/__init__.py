@@ -32,16 +32,15 @@ SD35_MODELSPEC = {probe.LARGE: "stable-diffusion-3-5-large", probe.TURBO: "stabl
                   probe.MEDIUM: "stable-diffusion-3-5-medium", None: "stable-diffusion-3-5"}
 
 
-def _architecture(base: str) -> Architecture:
+def _architecture(base: str, variant: str | None = None) -> Architecture:
+    """A release's real-size targets: SD3.5 Large's unless `variant` says Medium."""
     from adapterzoo.formats.families.sd3.modules import builtin_architecture
 
-    return builtin_architecture(base)
+    return builtin_architecture(base, variant)
 
 
 def _lora_architecture(base: str, found: ProbeResult) -> Architecture:
-    from adapterzoo.formats.families.sd3.modules import builtin_architecture
-
-    return builtin_architecture(base, found.details.get("variant"))
+    return _architecture(base, found.details.get("variant"))
 
 
 def _architecture_from_tables(base: str, tables: dict[str, ModuleTable]) -> Architecture:
