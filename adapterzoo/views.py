@@ -16,6 +16,7 @@ from adapterzoo.zoo.events import history as events_of
 from adapterzoo.zoo.models import FileEntry, Verification
 from adapterzoo.zoo.queries import entries_by_id, latest_verifications, sources_of, verifications_of
 from adapterzoo.zoo.scan import ScanReport
+from adapterzoo.zoo.stated import source_warnings
 from adapterzoo.zoo.triggers import tag_counts
 
 HISTORY_SHOWN = 20  # newest events `show` lists
@@ -35,13 +36,15 @@ def file_rows(engine: Engine, entries: list[FileEntry], host: str | None = None)
 
 
 def file_detail(engine: Engine, entry: FileEntry) -> dict[str, Any]:
-    """`show --json` / `GET /api/files/{id}`: the row with every location, its sources, its newest events (moves,
+    """`show --json` / `GET /api/files/{id}`: the row with every location, its sources (and what they say that the tensors contradict), its newest events (moves,
     trash, ...), its latest and every verification, the training tags counted over the dataset folders, and how
     adapterzoo made the file (if it did)."""
     verifications = verifications_of(engine, entry.id)
+    sources = sources_of(engine, entry.id)
     return {
         **entry.to_json(),
-        "sources": [s.to_json() for s in sources_of(engine, entry.id)],
+        "sources": [s.to_json() for s in sources],
+        "source_warnings": source_warnings(entry.base, entry.details or {}, sources),
         "history": [e.to_json() for e in events_of(engine, entry.id, limit=HISTORY_SHOWN)],
         "verification": verifications[0].to_json() if verifications else None,
         "verifications": [v.to_json() for v in verifications],

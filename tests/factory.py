@@ -1032,7 +1032,8 @@ def folder_sd1_inpaint(folder: Path) -> Case:
 
 
 def _sd3_specs(depth: int = 24) -> Specs:
-    """SD3-medium MMDiT single file: joint_blocks, x_embedder, plus its 16-channel VAE and CLIP-L."""
+    """SD3-medium MMDiT single file: joint_blocks (no q/k norms: those are SD3.5's), x_embedder, plus its 16-channel
+    VAE and CLIP-L."""
     hidden, dt = 64 * depth, "F16"
     p = "model.diffusion_model."
     specs: Specs = {p + "x_embedder.proj.weight": (dt, (hidden, 16, 2, 2)), p + "x_embedder.proj.bias": (dt, (hidden,)),
@@ -1049,8 +1050,6 @@ def _sd3_specs(depth: int = 24) -> Specs:
             last_context = block == "context_block" and i == depth - 1  # pre_only: no proj, no mlp
             specs[q + "adaLN_modulation.1.weight"] = (dt, ((2 if last_context else 6) * hidden, hidden))
             specs[q + "attn.qkv.weight"] = (dt, (3 * hidden, hidden))
-            specs[q + "attn.ln_q.weight"] = (dt, (64,))
-            specs[q + "attn.ln_k.weight"] = (dt, (64,))
             if not last_context:
                 specs[q + "attn.proj.weight"] = (dt, (hidden, hidden))
                 specs[q + "mlp.fc1.weight"] = (dt, (4 * hidden, hidden))

@@ -112,7 +112,7 @@ def test_every_dialect_reads_the_same_delta(tmp_path, arch, factors, musubi, dia
     else:
         path = musubi
     found = probe(path)
-    assert found.format == {"comfy": "bfl", "ai-toolkit": "bfl", "diffusers": "diffusers"}.get(dialect, "kohya")
+    assert found.format == {"comfy": "comfy", "ai-toolkit": "comfy", "diffusers": "diffusers"}.get(dialect, "kohya")
     assert_same_deltas(load_lora(path, architecture=arch), expected)
 
 
@@ -287,7 +287,7 @@ def test_a_real_size_musubi_lora_converts_against_the_builtin_table(tmp_path, ca
         capsys, monkeypatch)
     report = cli(["convert", str(tmp_path / "comfy.safetensors"), "-o", str(tmp_path / "out.safetensors"),
                   "--to", "diffusers"], capsys, monkeypatch)
-    assert (report["base"], report["from"]) == ("zimage", "bfl")
+    assert (report["base"], report["from"]) == ("zimage", "comfy")
     x = {w: torch.randn(w, generator=gen, dtype=torch.float64) for w in (3840, 10240)}
 
     def applied(state_dict: dict) -> dict:

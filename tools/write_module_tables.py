@@ -1,6 +1,6 @@
 """Write adapterzoo/data/module_tables.json.gz: the module tables `formats.model.module_tables` ships.
 
-One table per (model class, config) that the built-in SD1/SD2/SDXL/Flux.1 bases and standard single files
+One table per (model class, config) that the built-in SD1/SD2/SDXL/SD3/SD3.5/Flux.1 bases and standard single files
 (those bases, plus the 9-channel inpainting UNets) ask for, built on the `meta` device by the installed
 diffusers and transformers. The single files are the test factory's sparse ones: every real key and
 shape, no data. Run it after changing a built-in config or the config inference, then run the tests:
@@ -29,6 +29,8 @@ from adapterzoo.formats.families.flux.modules import (  # noqa: E402
 )
 from adapterzoo.formats.families.sd.modules import TEXT_ENCODER_CONFIGS, UNET_CONFIGS  # noqa: E402
 from adapterzoo.formats.families.sd.targets import single_file_parts  # noqa: E402
+from adapterzoo.formats.families.sd3.modules import CONFIGS as MMDIT_CONFIGS  # noqa: E402
+from adapterzoo.formats.families.sd3.modules import MMDIT_CLASS  # noqa: E402
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file  # noqa: E402
 from adapterzoo.formats.model.module_tables import (  # noqa: E402
     CLIP_CLASS,
@@ -55,6 +57,8 @@ def wanted() -> dict[str, tuple[str, dict]]:
         config = {**FLUX_DEV_CONFIG, "guidance_embeds": guidance}
         found[table_key(FLUX_CLASS, config)] = (FLUX_CLASS, config)
     found[table_key(CLIP_CLASS, CLIP_L_CONFIG)] = (CLIP_CLASS, CLIP_L_CONFIG)
+    for config in MMDIT_CONFIGS.values():  # SD3 Medium, SD3.5 Large and Medium (their text encoders are above)
+        found[table_key(MMDIT_CLASS, config)] = (MMDIT_CLASS, config)
     found[table_key(T5_CLASS, T5_XXL_CONFIG)] = (T5_CLASS, T5_XXL_CONFIG)
     with tempfile.TemporaryDirectory() as tmp:
         for base, channels in STANDARD_FILES:

@@ -12,7 +12,7 @@ import click
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import describe_event, describe_location, describe_source, emit_json, print_table
 from adapterzoo.formats.io.probe_result import KINDS
-from adapterzoo.formats.model.registry import bases
+from adapterzoo.formats.model.registry import bases, detail_values
 from adapterzoo.views import human_size
 
 
@@ -57,6 +57,9 @@ DEFAULT_COLUMNS = "id,kind,base,format,rank,autov2,status,verified,name"
 @cli.command("list")
 @click.option("--kind", type=click.Choice(KINDS), help="Only entries of this kind.")
 @click.option("--base", type=click.Choice([*bases(), "unknown"]), help="Only entries for this base model.")
+@click.option("--family", type=click.Choice(detail_values("family")),
+              help="Only files of this family of their base: what the file's own metadata names, else its Civitai "
+              "source's label.")
 @click.option("--query", metavar="TEXT",
               help="Only entries whose path, trigger words, or source's model name, version name or trained "
               "words contain TEXT.")
@@ -70,7 +73,7 @@ DEFAULT_COLUMNS = "id,kind,base,format,rank,autov2,status,verified,name"
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.pass_obj
 def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | None, verdict: str | None,
-          host: str | None, here: bool, columns: str, as_json: bool) -> None:
+          family: str | None, host: str | None, here: bool, columns: str, as_json: bool) -> None:
     """List registry entries: one row per file (content), wherever its copies are."""
     from adapterzoo.views import file_rows
     from adapterzoo.zoo.db import open_registry
@@ -84,7 +87,8 @@ def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | 
         raise click.UsageError("give --host H or --here, not both")
     host = current_host() if here else host
     engine = open_registry(obj["db"])
-    rows = file_rows(engine, list_entries(engine, kind=kind, base=base, query=query, verdict=verdict, host=host), host)
+    rows = file_rows(engine, list_entries(engine, kind=kind, base=base, query=query, verdict=verdict,
+                                          family=family, host=host), host)
     if as_json:
         emit_json(rows)
         return
@@ -134,6 +138,10 @@ def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
         elif key == "history":
             for event in value:
                 click.echo(f"{'history':14} {describe_event(event)}")
+            continue
+        elif key == "source_warnings":
+            for warning in value:
+                click.echo(f"{'warning':14} {warning}")
             continue
         elif isinstance(value, list):
             value = ", ".join(map(str, value))

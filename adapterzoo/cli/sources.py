@@ -69,6 +69,8 @@ def enrich(obj: dict[str, Any], refs: tuple[str, ...], every: bool, retry_missin
         source = outcome["source"]
         said = describe_source({**source, "provider": "civitai"}) if source else outcome["reason"]
         click.echo(f"{outcome['status']:8} {outcome['id']:>4}  {outcome['name']}: {said}")
+        for warning in outcome["warnings"]:
+            click.echo(f"warning  {warning}")
         for path in outcome["sidecars"]:
             click.echo(f"wrote    {path}")
     counts = {s: sum(o["status"] == s for o in outcomes) for s in ("found", "unknown", "skipped")}

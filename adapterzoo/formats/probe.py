@@ -25,6 +25,8 @@ from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.safetensors_header import SafetensorsHeader, read_header
 from adapterzoo.formats.io.safetensors_values import read_number
 from adapterzoo.formats.io.tensor_table import (
+    FRIENDLY_DTYPE,
+    TensorMeta,
     TensorTable,
     dominant_dtype,
     one_number,
@@ -36,6 +38,7 @@ from adapterzoo.formats.lora.probe_lora import ScalarReader, probe_lora
 from adapterzoo.formats.model.registry import families, family_of, first
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
+GGUF_SUFFIX = ".gguf"
 LORA_UNREAD = "looks like a LoRA, but its key names match no dialect we read"  # the warning, and convert's reason
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
@@ -77,6 +80,31 @@ def _probe_safetensors(path: Path, peft_config: dict | None = None) -> ProbeResu
     result = ProbeResult(path=str(path), data_offset=header.data_offset)
     scalar = _numbers(dict.fromkeys(header.tensors, (path, header)))
     return classify(table_from_header(header), header.metadata, scalar, result, peft_config)
+
+
+def _probe_gguf(path: Path) -> ProbeResult:
+    """A GGUF's names and shapes through the same recognisers; format `gguf`, the family's own layout in
+    `details.layout`, the quantisation types (tensors per type) in `details.quantization`, dtype the commonest."""
+    from adapterzoo.formats.io.gguf_header import UNQUANTISED, read_gguf_header, read_scalar
+
+    header = read_gguf_header(path)
+    table = {name: TensorMeta(t.shape, t.quant) for name, t in header.tensors.items()}
+    metadata = {k: str(v) for k, v in header.metadata.items() if not isinstance(v, list)}
+    result = classify(table, metadata, lambda key: read_scalar(path, header, key), ProbeResult(path=str(path)))
+    counts: dict[str, int] = {}
+    elements: dict[str, int] = {}
+    for meta in table.values():
+        counts[meta.dtype] = counts.get(meta.dtype, 0) + 1
+        elements[meta.dtype] = elements.get(meta.dtype, 0) + meta.numel
+    quant = max(elements, key=elements.__getitem__) if elements else None
+    result.dtype = FRIENDLY_DTYPE.get(quant, quant) if quant in UNQUANTISED else quant
+    result.details |= {"layout": result.format, "quantization": dict(sorted(counts.items())),
+                       "gguf_architecture": metadata.get("general.architecture")}
+    result.format = "gguf"
+    if result.base == "unknown" and metadata.get("general.architecture"):
+        result.warnings.append(f"a GGUF of a {metadata['general.architecture']!r} model (general.architecture), "
+                               "whose tensors no family here recognises")
+    return result
 
 
 def _probe_pickle(path: Path) -> ProbeResult:
@@ -222,12 +250,14 @@ def probe(path: str | os.PathLike) -> ProbeResult:
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return _probe_safetensors(path)
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if suffix == GGUF_SUFFIX or head.startswith(b"GGUF"):
+        return _probe_gguf(path)
     from adapterzoo.formats.io.pickle_safe import PICKLE_SUFFIXES
 
     if suffix in PICKLE_SUFFIXES:
         return _probe_pickle(path)
-    with open(path, "rb") as fh:
-        head = fh.read(16)
     if head.startswith(b"PK") or head[:1] == b"\x80":
         return _probe_pickle(path)
     return _probe_safetensors(path)

@@ -21,6 +21,7 @@ from adapterzoo.zoo.models import FileEntry, Location, Source, UnknownFile
 from adapterzoo.zoo.queries import find_entry
 from adapterzoo.zoo.remote import SourceRecord
 from adapterzoo.zoo.sources import record_source, save_preview
+from adapterzoo.zoo.stated import disagreements
 
 PROVIDER = "civitai"
 
@@ -36,10 +37,12 @@ class Outcome:
     reason: str | None = None
     source: dict[str, Any] | None = None
     sidecars: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the source says that the file's tensors contradict
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "path": self.path, "name": Path(self.path).name if self.path else None, "sha256": self.sha256,
-                "status": self.status, "reason": self.reason, "source": self.source, "sidecars": self.sidecars}
+                "status": self.status, "reason": self.reason, "source": self.source, "sidecars": self.sidecars,
+                "warnings": self.warnings}
 
 
 def enrich(engine: Engine, refs: list[str], every: bool = False, retry_missing: bool = False,
@@ -79,7 +82,8 @@ def enrich(engine: Engine, refs: list[str], every: bool = False, retry_missing: 
             preview = previews.get(version["id"])
             record_source(session, entry.id, record, preview, now)
             outcome = Outcome(entry.id, entry.path, entry.sha256, "found",
-                              source={**record.columns(), "preview_path": preview})
+                              source={**record.columns(), "preview_path": preview},
+                              warnings=disagreements(record.base, record.base_stated, entry.base, entry.details or {}))
             if write_sidecars and not entry.is_folder and not entry.missing:
                 outcome.sidecars = _write_sidecars(Path(entry.path), version, preview)
             outcomes[entry.id] = outcome

@@ -40,6 +40,7 @@ from adapterzoo.zoo.refs import locked_remote, resolve_ref
 from adapterzoo.zoo.remote import RemoteFile
 from adapterzoo.zoo.scan import Probed, index_file, probe_entry
 from adapterzoo.zoo.sources import record_source, save_preview
+from adapterzoo.zoo.stated import disagreements
 
 CIVITAI = Host("Civitai", "CIVITAI_API_TOKEN")
 
@@ -243,12 +244,10 @@ class _Puller:
 
 
 def _disagreements(remote: RemoteFile, probed: Probed) -> list[str]:
-    """Where the source's kind or base is not what the file turned out to be."""
+    """Where the source's kind, base or what its label says beyond the base (an SDXL family, an SD3.5 size) is not
+    what the file turned out to be."""
     if probed.result is None:
         return []
     stated = remote.source
     notes = [note] if (note := choose_kind(stated.kind, probed.result)[1]) else []
-    found = probed.result.base
-    if stated.base != "unknown" and found != "unknown" and stated.base != found:
-        notes.append(f"the source says base {stated.base_stated or stated.base} but the file is {found}")
-    return notes
+    return notes + disagreements(stated.base, stated.base_stated, probed.result.base, probed.result.details)

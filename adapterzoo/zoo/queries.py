@@ -16,6 +16,7 @@ from adapterzoo.errors import AdapterzooError
 from adapterzoo.zoo.hosts import SHARED_HOST, current_host
 from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Location, RootMount, Source, Verification
 from adapterzoo.zoo.roots import load_places
+from adapterzoo.zoo.stated import stated_detail
 
 HEX = re.compile(r"[0-9a-f]+")
 MIN_SHA256_PREFIX = 8
@@ -48,15 +49,21 @@ class FileFilter:
 
 def list_entries(
     engine: Engine, kind: str | None = None, base: str | None = None, query: str | None = None,
-    verdict: str | None = None, host: str | None = None,
+    verdict: str | None = None, host: str | None = None, family: str | None = None,
 ) -> list[FileEntry]:
     """Entries by path (as this host sees them); `query` matches a path, trigger words, or a source's
     model/version name or trained words, ignoring case; `verdict` is the latest verification's (pass, fail) or
-    `never` for files never verified; `host`: only files with a location that host reaches (present or not)."""
+    `never` for files never verified; `host`: only files with a location that host reaches (present or not);
+    `family` keeps those of that family (SDXL's), as the file's own metadata names it, else its sources' labels
+    (`zoo.stated`)."""
     statement = _filtered(select(FileEntry), FileFilter(kind, base, query, verdict, host=host))
     with Session(engine) as session:
-        entries = list(session.scalars(statement))
-    return sorted(entries, key=lambda e: (e.path is None, e.path or "", e.id))
+        entries = sorted(session.scalars(statement), key=lambda e: (e.path is None, e.path or "", e.id))
+    if family is None:
+        return entries
+    sources = sources_for(engine, [e.id for e in entries])
+    return [e for e in entries if stated_detail(e.details or {}, [s.base_stated for s in sources[e.id]],
+                                                "family") == family]
 
 
 def page_entries(engine: Engine, chosen: FileFilter, sort: str = "name", page: int = 1,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from adapterzoo.formats.io.model_folders import is_model_folder
 
-MODEL_SUFFIXES = frozenset({".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin"})
+MODEL_SUFFIXES = frozenset({".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf"})
 SKIPPED_SUFFIXES = frozenset({".optim", ".part"})  # optimizer states and unfinished downloads
 SKIPPED_FOLDERS = frozenset({"__pycache__", "node_modules", "site-packages", "venv"})
 

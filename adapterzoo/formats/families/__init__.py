@@ -29,7 +29,8 @@ line, or asks the next family):
 - checkpoint layouts (`Checkpoints`): `file_base(table)`, `owns_folder` / `folder_base`,
   `to_single_file(folder, dtype)`, `to_folder(source, dtype, folder)`, `targets(path, source)` (where each
   LoRA target's weight lives, for merge and extract);
-- sources and sampling: `civitai_base_models`, `hub_hints`, `sampling` (`Sampling`: the bases verify
+- sources and sampling: `civitai_base_models`, `civitai_details` (what a label implies beyond the base: an
+  SDXL family, an SD3.5 size), `hub_hints`, `sampling` (`Sampling`: the bases verify
   renders; pipeline class, scheduler and guidance facts belong there as verify learns new families).
 
 Keep the declaration module light: torch, diffusers and transformers only inside the functions that need

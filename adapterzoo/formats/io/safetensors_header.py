@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from adapterzoo.errors import BadFileError
 
 MAX_HEADER_BYTES = 100_000_000
+GGUF_MAGIC = b"GGUF"  # llama.cpp's format: quantised weights read by probe alone (io.gguf_header)
 U64_LIMIT = 2**64
 
 # Bits per element; sub-byte types are packed.
@@ -121,6 +122,9 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     file_size = path.stat().st_size
     with open(path, "rb") as fh:
         prefix = fh.read(8)
+        if prefix.startswith(GGUF_MAGIC):
+            raise BadFileError(f"{path.name} is a quantised GGUF: its weights cannot be changed exactly; merge into "
+                               "(or convert) the unquantised file")
         if len(prefix) < 8:
             raise BadFileError(f"file is {file_size} bytes, too short for a safetensors header")
         (header_len,) = struct.unpack("<Q", prefix)

@@ -30,17 +30,22 @@ _CLONEOFSIMO_PART = re.compile(r"^(?P<component>[a-z_0-9]+):(?P<index>\d+):(?P<p
 
 
 @functools.cache
-def family_dialects() -> dict[str, Dialect]:
-    """Every family's own dialects by name, in detection order."""
-    return {dialect.name: dialect for family in families() for dialect in family.dialects}
+def family_dialects() -> dict[str, tuple[Dialect, ...]]:
+    """Every family's own dialects by name, in detection order; families may share a name (ComfyUI's `comfy`
+    spellings of several families), each recognising and splitting its own keys."""
+    found: dict[str, tuple[Dialect, ...]] = {}
+    for family in families():
+        for dialect in family.dialects:
+            found[dialect.name] = found.get(dialect.name, ()) + (dialect,)
+    return found
 
 
 def detect_lora_dialect(keys: list[str]) -> str | None:
     """Format vocabulary of DESIGN.md (kohya, kohya-ldm, diffusers, ...), or None if not a LoRA."""
     if any(_CLONEOFSIMO_PART.match(k) for k in keys):
         return "cloneofsimo"
-    for name, dialect in family_dialects().items():
-        if dialect.speaks(keys):
+    for name, dialects in family_dialects().items():
+        if any(dialect.speaks(keys) for dialect in dialects):
             return name
     if any(k.startswith(PEFT_PREFIX) and (".lora_A." in k or ".lora_B." in k) for k in keys):
         return "peft"
@@ -82,7 +87,7 @@ def split_key(key: str, dialect: str) -> tuple[str, str] | None:
         m = _TRANSITIONAL_PART.match(key)
         return (m["module"], m["part"]) if m else None
     if (own := family_dialects().get(dialect)) is not None:
-        return own.split(key)
+        return next((split for each in own if (split := each.split(key)) is not None), None)
     return split_suffix(key, PEFT_SUFFIXES if dialect in ("diffusers", "peft") else KOHYA_SUFFIXES)
 
 

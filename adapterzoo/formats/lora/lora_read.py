@@ -47,7 +47,7 @@ from adapterzoo.formats.lora.lora_model import (
 from adapterzoo.formats.lora.lora_parts import DIFFUSERS_ADAPTER_METADATA, PEFT_PREFIX
 from adapterzoo.formats.lora.probe_lora import config_number, probe_lora
 from adapterzoo.formats.model.architectures import builtin_architecture
-from adapterzoo.formats.model.registry import family_of, lora_bases
+from adapterzoo.formats.model.registry import bases, family_of
 from adapterzoo.formats.model.targets import Architecture, FusedModule, Target
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -138,7 +138,7 @@ def load_lora(
     if architecture is None:
         found = _probe_source(source)
         base = base or found.base
-        if base not in lora_bases():
+        if base not in bases():  # a family that reads no LoRAs refuses in its own words (builtin_architecture)
             raise BadFileError(f"cannot tell the base model from this file (probe says {base}); pass --base")
         variant = found.details.get("variant") if found.base == base else None
         architecture = builtin_architecture(base, variant)

@@ -20,8 +20,11 @@ if TYPE_CHECKING:
 
 def _family_with_tables(base: str) -> Family:
     family = family_of(base)
-    if family is None or family.architecture is None:
+    if family is None:
         raise AdapterzooError(f"no architecture table for base {base!r} (have: {', '.join(lora_bases())})")
+    if family.architecture is None:
+        raise AdapterzooError(f"{family.title} files are recognised, but their LoRAs are not read yet: adapterzoo "
+                              f"has no module table for {base} (LoRAs are read for {', '.join(lora_bases())})")
     return family
 
 

@@ -115,5 +115,7 @@ class Family:
     # -- checkpoints, sources, sampling --
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
     civitai_base_models: dict[str, tuple[str, ...]] = field(default_factory=dict)  # base -> Civitai baseModel labels
+    # Civitai label -> what its files' probe details must say (SDXL's family, SD3.5's variant), to check it against
+    civitai_details: dict[str, dict[str, str]] = field(default_factory=dict)
     hub_hints: tuple[tuple[str, str], ...] = ()  # (word in a Hub base_model tag, base), tried in order
     sampling: Sampling | None = None

@@ -61,6 +61,23 @@ def lora_targets() -> tuple[str, ...]:
     return COMMON_LORA_TARGETS + tuple(dict.fromkeys(own))
 
 
+def civitai_base(label: str | None) -> str:
+    """The base a Civitai baseModel label names, as the families declare it; `unknown` for any other label."""
+    return next((base for family in families() for base, labels in family.civitai_base_models.items()
+                 if label in labels), "unknown")
+
+
+def civitai_details(label: str | None) -> dict[str, str]:
+    """What a Civitai baseModel label says beyond the base (`{"family": "pony"}`, `{"variant": "medium"}`)."""
+    return next((dict(family.civitai_details[label]) for family in families() if label in family.civitai_details), {})
+
+
+def detail_values(detail: str) -> tuple[str, ...]:
+    """Every value the families' Civitai labels give `detail` (the choices of `list --family`), sorted."""
+    return tuple(sorted({said[detail] for family in families() for said in family.civitai_details.values()
+                         if detail in said}))
+
+
 def first(answers: Iterable[str | None]) -> str | None:
     """The first answer that is not None, the families asked in detection order."""
     return next((answer for answer in answers if answer is not None), None)

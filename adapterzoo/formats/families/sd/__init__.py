@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from adapterzoo.formats.model.targets import Architecture
     from adapterzoo.formats.model.weight_locations import CheckpointTargets
 
+SDXL_LABELS = ("SDXL 0.9", "SDXL 1.0", "SDXL 1.0 LCM", "SDXL Distilled", "SDXL Turbo", "SDXL Lightning", "SDXL Hyper")
+SDXL_FAMILY_LABELS = {"Pony": "pony", "Illustrious": "illustrious", "NoobAI": "noobai"}  # Civitai's SDXL ecosystems
 # base -> (ModelSpec architecture prefix every id of that base starts with, default id)
 MODELSPEC = {
     "sd1": ("stable-diffusion-v1", "stable-diffusion-v1"),
@@ -92,6 +94,7 @@ FAMILY = Family(
     order=90,  # recognised by widths that other families' files can share: asked last
     lora_base=probe.lora_base,
     metadata_base=probe.metadata_base,
+    describe_lora=probe.describe_lora,
     probe_checkpoint=probe.probe_checkpoint,
     pipeline_base=probe.pipeline_base,
     embedding_base=probe.embedding_base,
@@ -110,9 +113,10 @@ FAMILY = Family(
     civitai_base_models={
         "sd1": ("SD 1.4", "SD 1.5", "SD 1.5 LCM", "SD 1.5 Hyper"),
         "sd2": ("SD 2.0", "SD 2.0 768", "SD 2.1", "SD 2.1 768", "SD 2.1 Unclip"),
-        "sdxl": ("SDXL 0.9", "SDXL 1.0", "SDXL 1.0 LCM", "SDXL Distilled", "SDXL Turbo", "SDXL Lightning",
-                 "SDXL Hyper", "Pony", "Illustrious", "NoobAI"),
+        "sdxl": SDXL_LABELS + tuple(SDXL_FAMILY_LABELS),  # not "Pony V7": that Pony is an AuraFlow
     },
+    civitai_details={**{label: {"family": "sdxl"} for label in SDXL_LABELS},
+                     **{label: {"family": family} for label, family in SDXL_FAMILY_LABELS.items()}},
     hub_hints=(("xl", "sdxl"), ("stable-diffusion-2", "sd2"), ("v2-", "sd2"), ("stable-diffusion-v1", "sd1"),
                ("v1-5", "sd1"), ("sd-1", "sd1")),
     sampling=Sampling(

@@ -40,10 +40,25 @@ TEXT_ENCODER_BASE = {  # a single file's text-encoder root -> the base it marks
 }
 UNET_ROOTS = (unet_names.LDM_PREFIX, "input_blocks.", "conv_in.")
 _DEPTH = re.compile(r"transformer_blocks[._](\d+)[._]")
+# SDXL's community families, as names of their base models spell them; NoobAI (trained from Illustrious) first.
+SDXL_FAMILIES = (
+    ("noobai", re.compile(r"noob[-_ ]?ai|noobxl", re.IGNORECASE)),
+    ("illustrious", re.compile(r"illustrious", re.IGNORECASE)),
+    ("pony", re.compile(r"pony[-_ ]?diffusion|pony[-_ ]?xl|pony[-_ ]?v6|(?<![a-z])pdxl(?![a-z])|autismmix", re.IGNORECASE)),
+    ("sdxl", re.compile(r"sd[-_]?xl[-_]base|stable[-_]diffusion[-_]xl[-_]base", re.IGNORECASE)),
+)
+# Where a file names the model it is or was trained on, asked in this order. A LoRA's ModelSpec title is its own
+# name, not its base's, so a checkpoint's alone is read; `pony` alone is a pony in a base model's file name only.
+_FAMILY_FIELDS = ("modelspec.architecture", "modelspec.title", "ss_base_model_version", "ss_sd_model_name")
+_LOOSE_PONY = re.compile(r"pony", re.IGNORECASE)
+DIT_PREFIXES = ("transformer.", "lora_transformer_", "diffusion_model.")  # a DiT's modules, never a UNet's
 
 
 def lora_base(modules: dict[str, dict[str, str]], table: TensorTable) -> str | None:
-    """The cross-attention context width of the UNet modules, else the text encoders' widths, else depth."""
+    """The cross-attention context width of the UNet modules, else the text encoders' widths, else depth. A file
+    naming a DiT's transformer (another family's, at a size no family recognised) is none of these."""
+    if any(module.startswith(DIT_PREFIXES) for module in modules):
+        return None
     names = " ".join(modules)
     if "lora_te2_" in names or "text_encoder_2." in names:
         return "sdxl"
@@ -82,6 +97,32 @@ def metadata_base(metadata: dict[str, str]) -> str | None:
     if version.startswith("sd_v1") or "-v1" in arch:
         return "sd1"
     return None
+
+
+def sdxl_family(metadata: dict[str, str], checkpoint: bool) -> tuple[str, str | None]:
+    """(pony | illustrious | noobai | sdxl, the metadata field that named it, or None for SDXL by default)."""
+    for field in _FAMILY_FIELDS:
+        text = metadata.get(field, "")
+        if not text or (field == "modelspec.title" and not checkpoint):
+            continue
+        for family, pattern in SDXL_FAMILIES:
+            if pattern.search(text):
+                return family, field
+        if field == "ss_sd_model_name" and _LOOSE_PONY.search(text):
+            return "pony", field
+    return "sdxl", None
+
+
+def describe_sdxl_family(result: ProbeResult) -> None:
+    """`details.family` of an SDXL file, and `details.family_from`: the field that named it, or null where nothing
+    did (then the Civitai source's label, if any, says more; see zoo)."""
+    if result.base == "sdxl":
+        family, where = sdxl_family(result.metadata, result.kind == "checkpoint")
+        result.details["family"], result.details["family_from"] = family, where
+
+
+def describe_lora(modules: dict[str, dict[str, str]], table: TensorTable, result: ProbeResult) -> None:
+    describe_sdxl_family(result)
 
 
 def pipeline_base(pipeline_class: str, config: dict) -> str | None:
@@ -149,6 +190,7 @@ def probe_checkpoint(table: TensorTable, result: ProbeResult) -> bool:
     for key, meta in table.items():
         if key.endswith("embeddings.position_ids") and not meta.dtype.startswith("I"):
             result.warnings.append(f"{key} is stored as {meta.dtype}, not int64: a broken CLIP from a bad merge")
+    describe_sdxl_family(result)
     return True
 
 
