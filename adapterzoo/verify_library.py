@@ -28,6 +28,7 @@ from adapterzoo.zoo.hosts import current_host
 from adapterzoo.zoo.models import FileEntry
 from adapterzoo.zoo.queries import list_entries
 from adapterzoo.zoo.verifications import record_verification
+from adapterzoo.zoo.verify_queue import Job
 
 ADAPTERS = ("lora", "lycoris", "hypernetwork", "embedding", "vae")  # verified on a checkpoint of their base
 UNOPENED = ("missing", "unsafe", "broken")
@@ -51,7 +52,7 @@ class LibraryReport:
         return line
 
 
-def _unopened(entry: FileEntry, why: str, reason: str) -> dict[str, Any]:
+def unopened_result(entry: FileEntry, why: str, reason: str) -> dict[str, Any]:
     """What is said of a file that was not opened: a fail, with why it was not."""
     return {"file": entry.path, "sha256": entry.sha256, "kind": entry.kind, "base": entry.base,
             "format": entry.format, "checkpoint": None, "checkpoint_sha256": None, "verdict": "fail",
@@ -59,8 +60,8 @@ def _unopened(entry: FileEntry, why: str, reason: str) -> dict[str, Any]:
             "version": __version__, "skipped": why}
 
 
-def _failed(entry: FileEntry, checkpoint: Path, checkpoint_sha256: str | None, sha: str | None, reason: str,
-            start: float) -> dict[str, Any]:
+def failed_result(entry: FileEntry | Job, checkpoint: Path, checkpoint_sha256: str | None, sha: str | None,
+                  reason: str, start: float) -> dict[str, Any]:
     """A file that could not be verified: a fail with the one line its error says, recorded like any result."""
     return {"file": entry.path, "sha256": sha, "kind": entry.kind, "base": entry.base, "format": entry.format,
             "checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_sha256, "verdict": "fail",
@@ -68,7 +69,7 @@ def _failed(entry: FileEntry, checkpoint: Path, checkpoint_sha256: str | None, s
             "seconds": round(time.monotonic() - start, 3), "parameters": {}, "version": __version__, "skipped": None}
 
 
-def _error_line(exc: Exception) -> str:
+def error_line(exc: Exception) -> str:
     """Our own errors say what and why; anything else names its type (as scan does for a failed probe)."""
     return str(exc) if isinstance(exc, AdapterzooError) else f"verify failed: {type(exc).__name__}: {exc}"
 
@@ -100,33 +101,48 @@ def verify_each(engine: Engine, checkpoint: Path, files: list[Path], options: Ve
         yield result
 
 
-def verify_library(engine: Engine, options: VerifyOptions, out_dir: Path, sha256_of: Callable[[Path], Any],
-                   kind: str | None = None, base: str | None = None, unverified: bool = False,
-                   checkpoint_for: dict[str, Path] | None = None, checkpoints: bool = False,
-                   progress_bar: bool = True) -> LibraryReport:
-    """Verify the registry's entries this host reaches (of `kind` and `base`; only those never verified if
-    `unverified`), record each result, write a grid per file and DIR/index.html. Checkpoints are each rendered alone, and only when
-    asked for (`kind` checkpoint, or `checkpoints` with every kind): a library's checkpoints are what its
-    other files are verified on, and loading each is the slow part."""
-    given = checkpoint_for or {}
+def select_library(engine: Engine, kind: str | None = None, base: str | None = None, unverified: bool = False,
+                   checkpoints: bool = False) -> tuple[dict[str, list[FileEntry]], LibraryReport]:
+    """The registry's entries this host reaches, of `kind` and `base` (only those never verified if `unverified`)
+    that verify opens, grouped by base (a checkpoint: by its own path); and a report holding those it does not
+    open (unsafe, broken, missing) and the kinds it leaves out. Checkpoints are selected only when asked for (`kind` checkpoint, or
+    `checkpoints` with every kind): a library's checkpoints are what its other files are verified on, and
+    loading each is the slow part."""
     kinds = (kind,) if kind else ADAPTERS + (("checkpoint",) if checkpoints else ())
-    sha256_of = cache(sha256_of)  # asked for the grid's name and again by the verifier
-    out_dir.mkdir(parents=True, exist_ok=True)
     report = LibraryReport()
     groups: dict[str, list[FileEntry]] = {}
     for entry in list_entries(engine, kind=kind, base=base, verdict="never" if unverified else None,
                               host=current_host()):
         if entry.status in UNOPENED:
-            report.results.append(_unopened(entry, entry.status, f"{entry.status}: {entry.error or 'file not found'}"))
+            report.results.append(unopened_result(entry, entry.status,
+                                                  f"{entry.status}: {entry.error or 'file not found'}"))
         elif entry.kind in kinds:
             groups.setdefault(entry.path if entry.kind == "checkpoint" else entry.base, []).append(entry)
         else:
             report.left_out[entry.kind] += 1
+    return dict(sorted(groups.items())), report
+
+
+def group_checkpoint(engine: Engine, entries: list[FileEntry], given: dict[str, Path]) -> Path | str:
+    """What a group of `select_library` renders on: a checkpoint itself, else its base's checkpoint; or why none."""
+    if entries[0].kind == "checkpoint":
+        return Path(entries[0].path)
+    return _checkpoint_for(engine, entries[0].base, given)
+
+
+def verify_library(engine: Engine, options: VerifyOptions, out_dir: Path, sha256_of: Callable[[Path], Any],
+                   kind: str | None = None, base: str | None = None, unverified: bool = False,
+                   checkpoint_for: dict[str, Path] | None = None, checkpoints: bool = False,
+                   progress_bar: bool = True) -> LibraryReport:
+    """Verify the entries `select_library` picks, record each result, write a grid per file and DIR/index.html."""
+    given = checkpoint_for or {}
+    sha256_of = cache(sha256_of)  # asked for the grid's name and again by the verifier
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups, report = select_library(engine, kind, base, unverified, checkpoints)
     todo = sum(len(entries) for entries in groups.values())
     with tqdm(total=todo, desc="verify", unit="file", disable=None if progress_bar else True) as bar:
-        for key, entries in sorted(groups.items()):
-            itself = entries[0].kind == "checkpoint"
-            checkpoint = Path(entries[0].path) if itself else _checkpoint_for(engine, key, given)
+        for entries in groups.values():
+            checkpoint = group_checkpoint(engine, entries, given)
             report.results += _verify_group(engine, entries, checkpoint, options, out_dir, sha256_of, bar)
     write_contact_sheet(out_dir, report.results, report.summary())
     return report
@@ -137,7 +153,7 @@ def _verify_group(engine: Engine, entries: list[FileEntry], checkpoint: Path | s
     """The files of one base on its checkpoint (or a checkpoint on itself): one pipeline load for them all."""
     if isinstance(checkpoint, str):
         bar.update(len(entries))
-        return [_unopened(entry, "no checkpoint", checkpoint) for entry in entries]
+        return [unopened_result(entry, "no checkpoint", checkpoint) for entry in entries]
     itself = entries[0].kind == "checkpoint"
     start = time.monotonic()
     try:
@@ -145,26 +161,34 @@ def _verify_group(engine: Engine, entries: list[FileEntry], checkpoint: Path | s
     except Exception as exc:  # noqa: BLE001 - one bad checkpoint must not stop the library
         bar.update(len(entries))
         if itself:  # the checkpoint under test does not load: its own fail
-            result = _failed(entries[0], checkpoint, None, None, _error_line(exc), start)
+            result = failed_result(entries[0], checkpoint, None, None, error_line(exc), start)
             record_verification(engine, result)
             return [result]
-        return [_unopened(e, "no checkpoint", f"checkpoint {checkpoint.name}: {_error_line(exc)}") for e in entries]
+        return [unopened_result(e, "no checkpoint", f"checkpoint {checkpoint.name}: {error_line(exc)}")
+                for e in entries]
     if not itself and entries[0].base != verifier.base:
         bar.update(len(entries))
-        return [_unopened(e, "no checkpoint", f"{checkpoint.name} is an {verifier.base} checkpoint, not "
-                                              f"{entries[0].base}") for e in entries]
+        return [unopened_result(e, "no checkpoint", f"{checkpoint.name} is an {verifier.base} checkpoint, not "
+                                                    f"{entries[0].base}") for e in entries]
     results = []
     for entry in entries:
-        start, sha = time.monotonic(), None
-        try:
-            sha = digest_of(sha256_of(Path(entry.path)))
-            result = verifier.verify(Path(entry.path), grid_file(out_dir, Path(entry.path), sha))
-        except Exception as exc:  # noqa: BLE001 - a bad file is a fail with its reason; the run goes on
-            result = _failed(entry, checkpoint, verifier.checkpoint_sha256, sha, _error_line(exc), start)
-        result["skipped"] = None
+        result = verify_entry(verifier, entry, out_dir, sha256_of)
         record_verification(engine, result)
         results.append(result)
         bar.update(1)
     del verifier
     gc.collect()  # the pipeline goes before the next base's is loaded
     return results
+
+
+def verify_entry(verifier: Verifier, entry: FileEntry | Job, out_dir: Path, sha256_of: Callable[[Path], Any]
+                 ) -> dict[str, Any]:
+    """One file's result, its grid in `out_dir`; a file that cannot be verified is a fail with its reason."""
+    start, sha = time.monotonic(), None
+    try:
+        sha = digest_of(sha256_of(Path(entry.path)))
+        result = verifier.verify(Path(entry.path), grid_file(out_dir, Path(entry.path), sha))
+    except Exception as exc:  # noqa: BLE001 - a bad file is a fail with its reason; the run goes on
+        result = failed_result(entry, verifier.checkpoint, verifier.checkpoint_sha256, sha, error_line(exc), start)
+    result["skipped"] = None
+    return result

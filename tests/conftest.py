@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest_plugins = ("fake_civitai", "fake_hub")  # their fixtures: fake_civitai, fake_hub
+pytest_plugins = ("fake_civitai", "fake_hub", "pg_server")  # fake_civitai, fake_hub; postgres_url, registry_db
 # Commands set torch's threads from it (devices.cpu_threads): in-process they would otherwise take every core.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -46,7 +46,7 @@ def knight(fake_civitai: FakeCivitai, tmp_path: Path) -> tuple[FakeCivitai, int,
 
 
 def test_a_civitai_version_is_pulled_with_the_token_kept_off_storage_and_registered_with_its_source(
-        knight, tmp_path: Path, capsys, monkeypatch) -> None:
+        knight, tmp_path: Path, capsys, monkeypatch, registry_db: str) -> None:
     fake, version_id, data = knight
     code, outcomes, err = pull_json([f"civitai:{version_id}", "--dest", str(tmp_path / "dl"), "--token", TOKEN],
                                     capsys, monkeypatch)

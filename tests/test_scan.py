@@ -8,7 +8,6 @@ import os
 import pickle
 import random
 import shutil
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
+from sqlalchemy import create_engine, text
 
 from adapterzoo.cli import cli
 from adapterzoo.formats import probe as probe_module
@@ -212,7 +212,7 @@ def test_summary_names_each_bad_file_and_exits_0(library: dict[str, Path]) -> No
 
 
 def test_rescan_reads_only_changed_files_and_flags_missing_ones(
-    library: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    library: dict[str, Path], monkeypatch: pytest.MonkeyPatch, registry_db: str
 ) -> None:
     first = scan_json(library["root"])
     ids = {r["path"]: r["id"] for r in first["files"]}
@@ -277,7 +277,7 @@ def test_a_thousand_unchanged_files_rescan_in_under_two_seconds(
     print(f"1000 files: first scan {first_s:.2f} s, unchanged rescan {rescan_s:.3f} s")
 
 
-def test_two_scans_of_one_folder_at_once(tmp_path: Path, registry_home: Path) -> None:
+def test_two_scans_of_one_folder_at_once(tmp_path: Path, registry_db: str) -> None:
     template = kohya_lora(tmp_path / "template.safetensors").read_bytes()
     root = tmp_path / "shared"
     for i in range(300):
@@ -289,9 +289,9 @@ def test_two_scans_of_one_folder_at_once(tmp_path: Path, registry_home: Path) ->
     for scan, (out, err) in zip(scans, outputs, strict=True):
         assert scan.returncode == 0 and err == "", err
         assert out.splitlines()[-1].endswith("1 broken, 0 unsafe, 0 missing")
-    with sqlite3.connect(registry_home / "registry.db") as connection:
-        count, paths = connection.execute("SELECT COUNT(*), COUNT(DISTINCT path) FROM locations").fetchone()
-        files = connection.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+    with create_engine(registry_db).connect() as connection:
+        count, paths = connection.execute(text("SELECT COUNT(*), COUNT(DISTINCT path) FROM locations")).one()
+        files = connection.execute(text("SELECT COUNT(*) FROM files")).scalar_one()
     assert count == paths == files == 301
 
 
@@ -315,7 +315,7 @@ def test_trigger_words_and_preview_come_from_metadata_and_sidecars(
     assert rows["nested.safetensors"]["trigger_words"] == ["new word"]
 
 
-def test_list_filters_by_kind_base_and_query(library: dict[str, Path]) -> None:
+def test_list_filters_by_kind_base_and_query(library: dict[str, Path], registry_db: str) -> None:
     scan_json(library["root"])
 
     def names(*args: str) -> list[str]:
@@ -335,7 +335,7 @@ def test_list_filters_by_kind_base_and_query(library: dict[str, Path]) -> None:
 
 
 def test_show_finds_an_entry_by_id_path_any_hash_or_sha256_prefix(
-    library: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    library: dict[str, Path], monkeypatch: pytest.MonkeyPatch, registry_db: str
 ) -> None:
     style = {Path(r["path"]).name: r for r in scan_json(library["root"])["files"]}["style.safetensors"]
     refs = [str(style["id"]), str(library["style"]), style["sha256"][:8], style["sha256"].upper(),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import sqlite3
 import time
 from pathlib import Path
 
@@ -14,9 +13,11 @@ from cli_helpers import run
 from factory import small_lora
 from fake_civitai import TOKEN, FakeCivitai
 from fake_hub import FakeHub
+from sqlalchemy import create_engine, text
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.zoo.civitai import CivitaiClient, parse_model_url
+from adapterzoo.zoo.db import registry_url
 from adapterzoo.zoo.refs import resolve_ref
 
 HIT_KEYS = {"source", "model_id", "version_id", "name", "version_name", "kind", "base", "url", "trained_words",
@@ -50,9 +51,10 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def registry_rows(home: Path, table: str) -> list[tuple]:
-    with sqlite3.connect(home / "registry.db") as connection:
-        return connection.execute(f"SELECT * FROM {table}").fetchall()
+def registry_rows(table: str) -> list[tuple]:
+    """The rows of `table` in the registry the commands use."""
+    with create_engine(registry_url()).connect() as connection:
+        return [tuple(row) for row in connection.execute(text(f"SELECT * FROM {table}"))]
 
 
 # -- search ------------------------------------------------------------------------------------
@@ -249,7 +251,8 @@ def test_plain_urls_and_nonsense() -> None:
 
 
 def test_enrich_records_sources_and_remembers_unknown_files(
-        civitai_models: FakeCivitai, loras: dict[str, Path], registry_home: Path, capsys, monkeypatch) -> None:
+        civitai_models: FakeCivitai, loras: dict[str, Path], registry_home: Path, registry_db: str, capsys,
+        monkeypatch) -> None:
     folder = loras["known"].parent
     assert run(["scan", str(folder)], capsys, monkeypatch)[0] == 0
     before = sorted(p.name for p in folder.iterdir())
@@ -284,7 +287,7 @@ def test_enrich_records_sources_and_remembers_unknown_files(
     code, out, _ = run(["enrich", "--all", "--retry-missing", "--json"], capsys, monkeypatch)
     assert [(o["name"], o["status"]) for o in json.loads(out)] == [("homemade.safetensors", "found")]
     assert [r["method"] for r in civitai_models.requests if "by-hash" in r["path"]] == ["GET"]  # one hash: GET
-    assert registry_rows(registry_home, "unknown_files") == []
+    assert registry_rows("unknown_files") == []
 
 
 def test_enrich_writes_sidecars_only_when_asked_and_a_rescan_reads_them(
@@ -317,7 +320,7 @@ def test_enrich_without_network_changes_nothing(loras: dict[str, Path], registry
     monkeypatch.setenv("CIVITAI_BASE_URL", f"http://127.0.0.1:{closed_port()}")
     code, out, err = run(["enrich", "--all"], capsys, monkeypatch)
     assert code == 1 and err.startswith("error: no network: could not reach 127.0.0.1:") and err.count("\n") == 1
-    assert registry_rows(registry_home, "sources") == [] and registry_rows(registry_home, "unknown_files") == []
+    assert registry_rows("sources") == [] and registry_rows("unknown_files") == []
     assert run(["enrich"], capsys, monkeypatch)[0] == 2  # neither files nor --all: a usage error
 
 
@@ -329,7 +332,8 @@ def test_enrich_posts_at_most_100_hashes_per_request(fake_civitai: FakeCivitai) 
 
 
 def test_lock_lists_sourced_files_with_refs_that_resolve_to_the_same_bytes(
-        civitai_models: FakeCivitai, loras: dict[str, Path], tmp_path: Path, capsys, monkeypatch) -> None:
+        civitai_models: FakeCivitai, loras: dict[str, Path], tmp_path: Path, registry_db: str, capsys,
+        monkeypatch) -> None:
     run(["scan", str(loras["known"].parent)], capsys, monkeypatch)
     run(["enrich", "--all"], capsys, monkeypatch)
     dest = tmp_path / "zoo.lock.json"

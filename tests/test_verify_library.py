@@ -101,7 +101,8 @@ def library(root: Path, checkpoint: Path) -> Path:
     return models
 
 
-def test_registry_verifies_each_file_on_its_base_and_reports_bad_entries_unopened(checkpoint, tmp_path, cli):
+def test_registry_verifies_each_file_on_its_base_and_reports_bad_entries_unopened(checkpoint, tmp_path, cli,
+                                                                                  registry_db):
     models = library(tmp_path, checkpoint)
     assert cli("scan", models)[0] == 0
     (models / "Lora" / "changed.safetensors").write_bytes(b"not a safetensors file at all")

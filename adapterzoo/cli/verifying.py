@@ -47,6 +47,12 @@ def verify_usage(files: tuple[str, ...], registry: bool, checkpoint: str | None,
     if registry:
         if files:
             raise click.UsageError("give FILE... or --registry, not both")
+        if library_options.get("status"):
+            if library_options.get("worker"):
+                raise click.UsageError("--status shows the queue; --worker works on it: give one")
+            return
+        if library_options.get("lease") is not None and not library_options.get("worker"):
+            raise click.UsageError("--lease is for --worker")
         if checkpoint or grid or not out_dir:
             raise click.UsageError("--registry writes to --out-dir DIR and takes --checkpoint-for BASE=CKPT "
                                    "(not --checkpoint or -o)")
@@ -71,6 +77,14 @@ def verify_usage(files: tuple[str, ...], registry: bool, checkpoint: str | None,
 @click.option("--unverified", is_flag=True, help="--registry: only files never verified.")
 @click.option("--checkpoint-for", "checkpoint_for", metavar="BASE=CKPT", multiple=True, type=CheckpointFor(),
               help="--registry: render BASE's files on CKPT (default: the one indexed checkpoint of BASE).")
+@click.option("--worker", is_flag=True,
+              help="--registry: one of any number of workers on one registry (PostgreSQL for several machines): "
+                   "queue the selection once, then verify jobs from the queue until none is left.")
+@click.option("--status", is_flag=True, help="--registry: show the worker queue (queued, running by host, done, "
+                                             "failed, rate) and exit.")
+@click.option("--lease", type=click.FloatRange(min=1), metavar="S",
+              help="--worker: seconds a job stays this worker's without a heartbeat; a dead worker's jobs are "
+                   "taken back after it (default 60).")
 @click.option("-o", "--output", "grid", metavar="GRID.png", type=click.Path(dir_okay=False),
               help="Write the grid here; with several files, GRID-<file stem>.png each.")
 @click.option("--out-dir", metavar="DIR", type=click.Path(file_okay=False),
@@ -87,14 +101,18 @@ def verify_usage(files: tuple[str, ...], registry: bool, checkpoint: str | None,
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (a list for several).")
 @click.pass_obj
 def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, registry: bool, kind: str | None,
-           base: str | None, unverified: bool, checkpoint_for: tuple[tuple[str, Path], ...], grid: str | None,
-           out_dir: str | None, prompts: tuple[str, ...], seeds: tuple[int, ...], multipliers: tuple[float, ...],
+           base: str | None, unverified: bool, checkpoint_for: tuple[tuple[str, Path], ...], worker: bool,
+           status: bool, lease: float | None, grid: str | None, out_dir: str | None, prompts: tuple[str, ...], seeds: tuple[int, ...], multipliers: tuple[float, ...],
            steps: int | None, size: tuple[int, int] | None, device: str, dtype: str | None, as_json: bool) -> None:
     """Render each FILE on CKPT (or, with --registry, each indexed file on a checkpoint of its base) at several
     multipliers and judge it: pass or fail, with every reason. Each result is stored in the registry; exit
     code 1 when any file fails."""
     verify_usage(files, registry, checkpoint, grid, out_dir,
-                 {"kind": kind, "base": base, "unverified": unverified, "checkpoint_for": checkpoint_for})
+                 {"kind": kind, "base": base, "unverified": unverified, "checkpoint_for": checkpoint_for,
+                  "worker": worker, "status": status, "lease": lease})
+    if status:
+        show_queue(obj["db"], as_json)
+        return
     sha256 = provenance_hasher(*([checkpoint, *files] if checkpoint else []))
     use_threads()
     from adapterzoo.verify.verifier import VerifyOptions
@@ -107,7 +125,7 @@ def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, 
     engine = open_registry(obj["db"])
     if registry:
         verify_registry(engine, options, Path(out_dir), sha256, kind, base, unverified, dict(checkpoint_for),
-                        as_json)
+                        as_json, worker, lease)
         return
     from adapterzoo.verify.contact_sheet import write_contact_sheet
     from adapterzoo.verify_library import verify_each
@@ -133,21 +151,61 @@ def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, 
 
 
 def verify_registry(engine: Any, options: Any, out_dir: Path, sha256: Callable[[Path], Any], kind: str | None,
-                    base: str | None, unverified: bool, checkpoint_for: dict[str, Path], as_json: bool) -> None:
-    """`verify --registry`: a row per file, the summary line, the contact sheet; exit 1 unless all passed."""
-    from adapterzoo.verify_library import verify_library
+                    base: str | None, unverified: bool, checkpoint_for: dict[str, Path], as_json: bool,
+                    worker: bool = False, lease: float | None = None) -> None:
+    """`verify --registry` (`--worker`: as one of the queue's workers): a row per file, the summary line, the
+    contact sheet; exit 1 unless all passed."""
+    if worker:
+        from adapterzoo.verify_worker import run_worker
 
-    report = verify_library(engine, options, out_dir, sha256, kind, base, unverified, checkpoint_for,
-                            progress_bar=not as_json)
+        report = run_worker(engine, options, out_dir, sha256, kind, base, unverified, checkpoint_for,
+                            lease_s=lease, progress_bar=not as_json)
+    else:
+        from adapterzoo.verify_library import verify_library
+
+        report = verify_library(engine, options, out_dir, sha256, kind, base, unverified, checkpoint_for,
+                                progress_bar=not as_json)
     if as_json:
         emit_json(report.results)
     else:
         print_table([{**r, "name": Path(r["file"]).name, "why": "; ".join(r["reasons"])} for r in report.results],
                     ["verdict", "kind", "base", "name", "why"])
         click.echo(report.summary())
+        if worker:
+            from adapterzoo.zoo.verify_queue import queue_status
+
+            click.echo(f"queue: {queue_line(queue_status(engine))}")
         click.echo(f"contact sheet {out_dir / 'index.html'}")
     if any(r["verdict"] != "pass" for r in report.results):
         sys.exit(1)
+
+
+def queue_line(status: dict[str, Any]) -> str:
+    """'3 queued, 2 running, 195 done (190 pass, 5 fail), 0 failed'."""
+    return (f"{status['queued']} queued, {status['running']} running, {status['done']} done ({status['pass']} pass, "
+            f"{status['fail']} fail), {status['failed']} failed")
+
+
+def show_queue(db: str | None, as_json: bool) -> None:
+    """`verify --registry --status`: the worker queue, by state; running jobs by host; the rate."""
+    from adapterzoo.zoo.db import open_registry
+    from adapterzoo.zoo.verify_queue import queue_status
+
+    status = queue_status(open_registry(db))
+    if as_json:
+        emit_json(status)
+        return
+    hosts = ", ".join(f"{host} {n}" for host, n in sorted(status["running_by_host"].items()))
+    if status["lease_ended"]:
+        hosts += f" ({status['lease_ended']} lost their worker, to be taken back)"
+    print_table([{"state": "queued", "jobs": status["queued"]},
+                 {"state": "running", "jobs": status["running"], "detail": hosts},
+                 {"state": "done", "jobs": status["done"], "detail": f"{status['pass']} pass, {status['fail']} fail"},
+                 {"state": "failed", "jobs": status["failed"], "detail": "a worker died on each twice"}],
+                ["state", "jobs", "detail"])
+    if status["per_minute"] is not None:
+        left = "" if status["seconds_left"] is None else f", about {status['seconds_left'] / 60:.0f} min left"
+        click.echo(f"{status['per_minute']:g} files/min over the last 5 min{left}")
 
 
 @cli.command()

@@ -414,3 +414,30 @@ class RegistryMeta(Base):
 
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class VerifyJob(Base):
+    """One file to verify on one checkpoint with one set of settings, shared by `verify --registry --worker`
+    processes; zoo/verify_queue.py takes, leases and finishes them."""
+
+    __tablename__ = "verify_jobs"
+    __table_args__ = (
+        Index("ux_verify_jobs_digest", "digest", unique=True),
+        Index("ix_verify_jobs_take", "state", "checkpoint_sha256", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(Text)
+    file_id: Mapped[int] = mapped_column(Integer, ForeignKey("files.id"))
+    checkpoint: Mapped[str] = mapped_column(Text)
+    checkpoint_sha256: Mapped[str] = mapped_column(Text)
+    settings: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(Text)
+    host: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
+    crashes: Mapped[int] = mapped_column(Integer)
+    verification_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("verifications.id"))
+    queued: Mapped[datetime] = mapped_column(DateTime)
+    started: Mapped[datetime | None] = mapped_column(DateTime)
+    finished: Mapped[datetime | None] = mapped_column(DateTime)

@@ -10,7 +10,6 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from adapterzoo.zoo.models import Verification
-from adapterzoo.zoo.scan import scan_paths
 
 
 def _largest_effect(effects: list[dict[str, Any]]) -> float | None:
@@ -20,28 +19,34 @@ def _largest_effect(effects: list[dict[str, Any]]) -> float | None:
     return max(effects, key=lambda e: abs(e["multiplier"]))["mean_abs_pixel_change"]
 
 
-def record_verification(engine: Engine, result: dict[str, Any]) -> int:
-    """Store one result of `Verifier.verify` (the object `verify --json` prints); the file is indexed first
-    (or re-indexed if it changed), as `scan FILE` would; a file that could not be verified has no coverage.
-    Returns the verification's id."""
-    file_id = scan_paths([result["file"]], engine).ids[0]
+def verification_values(file_id: int, result: dict[str, Any]) -> dict[str, Any]:
+    """The verifications row for one result of `Verifier.verify` (the object `verify --json` prints) on the file
+    `file_id`; a file that could not be verified has no coverage."""
     coverage = result["coverage"]
-    row = Verification(
-        file_id=file_id,
-        checkpoint=str(Path(result["checkpoint"]).resolve()),
-        verdict=result["verdict"],
-        coverage=coverage["keys_matched"] / coverage["keys_total"] if coverage and coverage["keys_total"] else None,
-        effect=_largest_effect(result["effects"]),
-        grid_path=str(Path(result["grid"]).resolve()) if result["grid"] else None,
-        created=datetime.now(timezone.utc).replace(tzinfo=None),
-        checkpoint_sha256=result["checkpoint_sha256"],
-        reasons=result["reasons"],
-        coverage_detail=coverage,
-        effects=result["effects"],
-        parameters=result["parameters"],
-        seconds=result["seconds"],
-        version=result["version"],
-    )
+    return {
+        "file_id": file_id,
+        "checkpoint": str(Path(result["checkpoint"]).resolve()),
+        "verdict": result["verdict"],
+        "coverage": coverage["keys_matched"] / coverage["keys_total"] if coverage and coverage["keys_total"] else None,
+        "effect": _largest_effect(result["effects"]),
+        "grid_path": str(Path(result["grid"]).resolve()) if result["grid"] else None,
+        "created": datetime.now(timezone.utc).replace(tzinfo=None),
+        "checkpoint_sha256": result["checkpoint_sha256"],
+        "reasons": result["reasons"],
+        "coverage_detail": coverage,
+        "effects": result["effects"],
+        "parameters": result["parameters"],
+        "seconds": result["seconds"],
+        "version": result["version"],
+    }
+
+
+def record_verification(engine: Engine, result: dict[str, Any]) -> int:
+    """Store one result of `Verifier.verify`; the file is indexed first (or re-indexed if it changed), as
+    `scan FILE` would. Returns the verification's id."""
+    from adapterzoo.zoo.scan import scan_paths  # here: the verify queue uses this module and needs no torch
+
+    row = Verification(**verification_values(scan_paths([result["file"]], engine).ids[0], result))
     with Session(engine) as session:
         session.add(row)
         session.commit()
