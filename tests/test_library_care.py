@@ -22,7 +22,8 @@ REAL = Path(__file__).parent / "fixtures" / "real"
 
 
 @pytest.fixture
-def library(tmp_path: Path, cli: Cli) -> dict[str, Path]:
+def library(tmp_path: Path, cli: Cli, registry_db: str) -> dict[str, Path]:
+    """The side-by-side library scanned into a registry on SQLite, then on PostgreSQL."""
     files = side_by_side(tmp_path / "sd")
     cli("roots", "add", files["a1111"])
     cli("roots", "add", files["comfyui"])

@@ -112,7 +112,7 @@ def test_hard_links_are_known_without_reading_and_new_bytes_are_a_new_file(libra
     assert [(e["action"], e["path"]) for e in old["history"]] == [("replace", str(library["twin_name"]))]
 
 
-def test_a_scan_marks_only_its_own_hosts_locations_missing(tmp_path, cli, monkeypatch):
+def test_a_scan_marks_only_its_own_hosts_locations_missing(tmp_path, cli, monkeypatch, registry_db):
     """Both hosts record the same path (each has /models on its own disk); host a scans after the file is gone
     on its disk: a's location is missing, b's is not touched."""
     models = tmp_path / "models"
@@ -149,7 +149,8 @@ def checkpoint(tmp_path_factory) -> Path:
     return tiny_models.save_tiny_pipeline("sd1", tmp_path_factory.mktemp("sd1") / "tiny-sd1", seed=1)
 
 
-def test_two_hosts_one_registry_a_move_on_a_and_a_verdict_that_counts_on_b(tmp_path, cli, checkpoint, monkeypatch):
+def test_two_hosts_one_registry_a_move_on_a_and_a_verdict_that_counts_on_b(tmp_path, cli, checkpoint, monkeypatch,
+                                                                           registry_db):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = tiny_models.tiny_pipeline("sd1", 1)
     on_a, on_b = tmp_path / "host-a" / "Lora", tmp_path / "host-b" / "loras"
@@ -182,7 +183,7 @@ def test_two_hosts_one_registry_a_move_on_a_and_a_verdict_that_counts_on_b(tmp_p
     assert [e["name"] for e in cli.json("list", "--verdict", "pass", "--here", host="b")] == ["style.safetensors"]
 
 
-def test_a_shared_root_is_known_once_at_each_hosts_mount(tmp_path, cli):
+def test_a_shared_root_is_known_once_at_each_hosts_mount(tmp_path, cli, registry_db):
     """A NAS at /srv/nas on host a and (here, a second folder standing in for the same storage) at another path
     on host b: one location per file, each host sees it under its own mount; either host may mark it missing."""
     nas_a, nas_b = tmp_path / "nas-as-a-sees-it", tmp_path / "nas-as-b-sees-it"

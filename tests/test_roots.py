@@ -14,7 +14,8 @@ def library(tmp_path: Path) -> dict[str, Path]:
     return side_by_side(tmp_path / "sd")
 
 
-def test_roots_import_reads_every_comfyui_section_a1111_dirs_and_invokeai(tmp_path, library, cli, monkeypatch):
+def test_roots_import_reads_every_comfyui_section_a1111_dirs_and_invokeai(tmp_path, library, cli, monkeypatch,
+                                                                         registry_db):
     comfy, a1111 = library["comfyui"], library["a1111"]
     monkeypatch.setenv("MODELS_HOME", str(tmp_path / "store"))
     (tmp_path / "store" / "loras").mkdir(parents=True)

@@ -67,7 +67,7 @@ def library(fake_civitai: FakeCivitai, tmp_path: Path, capsys, monkeypatch) -> d
             "other": other}
 
 
-def test_updates_lists_newer_versions_once_per_model_from_one_batched_request(library, capsys,
+def test_updates_lists_newer_versions_once_per_model_from_one_batched_request(registry_db, library, capsys,
                                                                               monkeypatch) -> None:
     fake, knight, castle = library["fake"], library["knight"], library["castle"]
     models = updates_json([], capsys, monkeypatch)
