@@ -73,16 +73,3 @@ def scan_result(engine: Engine, report: ScanReport | None, roots_not_found: list
     return {**report.counts(), "problems": report.problems, "moves": report.moves,
             "roots_not_found": list(roots_not_found), "files": files}
 
-
-def human_size(size: int | None) -> str:
-    """Bytes in binary units, three figures: 812 B, 1.50 KiB, 144 MiB, 6.46 GiB."""
-    if size is None:
-        return "-"
-    value, unit = float(size), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if value < 1024 or unit == "PiB":
-            break
-        value /= 1024
-    if unit == "B":
-        return f"{size} B"
-    return f"{value:.2f} {unit}" if value < 10 else f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"

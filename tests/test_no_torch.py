@@ -62,6 +62,14 @@ def test_header_commands_import_no_torch(library, tmp_path):
     assert (tmp_path / "pulled" / library["lora"].name).is_file()
 
 
+def test_help_and_probe_leave_the_registry_unimported(library):
+    """The start-up budget of --help and probe (0.2 s and 0.25 s, issue 19) has no room for SQLAlchemy's 0.2 s:
+    only the commands that open the registry import it."""
+    for args in (["--help"], ["probe", str(library["lora"]), "--json"]):
+        done, imported = run_importtime(*args)
+        assert done.returncode == 0 and "sqlalchemy" not in imported, f"adapterzoo {args[0]} imported sqlalchemy"
+
+
 def test_reading_a_pickle_still_imports_torch(tmp_path):
     """The rule is about header-only work: a pickle is unpickled by torch's safe loader, lazily."""
     import torch

@@ -8,7 +8,7 @@ import click
 
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import emit_json, print_table
-from adapterzoo.views import human_size
+from adapterzoo.sizes import human_size
 
 
 @cli.group(invoke_without_command=True)

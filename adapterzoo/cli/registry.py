@@ -13,7 +13,7 @@ from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import describe_event, describe_location, describe_source, emit_json, print_table
 from adapterzoo.formats.io.probe_result import KINDS
 from adapterzoo.formats.model.registry import bases, detail_values
-from adapterzoo.views import human_size
+from adapterzoo.sizes import human_size
 
 
 @cli.command()

@@ -10,7 +10,7 @@ import click
 from adapterzoo.cli.group import cli
 from adapterzoo.cli.output import emit_json, print_table
 from adapterzoo.formats.io.probe_result import KINDS
-from adapterzoo.views import human_size
+from adapterzoo.sizes import human_size
 
 LAYOUT_CHOICE = click.Choice(["a1111", "comfyui", "invoke", "plain"])
 

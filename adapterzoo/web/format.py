@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapterzoo.views import human_size
+from adapterzoo.sizes import human_size
 
 
 def percent(value: float | None) -> str:
