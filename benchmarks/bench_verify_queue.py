@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session
 
 from adapterzoo import __version__
 from adapterzoo.zoo.db import connect
-from adapterzoo.zoo.models import FileEntry, Verification, VerifyJob
+from adapterzoo.zoo.hosts import current_host
+from adapterzoo.zoo.models import FileEntry, Location, Verification, VerifyJob
 from adapterzoo.zoo.verifications import verification_values
 from adapterzoo.zoo.verify_queue import Worker, enqueue
 
@@ -62,15 +63,18 @@ def fill(url: str, jobs: int, folder: Path) -> float:
     seconds `enqueue` took."""
     engine = connect(url)
     now = datetime(2026, 1, 1)
-    rows = []
+    files, locations = [], []
     for i in range(jobs):
-        (folder / f"f{i}.safetensors").touch()
-        rows.append({"path": str(folder / f"f{i}.safetensors"), "is_folder": False, "size": 0, "mtime_ns": 0,
-                     "sha256": f"{i:064x}", "kind": "lora", "base": "sd1", "tensors": 0, "file_metadata": {},
-                     "details": {}, "warnings": [], "trigger_words": [], "unsafe": False, "missing": False,
-                     "first_seen": now, "last_seen": now})
+        path = folder / f"f{i}.safetensors"
+        path.touch()
+        files.append({"id": i + 1, "is_folder": False, "size": 0, "sha256": f"{i:064x}", "kind": "lora",
+                      "base": "sd1", "tensors": 0, "metadata": {}, "details": {}, "warnings": [],
+                      "trigger_words": [], "unsafe": False, "first_seen": now, "last_seen": now})
+        locations.append({"file_id": i + 1, "host": current_host(), "path": str(path), "size": 0, "mtime_ns": 0,
+                          "missing": False, "first_seen": now, "last_seen": now})
     with Session(engine) as session:
-        session.execute(insert(FileEntry), rows)
+        session.execute(insert(FileEntry.__table__), files)
+        session.execute(insert(Location.__table__), locations)
         session.commit()
         entries = list(session.scalars(select(FileEntry)))
     start = time.perf_counter()
@@ -223,7 +227,10 @@ def main() -> None:
               f"{ms(sum(w for w, _, _ in takes) / jobs)} of wall time per worker on this machine")
         if server is not None:
             log = (folder / "data" / "log").read_text(errors="replace")
-            print(f"lock waits over 100 ms (server log): {log.count('still waiting for')}")
+            waits = [line for line in log.splitlines() if "still waiting for" in line]
+            opening = sum("advisory lock" in line for line in waits)  # the registry's open: one process at a time
+            print(f"lock waits over 100 ms (server log): {len(waits) - opening} in the queue's statements, "
+                  f"{opening} on opening the registry (workers starting together take turns)")
             server.cleanup()
 
 
