@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -220,11 +221,39 @@ def test_trash_moves_the_file_and_its_sidecars_and_the_history_says_so(
         ("trash", beta["path"], [str(Path(beta["path"]).with_suffix(".preview.png"))])]
 
 
-def test_what_other_commands_will_compute_answers_501_for_now(library: Path) -> None:
+def test_dupes_updates_and_disk_use_are_the_commands_json(library: Path, tmp_path: Path, fake_civitai: FakeCivitai,
+                                                          capsys, monkeypatch) -> None:
+    copy = tmp_path / "ComfyUI" / "models" / "loras" / "alpha.safetensors"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes((tmp_path / "models" / "Lora" / "alpha.safetensors").read_bytes())
+    model = fake_civitai.add_model("Tiny Alpha", [copy])
+    newer = fake_civitai.add_version(model, [small_lora(tmp_path / "offered" / "alpha_v2.safetensors", seed=9)],
+                                     "SD 1.5", [])
+    assert run(["--db", str(library), "scan", str(copy.parent)], capsys, monkeypatch)[0] == 0
+    assert run(["--db", str(library), "enrich", "--all"], capsys, monkeypatch)[0] == 0
     api = client(library)
-    for path in ("/api/dupes", "/api/updates", "/api/du"):
-        answer = api.get(path)
-        assert answer.status_code == 501 and "this build does not have yet" in answer.json()["error"]
+
+    for by in ("sha256", "name"):
+        groups = api.get("/api/dupes", params={"by": by}).json()
+        assert groups == cli_json(capsys, monkeypatch, "--db", str(library), "dupes", "--by", by)
+    (group,) = api.get("/api/dupes").json()
+    assert sorted(c["path"] for c in group["copies"]) == sorted([str(copy), str(tmp_path / "models" / "Lora" / "alpha.safetensors")])
+    assert group["bytes_freed"] == copy.stat().st_size
+    for by in ("kind", "root"):
+        assert api.get("/api/du", params={"by": by}).json() == cli_json(capsys, monkeypatch, "--db", str(library),
+                                                                         "du", "--by", by)
+    updates = api.get("/api/updates").json()
+    assert updates == cli_json(capsys, monkeypatch, "--db", str(library), "updates")
+    (alpha,) = updates
+    assert (alpha["status"], [o["version_id"] for o in alpha["newer"]]) == ("update", [newer.id])
+
+    assert api.get("/api/dupes", params={"by": "size"}).status_code == 400
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("CIVITAI_BASE_URL", f"http://127.0.0.1:{port}")
+    offline = api.get("/api/updates")
+    assert offline.status_code == 502 and "no network" in offline.json()["error"]
 
 
 def test_the_docs_are_offline_and_every_answer_carries_the_security_headers(library: Path) -> None:

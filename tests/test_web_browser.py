@@ -23,6 +23,7 @@ from test_verify import kohya_file
 from web_server import serving
 
 from adapterzoo import tiny_models
+from adapterzoo.sizes import human_size
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -243,3 +244,41 @@ def test_the_other_pages_open_without_errors(site, page) -> None:
 def _id(site: dict, name: str) -> int:
     rows = requests.get(site["url"] + "/api/files", params={"per_page": 500}, timeout=10).json()
     return next(r["id"] for r in rows if r["name"] == name)
+
+
+def test_duplicates_updates_and_disk_use_pages(site, page, fake_civitai: FakeCivitai, capsys, monkeypatch) -> None:
+    """A LoRA from Civitai in two UIs' folders: one duplicate group, its newer version offered with a Pull button
+    that pulls it, and the disk use by kind as bars."""
+    dragon = small_lora(site["root"] / "src" / "dragon.safetensors", seed=21)
+    model = fake_civitai.add_model("Tiny Dragon", [dragon])
+    fake_civitai.add_version(model, [small_lora(site["root"] / "src" / "dragon_v2.safetensors", seed=22)],
+                             "SD 1.5", ["dr4gon"])
+    copies = [site["root"] / "a1111" / "Lora" / "dragon.safetensors", site["root"] / "comfy" / "loras" / "dragon.safetensors"]
+    for copy in copies:
+        copy.parent.mkdir(parents=True)
+        shutil.copyfile(dragon, copy)
+    db = str(site["db"])
+    assert run(["--db", db, "scan", *(str(c.parent) for c in copies)], capsys, monkeypatch)[0] == 0
+    assert run(["--db", db, "enrich", "--all"], capsys, monkeypatch)[0] == 0
+
+    page.goto(site["url"] + "/dupes")
+    group = page.locator(".dupe-group", has_text="dragon.safetensors")
+    assert sorted(group.locator("td.mono").all_inner_texts()) == sorted(map(str, copies))
+    assert f"{human_size(dragon.stat().st_size)} to free" in group.locator("h2").inner_text()
+    shot(site, page, "dupes")
+
+    page.goto(site["url"] + "/updates")
+    offer = page.locator(".update", has_text="Tiny Dragon")
+    assert offer.locator(".badge").first.inner_text() == "update"
+    offer.locator("button.pull").click()
+    status = offer.locator(".job-status")
+    page.wait_for_function("s => s.dataset.state === 'done'", arg=status.element_handle(), timeout=60_000)
+    assert "pulled: dragon_v2.safetensors" in status.inner_text()
+    shot(site, page, "updates")
+
+    page.goto(site["url"] + "/disk?by=kind")
+    bars = page.locator(".meter rect")
+    assert bars.count() >= 2
+    widths = [bar.evaluate("b => b.getBoundingClientRect().width") for bar in bars.all()]
+    assert max(widths) > 0 and widths == sorted(widths, reverse=True)  # largest first, scaled to it
+    shot(site, page, "disk")

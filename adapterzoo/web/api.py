@@ -1,8 +1,5 @@
-"""The JSON API under /api/: the CLI's --json shapes (adapterzoo/views.py builds both), jobs and their events.
-
-Duplicates, updates and disk use answer 501 until the commands that compute them (`dupes`, `updates`, `du`)
-exist; their pages say the same.
-"""
+"""The JSON API under /api/: the CLI's --json shapes (adapterzoo/views.py and the zoo's own to_json build both),
+jobs and their events."""
 
 from __future__ import annotations
 
@@ -12,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.probe_result import KINDS
@@ -28,11 +25,6 @@ BASE_WORDS = (*bases(), "unknown")  # every base probe may have said
 MAX_PER_PAGE = 500
 EVENT_POLL_S = 0.1
 KEEPALIVE_S = 15.0
-NOT_YET = {
-    "dupes": "duplicates come with `adapterzoo dupes` (issue 14), which this build does not have yet",
-    "updates": "updates come with `adapterzoo updates` (issue 14), which this build does not have yet",
-    "du": "disk use comes with `adapterzoo du` (issue 14), which this build does not have yet",
-}
 
 
 def json_answer(body: Any, headers: dict[str, str] | None = None) -> Response:
@@ -53,13 +45,19 @@ def entry_or_404(request: Request, file_id: int) -> Any:
     return entry
 
 
+def one_of(name: str, value: str, allowed: Any) -> None:
+    """A query value outside its vocabulary is a 400 naming it."""
+    if value not in allowed:
+        raise HTTPException(400, f"{name} is one of {', '.join(allowed)}, not {value!r}")
+
+
 def file_filter(kind: str | None, base: str | None, verdict: str | None, status: str | None, source: str | None,
                 root: str | None, q: str | None) -> FileFilter:
     """The filter the query string asks for; a value outside the vocabulary is a 400 naming it."""
     for name, value, allowed in (("kind", kind, KINDS), ("base", base, BASE_WORDS), ("verdict", verdict, VERDICTS),
                                  ("status", status, STATUSES), ("source", source, PROVIDERS)):
-        if value and value not in allowed:
-            raise HTTPException(400, f"{name} is one of {', '.join(allowed)}, not {value!r}")
+        if value:
+            one_of(name, value, allowed)
     return FileFilter(kind or None, base or None, (q or "").strip() or None, verdict or None, status or None,
                       source or None, root or None)
 
@@ -110,19 +108,32 @@ def reveal(request: Request, file_id: int) -> dict[str, Any]:
     return {"path": entry.path, "opened": reveal_path(entry.path)}
 
 
-@router.get("/dupes", summary="dupes --json (not in this build: 501)")
-def dupes() -> JSONResponse:
-    return JSONResponse({"error": NOT_YET["dupes"]}, status_code=501)
+@router.get("/dupes", summary="dupes --json: groups of copies that are one file, and the bytes a dedupe frees")
+def dupes(request: Request, by: str = "sha256") -> Response:
+    from adapterzoo.zoo.dupes import BY, find_dupes
+
+    one_of("by", by, BY)
+    return json_answer([group.to_json() for group in find_dupes(zoo(request).engine, by)])
 
 
-@router.get("/updates", summary="updates --json (not in this build: 501)")
-def updates() -> JSONResponse:
-    return JSONResponse({"error": NOT_YET["updates"]}, status_code=501)
+@router.get("/updates", summary="updates --json: newer Civitai versions of the models you have")
+def updates(request: Request, same_base: bool = False, include_early_access: bool = False) -> Response:
+    from adapterzoo.zoo.updates import find_updates
+
+    try:
+        found = find_updates(zoo(request).engine, same_base, include_early_access)
+    except AdapterzooError as exc:
+        raise HTTPException(502, str(exc)) from None
+    return json_answer([model.to_json() for model in found])
 
 
-@router.get("/du", summary="du --json (not in this build: 501)")
-def disk_use() -> JSONResponse:
-    return JSONResponse({"error": NOT_YET["du"]}, status_code=501)
+@router.get("/du", summary="du --json: bytes on disk, files and copies per kind, base, root or source")
+def disk_use(request: Request, by: str = "kind") -> Response:
+    from adapterzoo.zoo.dupes import DU_BY
+    from adapterzoo.zoo.dupes import disk_use as measure
+
+    one_of("by", by, DU_BY)
+    return json_answer(measure(zoo(request).engine, by))
 
 
 @router.get("/search", summary="search --json: Civitai and the Hub")

@@ -1,4 +1,4 @@
-"""The HTML pages: Library, File, Search, Jobs, the views still waiting for their commands, and /docs.
+"""The HTML pages: Library, File, Search, Jobs, Duplicates, Updates, Disk use, and /docs.
 
 Each reads through the same zoo queries and views.py rows as the API; the templates only arrange them.
 Reading needs no JavaScript (filters are a GET form, paging is links); actions (pull, verify, trash, copy)
@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.probe_result import KINDS
 from adapterzoo.views import file_detail, file_row
-from adapterzoo.web.api import BASE_WORDS, NOT_YET, PER_PAGE, file_filter
+from adapterzoo.web.api import BASE_WORDS, PER_PAGE, file_filter, one_of
 from adapterzoo.web.heatmap import mappable
 from adapterzoo.zoo.queries import (
     PROVIDERS,
@@ -143,22 +143,38 @@ def jobs_page(request: Request) -> HTMLResponse:
 
 
 @router.get("/dupes", response_class=HTMLResponse)
-def dupes_page(request: Request) -> HTMLResponse:
-    return render(request, "pending.html", title="Duplicates", message=NOT_YET["dupes"], api="/api/dupes",
-                  about="Groups of files with the same bytes, the same tensors under other metadata, or the same "
-                        "name with other content — and the bytes a dedupe would free.")
+def dupes_page(request: Request, by: str = "sha256") -> HTMLResponse:
+    from adapterzoo.zoo.dupes import BY, find_dupes
+
+    one_of("by", by, BY)
+    groups = [group.to_json() for group in find_dupes(request.app.state.zoo.engine, by)]
+    return render(request, "dupes.html", groups=groups, by=by, choices=BY,
+                  freed=sum(group["bytes_freed"] or 0 for group in groups))
 
 
 @router.get("/updates", response_class=HTMLResponse)
-def updates_page(request: Request) -> HTMLResponse:
-    return render(request, "pending.html", title="Updates", message=NOT_YET["updates"], api="/api/updates",
-                  about="Newer Civitai versions of the models you have, each with a Pull button.")
+def updates_page(request: Request, same_base: bool = False, include_early_access: bool = False) -> HTMLResponse:
+    from adapterzoo.zoo.updates import find_updates
+
+    models, error = [], None
+    try:
+        models = [model.to_json() for model in find_updates(request.app.state.zoo.engine, same_base,
+                                                            include_early_access)]
+    except AdapterzooError as exc:
+        error = str(exc)
+    return render(request, "updates.html", models=models, error=error, same_base=same_base,
+                  include_early_access=include_early_access, library=str(request.app.state.zoo.context.library))
 
 
 @router.get("/disk", response_class=HTMLResponse)
-def disk_page(request: Request) -> HTMLResponse:
-    return render(request, "pending.html", title="Disk use", message=NOT_YET["du"], api="/api/du",
-                  about="Sizes and counts by kind, base and root, as a bar chart.")
+def disk_page(request: Request, by: str = "kind") -> HTMLResponse:
+    from adapterzoo.zoo.dupes import DU_BY, disk_use
+
+    one_of("by", by, DU_BY)
+    rows = disk_use(request.app.state.zoo.engine, by)
+    largest = max((row["bytes"] for row in rows), default=0) or 1
+    return render(request, "disk.html", rows=rows, by=by, choices=DU_BY, largest=largest,
+                  total=sum(row["bytes"] for row in rows))
 
 
 @router.get("/docs", response_class=HTMLResponse)
