@@ -146,3 +146,27 @@ def test_a_worker_takes_only_files_it_can_read(engine, tmp_path):
     status = queue_status(engine)
     assert (status["queued"], status["done"], status["pass"], status["fail"]) == (1, 2, 0, 2)
     assert status["per_minute"] > 0 and abs(status["seconds_left"] - 60 / status["per_minute"]) <= 1
+
+
+def test_a_worker_takes_only_files_its_host_can_read_own_or_on_a_shared_root(engine, tmp_path, cli, registry_db,
+                                                                            monkeypatch):
+    """Host a has a file of its own and a NAS that b mounts elsewhere: b's worker takes the NAS file, at b's
+    path, and leaves a's own file to a's worker."""
+    from library_layout import lora
+
+    own = lora(tmp_path / "a-disk" / "own.safetensors")
+    nas_a, nas_b = tmp_path / "nas-on-a", tmp_path / "nas-on-b"
+    lora(nas_a / "team.safetensors", seed=1)
+    cli.json("roots", "add", nas_a, "--shared", "--mount", f"b={nas_b}", host="a")
+    nas_b.symlink_to(nas_a)
+    cli.json("scan", own.parent, host="a")
+    cli.json("scan", host="a")
+    queue(engine, list_entries(engine))
+    monkeypatch.setenv("ADAPTERZOO_HOST", "b")
+    with Worker(engine, {CKPT}, SETTINGS, 60) as on_b:
+        taken = on_b.take(5)
+        assert [job.path for job in taken] == [str(nas_b / "team.safetensors")]
+        on_b.finish(taken[0], result())
+    monkeypatch.setenv("ADAPTERZOO_HOST", "a")
+    with Worker(engine, {CKPT}, SETTINGS, 60) as on_a:
+        assert [job.path for job in on_a.take(5)] == [str(own)]

@@ -47,8 +47,8 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from adapterzoo import __version__
-from adapterzoo.zoo.hosts import current_host
-from adapterzoo.zoo.models import FileEntry, Verification, VerifyJob
+from adapterzoo.zoo.hosts import SHARED_HOST, current_host
+from adapterzoo.zoo.models import FileEntry, Location, Verification, VerifyJob
 from adapterzoo.zoo.verifications import verification_values
 
 JOBS = VerifyJob.__table__
@@ -77,15 +77,18 @@ class Job:
 
 def paths_here(engine: Engine, file_ids: Collection[int], host: str) -> dict[int, str]:
     """file id -> where `host` reads it: a present location of its own or on a shared root it mounts, that is
-    there now. Files without one are left out: workers on other hosts take them."""
+    there now. Files without one are left out: workers on other hosts take them. One query on the locations
+    (and their roots, for shared ones): a take pays for it on every job."""
     with Session(engine) as session:
-        entries = session.scalars(select(FileEntry).where(FileEntry.id.in_(list(file_ids)))).all()
-    found = {}
-    for entry in entries:
-        local = next((local for location, local in entry.reachable(host)
-                      if not location.missing and os.path.exists(local)), None)
-        if local is not None:
-            found[entry.id] = local
+        locations = session.scalars(select(Location).where(
+            Location.file_id.in_(list(file_ids)), Location.missing.is_(False),
+            Location.host.in_([host, SHARED_HOST])).order_by(Location.path)).all()
+        found: dict[int, str] = {}
+        for location in locations:
+            if location.file_id not in found:
+                local = location.local_path(host)
+                if local is not None and os.path.exists(local):
+                    found[location.file_id] = local
     return found
 
 
