@@ -35,30 +35,35 @@ def make_registry(path: Path, files: int, seed: int = 0) -> str:
     from sqlalchemy import insert
 
     from adapterzoo.zoo.db import connect
-    from adapterzoo.zoo.models import FileEntry, Source, Verification
+    from adapterzoo.zoo.hosts import current_host
+    from adapterzoo.zoo.models import FileEntry, Location, Source, Verification
 
     url = f"sqlite:///{path}"
     engine = connect(url)
     rng = random.Random(seed)
     start = datetime(2024, 1, 1)
-    rows, sources, checks = [], [], []
+    rows, locations, sources, checks = [], [], [], []
     for i in range(1, files + 1):
         kind, base = rng.choice(KINDS), rng.choice(BASES)
         words = rng.sample(WORDS, 3)
         tags = {f"{rng.randint(1, 20)}_{words[0]}": {w: rng.randint(1, 90) for w in words}}
         digest = f"{rng.getrandbits(256):064x}"
         rows.append({
-            "id": i, "path": f"/models/{rng.choice(['a1111/models/Lora', 'comfy/models/loras'])}/{words[0]}-{i}"
-                             f"-{words[1]}.safetensors",
-            "is_folder": False, "size": rng.randint(1 << 20, 7 << 30), "mtime_ns": i, "sha256": digest,
+            "id": i, "is_folder": False, "size": rng.randint(1 << 20, 7 << 30), "sha256": digest,
             "autov1": digest[:8], "autov2": digest[:10], "autov3": digest[-12:], "blake3": digest[::-1], "crc32": digest[:8],
             "kind": kind, "base": base, "format": "kohya" if kind in ("lora", "lycoris") else None,
             "rank": rng.choice([4, 8, 16, 32, 64, 128]) if kind in ("lora", "lycoris") else None, "alpha": 8.0,
             "dtype": "fp16", "tensors": rng.randint(100, 2000),
             "metadata": {"ss_tag_frequency": json.dumps(tags), "ss_output_name": words[0]},
-            "details": {"modules": 192}, "warnings": [], "trigger_words": words, "preview_path": None,
+            "details": {"modules": 192}, "warnings": [], "trigger_words": words,
             "error": "file is truncated" if rng.random() < 0.01 else None, "unsafe": False,
-            "missing": rng.random() < 0.02, "first_seen": start + timedelta(minutes=i), "last_seen": start,
+            "first_seen": start + timedelta(minutes=i), "last_seen": start,
+        })
+        locations.append({
+            "file_id": i, "host": current_host(), "size": rows[-1]["size"], "mtime_ns": i,
+            "path": f"/models/{rng.choice(['a1111/models/Lora', 'comfy/models/loras'])}/{words[0]}-{i}"
+                    f"-{words[1]}.safetensors",
+            "missing": rng.random() < 0.02, "first_seen": rows[-1]["first_seen"], "last_seen": start,
         })
         if rng.random() < 0.33:
             sources.append({"file_id": i, "provider": "civitai", "civitai_model_id": 1000 + i,
@@ -68,9 +73,9 @@ def make_registry(path: Path, files: int, seed: int = 0) -> str:
             checks.append({"file_id": i, "checkpoint": "/ck.safetensors", "verdict": rng.choice(["pass", "fail"]),
                            "created": start, "reasons": [], "effects": [], "parameters": {}})
     with engine.begin() as connection:
-        for table, values in ((FileEntry, rows), (Source, sources), (Verification, checks)):
+        for table, values in ((FileEntry, rows), (Location, locations), (Source, sources), (Verification, checks)):
             for chunk in range(0, len(values), 2000):
-                connection.execute(insert(table), values[chunk:chunk + 2000])
+                connection.execute(insert(table.__table__), values[chunk:chunk + 2000])
     engine.dispose()
     return url
 
