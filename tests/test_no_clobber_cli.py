@@ -173,3 +173,11 @@ def test_sample_fails_when_keys_land_nowhere_unless_allowed(tiny, tmp_path, caps
     assert line.endswith("(--allow-unmatched samples with the rest)") and not (tmp_path / "s.png").exists()
     code, out, err = run([*args, "--allow-unmatched"], capsys, monkeypatch)
     assert code == 0 and (tmp_path / "s.png").is_file(), err
+
+
+def test_lock_never_writes_over_the_registry_it_reads(tmp_path, capsys, monkeypatch):
+    db = tmp_path / "reg.db"
+    assert run(["--db", str(db), "list"], capsys, monkeypatch)[0] == 0
+    before = db.read_bytes()
+    line = one_error_line(*run(["--db", str(db), "lock", "-o", str(db), "--force"], capsys, monkeypatch))
+    assert "one of the inputs" in line and db.read_bytes() == before
