@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Engine
@@ -60,7 +61,7 @@ def unopened_result(entry: FileEntry, why: str, reason: str) -> dict[str, Any]:
             "version": __version__, "skipped": why}
 
 
-def failed_result(entry: FileEntry | Job, checkpoint: Path, checkpoint_sha256: str | None, sha: str | None,
+def failed_result(entry: FileEntry | Job | SimpleNamespace, checkpoint: Path, checkpoint_sha256: str | None, sha: str | None,
                   reason: str, start: float) -> dict[str, Any]:
     """A file that could not be verified: a fail with the one line its error says, recorded like any result."""
     return {"file": entry.path, "sha256": sha, "kind": entry.kind, "base": entry.base, "format": entry.format,
@@ -91,12 +92,22 @@ def _checkpoint_for(engine: Engine, base: str, given: dict[str, Path]) -> Path |
 
 
 def verify_each(engine: Engine, checkpoint: Path, files: list[Path], options: VerifyOptions,
-                sha256_of: Callable[[Path], Any], grid_for: Callable[[Path], Path | None]) -> Iterator[dict[str, Any]]:
+                sha256_of: Callable[[Path], Any], grid_for: Callable[[Path], Path | None],
+                keep_going: bool = False) -> Iterator[dict[str, Any]]:
     """`verify FILE... --checkpoint CKPT`: each file on one checkpoint (its pipeline loaded once), each result
-    recorded in the registry and yielded as it lands; a file that cannot be verified raises its error."""
+    recorded in the registry and yielded as it lands. A file that cannot be verified raises its error, or, with
+    `keep_going` (a batch), is a fail with its reason and the others go on."""
     verifier = Verifier(checkpoint, options, sha256_of)
     for file in files:
-        result = verifier.verify(file, grid_for(file))
+        start, sha = time.monotonic(), None
+        try:
+            sha = digest_of(sha256_of(file))
+            result = verifier.verify(file, grid_for(file))
+        except Exception as exc:  # noqa: BLE001 - in a batch, a bad file is a fail with its reason
+            if not keep_going:
+                raise
+            unread = SimpleNamespace(path=str(file), kind=None, base=None, format=None)
+            result = failed_result(unread, checkpoint, verifier.checkpoint_sha256, sha, error_line(exc), start)
         record_verification(engine, result)
         yield result
 

@@ -440,7 +440,7 @@ def test_ia3_and_full_modules(tiny_sd1, tmp_path: Path) -> None:
     assert torch.allclose(weight + ia3.delta(weight), weight * (1 + w)[:, None])
     assert torch.equal(lora.modules["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"].delta(), diff)
     with pytest.raises(AdapterzooError, match="IA3"):
-        convert_lora(tmp_path / "x.safetensors", tmp_path / "y.safetensors", "peft", rank=4, architecture=arch)
+        convert_lora(tmp_path / "x.safetensors", tmp_path / "y", "peft", rank=4, architecture=arch)
 
 
 def test_dora_per_input_column_stays_kohya_only(tiny_sd1, tmp_path: Path) -> None:

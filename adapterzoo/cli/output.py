@@ -97,10 +97,11 @@ def describe_source(source: dict[str, Any]) -> str:
 
 def print_verification(result: dict[str, Any]) -> None:
     coverage = result["coverage"]
-    click.echo(f"{result['verdict'].upper()}  {result['file']}  ({result['kind']}, {result['format'] or '-'}, "
-               f"{result['base']}; {result['seconds']:.1f} s)")
-    click.echo(f"  coverage  {coverage['keys_matched']}/{coverage['keys_total']} keys, "
-               f"{coverage['modules_hit']}/{coverage['modules_total']} modules ran")
+    click.echo(f"{result['verdict'].upper()}  {result['file']}  ({result['kind'] or '-'}, {result['format'] or '-'}, "
+               f"{result['base'] or '-'}; {result['seconds']:.1f} s)")
+    if coverage is not None:
+        click.echo(f"  coverage  {coverage['keys_matched']}/{coverage['keys_total']} keys, "
+                   f"{coverage['modules_hit']}/{coverage['modules_total']} modules ran")
     for effect in result["effects"]:
         noise = effect["noise_pred_rel_change"]
         click.echo(f"  m = {effect['multiplier']:<6g} pixels {effect['mean_abs_pixel_change']:.3f}/255"

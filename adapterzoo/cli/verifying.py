@@ -66,6 +66,17 @@ def verify_usage(files: tuple[str, ...], registry: bool, checkpoint: str | None,
         raise click.UsageError(f"{', '.join(given)}: only with --registry")
 
 
+def check_grids(files: tuple[str, ...], checkpoint: str | None, grid: str | None, force: bool) -> None:
+    """Before anything renders: each -o grid is a .png in an existing folder, no input, replaced only with --force."""
+    if grid is None:
+        return
+    from adapterzoo.formats.io.atomic import check_output
+
+    for file in files:
+        check_output(grid_path(grid, None, file, len(files) > 1, lambda _: None), [checkpoint, *files], force,
+                     suffix=".png")
+
+
 @cli.command()
 @click.argument("files", metavar="[FILE]...", nargs=-1, type=click.Path(exists=True, dir_okay=True))
 @click.option("--checkpoint", metavar="CKPT", type=click.Path(exists=True, dir_okay=True),
@@ -98,12 +109,14 @@ def verify_usage(files: tuple[str, ...], registry: bool, checkpoint: str | None,
 @click.option("--size", type=SizeParam(), help="Image size. Default: the size the model was trained at.")
 @DEVICE_OPTION
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
+@click.option("--force", is_flag=True, help="Replace an existing -o GRID.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file (a list for several).")
 @click.pass_obj
 def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, registry: bool, kind: str | None,
            base: str | None, unverified: bool, checkpoint_for: tuple[tuple[str, Path], ...], worker: bool,
            status: bool, lease: float | None, grid: str | None, out_dir: str | None, prompts: tuple[str, ...], seeds: tuple[int, ...], multipliers: tuple[float, ...],
-           steps: int | None, size: tuple[int, int] | None, device: str, dtype: str | None, as_json: bool) -> None:
+           steps: int | None, size: tuple[int, int] | None, device: str, dtype: str | None, force: bool,
+           as_json: bool) -> None:
     """Render each FILE on CKPT (or, with --registry, each indexed file on a checkpoint of its base) at several
     multipliers and judge it: pass or fail, with every reason. Each result is stored in the registry; exit
     code 1 when any file fails."""
@@ -113,6 +126,7 @@ def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, 
     if status:
         show_queue(obj["db"], as_json)
         return
+    check_grids(files, checkpoint, grid, force)
     sha256 = provenance_hasher(*([checkpoint, *files] if checkpoint else []))
     use_threads()
     from adapterzoo.verify.verifier import VerifyOptions
@@ -134,7 +148,8 @@ def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     results = []
     for result in verify_each(engine, Path(checkpoint), [Path(f) for f in files], options, sha256,
-                              lambda file: grid_path(grid, out_dir, str(file), len(files) > 1, sha256)):
+                              lambda file: grid_path(grid, out_dir, str(file), len(files) > 1, sha256),
+                              keep_going=len(files) > 1 or out_dir is not None):
         results.append(result)
         if not as_json:
             print_verification(result)
@@ -233,11 +248,13 @@ def show_queue(db: str | None, as_json: bool) -> None:
 @click.option("--size", type=SizeParam(), help="Image size. Default: the base's (512, 768, 1024).")
 @DEVICE_OPTION
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
+@click.option("--allow-unmatched", is_flag=True, help="Sample with what fits when LoRA keys land on no module.")
 @click.option("--force", is_flag=True, help="Replace OUT.png if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, negative_prompt: str, seed: int,
            dest: str, compose: str, switch_every: int | None, autolora: float | None, steps: int,
-           size: tuple[int, int] | None, device: str, dtype: str | None, force: bool, as_json: bool) -> None:
+           size: tuple[int, int] | None, device: str, dtype: str | None, allow_unmatched: bool, force: bool,
+           as_json: bool) -> None:
     """Render one image from CKPT with several LoRAs composed while sampling (merge, LoRA Switch, LoRA
     Composite, each optionally mixed with the bare model by AutoLoRA's GAMMA). Text-encoder LoRAs act
     merge-style in every mode: the prompt is encoded once, with every LoRA on."""
@@ -253,7 +270,7 @@ def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, n
 
     composition = Composition(compose, switch_every or DEFAULT_SWITCH_EVERY, autolora)
     options = SampleOptions(prompt, [(Path(path), weight) for path, weight in loras], seed, steps, size,
-                            negative_prompt, composition, device, dtype)
+                            negative_prompt, composition, device, dtype, allow_unmatched)
     report = render_sample(Path(checkpoint), options, Path(dest), sha256, force=force, progress_bar=not as_json)
     if as_json:
         emit_json(report)

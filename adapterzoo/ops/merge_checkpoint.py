@@ -167,7 +167,7 @@ def merge_checkpoint(
 
 
 def _check_paths(src: Path, dest: Path, loras: list[Path], force: bool) -> None:
-    check_output(dest, [src, *loras], force)
+    check_output(dest, [src, *loras], force, folder=src.is_dir())
     source, target = src.resolve(), dest.resolve()
     if src.is_dir():
         if target.is_relative_to(source) or source.is_relative_to(target):

@@ -27,6 +27,7 @@ from adapterzoo.verify.attach import Attached, attach
 from adapterzoo.verify.compose import Composition, composed, set_active, switch_schedule
 from adapterzoo.verify.grid import a1111_text, save_png, versions_text
 from adapterzoo.verify.pipeline_load import LoadedPipeline, load_for_sampling, native_size
+from adapterzoo.verify.verdict import named
 from adapterzoo.verify.verifier import DEFAULT_STEPS, digest_of, refuse_other_base
 
 LORA_KINDS = ("lora", "lycoris")
@@ -43,10 +44,13 @@ class SampleOptions:
     composition: Composition = field(default_factory=Composition)
     device: str = "auto"
     dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
+    allow_unmatched: bool = False  # sample with what lands, when some keys land on no module
 
 
-def attach_loras(loaded: LoadedPipeline, files: list[Path], checkpoint: Path) -> list[Attached]:
-    """Read every LoRA and check it fits before any is hooked: a bad one is one line, nothing rendered."""
+def attach_loras(loaded: LoadedPipeline, files: list[Path], checkpoint: Path,
+                 allow_unmatched: bool = False) -> list[Attached]:
+    """Read every LoRA and check it fits before any is hooked: a bad one is one line, nothing rendered. Keys that
+    land on no module fail it, as verify's coverage check does, unless `allow_unmatched`."""
     attached = []
     for file in files:
         found = probe(file)
@@ -57,6 +61,11 @@ def attach_loras(loaded: LoadedPipeline, files: list[Path], checkpoint: Path) ->
         one = attach(file, found, loaded)
         if one.problems:
             raise AdapterzooError(f"{file.name}: {one.problems[0]}")
+        unmatched = one.coverage["unmatched"]
+        if unmatched and not allow_unmatched:
+            raise AdapterzooError(f"{file.name}: {len(unmatched)} of {one.coverage['keys_total']} key(s) land on no "
+                                  f"module of the checkpoint: {named(unmatched)} (--allow-unmatched samples with "
+                                  "the rest)")
         attached.append(one)
     return attached
 
@@ -138,7 +147,7 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
     checkpoint = Path(checkpoint)
     files = [Path(path) for path, _ in options.loras]
     weights = [weight for _, weight in options.loras]
-    output = check_output(output, [checkpoint, *files], force)
+    output = check_output(output, [checkpoint, *files], force, suffix=".png")
     loaded = load_for_sampling(checkpoint, options.device, options.dtype)
     device, dtype = loaded.pipe.device, loaded.pipe.unet.dtype
     size = options.size or native_size(loaded)
@@ -146,7 +155,7 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
         denoise.latent_shape(loaded.pipe, size)
     except ValueError as exc:
         raise AdapterzooError(f"--size {size[0]}x{size[1]}: {exc}") from None
-    attached = attach_loras(loaded, files, checkpoint)
+    attached = attach_loras(loaded, files, checkpoint, options.allow_unmatched)
     _, image = render_composed(loaded, attached, weights, options, size, progress_bar)
     problem = measure.image_problem(image, loaded.base, loaded.pipe.vae.dtype)
     pixels = image.nan_to_num(0.0).clamp(0, 255).to(torch.uint8).numpy()

@@ -10,7 +10,7 @@ from adapterzoo.verify.measure import NOISE_FLOOR, PIXEL_FLOOR
 SHOWN = 3  # names quoted in one reason; --json lists them all under coverage
 
 
-def _named(names: list[str]) -> str:
+def named(names: list[str]) -> str:
     return ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
 
 
@@ -43,11 +43,11 @@ def judge(attached: Attached, effects: list[dict[str, Any]], identical_at_zero: 
     coverage = attached.coverage
     unmatched = coverage["unmatched"]
     if unmatched:
-        reasons.append(f"{len(unmatched)} key(s) land on no module of the checkpoint: {_named(unmatched)}")
+        reasons.append(f"{len(unmatched)} key(s) land on no module of the checkpoint: {named(unmatched)}")
     idle = [path for path, calls in attached.handle.calls.items() if calls == 0]
     if idle:
         reasons.append(f"{len(idle)} of {coverage['modules_total']} patched module(s) never ran while sampling: "
-                       f"{_named(idle)}")
+                       f"{named(idle)}")
     if not identical_at_zero:
         reasons.append("multiplier 0 is not bit-identical to the model without the file: the adapter leaks")
     if not predictions_finite:

@@ -34,8 +34,10 @@ def lock_entries(engine: Engine) -> list[dict[str, Any]]:
 
 
 def write_lock(engine: Engine, dest: str | os.PathLike, force: bool = False) -> dict[str, Any]:
-    """Write the lock file atomically (an existing one only with force); returns what was written."""
-    check_output(dest, [], force)
+    """Write the lock file atomically (an existing one only with force, never the registry it reads); returns
+    what was written."""
+    registry = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+    check_output(dest, [registry] if registry else [], force)
     body = {"version": LOCK_VERSION, "files": lock_entries(engine)}
     with atomic_output(Path(dest)) as tmp:
         tmp.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")

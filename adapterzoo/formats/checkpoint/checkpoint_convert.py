@@ -29,7 +29,7 @@ EMA_PREFIX = "model_ema."
 
 def _check_paths(src: Path, dest: Path, to: str, force: bool) -> None:
     """Never write into or over the input; replace only an output of the same kind, and only with force."""
-    check_output(dest, [src], force)
+    check_output(dest, [src], force, folder=to == "diffusers" and not src.is_dir())
     source, target = src.resolve(), dest.resolve()
     if src.is_dir() and target.is_relative_to(source):
         raise AdapterzooError(f"output {dest} is inside the input folder {src}; refusing to write there")

@@ -12,16 +12,33 @@ from pathlib import Path
 from adapterzoo.errors import AdapterzooError
 
 
-def check_output(dest: str | os.PathLike, inputs: list[str | os.PathLike], force: bool) -> Path:
-    """Refuse to overwrite an input ever, or an existing output without --force."""
+FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".json", ".png", ".jpg", ".jpeg",
+                 ".webp", ".zip")  # a folder named like this would be taken for a file by every tool
+
+
+def check_output(dest: str | os.PathLike, inputs: list[str | os.PathLike], force: bool, folder: bool = False,
+                 suffix: str | None = None) -> Path:
+    """Every writing command's check, before any work: never an input (or a folder holding one, or a path inside
+    an input folder), even with --force; an existing output only with --force; its folder must exist; a folder
+    output is not named like a file; an output of one format (`suffix`) is named so."""
     dest = Path(dest)
+    target = dest.resolve()
     for source in inputs:
-        if dest.resolve() == Path(source).resolve():
+        source = Path(source).resolve()
+        if target == source:
             raise AdapterzooError(f"output {dest} is one of the inputs; refusing to overwrite it")
+        if source.is_relative_to(target):
+            raise AdapterzooError(f"output {dest} would replace the folder holding the input {source}")
+        if source.is_dir() and target.is_relative_to(source):
+            raise AdapterzooError(f"output {dest} is inside the input folder {source}; refusing to write there")
     if dest.exists() and not force:
         raise AdapterzooError(f"{dest} already exists; pass --force to replace it")
     if not dest.parent.is_dir():
-        raise AdapterzooError(f"folder {dest.parent} does not exist")
+        raise AdapterzooError(f"folder {dest.parent} does not exist (output {dest})")
+    if folder and dest.suffix.lower() in FILE_SUFFIXES:
+        raise AdapterzooError(f"output {dest} is written as a folder; name it without {dest.suffix}")
+    if suffix and dest.suffix.lower() != suffix:
+        raise AdapterzooError(f"output {dest} is written as {suffix[1:].upper()}; name it *{suffix}")
     return dest
 
 

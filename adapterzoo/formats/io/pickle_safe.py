@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterzoo.errors import BadFileError, UnsafeFileError
+from adapterzoo.formats.io.file_start import describe_start
 from adapterzoo.formats.io.pickle_scan import ZIP_MAGIC, python3_name, scan_file, unique
 
 if TYPE_CHECKING:
@@ -180,8 +181,16 @@ def _unsafe(names: list[str]) -> UnsafeFileError:
 
 
 def load_pickle(path: str | os.PathLike) -> Any:
-    """Return the unpickled object, or raise UnsafeFileError / BadFileError with a one-line reason."""
+    """Return the unpickled object, or raise UnsafeFileError / BadFileError with a one-line reason that starts
+    with the file's name."""
     path = Path(path)
+    try:
+        return _load_pickle(path)
+    except BadFileError as exc:
+        raise type(exc)(f"{path.name}: {exc}") from None
+
+
+def _load_pickle(path: Path) -> Any:
     if path.stat().st_size == 0:
         raise BadFileError("file is empty")
     container = _container(path)
@@ -198,6 +207,10 @@ def load_pickle(path: str | os.PathLike) -> Any:
             raise _unsafe(foreign or [exc.name]) from None
         if isinstance(exc, BadFileError):
             raise
+        with open(path, "rb") as fh:
+            start = describe_start(fh.read(16))
+        if not start.startswith(("starts with a zip", "starts with a pickle")):
+            raise BadFileError(f"not a torch pickle (it {start})") from None
         raise BadFileError(f"not a readable torch pickle ({_reason(exc)})") from None
 
 

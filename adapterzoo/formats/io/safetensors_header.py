@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from adapterzoo.errors import BadFileError
+from adapterzoo.formats.io.file_start import describe_start
 
 MAX_HEADER_BYTES = 100_000_000
 GGUF_MAGIC = b"GGUF"  # llama.cpp's format: quantised weights read by probe alone (io.gguf_header)
@@ -113,25 +114,36 @@ def safetensors_errors(path: str | os.PathLike) -> Iterator[None]:
         yield
     except SafetensorError as exc:
         reason = str(exc).splitlines()[0] if str(exc) else "refused"
-        raise BadFileError(f"safetensors cannot read {Path(path).name}: {reason}") from None
+        raise BadFileError(f"{Path(path).name}: safetensors cannot read it: {reason}") from None
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
-    """Parse and check the header: offsets inside the file, no holes or overlaps, known dtypes."""
+    """Parse and check the header: offsets inside the file, no holes or overlaps, known dtypes. Its errors
+    start with the file's name, so every command that reads one says which file it is about."""
     path = Path(path)
+    try:
+        return _read_header(path)
+    except BadFileError as exc:
+        raise type(exc)(f"{path.name}: {exc}") from None
+
+
+def _read_header(path: Path) -> SafetensorsHeader:
     file_size = path.stat().st_size
     with open(path, "rb") as fh:
         prefix = fh.read(8)
         if prefix.startswith(GGUF_MAGIC):
-            raise BadFileError(f"{path.name} is a quantised GGUF: its weights cannot be changed exactly; merge into "
+            raise BadFileError("a quantised GGUF: its weights cannot be changed exactly; merge into "
                                "(or convert) the unquantised file")
+        head = prefix + fh.read(8)
+        fh.seek(8)
         if len(prefix) < 8:
             raise BadFileError(f"file is {file_size} bytes, too short for a safetensors header")
         (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_HEADER_BYTES:
-            raise BadFileError(f"header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if header_len > MAX_HEADER_BYTES or (8 + header_len > file_size and head[8:9] != b"{"):
+            raise BadFileError(f"not a safetensors file (it {describe_start(head)})")
         if 8 + header_len > file_size:
-            raise BadFileError(f"header length {header_len} runs past the end of the {file_size}-byte file")
+            raise BadFileError(f"header length {header_len} runs past the end of the {file_size}-byte file "
+                               "(truncated?)")
         raw = fh.read(header_len)
     if not raw.startswith(b"{"):
         raise BadFileError("header does not start with a JSON object")

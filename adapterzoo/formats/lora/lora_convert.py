@@ -54,7 +54,7 @@ def convert_lora(
     LyCORIS modules by SVD."""
     if to not in lora_targets():
         raise AdapterzooError(f"a LoRA converts to {' | '.join(lora_targets())}, not {to!r}")
-    dest = check_output(dest, [src], force)
+    dest = check_output(dest, [src], force, folder=to == "peft")
     if to != "peft" and dest.suffix != ".safetensors":
         raise AdapterzooError(f"a {to} LoRA is a .safetensors file; name the output *.safetensors")
     lora = load_lora(src, base, architecture)
