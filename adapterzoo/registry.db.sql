@@ -184,7 +184,8 @@ CREATE TABLE IF NOT EXISTS verifications (
     parameters TEXT NOT NULL DEFAULT '{}',    -- JSON object: prompts, seeds, multipliers, sampler, steps, size, versions
     seconds    DOUBLE PRECISION,              -- wall time of the verification
     -- the adapterzoo version that verified:
-    version    TEXT
+    version    TEXT,
+    quick      BOOLEAN NOT NULL DEFAULT FALSE -- verify --quick: noise predictions only, no grid, no pixel change
 );
 CREATE INDEX IF NOT EXISTS ix_verifications_file_id ON verifications (file_id);
 -- Each file's latest verification (max id per file_id), read from the index alone.

@@ -25,6 +25,7 @@ from adapterzoo import __version__
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.verify.contact_sheet import grid_file, write_contact_sheet
 from adapterzoo.verify.verifier import BASES, Verifier, VerifyOptions, digest_of
+from adapterzoo.zoo.db import home_folder
 from adapterzoo.zoo.hosts import current_host
 from adapterzoo.zoo.models import FileEntry
 from adapterzoo.zoo.queries import list_entries
@@ -91,13 +92,18 @@ def _checkpoint_for(engine: Engine, base: str, given: dict[str, Path]) -> Path |
     return f"{len(found)} {base} checkpoints indexed, which one? {hint}"
 
 
+def baseline_cache() -> Path:
+    """Where the checkpoints' own renders and predictions are kept between runs (verify/baseline_cache.py)."""
+    return home_folder() / "verify-cache"
+
+
 def verify_each(engine: Engine, checkpoint: Path, files: list[Path], options: VerifyOptions,
                 sha256_of: Callable[[Path], Any], grid_for: Callable[[Path], Path | None],
                 keep_going: bool = False) -> Iterator[dict[str, Any]]:
     """`verify FILE... --checkpoint CKPT`: each file on one checkpoint (its pipeline loaded once), each result
     recorded in the registry and yielded as it lands. A file that cannot be verified raises its error, or, with
     `keep_going` (a batch), is a fail with its reason and the others go on."""
-    verifier = Verifier(checkpoint, options, sha256_of)
+    verifier = Verifier(checkpoint, options, sha256_of, baseline_cache())
     for file in files:
         start, sha = time.monotonic(), None
         try:
@@ -168,7 +174,7 @@ def _verify_group(engine: Engine, entries: list[FileEntry], checkpoint: Path | s
     itself = entries[0].kind == "checkpoint"
     start = time.monotonic()
     try:
-        verifier = Verifier(checkpoint, options, sha256_of)
+        verifier = Verifier(checkpoint, options, sha256_of, baseline_cache())
     except Exception as exc:  # noqa: BLE001 - one bad checkpoint must not stop the library
         bar.update(len(entries))
         if itself:  # the checkpoint under test does not load: its own fail

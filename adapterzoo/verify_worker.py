@@ -27,6 +27,7 @@ from adapterzoo.verify.contact_sheet import write_contact_sheet
 from adapterzoo.verify.verifier import Verifier, VerifyOptions, digest_of
 from adapterzoo.verify_library import (
     LibraryReport,
+    baseline_cache,
     error_line,
     failed_result,
     group_checkpoint,
@@ -92,7 +93,7 @@ class Loaded:
         if checkpoint_sha256 != self.checkpoint_sha256:
             self.checkpoint_sha256, self.verifier = None, None
             gc.collect()  # the old pipeline goes before the next is loaded
-            self.verifier = Verifier(checkpoint, self.options, self.sha256_of)
+            self.verifier = Verifier(checkpoint, self.options, self.sha256_of, baseline_cache())
             self.checkpoint_sha256 = checkpoint_sha256
         assert self.verifier is not None
         return self.verifier

@@ -25,8 +25,9 @@ PROVENANCE_KEY = "adapterzoo.operation"  # the metadata entry ops/provenance.py 
 
 def file_row(entry: FileEntry, latest: Verification | None, host: str | None = None) -> dict[str, Any]:
     """One entry as `list --json` prints it: the registry row (paths as `host` sees them, default this host)
-    and its latest verdict (null: never verified)."""
-    return {**entry.to_json(host), "verified": latest.verdict if latest else None}
+    and its latest verdict (null: never verified), and whether that run was `verify --quick`."""
+    return {**entry.to_json(host), "verified": latest.verdict if latest else None,
+            "verified_quick": latest.quick if latest else None}
 
 
 def file_rows(engine: Engine, entries: list[FileEntry], host: str | None = None) -> list[dict[str, Any]]:

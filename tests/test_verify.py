@@ -335,7 +335,7 @@ def test_cli_verifies_several_files_records_each_and_list_filters_by_verdict(tin
     assert all(Path(r["grid"]).is_file() for r in results)
     assert set(results[0]) == {"file", "sha256", "kind", "base", "format", "checkpoint", "checkpoint_sha256",
                                "verdict", "reasons", "coverage", "effects", "grid", "seconds", "parameters",
-                               "version"}
+                               "version", "quick"}
     assert run(["scan", str(never)], capsys, monkeypatch)[0] == 0
 
     def listed(*extra: str) -> list[str]:
@@ -378,9 +378,9 @@ def test_an_older_registry_gets_the_new_verification_columns(tmp_path):
     db.connect(f"sqlite:///{path}").dispose()
     with sqlite3.connect(path) as connection:
         columns = [row[1] for row in connection.execute("PRAGMA table_info(verifications)")]
-        row = connection.execute("SELECT reasons, effects, parameters, version FROM verifications").fetchone()
+        row = connection.execute("SELECT reasons, effects, parameters, version, quick FROM verifications").fetchone()
     assert columns == [c.name for c in Verification.__table__.columns]
-    assert row == ("[]", "[]", "{}", None)
+    assert row == ("[]", "[]", "{}", None, 0)  # an older run rendered its grid: not quick
 
 
 # -- other kinds and single files ---------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from test_verify import kohya_file
 
 from adapterzoo import tiny_models
 
-FAST = ["--steps", "1", "--size", "64x64", "--multiplier", "0", "--multiplier", "1"]
+# --grid: these runs check grids and the contact sheet, and --registry on a CPU is --quick unless told
+FAST = ["--steps", "1", "--size", "64x64", "--multiplier", "0", "--multiplier", "1", "--grid"]
 
 
 @pytest.fixture(autouse=True)

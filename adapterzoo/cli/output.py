@@ -97,15 +97,17 @@ def describe_source(source: dict[str, Any]) -> str:
 
 def print_verification(result: dict[str, Any]) -> None:
     coverage = result["coverage"]
+    quick = ", quick" if result.get("quick") else ""
     click.echo(f"{result['verdict'].upper()}  {result['file']}  ({result['kind'] or '-'}, {result['format'] or '-'}, "
-               f"{result['base'] or '-'}; {result['seconds']:.1f} s)")
+               f"{result['base'] or '-'}; {result['seconds']:.1f} s{quick})")
     if coverage is not None:
         click.echo(f"  coverage  {coverage['keys_matched']}/{coverage['keys_total']} keys, "
                    f"{coverage['modules_hit']}/{coverage['modules_total']} modules ran")
     for effect in result["effects"]:
-        noise = effect["noise_pred_rel_change"]
-        click.echo(f"  m = {effect['multiplier']:<6g} pixels {effect['mean_abs_pixel_change']:.3f}/255"
-                   + ("" if noise is None else f", noise prediction {noise:.2%}"))
+        noise, pixels = effect["noise_pred_rel_change"], effect["mean_abs_pixel_change"]
+        measured = ([] if pixels is None else [f"pixels {pixels:.3f}/255"]) + \
+            ([] if noise is None else [f"noise prediction {noise:.2%}"])
+        click.echo(f"  m = {effect['multiplier']:<6g} {', '.join(measured)}")
     for reason in result["reasons"]:
         click.echo(f"  - {reason}")
     if result["grid"]:

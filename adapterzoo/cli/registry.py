@@ -98,7 +98,8 @@ def list_(obj: dict[str, Any], kind: str | None, base: str | None, query: str | 
 def table_row(row: dict[str, Any]) -> dict[str, Any]:
     """A `list` JSON object as table cells."""
     present = [loc for loc in row["locations"] if not loc["missing"]]
-    return {**row, "verified": row["verified"] or "-", "size": human_size(row["size"]),
+    verified = f"{row['verified']} (quick)" if row["verified_quick"] else row["verified"]
+    return {**row, "verified": verified or "-", "size": human_size(row["size"]),
             "triggers": ", ".join(row["trigger_words"]), "copies": len(present),
             "hosts": ",".join(sorted({loc["host"] for loc in present}))}
 
@@ -151,7 +152,9 @@ def show(obj: dict[str, Any], ref: str, as_json: bool) -> None:
     if verification is None:
         click.echo(f"{'verified':14} never")
         return
-    click.echo(f"{'verified':14} {verification['verdict']} on {verification['checkpoint']} ({verification['created']})")
+    quick = " (quick: noise predictions only, no grid)" if verification["quick"] else ""
+    click.echo(f"{'verified':14} {verification['verdict']}{quick} on {verification['checkpoint']} "
+               f"({verification['created']})")
     for reason in verification["reasons"]:
         click.echo(f"{'':14} - {reason}")
     click.echo(f"{'grid':14} {verification['grid'] or '-'}")

@@ -107,6 +107,9 @@ def check_grids(files: tuple[str, ...], checkpoint: str | None, grid: str | None
               help="Grid column (repeatable). Default: 0, 0.5, 1.")
 @click.option("--steps", type=click.IntRange(min=1), metavar="N", help="Sampling steps. Default: 20.")
 @click.option("--size", type=SizeParam(), help="Image size. Default: the size the model was trained at.")
+@click.option("--quick/--grid", "quick", default=None,
+              help="--quick: coverage and effect from one noise prediction per multiplier (no grid, no VAE decode; "
+                   "recorded as quick). Default: --quick for --registry on CPU, --grid otherwise.")
 @DEVICE_OPTION
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
 @click.option("--force", is_flag=True, help="Replace an existing -o GRID.png.")
@@ -115,7 +118,8 @@ def check_grids(files: tuple[str, ...], checkpoint: str | None, grid: str | None
 def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, registry: bool, kind: str | None,
            base: str | None, unverified: bool, checkpoint_for: tuple[tuple[str, Path], ...], worker: bool,
            status: bool, lease: float | None, grid: str | None, out_dir: str | None, prompts: tuple[str, ...], seeds: tuple[int, ...], multipliers: tuple[float, ...],
-           steps: int | None, size: tuple[int, int] | None, device: str, dtype: str | None, force: bool,
+           steps: int | None, size: tuple[int, int] | None, quick: bool | None, device: str, dtype: str | None,
+           force: bool,
            as_json: bool) -> None:
     """Render each FILE on CKPT (or, with --registry, each indexed file on a checkpoint of its base) at several
     multipliers and judge it: pass or fail, with every reason. Each result is stored in the registry; exit
@@ -126,13 +130,18 @@ def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, 
     if status:
         show_queue(obj["db"], as_json)
         return
+    if quick and grid:
+        raise click.UsageError("--quick renders no grid: drop -o")
     check_grids(files, checkpoint, grid, force)
     sha256 = provenance_hasher(*([checkpoint, *files] if checkpoint else []))
     use_threads()
+    from adapterzoo.devices import pick_device
     from adapterzoo.verify.verifier import VerifyOptions
     from adapterzoo.zoo.db import open_registry
 
-    options = VerifyOptions(prompts=list(prompts) or None, size=size, device=device, dtype=dtype)
+    if quick is None:  # a library on a CPU: a verdict per file in seconds, grids where they are cheap or asked for
+        quick = registry and pick_device(device).type == "cpu"
+    options = VerifyOptions(prompts=list(prompts) or None, size=size, device=device, dtype=dtype, quick=quick)
     options.seeds = list(seeds) or options.seeds
     options.multipliers = list(multipliers) or options.multipliers
     options.steps = steps or options.steps

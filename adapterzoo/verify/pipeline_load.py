@@ -1,13 +1,12 @@
 """Load the checkpoint a file is verified against, offline: a diffusers folder or a single file.
 
-A single file is converted into a temporary diffusers folder by our own converter (every config
-inferred from the tensors, tokenizer from the package), then loaded like any folder: the hub is
-never asked for a config, and what `convert --to diffusers` would write is exactly what is verified.
+A single file is built in memory by the family that owns it, from our own converter's plan (every config
+inferred from the tensors, tokenizer from the package): nothing is written to disk, the hub is never asked
+for a config, and what `convert --to diffusers` would write is exactly what is verified.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from transformers.utils import logging as transformers_logging
 
 from adapterzoo.devices import pick_device
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.checkpoint.checkpoint_convert import folder_base, single_file_as_folder
+from adapterzoo.formats.checkpoint.checkpoint_convert import file_family, folder_base
+from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 from adapterzoo.formats.model.architectures import architecture_from_models
 from adapterzoo.formats.model.registry import family_of, sampled_bases
 from adapterzoo.formats.model.targets import TEXT_ENCODERS, UNET, Architecture
@@ -74,6 +74,16 @@ def _from_folder(folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
         raise BadFileError(f"diffusers cannot load {folder.name}: {str(exc).splitlines()[0]}") from None
 
 
+def _from_file(path: Path, dtype: torch.dtype) -> tuple[str, DiffusionPipeline]:
+    """A single file's pipeline built in memory by its family, refused in one line when verify cannot render it."""
+    source = open_checkpoint_file(path)
+    family, base = file_family(source, path.name)
+    _rendered(base, path)
+    if family.checkpoints.to_pipeline is None:
+        raise AdapterzooError(f"{path.name} is a {base} checkpoint, which verify cannot load from a single file")
+    return family.checkpoints.to_pipeline(source, dtype)
+
+
 def _rendered(base: str, checkpoint: Path) -> str:
     if base not in sampled_bases():
         raise AdapterzooError(f"{checkpoint.name} is a {base} checkpoint; verify renders {', '.join(sampled_bases())}")
@@ -87,9 +97,7 @@ def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype) ->
         base = _rendered(folder_base(checkpoint), checkpoint)
         pipe = _from_folder(checkpoint, dtype)
     elif checkpoint.is_file():
-        with tempfile.TemporaryDirectory(prefix="adapterzoo-verify-") as tmp:
-            base = _rendered(single_file_as_folder(checkpoint, Path(tmp))["base"], checkpoint)
-            pipe = _from_folder(Path(tmp), dtype)
+        base, pipe = _from_file(checkpoint, dtype)
     else:
         raise BadFileError(f"{checkpoint} does not exist")
     pipe.to(device)

@@ -30,6 +30,11 @@ def _effect(attached: Attached, effects: list[dict[str, Any]]) -> str | None:
     if attached.no_effect is not None:
         return f"no effect: {attached.no_effect}"
     noise, pixels = judged["noise_pred_rel_change"], judged["mean_abs_pixel_change"]
+    if pixels is None:  # --quick: nothing was decoded, the noise prediction alone is judged
+        if noise >= NOISE_FLOOR:
+            return None
+        return (f"no effect: at multiplier {judged['multiplier']:g} the noise prediction moves by {noise:.2g} "
+                f"(floor {NOISE_FLOOR:g})")
     if noise >= NOISE_FLOOR and pixels >= PIXEL_FLOOR:
         return None
     return (f"no effect: at multiplier {judged['multiplier']:g} the noise prediction moves by {noise:.2g} "

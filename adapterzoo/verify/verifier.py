@@ -26,6 +26,7 @@ from adapterzoo.formats.model.registry import sampled_bases
 from adapterzoo.formats.probe import probe
 from adapterzoo.verify import denoise, measure
 from adapterzoo.verify.attach import ADAPTER_KINDS, Attached, attach
+from adapterzoo.verify.baseline_cache import BaselineCache
 from adapterzoo.verify.grid import draw_grid, save_grid
 from adapterzoo.verify.pipeline_load import LoadedPipeline, load_for_sampling, load_pipeline, native_size
 from adapterzoo.verify.vae_load import load_vae
@@ -49,6 +50,7 @@ class VerifyOptions:
     size: tuple[int, int] | None = None  # (W, H); None: the model's own (UNet sample size × VAE factor)
     device: str = "auto"
     dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
+    quick: bool = False  # coverage and effect from one noise prediction per multiplier: no grid, no VAE decode
 
 
 def refuse_other_base(file: Path, found: ProbeResult, base: str, checkpoint: Path) -> None:
@@ -61,7 +63,8 @@ def refuse_other_base(file: Path, found: ProbeResult, base: str, checkpoint: Pat
 class Verifier:
     """Loads the checkpoint's pipeline once; verifies many files against it."""
 
-    def __init__(self, checkpoint: Path, options: VerifyOptions, sha256_of: Callable[[Path], str]) -> None:
+    def __init__(self, checkpoint: Path, options: VerifyOptions, sha256_of: Callable[[Path], str],
+                 cache: Path | None = None) -> None:
         if not options.seeds or not options.multipliers:
             raise AdapterzooError("give at least one seed and one multiplier")
         if options.steps < 1:
@@ -78,6 +81,7 @@ class Verifier:
         # the checkpoint alone: (latents, image) per (prompt, seed), noise prediction per prompt
         self._renders: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._predictions: dict[str, torch.Tensor] = {}
+        self.cache = BaselineCache(cache)  # the same, across runs: None keeps nothing on disk
         try:
             denoise.latent_shape(self.loaded.pipe, self.size)
         except ValueError as exc:
@@ -112,15 +116,30 @@ class Verifier:
         t = torch.tensor(FIXED_TIMESTEP, device=self.device)
         return denoise.unet_prediction(pipe.unet, noise, t, self._condition(self.loaded, prompt, insert)).float()
 
+    def _cache_key(self, what: str, prompt: str, seed: int, **more: Any) -> dict[str, Any]:
+        """Everything a baseline depends on."""
+        scheduler = self.loaded.pipe.scheduler
+        return {"what": what, "checkpoint_sha256": self.checkpoint_sha256, "prompt": prompt, "seed": seed, **more,
+                "negative_prompt": denoise.NEGATIVE_PROMPT, "size": list(self.size),
+                "sampler": type(scheduler).__name__, "scheduler": dict(scheduler.config),
+                "cfg_scale": denoise.GUIDANCE_SCALE, "fixed_timestep": FIXED_TIMESTEP,
+                "dtype": str(self.dtype), "vae_dtype": str(self.loaded.pipe.vae.dtype), "device": self.device.type,
+                "threads": torch.get_num_threads(),  # CPU rounding follows the split of the work
+                "versions": [__version__, diffusers.__version__, transformers.__version__, torch.__version__]}
+
     def _baseline(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents, image) of the checkpoint alone."""
         if (prompt, seed) not in self._renders:
-            self._renders[prompt, seed] = self._render(self.loaded, prompt, seed, {})
+            found = self.cache.get(lambda: self._cache_key("render", prompt, seed, steps=self.options.steps),
+                                   lambda: dict(zip(("latents", "image"), self._render(self.loaded, prompt, seed, {}))))
+            self._renders[prompt, seed] = (found["latents"].to(self.device), found["image"])
         return self._renders[prompt, seed]
 
     def _baseline_prediction(self, prompt: str) -> torch.Tensor:
         if prompt not in self._predictions:
-            self._predictions[prompt] = self._prediction(prompt, {})
+            found = self.cache.get(lambda: self._cache_key("prediction", prompt, self.options.seeds[0]),
+                                   lambda: {"prediction": self._prediction(prompt, {})})
+            self._predictions[prompt] = found["prediction"].to(self.device)
         return self._predictions[prompt]
 
     # -- one file ------------------------------------------------------------------------------------
@@ -142,7 +161,7 @@ class Verifier:
             "sampler": type(self.loaded.pipe.scheduler).__name__, "cfg_scale": denoise.GUIDANCE_SCALE,
             "size": list(self.size), "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
             "vae_dtype": str(self.loaded.pipe.vae.dtype).removeprefix("torch."),
-            "fixed_timestep": FIXED_TIMESTEP,
+            "fixed_timestep": FIXED_TIMESTEP, "quick": self.options.quick,
             "versions": {"adapterzoo": __version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__, "torch": torch.__version__},
         }
@@ -152,6 +171,8 @@ class Verifier:
         start = time.monotonic()
         file = Path(file)
         found = probe(file)
+        if self.options.quick:
+            grid = None
         if found.kind == "checkpoint":
             return self._verify_checkpoint(file, found, grid, start)
         if found.kind == "vae":
@@ -170,7 +191,7 @@ class Verifier:
                          start: float) -> dict:
         options = self.options
         prompts = self._prompts(attached)
-        rows = [(p, s) for p in prompts for s in options.seeds]
+        rows = [] if options.quick else [(p, s) for p in prompts for s in options.seeds]
         baselines = [self._baseline(attached.without(p), s)[1] for p, s in rows]
         baseline_prediction = self._baseline_prediction(attached.without(prompts[0]))
         handle = attached.hook()
@@ -188,8 +209,8 @@ class Verifier:
                 identical_at_zero &= all(torch.equal(a, b) for a, b in zip(images, baselines))
                 identical_at_zero &= torch.equal(prediction, baseline_prediction)
             columns.append(images)
-            effects.append({"multiplier": multiplier,
-                            "mean_abs_pixel_change": measure.mean_abs_pixel_change(images, baselines),
+            pixels = measure.mean_abs_pixel_change(images, baselines) if images else None
+            effects.append({"multiplier": multiplier, "mean_abs_pixel_change": pixels,
                             "noise_pred_rel_change": measure.relative_change(prediction, baseline_prediction)})
         attached.coverage["modules_hit"] = sum(1 for calls in handle.calls.values() if calls > 0)
         images = [image for column in columns for image in column] + baselines
@@ -208,6 +229,8 @@ class Verifier:
         itself = file.resolve() == self.checkpoint.resolve()  # `verify --registry --kind checkpoint`: load once
         loaded = self.loaded if itself else load_pipeline(file, self.device, self.dtype)
         prompts = list(self.options.prompts or [DEFAULT_PROMPT])
+        if self.options.quick:
+            return self._checkpoint_quick(file, found, loaded, prompts, start)
         rows = [(p, s) for p in prompts for s in self.options.seeds]
         images = [(self._baseline(p, s) if itself else self._render(loaded, p, s, {}))[1] for p, s in rows]
         problems = [measure.image_problem(i, loaded.base, loaded.pipe.vae.dtype) for i in images]
@@ -220,6 +243,20 @@ class Verifier:
         coverage = {"keys_total": found.tensors, "keys_matched": found.tensors, "modules_total": 0,
                     "modules_hit": 0, "unmatched": []}
         return self._result(file, found, sha, reasons, coverage, [], grid, parameters, start)
+
+    def _checkpoint_quick(self, file: Path, found: ProbeResult, loaded: LoadedPipeline, prompts: list[str],
+                          start: float) -> dict:
+        """--quick on a checkpoint: its noise prediction at the fixed latent and timestep must be finite."""
+        noise = denoise.seeded_noise(loaded.pipe, self.size, self.options.seeds[0])
+        t = torch.tensor(FIXED_TIMESTEP, device=self.device)
+        with torch.no_grad():
+            prediction = denoise.unet_prediction(loaded.pipe.unet, noise, t, self._condition(loaded, prompts[0], {}))
+        reasons = [] if measure.finite(prediction) else ["the noise prediction holds NaN or inf"]
+        sha = digest_of(self.sha256_of(file))
+        coverage = {"keys_total": found.tensors, "keys_matched": found.tensors, "modules_total": 0,
+                    "modules_hit": 0, "unmatched": []}
+        parameters = self._parameters(file, sha, found.kind, prompts, [])
+        return self._result(file, found, sha, reasons, coverage, [], None, parameters, start)
 
     def _verify_vae(self, file: Path, found: ProbeResult, grid: Path | None, start: float) -> dict:
         """A VAE decodes the latents the checkpoint rendered; columns: the checkpoint's VAE, this one."""
@@ -249,4 +286,5 @@ class Verifier:
             "verdict": "fail" if reasons else "pass", "reasons": reasons, "coverage": coverage,
             "effects": effects, "grid": str(grid) if grid is not None else None,
             "seconds": round(time.monotonic() - start, 3), "parameters": parameters, "version": __version__,
+            "quick": self.options.quick,
         }

@@ -19,6 +19,7 @@ from sqlalchemy import (
     and_,
     case,
     exists,
+    false,
     or_,
     select,
 )
@@ -368,11 +369,13 @@ class Verification(Base):
     parameters: Mapped[dict[str, Any]] = mapped_column(JSONText, server_default="{}")
     seconds: Mapped[float | None] = mapped_column(Double)
     version: Mapped[str | None] = mapped_column(Text)
+    quick: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "verdict": self.verdict,
+            "quick": self.quick,
             "reasons": self.reasons,
             "checkpoint": self.checkpoint,
             "checkpoint_sha256": self.checkpoint_sha256,

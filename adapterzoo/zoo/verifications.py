@@ -38,6 +38,7 @@ def verification_values(file_id: int, result: dict[str, Any]) -> dict[str, Any]:
         "parameters": result["parameters"],
         "seconds": result["seconds"],
         "version": result["version"],
+        "quick": bool(result.get("quick")),
     }
 
 

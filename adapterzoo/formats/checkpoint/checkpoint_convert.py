@@ -60,13 +60,13 @@ def folder_base(folder: Path) -> str:
 def single_file_as_folder(path: Path, folder: Path, dtype: torch.dtype | None = None) -> dict:
     """Write a single-file checkpoint as a diffusers folder into `folder` (existing, empty); the report."""
     source = open_checkpoint_file(path)
-    family, base = _file_family(source, path.name)
+    family, base = file_family(source, path.name)
     if family.checkpoints.to_folder is None:
         raise AdapterzooError(f"{path.name} is a {base} checkpoint, which has no diffusers layout we write")
     return family.checkpoints.to_folder(source, dtype, folder)
 
 
-def _file_family(source: TensorSource, name: str) -> tuple[Family, str]:
+def file_family(source: TensorSource, name: str) -> tuple[Family, str]:
     """The family owning a whole single file, and its base."""
     table = source.table()
     for family in families():
@@ -113,7 +113,7 @@ def convert_checkpoint(
             report = single_file_as_folder(src, tmp, torch_dtype)
     else:
         source = open_checkpoint_file(src)
-        _, base = _file_family(source, src.name)
+        _, base = file_family(source, src.name)
         plan = rewrite_plan(source, torch_dtype, prune_ema)
         with atomic_output(dest) as tmp:
             written = write_safetensors(tmp, plan, {**source.metadata, "format": "pt"})

@@ -54,6 +54,24 @@ def _from_shipped_bpe() -> tuple[dict[str, int], list[str]]:
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
+def vocabulary() -> tuple[dict[str, int], list[str], str]:
+    """CLIP's vocabulary and merges in memory (cache first, else the shipped BPE), and where they came from:
+    what a tokenizer built without a folder on disk takes."""
+    cached = _from_cache()
+    if cached:
+        vocab = json.loads(cached[0].read_text(encoding="utf-8"))
+        lines = cached[1].read_text(encoding="utf-8").splitlines()
+        merges = [line for line in lines if line and not line.startswith("#version")]
+        return vocab, merges, f"Hugging Face cache ({CACHE_REPO})"
+    vocab, merges = _from_shipped_bpe()
+    return vocab, merges, f"adapterzoo/data/{BPE_FILE.name}"
+
+
+def special_tokens(pad_token: str) -> dict[str, str]:
+    """The special tokens of CLIP's tokenizer with `pad_token` (see `write_clip_tokenizer`)."""
+    return {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+
+
 def write_clip_tokenizer(folder: Path, pad_token: str) -> str:
     """Write vocab.json, merges.txt and the configs CLIPTokenizer reads; returns where the vocabulary came from.
 
@@ -71,7 +89,7 @@ def write_clip_tokenizer(folder: Path, pad_token: str) -> str:
         (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
         origin = f"adapterzoo/data/{BPE_FILE.name}"
-    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+    specials = special_tokens(pad_token)
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": MAX_LENGTH,

@@ -144,3 +144,20 @@ def _copy(source: BinaryIO, stored: StoredBytes, dest: BinaryIO) -> None:
 def plan_dtype(tensors: Iterable[PlannedTensor]) -> str | None:
     """The floating dtype holding most elements of a plan, in probe's words (fp16, bf16, fp32)."""
     return dominant_dtype({t.name: TensorMeta(t.shape, SAFETENSORS_DTYPES[t.dtype]) for t in tensors})
+
+
+def planned_tensor(item: PlannedTensor) -> torch.Tensor:
+    """The planned tensor in memory, in its planned dtype: stored bytes read straight into it, once."""
+    if item.stored is None:
+        return item.make().to(item.dtype).contiguous()
+    tensor = torch.empty(item.shape, dtype=item.dtype)
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    with open(item.stored.path, "rb", buffering=0) as fh:
+        fh.seek(item.stored.offset)
+        while view:
+            got = fh.readinto(view)
+            if not got:
+                raise BadFileError(f"{item.stored.path.name} ends inside tensor {item.name}; "
+                                   "was it changed while being read?")
+            view = view[got:]
+    return tensor

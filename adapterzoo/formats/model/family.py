@@ -63,6 +63,8 @@ class Checkpoints:
     folder_base: Callable[[Path], str] | None = None  # the base of a folder it owns
     to_single_file: Callable[[Path, torch.dtype | None], tuple[str, list[PlannedTensor], list[str]]] | None = None
     to_folder: Callable[[TensorSource, torch.dtype | None, Path], dict] | None = None  # a single file -> folder
+    # a single file -> (base, diffusers pipeline) in memory, in the dtype given: what verify and sample load
+    to_pipeline: Callable[[TensorSource, torch.dtype], tuple[str, Any]] | None = None
     # a folder (source None) or an opened single file -> its LoRA targets; None: not the family's checkpoint
     targets: Callable[[Path, TensorSource | None], CheckpointTargets | None] | None = None
 

@@ -7,7 +7,7 @@ LoRA's modules live in a checkpoint, `to_diffusers` / `to_single_file` convert t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adapterzoo.formats.families.sd import probe
 from adapterzoo.formats.io.tensor_table import TensorTable
@@ -81,6 +81,12 @@ def _to_folder(source: TensorSource, dtype: torch.dtype | None, folder: Path) ->
     return write_diffusers(plan_diffusers(source, dtype), folder)
 
 
+def _to_pipeline(source: TensorSource, dtype: torch.dtype) -> tuple[str, Any]:
+    from adapterzoo.formats.families.sd.in_memory import pipeline_in_memory
+
+    return pipeline_in_memory(source, dtype)
+
+
 def _targets(path: Path, source: TensorSource | None) -> CheckpointTargets | None:
     from adapterzoo.formats.families.sd.targets import sd_targets
 
@@ -108,6 +114,7 @@ FAMILY = Family(
         folder_base=_folder_base,
         to_single_file=_to_single_file,
         to_folder=_to_folder,
+        to_pipeline=_to_pipeline,
         targets=_targets,
     ),
     civitai_base_models={
