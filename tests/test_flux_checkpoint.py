@@ -410,3 +410,38 @@ def test_merge_into_a_flux_pipeline_patches_clip_too(tmp_path, model, loras, cap
     key = next(k for k in before if k.endswith("encoder.layers.0.self_attn.q_proj.weight"))
     expected = before[key].double() + up.double() @ down.double() / 2
     assert torch.allclose(after[key].double(), expected, atol=1e-5, rtol=0)
+
+
+def test_a_kohya_lora_training_clip_l_converts_and_merges_against_a_transformer_alone(
+        tmp_path, model, bfl_file, loras, capsys, monkeypatch):
+    """Issue 15 §1 defect: CLIP-L's names and shapes come from the built-in table when the checkpoint (a BFL
+    file, a bare transformer folder) has none; convert keeps the CLIP part exactly, merge names it in one line
+    and, with --allow-unmatched, merges the transformer part alone."""
+    kohya, _, _ = loras
+    clip = "lora_te1_text_model_encoder_layers_11_mlp_fc2"
+    gen = torch.Generator().manual_seed(5)
+    down, up = torch.randn(2, 3072, generator=gen), torch.randn(768, 2, generator=gen)
+    both = tmp_path / "both.safetensors"
+    save_file(load_file(kohya) | {f"{clip}.lora_down.weight": down, f"{clip}.lora_up.weight": up,
+                                  f"{clip}.alpha": torch.tensor(1.0)}, str(both))
+    folder = tmp_path / "transformer"
+    model.save_pretrained(folder)
+    for checkpoint in (bfl_file, folder):
+        dest = tmp_path / f"{checkpoint.stem}-lora.safetensors"
+        cli(["convert", str(both), "-o", str(dest), "--to", "diffusers", "--checkpoint", str(checkpoint)],
+            capsys, monkeypatch)
+        written = load_file(dest)
+        a = written["text_encoder.encoder.layers.11.mlp.fc2.lora_A.weight"]
+        b = written["text_encoder.encoder.layers.11.mlp.fc2.lora_B.weight"]
+        assert torch.allclose(b.double() @ a.double(), up.double() @ down.double() / 2, atol=1e-6, rtol=0)
+    code, _, err = run(["merge", str(bfl_file), "--lora", str(both), "-o", str(tmp_path / "m.safetensors")],
+                       capsys, monkeypatch)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "text-encoder part (1 module(s)" in err and "a transformer alone" in err
+    report = cli(["merge", str(bfl_file), "--lora", str(both), "-o", str(tmp_path / "m.safetensors"),
+                  "--allow-unmatched"], capsys, monkeypatch)
+    assert any("text-encoder part" in w for w in report["warnings"])
+    cli(["merge", str(bfl_file), "--lora", str(kohya), "-o", str(tmp_path / "k.safetensors")], capsys, monkeypatch)
+    merged, transformer_part = load_file(tmp_path / "m.safetensors"), load_file(tmp_path / "k.safetensors")
+    assert merged.keys() == transformer_part.keys()
+    assert all(torch.equal(v, transformer_part[k]) for k, v in merged.items())

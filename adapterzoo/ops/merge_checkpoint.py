@@ -45,7 +45,7 @@ from adapterzoo.formats.lora.lora_keys import detect_lora_dialect, group_modules
 from adapterzoo.formats.lora.lora_model import AdapterModule, FullModule, Ia3Module, LoraFile, LoraModule
 from adapterzoo.formats.lora.lora_parts import is_text_encoder_module
 from adapterzoo.formats.lora.lora_read import Misfit, load_lora_matched, misfit_example
-from adapterzoo.formats.model.targets import UNET
+from adapterzoo.formats.model.targets import TEXT_ENCODERS, UNET
 from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -68,10 +68,10 @@ class LoraSpec:
 
 class UnmatchedLoraKeysError(AdapterzooError):
     """LoRA keys that land on no weight of the checkpoint; all of them go to --json. A text-encoder part that
-    meets a UNet alone is named as such: its keys are fine, the checkpoint just has nothing for them."""
+    meets a UNet or transformer alone is named as such: its keys are fine, the checkpoint just has nothing for them."""
 
     def __init__(self, lora: Path, checkpoint: Path, keys: list[str], text_encoder_keys: list[str],
-                 misfits: list[Misfit]) -> None:
+                 misfits: list[Misfit], alone: str = "a UNet alone") -> None:
         self.lora, self.keys = lora, keys
         text = set(text_encoder_keys)
         rest = [k for k in keys if k not in text]
@@ -83,8 +83,8 @@ class UnmatchedLoraKeysError(AdapterzooError):
             dialect = detect_lora_dialect(text_encoder_keys)
             modules = list(group_modules(text_encoder_keys, dialect)) if dialect else text_encoder_keys
             said.append(f"its text-encoder part ({len(modules)} module(s): {_shown(modules)}) has nowhere to go "
-                        f"in {checkpoint.name}, a UNet alone")
-        hint = "merges the rest" if rest else "merges the UNet part alone"
+                        f"in {checkpoint.name}, {alone}")
+        hint = "merges the rest" if rest else f"merges the {alone.split()[1]} part alone"
         super().__init__(f"{lora.name}: {'; '.join(said)} (--allow-unmatched {hint})")
 
     def json_details(self) -> dict:
@@ -196,13 +196,18 @@ def _read_lora(spec: LoraSpec, targets: CheckpointTargets, allow_unmatched: bool
     check_lora_base(targets, spec.path)
     lora, unmatched, misfits = load_lora_matched(spec.path, targets.architecture)
     homeless = [path for path in lora.modules if path not in targets.locations] if lora else []
-    unet_only = targets.components == {UNET}
-    text_encoder_keys = [k for k in unmatched if unet_only and is_text_encoder_module(k)]
+    # a checkpoint without text encoders: their LoRA keys are unmatched (a UNet's table lacks them) or, where
+    # the family knows its encoders without the checkpoint (Flux's CLIP-L), resolved to modules with no weight
+    held = {targets.architecture.targets[path].component for path in targets.locations}
+    alone = f"a {'UNet' if UNET in held else 'transformer'} alone"
+    no_encoder = not held & set(TEXT_ENCODERS)
+    text_encoder_keys = [k for k in unmatched if no_encoder and is_text_encoder_module(k)]
+    text_encoder_keys += [p for p in homeless if no_encoder and targets.architecture.targets[p].component in TEXT_ENCODERS]
     if (unmatched or homeless) and not allow_unmatched:
-        raise UnmatchedLoraKeysError(spec.path, targets.path, unmatched + homeless, text_encoder_keys, misfits)
+        raise UnmatchedLoraKeysError(spec.path, targets.path, unmatched + homeless, text_encoder_keys, misfits, alone)
     if text_encoder_keys:
         warnings.append(f"{spec.path.name}: its text-encoder part ({len(text_encoder_keys)} key(s)) is left out, "
-                        f"{targets.path.name} is a UNet alone")
+                        f"{targets.path.name} is {alone}")
     for path in homeless:
         del lora.modules[path]
     if lora is not None and lora.embeddings:

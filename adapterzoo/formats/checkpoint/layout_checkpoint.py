@@ -153,7 +153,7 @@ def folder_targets(path: Path, base: str, architecture: Architecture) -> Checkpo
         locations = diffusers_locations(architecture, {TRANSFORMER: source}, SINGLE_FILE)
         return CheckpointTargets(path, base, True, architecture, locations, {SINGLE_FILE: source})
     components = {target.component for target in architecture.targets.values()}
-    sources = {c: open_component(path / c, WEIGHT_STEMS[c]) for c in components}
+    sources = {c: open_component(path / c, WEIGHT_STEMS[c]) for c in components if (path / c).is_dir()}
     return CheckpointTargets(path, base, True, architecture, diffusers_locations(architecture, sources), sources)
 
 

@@ -101,6 +101,8 @@ def diffusers_locations(architecture: Architecture, sources: dict[str, TensorSou
     stripped = {c: {strip_text_model(k): k for k in s.shapes} for c, s in sources.items() if c != UNET}
     locations = {}
     for target in architecture.targets.values():
+        if target.component not in sources:  # a text encoder the model on disk lacks (Flux's built-in CLIP-L)
+            continue
         source, stored = sources[target.component], stripped.get(target.component)
         key = stored_key(source, target.module_path + ".weight", stored)
         if key is not None:

@@ -154,20 +154,29 @@ def flux_architecture() -> FluxArchitecture:
 _TEXT_ENCODER_CLASSES = {CLIP_L: (CLIP_CLASS,), T5: (T5_CLASS,)}
 
 
+def _with_builtin_text_encoders(tables: dict[str, ModuleTable]) -> dict[str, ModuleTable]:
+    """`tables` with Flux.1's own CLIP-L and T5-XXL where the model on disk has none (a BFL file, a bare
+    transformer folder): every Flux.1 uses those two, so a LoRA's text-encoder names resolve without them."""
+    builtin = {CLIP_L: (CLIP_CLASS, CLIP_L_CONFIG), T5: (T5_CLASS, T5_XXL_CONFIG)}
+    return tables | {component: module_table(*spec) for component, spec in builtin.items() if component not in tables}
+
+
 def flux_checkpoint_architecture(path: str | Path) -> FluxArchitecture | None:
     """The targets of a Flux model on disk (a diffusers transformer or pipeline folder of any size, or a BFL
-    single file); None if `path` is not a Flux model."""
+    single file), its text encoders taken from the built-in table where it has none; None if `path` is not a
+    Flux model."""
     path = Path(path)
     if path.is_file():
         config = bfl_config_from_file(path)
         if config is None:
             return None
-        return flux_architecture_from_tables({TRANSFORMER: module_table(FLUX_CLASS, config)})
+        return flux_architecture_from_tables(_with_builtin_text_encoders({TRANSFORMER: module_table(FLUX_CLASS, config)}))
     if (path / "config.json").is_file():
         config = read_json_object(path / "config.json")
         if config.get("_class_name") != FLUX_CLASS:
             return None
-        return flux_architecture_from_tables({TRANSFORMER: module_table(FLUX_CLASS, saved_config(config))})
+        tables = {TRANSFORMER: module_table(FLUX_CLASS, saved_config(config))}
+        return flux_architecture_from_tables(_with_builtin_text_encoders(tables))
     index_path = path / "model_index.json"
     if not index_path.is_file() or read_json_object(index_path).get("transformer", [None, None])[1] != FLUX_CLASS:
         return None
@@ -179,7 +188,7 @@ def flux_checkpoint_architecture(path: str | Path) -> FluxArchitecture | None:
         if isinstance(entry, list) and len(entry) == 2 and entry[1] in classes:
             config = read_json_object(path / component / "config.json")
             tables[component] = module_table(entry[1], saved_config(config))
-    return flux_architecture_from_tables(tables)
+    return flux_architecture_from_tables(_with_builtin_text_encoders(tables))
 
 
 def bfl_config_from_file(path: Path) -> dict | None:
