@@ -139,7 +139,8 @@ def test_metadata_that_is_a_list_is_refused_in_one_line(tiny_lora, tmp_path, cap
     path = tmp_path / "list-metadata.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
     for args in (["probe", str(path)], ["convert", str(path), "--to", "kohya", "-o", str(tmp_path / "k.safetensors")]):
-        assert one_error_line(*run(args, capsys, monkeypatch)) == "error: list-metadata.safetensors: __metadata__ must map strings to strings"
+        assert one_error_line(*run(args, capsys, monkeypatch)) == \
+            "error: list-metadata.safetensors: __metadata__ must map strings to strings"
 
 
 # -- a sample of mutated files through every command --------------------------------------------------

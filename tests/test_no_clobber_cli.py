@@ -181,3 +181,18 @@ def test_lock_never_writes_over_the_registry_it_reads(tmp_path, capsys, monkeypa
     before = db.read_bytes()
     line = one_error_line(*run(["--db", str(db), "lock", "-o", str(db), "--force"], capsys, monkeypatch))
     assert "one of the inputs" in line and db.read_bytes() == before
+
+
+def test_third_party_chatter_never_reaches_stderr(tiny, tmp_path):
+    """A fresh process, as a user runs it: transformers and diffusers log at import, which in-process tests miss."""
+    import os
+    import subprocess
+    import sys
+
+    sty = lora(tmp_path / "sty.safetensors")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY", "PYTHONWARNINGS")}
+    env.update(HF_HUB_OFFLINE="1", ADAPTERZOO_HOME=str(tmp_path / "home"))
+    done = subprocess.run([sys.executable, "-m", "adapterzoo", "merge", str(tiny), "--lora", str(sty), "-o",
+                           str(tmp_path / "merged"), "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr

@@ -297,7 +297,8 @@ def test_a_pulled_pickle_that_wants_to_run_code_is_never_loaded_and_recorded_uns
     code, (outcome,), err = pull_json([f"civitai:{version.id}", "--library", str(library)], capsys, monkeypatch)
     assert code == 0, err
     assert outcome["unsafe"] is True and outcome["path"] == str(library / "embeddings" / "style.pt")
-    assert any(n.startswith("unsafe: unsafe pickle") and "posix.system" in n for n in outcome["notes"])
+    assert any(n.startswith("unsafe: ") and "unsafe pickle" in n and "posix.system" in n for n in outcome["notes"]), \
+        outcome["notes"]
     assert not marker.exists()
     (row,) = json.loads(run(["list", "--json"], capsys, monkeypatch)[1])
     assert (row["status"], row["kind"]) == ("unsafe", "unknown")

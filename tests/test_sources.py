@@ -349,3 +349,21 @@ def test_lock_lists_sourced_files_with_refs_that_resolve_to_the_same_bytes(
         assert (remote.sha256, remote.size, remote.file_name) == (entry["sha256"], entry["size"], entry["file_name"])
     code, _, err = run(["lock", "-o", str(dest)], capsys, monkeypatch)
     assert code == 1 and "--force" in err
+
+
+@pytest.mark.parametrize("where", ["refused", "unresolvable"])
+def test_offline_failures_are_final_at_once(where: str, registry_home: Path, tmp_path: Path, capsys,
+                                            monkeypatch) -> None:
+    """Issue 14: a host that does not resolve or refuses the connection is not retried (it took 18-24 s)."""
+    from huggingface_hub import constants
+
+    host = f"127.0.0.1:{closed_port()}" if where == "refused" else "nonexistent.invalid"
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://{host}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for args in (["search", "cat", "--source", "hf"], ["pull", f"http://{host}/x.safetensors", "--dest",
+                                                          str(tmp_path)]):
+        began = time.monotonic()
+        code, out, err = run(args, capsys, monkeypatch)
+        assert time.monotonic() - began < 3, args
+        assert code == 1 and "Traceback" not in err and "no network: could not" in out + err, (out, err)
+        assert len((out + err).strip().splitlines()) == 1

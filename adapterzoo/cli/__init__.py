@@ -21,6 +21,7 @@ from adapterzoo.cli import (  # noqa: F401 - registers commands
     verifying,
 )
 from adapterzoo.cli.group import cli
+from adapterzoo.chatter import quiet_third_parties
 from adapterzoo.cli.output import emit_json
 from adapterzoo.devices import quiet_openmp_waits
 from adapterzoo.errors import AdapterzooError
@@ -31,6 +32,7 @@ __all__ = ["cli", "main"]
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 1."""
     quiet_openmp_waits()
+    quiet_third_parties()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -31,11 +31,17 @@ INDEX_STATEMENT = re.compile(r"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)")
 def registry_url(option: str | None = None) -> str:
     """The --db value, else ADAPTERZOO_DB, else registry.db in ADAPTERZOO_HOME or the user data dir.
 
-    A value without '://' is taken as the path of an SQLite file.
+    A value without '://' is taken as the path of an SQLite file, in a folder that must exist: only the
+    default home is created, so a mistyped path is an error rather than a new empty registry.
     """
     value = option or os.environ.get("ADAPTERZOO_DB")
     if value:
-        return value if "://" in value else f"sqlite:///{Path(value).expanduser().absolute()}"
+        if "://" in value:
+            return value
+        path = Path(value).expanduser().absolute()
+        if not path.parent.is_dir():
+            raise AdapterzooError(f"registry {value}: folder {path.parent} does not exist")
+        return f"sqlite:///{path}"
     return f"sqlite:///{home_folder() / 'registry.db'}"
 
 

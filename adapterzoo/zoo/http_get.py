@@ -1,11 +1,13 @@
 """One GET of a file, as a download needs it: redirects followed by hand so credentials stay on the
-host they were meant for, 429 and 5xx retried politely, and every other answer that is not the
-file turned into one line that says why (token needed, refused, no such file)."""
+host they were meant for, 429, 5xx, timeouts and cut connections retried politely, a host that does not
+resolve or refuses the connection given up at once, and every other answer that is not the file turned
+into one line that says why (token needed, refused, no such file)."""
 
 from __future__ import annotations
 
 import email.utils
 import re
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -83,6 +85,8 @@ def get_file(
         try:
             response = _follow(session, url, headers or {}, ranged)
         except (requests.ConnectionError, requests.Timeout) as exc:
+            if is_final(exc):
+                raise AdapterzooError(f"no network: could not reach {host.name} ({_reason(exc)})") from None
             failures = wait_or_raise(retry, failures, None, f"cannot reach {host.name}: {_reason(exc)}")
             continue
         if response.status_code == 429 or response.status_code >= 500:
@@ -145,6 +149,33 @@ def wait_or_raise(retry: Retry, failures: int, retry_after: str | None, problem:
         raise AdapterzooError(f"{problem} and asks to wait {delay:.0f} s; try again later")
     retry.sleep(delay)
     return failures
+
+
+FINAL_ERRORS = ("NameResolutionError", "Name or service not known", "nodename nor servname",
+                "Temporary failure in name resolution", "getaddrinfo failed", "No address associated",
+                "Connection refused", "Errno 111", "Errno 61", "Errno 10061", "Network is unreachable")
+
+
+def is_final(exc: BaseException) -> bool:
+    """A host name that does not resolve, or a refused or unroutable connection: trying again a second later
+    finds the same answer, so only timeouts, resets, 429 and 5xx are worth a retry."""
+    if isinstance(exc, requests.Timeout):
+        return False
+    return any(mark in str(exc) for mark in FINAL_ERRORS)
+
+
+def check_reachable(url: str, name: str, timeout_s: float = TIMEOUT_S[0]) -> None:
+    """Raise 'no network' in one line at once when `url`'s host does not resolve or refuses connections: for
+    clients (huggingface_hub) that retry such failures for half a minute before saying so."""
+    scheme, host, port = _origin(url)
+    try:
+        socket.create_connection((host, port or 443), timeout=timeout_s).close()
+    except socket.gaierror as exc:
+        raise AdapterzooError(f"no network: could not resolve {name} ({str(exc.strerror or exc).lower()})") from None
+    except OSError as exc:
+        if isinstance(exc, TimeoutError):  # slow, not absent: let the client try, it has its own patience
+            return
+        raise AdapterzooError(f"no network: could not reach {name} ({str(exc.strerror or exc).lower()})") from None
 
 
 def _retry_after_s(value: str | None) -> float | None:

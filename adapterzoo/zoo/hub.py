@@ -6,12 +6,14 @@ except through its `hf_hub_url`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.model.registry import families
+from adapterzoo.zoo.http_get import check_reachable
 from adapterzoo.zoo.remote import RemoteFile, SourceRecord
 
 KIND_TAGS = {"lora": "lora", "embedding": "textual_inversion"}
@@ -81,7 +83,23 @@ def _api() -> Any:
     from huggingface_hub.utils import logging as hub_logging
 
     hub_logging.set_verbosity_error()
+    _check_online()
     return HfApi()
+
+
+def _check_online() -> None:
+    """huggingface_hub retries a name-resolution failure or a refused connection for half a minute; we say
+    'no network' at once instead (its own offline mode, HF_HUB_OFFLINE, answers from the cache)."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        _reachable(constants.ENDPOINT)
+
+
+@functools.cache
+def _reachable(endpoint: str) -> None:
+    """Once per endpoint and process: a search asks the Hub once per repo it lists."""
+    check_reachable(endpoint, endpoint.split("://", 1)[-1])
 
 
 def _hub_errors(what: str, exc: Exception) -> AdapterzooError:
@@ -94,6 +112,8 @@ def _hub_errors(what: str, exc: Exception) -> AdapterzooError:
         RevisionNotFoundError,
     )
 
+    if isinstance(exc, AdapterzooError):
+        return exc
     if isinstance(exc, GatedRepoError):
         return AdapterzooError(f"{what} is gated: accept its terms on the Hub and set HF_TOKEN")
     if isinstance(exc, RepositoryNotFoundError):
