@@ -196,3 +196,17 @@ def test_third_party_chatter_never_reaches_stderr(tiny, tmp_path):
     done = subprocess.run([sys.executable, "-m", "adapterzoo", "merge", str(tiny), "--lora", str(sty), "-o",
                            str(tmp_path / "merged"), "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_a_single_file_whose_text_encoder_does_not_fit_the_tokenizer_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """Issue 14: verify and sample on the demo's converted single file ended in IndexError in encode_prompt (its
+    text encoder has 1,000 token rows; a single file carries no tokenizer, so CLIP's 49,408 come with it)."""
+    single = tmp_path / "tiny-sd1.safetensors"
+    assert run(["convert", str(tiny), "-o", str(single), "--to", "ldm"], capsys, monkeypatch)[0] == 0
+    sty = lora(tmp_path / "sty.safetensors")
+    said = "error: tiny-sd1.safetensors: its text_encoder has 1000 token rows but the tokenizer it is loaded with " \
+           "has 49408 tokens: the parts do not fit"
+    for args in (["verify", str(sty), "--checkpoint", str(single), "--steps", "1", "--size", "64x64"],
+                 ["sample", "--checkpoint", str(single), "--lora", str(sty), "--prompt", "a cat", "--steps", "1",
+                  "--size", "64x64", "-o", str(tmp_path / "s.png")]):
+        assert one_error_line(*run(args, capsys, monkeypatch)).startswith(said), args

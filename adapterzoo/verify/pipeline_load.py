@@ -100,6 +100,7 @@ def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype) ->
         base, pipe = _from_file(checkpoint, dtype)
     else:
         raise BadFileError(f"{checkpoint} does not exist")
+    check_tokenizers_fit(pipe, checkpoint)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for name in ("unet", "vae", *TEXT_ENCODERS):
@@ -108,6 +109,22 @@ def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype) ->
             model.eval().requires_grad_(False)
     models = {name: getattr(pipe, name) for name in (UNET, *TEXT_ENCODERS) if getattr(pipe, name, None) is not None}
     return LoadedPipeline(pipe, base, architecture_from_models(base, models))
+
+
+def check_tokenizers_fit(pipe: DiffusionPipeline, checkpoint: Path) -> None:
+    """A tokenizer with more tokens than its text encoder has rows ends in an IndexError deep in the first
+    prompt's encoding: say which parts do not fit, before any work."""
+    for encoder_name in TEXT_ENCODERS:
+        encoder = getattr(pipe, encoder_name, None)
+        tokenizer = getattr(pipe, encoder_name.replace("text_encoder", "tokenizer"), None)
+        if encoder is None or tokenizer is None:
+            continue
+        rows = encoder.get_input_embeddings().num_embeddings
+        if len(tokenizer) > rows:
+            raise BadFileError(
+                f"{checkpoint.name}: its {encoder_name} has {rows} token rows but the tokenizer it is loaded with "
+                f"has {len(tokenizer)} tokens: the parts do not fit (a text encoder trained with its own small "
+                f"vocabulary; verify the diffusers folder it came from, which holds its tokenizer)")
 
 
 def load_for_sampling(checkpoint: Path, device_name: str, dtype_name: str | None) -> LoadedPipeline:
