@@ -210,3 +210,23 @@ def test_a_single_file_whose_text_encoder_does_not_fit_the_tokenizer_is_one_line
                  ["sample", "--checkpoint", str(single), "--lora", str(sty), "--prompt", "a cat", "--steps", "1",
                   "--size", "64x64", "-o", str(tmp_path / "s.png")]):
         assert one_error_line(*run(args, capsys, monkeypatch)).startswith(said), args
+
+
+def test_pngs_carry_a1111s_own_hash_fields(tiny, tmp_path, capsys, monkeypatch):
+    """Issue 14: A1111, Forge and Civitai's uploader know resources by `Model hash` and `Lora hashes` (AutoV2)."""
+    import re
+    from hashlib import sha256
+
+    from PIL import Image
+
+    sty = lora(tmp_path / "sty.safetensors")
+    autov2 = sha256(sty.read_bytes()).hexdigest()[:10]
+    grid, image = tmp_path / "grid.png", tmp_path / "image.png"
+    assert run(["verify", str(sty), "--checkpoint", str(tiny), "--steps", "1", "--size", "64x64", "-o", str(grid)],
+               capsys, monkeypatch)[0] in (0, 1)
+    assert run(["sample", "--checkpoint", str(tiny), "--lora", str(sty), "--prompt", "a cat", "--steps", "1",
+                "--size", "64x64", "-o", str(image), "--allow-unmatched"], capsys, monkeypatch)[0] == 0
+    for png in (grid, image):
+        text = Image.open(png).info["parameters"]
+        assert f'Lora hashes: "sty: {autov2}"' in text, text
+        assert re.search(r"Model hash: [0-9a-f]{10}, ", text), text

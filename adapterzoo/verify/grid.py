@@ -65,6 +65,19 @@ def draw_grid(cells: list[list[torch.Tensor]], row_labels: list[str], column_lab
     return grid
 
 
+RESOURCE_HASHES = {"lora": "Lora hashes", "lycoris": "Lora hashes", "embedding": "TI hashes"}  # A1111's field names
+
+
+def autov2(sha256: str | None) -> str | None:
+    """A1111's short model hash (AutoV2), by which A1111, Forge and Civitai's uploader know a resource."""
+    return sha256[:10] if sha256 else None
+
+
+def resource_hashes(files: list[tuple[str, str | None]]) -> str:
+    """`name: autov2, ...` of (file, SHA-256) pairs, named as a prompt names them (`<lora:name:1>`)."""
+    return ", ".join(f"{Path(file).stem}: {autov2(sha)}" for file, sha in files)
+
+
 def parameters_text(parameters: dict[str, Any]) -> str:
     """A1111's layout: the first prompt, then `Key: value` pairs on one line."""
     fields = {
@@ -74,7 +87,10 @@ def parameters_text(parameters: dict[str, Any]) -> str:
         "Seed": ", ".join(str(s) for s in parameters["seeds"]),
         "Size": "x".join(str(v) for v in parameters["size"]),
         "Model": parameters["checkpoint"],
+        "Model hash": autov2(parameters["checkpoint_sha256"]),
         "Model SHA256": parameters["checkpoint_sha256"],
+        **({RESOURCE_HASHES[parameters["kind"]]: json.dumps(resource_hashes([(parameters["file"], parameters["sha256"])]))}
+           if parameters["kind"] in RESOURCE_HASHES else {}),
         "File": parameters["file"],
         "File SHA256": parameters["sha256"],
         "Kind": parameters["kind"],

@@ -25,7 +25,7 @@ from adapterzoo.formats.probe import probe
 from adapterzoo.verify import denoise, measure
 from adapterzoo.verify.attach import Attached, attach
 from adapterzoo.verify.compose import Composition, composed, set_active, switch_schedule
-from adapterzoo.verify.grid import a1111_text, save_png, versions_text
+from adapterzoo.verify.grid import a1111_text, autov2, resource_hashes, save_png, versions_text
 from adapterzoo.verify.pipeline_load import LoadedPipeline, load_for_sampling, native_size
 from adapterzoo.verify.verdict import named
 from adapterzoo.verify.verifier import DEFAULT_STEPS, digest_of, refuse_other_base
@@ -122,12 +122,15 @@ def _quoted(value: object) -> str:
 def _parameters_text(options: SampleOptions, checkpoint: Path, size: tuple[int, int], loaded: LoadedPipeline,
                      sha256: Callable[[Path], str], device: torch.device, dtype: torch.dtype) -> str:
     composition = options.composition
+    model_sha = digest_of(sha256(checkpoint))
+    lora_shas = [digest_of(sha256(path)) for path, _ in options.loras]
     fields = {
         "Steps": options.steps, "Sampler": type(loaded.pipe.scheduler).__name__, "CFG scale": denoise.GUIDANCE_SCALE,
         "Seed": options.seed, "Size": f"{size[0]}x{size[1]}",
-        "Model": checkpoint.name, "Model SHA256": digest_of(sha256(checkpoint)),
+        "Model": checkpoint.name, "Model hash": autov2(model_sha), "Model SHA256": model_sha,
+        "Lora hashes": resource_hashes([(path.name, sha) for (path, _), sha in zip(options.loras, lora_shas)]),
         "LoRAs": ", ".join(f"{path.name}:{weight:g}" for path, weight in options.loras),
-        "LoRA SHA256": ", ".join(digest_of(sha256(path)) for path, _ in options.loras),
+        "LoRA SHA256": ", ".join(lora_shas),
         "Compose": composition.mode,
     }
     if composition.mode == "switch":
