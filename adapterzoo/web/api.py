@@ -1,7 +1,7 @@
 """The JSON API under /api/: the CLI's --json shapes (adapterzoo/views.py builds both), jobs and their events.
 
-Duplicates, updates and disk use answer 501 until the commands that compute them (`dupes`, `updates`, `du`)
-exist; their pages say the same.
+Duplicates, updates and disk use are `dupes`, `updates` and `du`; updates ask Civitai (web/care.py keeps the
+last check for the pages).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.probe_result import KINDS
 from adapterzoo.formats.model.registry import bases
-from adapterzoo.views import file_detail, file_rows
+from adapterzoo.views import disk_use_rows, dupe_groups, file_detail, file_rows
 from adapterzoo.web.actions import JobRequest, work_for
 from adapterzoo.web.jobs import FINISHED
 from adapterzoo.zoo.queries import PROVIDERS, SORTS, STATUSES, VERDICTS, FileFilter, entry_by_id, page_entries
@@ -28,11 +28,6 @@ BASE_WORDS = (*bases(), "unknown")  # every base probe may have said
 MAX_PER_PAGE = 500
 EVENT_POLL_S = 0.1
 KEEPALIVE_S = 15.0
-NOT_YET = {
-    "dupes": "duplicates come with `adapterzoo dupes` (issue 14), which this build does not have yet",
-    "updates": "updates come with `adapterzoo updates` (issue 14), which this build does not have yet",
-    "du": "disk use comes with `adapterzoo du` (issue 14), which this build does not have yet",
-}
 
 
 def json_answer(body: Any, headers: dict[str, str] | None = None) -> Response:
@@ -110,19 +105,33 @@ def reveal(request: Request, file_id: int) -> dict[str, Any]:
     return {"path": entry.path, "opened": reveal_path(entry.path)}
 
 
-@router.get("/dupes", summary="dupes --json (not in this build: 501)")
-def dupes() -> JSONResponse:
-    return JSONResponse({"error": NOT_YET["dupes"]}, status_code=501)
+@router.get("/dupes", summary="dupes --json: groups of copies that are one file, and the bytes a dedupe frees")
+def dupes(request: Request, by: str = "sha256") -> Response:
+    from adapterzoo.zoo.dupes import BY
+
+    if by not in BY:
+        raise HTTPException(400, f"by is one of {', '.join(BY)}, not {by!r}")
+    return json_answer(dupe_groups(zoo(request).engine, by))
 
 
-@router.get("/updates", summary="updates --json (not in this build: 501)")
-def updates() -> JSONResponse:
-    return JSONResponse({"error": NOT_YET["updates"]}, status_code=501)
+@router.get("/updates", summary="updates --json: newer Civitai versions of the models you hold",
+            description="Asks Civitai (one request per 100 models). The last default check is kept for the "
+                        "Updates page and the library's has-update filter.")
+def updates(request: Request, same_base: bool = False, include_early_access: bool = False) -> Response:
+    state = zoo(request)
+    try:
+        return json_answer(state.updates.check(state.engine, same_base, include_early_access))
+    except AdapterzooError as exc:
+        raise HTTPException(502, str(exc)) from None
 
 
-@router.get("/du", summary="du --json (not in this build: 501)")
-def disk_use() -> JSONResponse:
-    return JSONResponse({"error": NOT_YET["du"]}, status_code=501)
+@router.get("/du", summary="du --json: bytes on disk, files and copies by kind, base, root or source")
+def disk_use(request: Request, by: str = "kind") -> Response:
+    from adapterzoo.zoo.dupes import DU_BY
+
+    if by not in DU_BY:
+        raise HTTPException(400, f"by is one of {', '.join(DU_BY)}, not {by!r}")
+    return json_answer(disk_use_rows(zoo(request).engine, by))
 
 
 @router.get("/search", summary="search --json: Civitai and the Hub")
