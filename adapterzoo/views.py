@@ -12,12 +12,14 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from adapterzoo.zoo.dupes import disk_use, find_dupes
 from adapterzoo.zoo.events import history as events_of
 from adapterzoo.zoo.models import FileEntry, Verification
 from adapterzoo.zoo.queries import entries_by_id, latest_verifications, sources_of, verifications_of
 from adapterzoo.zoo.scan import ScanReport
 from adapterzoo.zoo.stated import source_warnings
 from adapterzoo.zoo.triggers import tag_counts
+from adapterzoo.zoo.updates import ModelUpdates
 
 HISTORY_SHOWN = 20  # newest events `show` lists
 PROVENANCE_KEY = "adapterzoo.operation"  # the metadata entry ops/provenance.py writes into every output
@@ -74,3 +76,18 @@ def scan_result(engine: Engine, report: ScanReport | None, roots_not_found: list
     return {**report.counts(), "problems": report.problems, "moves": report.moves,
             "roots_not_found": list(roots_not_found), "files": files}
 
+
+
+def dupe_groups(engine: Engine, by: str = "sha256") -> list[dict[str, Any]]:
+    """`dupes --json` / `GET /api/dupes`: one object per group of this host's copies, largest saving first."""
+    return [group.to_json() for group in find_dupes(engine, by)]
+
+
+def disk_use_rows(engine: Engine, by: str = "kind") -> list[dict[str, Any]]:
+    """`du --json` / `GET /api/du`: bytes on disk, files and copies per kind, base, root or source."""
+    return disk_use(engine, by)
+
+
+def update_rows(results: list[ModelUpdates]) -> list[dict[str, Any]]:
+    """`updates --json` / `GET /api/updates`: one object per Civitai model the registry holds a file of."""
+    return [result.to_json() for result in results]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -254,6 +255,66 @@ def test_dupes_updates_and_disk_use_are_the_commands_json(library: Path, tmp_pat
     monkeypatch.setenv("CIVITAI_BASE_URL", f"http://127.0.0.1:{port}")
     offline = api.get("/api/updates")
     assert offline.status_code == 502 and "no network" in offline.json()["error"]
+
+
+@pytest.fixture
+def cared_for(library: Path, fake_civitai: FakeCivitai, tmp_path: Path, capsys, monkeypatch) -> dict[str, Any]:
+    """The library plus: Knight v1 pulled (Civitai has a v2) and a second copy of alpha in a ComfyUI folder."""
+    knight = fake_civitai.add_model("Tiny Knight", [small_lora(tmp_path / "src" / "knight.safetensors", seed=5)])
+    v2 = fake_civitai.add_version(knight, [small_lora(tmp_path / "src" / "knight_v2.safetensors", seed=6)],
+                                  "SD 1.5", [], name="v2.0")
+    db = ["--db", str(library)]
+    code, _, err = run([*db, "pull", f"civitai:{knight.versions[-1].id}", "--library", str(tmp_path / "lib")],
+                       capsys, monkeypatch)
+    assert code == 0, err
+    comfy = tmp_path / "comfy" / "models" / "loras"
+    comfy.mkdir(parents=True)
+    shutil.copyfile(tmp_path / "models" / "Lora" / "alpha.safetensors", comfy / "alpha.safetensors")
+    assert run([*db, "roots", "add", str(comfy), "--layout", "comfyui", "--kind", "lora"], capsys, monkeypatch)[0] == 0
+    assert run([*db, "scan", str(comfy)], capsys, monkeypatch)[0] == 0
+    return {"db": library, "v2": v2.id, "comfy": comfy}
+
+
+def test_dupes_du_and_updates_are_the_commands_json(cared_for: dict[str, Any], capsys, monkeypatch) -> None:
+    db = ["--db", str(cared_for["db"])]
+    api = client(cared_for["db"])
+    dupes = api.get("/api/dupes").json()
+    assert dupes == cli_json(capsys, monkeypatch, *db, "dupes")
+    (group,) = dupes
+    assert len(group["copies"]) == 2 and group["bytes_freed"] == group["copies"][0]["size"]
+    assert api.get("/api/dupes", params={"by": "name"}).json() == cli_json(capsys, monkeypatch, *db, "dupes",
+                                                                            "--by", "name")
+    for by in ("kind", "base", "root", "source"):
+        assert api.get("/api/du", params={"by": by}).json() == cli_json(capsys, monkeypatch, *db, "du", "--by", by)
+    assert api.get("/api/du", params={"by": "colour"}).status_code == 400
+    assert api.get("/api/dupes", params={"by": "colour"}).status_code == 400
+
+    updates = api.get("/api/updates").json()
+    assert updates == cli_json(capsys, monkeypatch, *db, "updates")
+    (knight,) = updates
+    assert knight["status"] == "update" and [o["version_id"] for o in knight["newer"]] == [cared_for["v2"]]
+
+
+def test_the_care_pages_render_and_the_library_marks_files_with_an_update(cared_for: dict[str, Any]) -> None:
+    api = client(cared_for["db"])
+    before = api.get("/", params={"update": "available"})
+    assert "updates not checked yet" in before.text and 'data-id="' not in before.text
+    page = api.get("/updates").text
+    assert f'data-ref="civitai:{cared_for["v2"]}"' in page and "v2.0" in page and "Tiny Knight" in page
+    marked = api.get("/", params={"update": "available"}).text
+    assert marked.count('class="card ') == 1 and "update available" in marked and "Tiny Knight" in marked
+    assert "update available" not in api.get("/", params={"q": "alpha"}).text
+    dupes = api.get("/dupes").text
+    assert str(cared_for["comfy"] / "alpha.safetensors") in dupes and "to free" in dupes
+    disk = api.get("/disk", params={"by": "root"})
+    groups = [row["group"] for row in api.get("/api/du", params={"by": "root"}).json()]
+    assert disk.text.count("<rect") == len(groups) >= 2 and all(f"<title>{g}: " in disk.text for g in groups)
+    roots = api.get("/", params={"root": str(cared_for["comfy"])}).text
+    assert roots.count('class="card ') == 1 and "alpha.safetensors" in roots
+
+    alpha = next(r for r in api.get("/api/files", params={"q": "alpha"}).json())
+    shown = api.get(f"/files/{alpha['id']}").text
+    assert shown.count('class="location') == 2 and str(cared_for["comfy"] / "alpha.safetensors") in shown
 
 
 def test_the_docs_are_offline_and_every_answer_carries_the_security_headers(library: Path) -> None:

@@ -1,5 +1,8 @@
-"""The JSON API under /api/: the CLI's --json shapes (adapterzoo/views.py and the zoo's own to_json build both),
-jobs and their events."""
+"""The JSON API under /api/: the CLI's --json shapes (adapterzoo/views.py builds both), jobs and their events.
+
+Duplicates, updates and disk use are `dupes`, `updates` and `du`; updates ask Civitai (web/care.py keeps the
+last check for the pages).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.probe_result import KINDS
 from adapterzoo.formats.model.registry import bases
-from adapterzoo.views import file_detail, file_rows
+from adapterzoo.views import disk_use_rows, dupe_groups, file_detail, file_rows
 from adapterzoo.web.actions import JobRequest, work_for
 from adapterzoo.web.jobs import FINISHED
 from adapterzoo.zoo.queries import PROVIDERS, SORTS, STATUSES, VERDICTS, FileFilter, entry_by_id, page_entries
@@ -45,19 +48,13 @@ def entry_or_404(request: Request, file_id: int) -> Any:
     return entry
 
 
-def one_of(name: str, value: str, allowed: Any) -> None:
-    """A query value outside its vocabulary is a 400 naming it."""
-    if value not in allowed:
-        raise HTTPException(400, f"{name} is one of {', '.join(allowed)}, not {value!r}")
-
-
 def file_filter(kind: str | None, base: str | None, verdict: str | None, status: str | None, source: str | None,
                 root: str | None, q: str | None) -> FileFilter:
     """The filter the query string asks for; a value outside the vocabulary is a 400 naming it."""
     for name, value, allowed in (("kind", kind, KINDS), ("base", base, BASE_WORDS), ("verdict", verdict, VERDICTS),
                                  ("status", status, STATUSES), ("source", source, PROVIDERS)):
-        if value:
-            one_of(name, value, allowed)
+        if value and value not in allowed:
+            raise HTTPException(400, f"{name} is one of {', '.join(allowed)}, not {value!r}")
     return FileFilter(kind or None, base or None, (q or "").strip() or None, verdict or None, status or None,
                       source or None, root or None)
 
@@ -110,30 +107,31 @@ def reveal(request: Request, file_id: int) -> dict[str, Any]:
 
 @router.get("/dupes", summary="dupes --json: groups of copies that are one file, and the bytes a dedupe frees")
 def dupes(request: Request, by: str = "sha256") -> Response:
-    from adapterzoo.zoo.dupes import BY, find_dupes
+    from adapterzoo.zoo.dupes import BY
 
-    one_of("by", by, BY)
-    return json_answer([group.to_json() for group in find_dupes(zoo(request).engine, by)])
+    if by not in BY:
+        raise HTTPException(400, f"by is one of {', '.join(BY)}, not {by!r}")
+    return json_answer(dupe_groups(zoo(request).engine, by))
 
 
-@router.get("/updates", summary="updates --json: newer Civitai versions of the models you have")
+@router.get("/updates", summary="updates --json: newer Civitai versions of the models you hold",
+            description="Asks Civitai (one request per 100 models). The last default check is kept for the "
+                        "Updates page and the library's has-update filter.")
 def updates(request: Request, same_base: bool = False, include_early_access: bool = False) -> Response:
-    from adapterzoo.zoo.updates import find_updates
-
+    state = zoo(request)
     try:
-        found = find_updates(zoo(request).engine, same_base, include_early_access)
+        return json_answer(state.updates.check(state.engine, same_base, include_early_access))
     except AdapterzooError as exc:
         raise HTTPException(502, str(exc)) from None
-    return json_answer([model.to_json() for model in found])
 
 
-@router.get("/du", summary="du --json: bytes on disk, files and copies per kind, base, root or source")
+@router.get("/du", summary="du --json: bytes on disk, files and copies by kind, base, root or source")
 def disk_use(request: Request, by: str = "kind") -> Response:
     from adapterzoo.zoo.dupes import DU_BY
-    from adapterzoo.zoo.dupes import disk_use as measure
 
-    one_of("by", by, DU_BY)
-    return json_answer(measure(zoo(request).engine, by))
+    if by not in DU_BY:
+        raise HTTPException(400, f"by is one of {', '.join(DU_BY)}, not {by!r}")
+    return json_answer(disk_use_rows(zoo(request).engine, by))
 
 
 @router.get("/search", summary="search --json: Civitai and the Hub")

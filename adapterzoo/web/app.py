@@ -23,6 +23,7 @@ from adapterzoo import __version__
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.web import api, media, pages
 from adapterzoo.web.actions import Context
+from adapterzoo.web.care import Updates
 from adapterzoo.web.format import FILTERS
 from adapterzoo.web.jobs import Jobs
 from adapterzoo.web.security import Guard, SecurityMiddleware
@@ -40,6 +41,7 @@ class Zoo:
     guard: Guard
     templates: Jinja2Templates
     jobs: Jobs = field(default_factory=Jobs)
+    updates: Updates = field(default_factory=Updates)
     search_images: dict[str, str] = field(default_factory=dict)  # key -> an image URL a search result named
     lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlencode
 
@@ -18,8 +19,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.probe_result import KINDS
 from adapterzoo.views import file_detail, file_row
-from adapterzoo.web.api import BASE_WORDS, PER_PAGE, file_filter, one_of
+from adapterzoo.views import disk_use_rows, dupe_groups
+from adapterzoo.web.api import BASE_WORDS, PER_PAGE, file_filter
 from adapterzoo.web.heatmap import mappable
+from adapterzoo.zoo.hosts import current_host
 from adapterzoo.zoo.queries import (
     PROVIDERS,
     SORTS,
@@ -32,10 +35,12 @@ from adapterzoo.zoo.queries import (
     page_entries,
     sources_for,
 )
+from adapterzoo.zoo.roots import load_places
 
 router = APIRouter(include_in_schema=False)
 VIEWS = ("cards", "list")
-FILTER_KEYS = ("q", "kind", "base", "verdict", "status", "source", "root", "sort", "view")
+UPDATE = "available"  # the has-update filter's one value: files of models the last update check found newer
+FILTER_KEYS = ("q", "kind", "base", "verdict", "status", "source", "root", "update", "sort", "view")
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -55,17 +60,20 @@ def link(params: dict[str, Any], **changes: Any) -> str:
 @router.get("/", response_class=HTMLResponse)
 def library(request: Request, q: str | None = None, kind: str | None = None, base: str | None = None,
             verdict: str | None = None, status: str | None = None, source: str | None = None,
-            root: str | None = None, sort: str = "name", view: str = "cards", page: int = Query(1, ge=1)
-            ) -> Response:
-    if sort not in SORTS or view not in VIEWS:
-        raise HTTPException(400, f"sort is one of {', '.join(SORTS)} and view one of {', '.join(VIEWS)}")
+            root: str | None = None, update: str | None = None, sort: str = "name", view: str = "cards",
+            page: int = Query(1, ge=1)) -> Response:
+    if sort not in SORTS or view not in VIEWS or update not in (None, "", UPDATE):
+        raise HTTPException(400, f"sort is one of {', '.join(SORTS)}, view one of {', '.join(VIEWS)}, update {UPDATE}")
     params = {"q": q, "kind": kind, "base": base, "verdict": verdict, "status": status, "source": source,
-              "root": root, "sort": sort, "view": view}
+              "root": root, "update": update, "sort": sort, "view": view}
     canonical = link(params, page=page)
     if canonical != "/" and request.url.query and "/?" + request.url.query != canonical:
         return RedirectResponse(canonical, status_code=303)  # the filter form's empty fields, left out
     engine = request.app.state.zoo.engine
+    updated = request.app.state.zoo.updates.file_ids()
     chosen = file_filter(kind, base, verdict, status, source, root, q)
+    if update:
+        chosen = replace(chosen, ids=updated or frozenset())
     entries, total = page_entries(engine, chosen, sort, page, PER_PAGE)
     ids = [e.id for e in entries]
     latest = latest_verifications(engine, file_ids=ids)
@@ -78,6 +86,7 @@ def library(request: Request, q: str | None = None, kind: str | None = None, bas
         has_grid = entry.id in latest and latest[entry.id].grid_path
         cards.append({**row, "source_name": named.model_name if named else None,
                       "version_name": named.version_name if named else None,
+                      "has_update": entry.id in (updated or ()),
                       "image": f"/media/files/{entry.id}/card" if has_preview or has_grid
                       else f"/static/kinds/{entry.kind}.svg",
                       "fit": "cover" if has_preview or not has_grid else "contain"})  # a grid is shown whole
@@ -86,8 +95,11 @@ def library(request: Request, q: str | None = None, kind: str | None = None, bas
     return render(request, "library.html", cards=cards, total=total, page=page, pages=pages, params=params,
                   link=lambda **c: link(params, **c), kinds=kinds, bases=bases,
                   choices={"kind": KINDS, "base": BASE_WORDS, "verdict": VERDICTS, "status": STATUSES,
-                           "source": PROVIDERS, "sort": SORTS},
-                  filtered=any(params[k] for k in ("q", "kind", "base", "verdict", "status", "source", "root")))
+                           "source": PROVIDERS, "sort": SORTS, "update": (UPDATE,),
+                           "root": [r.local for r in load_places(engine, current_host()).roots if r.local]},
+                  checked=updated is not None,
+                  filtered=any(params[k] for k in ("q", "kind", "base", "verdict", "status", "source", "root",
+                                                   "update")))
 
 
 @router.get("/files/{file_id}", response_class=HTMLResponse)
@@ -144,37 +156,39 @@ def jobs_page(request: Request) -> HTMLResponse:
 
 @router.get("/dupes", response_class=HTMLResponse)
 def dupes_page(request: Request, by: str = "sha256") -> HTMLResponse:
-    from adapterzoo.zoo.dupes import BY, find_dupes
+    from adapterzoo.zoo.dupes import BY
 
-    one_of("by", by, BY)
-    groups = [group.to_json() for group in find_dupes(request.app.state.zoo.engine, by)]
+    if by not in BY:
+        raise HTTPException(400, f"by is one of {', '.join(BY)}, not {by!r}")
+    groups = dupe_groups(request.app.state.zoo.engine, by)
     return render(request, "dupes.html", groups=groups, by=by, choices=BY,
-                  freed=sum(group["bytes_freed"] or 0 for group in groups))
+                  freed=sum(g["bytes_freed"] or 0 for g in groups))
 
 
 @router.get("/updates", response_class=HTMLResponse)
-def updates_page(request: Request, same_base: bool = False, include_early_access: bool = False) -> HTMLResponse:
-    from adapterzoo.zoo.updates import find_updates
-
-    models, error = [], None
-    try:
-        models = [model.to_json() for model in find_updates(request.app.state.zoo.engine, same_base,
-                                                            include_early_access)]
-    except AdapterzooError as exc:
-        error = str(exc)
-    return render(request, "updates.html", models=models, error=error, same_base=same_base,
-                  include_early_access=include_early_access, library=str(request.app.state.zoo.context.library))
+def updates_page(request: Request, check: bool = False) -> HTMLResponse:
+    """The last check, at once; Civitai is asked only on ?check=1 or when nothing was checked yet."""
+    state = request.app.state.zoo
+    error = None
+    if check or state.updates.last is None:
+        try:
+            state.updates.check(state.engine)
+        except AdapterzooError as exc:
+            error = str(exc)
+    last = state.updates.last
+    return render(request, "updates.html", error=error, rows=last.rows if last else [],
+                  checked=last.checked if last else None)
 
 
 @router.get("/disk", response_class=HTMLResponse)
 def disk_page(request: Request, by: str = "kind") -> HTMLResponse:
-    from adapterzoo.zoo.dupes import DU_BY, disk_use
+    from adapterzoo.zoo.dupes import DU_BY
 
-    one_of("by", by, DU_BY)
-    rows = disk_use(request.app.state.zoo.engine, by)
-    largest = max((row["bytes"] for row in rows), default=0) or 1
-    return render(request, "disk.html", rows=rows, by=by, choices=DU_BY, largest=largest,
-                  total=sum(row["bytes"] for row in rows))
+    if by not in DU_BY:
+        raise HTTPException(400, f"by is one of {', '.join(DU_BY)}, not {by!r}")
+    rows = disk_use_rows(request.app.state.zoo.engine, by)
+    return render(request, "disk.html", rows=rows, by=by, choices=DU_BY,
+                  largest=max((r["bytes"] for r in rows), default=0), total=sum(r["bytes"] for r in rows))
 
 
 @router.get("/docs", response_class=HTMLResponse)

@@ -35,7 +35,8 @@ class FileFilter:
     """What `list` and the web page's filters select; None means any. `query` matches path, trigger words,
     or a source's model/version name or trained words, ignoring case; `verdict` is the latest verification's
     (pass, fail) or `never`; `root` keeps files with a copy under that folder; `source` a provider, or
-    `none`; `host` keeps files with a location that host reaches (present or not)."""
+    `none`; `host` keeps files with a location that host reaches (present or not); `ids` keeps only those
+    files (the web's has-update filter)."""
 
     kind: str | None = None
     base: str | None = None
@@ -45,6 +46,7 @@ class FileFilter:
     source: str | None = None
     root: str | None = None
     host: str | None = None
+    ids: frozenset[int] | None = None
 
 
 def list_entries(
@@ -121,6 +123,8 @@ def _filtered(statement: Select, chosen: FileFilter) -> Select:
     statement = statement.where(FileEntry.id.in_(select(Location.file_id)))
     if chosen.host:
         statement = statement.where(FileEntry.id.in_(select(Location.file_id).where(reached_by(chosen.host))))
+    if chosen.ids is not None:
+        statement = statement.where(FileEntry.id.in_(sorted(chosen.ids)))
     if chosen.verdict == "never":
         statement = statement.where(~exists().where(Verification.file_id == FileEntry.id))
     elif chosen.verdict:
