@@ -41,7 +41,7 @@ def test_demo_indexes_every_kind_and_flags_bad_files(tmp_path):
         "tiny-sd1-untrained.safetensors": ("fail", "no effect: every lora_up is zero"),
         "half-downloaded.safetensors": ("fail", verdicts["half-downloaded.safetensors"][1]),
         "needs-code.ckpt": ("fail", verdicts["needs-code.ckpt"][1])}
-    assert verdicts["half-downloaded.safetensors"][1].startswith("broken: half-downloaded.safetensors: file is truncated")
+    assert verdicts["half-downloaded.safetensors"][1].startswith("broken: file is truncated")
     assert verdicts["needs-code.ckpt"][1].startswith("unsafe: unsafe pickle: it would import builtins.print")
     assert "5 verified: 4 pass, 1 fail; 2 skipped (1 broken, 1 unsafe)" in verify
     sheet = (out / "verify" / "index.html").read_text()

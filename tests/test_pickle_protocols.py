@@ -98,7 +98,7 @@ def test_hostile_payload_of_any_protocol_is_named_and_never_runs(root, payload, 
     evil = factory.hostile(payload, suffix, root / "hostile", protocol)
     with pytest.raises(UnsafeFileError) as refused:
         probe(evil.path)
-    assert str(refused.value).startswith("unsafe pickle: it would import ")
+    assert str(refused.value).startswith(f"{evil.path.name}: unsafe pickle: it would import ")
     assert HOSTILE_NAMES[payload] in str(refused.value)
     assert str(refused.value).endswith("; refused, nothing was run")
     assert not evil.marker.exists(), "the payload ran"
@@ -148,7 +148,7 @@ def test_cli_names_a_chained_global_in_one_line(tmp_path, monkeypatch, capsys):
         main()
     err = capsys.readouterr().err
     assert exited.value.code == 1 and not (tmp_path / "PWNED").exists()
-    assert err == ("error: unsafe pickle: it would import builtins.getattr, builtins.__import__; "
+    assert err == ("error: model.ckpt: unsafe pickle: it would import builtins.getattr, builtins.__import__; "
                    "refused, nothing was run\n")
 
 

@@ -163,9 +163,9 @@ def probe_entry(path: Path) -> Probed:
     try:
         return Probed(probe(path))
     except UnsafeFileError as exc:
-        return Probed(None, _one_line(exc), unsafe=True)
+        return Probed(None, _reason(exc, path), unsafe=True)
     except BadFileError as exc:
-        return Probed(None, _one_line(exc))
+        return Probed(None, _reason(exc, path))
     except OSError as exc:
         return Probed(None, f"cannot read it: {exc.strerror or exc}")
     except Exception as exc:  # noqa: BLE001 - one odd file must not stop a scan of thousands
@@ -561,6 +561,12 @@ def _storable(path: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _reason(exc: BaseException, path: Path) -> str:
+    """The reason kept in the registry is about the content: without the file name the reader's error starts
+    with, which a rename would make wrong (every view shows the path beside it)."""
+    return _one_line(exc).removeprefix(f"{path.name}: ")
 
 
 def _one_line(exc: BaseException) -> str:
