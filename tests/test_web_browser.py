@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,8 +126,17 @@ def preview(path: Path, colours: tuple[tuple[int, int, int], tuple[int, int, int
     image.save(path)
 
 
+def wait_until(page, expression: str, arg=None, timeout: float = 30) -> None:
+    """Poll `expression` (a JS function of `arg`) until it is true: page.wait_for_function evaluates its predicate
+    with eval(), which the page's CSP (script-src 'self') refuses."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression, arg):
+        assert time.monotonic() < deadline, f"still false after {timeout} s: {expression}"
+        time.sleep(0.05)
+
+
 def shot(site: dict, page, name: str) -> None:
-    page.wait_for_function("[...document.images].every(i => i.complete)")
+    wait_until(page, "() => [...document.images].every(i => i.complete)")
     path = site["shots"] / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     if os.environ.get("ADAPTERZOO_SCREENSHOTS"):
@@ -192,7 +202,7 @@ def test_a_pull_from_the_search_page_reaches_done_and_its_card_appears(site, pag
     assert hit.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
     hit.locator("button.pull").click()
     status = hit.locator(".job-status")
-    page.wait_for_function("s => s.dataset.state === 'done'", arg=status.element_handle(), timeout=60_000)
+    wait_until(page, "s => s.dataset.state === 'done'", status.element_handle(), timeout=60)
     assert "pulled: knight.safetensors" in status.inner_text()
     shot(site, page, "search")
 
@@ -238,6 +248,43 @@ def test_the_other_pages_open_without_errors(site, page) -> None:
     assert page.locator("main").inner_text().strip().startswith("No registry entry 999.")
     assert [p.split(" (")[-1] for p in page.problems] == [f"{site['url']}/files/999)"]  # the 404 itself
     page.problems.clear()
+
+
+def test_duplicates_updates_and_disk_use_pages(site, page, fake_civitai: FakeCivitai, capsys, monkeypatch) -> None:
+    copies = site["root"] / "copies"
+    copies.mkdir()
+    shutil.copyfile(site["root"] / "models" / "Lora" / "fresh.safetensors", copies / "fresh.safetensors")
+    castle = fake_civitai.add_model("Tiny Castle", [small_lora(site["root"] / "src" / "castle.safetensors", seed=11)])
+    db = ["--db", str(site["db"])]
+    assert run([*db, "scan", str(copies)], capsys, monkeypatch)[0] == 0
+    code, _, err = run([*db, "pull", f"civitai:{castle.versions[0].id}", "--library", str(site["root"] / "pulled")],
+                       capsys, monkeypatch)
+    assert code == 0, err
+    newer = fake_civitai.add_version(castle, [small_lora(site["root"] / "src" / "castle_v2.safetensors", seed=12)],
+                                     "SD 1.5", [], name="v2.0")
+
+    page.goto(site["url"] + "/dupes")
+    group = page.locator("section.group", has_text=str(copies / "fresh.safetensors"))
+    assert group.locator("tr").count() == 2 and "to free" in group.locator("h2").inner_text()
+    page.goto(site["url"] + "/disk?by=kind")
+    assert page.locator("svg.bars rect").count() >= 2
+    shot(site, page, "disk")
+
+    page.goto(site["url"] + "/updates?check=1")
+    row = page.locator("tr.update", has_text="Tiny Castle")
+    assert "v2.0" in row.inner_text()
+    shot(site, page, "updates")
+    page.goto(site["url"] + "/?update=available")
+    assert "Tiny Castle" in cards(page)  # (each test's fake Civitai numbers its models from 101 again)
+    assert page.locator(".card", has_text="Tiny Castle").locator(".badge.update").is_visible()
+    page.goto(site["url"] + "/updates")
+    row.locator("button.pull").click()
+    status = row.locator(".job-status")
+    wait_until(page, "s => s.dataset.state === 'done'", status.element_handle(), timeout=60)
+    assert "pulled: castle_v2.safetensors" in status.inner_text()
+    assert newer.id in [s["civitai_version_id"] for r in requests.get(
+        site["url"] + "/api/files", params={"q": "castle_v2"}, timeout=10).json()
+        for s in requests.get(f"{site['url']}/api/files/{r['id']}", timeout=10).json()["sources"]]
 
 
 def _id(site: dict, name: str) -> int:
