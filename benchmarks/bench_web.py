@@ -31,7 +31,8 @@ WORDS = ["knight", "castle", "anime", "portrait", "detail", "style", "pixel", "i
 
 
 def make_registry(path: Path, files: int, seed: int = 0) -> str:
-    """An SQLite registry with `files` rows, a third with a Civitai source, half verified (some twice)."""
+    """An SQLite registry with `files` files (one in twenty with a second copy), a third with a Civitai source,
+    half verified (some twice)."""
     from sqlalchemy import insert
 
     from adapterzoo.zoo.db import connect
@@ -42,14 +43,18 @@ def make_registry(path: Path, files: int, seed: int = 0) -> str:
     engine = connect(url)
     rng = random.Random(seed)
     start = datetime(2024, 1, 1)
-    rows, locations, sources, checks = [], [], [], []
+    host = current_host()
+    rows, places, sources, checks = [], [], [], []
     for i in range(1, files + 1):
         kind, base = rng.choice(KINDS), rng.choice(BASES)
         words = rng.sample(WORDS, 3)
         tags = {f"{rng.randint(1, 20)}_{words[0]}": {w: rng.randint(1, 90) for w in words}}
         digest = f"{rng.getrandbits(256):064x}"
+        path = (f"/models/{rng.choice(['a1111/models/Lora', 'comfy/models/loras'])}/{words[0]}-{i}"
+                f"-{words[1]}.safetensors")
+        size, missing = rng.randint(1 << 20, 7 << 30), rng.random() < 0.02
         rows.append({
-            "id": i, "is_folder": False, "size": rng.randint(1 << 20, 7 << 30), "sha256": digest,
+            "id": i, "is_folder": False, "size": size, "sha256": digest,
             "autov1": digest[:8], "autov2": digest[:10], "autov3": digest[-12:], "blake3": digest[::-1], "crc32": digest[:8],
             "kind": kind, "base": base, "format": "kohya" if kind in ("lora", "lycoris") else None,
             "rank": rng.choice([4, 8, 16, 32, 64, 128]) if kind in ("lora", "lycoris") else None, "alpha": 8.0,
@@ -59,12 +64,11 @@ def make_registry(path: Path, files: int, seed: int = 0) -> str:
             "error": "file is truncated" if rng.random() < 0.01 else None, "unsafe": False,
             "first_seen": start + timedelta(minutes=i), "last_seen": start,
         })
-        locations.append({
-            "file_id": i, "host": current_host(), "size": rows[-1]["size"], "mtime_ns": i,
-            "path": f"/models/{rng.choice(['a1111/models/Lora', 'comfy/models/loras'])}/{words[0]}-{i}"
-                    f"-{words[1]}.safetensors",
-            "missing": rng.random() < 0.02, "first_seen": rows[-1]["first_seen"], "last_seen": start,
-        })
+        copies = [path] + ([path.replace("/models/", "/backup/", 1)] if rng.random() < 0.05 else [])
+        places.extend({"file_id": i, "host": host, "path": where, "size": size, "mtime_ns": i, "inode": None,
+                       "device": None, "root_id": None, "preview_path": None, "missing": missing,
+                       "missing_since": start if missing else None, "first_seen": start, "last_seen": start}
+                      for where in copies)
         if rng.random() < 0.33:
             sources.append({"file_id": i, "provider": "civitai", "civitai_model_id": 1000 + i,
                             "civitai_version_id": 5000 + i, "model_name": f"{words[1].title()} {words[2]}",
@@ -73,7 +77,7 @@ def make_registry(path: Path, files: int, seed: int = 0) -> str:
             checks.append({"file_id": i, "checkpoint": "/ck.safetensors", "verdict": rng.choice(["pass", "fail"]),
                            "created": start, "reasons": [], "effects": [], "parameters": {}})
     with engine.begin() as connection:
-        for table, values in ((FileEntry, rows), (Location, locations), (Source, sources), (Verification, checks)):
+        for table, values in ((FileEntry, rows), (Location, places), (Source, sources), (Verification, checks)):
             for chunk in range(0, len(values), 2000):
                 connection.execute(insert(table.__table__), values[chunk:chunk + 2000])
     engine.dispose()

@@ -127,11 +127,17 @@ def preview(path: Path, colours: tuple[tuple[int, int, int], tuple[int, int, int
     image.save(path)
 
 
-def shot(site: dict, page, name: str) -> None:
-    deadline = time.monotonic() + 30  # polled from here: wait_for_function's string eval is refused by the CSP
-    while not page.evaluate("() => [...document.images].every(i => i.complete)"):
-        assert time.monotonic() < deadline, "images still loading"
+def wait_until(page, expression: str, arg=None, timeout: float = 30) -> None:
+    """Poll `expression` (a JS function of `arg`) until it is true: page.wait_for_function evaluates its predicate
+    with eval(), which the page's CSP (script-src 'self') refuses."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression, arg):
+        assert time.monotonic() < deadline, f"still false after {timeout} s: {expression}"
         time.sleep(0.05)
+
+
+def shot(site: dict, page, name: str) -> None:
+    wait_until(page, "() => [...document.images].every(i => i.complete)")
     path = site["shots"] / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     if os.environ.get("ADAPTERZOO_SCREENSHOTS"):
@@ -197,7 +203,7 @@ def test_a_pull_from_the_search_page_reaches_done_and_its_card_appears(site, pag
     assert hit.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
     hit.locator("button.pull").click()
     status = hit.locator(".job-status")
-    page.wait_for_function("s => s.dataset.state === 'done'", arg=status.element_handle(), timeout=60_000)
+    wait_until(page, "s => s.dataset.state === 'done'", status.element_handle(), timeout=60)
     assert "pulled: knight.safetensors" in status.inner_text()
     shot(site, page, "search")
 
@@ -252,38 +258,43 @@ def _id(site: dict, name: str) -> int:
 
 
 def test_duplicates_updates_and_disk_use_pages(site, page, fake_civitai: FakeCivitai, capsys, monkeypatch) -> None:
-    """A LoRA from Civitai in two UIs' folders: one duplicate group, its newer version offered with a Pull button
-    that pulls it, and the disk use by kind as bars."""
-    dragon = small_lora(site["root"] / "src" / "dragon.safetensors", seed=21)
-    model = fake_civitai.add_model("Tiny Dragon", [dragon])
-    fake_civitai.add_version(model, [small_lora(site["root"] / "src" / "dragon_v2.safetensors", seed=22)],
-                             "SD 1.5", ["dr4gon"])
-    copies = [site["root"] / "a1111" / "Lora" / "dragon.safetensors", site["root"] / "comfy" / "loras" / "dragon.safetensors"]
-    for copy in copies:
-        copy.parent.mkdir(parents=True)
-        shutil.copyfile(dragon, copy)
-    db = str(site["db"])
-    assert run(["--db", db, "scan", *(str(c.parent) for c in copies)], capsys, monkeypatch)[0] == 0
-    assert run(["--db", db, "enrich", "--all"], capsys, monkeypatch)[0] == 0
+    copies = site["root"] / "copies"
+    copies.mkdir()
+    shutil.copyfile(site["root"] / "models" / "Lora" / "fresh.safetensors", copies / "fresh.safetensors")
+    castle = fake_civitai.add_model("Tiny Castle", [small_lora(site["root"] / "src" / "castle.safetensors", seed=11)])
+    db = ["--db", str(site["db"])]
+    assert run([*db, "scan", str(copies)], capsys, monkeypatch)[0] == 0
+    code, _, err = run([*db, "pull", f"civitai:{castle.versions[0].id}", "--library", str(site["root"] / "pulled")],
+                       capsys, monkeypatch)
+    assert code == 0, err
+    newer = fake_civitai.add_version(castle, [small_lora(site["root"] / "src" / "castle_v2.safetensors", seed=12)],
+                                     "SD 1.5", [], name="v2.0")
 
     page.goto(site["url"] + "/dupes")
-    group = page.locator("section.group", has_text="dragon.safetensors")
-    assert sorted(group.locator("a.mono").all_inner_texts()) == sorted(map(str, copies))
-    assert f"{human_size(dragon.stat().st_size)} to free" in group.locator("h2").inner_text()
-    shot(site, page, "dupes")
-
-    page.goto(site["url"] + "/updates?check=1")  # another test opened the page before Tiny Dragon was there
-    offer = page.locator("tr.update", has_text="Tiny Dragon")
-    assert "v2.0" in offer.inner_text()
-    offer.locator("button.pull").click()
-    status = offer.locator(".job-status")
-    page.wait_for_function("s => s.dataset.state === 'done'", arg=status.element_handle(), timeout=60_000)
-    assert "pulled: dragon_v2.safetensors" in status.inner_text()
-    shot(site, page, "updates")
-
+    group = page.locator("section.group", has_text=str(copies / "fresh.safetensors"))
+    freed = human_size((copies / "fresh.safetensors").stat().st_size)
+    assert group.locator("tr").count() == 2 and f"{freed} to free" in group.locator("h2").inner_text()
     page.goto(site["url"] + "/disk?by=kind")
     bars = page.locator("svg.bars rect")
     assert bars.count() >= 2
     widths = [bar.evaluate("b => b.getBoundingClientRect().width") for bar in bars.all()]
     assert max(widths) > 0 and widths == sorted(widths, reverse=True)  # largest first, scaled to it
     shot(site, page, "disk")
+
+    page.goto(site["url"] + "/updates?check=1")
+    row = page.locator("tr.update", has_text="Tiny Castle")
+    assert "v2.0" in row.inner_text()
+    shot(site, page, "updates")
+    page.goto(site["url"] + "/?update=available")
+    assert "Tiny Castle" in cards(page)  # (each test's fake Civitai numbers its models from 101 again)
+    assert page.locator(".card", has_text="Tiny Castle").locator(".badge.update").is_visible()
+    page.goto(site["url"] + "/updates")
+    row.locator("button.pull").click()
+    status = row.locator(".job-status")
+    wait_until(page, "s => s.dataset.state === 'done'", status.element_handle(), timeout=60)
+    assert "pulled: castle_v2.safetensors" in status.inner_text()
+    assert newer.id in [s["civitai_version_id"] for r in requests.get(
+        site["url"] + "/api/files", params={"q": "castle_v2"}, timeout=10).json()
+        for s in requests.get(f"{site['url']}/api/files/{r['id']}", timeout=10).json()["sources"]]
+
+
