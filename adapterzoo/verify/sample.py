@@ -43,6 +43,7 @@ class SampleOptions:
     composition: Composition = field(default_factory=Composition)
     device: str = "auto"
     dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
+    pipeline: Path | None = None  # the parts a transformer-only checkpoint lacks
 
 
 def attach_loras(loaded: LoadedPipeline, files: list[Path], checkpoint: Path) -> list[Attached]:
@@ -139,7 +140,7 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
     files = [Path(path) for path, _ in options.loras]
     weights = [weight for _, weight in options.loras]
     output = check_output(output, [checkpoint, *files], force)
-    loaded = load_for_sampling(checkpoint, options.device, options.dtype)
+    loaded = load_for_sampling(checkpoint, options.device, options.dtype, options.pipeline)
     device, dtype = loaded.pipe.device, loaded.pipe.unet.dtype
     size = options.size or native_size(loaded)
     try:

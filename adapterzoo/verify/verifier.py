@@ -49,6 +49,7 @@ class VerifyOptions:
     size: tuple[int, int] | None = None  # (W, H); None: the model's own (UNet sample size × VAE factor)
     device: str = "auto"
     dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
+    pipeline: Path | None = None  # the parts a transformer-only checkpoint lacks
 
 
 def refuse_other_base(file: Path, found: ProbeResult, base: str, checkpoint: Path) -> None:
@@ -69,7 +70,7 @@ class Verifier:
         self.checkpoint = Path(checkpoint)
         self.options = options
         self.sha256_of = sha256_of
-        self.loaded = load_for_sampling(self.checkpoint, options.device, options.dtype)
+        self.loaded = load_for_sampling(self.checkpoint, options.device, options.dtype, options.pipeline)
         self.device = self.loaded.pipe.device
         self.dtype = self.loaded.pipe.unet.dtype
         self.base: str = self.loaded.base

@@ -144,3 +144,15 @@ def _copy(source: BinaryIO, stored: StoredBytes, dest: BinaryIO) -> None:
 def plan_dtype(tensors: Iterable[PlannedTensor]) -> str | None:
     """The floating dtype holding most elements of a plan, in probe's words (fp16, bf16, fp32)."""
     return dominant_dtype({t.name: TensorMeta(t.shape, SAFETENSORS_DTYPES[t.dtype]) for t in tensors})
+
+
+def materialize(planned: PlannedTensor) -> torch.Tensor:
+    """The planned tensor's values in memory: what `write_safetensors` would write, read without writing."""
+    if planned.make is not None:
+        return planned.make().to(planned.dtype).reshape(planned.shape).contiguous()
+    with open(planned.stored.path, "rb") as f:
+        f.seek(planned.stored.offset)
+        data = bytearray(f.read(planned.stored.nbytes))
+    if not data:
+        return torch.empty(planned.shape, dtype=planned.dtype)
+    return torch.frombuffer(data, dtype=planned.dtype).reshape(planned.shape)
