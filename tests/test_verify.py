@@ -430,7 +430,7 @@ def test_a_peft_folder_verifies_like_the_kohya_file_it_was_converted_from(tiny, 
     kohya = kohya_file(tiny_models.tiny_pipeline("sd1", 1), "sd1", tmp_path / "kohya.safetensors")
     convert(kohya, tmp_path / "peft", "peft", checkpoint=folder)
     from_kohya, from_peft = verifier.verify(kohya, None), verifier.verify(tmp_path / "peft", None)
-    assert (from_peft["format"], from_peft["verdict"]) == ("peft", "pass")
+    assert (from_peft["format"], from_peft["verdict"]) == ("peft", "pass"), from_peft["reasons"]
     assert from_peft["coverage"]["modules_hit"] == from_kohya["coverage"]["modules_hit"] == 125
     for a, b in zip(from_peft["effects"], from_kohya["effects"]):
         assert a["noise_pred_rel_change"] == pytest.approx(b["noise_pred_rel_change"], rel=1e-4)

@@ -110,6 +110,8 @@ def check_grids(files: tuple[str, ...], checkpoint: str | None, grid: str | None
 @click.option("--quick/--grid", "quick", default=None,
               help="--quick: coverage and effect from one noise prediction per multiplier (no grid, no VAE decode; "
                    "recorded as quick). Default: --quick for --registry on CPU, --grid otherwise.")
+@click.option("--pipeline", metavar="DIR", type=click.Path(exists=True, file_okay=False),
+              help="A diffusers folder giving the parts a transformer-only checkpoint lacks (text encoders, VAE, scheduler).")
 @DEVICE_OPTION
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
 @click.option("--force", is_flag=True, help="Replace an existing -o GRID.png.")
@@ -118,8 +120,8 @@ def check_grids(files: tuple[str, ...], checkpoint: str | None, grid: str | None
 def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, registry: bool, kind: str | None,
            base: str | None, unverified: bool, checkpoint_for: tuple[tuple[str, Path], ...], worker: bool,
            status: bool, lease: float | None, grid: str | None, out_dir: str | None, prompts: tuple[str, ...], seeds: tuple[int, ...], multipliers: tuple[float, ...],
-           steps: int | None, size: tuple[int, int] | None, quick: bool | None, device: str, dtype: str | None,
-           force: bool,
+           steps: int | None, size: tuple[int, int] | None, quick: bool | None, pipeline: str | None,
+           device: str, dtype: str | None, force: bool,
            as_json: bool) -> None:
     """Render each FILE on CKPT (or, with --registry, each indexed file on a checkpoint of its base) at several
     multipliers and judge it: pass or fail, with every reason. Each result is stored in the registry; exit
@@ -141,7 +143,8 @@ def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, 
 
     if quick is None:  # a library on a CPU: a verdict per file in seconds, grids where they are cheap or asked for
         quick = registry and pick_device(device).type == "cpu"
-    options = VerifyOptions(prompts=list(prompts) or None, size=size, device=device, dtype=dtype, quick=quick)
+    options = VerifyOptions(prompts=list(prompts) or None, size=size, device=device, dtype=dtype, quick=quick,
+                            pipeline=Path(pipeline) if pipeline else None)
     options.seeds = list(seeds) or options.seeds
     options.multipliers = list(multipliers) or options.multipliers
     options.steps = steps or options.steps
@@ -255,6 +258,8 @@ def show_queue(db: str | None, as_json: bool) -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, metavar="N",
               help="Sampling steps.")
 @click.option("--size", type=SizeParam(), help="Image size. Default: the base's (512, 768, 1024).")
+@click.option("--pipeline", metavar="DIR", type=click.Path(exists=True, file_okay=False),
+              help="A diffusers folder giving the parts a transformer-only checkpoint lacks (text encoders, VAE, scheduler).")
 @DEVICE_OPTION
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
 @click.option("--allow-unmatched", is_flag=True, help="Sample with what fits when LoRA keys land on no module.")
@@ -262,7 +267,8 @@ def show_queue(db: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, negative_prompt: str, seed: int,
            dest: str, compose: str, switch_every: int | None, autolora: float | None, steps: int,
-           size: tuple[int, int] | None, device: str, dtype: str | None, allow_unmatched: bool, force: bool,
+           size: tuple[int, int] | None, pipeline: str | None, device: str, dtype: str | None,
+           allow_unmatched: bool, force: bool,
            as_json: bool) -> None:
     """Render one image from CKPT with several LoRAs composed while sampling (merge, LoRA Switch, LoRA
     Composite, each optionally mixed with the bare model by AutoLoRA's GAMMA). Text-encoder LoRAs act
@@ -279,7 +285,8 @@ def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, n
 
     composition = Composition(compose, switch_every or DEFAULT_SWITCH_EVERY, autolora)
     options = SampleOptions(prompt, [(Path(path), weight) for path, weight in loras], seed, steps, size,
-                            negative_prompt, composition, device, dtype, allow_unmatched)
+                            negative_prompt, composition, device, dtype, allow_unmatched,
+                            Path(pipeline) if pipeline else None)
     report = render_sample(Path(checkpoint), options, Path(dest), sha256, force=force, progress_bar=not as_json)
     if as_json:
         emit_json(report)

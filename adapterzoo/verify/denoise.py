@@ -65,6 +65,9 @@ def token_ids(tokenizer, prompt: str, insert: dict[str, int] | None = None) -> t
 def encode_prompt(pipe, prompt: str, insert: dict[str, int] | None = None) -> Conditioning:
     """What the diffusers pipeline computes for one prompt (no clip skip); SDXL's empty prompt is zeros."""
     device = pipe.unet.device
+    if hasattr(pipe, "encode_conditioning"):  # a DiT family's own text encoders (CLIP pooled + T5 states)
+        states, added = pipe.encode_conditioning(prompt, token_ids(pipe.tokenizer, prompt, insert))
+        return Conditioning(states, added)
     pairs = text_encoders(pipe)
     if len(pairs) == 1:
         tokenizer, encoder = pairs[0]
@@ -114,7 +117,10 @@ def unet_prediction(unet, latents: torch.Tensor, t: torch.Tensor, cond: Conditio
 
 
 def guided(unet, positive: Conditioning, negative: Conditioning, scale: float = GUIDANCE_SCALE) -> NoisePrediction:
-    """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅)."""
+    """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅); a model whose
+    guidance is distilled into it (or that has none) declares `cfg = False` and is called once, positive only."""
+    if not getattr(unet, "cfg", True):
+        return lambda step, latents, t: unet_prediction(unet, latents, t, positive)
     pair = negative.batched(positive)
 
     def predict(step: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -133,6 +139,8 @@ def fresh_scheduler(pipe):
 def denoise(pipe, noise: torch.Tensor, steps: int, predict: NoisePrediction) -> torch.Tensor:
     """Run the scheduler from `noise` for `steps` steps; returns the final latents."""
     scheduler = fresh_scheduler(pipe)
+    if hasattr(scheduler, "fit_to"):  # a flow-matching shift that depends on the latents' size
+        scheduler.fit_to(noise)
     scheduler.set_timesteps(steps, device=noise.device)
     latents = noise * scheduler.init_noise_sigma
     for step, t in enumerate(scheduler.timesteps):

@@ -23,7 +23,8 @@ from adapterzoo.formats.checkpoint.checkpoint_convert import file_family, folder
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 from adapterzoo.formats.model.architectures import architecture_from_models
 from adapterzoo.formats.model.registry import family_of, sampled_bases
-from adapterzoo.formats.model.targets import TEXT_ENCODERS, UNET, Architecture
+from adapterzoo.formats.model.targets import TEXT_ENCODERS, TRANSFORMER, UNET, Architecture
+from adapterzoo.verify.pipeline_parts import load_parts, parts_family
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -38,8 +39,8 @@ class LoadedPipeline:
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
-        return {name: getattr(self.pipe, name) for name in (UNET, *TEXT_ENCODERS)
-                if getattr(self.pipe, name, None) is not None}
+        names = (TRANSFORMER, *TEXT_ENCODERS) if hasattr(self.pipe, TRANSFORMER) else (UNET, *TEXT_ENCODERS)
+        return {name: getattr(self.pipe, name) for name in names if getattr(self.pipe, name, None) is not None}
 
 
 def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -90,10 +91,18 @@ def _rendered(base: str, checkpoint: Path) -> str:
     return base
 
 
-def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> LoadedPipeline:
-    """The pipeline of a single-file checkpoint or a diffusers folder, on `device` in `dtype`."""
+def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype,
+                  pipeline: Path | None = None) -> LoadedPipeline:
+    """The pipeline of a single-file checkpoint or a diffusers folder, on `device` in `dtype`; a DiT family's
+    parts the checkpoint lacks come from the `pipeline` folder."""
     checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
+    dit = parts_family(checkpoint)
+    if dit is not None:
+        family, base = dit
+        base = _rendered(base, checkpoint)
+        with _quiet_loading():
+            pipe = load_parts(family, checkpoint, pipeline, dtype)
+    elif checkpoint.is_dir():
         base = _rendered(folder_base(checkpoint), checkpoint)
         pipe = _from_folder(checkpoint, dtype)
     elif checkpoint.is_file():
@@ -103,12 +112,13 @@ def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype) ->
     check_tokenizers_fit(pipe, checkpoint)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    for name in ("unet", "vae", *TEXT_ENCODERS):
+    for name in ("unet", "transformer", "vae", *TEXT_ENCODERS):
         model = getattr(pipe, name, None)
         if model is not None:
             model.eval().requires_grad_(False)
-    models = {name: getattr(pipe, name) for name in (UNET, *TEXT_ENCODERS) if getattr(pipe, name, None) is not None}
-    return LoadedPipeline(pipe, base, architecture_from_models(base, models))
+    loaded = LoadedPipeline(pipe, base, None)
+    loaded.architecture = architecture_from_models(base, loaded.models)
+    return loaded
 
 
 def check_tokenizers_fit(pipe: DiffusionPipeline, checkpoint: Path) -> None:
@@ -127,12 +137,13 @@ def check_tokenizers_fit(pipe: DiffusionPipeline, checkpoint: Path) -> None:
                 f"vocabulary; verify the diffusers folder it came from, which holds its tokenizer)")
 
 
-def load_for_sampling(checkpoint: Path, device_name: str, dtype_name: str | None) -> LoadedPipeline:
+def load_for_sampling(checkpoint: Path, device_name: str, dtype_name: str | None,
+                      pipeline: Path | None = None) -> LoadedPipeline:
     """What verify and sample render with: --device and --dtype resolved, and a VAE that overflows to black
     images in fp16 (its family says which) kept in fp32 unless fp16 was asked for by name."""
     device = pick_device(device_name)
     dtype = pick_dtype(dtype_name, device)
-    loaded = load_pipeline(checkpoint, device, dtype)
+    loaded = load_pipeline(checkpoint, device, dtype, pipeline)
     sampling = family_of(loaded.base).sampling
     if loaded.base in sampling.vae_fp32 and dtype == torch.float16 and dtype_name is None:
         loaded.pipe.vae.to(torch.float32)

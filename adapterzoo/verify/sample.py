@@ -45,6 +45,7 @@ class SampleOptions:
     device: str = "auto"
     dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
     allow_unmatched: bool = False  # sample with what lands, when some keys land on no module
+    pipeline: Path | None = None  # the parts a transformer-only checkpoint lacks
 
 
 def attach_loras(loaded: LoadedPipeline, files: list[Path], checkpoint: Path,
@@ -151,7 +152,7 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
     files = [Path(path) for path, _ in options.loras]
     weights = [weight for _, weight in options.loras]
     output = check_output(output, [checkpoint, *files], force, suffix=".png")
-    loaded = load_for_sampling(checkpoint, options.device, options.dtype)
+    loaded = load_for_sampling(checkpoint, options.device, options.dtype, options.pipeline)
     device, dtype = loaded.pipe.device, loaded.pipe.unet.dtype
     size = options.size or native_size(loaded)
     try:

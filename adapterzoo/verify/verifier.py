@@ -51,6 +51,7 @@ class VerifyOptions:
     device: str = "auto"
     dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
     quick: bool = False  # coverage and effect from one noise prediction per multiplier: no grid, no VAE decode
+    pipeline: Path | None = None  # the parts a transformer-only checkpoint lacks
 
 
 def refuse_other_base(file: Path, found: ProbeResult, base: str, checkpoint: Path) -> None:
@@ -72,15 +73,16 @@ class Verifier:
         self.checkpoint = Path(checkpoint)
         self.options = options
         self.sha256_of = sha256_of
-        self.loaded = load_for_sampling(self.checkpoint, options.device, options.dtype)
+        self.loaded = load_for_sampling(self.checkpoint, options.device, options.dtype, options.pipeline)
         self.device = self.loaded.pipe.device
         self.dtype = self.loaded.pipe.unet.dtype
         self.base: str = self.loaded.base
         self.size = options.size or native_size(self.loaded)
         self._checkpoint_sha256: str | None = None
-        # the checkpoint alone: (latents, image) per (prompt, seed), noise prediction per prompt
-        self._renders: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._predictions: dict[str, torch.Tensor] = {}
+        # the checkpoint alone: (latents, image) per (prompt, seed), noise prediction per prompt; each also per
+        # CPU thread count, whose split of the work changes the rounding (multiplier 0 must be bit-identical)
+        self._renders: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._predictions: dict[tuple[str, int], torch.Tensor] = {}
         self.cache = BaselineCache(cache)  # the same, across runs: None keeps nothing on disk
         try:
             denoise.latent_shape(self.loaded.pipe, self.size)
@@ -129,18 +131,20 @@ class Verifier:
 
     def _baseline(self, prompt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents, image) of the checkpoint alone."""
-        if (prompt, seed) not in self._renders:
+        key = (prompt, seed, torch.get_num_threads())
+        if key not in self._renders:
             found = self.cache.get(lambda: self._cache_key("render", prompt, seed, steps=self.options.steps),
                                    lambda: dict(zip(("latents", "image"), self._render(self.loaded, prompt, seed, {}))))
-            self._renders[prompt, seed] = (found["latents"].to(self.device), found["image"])
-        return self._renders[prompt, seed]
+            self._renders[key] = (found["latents"].to(self.device), found["image"])
+        return self._renders[key]
 
     def _baseline_prediction(self, prompt: str) -> torch.Tensor:
-        if prompt not in self._predictions:
+        key = (prompt, torch.get_num_threads())
+        if key not in self._predictions:
             found = self.cache.get(lambda: self._cache_key("prediction", prompt, self.options.seeds[0]),
                                    lambda: {"prediction": self._prediction(prompt, {})})
-            self._predictions[prompt] = found["prediction"].to(self.device)
-        return self._predictions[prompt]
+            self._predictions[key] = found["prediction"].to(self.device)
+        return self._predictions[key]
 
     # -- one file ------------------------------------------------------------------------------------
 

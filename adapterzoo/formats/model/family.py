@@ -77,6 +77,12 @@ class Sampling:
     bases: tuple[str, ...]  # the bases verify renders
     vae_fp32: tuple[str, ...] = ()  # bases whose VAE overflows in fp16: kept in fp32 unless fp16 is asked for by name
     vae_fp16_black: str = ""  # what to tell a user whose fp16 decode of such a VAE came out black
+    # a pipeline put together from its parts (a DiT family): component -> (library, class) when a folder's
+    # model_index.json does not say; empty: DiffusionPipeline loads a whole folder, a single file is converted
+    parts: dict[str, tuple[str, str]] = field(default_factory=dict)
+    optional: dict[str, tuple[str, str]] = field(default_factory=dict)  # parts loaded when present (SD3's T5)
+    transformer_from_file: Callable[[Path, torch.dtype], Any] | None = None  # a single file's DiT, in memory
+    assemble: Callable[[dict[str, Any]], Any] | None = None  # the parts -> what verify's loop renders with
 
 
 @dataclass(frozen=True)

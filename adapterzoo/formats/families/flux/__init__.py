@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from adapterzoo.formats.families.flux import probe
 from adapterzoo.formats.io.tensor_table import TensorTable
 from adapterzoo.formats.lora.lora_parts import KOHYA_SUFFIXES, PEFT_SUFFIXES, split_suffix
-from adapterzoo.formats.model.family import Checkpoints, Dialect, Family
+from adapterzoo.formats.model.family import Checkpoints, Dialect, Family, Sampling, lazy
 
 if TYPE_CHECKING:
     import torch
@@ -115,4 +115,13 @@ FAMILY = Family(
     ),
     civitai_base_models={probe.BASE: ("Flux.1 D", "Flux.1 S", "Flux.1 Krea", "Flux.1 Kontext")},
     hub_hints=((probe.BASE, probe.BASE),),
+    sampling=Sampling(
+        bases=(probe.BASE,),
+        parts={"transformer": ("diffusers", "FluxTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
+               "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
+               "text_encoder_2": ("transformers", "T5EncoderModel"), "tokenizer_2": ("transformers", "T5TokenizerFast"),
+               "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")},
+        transformer_from_file=lazy(f"{__name__}.sampling", "transformer_from_file"),
+        assemble=lazy(f"{__name__}.sampling", "assemble"),
+    ),
 )

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.sd3 import probe
 from adapterzoo.formats.lora.lora_parts import KOHYA_SUFFIXES, PEFT_SUFFIXES, split_suffix
-from adapterzoo.formats.model.family import Checkpoints, Dialect, Family
+from adapterzoo.formats.model.family import Checkpoints, Dialect, Family, Sampling, lazy
 
 if TYPE_CHECKING:
     import torch
@@ -106,4 +106,17 @@ FAMILY = Family(
     civitai_details={"SD 3.5 Large": {"variant": probe.LARGE}, "SD 3.5 Large Turbo": {"variant": probe.TURBO},
                      "SD 3.5 Medium": {"variant": probe.MEDIUM}},
     hub_hints=(("stable-diffusion-3.5", probe.SD35), ("stable-diffusion-3", probe.SD3)),
+    sampling=Sampling(
+        bases=(probe.SD3, probe.SD35),
+        parts={"transformer": ("diffusers", "SD3Transformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
+               "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
+               "tokenizer": ("transformers", "CLIPTokenizer"),
+               "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+               "tokenizer_2": ("transformers", "CLIPTokenizer"),
+               "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")},
+        optional={"text_encoder_3": ("transformers", "T5EncoderModel"),
+                  "tokenizer_3": ("transformers", "T5TokenizerFast")},
+        transformer_from_file=lazy(f"{__name__}.sampling", "transformer_from_file"),
+        assemble=lazy(f"{__name__}.sampling", "assemble"),
+    ),
 )

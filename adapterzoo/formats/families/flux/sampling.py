@@ -1,0 +1,114 @@
+"""Flux.1 as verify's loop renders it: the transformer behind a UNet's call, prompts through CLIP-L and T5.
+
+Flux packs 2×2 latent patches into tokens and takes its timestep in [0, 1]; dev reads its guidance
+strength through a distilled embedding (no CFG pair), schnell has none (FLUX.md). The wrapper hides
+both, so the generic loop runs the latents as [B, C, h, w] like any UNet's. A BFL single file is
+renamed into the diffusers transformer in memory, never written out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from adapterzoo.formats.families.flux.checkpoint import bfl_to_diffusers_plan
+from adapterzoo.formats.io.safetensors_writer import planned_tensor
+from adapterzoo.formats.io.tensor_source import open_checkpoint_file
+
+DEV_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, fed to dev's guidance embedding
+NATIVE_SIDE = 1024
+T5_TOKENS = 512  # FluxPipeline's max_sequence_length for dev
+
+
+def transformer_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The diffusers FluxTransformer2DModel of a BFL single file: meta-initialised, tensors assigned."""
+    from diffusers import FluxTransformer2DModel
+
+    config, plan, _ = bfl_to_diffusers_plan(open_checkpoint_file(path), dtype)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    model.load_state_dict({planned.name: planned_tensor(planned) for planned in plan}, strict=True, assign=True)
+    return model
+
+
+class FluxDenoiser(torch.nn.Module):
+    """The transformer called as a UNet: (latents [B, C, h, w], t on 0..1000, T5 states, {pooled}) -> eps."""
+
+    cfg = False
+
+    def __init__(self, transformer: torch.nn.Module, latent_factor: int) -> None:
+        super().__init__()
+        self.transformer = transformer
+        config = transformer.config
+        self.config = SimpleNamespace(in_channels=config.in_channels // 4, sample_size=NATIVE_SIDE // latent_factor)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                added_cond_kwargs: dict[str, torch.Tensor], return_dict: bool = False) -> tuple[torch.Tensor]:
+        b, c, h, w = x.shape
+        packed = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+        img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+        txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=x.device, dtype=x.dtype)
+        timestep = (t.to(x.dtype) / 1000).expand(b)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([b], DEV_GUIDANCE, device=x.device, dtype=torch.float32)
+        out = self.transformer(hidden_states=packed, timestep=timestep, guidance=guidance,
+                               pooled_projections=added_cond_kwargs["pooled"],
+                               encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
+                               img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
+        out = out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return (out,)
+
+
+class FluxForSampling:
+    """The parts of a Flux pipeline, as verify's loop and the run-time hooks reach them."""
+
+    def __init__(self, parts: dict[str, Any]) -> None:
+        self.transformer = parts["transformer"]
+        self.vae = parts["vae"]
+        self.text_encoder, self.tokenizer = parts["text_encoder"], parts["tokenizer"]
+        self.text_encoder_2, self.tokenizer_2 = parts["text_encoder_2"], parts["tokenizer_2"]
+        self.scheduler = parts["scheduler"]
+        self.unet = FluxDenoiser(self.transformer, 2 ** (len(self.vae.config.block_out_channels) - 1))
+        self.config: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def to(self, device: torch.device) -> FluxForSampling:
+        for model in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
+            model.to(device)
+        return self
+
+    def set_progress_bar_config(self, **_: Any) -> None:
+        return None
+
+    @torch.no_grad()
+    def encode_conditioning(self, prompt: str, clip_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(T5 token states, {"pooled": CLIP-L's pooled output}) as FluxPipeline.encode_prompt computes them."""
+        device = self.device
+        pooled = self.text_encoder(clip_ids.to(device), output_hidden_states=False).pooler_output
+        limit = min(T5_TOKENS, self.tokenizer_2.model_max_length)
+        t5_ids = self.tokenizer_2(prompt, padding="max_length", max_length=limit, truncation=True,
+                                  return_tensors="pt").input_ids
+        states = self.text_encoder_2(t5_ids.to(device), output_hidden_states=False)[0]
+        dtype = self.transformer.dtype
+        return states.to(dtype), {"pooled": pooled.to(dtype)}
+
+
+def assemble(parts: dict[str, Any]) -> FluxForSampling:
+    return FluxForSampling(parts)

@@ -1,0 +1,143 @@
+"""A DiT pipeline put together from its parts, for families whose sampling spec lists them (`Sampling.parts`).
+
+A single file holds the transformer only (BFL's release has no CLIP, T5 or VAE): it is loaded in memory by
+the family (`transformer_from_file`), never written to a temporary folder, and the other parts come from the
+checkpoint folder, then the `--pipeline` folder. What is still missing is named in one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adapterzoo.errors import AdapterzooError, BadFileError
+from adapterzoo.formats.model.family import Family
+
+MODELS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+BASE_SEQ, MAX_SEQ, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15  # FluxPipeline's dynamic shift defaults
+
+
+class FlowSteps:
+    """A flow-matching scheduler behind the calls our loop makes of an SD one (`init_noise_sigma`,
+    `scale_model_input`); its dynamic shift is fitted to the latents' token count (`fit_to`)."""
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.tokens = BASE_SEQ
+
+    @classmethod
+    def from_config(cls, config: Any) -> FlowSteps:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return cls(FlowMatchEulerDiscreteScheduler.from_config(config))
+
+    @property
+    def config(self) -> Any:
+        return self.inner.config
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.inner.timesteps
+
+    def fit_to(self, noise: torch.Tensor) -> None:
+        self.tokens = noise.shape[-2] * noise.shape[-1] // 4
+
+    def set_timesteps(self, steps: int, device: torch.device | str | None = None) -> None:
+        config = self.inner.config
+        mu = None
+        if config.get("use_dynamic_shifting", False):
+            base, top = config.get("base_image_seq_len", BASE_SEQ), config.get("max_image_seq_len", MAX_SEQ)
+            low, high = config.get("base_shift", BASE_SHIFT), config.get("max_shift", MAX_SHIFT)
+            mu = low + (high - low) * (self.tokens - base) / (top - base)
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        self.inner.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+
+    def scale_model_input(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.step(*args, **kwargs)
+
+
+def _declared(folder: Path) -> dict[str, tuple[str, str]]:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        return {}
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as exc:
+        raise BadFileError(f"{index}: {exc}") from None
+    return {k: tuple(v) for k, v in data.items() if isinstance(v, list) and len(v) == 2 and v[0]}
+
+
+def _load(library: str, cls: str, where: Path, dtype: torch.dtype | None) -> Any:
+    """A part by its class's own loader; models in `dtype` (diffusers and transformers name the argument apart)."""
+    kwargs = {} if dtype is None else {"torch_dtype" if library == "diffusers" else "dtype": dtype}
+    try:
+        return getattr(importlib.import_module(library), cls).from_pretrained(where, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
+        raise BadFileError(f"cannot load {where}: {str(exc).splitlines()[0]}") from None
+
+
+def _transformer_folder(folder: Path, cls: str) -> Path | None:
+    for where in (folder / "transformer", folder):
+        config = where / "config.json"
+        if config.is_file() and json.loads(config.read_text()).get("_class_name") == cls:
+            return where
+    return None
+
+
+def parts_family(checkpoint: Path) -> tuple[Family, str] | None:
+    """(family, base) when `checkpoint` belongs to a family whose pipeline is put together from parts."""
+    from adapterzoo.formats.checkpoint.checkpoint_convert import folder_base
+    from adapterzoo.formats.model.registry import family_of
+    from adapterzoo.formats.probe import probe
+
+    if checkpoint.is_dir():
+        try:
+            base = folder_base(checkpoint)
+        except AdapterzooError:
+            return None
+    elif checkpoint.is_file():
+        found = probe(checkpoint)
+        base = found.base if found.kind == "checkpoint" else None
+    else:
+        return None
+    family = family_of(base) if base else None
+    if family is None or family.sampling is None or not family.sampling.parts:
+        return None
+    return family, base
+
+
+def load_parts(family: Family, checkpoint: Path, pipeline: Path | None, dtype: torch.dtype) -> Any:
+    """The family's sampling pipeline from a single file or folder, the parts it lacks from `pipeline`."""
+    spec = family.sampling
+    found: dict[str, Any] = {}
+    if checkpoint.is_file():
+        found["transformer"] = spec.transformer_from_file(checkpoint, dtype)
+    folders = [f for f in (checkpoint if checkpoint.is_dir() else None, pipeline) if f is not None]
+    for name, (library, cls) in (spec.parts | spec.optional).items():
+        for folder in folders:
+            if name in found:
+                break
+            library, cls = _declared(folder).get(name, (library, cls))
+            if name == "transformer":
+                where = _transformer_folder(folder, cls)
+            else:
+                where = folder / name if (folder / name).is_dir() else None
+            if where is not None:
+                found[name] = _load(library, cls, where, dtype if name in MODELS else None)
+    missing = [name for name in spec.parts if name not in found]
+    if missing:
+        raise AdapterzooError(f"{checkpoint.name}: no {', '.join(missing)} for a {family.title} pipeline; give a "
+                              "diffusers folder holding them with --pipeline DIR")
+    if not hasattr(found["scheduler"], "scale_model_input"):
+        found["scheduler"] = FlowSteps(found["scheduler"])
+    return spec.assemble(found)
