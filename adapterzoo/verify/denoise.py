@@ -131,7 +131,10 @@ def guided(unet, positive: Conditioning, negative: Conditioning, scale: float = 
 
 
 def fresh_scheduler(pipe):
-    """A new scheduler from the pipeline's config: schedulers keep per-run state (step index, PNDM history)."""
+    """A new scheduler from the pipeline's config: schedulers keep per-run state (step index, PNDM history);
+    a wrapper that carries more than a config (a family's flow-matching steps) makes its own."""
+    if hasattr(pipe.scheduler, "fresh"):
+        return pipe.scheduler.fresh()
     return type(pipe.scheduler).from_config(pipe.scheduler.config)
 
 
