@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -128,6 +129,17 @@ def guided(unet, positive: Conditioning, negative: Conditioning, scale: float = 
         return uncond + scale * (cond - uncond)
 
     return predict
+
+
+def sampler_facts(pipe) -> dict[str, Any]:
+    """What a render records of its sampler: the scheduler's class (a wrapper's inner one), the CFG scale (None
+    for a model called without a CFG pair) and a flow-matching scheduler's fixed shift (None where it has none
+    or the shift follows the image size)."""
+    scheduler = getattr(pipe.scheduler, "inner", pipe.scheduler)
+    config = scheduler.config
+    shift = None if config.get("use_dynamic_shifting") else config.get("shift")
+    return {"sampler": type(scheduler).__name__,
+            "cfg_scale": GUIDANCE_SCALE if getattr(pipe.unet, "cfg", True) else None, "shift": shift}
 
 
 def fresh_scheduler(pipe):

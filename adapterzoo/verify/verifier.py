@@ -162,7 +162,7 @@ class Verifier:
             "checkpoint": self.checkpoint.name, "checkpoint_sha256": self.checkpoint_sha256,
             "prompts": prompts, "negative_prompt": denoise.NEGATIVE_PROMPT, "seeds": list(self.options.seeds),
             "multipliers": multipliers, "steps": self.options.steps,
-            "sampler": type(self.loaded.pipe.scheduler).__name__, "cfg_scale": denoise.GUIDANCE_SCALE,
+            **denoise.sampler_facts(self.loaded.pipe),
             "size": list(self.size), "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
             "vae_dtype": str(self.loaded.pipe.vae.dtype).removeprefix("torch."),
             "fixed_timestep": FIXED_TIMESTEP, "quick": self.options.quick,
