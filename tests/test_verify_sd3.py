@@ -237,3 +237,9 @@ def test_sample_renders_an_sai_file_with_two_loras(sd3, dialects, tmp_path, caps
     image = Image.open(out)
     assert image.size == (32, 32)
     assert "Sampler: FlowMatchEulerDiscreteScheduler, CFG scale: 7.0, Shift: 3.0," in image.text["parameters"]
+
+
+def test_a_transformer_folder_takes_the_rest_from_pipeline(sd3, dialects, capsys, monkeypatch):
+    result = cli(["verify", str(dialects["peft"]), "--checkpoint", str(sd3["pipe"] / "transformer"),
+                  "--pipeline", str(sd3["parts"]), *SIZE, "--quick", "--json"], capsys, monkeypatch)
+    assert (result["verdict"], result["base"]) == ("pass", "sd35")
