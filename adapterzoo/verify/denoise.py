@@ -150,6 +150,16 @@ def fresh_scheduler(pipe):
     return type(pipe.scheduler).from_config(pipe.scheduler.config)
 
 
+def schedule(pipe, steps: int, size: tuple[int, int]) -> list[float]:
+    """The timesteps `denoise` runs for `steps` steps at `size` (a flow-matching family's spacing and shift
+    included): part of what a cached render depends on."""
+    scheduler = fresh_scheduler(pipe)
+    if hasattr(scheduler, "fit_to"):
+        scheduler.fit_to(torch.empty(latent_shape(pipe, size), device="meta"))
+    scheduler.set_timesteps(steps)
+    return [float(t) for t in scheduler.timesteps]
+
+
 @torch.no_grad()
 def denoise(pipe, noise: torch.Tensor, steps: int, predict: NoisePrediction) -> torch.Tensor:
     """Run the scheduler from `noise` for `steps` steps; returns the final latents."""

@@ -133,7 +133,11 @@ class Verifier:
         """(latents, image) of the checkpoint alone."""
         key = (prompt, seed, torch.get_num_threads())
         if key not in self._renders:
-            found = self.cache.get(lambda: self._cache_key("render", prompt, seed, steps=self.options.steps),
+            def cache_key() -> dict[str, Any]:  # the schedule too: a family's step spacing is in no config
+                timesteps = denoise.schedule(self.loaded.pipe, self.options.steps, self.size)
+                return self._cache_key("render", prompt, seed, steps=self.options.steps, timesteps=timesteps)
+
+            found = self.cache.get(cache_key,
                                    lambda: dict(zip(("latents", "image"), self._render(self.loaded, prompt, seed, {}))))
             self._renders[key] = (found["latents"].to(self.device), found["image"])
         return self._renders[key]
