@@ -21,6 +21,7 @@ from diffusers import SD3Transformer2DModel
 from diffusers.loaders import SD3LoraLoaderMixin
 from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 from safetensors.torch import load_file, save_file
+from sd3_tiny import sai_shapes
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.lora.lora_convert import convert_lora
@@ -45,40 +46,6 @@ def no_hash(path: Path) -> str:
 
 
 # -- SAI single-file layouts, written from the MMDiT reference code's names ---------------------------------------
-
-
-def sai_shapes(width: int, depth: int, qk: bool, dual: list[int], pos: int, head: int = 64, joint: int = 4096,
-               pooled: int = 2048, channels: int = 16) -> dict[str, tuple[int, ...]]:
-    """Every tensor of an SAI MMDiT (sd3_impls' names): joint blocks of an x and a context stream, the last
-    context block "pre only" (qkv and a 2-way modulation), MMDiT-X's attn2 in the `dual` blocks."""
-    w = width
-    shapes = {"pos_embed": (1, pos * pos, w), "x_embedder.proj.weight": (w, channels, 2, 2), "x_embedder.proj.bias": (w,),
-              "context_embedder.weight": (w, joint), "context_embedder.bias": (w,),
-              "final_layer.linear.weight": (4 * channels, w), "final_layer.linear.bias": (4 * channels,),
-              "final_layer.adaLN_modulation.1.weight": (2 * w, w), "final_layer.adaLN_modulation.1.bias": (2 * w,)}
-    for embedder, width_in in (("t_embedder", 256), ("y_embedder", pooled)):
-        shapes |= {f"{embedder}.mlp.0.weight": (w, width_in), f"{embedder}.mlp.0.bias": (w,),
-                   f"{embedder}.mlp.2.weight": (w, w), f"{embedder}.mlp.2.bias": (w,)}
-
-    def linear(name: str, out: int, inp: int) -> None:
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp), (out,)
-
-    for i in range(depth):
-        for stream in ("x_block", "context_block"):
-            p = f"joint_blocks.{i}.{stream}"
-            pre_only = stream == "context_block" and i == depth - 1
-            attentions = ["attn", "attn2"] if stream == "x_block" and i in dual else ["attn"]
-            for attn in attentions:
-                linear(f"{p}.{attn}.qkv", 3 * w, w)
-                if not pre_only:
-                    linear(f"{p}.{attn}.proj", w, w)
-                if qk:
-                    shapes[f"{p}.{attn}.ln_q.weight"] = shapes[f"{p}.{attn}.ln_k.weight"] = (head,)
-            linear(f"{p}.adaLN_modulation.1", (2 if pre_only else 9 if len(attentions) == 2 else 6) * w, w)
-            if not pre_only:
-                linear(f"{p}.mlp.fc1", 4 * w, w)
-                linear(f"{p}.mlp.fc2", w, 4 * w)
-    return shapes
 
 
 def tiny_sai_shapes() -> dict[str, tuple[int, ...]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -130,9 +131,33 @@ def guided(unet, positive: Conditioning, negative: Conditioning, scale: float = 
     return predict
 
 
+def sampler_facts(pipe) -> dict[str, Any]:
+    """What a render records of its sampler: the scheduler's class (a wrapper's inner one), the CFG scale (None
+    for a model called without a CFG pair) and a flow-matching scheduler's fixed shift (None where it has none
+    or the shift follows the image size)."""
+    scheduler = getattr(pipe.scheduler, "inner", pipe.scheduler)
+    config = scheduler.config
+    shift = None if config.get("use_dynamic_shifting") else config.get("shift")
+    return {"sampler": type(scheduler).__name__,
+            "cfg_scale": GUIDANCE_SCALE if getattr(pipe.unet, "cfg", True) else None, "shift": shift}
+
+
 def fresh_scheduler(pipe):
-    """A new scheduler from the pipeline's config: schedulers keep per-run state (step index, PNDM history)."""
+    """A new scheduler from the pipeline's config: schedulers keep per-run state (step index, PNDM history);
+    a wrapper that carries more than a config (a family's flow-matching steps) makes its own."""
+    if hasattr(pipe.scheduler, "fresh"):
+        return pipe.scheduler.fresh()
     return type(pipe.scheduler).from_config(pipe.scheduler.config)
+
+
+def schedule(pipe, steps: int, size: tuple[int, int]) -> list[float]:
+    """The timesteps `denoise` runs for `steps` steps at `size` (a flow-matching family's spacing and shift
+    included): part of what a cached render depends on."""
+    scheduler = fresh_scheduler(pipe)
+    if hasattr(scheduler, "fit_to"):
+        scheduler.fit_to(torch.empty(latent_shape(pipe, size), device="meta"))
+    scheduler.set_timesteps(steps)
+    return [float(t) for t in scheduler.timesteps]
 
 
 @torch.no_grad()

@@ -83,7 +83,8 @@ def parameters_text(parameters: dict[str, Any]) -> str:
     fields = {
         "Steps": parameters["steps"],
         "Sampler": parameters["sampler"],
-        "CFG scale": parameters["cfg_scale"],
+        **({"CFG scale": parameters["cfg_scale"]} if parameters.get("cfg_scale") is not None else {}),
+        **({"Shift": parameters["shift"]} if parameters.get("shift") is not None else {}),
         "Seed": ", ".join(str(s) for s in parameters["seeds"]),
         "Size": "x".join(str(v) for v in parameters["size"]),
         "Model": parameters["checkpoint"],

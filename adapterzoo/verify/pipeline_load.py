@@ -27,6 +27,7 @@ from adapterzoo.formats.model.targets import TEXT_ENCODERS, TRANSFORMER, UNET, A
 from adapterzoo.verify.pipeline_parts import load_parts, parts_family
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ENCODERS = (*TEXT_ENCODERS, "text_encoder_3")  # a pipeline's third text encoder (a T5) takes LoRAs too
 
 
 @dataclass
@@ -39,7 +40,7 @@ class LoadedPipeline:
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
-        names = (TRANSFORMER, *TEXT_ENCODERS) if hasattr(self.pipe, TRANSFORMER) else (UNET, *TEXT_ENCODERS)
+        names = (TRANSFORMER, *ENCODERS) if hasattr(self.pipe, TRANSFORMER) else (UNET, *ENCODERS)
         return {name: getattr(self.pipe, name) for name in names if getattr(self.pipe, name, None) is not None}
 
 
@@ -112,7 +113,7 @@ def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype,
     check_tokenizers_fit(pipe, checkpoint)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    for name in ("unet", "transformer", "vae", *TEXT_ENCODERS):
+    for name in ("unet", "transformer", "vae", *ENCODERS):
         model = getattr(pipe, name, None)
         if model is not None:
             model.eval().requires_grad_(False)
@@ -124,7 +125,7 @@ def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype,
 def check_tokenizers_fit(pipe: DiffusionPipeline, checkpoint: Path) -> None:
     """A tokenizer with more tokens than its text encoder has rows ends in an IndexError deep in the first
     prompt's encoding: say which parts do not fit, before any work."""
-    for encoder_name in TEXT_ENCODERS:
+    for encoder_name in ENCODERS:
         encoder = getattr(pipe, encoder_name, None)
         tokenizer = getattr(pipe, encoder_name.replace("text_encoder", "tokenizer"), None)
         if encoder is None or tokenizer is None:

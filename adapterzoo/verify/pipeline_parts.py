@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from adapterzoo.errors import AdapterzooError, BadFileError
@@ -24,19 +24,19 @@ BASE_SEQ, MAX_SEQ, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15  # FluxPipeline'
 
 class FlowSteps:
     """A flow-matching scheduler behind the calls our loop makes of an SD one (`init_noise_sigma`,
-    `scale_model_input`); its dynamic shift is fitted to the latents' token count (`fit_to`)."""
+    `scale_model_input`); its dynamic shift is fitted to the latents' token count (`fit_to`); its steps are the
+    family pipeline's sigmas (`Sampling.flow_sigmas`), else the scheduler's own spacing."""
 
     init_noise_sigma = 1.0
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, sigmas: Callable[[int], Any] | None = None) -> None:
         self.inner = inner
+        self.sigmas = sigmas
         self.tokens = BASE_SEQ
 
-    @classmethod
-    def from_config(cls, config: Any) -> FlowSteps:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return cls(FlowMatchEulerDiscreteScheduler.from_config(config))
+    def fresh(self) -> FlowSteps:
+        """A new one without per-run state (step index), the same rules."""
+        return FlowSteps(type(self.inner).from_config(self.inner.config), self.sigmas)
 
     @property
     def config(self) -> Any:
@@ -56,8 +56,10 @@ class FlowSteps:
             base, top = config.get("base_image_seq_len", BASE_SEQ), config.get("max_image_seq_len", MAX_SEQ)
             low, high = config.get("base_shift", BASE_SHIFT), config.get("max_shift", MAX_SHIFT)
             mu = low + (high - low) * (self.tokens - base) / (top - base)
-        sigmas = np.linspace(1.0, 1 / steps, steps)
-        self.inner.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        if self.sigmas is None:
+            self.inner.set_timesteps(steps, device=device, mu=mu)
+        else:
+            self.inner.set_timesteps(sigmas=self.sigmas(steps), device=device, mu=mu)
 
     def scale_model_input(self, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return latents
@@ -139,5 +141,5 @@ def load_parts(family: Family, checkpoint: Path, pipeline: Path | None, dtype: t
         raise AdapterzooError(f"{checkpoint.name}: no {', '.join(missing)} for a {family.title} pipeline; give a "
                               "diffusers folder holding them with --pipeline DIR")
     if not hasattr(found["scheduler"], "scale_model_input"):
-        found["scheduler"] = FlowSteps(found["scheduler"])
+        found["scheduler"] = FlowSteps(found["scheduler"], spec.flow_sigmas)
     return spec.assemble(found)

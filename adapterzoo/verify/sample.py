@@ -125,8 +125,11 @@ def _parameters_text(options: SampleOptions, checkpoint: Path, size: tuple[int, 
     composition = options.composition
     model_sha = digest_of(sha256(checkpoint))
     lora_shas = [digest_of(sha256(path)) for path, _ in options.loras]
+    facts = denoise.sampler_facts(loaded.pipe)
     fields = {
-        "Steps": options.steps, "Sampler": type(loaded.pipe.scheduler).__name__, "CFG scale": denoise.GUIDANCE_SCALE,
+        "Steps": options.steps, "Sampler": facts["sampler"],
+        **({"CFG scale": facts["cfg_scale"]} if facts["cfg_scale"] is not None else {}),
+        **({"Shift": facts["shift"]} if facts["shift"] is not None else {}),
         "Seed": options.seed, "Size": f"{size[0]}x{size[1]}",
         "Model": checkpoint.name, "Model hash": autov2(model_sha), "Model SHA256": model_sha,
         "Lora hashes": resource_hashes([(path.name, sha) for (path, _), sha in zip(options.loras, lora_shas)]),

@@ -133,7 +133,11 @@ class Verifier:
         """(latents, image) of the checkpoint alone."""
         key = (prompt, seed, torch.get_num_threads())
         if key not in self._renders:
-            found = self.cache.get(lambda: self._cache_key("render", prompt, seed, steps=self.options.steps),
+            def cache_key() -> dict[str, Any]:  # the schedule too: a family's step spacing is in no config
+                timesteps = denoise.schedule(self.loaded.pipe, self.options.steps, self.size)
+                return self._cache_key("render", prompt, seed, steps=self.options.steps, timesteps=timesteps)
+
+            found = self.cache.get(cache_key,
                                    lambda: dict(zip(("latents", "image"), self._render(self.loaded, prompt, seed, {}))))
             self._renders[key] = (found["latents"].to(self.device), found["image"])
         return self._renders[key]
@@ -162,7 +166,7 @@ class Verifier:
             "checkpoint": self.checkpoint.name, "checkpoint_sha256": self.checkpoint_sha256,
             "prompts": prompts, "negative_prompt": denoise.NEGATIVE_PROMPT, "seeds": list(self.options.seeds),
             "multipliers": multipliers, "steps": self.options.steps,
-            "sampler": type(self.loaded.pipe.scheduler).__name__, "cfg_scale": denoise.GUIDANCE_SCALE,
+            **denoise.sampler_facts(self.loaded.pipe),
             "size": list(self.size), "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
             "vae_dtype": str(self.loaded.pipe.vae.dtype).removeprefix("torch."),
             "fixed_timestep": FIXED_TIMESTEP, "quick": self.options.quick,

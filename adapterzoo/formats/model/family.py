@@ -83,6 +83,9 @@ class Sampling:
     optional: dict[str, tuple[str, str]] = field(default_factory=dict)  # parts loaded when present (SD3's T5)
     transformer_from_file: Callable[[Path, torch.dtype], Any] | None = None  # a single file's DiT, in memory
     assemble: Callable[[dict[str, Any]], Any] | None = None  # the parts -> what verify's loop renders with
+    # the sigmas the family's pipeline hands a flow-matching scheduler for N steps (FluxPipeline: linspace(1, 1/N));
+    # None: the scheduler spaces its own timesteps (StableDiffusion3Pipeline)
+    flow_sigmas: Callable[[int], Any] | None = None
 
 
 @dataclass(frozen=True)

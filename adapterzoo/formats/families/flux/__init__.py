@@ -123,5 +123,6 @@ FAMILY = Family(
                "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")},
         transformer_from_file=lazy(f"{__name__}.sampling", "transformer_from_file"),
         assemble=lazy(f"{__name__}.sampling", "assemble"),
+        flow_sigmas=lazy(f"{__name__}.sampling", "flow_sigmas"),
     ),
 )

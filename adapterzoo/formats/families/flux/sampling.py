@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 
 from adapterzoo.formats.families.flux.checkpoint import bfl_to_diffusers_plan
@@ -21,6 +22,11 @@ from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 DEV_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, fed to dev's guidance embedding
 NATIVE_SIDE = 1024
 T5_TOKENS = 512  # FluxPipeline's max_sequence_length for dev
+
+
+def flow_sigmas(steps: int) -> np.ndarray:
+    """FluxPipeline's sigmas for `steps` steps, before the scheduler's (dynamic) shift."""
+    return np.linspace(1.0, 1 / steps, steps)
 
 
 def transformer_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:

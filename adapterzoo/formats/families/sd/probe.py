@@ -52,12 +52,14 @@ SDXL_FAMILIES = (
 _FAMILY_FIELDS = ("modelspec.architecture", "modelspec.title", "ss_base_model_version", "ss_sd_model_name")
 _LOOSE_PONY = re.compile(r"pony", re.IGNORECASE)
 DIT_PREFIXES = ("transformer.", "lora_transformer_", "diffusion_model.")  # a DiT's modules, never a UNet's
+# an MMDiT's text stream (joint attention's added projections, its own feed-forward and norm): no UNet has them
+_MMDIT_PARTS = re.compile(r"(?:^|[._])(?:add_[qkv]_proj|to_add_out|ff_context|norm1_context)(?:$|[._])")
 
 
 def lora_base(modules: dict[str, dict[str, str]], table: TensorTable) -> str | None:
     """The cross-attention context width of the UNet modules, else the text encoders' widths, else depth. A file
     naming a DiT's transformer (another family's, at a size no family recognised) is none of these."""
-    if any(module.startswith(DIT_PREFIXES) for module in modules):
+    if any(module.startswith(DIT_PREFIXES) or _MMDIT_PARTS.search(module) for module in modules):
         return None
     names = " ".join(modules)
     if "lora_te2_" in names or "text_encoder_2." in names:

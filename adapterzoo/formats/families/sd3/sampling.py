@@ -1,7 +1,8 @@
 """SD3/SD3.5 as verify's loop renders it: the MMDiT behind a UNet's call, prompts through CLIP-L, CLIP-G and T5.
 
 The MMDiT takes [B, C, h, w] latents and a timestep on 0..1000 like a UNet, so the wrapper only renames the
-conditioning; guidance is classifier-free with the flow-matching scheduler (diffusers' StableDiffusion3Pipeline).
+conditioning; guidance is classifier-free with the flow-matching scheduler spacing its own timesteps and
+applying its shift, as diffusers' StableDiffusion3Pipeline does (so the family declares no `flow_sigmas`).
 An SAI single file is renamed into the diffusers transformer in memory by diffusers' own converter (it reads
 any width), never written out.
 """

@@ -1,0 +1,245 @@
+"""SD3/SD3.5 in verify and sample (issue 15 §1): a tiny SD3.5-Medium-shaped pipeline built from diffusers classes,
+loaded as a full folder (with or without T5) or as an SAI single file (in memory, no temporary folder) with the
+other parts from --pipeline; every LoRA dialect probe reads for SD3; the render against diffusers'
+StableDiffusion3Pipeline, the run-time LoRA against diffusers' own SD3 LoRA loader."""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import run
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.loaders import SD3LoraLoaderMixin
+from PIL import Image
+from safetensors.torch import save_file
+from sd3_tiny import (CLASSES, CLIP_WIDTHS, PROJECTION, T5_WIDTH, WIDTH, WITHOUT_T5, save_sai_file, save_tiny_sd3,
+                      tiny_sai_tensors)
+
+from adapterzoo.formats.probe import probe
+from adapterzoo.verify import denoise
+from adapterzoo.verify.attach import attach
+from adapterzoo.verify.pipeline_load import load_for_sampling
+
+SIZE = ["--size", "32x32", "--steps", "2"]
+PROMPT = "a photo of a cat"
+# text-encoder modules (diffusers paths) -> (in, out): CLIP-L, CLIP-G and T5 each take a LoRA
+ENCODER_TARGETS = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (CLIP_WIDTHS[0], CLIP_WIDTHS[0]),
+                   "text_encoder_2.text_model.encoder.layers.1.mlp.fc1": (CLIP_WIDTHS[1], 2 * CLIP_WIDTHS[1]),
+                   "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q": (T5_WIDTH, T5_WIDTH)}
+
+
+def cli(args: list[str], capsys, monkeypatch, code: int = 0) -> dict | str:
+    """The --json report (also of a failed verdict, exit 1), or the one-line error when there is none."""
+    got, out, err = run(args, capsys, monkeypatch)
+    assert got == code, err
+    return json.loads(out) if out.strip() else err
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory) -> dict[str, Path]:
+    """The tiny pipeline as a folder with T5, one without, the SAI single file of its transformer, and a folder
+    of every other part (for the single file's --pipeline)."""
+    root = tmp_path_factory.mktemp("sd3")
+    sai = tiny_sai_tensors()
+    return {"pipe": save_tiny_sd3(root / "pipe", sai), "no_t5": save_tiny_sd3(root / "no_t5", sai, WITHOUT_T5),
+            "parts": save_tiny_sd3(root / "parts", sai, tuple(n for n in CLASSES if n != "transformer")),
+            "sai": save_sai_file(root / "sd35-tiny.safetensors", sai), "root": root}
+
+
+def transformer_linears(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every Linear of the tiny transformer's joint blocks -> (in, out)."""
+    model = SD3Transformer2DModel.from_pretrained(folder / "transformer")
+    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.startswith("transformer_blocks.")}
+
+
+def diffusers_lora(path: Path, targets: dict[str, tuple[int, int]], zero_up: bool = False, seed: int = 0) -> Path:
+    """What diffusers' SD3 trainer saves: `transformer.`/`text_encoder*.` paths, lora_A/lora_B, no alpha."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for module, (i, o) in targets.items():
+        sd[f"{module}.lora_A.weight"] = torch.randn(4, i, generator=gen) * 0.3
+        sd[f"{module}.lora_B.weight"] = torch.zeros(o, 4) if zero_up else torch.randn(o, 4, generator=gen) * 0.3
+    save_file(sd, str(path))
+    return path
+
+
+def lycoris(path: Path, algo: str) -> Path:
+    """LoKr or LoHa on SAI's fused qkv of block 0 (48 × 16) and one MLP Linear, in kohya's names; unit-scale
+    factors, so two Linears move the prediction past the verdict's floor."""
+    gen = torch.Generator().manual_seed(7)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen)
+
+    if algo == "lokr":
+        sd = {"lora_unet_joint_blocks_0_x_block_attn_qkv.lokr_w1": r(4, 2),
+              "lora_unet_joint_blocks_0_x_block_attn_qkv.lokr_w2": r(12, 8),
+              "lora_unet_joint_blocks_1_context_block_mlp_fc1.lokr_w1": r(4, 4),
+              "lora_unet_joint_blocks_1_context_block_mlp_fc1.lokr_w2": r(4 * WIDTH // 4, WIDTH // 4)}
+    else:
+        sd = {}
+        for stem, (o, i) in (("lora_unet_joint_blocks_0_x_block_attn_qkv", (3 * WIDTH, WIDTH)),
+                             ("lora_unet_joint_blocks_2_x_block_mlp_fc2", (WIDTH, 4 * WIDTH))):
+            sd |= {f"{stem}.hada_w1_a": r(o, 2), f"{stem}.hada_w1_b": r(2, i), f"{stem}.hada_w2_a": r(o, 2),
+                   f"{stem}.hada_w2_b": r(2, i), f"{stem}.alpha": torch.tensor(2.0)}
+    save_file(sd, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dialects(sd3, tmp_path_factory) -> dict[str, Path]:
+    """One file in each dialect probe reads for SD3: diffusers (transformer and all three text encoders) and, by
+    our converter, kohya (lora_unet/lora_te1..3), ComfyUI (diffusion_model.joint_blocks) and PEFT; LoKr, LoHa."""
+    from adapterzoo.formats.convert import convert
+
+    root = tmp_path_factory.mktemp("loras")
+    targets = {f"transformer.{m}": shape for m, shape in transformer_linears(sd3["pipe"]).items()}
+    files = {"diffusers": diffusers_lora(root / "diffusers.safetensors", targets | ENCODER_TARGETS)}
+    transformer_only = diffusers_lora(root / "transformer_only.safetensors", targets)
+    files["kohya"] = root / "kohya.safetensors"
+    convert(files["diffusers"], files["kohya"], "kohya", checkpoint=sd3["pipe"])
+    for to, name in (("comfy", "comfy.safetensors"), ("peft", "peft")):  # neither writes text encoders for SD3
+        convert(transformer_only, root / name, to, checkpoint=sd3["pipe"])
+        files[to] = root / name
+    files["lokr"] = lycoris(root / "lokr.safetensors", "lokr")
+    files["loha"] = lycoris(root / "loha.safetensors", "loha")
+    return files
+
+
+def test_every_dialect_passes_on_the_full_pipeline_and_zero_is_the_bare_model(sd3, dialects, capsys, monkeypatch):
+    formats = {"diffusers": "diffusers", "kohya": "kohya", "comfy": "comfy", "peft": "peft", "lokr": "lycoris",
+               "loha": "lycoris"}
+    for dialect, path in dialects.items():
+        found = probe(path)
+        assert found.format == formats[dialect]
+        # the tiny width says no base: the diffusers file has no metadata, PEFT's comes from our converter's
+        assert found.base == ("unknown" if dialect == "diffusers" else "sd35"), dialect
+        result = cli(["verify", str(path), "--checkpoint", str(sd3["pipe"]), *SIZE, "--json"], capsys, monkeypatch)
+        assert (result["verdict"], result["reasons"]) == ("pass", []), dialect
+        coverage = result["coverage"]
+        assert coverage["keys_matched"] == coverage["keys_total"], dialect
+        assert coverage["modules_hit"] == coverage["modules_total"] > 0, dialect
+        zero, *rest = result["effects"]
+        assert zero["mean_abs_pixel_change"] == 0 and zero["noise_pred_rel_change"] == 0, dialect  # bit-identical
+        assert all(e["noise_pred_rel_change"] > 1e-3 and e["mean_abs_pixel_change"] > 0 for e in rest), dialect
+    parameters = result["parameters"]
+    assert (parameters["sampler"], parameters["cfg_scale"], parameters["shift"]) == (
+        "FlowMatchEulerDiscreteScheduler", 7.0, 3.0)
+
+
+def test_a_zero_up_lora_fails_no_effect(sd3, tmp_path, capsys, monkeypatch):
+    path = diffusers_lora(tmp_path / "zero.safetensors",
+                          {f"transformer.{m}": s for m, s in transformer_linears(sd3["pipe"]).items()}, zero_up=True)
+    result = cli(["verify", str(path), "--checkpoint", str(sd3["pipe"]), *SIZE, "--json"], capsys, monkeypatch,
+                 code=1)
+    assert (result["verdict"], result["reasons"]) == ("fail", ["no effect: every lora_up is zero"])
+
+
+@pytest.mark.parametrize("folder", ["pipe", "no_t5"])
+def test_the_loop_renders_what_stable_diffusion_3_pipeline_renders(sd3, folder):
+    """Prompt encoding (CLIP-L and CLIP-G penultimate states padded to T5's width, T5's states or zeros without
+    it, both pooled projections), CFG and the flow-matching steps with the scheduler's shift: the latents of
+    StableDiffusion3Pipeline from the same noise."""
+    loaded = load_for_sampling(sd3[folder], "cpu", "fp32")
+    pipe = loaded.pipe
+    noise = denoise.seeded_noise(pipe, (32, 32), 0)
+    predict = denoise.guided(pipe.unet, denoise.encode_prompt(pipe, PROMPT), denoise.encode_prompt(pipe, ""))
+    ours = denoise.denoise(pipe, noise, 2, predict)
+    without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if folder == "no_t5" else {}
+    reference = StableDiffusion3Pipeline.from_pretrained(sd3[folder], local_files_only=True, **without_t5)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(PROMPT, negative_prompt="", num_inference_steps=2, guidance_scale=denoise.GUIDANCE_SCALE,
+                       height=32, width=32, latents=noise.clone(), output_type="latent").images
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
+def _prediction(loaded, transformer=None) -> torch.Tensor:
+    """The denoiser at a fixed latent, timestep and text condition (optionally with another transformer)."""
+    unet = loaded.pipe.unet
+    own = unet.transformer
+    unet.transformer = transformer if transformer is not None else own
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 8, 8, generator=gen)
+    pooled = torch.randn(1, 2 * PROJECTION, generator=gen)
+    cond = denoise.Conditioning(torch.randn(1, 9, T5_WIDTH, generator=gen), {"pooled": pooled})
+    try:
+        with torch.no_grad():
+            return unet(x, torch.tensor(500.0), cond.states, cond.added)[0]
+    finally:
+        unet.transformer = own
+
+
+@pytest.mark.parametrize("dialect", ["diffusers", "kohya", "comfy", "peft"])
+def test_run_time_equals_diffusers_load_lora_into_transformer(sd3, dialects, dialect):
+    """diffusers reads no kohya or ComfyUI SD3 names, so the reference for every dialect is diffusers loading the
+    diffusers file the others were converted from (q, k, v fused into SAI's qkv and split back)."""
+    loaded = load_for_sampling(sd3["pipe"], "cpu", "fp32")
+    bare = _prediction(loaded)
+    reference = copy.deepcopy(loaded.pipe.transformer)
+    state_dict = SD3LoraLoaderMixin.lora_state_dict(str(dialects["diffusers"]))
+    SD3LoraLoaderMixin.load_lora_into_transformer(state_dict, transformer=reference)
+    expected = _prediction(loaded, reference)
+    attached = attach(dialects[dialect], probe(dialects[dialect]), loaded)
+    handle = attached.hook()
+    try:
+        got = _prediction(loaded)
+        handle.multiplier = 0.0
+        assert torch.equal(_prediction(loaded), bare)
+    finally:
+        attached.remove()
+    assert (expected - bare).abs().max() > 1e-3
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_an_sai_file_loads_in_memory_with_the_pipelines_parts(sd3, dialects, tmp_path, capsys, monkeypatch):
+    watched = tmp_path / "tmp"
+    watched.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(watched))
+    assert tempfile.gettempdir() == str(watched)
+    lora = str(dialects["kohya"])
+    message = cli(["verify", lora, "--checkpoint", str(sd3["sai"]), *SIZE, "--json"], capsys, monkeypatch,
+                  code=1)["error"]
+    assert "\n" not in message and "no vae, text_encoder" in message and "--pipeline" in message
+    grid = tmp_path / "grid.png"
+    from_file = cli(["verify", lora, "--checkpoint", str(sd3["sai"]), "--pipeline", str(sd3["parts"]), *SIZE,
+                     "-o", str(grid), "--json"], capsys, monkeypatch)
+    from_folder = cli(["verify", lora, "--checkpoint", str(sd3["pipe"]), *SIZE, "--json"], capsys, monkeypatch)
+    assert from_file["verdict"] == "pass" and from_file["base"] == "sd35"
+    for a, b in zip(from_file["effects"], from_folder["effects"], strict=True):
+        assert a["noise_pred_rel_change"] == pytest.approx(b["noise_pred_rel_change"], rel=1e-4)
+        assert a["mean_abs_pixel_change"] == pytest.approx(b["mean_abs_pixel_change"], rel=1e-4, abs=1e-3)
+    assert list(watched.iterdir()) == []
+    text = Image.open(grid).text["parameters"]
+    assert "Sampler: FlowMatchEulerDiscreteScheduler, CFG scale: 7.0, Shift: 3.0," in text
+
+
+def test_quick_verify_passes_without_rendering(sd3, dialects, capsys, monkeypatch):
+    result = cli(["verify", str(dialects["comfy"]), "--checkpoint", str(sd3["sai"]), "--pipeline", str(sd3["parts"]),
+                  *SIZE, "--quick", "--json"], capsys, monkeypatch)
+    assert result["verdict"] == "pass" and result["quick"] and result["grid"] is None
+    assert [e["mean_abs_pixel_change"] for e in result["effects"]] == [None, None, None]
+    assert result["effects"][0]["noise_pred_rel_change"] == 0 and result["effects"][2]["noise_pred_rel_change"] > 1e-3
+
+
+def test_sample_renders_an_sai_file_with_two_loras(sd3, dialects, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out.png"
+    report = cli(["sample", "--checkpoint", str(sd3["sai"]), "--pipeline", str(sd3["parts"]),
+                  "--lora", f"{dialects['kohya']}:0.7", "--lora", str(dialects["lokr"]), "--prompt", "a red fox",
+                  "-o", str(out), *SIZE, "--json"], capsys, monkeypatch)
+    assert out.is_file() and report["base"] == "sd35" and report["warnings"] == []
+    assert all(lora["modules_hit"] == lora["modules"] > 0 for lora in report["loras"])
+    image = Image.open(out)
+    assert image.size == (32, 32)
+    assert "Sampler: FlowMatchEulerDiscreteScheduler, CFG scale: 7.0, Shift: 3.0," in image.text["parameters"]
+
+
+def test_a_transformer_folder_takes_the_rest_from_pipeline(sd3, dialects, capsys, monkeypatch):
+    result = cli(["verify", str(dialects["peft"]), "--checkpoint", str(sd3["pipe"] / "transformer"),
+                  "--pipeline", str(sd3["parts"]), *SIZE, "--quick", "--json"], capsys, monkeypatch)
+    assert (result["verdict"], result["base"]) == ("pass", "sd35")
