@@ -17,6 +17,8 @@ import torch
 from deltas import kohya_deltas
 from diffusers import WanPipeline, WanTransformer3DModel
 from layout_checks import (
+    applied,
+    assert_best_rank,
     assert_close_deltas,
     assert_same_deltas,
     cli,
@@ -24,6 +26,7 @@ from layout_checks import (
     layout_deltas,
     loaded_deltas,
     random_factors,
+    rank_one_tensors,
     refused,
     rows,
     write_layout_lora,
@@ -174,6 +177,9 @@ def test_every_output_loads_in_diffusers_with_the_same_delta(tmp_path, model, fo
     prefix = {"diffusers": "transformer.blocks.", "kohya": "lora_unet_blocks_", "comfy": "diffusion_model.blocks."}[to]
     assert all(k.startswith(prefix) for k in written)
     assert_close_deltas(loaded_deltas(model, WanPipeline.lora_state_dict(str(dest)), load_into), expected)
+    if to == "diffusers":  # the model's own loader reads the file as written
+        adapter = loaded_deltas(model, load_file(dest), lambda sd, m: m.load_lora_adapter(sd, prefix="transformer"))
+        assert_close_deltas(adapter, expected)
     if to == "kohya":  # musubi's own names and alphas back
         assert sorted(written) == sorted(load_file(musubi))
     if to == "comfy":
@@ -210,23 +216,16 @@ def test_a_real_size_lora_converts_against_the_builtin_table(tmp_path, capsys, m
     """No --checkpoint: a 14B I2V musubi LoRA (rank 1, one block) -> comfy -> kohya means what diffusers' own
     converter makes of the source; ΔW·x compared (ΔW itself would take gigabytes)."""
     gen = torch.Generator().manual_seed(7)
-    sd = {k: torch.tensor(4.0) if k.endswith(".alpha") else torch.randn(
-        shape[:1] + (1,) if "up" in k else (1,) + shape[1:], generator=gen)
-        for k, (_, shape) in real_musubi_specs(5120, 13824, 1, image=True, rank=1).items()}
-    save_file(sd, str(tmp_path / "musubi.safetensors"))
+    save_file(rank_one_tensors(real_musubi_specs(5120, 13824, 1, image=True), gen, 4.0),
+              str(tmp_path / "musubi.safetensors"))
     cli(["convert", str(tmp_path / "musubi.safetensors"), "-o", str(tmp_path / "comfy.safetensors"), "--to", "comfy"],
         capsys, monkeypatch)
     report = cli(["convert", str(tmp_path / "comfy.safetensors"), "-o", str(tmp_path / "out.safetensors"),
                   "--to", "kohya"], capsys, monkeypatch)
     assert (report["base"], report["from"]) == ("wan", "comfy")
     x = {w: torch.randn(w, generator=gen, dtype=torch.float64) for w in (5120, 13824)}
-
-    def applied(state_dict: dict) -> dict:
-        return {k: state_dict[k.replace("lora_A", "lora_B")].double() @ (v.double() @ x[v.shape[1]])
-                for k, v in state_dict.items() if k.endswith("lora_A.weight")}
-
-    got = applied(WanPipeline.lora_state_dict(str(tmp_path / "out.safetensors")))
-    expected = applied(WanPipeline.lora_state_dict(str(tmp_path / "musubi.safetensors")))
+    got = applied(WanPipeline.lora_state_dict(str(tmp_path / "out.safetensors")), x)
+    expected = applied(WanPipeline.lora_state_dict(str(tmp_path / "musubi.safetensors")), x)
     assert sorted(got) == sorted(expected) and len(expected) == 12
     assert all(float((got[k] - v).norm() / v.norm()) < 1e-6 for k, v in expected.items())
 
@@ -337,6 +336,8 @@ def test_other_families_blocks_are_not_wan(tmp_path):
     assert lora("s.safetensors", sd, lambda m: f"unet.{m}") != "wan"
     flux = {f"single_blocks.{n}.linear1": (21504, 3072) for n in range(2)}
     assert lora("f.safetensors", flux, lambda m: f"diffusion_model.{m}") != "wan"
+    cosmos = {f"blocks.{n}.{m}": (2048, 2048) for n in range(2) for m in ("self_attn.q_proj", "cross_attn.k_proj")}
+    assert lora("c.safetensors", cosmos, lambda m: f"diffusion_model.{m}") != "wan"  # Cosmos Predict2's names
 
 
 def test_the_table_written_out_is_diffusers_own(model):
@@ -349,7 +350,7 @@ def test_the_table_written_out_is_diffusers_own(model):
     assert module_table(dict(model.config)).modules == table_of(model).modules
 
 
-def test_a_2_2_pipeline_folder_names_both_experts(tmp_path, folder):
+def test_a_2_2_pipeline_folder_names_both_experts_and_merges_into_one(tmp_path, folder, musubi, capsys, monkeypatch):
     import shutil
 
     for part in ("transformer", "transformer_2"):
@@ -359,6 +360,11 @@ def test_a_2_2_pipeline_folder_names_both_experts(tmp_path, folder):
     found = probe(tmp_path)
     assert (found.kind, found.base, found.details["version"]) == ("checkpoint", "wan", "2.2")
     assert found.details["experts"] == ["high-noise", "low-noise"]
+    err = refused(["merge", str(tmp_path), "--lora", str(musubi), "-o", str(tmp_path / "m")], capsys, monkeypatch)
+    assert "two experts" in err and "transformer_2" in err and not (tmp_path / "m").exists()
+    report = cli(["merge", str(tmp_path / "transformer_2"), "--lora", str(musubi), "-o", str(tmp_path / "low")],
+                 capsys, monkeypatch)
+    assert report["base"] == "wan" and (tmp_path / "low").is_dir()
 
 
 # -- checkpoints, merge, extract, resize ----------------------------------------------------------------------
@@ -454,21 +460,13 @@ def test_extract_and_resize(tmp_path, model, arch, factors, musubi, capsys, monk
     assert_same_deltas(load_lora(tmp_path / "x.safetensors", architecture=arch),
                        layout_deltas(factors, mapping(factors)), rtol=1e-5)
     cli(["resize", str(musubi), "-o", str(tmp_path / "r.safetensors"), "--rank", "2"], capsys, monkeypatch)
-    before, after = kohya_deltas(load_file(musubi)), kohya_deltas(load_file(tmp_path / "r.safetensors"))
-    assert sorted(after) == sorted(before)
-    for name, delta in before.items():
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        best = u[:, :2] * s[:2] @ vh[:2]
-        assert float((after[name] - best).norm() / best.norm()) < 1e-5, name
+    assert_best_rank(kohya_deltas(load_file(musubi)), kohya_deltas(load_file(tmp_path / "r.safetensors")), 2)
 
 
 def test_a_lora_of_another_size_is_refused_in_one_line(tmp_path, folder, capsys, monkeypatch):
     """A real-size 1.3B LoRA onto the tiny transformer: refused by shape, nothing written."""
     gen = torch.Generator().manual_seed(8)
-    sd = {k: torch.tensor(1.0) if k.endswith(".alpha") else torch.randn(
-        shape[:1] + (1,) if "up" in k else (1,) + shape[1:], generator=gen)
-        for k, (_, shape) in real_musubi_specs(1536, 8960, 1, rank=1).items()}
-    save_file(sd, str(tmp_path / "big.safetensors"))
+    save_file(rank_one_tensors(real_musubi_specs(1536, 8960, 1), gen, 1.0), str(tmp_path / "big.safetensors"))
     err = refused(["merge", str(folder), "--lora", str(tmp_path / "big.safetensors"), "-o", str(tmp_path / "m")],
                   capsys, monkeypatch)
     assert "1536" in err and not (tmp_path / "m").exists()

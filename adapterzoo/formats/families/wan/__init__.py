@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.wan import probe
 from adapterzoo.formats.families.wan.modules import BASE
-from adapterzoo.formats.io.tensor_table import TensorTable
 from adapterzoo.formats.lora.comfy_keys import comfy_dialect
-from adapterzoo.formats.model.family import Checkpoints, Family, lazy
+from adapterzoo.formats.model.family import Family, layout_checkpoints
 
 CHECKPOINT = "adapterzoo.formats.families.wan.checkpoint"  # its layout (`LAYOUT`) converts and locates
 
@@ -72,9 +71,6 @@ def _comfy(lora: LoraFile) -> dict[str, torch.Tensor]:
     return folded_tensors(_named(lora, "comfy"), COMFY_PREFIX, "comfy")
 
 
-def _file_base(table: TensorTable) -> str | None:
-    return BASE if probe.checkpoint_prefix(table) is not None else None
-
 
 FAMILY = Family(
     name="wan",
@@ -92,14 +88,7 @@ FAMILY = Family(
     architecture_from_tables=_architecture_from_tables,
     lora_writers={"kohya": _kohya, "comfy": _comfy},
     modelspec_architecture=lambda architecture, metadata: "Wan",
-    checkpoints=Checkpoints(
-        file_base=_file_base,
-        owns_folder=lazy(CHECKPOINT, "LAYOUT.owns_folder"),
-        folder_base=lambda folder: BASE,
-        to_single_file=lazy(CHECKPOINT, "LAYOUT.folder_to_file"),
-        to_folder=lazy(CHECKPOINT, "LAYOUT.file_to_folder"),
-        targets=lazy(CHECKPOINT, "LAYOUT.targets"),
-    ),
+    checkpoints=layout_checkpoints(BASE, probe.checkpoint_prefix, CHECKPOINT, "targets"),
     civitai_base_models={BASE: ("Wan Video", "Wan Video 14B t2v", "Wan Video 14B i2v 480p", "Wan Video 14B i2v 720p",
                                 "Wan Video 1.3B t2v", "Wan Video 2.2 TI2V-5B", "Wan Video 2.2 T2V-A14B",
                                 "Wan Video 2.2 I2V-A14B")},

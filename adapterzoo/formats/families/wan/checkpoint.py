@@ -7,6 +7,8 @@ diffusers tensor renamed (`modules.RENAMES`); reference: diffusers' `convert_wan
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapterzoo.errors import BadFileError
 from adapterzoo.formats.checkpoint.layout_checkpoint import LayoutTensor, SingleFileLayout, renamed
@@ -23,6 +25,10 @@ from adapterzoo.formats.families.wan.modules import (
 )
 from adapterzoo.formats.families.wan.probe import WAN_MARKER, checkpoint_prefix
 from adapterzoo.formats.model.layouts import block_count
+
+if TYPE_CHECKING:
+    from adapterzoo.formats.io.tensor_source import TensorSource
+    from adapterzoo.formats.model.weight_locations import CheckpointTargets
 
 TITLE = "Wan"
 E = "condition_embedder."
@@ -74,3 +80,13 @@ def _warnings(config: dict) -> list[str]:
 LAYOUT = SingleFileLayout(BASE, TITLE, WAN_CLASS, WAN_MARKER, checkpoint_prefix, config_from_shapes, wan_tensors,
                           lambda architecture: original_modules(architecture.targets),
                           lambda config: architecture_from_table(module_table(config)), warnings=_warnings)
+
+
+def targets(path: Path, source: TensorSource | None) -> CheckpointTargets | None:
+    """`LAYOUT.targets`, refusing a Wan 2.2 A14B pipeline folder: it holds two experts (`transformer` the high-noise
+    one, `transformer_2` the low-noise one) and a LoRA is trained for one of them."""
+    if source is None and (path / "transformer_2" / "config.json").is_file() and LAYOUT.owns_folder(path):
+        raise BadFileError(f"{path.name} is a Wan 2.2 pipeline with two experts (transformer: high-noise, "
+                           "transformer_2: low-noise); name the expert's folder, e.g. "
+                           f"{path.name}/transformer or {path.name}/transformer_2")
+    return LAYOUT.targets(path, source)

@@ -24,7 +24,7 @@ PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
 WAN_MARKER = "blocks.0.cross_attn.q.weight"  # bare key of every transformer in Wan's own names
 DIFFUSERS_MARKER = "blocks.0.attn2.to_q.weight"
 TASKS = {16: "t2v", 36: "i2v", 48: "ti2v"}  # patch embedding's input channels -> task
-_WAN = r"blocks[._]\d+[._](?:(?:self|cross)_attn[._](?:[qkvo]|[kv]_img)(?=[._]|$)|ffn[._][02](?=[._]|$))"
+_WAN = r"blocks[._]\d+[._](?:(?:self|cross)_attn[._](?:[qkvo]|[kv]_img)|ffn[._][02])(?=\.|$)"  # not Cosmos's q_proj
 _DIFFUSERS = r"blocks[._]\d+[._](?:attn[12][._](?:to_[qkv]|to_out|add_[kv]_proj)|ffn[._]net[._])"
 OWN = re.compile(rf"^(?:{_WAN}|{_DIFFUSERS}|img_emb[._]proj|condition_embedder[._]image_embedder)")
 _IMAGE = re.compile(r"[kv]_img|add_[kv]_proj|img_emb|image_embedder")
@@ -34,7 +34,8 @@ SAME_EXPERTS = "Wan 2.2's high-noise and low-noise experts have the same tensor 
 SAME_14B = "Wan 2.1's T2V 14B and 2.2's T2V A14B have the same tensor names and shapes"
 
 
-_INPUT_WIDE = re.compile(r"(?:(?:self|cross)_attn[._][qkvo]|attn[12][._]to_(?:[qkv]|out)|ffn[._]0|ffn[._]net[._]0)(?:[._]|$)")
+_INPUT_WIDE = re.compile(r"(?:(?:self|cross)_attn[._][qkvo]|ffn[._]0)(?:\.|$)|attn[12][._]to_(?:[qkv](?:\.|$)|out)"
+                         r"|ffn[._]net[._]0[._]proj")
 _OUTPUT_WIDE = re.compile(r"ffn[._](?:net[._])?2$")
 
 
