@@ -145,3 +145,19 @@ def assert_best_rank(before: dict[str, torch.Tensor], after: dict[str, torch.Ten
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         best = u[:, :rank] * s[:rank] @ vh[:rank]
         assert float((after[name] - best).norm() / best.norm()) < 1e-5, name
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The same names, and every tensor equal to the bit."""
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected), [k for k in expected if not torch.equal(got[k],
+                                                                                                         expected[k])]
+
+
+def assert_same_model(rebuilt: torch.nn.Module, model: torch.nn.Module) -> None:
+    """A model read back from a written folder: its config as saved (lists, not tuples) and every tensor."""
+    def config(m) -> dict:
+        return json.loads(json.dumps({k: v for k, v in m.config.items() if not k.startswith("_")}))
+
+    assert config(rebuilt) == config(model)
+    assert_same_tensors(rebuilt.state_dict(), model.state_dict())

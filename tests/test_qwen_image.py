@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 
-import json
-
 import factory
 import pytest
 import torch
@@ -19,6 +17,8 @@ from layout_checks import (
     applied,
     assert_best_rank,
     assert_close_deltas,
+    assert_same_model,
+    assert_same_tensors,
     assert_same_deltas,
     cli,
     converted_deltas,
@@ -266,16 +266,9 @@ def test_comfy_file_to_folder_and_back(tmp_path, model, capsys, monkeypatch):
     report = cli(["convert", str(tmp_path / "q.safetensors"), "-o", str(tmp_path / "folder"), "--to", "diffusers"],
                  capsys, monkeypatch)
     assert (report["base"], report["dropped"]) == ("qwen_image", 0)
-    rebuilt = QwenImageTransformer2DModel.from_pretrained(tmp_path / "folder")
-    def config(m) -> dict:  # as saved: lists, not tuples
-        return json.loads(json.dumps({k: v for k, v in m.config.items() if not k.startswith("_")}))
-
-    assert config(rebuilt) == config(model)
-    loaded = rebuilt.state_dict()
-    assert sorted(loaded) == sorted(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    assert_same_model(QwenImageTransformer2DModel.from_pretrained(tmp_path / "folder"), model)
     cli(["convert", str(tmp_path / "folder"), "-o", str(tmp_path / "back.safetensors"), "--to", "ldm"], capsys, monkeypatch)
-    back = load_file(tmp_path / "back.safetensors")
-    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert_same_tensors(load_file(tmp_path / "back.safetensors"), sd)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -20,6 +20,8 @@ from layout_checks import (
     applied,
     assert_best_rank,
     assert_close_deltas,
+    assert_same_model,
+    assert_same_tensors,
     assert_same_deltas,
     cli,
     converted_deltas,
@@ -360,6 +362,7 @@ def test_a_2_2_pipeline_folder_names_both_experts_and_merges_into_one(tmp_path, 
     found = probe(tmp_path)
     assert (found.kind, found.base, found.details["version"]) == ("checkpoint", "wan", "2.2")
     assert found.details["experts"] == ["high-noise", "low-noise"]
+    assert probe(folder).details["variant"] == "2.1-i2v"  # a transformer folder: 36 channels, 2.1's image encoder
     err = refused(["merge", str(tmp_path), "--lora", str(musubi), "-o", str(tmp_path / "m")], capsys, monkeypatch)
     assert "two experts" in err and "transformer_2" in err and not (tmp_path / "m").exists()
     report = cli(["merge", str(tmp_path / "transformer_2"), "--lora", str(musubi), "-o", str(tmp_path / "low")],
@@ -408,22 +411,14 @@ def wan_names(sd: dict) -> dict[str, str]:
 
 
 def test_comfy_file_to_folder_and_back(tmp_path, model, capsys, monkeypatch):
-    sd, wan = model.state_dict(), wan_state_dict(model)
+    wan = wan_state_dict(model)
     save_file({LDM + k: v for k, v in wan.items()}, str(tmp_path / "w.safetensors"))
     report = cli(["convert", str(tmp_path / "w.safetensors"), "-o", str(tmp_path / "folder"), "--to", "diffusers"],
                  capsys, monkeypatch)
     assert (report["base"], report["dropped"]) == ("wan", 0)
-    rebuilt = WanTransformer3DModel.from_pretrained(tmp_path / "folder")
-
-    def config(m) -> dict:  # as saved: lists, not tuples
-        return json.loads(json.dumps({k: v for k, v in m.config.items() if not k.startswith("_")}))
-
-    assert config(rebuilt) == config(model)
-    loaded = rebuilt.state_dict()
-    assert sorted(loaded) == sorted(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    assert_same_model(WanTransformer3DModel.from_pretrained(tmp_path / "folder"), model)
     cli(["convert", str(tmp_path / "folder"), "-o", str(tmp_path / "back.safetensors"), "--to", "ldm"], capsys, monkeypatch)
-    back = load_file(tmp_path / "back.safetensors")
-    assert sorted(back) == sorted(wan) and all(torch.equal(back[k], wan[k]) for k in wan)
+    assert_same_tensors(load_file(tmp_path / "back.safetensors"), wan)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
