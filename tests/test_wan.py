@@ -325,6 +325,15 @@ def test_real_loras_by_names_shapes_and_metadata(tmp_path):
     assert (found.base, found.format, found.details["variant"]) == ("wan", "peft", "2.1-i2v-14b")
 
 
+def test_a_civitai_label_of_another_size_is_a_warning():
+    from adapterzoo.zoo.stated import disagreements
+
+    assert disagreements("wan", "Wan Video 1.3B t2v", "wan", {"size": "14b"}) == [
+        "the source says Wan Video 1.3B t2v (size 1.3b) but the file is size 14b"]
+    assert disagreements("wan", "Wan Video 2.2 TI2V-5B", "wan", {"size": "5b"}) == []
+    assert disagreements("wan", "Wan Video", "wan", {"size": "5b"}) == []
+
+
 def test_other_families_blocks_are_not_wan(tmp_path):
     """SD's `transformer_blocks.N.attn1` and Flux's `single_blocks` are not Wan's top-level `blocks`."""
     def lora(name: str, modules: dict, spell) -> str:

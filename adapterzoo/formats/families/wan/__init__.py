@@ -92,5 +92,9 @@ FAMILY = Family(
     civitai_base_models={BASE: ("Wan Video", "Wan Video 14B t2v", "Wan Video 14B i2v 480p", "Wan Video 14B i2v 720p",
                                 "Wan Video 1.3B t2v", "Wan Video 2.2 TI2V-5B", "Wan Video 2.2 T2V-A14B",
                                 "Wan Video 2.2 I2V-A14B")},
+    civitai_details={"Wan Video 14B t2v": {"size": "14b"}, "Wan Video 14B i2v 480p": {"size": "14b"},
+                     "Wan Video 14B i2v 720p": {"size": "14b"}, "Wan Video 1.3B t2v": {"size": "1.3b"},
+                     "Wan Video 2.2 TI2V-5B": {"size": "5b"}, "Wan Video 2.2 T2V-A14B": {"size": "14b"},
+                     "Wan Video 2.2 I2V-A14B": {"size": "14b"}},  # a label the file's width contradicts is a warning
     hub_hints=(("wan2.1", BASE), ("wan2.2", BASE), ("wan2_1", BASE), ("wan2_2", BASE)),
 )
