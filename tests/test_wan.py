@@ -153,6 +153,36 @@ def test_top_level_modules_read_as_diffusers_reads_them(tmp_path, model, arch):
     assert probe(path).details["coverage"]["other_modules"] == len(TOP)
 
 
+def test_a_lora_of_the_conv3d_patch_embedding(tmp_path, model, arch, folder, capsys, monkeypatch):
+    """Wan's patch embedding is a Conv3d (kernel 1x2x2): its LoRA (down [r, in, 1, 2, 2], up [out, r, 1, 1, 1]) reads,
+    converts to a diffusers file PEFT's Conv3d layer loads with the same ΔW, and merges into the single file."""
+    gen = torch.Generator().manual_seed(9)
+    down, up = torch.randn(2, IN, 1, 2, 2, generator=gen) * 0.1, torch.randn(D, 2, 1, 1, 1, generator=gen) * 0.1
+    q_down, q_up = torch.randn(2, D, generator=gen) * 0.1, torch.randn(D, 2, generator=gen) * 0.1
+    save_file({"diffusion_model.patch_embedding.lora_down.weight": down,
+               "diffusion_model.patch_embedding.lora_up.weight": up, "diffusion_model.patch_embedding.alpha":
+               torch.tensor(1.0), "diffusion_model.blocks.0.self_attn.q.lora_down.weight": q_down,
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": q_up}, str(tmp_path / "c.safetensors"))
+    expected = {"transformer.patch_embedding": 0.5 * (up.double().flatten(1) @ down.double().flatten(1)).reshape(
+        D, IN, 1, 2, 2), "transformer.blocks.0.attn1.to_q": q_up.double() @ q_down.double()}
+    assert_same_deltas(load_lora(tmp_path / "c.safetensors", architecture=arch), expected)
+    for to in ("diffusers", "kohya", "comfy"):
+        dest = tmp_path / f"{to}.safetensors"
+        cli(["convert", str(tmp_path / "c.safetensors"), "-o", str(dest), "--to", to, "--checkpoint", str(folder)],
+            capsys, monkeypatch)
+        assert_same_deltas(load_lora(dest, architecture=arch), expected)
+    written = load_file(tmp_path / "diffusers.safetensors")
+    assert written["transformer.patch_embedding.lora_B.weight"].shape == (D, 2, 1, 1, 1)
+    assert_close_deltas(loaded_deltas(model, written, load_into), expected)
+    base = tmp_path / "w.safetensors"
+    save_file(wan_state_dict(model), str(base))
+    cli(["merge", str(base), "--lora", str(tmp_path / "c.safetensors"), "-o", str(tmp_path / "m.safetensors")],
+        capsys, monkeypatch)
+    merged = load_file(tmp_path / "m.safetensors")["patch_embedding.weight"].double()
+    weight = model.patch_embedding.weight.detach().double()
+    assert torch.allclose(merged, weight + expected["transformer.patch_embedding"], atol=1e-6, rtol=0)
+
+
 def test_lokr_of_lycoris_reads(tmp_path, arch):
     gen = torch.Generator().manual_seed(5)
     w1, w2 = torch.randn(4, 2, generator=gen), torch.randn(D // 4, FFN // 2, generator=gen)
@@ -319,6 +349,12 @@ def test_real_loras_by_names_shapes_and_metadata(tmp_path):
     assert cross.details["variant"] == "2.2-5b" and cross.details["coverage"]["cross_attention"]
     low = probed("e.safetensors", real_musubi_specs(5120, 13824), {"ss_output_name": "myface_wan22_low_noise"})
     assert low.details["variant"] == "2.2-14b-low-noise" and any("cannot confirm" in w for w in low.warnings)
+    patched = {**real_musubi_specs(5120, 13824, 1), "lora_unet_patch_embedding.lora_down.weight": ("BF16", (4, 16, 1, 2, 2)),
+               "lora_unet_patch_embedding.lora_up.weight": ("BF16", (5120, 4, 1, 1, 1)),
+               "lora_unet_patch_embedding.alpha": ("F32", ())}
+    t2v = probed("g.safetensors", patched)  # a T2V's patch embedding (16 channels): read against 2.1 T2V's table
+    assert t2v.details["variant"] == "t2v-14b"
+    assert load_lora(tmp_path / "g.safetensors").modules["transformer.patch_embedding"].delta().shape[1] == 16
     peft = {f"base_model.model.blocks.{n}.attn2.{m}.lora_{p}.weight": ("BF16", (4, 5120) if p == "A" else (5120, 4))
             for n in range(2) for m in ("to_q", "add_k_proj") for p in "AB"}
     found = probed("f.safetensors", peft)

@@ -97,10 +97,14 @@ def coverage(names: list[str]) -> dict:
 
 
 def lora_facts(modules: dict[str, dict[str, str]], table: TensorTable) -> dict:
+    """size from the width; i2v from 2.1's image attention, else the task a patch-embedding module's input says."""
     width = _width(modules, table)
     image = any(_IMAGE.search(bare(n)) for n in modules)
     size = SIZES.get(width) if width is not None else None
-    facts: dict = {"size": size, "task": "i2v" if image else None}
+    patch = next((dims for name, parts in modules.items()
+                  if bare(name) == "patch_embedding" and (dims := module_dims(parts, table))), None)
+    task = "i2v" if image else TASKS.get(patch[1]) if patch is not None else None
+    facts: dict = {"size": size, "task": task}
     if image or size == "1.3b":
         facts["version"] = "2.1"  # 2.2 has no image encoder and no 1.3B
     elif size == "5b":
