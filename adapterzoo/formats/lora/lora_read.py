@@ -466,7 +466,7 @@ def _lora(parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[torch
     down, up, mid = parts["down"], parts["up"], parts.get("mid")
     rank = down.shape[0]
     kernel = tuple((mid if mid is not None else down).shape[2:]) or (1, 1)
-    ones = (1,) * (len(shape) - 2)  # a conv's 1x1 (Conv2d) or 1x1x1 (Conv3d: Wan's patch embedding) up
+    ones = (1,) * (len(shape) - 2)  # a conv's 1x1 (Conv2d) or 1x1x1 (Conv3d: a video DiT's patch embedding) up
     if len(shape) not in (2, 4, 5) or down.dim() < 2 or up.dim() < 2:
         return None
     if tuple(up.shape[:2]) != (shape[0], rank) or tuple(up.shape[2:]) not in ((), (1, 1), ones) \
