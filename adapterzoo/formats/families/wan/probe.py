@@ -32,8 +32,6 @@ _EXPERT = re.compile(r"(high|low)[-_ ]?noise", re.IGNORECASE)
 _VERSION = re.compile(r"wan[-_ ]?(?:video[-_ ]?)?2[._ ]?([12])(?!\d)", re.IGNORECASE)
 SAME_EXPERTS = "Wan 2.2's high-noise and low-noise experts have the same tensor names and shapes"
 SAME_14B = "Wan 2.1's T2V 14B and 2.2's T2V A14B have the same tensor names and shapes"
-
-
 _INPUT_WIDE = re.compile(r"(?:(?:self|cross)_attn[._][qkvo]|ffn[._]0)(?:\.|$)|attn[12][._]to_(?:[qkv](?:\.|$)|out)"
                          r"|ffn[._]net[._]0[._]proj")
 _OUTPUT_WIDE = re.compile(r"ffn[._](?:net[._])?2$")
