@@ -122,3 +122,42 @@ def refused(args: list[str], capsys, monkeypatch) -> str:
     code, _, err = run(args, capsys, monkeypatch)
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     return err.strip()
+
+
+def rank_one_tensors(specs: dict, gen: torch.Generator, alpha: float) -> dict[str, torch.Tensor]:
+    """A real-size kohya/musubi LoRA's tensors from its (dtype, shape) specs, at rank 1 (random factors, `alpha`
+    each): real widths without gigabytes."""
+    return {k: torch.tensor(alpha) if k.endswith(".alpha") else torch.randn(
+        shape[:1] + (1,) if "up" in k else (1,) + shape[1:], generator=gen) for k, (_, shape) in specs.items()}
+
+
+def applied(state_dict: dict[str, torch.Tensor], x: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ΔW·x of every module of a diffusers state dict, x[in width] a random vector: ΔW itself of a real-size
+    model would take gigabytes."""
+    return {k: state_dict[k.replace("lora_A", "lora_B")].double() @ (v.double() @ x[v.shape[1]])
+            for k, v in state_dict.items() if k.endswith("lora_A.weight")}
+
+
+def assert_best_rank(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], rank: int) -> None:
+    """Every ΔW of `after` is the best rank-`rank` fit (Eckart–Young) of the same module's in `before`."""
+    assert sorted(after) == sorted(before)
+    for name, delta in before.items():
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        best = u[:, :rank] * s[:rank] @ vh[:rank]
+        assert float((after[name] - best).norm() / best.norm()) < 1e-5, name
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """The same names, and every tensor equal to the bit."""
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected), [k for k in expected if not torch.equal(got[k],
+                                                                                                         expected[k])]
+
+
+def assert_same_model(rebuilt: torch.nn.Module, model: torch.nn.Module) -> None:
+    """A model read back from a written folder: its config as saved (lists, not tuples) and every tensor."""
+    def config(m) -> dict:
+        return json.loads(json.dumps({k: v for k, v in m.config.items() if not k.startswith("_")}))
+
+    assert config(rebuilt) == config(model)
+    assert_same_tensors(rebuilt.state_dict(), model.state_dict())

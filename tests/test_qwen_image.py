@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import copy
 
-import json
-
 import factory
 import pytest
 import torch
 from deltas import kohya_deltas
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from layout_checks import (
+    applied,
+    assert_best_rank,
     assert_close_deltas,
+    assert_same_model,
+    assert_same_tensors,
     assert_same_deltas,
     cli,
     converted_deltas,
     layout_deltas,
     loaded_deltas,
     random_factors,
+    rank_one_tensors,
     refused,
     rows,
     write_layout_lora,
@@ -158,23 +161,16 @@ def test_a_real_size_musubi_lora_converts_against_the_builtin_table(tmp_path, ca
     """No --checkpoint: a musubi LoRA at Qwen-Image's real shapes (rank 1, one block's modulation and attention: the
     ΔWs compared are 3072 wide) -> comfy -> kohya means what diffusers' own converter makes of the source."""
     gen = torch.Generator().manual_seed(7)
-    sd = {k: torch.tensor(4.0) if k.endswith(".alpha") else torch.randn(
-        shape[:1] + (1,) if "up" in k else (1,) + shape[1:], generator=gen)
-        for k, (_, shape) in real_lora_specs(1, ("attn_to_q", "txt_mod_1")).items()}
-    save_file(sd, str(tmp_path / "musubi.safetensors"))
+    save_file(rank_one_tensors(real_lora_specs(1, ("attn_to_q", "txt_mod_1")), gen, 4.0),
+              str(tmp_path / "musubi.safetensors"))
     cli(["convert", str(tmp_path / "musubi.safetensors"), "-o", str(tmp_path / "comfy.safetensors"), "--to", "comfy"],
         capsys, monkeypatch)
     report = cli(["convert", str(tmp_path / "comfy.safetensors"), "-o", str(tmp_path / "out.safetensors"),
                   "--to", "kohya"], capsys, monkeypatch)
     assert (report["base"], report["from"]) == ("qwen_image", "comfy")
     x = {w: torch.randn(w, generator=gen, dtype=torch.float64) for w in (3072, 12288)}
-
-    def applied(state_dict: dict) -> dict:  # ΔW x for a random x: ΔW itself would take gigabytes
-        return {k: state_dict[k.replace("lora_A", "lora_B")].double() @ (v.double() @ x[v.shape[1]])
-                for k, v in state_dict.items() if k.endswith("lora_A.weight")}
-
-    got = applied(QwenImagePipeline.lora_state_dict(str(tmp_path / "out.safetensors")))
-    expected = applied(QwenImagePipeline.lora_state_dict(str(tmp_path / "musubi.safetensors")))
+    got = applied(QwenImagePipeline.lora_state_dict(str(tmp_path / "out.safetensors")), x)
+    expected = applied(QwenImagePipeline.lora_state_dict(str(tmp_path / "musubi.safetensors")), x)
     assert sorted(got) == sorted(expected) and len(expected) == 2
     assert all(float((got[k] - v).norm() / v.norm()) < 1e-6 for k, v in expected.items())
 
@@ -270,16 +266,9 @@ def test_comfy_file_to_folder_and_back(tmp_path, model, capsys, monkeypatch):
     report = cli(["convert", str(tmp_path / "q.safetensors"), "-o", str(tmp_path / "folder"), "--to", "diffusers"],
                  capsys, monkeypatch)
     assert (report["base"], report["dropped"]) == ("qwen_image", 0)
-    rebuilt = QwenImageTransformer2DModel.from_pretrained(tmp_path / "folder")
-    def config(m) -> dict:  # as saved: lists, not tuples
-        return json.loads(json.dumps({k: v for k, v in m.config.items() if not k.startswith("_")}))
-
-    assert config(rebuilt) == config(model)
-    loaded = rebuilt.state_dict()
-    assert sorted(loaded) == sorted(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    assert_same_model(QwenImageTransformer2DModel.from_pretrained(tmp_path / "folder"), model)
     cli(["convert", str(tmp_path / "folder"), "-o", str(tmp_path / "back.safetensors"), "--to", "ldm"], capsys, monkeypatch)
-    back = load_file(tmp_path / "back.safetensors")
-    assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert_same_tensors(load_file(tmp_path / "back.safetensors"), sd)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -315,21 +304,13 @@ def test_extract_and_resize(tmp_path, model, arch, factors, musubi, capsys, monk
     assert_same_deltas(load_lora(tmp_path / "x.safetensors", architecture=arch), layout_deltas(factors, MAPPING),
                        rtol=1e-5)
     cli(["resize", str(musubi), "-o", str(tmp_path / "r.safetensors"), "--rank", "2"], capsys, monkeypatch)
-    before, after = kohya_deltas(load_file(musubi)), kohya_deltas(load_file(tmp_path / "r.safetensors"))
-    assert sorted(after) == sorted(before)
-    for name, delta in before.items():
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        best = u[:, :2] * s[:2] @ vh[:2]
-        assert float((after[name] - best).norm() / best.norm()) < 1e-5, name
+    assert_best_rank(kohya_deltas(load_file(musubi)), kohya_deltas(load_file(tmp_path / "r.safetensors")), 2)
 
 
 def test_a_lora_of_another_size_is_refused_in_one_line(tmp_path, folder, capsys, monkeypatch):
     """A real-size Qwen-Image LoRA onto the tiny transformer: refused by shape, nothing written."""
     gen = torch.Generator().manual_seed(8)
-    sd = {k: torch.tensor(1.0) if k.endswith(".alpha") else torch.randn(
-        shape[:1] + (1,) if "up" in k else (1,) + shape[1:], generator=gen)
-        for k, (_, shape) in real_lora_specs(2, ("attn_to_q",)).items()}
-    save_file(sd, str(tmp_path / "big.safetensors"))
+    save_file(rank_one_tensors(real_lora_specs(2, ("attn_to_q",)), gen, 1.0), str(tmp_path / "big.safetensors"))
     err = refused(["merge", str(folder), "--lora", str(tmp_path / "big.safetensors"), "-o", str(tmp_path / "m")],
                   capsys, monkeypatch)
     assert "3072" in err and not (tmp_path / "m").exists()

@@ -466,18 +466,20 @@ def _lora(parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[torch
     down, up, mid = parts["down"], parts["up"], parts.get("mid")
     rank = down.shape[0]
     kernel = tuple((mid if mid is not None else down).shape[2:]) or (1, 1)
-    if len(shape) not in (2, 4) or down.dim() < 2 or up.dim() < 2:
+    ones = (1,) * (len(shape) - 2)  # a conv's 1x1 (Conv2d) or 1x1x1 (Conv3d: a video DiT's patch embedding) up
+    if len(shape) not in (2, 4, 5) or down.dim() < 2 or up.dim() < 2:
         return None
-    if tuple(up.shape[:2]) != (shape[0], rank) or tuple(up.shape[2:]) not in ((), (1, 1)) or down.shape[1] != shape[1]:
+    if tuple(up.shape[:2]) != (shape[0], rank) or tuple(up.shape[2:]) not in ((), (1, 1), ones) \
+            or down.shape[1] != shape[1]:
         return None
     if len(shape) == 2:
         fits = kernel == (1, 1) and mid is None
         return (down.reshape(rank, shape[1]), up.reshape(shape[0], rank), None) if fits else None
-    if kernel != shape[2:]:
+    if kernel != shape[2:] or (mid is not None and len(shape) != 4):
         return None
     if mid is not None:
         return down.reshape(rank, shape[1], 1, 1), up.reshape(shape[0], rank, 1, 1), mid
-    return down.reshape(rank, *shape[1:]), up.reshape(shape[0], rank, 1, 1), None
+    return down.reshape(rank, *shape[1:]), up.reshape(shape[0], rank, *ones), None
 
 
 def _fits_loha(parts: dict[str, torch.Tensor], shape: tuple[int, ...]) -> bool:

@@ -69,6 +69,21 @@ class Checkpoints:
     targets: Callable[[Path, TensorSource | None], CheckpointTargets | None] | None = None
 
 
+def layout_checkpoints(base: str, prefix: Callable[[TensorTable], str | None], module: str,
+                       targets: str = "LAYOUT.targets") -> Checkpoints:
+    """The checkpoints of a transformer family whose single files and folders one `SingleFileLayout` converts and
+    locates (`module`'s `LAYOUT`, imported at first use): a file is the family's where `prefix` finds its
+    transformer; `targets` may name a function of `module` in the layout's stead."""
+    return Checkpoints(
+        file_base=lambda table: base if prefix(table) is not None else None,
+        owns_folder=lazy(module, "LAYOUT.owns_folder"),
+        folder_base=lambda folder: base,
+        to_single_file=lazy(module, "LAYOUT.folder_to_file"),
+        to_folder=lazy(module, "LAYOUT.file_to_folder"),
+        targets=lazy(module, targets),
+    )
+
+
 @dataclass(frozen=True)
 class Sampling:
     """What verify and sample need to render the family's bases (pipeline classes, scheduler and guidance

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.chroma import probe
 from adapterzoo.formats.families.chroma.modules import BASE
-from adapterzoo.formats.io.tensor_table import TensorTable
-from adapterzoo.formats.model.family import Checkpoints, Family, lazy
+from adapterzoo.formats.model.family import Family, layout_checkpoints, lazy
 
 FLUX_WRITE = "adapterzoo.formats.families.flux.lora_write"
 CHECKPOINT = "adapterzoo.formats.families.chroma.checkpoint"  # its layout (`LAYOUT`) converts and locates
@@ -38,9 +37,6 @@ def _architecture_from_tables(base: str, tables: dict[str, ModuleTable]) -> Arch
     return architecture_from_table(tables[TRANSFORMER])
 
 
-def _file_base(table: TensorTable) -> str | None:
-    return BASE if probe.checkpoint_prefix(table) is not None else None
-
 
 FAMILY = Family(
     name="chroma",
@@ -58,14 +54,7 @@ FAMILY = Family(
     lora_writers={"kohya": lazy(FLUX_WRITE, "kohya_tensors"), "bfl": lazy(FLUX_WRITE, "bfl_tensors"),
                   "comfy": lazy(FLUX_WRITE, "bfl_tensors")},  # Flux.1's BFL writers: same names, own layout
     modelspec_architecture=lambda architecture, metadata: BASE,
-    checkpoints=Checkpoints(
-        file_base=_file_base,
-        owns_folder=lazy(CHECKPOINT, "LAYOUT.owns_folder"),
-        folder_base=lambda folder: BASE,
-        to_single_file=lazy(CHECKPOINT, "LAYOUT.folder_to_file"),
-        to_folder=lazy(CHECKPOINT, "LAYOUT.file_to_folder"),
-        targets=lazy(CHECKPOINT, "LAYOUT.targets"),
-    ),
+    checkpoints=layout_checkpoints(BASE, probe.checkpoint_prefix, CHECKPOINT),
     civitai_base_models={BASE: ("Chroma",)},
     hub_hints=(("chroma", BASE),),
 )

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.flux2 import probe
 from adapterzoo.formats.families.flux2.modules import BASE, DEV
-from adapterzoo.formats.io.tensor_table import TensorTable
-from adapterzoo.formats.model.family import Checkpoints, Family, lazy
+from adapterzoo.formats.model.family import Family, layout_checkpoints, lazy
 
 FLUX_WRITE = "adapterzoo.formats.families.flux.lora_write"
 CHECKPOINT = "adapterzoo.formats.families.flux2.checkpoint"  # its layout (`LAYOUT`) converts and locates
@@ -43,9 +42,6 @@ def _modelspec_architecture(architecture: Architecture, metadata: dict[str, str]
     return MODELSPEC[architecture.variant or DEV]
 
 
-def _file_base(table: TensorTable) -> str | None:
-    return BASE if probe.checkpoint_prefix(table) is not None else None
-
 
 FAMILY = Family(
     name="flux2",
@@ -65,14 +61,7 @@ FAMILY = Family(
     lora_writers={"kohya": lazy(FLUX_WRITE, "kohya_tensors"), "bfl": lazy(FLUX_WRITE, "bfl_tensors"),
                   "comfy": lazy(FLUX_WRITE, "bfl_tensors")},  # Flux.1's BFL writers: same names, own layout
     modelspec_architecture=_modelspec_architecture,
-    checkpoints=Checkpoints(
-        file_base=_file_base,
-        owns_folder=lazy(CHECKPOINT, "LAYOUT.owns_folder"),
-        folder_base=lambda folder: BASE,
-        to_single_file=lazy(CHECKPOINT, "LAYOUT.folder_to_file"),
-        to_folder=lazy(CHECKPOINT, "LAYOUT.file_to_folder"),
-        targets=lazy(CHECKPOINT, "LAYOUT.targets"),
-    ),
+    checkpoints=layout_checkpoints(BASE, probe.checkpoint_prefix, CHECKPOINT),
     civitai_base_models={BASE: ("Flux.2 D", "Flux.2 Klein 9B", "Flux.2 Klein 9B-base", "Flux.2 Klein 4B",
                                 "Flux.2 Klein 4B-base")},
     hub_hints=(("flux.2", BASE), ("flux2", BASE)),

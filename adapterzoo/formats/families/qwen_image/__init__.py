@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.qwen_image import probe
 from adapterzoo.formats.families.qwen_image.modules import BASE
-from adapterzoo.formats.io.tensor_table import TensorTable
 from adapterzoo.formats.lora.comfy_keys import comfy_dialect
-from adapterzoo.formats.model.family import Checkpoints, Family, lazy
+from adapterzoo.formats.model.family import Family, layout_checkpoints
 
 CHECKPOINT = "adapterzoo.formats.families.qwen_image.checkpoint"  # its layout (`LAYOUT`) converts and locates
 
@@ -57,9 +56,6 @@ def _comfy(lora: LoraFile) -> dict[str, torch.Tensor]:
     return folded_tensors(layout_modules(lora, layout, "ComfyUI"), COMFY_PREFIX, "comfy")
 
 
-def _file_base(table: TensorTable) -> str | None:
-    return BASE if probe.checkpoint_prefix(table) is not None else None
-
 
 FAMILY = Family(
     name="qwen_image",
@@ -78,14 +74,7 @@ FAMILY = Family(
     architecture_from_tables=_architecture_from_tables,
     lora_writers={"comfy": _comfy},
     modelspec_architecture=lambda architecture, metadata: "Qwen-Image",
-    checkpoints=Checkpoints(
-        file_base=_file_base,
-        owns_folder=lazy(CHECKPOINT, "LAYOUT.owns_folder"),
-        folder_base=lambda folder: BASE,
-        to_single_file=lazy(CHECKPOINT, "LAYOUT.folder_to_file"),
-        to_folder=lazy(CHECKPOINT, "LAYOUT.file_to_folder"),
-        targets=lazy(CHECKPOINT, "LAYOUT.targets"),
-    ),
+    checkpoints=layout_checkpoints(BASE, probe.checkpoint_prefix, CHECKPOINT),
     civitai_base_models={BASE: ("Qwen",)},
     hub_hints=(("qwen-image", BASE), ("qwen_image", BASE), ("qwenimage", BASE)),
 )

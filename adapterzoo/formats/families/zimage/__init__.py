@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.zimage import probe
 from adapterzoo.formats.families.zimage.modules import BASE
-from adapterzoo.formats.io.tensor_table import TensorTable
-from adapterzoo.formats.model.family import Checkpoints, Family, lazy
+from adapterzoo.formats.model.family import Family, layout_checkpoints
 
 CHECKPOINT = "adapterzoo.formats.families.zimage.checkpoint"  # its layout (`LAYOUT`) converts and locates
 
@@ -65,9 +64,6 @@ def _unrenamed(lora: LoraFile) -> tuple:
     return tuple(layout_module(targets, targets[path].module_path, [path]) for path in lora.modules if path not in placed)
 
 
-def _file_base(table: TensorTable) -> str | None:
-    return BASE if probe.checkpoint_prefix(table) is not None else None
-
 
 FAMILY = Family(
     name="zimage",
@@ -84,14 +80,7 @@ FAMILY = Family(
     architecture_from_tables=_architecture_from_tables,
     lora_writers={"comfy": _comfy},
     modelspec_architecture=lambda architecture, metadata: "Z-Image",
-    checkpoints=Checkpoints(
-        file_base=_file_base,
-        owns_folder=lazy(CHECKPOINT, "LAYOUT.owns_folder"),
-        folder_base=lambda folder: BASE,
-        to_single_file=lazy(CHECKPOINT, "LAYOUT.folder_to_file"),
-        to_folder=lazy(CHECKPOINT, "LAYOUT.file_to_folder"),
-        targets=lazy(CHECKPOINT, "LAYOUT.targets"),
-    ),
+    checkpoints=layout_checkpoints(BASE, probe.checkpoint_prefix, CHECKPOINT),
     civitai_base_models={BASE: ("ZImageTurbo", "ZImageBase")},
     hub_hints=(("z-image", BASE), ("z_image", BASE)),
 )
