@@ -94,11 +94,17 @@ def with_size(pipe, cond: Conditioning, size: tuple[int, int]) -> Conditioning:
     return Conditioning(cond.states, {**cond.added, "time_ids": ids})
 
 
+def size_step(pipe) -> tuple[int, int]:
+    """(VAE factor, latent patch): an image side must be a multiple of their product; a denoiser that packs
+    p×p latent patches into tokens declares `patch = p`."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1), getattr(pipe.unet, "patch", 1)
+
+
 def latent_shape(pipe, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor, patch = size_step(pipe)
     width, height = size
-    if width % factor or height % factor:
-        raise ValueError(f"the size must be a multiple of {factor}")
+    if width % (factor * patch) or height % (factor * patch):
+        raise ValueError(f"the size must be a multiple of {factor * patch}")
     return 1, pipe.unet.config.in_channels, height // factor, width // factor
 
 
@@ -116,10 +122,16 @@ def unet_prediction(unet, latents: torch.Tensor, t: torch.Tensor, cond: Conditio
     return unet(x, t, encoder_hidden_states=cond.states, **kwargs, return_dict=False)[0]
 
 
+def uses_cfg(unet) -> bool:
+    """Whether the denoiser is guided by a CFG pair; a model whose guidance is distilled into it (or that has
+    none) declares `cfg = False`."""
+    return getattr(unet, "cfg", True)
+
+
 def guided(unet, positive: Conditioning, negative: Conditioning, scale: float = GUIDANCE_SCALE) -> NoisePrediction:
     """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅); a model whose
     guidance is distilled into it (or that has none) declares `cfg = False` and is called once, positive only."""
-    if not getattr(unet, "cfg", True):
+    if not uses_cfg(unet):
         return lambda step, latents, t: unet_prediction(unet, latents, t, positive)
     pair = negative.batched(positive)
 
