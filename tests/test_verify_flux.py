@@ -181,3 +181,181 @@ def test_schnell_renders_without_guidance(tmp_path, dialects, capsys, monkeypatc
     result = cli(["verify", str(dialects["diffusers"]), "--checkpoint", str(folder), *SIZE, "--json"],
                  capsys, monkeypatch)
     assert result["verdict"] == "pass"
+
+
+# -- parts from lone files (--text-encoders, --vae), guidance, steps, sizes, LyCORIS, --quick ----------------------
+
+
+@pytest.fixture(scope="module")
+def lone(flux) -> dict[str, Path]:
+    """The tiny pipeline's CLIP, T5 and VAE as the single files ComfyUI users keep: clip_l in CLIPTextModel names
+    with `text_model.`, t5xxl in T5EncoderModel's encoder names with the embedding once (`shared.weight`), ae in
+    BFL's original (LDM) VAE names, attention as 1x1 convs; and a folder holding only the two tokenizers."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from adapterzoo.formats.model.vae_names import diffusers_to_ldm_vae, is_attention_weight
+
+    root, pipe = flux["root"], flux["pipe"]
+    clip = CLIPTextModel.from_pretrained(pipe / "text_encoder").state_dict()
+    save_file({f"text_model.{k}": v.contiguous() for k, v in clip.items()}, str(root / "clip_l.safetensors"))
+    t5 = T5EncoderModel.from_pretrained(pipe / "text_encoder_2").state_dict()
+    save_file({k: v.contiguous() for k, v in t5.items() if k != "encoder.embed_tokens.weight"},
+              str(root / "t5xxl_fp16.safetensors"))
+    vae = AutoencoderKL.from_pretrained(pipe / "vae")
+    levels = len(vae.config.block_out_channels)
+    ae = {}
+    for key, tensor in vae.state_dict().items():
+        name = diffusers_to_ldm_vae(key, levels)
+        ae[name] = tensor[:, :, None, None].contiguous() if is_attention_weight(name) else tensor.contiguous()
+    save_file(ae, str(root / "ae.safetensors"))
+    tokenizers = save_tiny_flux(root / "tokenizers", parts=("tokenizer", "tokenizer_2"))
+    return {"clip": root / "clip_l.safetensors", "t5": root / "t5xxl_fp16.safetensors", "ae": root / "ae.safetensors",
+            "tokenizers": tokenizers}
+
+
+def lone_args(lone, *which: str) -> list[str]:
+    return ["--text-encoders", *(str(lone[w]) for w in which if w != "ae"), *(["--vae", str(lone["ae"])]
+                                                                               if "ae" in which else [])]
+
+
+def test_a_bfl_file_with_lone_text_encoders_and_vae_renders_as_the_full_pipeline(flux, dialects, lone, tmp_path,
+                                                                                 capsys, monkeypatch):
+    watched = tmp_path / "tmp"
+    watched.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(watched))
+    lora = str(dialects["kohya"])
+    from_files = cli(["verify", lora, "--checkpoint", str(flux["bfl"]), *lone_args(lone, "clip", "t5", "ae"),
+                      "--pipeline", str(lone["tokenizers"]), *SIZE, "--json"], capsys, monkeypatch)
+    from_folder = cli(["verify", lora, "--checkpoint", str(flux["pipe"]), *SIZE, "--json"], capsys, monkeypatch)
+    assert (from_files["verdict"], from_files["base"]) == ("pass", "flux")
+    for a, b in zip(from_files["effects"], from_folder["effects"], strict=True):
+        assert a["noise_pred_rel_change"] == pytest.approx(b["noise_pred_rel_change"], rel=1e-4, abs=1e-4)
+        assert a["mean_abs_pixel_change"] == pytest.approx(b["mean_abs_pixel_change"], rel=1e-4, abs=1e-4)
+    assert list(watched.iterdir()) == []
+
+
+@pytest.mark.parametrize("which, extra, named", [
+    (("clip", "ae"), True, "no text_encoder_2 (T5EncoderModel) for a Flux pipeline"),
+    (("clip", "t5"), True, "no vae (AutoencoderKL) for a Flux pipeline"),
+    (("clip", "t5", "ae"), False, "a lone text-encoder file carries no tokenizer"),
+])
+def test_a_missing_part_is_one_line_naming_it(flux, dialects, lone, which, extra, named, capsys, monkeypatch):
+    args = ["verify", str(dialects["kohya"]), "--checkpoint", str(flux["bfl"]), *lone_args(lone, *which), *SIZE,
+            "--json"] + (["--pipeline", str(lone["tokenizers"])] if extra else [])
+    message = cli(args, capsys, monkeypatch, code=1)["error"]
+    assert "\n" not in message and named in message, message
+    if not extra:
+        assert "clip_l.safetensors" in message and "--pipeline DIR" in message and "tokenizer/" in message
+
+
+def test_text_encoders_refuse_what_is_not_one_in_one_line(flux, dialects, lone, capsys, monkeypatch):
+    for given, named in ((lone["ae"], "it is a AutoencoderKL vae; give it with --vae"),
+                         (dialects["kohya"], "not a text encoder")):
+        message = cli(["verify", str(dialects["kohya"]), "--checkpoint", str(flux["bfl"]), "--text-encoders",
+                       str(given), *SIZE, "--json"], capsys, monkeypatch, code=1)["error"]
+        assert "\n" not in message and named in message, message
+    message = cli(["verify", str(dialects["kohya"]), "--checkpoint", str(flux["bfl"]), "--text-encoders",
+                   str(lone["clip"]), str(lone["clip"]), *SIZE, "--json"], capsys, monkeypatch, code=1)["error"]
+    assert "already gives text_encoder" in message
+
+
+def kohya_with_clip(path: Path, kohya: Path) -> Path:
+    """The kohya Flux LoRA plus a CLIP-L layer (`lora_te1_`), as sd-scripts writes with --network_train_text_encoder."""
+    gen = torch.Generator().manual_seed(9)
+    sd = load_file(str(kohya))
+    for proj in ("q_proj", "v_proj"):
+        stem = f"lora_te1_text_model_encoder_layers_0_self_attn_{proj}"
+        sd |= {f"{stem}.lora_down.weight": torch.randn(4, 768, generator=gen) * 0.3,
+               f"{stem}.lora_up.weight": torch.randn(768, 4, generator=gen) * 0.3, f"{stem}.alpha": torch.tensor(4.0)}
+    save_file(sd, str(path))
+    return path
+
+
+def test_a_kohya_lora_with_clip_hits_the_lone_clip_of_a_transformer_only_checkpoint(flux, dialects, lone, tmp_path,
+                                                                                    capsys, monkeypatch):
+    lora = kohya_with_clip(tmp_path / "with_clip.safetensors", dialects["kohya"])
+    result = cli(["verify", str(lora), "--checkpoint", str(flux["transformer_only"]),
+                  *lone_args(lone, "clip", "t5", "ae"), "--pipeline", str(lone["tokenizers"]), *SIZE, "--json"],
+                 capsys, monkeypatch)
+    coverage = result["coverage"]
+    assert result["verdict"] == "pass" and coverage["keys_matched"] == coverage["keys_total"]
+    assert coverage["modules_hit"] == coverage["modules_total"]  # the two CLIP modules ran in the lone CLIP
+    clip_only = cli(["verify", str(lora), "--checkpoint", str(flux["pipe"]), *SIZE, "--json"], capsys, monkeypatch)
+    assert coverage["modules_total"] == clip_only["coverage"]["modules_total"]
+    for a, b in zip(result["effects"], clip_only["effects"], strict=True):
+        assert a["noise_pred_rel_change"] == pytest.approx(b["noise_pred_rel_change"], rel=1e-4, abs=1e-4)
+
+
+def test_dev_records_its_distilled_guidance_and_no_cfg(flux, dialects, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    grid = tmp_path / "grid.png"
+    result = cli(["verify", str(dialects["diffusers"]), "--checkpoint", str(flux["pipe"]), *SIZE, "-o", str(grid),
+                  "--json"], capsys, monkeypatch)
+    parameters = result["parameters"]
+    assert parameters["distilled_guidance"] == 3.5 and parameters["steps"] == 2
+    assert "cfg_scale" not in parameters and "negative_prompt" not in parameters
+    text = Image.open(grid).text["parameters"]
+    assert "Distilled guidance: 3.5" in text and "CFG scale" not in text
+    out = tmp_path / "sample.png"
+    report = cli(["sample", "--checkpoint", str(flux["pipe"]), "--lora", str(dialects["diffusers"]), "--prompt",
+                  "a red fox", "-o", str(out), *SIZE, "--json"], capsys, monkeypatch)
+    assert report["distilled_guidance"] == 3.5 and "negative_prompt" not in report
+    text = Image.open(out).text["parameters"]
+    assert "Distilled guidance: 3.5" in text and "CFG scale" not in text and "Negative prompt" not in text
+    message = cli(["sample", "--checkpoint", str(flux["pipe"]), "--lora", str(dialects["diffusers"]), "--prompt",
+                   "a red fox", "--negative-prompt", "blurry", "-o", str(tmp_path / "n.png"), *SIZE, "--json"],
+                  capsys, monkeypatch, code=1)["error"]
+    assert "--negative-prompt" in message and "without classifier-free guidance" in message
+
+
+def test_schnell_takes_4_steps_and_records_no_guidance(tmp_path, dialects, capsys, monkeypatch):
+    folder = save_tiny_flux(tmp_path / "schnell", guidance=False)
+    result = cli(["verify", str(dialects["diffusers"]), "--checkpoint", str(folder), "--size", "32x32", "--json"],
+                 capsys, monkeypatch)
+    parameters = result["parameters"]
+    assert result["verdict"] == "pass" and parameters["steps"] == 4 and parameters["guidance"] == "none"
+    assert "cfg_scale" not in parameters and "distilled_guidance" not in parameters
+    report = cli(["sample", "--checkpoint", str(folder), "--lora", str(dialects["diffusers"]), "--prompt", "a fox",
+                  "-o", str(tmp_path / "s.png"), "--size", "32x32", "--json"], capsys, monkeypatch)
+    assert report["steps"] == 4 and report["guidance"] == "none"
+
+
+def test_a_size_not_a_multiple_of_16_is_refused_saying_why(flux, dialects, tmp_path, capsys, monkeypatch):
+    """The tiny VAE halves once (factor 2, so sizes step by 4); Flux's real VAE (four levels, factor 8) steps by 16."""
+    from types import SimpleNamespace
+
+    from adapterzoo.errors import AdapterzooError
+    from adapterzoo.formats.families.flux.sampling import FluxDenoiser
+    from adapterzoo.verify.verifier import check_size
+
+    for command in (["verify", str(dialects["diffusers"])], ["sample", "--lora", str(dialects["diffusers"]),
+                                                            "--prompt", "a fox", "-o", str(tmp_path / "x.png")]):
+        message = cli([*command, "--checkpoint", str(flux["pipe"]), "--size", "34x32", "--steps", "1", "--json"],
+                      capsys, monkeypatch, code=1)["error"]
+        assert message == ("--size 34x32: the size must be a multiple of 4 for flux: latents are packed in 2x2 "
+                           "patches (VAE factor 2 x 2)")
+    real = SimpleNamespace(pipe=SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(
+        block_out_channels=(128, 256, 512, 512))), unet=FluxDenoiser), base="flux")
+    check_size(real, (1024, 768))
+    with pytest.raises(AdapterzooError, match=r"^--size 1000x1000: the size must be a multiple of 16 for flux: "
+                                              r"latents are packed in 2x2 patches \(VAE factor 8 x 2\)$"):
+        check_size(real, (1000, 1000))
+
+
+def test_a_lone_clip_l_file_of_real_vocabulary_gets_the_clip_tokenizer_adapterzoo_ships():
+    """ComfyUI's clip_l.safetensors carries no tokenizer: CLIP's vocabulary ships with adapterzoo (checked on a
+    meta CLIP-L, no weights); T5's does not, so a lone T5 file needs --pipeline DIR."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from adapterzoo.formats.model.registry import family_of
+    from adapterzoo.verify.part_files import builtin_tokenizer
+
+    family = family_of("flux")
+    with torch.device("meta"):
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, num_hidden_layers=1))
+        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=64, num_layers=1))
+    tokenizer = builtin_tokenizer(family, "text_encoder", clip)
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert builtin_tokenizer(family, "text_encoder_2", t5) is None
