@@ -1,6 +1,8 @@
 """Flux.1 in verify and sample (issue 15 §1): tiny dev/schnell pipelines built from diffusers classes, loaded as
-a full folder, a BFL single file (in memory, no temporary folder) or a transformer-only folder with --pipeline;
-every LoRA dialect probe reads for Flux; run-time result against diffusers' own Flux LoRA loader."""
+a full folder, a BFL single file (in memory, no temporary folder) or a transformer-only folder, the parts it lacks
+from --pipeline or from lone files (--text-encoders, --vae); every LoRA dialect probe reads for Flux, LyCORIS
+LoKr/LoHa included; run-time result against diffusers' own Flux LoRA loader and against ΔW; dev's distilled
+guidance and schnell's 4 steps as recorded; --quick; a Flux checkpoint verified as the file itself."""
 
 from __future__ import annotations
 
@@ -174,13 +176,6 @@ def test_sample_renders_a_bfl_file_with_two_loras(flux, dialects, tmp_path, caps
                   "-o", str(out), *SIZE, "--json"], capsys, monkeypatch)
     assert out.is_file() and report["base"] == "flux" and report["warnings"] == []
     assert all(lora["modules_hit"] == lora["modules"] > 0 for lora in report["loras"])
-
-
-def test_schnell_renders_without_guidance(tmp_path, dialects, capsys, monkeypatch):
-    folder = save_tiny_flux(tmp_path / "schnell", guidance=False)
-    result = cli(["verify", str(dialects["diffusers"]), "--checkpoint", str(folder), *SIZE, "--json"],
-                 capsys, monkeypatch)
-    assert result["verdict"] == "pass"
 
 
 # -- parts from lone files (--text-encoders, --vae), guidance, steps, sizes, LyCORIS, --quick ----------------------
@@ -359,3 +354,82 @@ def test_a_lone_clip_l_file_of_real_vocabulary_gets_the_clip_tokenizer_adapterzo
     tokenizer = builtin_tokenizer(family, "text_encoder", clip)
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert builtin_tokenizer(family, "text_encoder_2", t5) is None
+
+
+def test_quick_judges_coverage_and_effect_without_a_grid(flux, dialects, tmp_path, capsys, monkeypatch):
+    result = cli(["verify", str(dialects["kohya"]), "--checkpoint", str(flux["bfl"]), "--pipeline", str(flux["parts"]),
+                  "--quick", *SIZE, "--json"], capsys, monkeypatch)
+    assert (result["verdict"], result["quick"], result["grid"]) == ("pass", True, None)
+    coverage = result["coverage"]
+    assert coverage["modules_hit"] == coverage["modules_total"] > 0
+    zero, *rest = result["effects"]
+    assert zero["noise_pred_rel_change"] == 0 and all(e["noise_pred_rel_change"] > 1e-3 for e in rest)
+    assert all(e["mean_abs_pixel_change"] is None for e in result["effects"])  # nothing decoded
+    zero_up = diffusers_lora(tmp_path / "zero.safetensors", zero_up=True)
+    failed = cli(["verify", str(zero_up), "--checkpoint", str(flux["pipe"]), "--quick", *SIZE, "--json"], capsys,
+                 monkeypatch, code=1)
+    assert failed["reasons"] == ["no effect: every lora_up is zero"]
+
+
+# BFL module -> diffusers modules and their rows, for the LyCORIS files below
+LYCORIS_TARGETS = {"double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0, INNER),
+                                                    ("transformer_blocks.0.attn.to_k", INNER, 2 * INNER),
+                                                    ("transformer_blocks.0.attn.to_v", 2 * INNER, 3 * INNER)],
+                   "single_blocks.0.linear2": [("single_transformer_blocks.0.proj_out", 0, INNER)]}
+
+
+def lycoris(path: Path, algo: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """LoKr in kohya names (`lora_unet_`, as LyCORIS writes for Flux), LoHa in BFL names (`diffusion_model.`), on
+    the fused qkv and on linear2; returns the file and ΔW per BFL module (float64, alpha/rank applied)."""
+    gen = torch.Generator().manual_seed(11)
+    sd, deltas = {}, {}
+    for name, (out, inp) in (("double_blocks.0.img_attn.qkv", (3 * INNER, INNER)),
+                             ("single_blocks.0.linear2", (INNER, INNER + MLP))):
+        if algo == "lokr":
+            stem = "lora_unet_" + name.replace(".", "_")
+            w1, w2 = torch.randn(4, 4, generator=gen) * 0.3, torch.randn(out // 4, inp // 4, generator=gen) * 0.3
+            sd |= {f"{stem}.lokr_w1": w1, f"{stem}.lokr_w2": w2, f"{stem}.alpha": torch.tensor(1.0)}
+            deltas[name] = torch.kron(w1.double(), w2.double())
+        else:
+            stem = f"diffusion_model.{name}"
+            a = [torch.randn(out, 4, generator=gen) * 0.3 for _ in range(2)]
+            b = [torch.randn(4, inp, generator=gen) * 0.3 for _ in range(2)]
+            sd |= {f"{stem}.hada_w1_a": a[0], f"{stem}.hada_w1_b": b[0], f"{stem}.hada_w2_a": a[1],
+                   f"{stem}.hada_w2_b": b[1], f"{stem}.alpha": torch.tensor(2.0)}
+            deltas[name] = (a[0].double() @ b[0].double()) * (a[1].double() @ b[1].double()) * 2.0 / 4
+    save_file(sd, str(path))
+    return path, deltas
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_lycoris_lokr_and_loha_verify_and_apply_their_delta(flux, tmp_path, algo, capsys, monkeypatch):
+    path, deltas = lycoris(tmp_path / f"{algo}.safetensors", algo)
+    found = probe(path)
+    assert (found.kind, found.base) == ("lycoris", "flux")
+    result = cli(["verify", str(path), "--checkpoint", str(flux["pipe"]), *SIZE, "--json"], capsys, monkeypatch)
+    assert (result["verdict"], result["reasons"]) == ("pass", [])
+    coverage = result["coverage"]
+    assert coverage["keys_matched"] == coverage["keys_total"] and coverage["modules_hit"] == coverage["modules_total"]
+    assert result["effects"][0]["noise_pred_rel_change"] == 0
+    loaded = load_for_sampling(flux["pipe"], "cpu", "fp32")  # the hooks against ΔW added to a copy's weights
+    merged = copy.deepcopy(loaded.pipe.transformer)
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for name, parts in LYCORIS_TARGETS.items():
+            for module, lo, hi in parts:
+                modules[module].weight += deltas[name][lo:hi].float()
+    expected = _prediction(loaded, merged)
+    attached = attach(path, found, loaded)
+    attached.hook()
+    try:
+        got = _prediction(loaded)
+    finally:
+        attached.remove()
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_a_flux_checkpoint_verifies_as_the_file_itself(flux, capsys, monkeypatch):
+    """A BFL file given as FILE renders alone, its missing parts from the same --pipeline as the checkpoint's."""
+    result = cli(["verify", str(flux["bfl"]), "--checkpoint", str(flux["pipe"]), "--pipeline", str(flux["parts"]),
+                  *SIZE, "--json"], capsys, monkeypatch)
+    assert (result["verdict"], result["kind"], result["base"], result["reasons"]) == ("pass", "checkpoint", "flux", [])
