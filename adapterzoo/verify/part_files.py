@@ -200,7 +200,8 @@ def load_given(family: Family, text_encoders: list[Path], vae: Path | None, dtyp
         else:
             part = recognise(open_checkpoint_file(path).shapes)
             if part is None:
-                raise AdapterzooError(f"--text-encoders {path.name}: not a text encoder (no CLIP or T5 tensors)")
+                raise AdapterzooError(f"--text-encoders {path.name}: not a text encoder (no CLIP or T5 tensors); "
+                                      "its list runs to the next option, so FILE... goes before it")
             if part.kind != "text encoder":
                 raise AdapterzooError(f"--text-encoders {path.name}: it is {part.what()}; give it with --vae")
             slot = _slot(family, path, part.model_class, part.width, taken)
