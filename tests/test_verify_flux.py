@@ -433,3 +433,41 @@ def test_a_flux_checkpoint_verifies_as_the_file_itself(flux, capsys, monkeypatch
     result = cli(["verify", str(flux["bfl"]), "--checkpoint", str(flux["pipe"]), "--pipeline", str(flux["parts"]),
                   *SIZE, "--json"], capsys, monkeypatch)
     assert (result["verdict"], result["kind"], result["base"], result["reasons"]) == ("pass", "checkpoint", "flux", [])
+
+
+def test_real_size_lone_files_are_recognised_with_their_configs_from_shapes():
+    """ComfyUI's clip_l and t5xxl_fp16 and BFL's ae at their real shapes (from meta models: no weights): each is
+    recognised as its part, with the config it was made with read back from the shapes alone."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from adapterzoo.formats.checkpoint.part_files import recognise, vae_config
+    from adapterzoo.formats.model.registry import family_of
+    from adapterzoo.formats.model.vae_names import diffusers_to_ldm_vae
+
+    def shapes(model, rename=lambda k: k):
+        return {rename(k): tuple(v.shape) for k, v in model.state_dict().items()}
+
+    clip_config = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    t5_config = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     feed_forward_proj="gated-gelu")
+    vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+               latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.device("meta"):
+        clip = shapes(CLIPTextModel(CLIPTextConfig(**clip_config)), lambda k: f"text_model.{k}")
+        t5 = shapes(T5EncoderModel(T5Config(**t5_config)))
+        ae = shapes(AutoencoderKL(**vae), lambda k: diffusers_to_ldm_vae(k, 4))
+    t5.pop("encoder.embed_tokens.weight")
+    part = recognise(clip)
+    assert (part.model_class, part.width, part.prefix) == ("CLIPTextModel", 768, "text_model.")
+    assert {k: part.config[k] for k in clip_config} == clip_config
+    part = recognise(t5)
+    assert (part.model_class, part.width) == ("T5EncoderModel", 4096)
+    assert {k: part.config[k] for k in t5_config} == t5_config
+    part = recognise(ae)
+    assert (part.kind, part.ldm) == ("vae", True)
+    config = vae_config(part, ae, 1024, family_of("flux").sampling.vae_config)
+    assert {k: config[k] for k in vae} == vae
+    assert (config["scaling_factor"], config["shift_factor"]) == (0.3611, 0.1159)
