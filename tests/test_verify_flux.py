@@ -471,3 +471,15 @@ def test_real_size_lone_files_are_recognised_with_their_configs_from_shapes():
     config = vae_config(part, ae, 1024, family_of("flux").sampling.vae_config)
     assert {k: config[k] for k in vae} == vae
     assert (config["scaling_factor"], config["shift_factor"]) == (0.3611, 0.1159)
+
+
+def test_parts_for_a_whole_pipeline_are_refused_in_one_line(lone, dialects, tmp_path, capsys, monkeypatch):
+    from adapterzoo.tiny_models import save_tiny_pipeline
+
+    sd1 = save_tiny_pipeline("sd1", tmp_path / "sd1")
+    for command in (["verify", str(dialects["diffusers"])],
+                    ["sample", "--lora", str(dialects["diffusers"]), "--prompt", "a fox", "-o", str(tmp_path / "x.png")]):
+        message = cli([*command, "--checkpoint", str(sd1), "--vae", str(lone["ae"]), "--json"], capsys, monkeypatch,
+                      code=1)["error"]
+        assert message == ("--text-encoders and --vae give the parts a transformer-only checkpoint lacks; sd1 holds "
+                           "its own (verify a VAE file as FILE instead)")

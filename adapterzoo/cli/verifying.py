@@ -156,7 +156,10 @@ def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, 
                         as_json, worker, lease)
         return
     from adapterzoo.verify.contact_sheet import write_contact_sheet
+    from adapterzoo.verify.pipeline_load import refuse_parts
     from adapterzoo.verify_library import verify_each
+
+    refuse_parts(Path(checkpoint), options.parts)
 
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)

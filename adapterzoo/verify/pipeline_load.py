@@ -94,13 +94,11 @@ def _rendered(base: str, checkpoint: Path) -> str:
 def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype,
                   given: GivenParts | None = None) -> LoadedPipeline:
     """The pipeline of a single-file checkpoint or a diffusers folder, on `device` in `dtype`; a DiT family's
-    parts the checkpoint lacks come from the files and folders `given`."""
+    parts the checkpoint lacks come from the files and folders `given` (a whole pipeline needs none: `refuse_parts`
+    says so where a user named one checkpoint; `verify --registry` renders other bases beside it)."""
     checkpoint = Path(checkpoint)
     given = given or GivenParts()
     dit = parts_family(checkpoint)
-    if dit is None and (given.text_encoders or given.vae):
-        raise AdapterzooError(f"--text-encoders and --vae give the parts a transformer-only checkpoint lacks; "
-                              f"{checkpoint.name} is a whole pipeline (verify a VAE file as FILE instead)")
     if dit is not None:
         family, base = dit
         base = _rendered(base, checkpoint)
@@ -123,6 +121,13 @@ def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype,
     loaded = LoadedPipeline(pipe, base, None)
     loaded.architecture = architecture_from_models(base, loaded.models)
     return loaded
+
+
+def refuse_parts(checkpoint: Path, given: GivenParts) -> None:
+    """--text-encoders and --vae on a checkpoint that is a whole pipeline: one line, before anything loads."""
+    if (given.text_encoders or given.vae) and parts_family(Path(checkpoint)) is None:
+        raise AdapterzooError(f"--text-encoders and --vae give the parts a transformer-only checkpoint lacks; "
+                              f"{Path(checkpoint).name} holds its own (verify a VAE file as FILE instead)")
 
 
 def check_tokenizers_fit(pipe: DiffusionPipeline, checkpoint: Path) -> None:

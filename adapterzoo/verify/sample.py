@@ -26,7 +26,7 @@ from adapterzoo.verify import denoise, measure
 from adapterzoo.verify.attach import Attached, attach
 from adapterzoo.verify.compose import Composition, composed, set_active, switch_schedule
 from adapterzoo.verify.grid import a1111_text, autov2, guidance_text, resource_hashes, save_png, versions_text
-from adapterzoo.verify.pipeline_load import LoadedPipeline, load_for_sampling, native_size
+from adapterzoo.verify.pipeline_load import LoadedPipeline, load_for_sampling, native_size, refuse_parts
 from adapterzoo.verify.verdict import named
 from adapterzoo.verify.pipeline_parts import GivenParts
 from adapterzoo.verify.verifier import (
@@ -163,6 +163,7 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
     files = [Path(path) for path, _ in options.loras]
     weights = [weight for _, weight in options.loras]
     output = check_output(output, [checkpoint, *files], force, suffix=".png")
+    refuse_parts(checkpoint, options.parts)
     loaded = load_for_sampling(checkpoint, options.device, options.dtype, options.parts)
     device, dtype = loaded.pipe.device, loaded.pipe.unet.dtype
     size = options.size or native_size(loaded)
