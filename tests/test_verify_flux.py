@@ -483,3 +483,38 @@ def test_parts_for_a_whole_pipeline_are_refused_in_one_line(lone, dialects, tmp_
                       code=1)["error"]
         assert message == ("--text-encoders and --vae give the parts a transformer-only checkpoint lacks; sd1 holds "
                            "its own (verify a VAE file as FILE instead)")
+
+
+def test_a_lone_scaled_fp8_t5_is_dequantized_as_comfyui_stores_it(flux, lone, tmp_path):
+    """t5xxl_fp8_e4m3fn_scaled: fp8 weights, a `scale_weight` beside each, a `scaled_fp8` marker; loaded as W × s."""
+    from adapterzoo.formats.model.registry import family_of
+    from adapterzoo.verify.part_files import load_given
+
+    sd, expected = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
+    for key, tensor in load_file(str(lone["t5"])).items():
+        if key.endswith(".weight") and tensor.dim() == 2 and key != "shared.weight":
+            scale = tensor.abs().max() / 448
+            sd[key] = (tensor / scale).to(torch.float8_e4m3fn)
+            sd[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+            expected[key] = sd[key].float() * scale
+        else:
+            sd[key] = expected[key] = tensor
+    save_file(sd, str(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    found, lone_files = load_given(family_of("flux"), [tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"], None,
+                                   torch.float32)
+    assert list(lone_files) == ["text_encoder_2"]
+    state = found["text_encoder_2"].state_dict()
+    assert all(torch.equal(state[key], value) for key, value in expected.items())
+
+
+def test_diffusers_component_folders_give_the_parts_and_their_tokenizers(flux, dialects, capsys, monkeypatch):
+    """text_encoder/ and text_encoder_2/ folders (tokenizers from the tokenizer*/ folders beside them) and vae/:
+    no --pipeline needed; the FILE may come after the list's end (the next option)."""
+    pipe = flux["pipe"]
+    result = cli(["verify", "--checkpoint", str(flux["bfl"]), "--text-encoders", str(pipe / "text_encoder_2"),
+                  str(pipe / "text_encoder"), "--vae", str(pipe / "vae"), str(dialects["kohya"]), *SIZE, "--json"],
+                 capsys, monkeypatch)
+    full = cli(["verify", str(dialects["kohya"]), "--checkpoint", str(pipe), *SIZE, "--json"], capsys, monkeypatch)
+    assert result["verdict"] == "pass"
+    for a, b in zip(result["effects"], full["effects"], strict=True):
+        assert a["noise_pred_rel_change"] == pytest.approx(b["noise_pred_rel_change"], rel=1e-4, abs=1e-4)

@@ -28,6 +28,8 @@ from adapterzoo.formats.model.family import Family
 
 TEXT_ENCODER = "text_encoder"
 IGNORED = ("position_ids", "logit_scale")  # buffers and training leftovers some CLIP files carry
+FP8_MARKER = "scaled_fp8"  # ComfyUI's scaled-fp8 files carry it
+FP8_EXTRAS = ("scale_weight", "scale_input", "input_scale")  # per-tensor scales beside a weight (applied, or unused)
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model")
 
 
@@ -81,12 +83,18 @@ def _slot(family: Family, path: Path, model_class: str, width: int | None, taken
 
 
 def _tensors(path: Path, part: PartFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The part's tensors in `dtype`, prefix stripped; ComfyUI's scaled fp8 (`t5xxl_fp8_e4m3fn_scaled`: a
+    `scale_weight` beside each fp8 weight, a `scaled_fp8` marker) dequantized as weight × scale."""
     source = open_checkpoint_file(path)
     state = {}
     for key in source.shapes:
-        if key.startswith(part.prefix):
-            tensor = source.get(key)
-            state[key[len(part.prefix):]] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        if not key.startswith(part.prefix) or key.endswith(FP8_EXTRAS) or key == FP8_MARKER:
+            continue
+        tensor = source.get(key)
+        scale = key.removesuffix("weight") + "scale_weight"
+        if key.endswith(".weight") and scale in source.shapes:
+            tensor = tensor.float() * source.get(scale).float()
+        state[key[len(part.prefix):]] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return state
 
 
