@@ -1,8 +1,8 @@
 """Diffusers configs of a single-file checkpoint's parts, inferred from tensor shapes alone (no hub).
 
 Everything that shapes the weights is read from them: channels, resnets per level, which levels
-attend, transformer depth, context width, linear vs conv projection, CLIP width/depth/vocabulary
-(the VAE's are in `checkpoint.shape_reading`). What the weights cannot tell (attention heads, group-norm groups,
+attend, transformer depth, context width, linear vs conv projection (the VAE's and CLIP's configs are in
+`checkpoint.shape_reading`, which every family shares). What the weights cannot tell (attention heads, group-norm groups,
 the VAE scaling factor) follows the LDM configs each base ships with (FORMATS.md §2, §5).
 """
 
@@ -11,17 +11,7 @@ from __future__ import annotations
 import re
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.checkpoint.shape_reading import (  # noqa: F401 (clip_config_from_hf: read here by the family)
-    CLIP_TOKEN_IDS,
-    HEAD_WIDTH,
-    NORM_GROUPS,
-    Shapes,
-    clip_config_from_hf,
-    count,
-    heads_for,
-    indices,
-    need,
-)
+from adapterzoo.formats.checkpoint.shape_reading import HEAD_WIDTH, NORM_GROUPS, Shapes, count, heads_for, indices, need
 from adapterzoo.formats.model.unet_names import UnetLayout
 
 SD1_HEADS = 8  # SD1 (num_heads: 8)
