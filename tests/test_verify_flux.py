@@ -518,3 +518,11 @@ def test_diffusers_component_folders_give_the_parts_and_their_tokenizers(flux, d
     assert result["verdict"] == "pass"
     for a, b in zip(result["effects"], full["effects"], strict=True):
         assert a["noise_pred_rel_change"] == pytest.approx(b["noise_pred_rel_change"], rel=1e-4, abs=1e-4)
+
+
+def test_sample_renders_a_bfl_file_with_lone_parts(flux, dialects, lone, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "lone.png"
+    report = cli(["sample", "--checkpoint", str(flux["bfl"]), "--lora", str(dialects["kohya"]), "--prompt", "a fox",
+                  *lone_args(lone, "clip", "t5", "ae"), "--pipeline", str(lone["tokenizers"]), "-o", str(out), *SIZE,
+                  "--json"], capsys, monkeypatch)
+    assert out.is_file() and report["base"] == "flux" and report["loras"][0]["modules_hit"] > 0

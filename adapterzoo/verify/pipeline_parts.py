@@ -163,9 +163,9 @@ def load_parts(family: Family, checkpoint: Path, given: GivenParts, dtype: torch
         if tokenizer not in found and (builtin := builtin_tokenizer(family, slot, found[slot])) is not None:
             found[tokenizer] = builtin
         if tokenizer not in found:
-            raise AdapterzooError(f"{path.name}: a lone text-encoder file carries no tokenizer, and none is built in "
-                                  f"for its {(spec.parts | spec.optional)[tokenizer][1]}; give --pipeline DIR, a "
-                                  f"{family.title} diffusers folder holding {tokenizer}/")
+            raise AdapterzooError(f"{path.name}: a lone text-encoder file carries no tokenizer, and adapterzoo ships "
+                                  f"no {(spec.parts | spec.optional)[tokenizer][1]} that fits it; give --pipeline DIR, "
+                                  f"a {family.title} diffusers folder holding {tokenizer}/")
     if "scheduler" not in found and spec.scheduler is not None and "transformer" in found:
         found["scheduler"] = spec.scheduler(found["transformer"])
     # a tokenizer is named only beside its text encoder: a missing encoder says it all
