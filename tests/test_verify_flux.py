@@ -1,6 +1,8 @@
 """Flux.1 in verify and sample (issue 15 §1): tiny dev/schnell pipelines built from diffusers classes, loaded as
-a full folder, a BFL single file (in memory, no temporary folder) or a transformer-only folder with --pipeline;
-every LoRA dialect probe reads for Flux; run-time result against diffusers' own Flux LoRA loader."""
+a full folder, a BFL single file (in memory, no temporary folder) or a transformer-only folder, the parts it lacks
+from --pipeline or from lone files (--text-encoders, --vae); every LoRA dialect probe reads for Flux, LyCORIS
+LoKr/LoHa included; run-time result against diffusers' own Flux LoRA loader and against ΔW; dev's distilled
+guidance and schnell's 4 steps as recorded; --quick; a Flux checkpoint verified as the file itself."""
 
 from __future__ import annotations
 
@@ -151,7 +153,7 @@ def test_a_bfl_file_loads_in_memory_with_the_pipelines_parts(flux, dialects, tmp
     lora = str(dialects["kohya"])
     message = cli(["verify", lora, "--checkpoint", str(flux["bfl"]), *SIZE, "--json"], capsys, monkeypatch,
                   code=1)["error"]
-    assert "\n" not in message and "no vae, text_encoder" in message and "--pipeline" in message
+    assert "\n" not in message and "no vae (AutoencoderKL), text_encoder (CLIPTextModel)" in message and "--pipeline" in message
     from_file = cli(["verify", lora, "--checkpoint", str(flux["bfl"]), "--pipeline", str(flux["parts"]), *SIZE,
                      "--json"], capsys, monkeypatch)
     from_folder = cli(["verify", lora, "--checkpoint", str(flux["pipe"]), *SIZE, "--json"], capsys, monkeypatch)
@@ -176,8 +178,351 @@ def test_sample_renders_a_bfl_file_with_two_loras(flux, dialects, tmp_path, caps
     assert all(lora["modules_hit"] == lora["modules"] > 0 for lora in report["loras"])
 
 
-def test_schnell_renders_without_guidance(tmp_path, dialects, capsys, monkeypatch):
-    folder = save_tiny_flux(tmp_path / "schnell", guidance=False)
-    result = cli(["verify", str(dialects["diffusers"]), "--checkpoint", str(folder), *SIZE, "--json"],
+# -- parts from lone files (--text-encoders, --vae), guidance, steps, sizes, LyCORIS, --quick ----------------------
+
+
+@pytest.fixture(scope="module")
+def lone(flux) -> dict[str, Path]:
+    """The tiny pipeline's CLIP, T5 and VAE as the single files ComfyUI users keep: clip_l in CLIPTextModel names
+    with `text_model.`, t5xxl in T5EncoderModel's encoder names with the embedding once (`shared.weight`), ae in
+    BFL's original (LDM) VAE names, attention as 1x1 convs; and a folder holding only the two tokenizers."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from adapterzoo.formats.model.vae_names import diffusers_to_ldm_vae, is_attention_weight
+
+    root, pipe = flux["root"], flux["pipe"]
+    clip = CLIPTextModel.from_pretrained(pipe / "text_encoder").state_dict()
+    save_file({f"text_model.{k}": v.contiguous() for k, v in clip.items()}, str(root / "clip_l.safetensors"))
+    t5 = T5EncoderModel.from_pretrained(pipe / "text_encoder_2").state_dict()
+    save_file({k: v.contiguous() for k, v in t5.items() if k != "encoder.embed_tokens.weight"},
+              str(root / "t5xxl_fp16.safetensors"))
+    vae = AutoencoderKL.from_pretrained(pipe / "vae")
+    levels = len(vae.config.block_out_channels)
+    ae = {}
+    for key, tensor in vae.state_dict().items():
+        name = diffusers_to_ldm_vae(key, levels)
+        ae[name] = tensor[:, :, None, None].contiguous() if is_attention_weight(name) else tensor.contiguous()
+    save_file(ae, str(root / "ae.safetensors"))
+    tokenizers = save_tiny_flux(root / "tokenizers", parts=("tokenizer", "tokenizer_2"))
+    return {"clip": root / "clip_l.safetensors", "t5": root / "t5xxl_fp16.safetensors", "ae": root / "ae.safetensors",
+            "tokenizers": tokenizers}
+
+
+def lone_args(lone, *which: str) -> list[str]:
+    return ["--text-encoders", *(str(lone[w]) for w in which if w != "ae"), *(["--vae", str(lone["ae"])]
+                                                                               if "ae" in which else [])]
+
+
+def test_a_bfl_file_with_lone_text_encoders_and_vae_renders_as_the_full_pipeline(flux, dialects, lone, tmp_path,
+                                                                                 capsys, monkeypatch):
+    watched = tmp_path / "tmp"
+    watched.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(watched))
+    lora = str(dialects["kohya"])
+    from_files = cli(["verify", lora, "--checkpoint", str(flux["bfl"]), *lone_args(lone, "clip", "t5", "ae"),
+                      "--pipeline", str(lone["tokenizers"]), *SIZE, "--json"], capsys, monkeypatch)
+    from_folder = cli(["verify", lora, "--checkpoint", str(flux["pipe"]), *SIZE, "--json"], capsys, monkeypatch)
+    assert (from_files["verdict"], from_files["base"]) == ("pass", "flux")
+    for a, b in zip(from_files["effects"], from_folder["effects"], strict=True):
+        assert a["noise_pred_rel_change"] == pytest.approx(b["noise_pred_rel_change"], rel=1e-4, abs=1e-4)
+        assert a["mean_abs_pixel_change"] == pytest.approx(b["mean_abs_pixel_change"], rel=1e-4, abs=1e-4)
+    assert list(watched.iterdir()) == []
+
+
+@pytest.mark.parametrize("which, extra, named", [
+    (("clip", "ae"), True, "no text_encoder_2 (T5EncoderModel) for a Flux pipeline"),
+    (("clip", "t5"), True, "no vae (AutoencoderKL) for a Flux pipeline"),
+    (("clip", "t5", "ae"), False, "a lone text-encoder file carries no tokenizer"),
+])
+def test_a_missing_part_is_one_line_naming_it(flux, dialects, lone, which, extra, named, capsys, monkeypatch):
+    args = ["verify", str(dialects["kohya"]), "--checkpoint", str(flux["bfl"]), *lone_args(lone, *which), *SIZE,
+            "--json"] + (["--pipeline", str(lone["tokenizers"])] if extra else [])
+    message = cli(args, capsys, monkeypatch, code=1)["error"]
+    assert "\n" not in message and named in message, message
+    if not extra:
+        assert "clip_l.safetensors" in message and "--pipeline DIR" in message and "tokenizer/" in message
+
+
+def test_text_encoders_refuse_what_is_not_one_in_one_line(flux, dialects, lone, capsys, monkeypatch):
+    for given, named in ((lone["ae"], "it is a AutoencoderKL vae; give it with --vae"),
+                         (dialects["kohya"], "not a text encoder")):
+        message = cli(["verify", str(dialects["kohya"]), "--checkpoint", str(flux["bfl"]), "--text-encoders",
+                       str(given), *SIZE, "--json"], capsys, monkeypatch, code=1)["error"]
+        assert "\n" not in message and named in message, message
+    message = cli(["verify", str(dialects["kohya"]), "--checkpoint", str(flux["bfl"]), "--text-encoders",
+                   str(lone["clip"]), str(lone["clip"]), *SIZE, "--json"], capsys, monkeypatch, code=1)["error"]
+    assert "already gives text_encoder" in message
+
+
+def kohya_with_clip(path: Path, kohya: Path) -> Path:
+    """The kohya Flux LoRA plus a CLIP-L layer (`lora_te1_`), as sd-scripts writes with --network_train_text_encoder."""
+    gen = torch.Generator().manual_seed(9)
+    sd = load_file(str(kohya))
+    for proj in ("q_proj", "v_proj"):
+        stem = f"lora_te1_text_model_encoder_layers_0_self_attn_{proj}"
+        sd |= {f"{stem}.lora_down.weight": torch.randn(4, 768, generator=gen) * 0.3,
+               f"{stem}.lora_up.weight": torch.randn(768, 4, generator=gen) * 0.3, f"{stem}.alpha": torch.tensor(4.0)}
+    save_file(sd, str(path))
+    return path
+
+
+def test_a_kohya_lora_with_clip_hits_the_lone_clip_of_a_transformer_only_checkpoint(flux, dialects, lone, tmp_path,
+                                                                                    capsys, monkeypatch):
+    lora = kohya_with_clip(tmp_path / "with_clip.safetensors", dialects["kohya"])
+    result = cli(["verify", str(lora), "--checkpoint", str(flux["transformer_only"]),
+                  *lone_args(lone, "clip", "t5", "ae"), "--pipeline", str(lone["tokenizers"]), *SIZE, "--json"],
                  capsys, monkeypatch)
+    coverage = result["coverage"]
+    assert result["verdict"] == "pass" and coverage["keys_matched"] == coverage["keys_total"]
+    assert coverage["modules_hit"] == coverage["modules_total"]  # the two CLIP modules ran in the lone CLIP
+    clip_only = cli(["verify", str(lora), "--checkpoint", str(flux["pipe"]), *SIZE, "--json"], capsys, monkeypatch)
+    assert coverage["modules_total"] == clip_only["coverage"]["modules_total"]
+    for a, b in zip(result["effects"], clip_only["effects"], strict=True):
+        assert a["noise_pred_rel_change"] == pytest.approx(b["noise_pred_rel_change"], rel=1e-4, abs=1e-4)
+
+
+def test_dev_records_its_distilled_guidance_and_no_cfg(flux, dialects, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    grid = tmp_path / "grid.png"
+    result = cli(["verify", str(dialects["diffusers"]), "--checkpoint", str(flux["pipe"]), *SIZE, "-o", str(grid),
+                  "--json"], capsys, monkeypatch)
+    parameters = result["parameters"]
+    assert parameters["distilled_guidance"] == 3.5 and parameters["steps"] == 2
+    assert "cfg_scale" not in parameters and "negative_prompt" not in parameters
+    text = Image.open(grid).text["parameters"]
+    assert "Distilled guidance: 3.5" in text and "CFG scale" not in text
+    out = tmp_path / "sample.png"
+    report = cli(["sample", "--checkpoint", str(flux["pipe"]), "--lora", str(dialects["diffusers"]), "--prompt",
+                  "a red fox", "-o", str(out), *SIZE, "--json"], capsys, monkeypatch)
+    assert report["distilled_guidance"] == 3.5 and "negative_prompt" not in report
+    text = Image.open(out).text["parameters"]
+    assert "Distilled guidance: 3.5" in text and "CFG scale" not in text and "Negative prompt" not in text
+    message = cli(["sample", "--checkpoint", str(flux["pipe"]), "--lora", str(dialects["diffusers"]), "--prompt",
+                   "a red fox", "--negative-prompt", "blurry", "-o", str(tmp_path / "n.png"), *SIZE, "--json"],
+                  capsys, monkeypatch, code=1)["error"]
+    assert "--negative-prompt" in message and "without classifier-free guidance" in message
+
+
+def test_schnell_takes_4_steps_and_records_no_guidance(tmp_path, dialects, capsys, monkeypatch):
+    folder = save_tiny_flux(tmp_path / "schnell", guidance=False)
+    result = cli(["verify", str(dialects["diffusers"]), "--checkpoint", str(folder), "--size", "32x32", "--json"],
+                 capsys, monkeypatch)
+    parameters = result["parameters"]
+    assert result["verdict"] == "pass" and parameters["steps"] == 4 and parameters["guidance"] == "none"
+    assert "cfg_scale" not in parameters and "distilled_guidance" not in parameters
+    report = cli(["sample", "--checkpoint", str(folder), "--lora", str(dialects["diffusers"]), "--prompt", "a fox",
+                  "-o", str(tmp_path / "s.png"), "--size", "32x32", "--json"], capsys, monkeypatch)
+    assert report["steps"] == 4 and report["guidance"] == "none"
+
+
+def test_a_size_not_a_multiple_of_16_is_refused_saying_why(flux, dialects, tmp_path, capsys, monkeypatch):
+    """The tiny VAE halves once (factor 2, so sizes step by 4); Flux's real VAE (four levels, factor 8) steps by 16."""
+    from types import SimpleNamespace
+
+    from adapterzoo.errors import AdapterzooError
+    from adapterzoo.formats.families.flux.sampling import FluxDenoiser
+    from adapterzoo.verify.verifier import check_size
+
+    for command in (["verify", str(dialects["diffusers"])], ["sample", "--lora", str(dialects["diffusers"]),
+                                                            "--prompt", "a fox", "-o", str(tmp_path / "x.png")]):
+        message = cli([*command, "--checkpoint", str(flux["pipe"]), "--size", "34x32", "--steps", "1", "--json"],
+                      capsys, monkeypatch, code=1)["error"]
+        assert message == ("--size 34x32: the size must be a multiple of 4 for flux: latents are packed in 2x2 "
+                           "patches (VAE factor 2 x 2)")
+    real = SimpleNamespace(pipe=SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(
+        block_out_channels=(128, 256, 512, 512))), unet=FluxDenoiser), base="flux")
+    check_size(real, (1024, 768))
+    with pytest.raises(AdapterzooError, match=r"^--size 1000x1000: the size must be a multiple of 16 for flux: "
+                                              r"latents are packed in 2x2 patches \(VAE factor 8 x 2\)$"):
+        check_size(real, (1000, 1000))
+
+
+def test_a_lone_clip_l_file_of_real_vocabulary_gets_the_clip_tokenizer_adapterzoo_ships():
+    """ComfyUI's clip_l.safetensors carries no tokenizer: CLIP's vocabulary ships with adapterzoo (checked on a
+    meta CLIP-L, no weights); T5's does not, so a lone T5 file needs --pipeline DIR."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from adapterzoo.formats.model.registry import family_of
+    from adapterzoo.verify.part_files import builtin_tokenizer
+
+    family = family_of("flux")
+    with torch.device("meta"):
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, num_hidden_layers=1))
+        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=64, num_layers=1))
+    tokenizer = builtin_tokenizer(family, "text_encoder", clip)
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert builtin_tokenizer(family, "text_encoder_2", t5) is None
+
+
+def test_quick_judges_coverage_and_effect_without_a_grid(flux, dialects, tmp_path, capsys, monkeypatch):
+    result = cli(["verify", str(dialects["kohya"]), "--checkpoint", str(flux["bfl"]), "--pipeline", str(flux["parts"]),
+                  "--quick", *SIZE, "--json"], capsys, monkeypatch)
+    assert (result["verdict"], result["quick"], result["grid"]) == ("pass", True, None)
+    coverage = result["coverage"]
+    assert coverage["modules_hit"] == coverage["modules_total"] > 0
+    zero, *rest = result["effects"]
+    assert zero["noise_pred_rel_change"] == 0 and all(e["noise_pred_rel_change"] > 1e-3 for e in rest)
+    assert all(e["mean_abs_pixel_change"] is None for e in result["effects"])  # nothing decoded
+    zero_up = diffusers_lora(tmp_path / "zero.safetensors", zero_up=True)
+    failed = cli(["verify", str(zero_up), "--checkpoint", str(flux["pipe"]), "--quick", *SIZE, "--json"], capsys,
+                 monkeypatch, code=1)
+    assert failed["reasons"] == ["no effect: every lora_up is zero"]
+
+
+# BFL module -> diffusers modules and their rows, for the LyCORIS files below
+LYCORIS_TARGETS = {"double_blocks.0.img_attn.qkv": [("transformer_blocks.0.attn.to_q", 0, INNER),
+                                                    ("transformer_blocks.0.attn.to_k", INNER, 2 * INNER),
+                                                    ("transformer_blocks.0.attn.to_v", 2 * INNER, 3 * INNER)],
+                   "single_blocks.0.linear2": [("single_transformer_blocks.0.proj_out", 0, INNER)]}
+
+
+def lycoris(path: Path, algo: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """LoKr in kohya names (`lora_unet_`, as LyCORIS writes for Flux), LoHa in BFL names (`diffusion_model.`), on
+    the fused qkv and on linear2; returns the file and ΔW per BFL module (float64, alpha/rank applied)."""
+    gen = torch.Generator().manual_seed(11)
+    sd, deltas = {}, {}
+    for name, (out, inp) in (("double_blocks.0.img_attn.qkv", (3 * INNER, INNER)),
+                             ("single_blocks.0.linear2", (INNER, INNER + MLP))):
+        if algo == "lokr":
+            stem = "lora_unet_" + name.replace(".", "_")
+            w1, w2 = torch.randn(4, 4, generator=gen) * 0.3, torch.randn(out // 4, inp // 4, generator=gen) * 0.3
+            sd |= {f"{stem}.lokr_w1": w1, f"{stem}.lokr_w2": w2, f"{stem}.alpha": torch.tensor(1.0)}
+            deltas[name] = torch.kron(w1.double(), w2.double())
+        else:
+            stem = f"diffusion_model.{name}"
+            a = [torch.randn(out, 4, generator=gen) * 0.3 for _ in range(2)]
+            b = [torch.randn(4, inp, generator=gen) * 0.3 for _ in range(2)]
+            sd |= {f"{stem}.hada_w1_a": a[0], f"{stem}.hada_w1_b": b[0], f"{stem}.hada_w2_a": a[1],
+                   f"{stem}.hada_w2_b": b[1], f"{stem}.alpha": torch.tensor(2.0)}
+            deltas[name] = (a[0].double() @ b[0].double()) * (a[1].double() @ b[1].double()) * 2.0 / 4
+    save_file(sd, str(path))
+    return path, deltas
+
+
+@pytest.mark.parametrize("algo", ["lokr", "loha"])
+def test_lycoris_lokr_and_loha_verify_and_apply_their_delta(flux, tmp_path, algo, capsys, monkeypatch):
+    path, deltas = lycoris(tmp_path / f"{algo}.safetensors", algo)
+    found = probe(path)
+    assert (found.kind, found.base) == ("lycoris", "flux")
+    result = cli(["verify", str(path), "--checkpoint", str(flux["pipe"]), *SIZE, "--json"], capsys, monkeypatch)
+    assert (result["verdict"], result["reasons"]) == ("pass", [])
+    coverage = result["coverage"]
+    assert coverage["keys_matched"] == coverage["keys_total"] and coverage["modules_hit"] == coverage["modules_total"]
+    assert result["effects"][0]["noise_pred_rel_change"] == 0
+    loaded = load_for_sampling(flux["pipe"], "cpu", "fp32")  # the hooks against ΔW added to a copy's weights
+    merged = copy.deepcopy(loaded.pipe.transformer)
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for name, parts in LYCORIS_TARGETS.items():
+            for module, lo, hi in parts:
+                modules[module].weight += deltas[name][lo:hi].float()
+    expected = _prediction(loaded, merged)
+    attached = attach(path, found, loaded)
+    attached.hook()
+    try:
+        got = _prediction(loaded)
+    finally:
+        attached.remove()
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_a_flux_checkpoint_verifies_as_the_file_itself(flux, capsys, monkeypatch):
+    """A BFL file given as FILE renders alone, its missing parts from the same --pipeline as the checkpoint's."""
+    result = cli(["verify", str(flux["bfl"]), "--checkpoint", str(flux["pipe"]), "--pipeline", str(flux["parts"]),
+                  *SIZE, "--json"], capsys, monkeypatch)
+    assert (result["verdict"], result["kind"], result["base"], result["reasons"]) == ("pass", "checkpoint", "flux", [])
+
+
+def test_real_size_lone_files_are_recognised_with_their_configs_from_shapes():
+    """ComfyUI's clip_l and t5xxl_fp16 and BFL's ae at their real shapes (from meta models: no weights): each is
+    recognised as its part, with the config it was made with read back from the shapes alone."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from adapterzoo.formats.checkpoint.part_files import recognise, vae_config
+    from adapterzoo.formats.model.registry import family_of
+    from adapterzoo.formats.model.vae_names import diffusers_to_ldm_vae
+
+    def shapes(model, rename=lambda k: k):
+        return {rename(k): tuple(v.shape) for k, v in model.state_dict().items()}
+
+    clip_config = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                       num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+    t5_config = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     feed_forward_proj="gated-gelu")
+    vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+               latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.device("meta"):
+        clip = shapes(CLIPTextModel(CLIPTextConfig(**clip_config)), lambda k: f"text_model.{k}")
+        t5 = shapes(T5EncoderModel(T5Config(**t5_config)))
+        ae = shapes(AutoencoderKL(**vae), lambda k: diffusers_to_ldm_vae(k, 4))
+    t5.pop("encoder.embed_tokens.weight")
+    part = recognise(clip)
+    assert (part.model_class, part.width, part.prefix) == ("CLIPTextModel", 768, "text_model.")
+    assert {k: part.config[k] for k in clip_config} == clip_config
+    part = recognise(t5)
+    assert (part.model_class, part.width) == ("T5EncoderModel", 4096)
+    assert {k: part.config[k] for k in t5_config} == t5_config
+    part = recognise(ae)
+    assert (part.kind, part.ldm) == ("vae", True)
+    config = vae_config(part, ae, 1024, family_of("flux").sampling.vae_config)
+    assert {k: config[k] for k in vae} == vae
+    assert (config["scaling_factor"], config["shift_factor"]) == (0.3611, 0.1159)
+
+
+def test_parts_for_a_whole_pipeline_are_refused_in_one_line(lone, dialects, tmp_path, capsys, monkeypatch):
+    from adapterzoo.tiny_models import save_tiny_pipeline
+
+    sd1 = save_tiny_pipeline("sd1", tmp_path / "sd1")
+    for command in (["verify", str(dialects["diffusers"])],
+                    ["sample", "--lora", str(dialects["diffusers"]), "--prompt", "a fox", "-o", str(tmp_path / "x.png")]):
+        message = cli([*command, "--checkpoint", str(sd1), "--vae", str(lone["ae"]), "--json"], capsys, monkeypatch,
+                      code=1)["error"]
+        assert message == ("--text-encoders and --vae give the parts a transformer-only checkpoint lacks; sd1 holds "
+                           "its own (verify a VAE file as FILE instead)")
+
+
+def test_a_lone_scaled_fp8_t5_is_dequantized_as_comfyui_stores_it(flux, lone, tmp_path):
+    """t5xxl_fp8_e4m3fn_scaled: fp8 weights, a `scale_weight` beside each, a `scaled_fp8` marker; loaded as W × s."""
+    from adapterzoo.formats.model.registry import family_of
+    from adapterzoo.verify.part_files import load_given
+
+    sd, expected = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}, {}
+    for key, tensor in load_file(str(lone["t5"])).items():
+        if key.endswith(".weight") and tensor.dim() == 2 and key != "shared.weight":
+            scale = tensor.abs().max() / 448
+            sd[key] = (tensor / scale).to(torch.float8_e4m3fn)
+            sd[key.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+            expected[key] = sd[key].float() * scale
+        else:
+            sd[key] = expected[key] = tensor
+    save_file(sd, str(tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    found, lone_files = load_given(family_of("flux"), [tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"], None,
+                                   torch.float32)
+    assert list(lone_files) == ["text_encoder_2"]
+    state = found["text_encoder_2"].state_dict()
+    assert all(torch.equal(state[key], value) for key, value in expected.items())
+
+
+def test_diffusers_component_folders_give_the_parts_and_their_tokenizers(flux, dialects, capsys, monkeypatch):
+    """text_encoder/ and text_encoder_2/ folders (tokenizers from the tokenizer*/ folders beside them) and vae/:
+    no --pipeline needed; the FILE may come after the list's end (the next option)."""
+    pipe = flux["pipe"]
+    result = cli(["verify", "--checkpoint", str(flux["bfl"]), "--text-encoders", str(pipe / "text_encoder_2"),
+                  str(pipe / "text_encoder"), "--vae", str(pipe / "vae"), str(dialects["kohya"]), *SIZE, "--json"],
+                 capsys, monkeypatch)
+    full = cli(["verify", str(dialects["kohya"]), "--checkpoint", str(pipe), *SIZE, "--json"], capsys, monkeypatch)
     assert result["verdict"] == "pass"
+    for a, b in zip(result["effects"], full["effects"], strict=True):
+        assert a["noise_pred_rel_change"] == pytest.approx(b["noise_pred_rel_change"], rel=1e-4, abs=1e-4)
+
+
+def test_sample_renders_a_bfl_file_with_lone_parts(flux, dialects, lone, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "lone.png"
+    report = cli(["sample", "--checkpoint", str(flux["bfl"]), "--lora", str(dialects["kohya"]), "--prompt", "a fox",
+                  *lone_args(lone, "clip", "t5", "ae"), "--pipeline", str(lone["tokenizers"]), "-o", str(out), *SIZE,
+                  "--json"], capsys, monkeypatch)
+    assert out.is_file() and report["base"] == "flux" and report["loras"][0]["modules_hit"] > 0

@@ -205,7 +205,7 @@ def test_an_sai_file_loads_in_memory_with_the_pipelines_parts(sd3, dialects, tmp
     lora = str(dialects["kohya"])
     message = cli(["verify", lora, "--checkpoint", str(sd3["sai"]), *SIZE, "--json"], capsys, monkeypatch,
                   code=1)["error"]
-    assert "\n" not in message and "no vae, text_encoder" in message and "--pipeline" in message
+    assert "\n" not in message and "no vae (AutoencoderKL), text_encoder (" in message and "--pipeline" in message
     grid = tmp_path / "grid.png"
     from_file = cli(["verify", lora, "--checkpoint", str(sd3["sai"]), "--pipeline", str(sd3["parts"]), *SIZE,
                      "-o", str(grid), "--json"], capsys, monkeypatch)

@@ -119,3 +119,62 @@ class CheckpointFor(click.ParamType):
         if not Path(path).exists():
             self.fail(f"{path}: no such checkpoint", param, ctx)
         return base, Path(path)
+
+
+class ManyValuesCommand(click.Command):
+    """A command whose options in `many_values` take every argument up to the next option
+    (`--text-encoders clip_l.safetensors t5xxl.safetensors`), as `multiple=True` options repeated for each."""
+
+    many_values: tuple[str, ...] = ()
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        spread: list[str] = []
+        taking = False
+        for i, arg in enumerate(args):
+            if arg == "--":
+                spread += args[i:]
+                break
+            if arg in self.many_values:
+                taking, flag = True, arg
+                spread.append(arg)
+                continue
+            if taking and arg.startswith("-"):
+                taking = False
+            elif taking and spread[-1] != flag:
+                spread.append(flag)
+            spread.append(arg)
+        return super().parse_args(ctx, spread)
+
+
+def many_values_command(*flags: str) -> type[click.Command]:
+    """A `ManyValuesCommand` class for `flags` (pass as `cls=` to `cli.command`)."""
+    return type("ManyValues", (ManyValuesCommand,), {"many_values": flags})
+
+
+PARTS_OPTIONS = (
+    click.option("--pipeline", metavar="DIR", type=click.Path(exists=True, file_okay=False),
+                 help="A diffusers folder giving the parts a transformer-only checkpoint lacks (text encoders, "
+                      "tokenizers, VAE, scheduler)."),
+    click.option("--text-encoders", "text_encoders", metavar="FILE|DIR...", multiple=True,
+                 type=click.Path(exists=True),
+                 help="Text encoders a transformer-only checkpoint lacks: single files (ComfyUI's clip_l, t5xxl) or "
+                      "diffusers component folders, each recognised by its tensors. A single file carries no "
+                      "tokenizer: CLIP's ships with adapterzoo, any other comes from --pipeline DIR (or the "
+                      "tokenizer folder beside a component folder)."),
+    click.option("--vae", metavar="FILE", type=click.Path(exists=True),
+                 help="The VAE a transformer-only checkpoint lacks: a file in original (LDM) or diffusers names, or a "
+                      "diffusers folder."),
+)
+
+
+def parts_options(command: Any) -> Any:
+    for option in reversed(PARTS_OPTIONS):
+        command = option(command)
+    return command
+
+
+def given_parts(pipeline: str | None, text_encoders: tuple[str, ...], vae: str | None) -> Any:
+    from adapterzoo.verify.pipeline_parts import GivenParts
+
+    return GivenParts(Path(pipeline) if pipeline else None, tuple(Path(p) for p in text_encoders),
+                      Path(vae) if vae else None)

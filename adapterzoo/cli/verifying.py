@@ -17,6 +17,9 @@ from adapterzoo.cli.params import (
     CheckpointFor,
     SizeParam,
     WeightedPath,
+    given_parts,
+    many_values_command,
+    parts_options,
     provenance_hasher,
     use_threads,
 )
@@ -77,7 +80,7 @@ def check_grids(files: tuple[str, ...], checkpoint: str | None, grid: str | None
                      suffix=".png")
 
 
-@cli.command()
+@cli.command(cls=many_values_command("--text-encoders"))
 @click.argument("files", metavar="[FILE]...", nargs=-1, type=click.Path(exists=True, dir_okay=True))
 @click.option("--checkpoint", metavar="CKPT", type=click.Path(exists=True, dir_okay=True),
               help="The checkpoint (single file or diffusers folder) to apply each FILE to.")
@@ -105,13 +108,13 @@ def check_grids(files: tuple[str, ...], checkpoint: str | None, grid: str | None
 @click.option("--seed", "seeds", metavar="S", multiple=True, type=int, help="Seed (repeatable). Default: 0.")
 @click.option("--multiplier", "multipliers", metavar="M", multiple=True, type=float,
               help="Grid column (repeatable). Default: 0, 0.5, 1.")
-@click.option("--steps", type=click.IntRange(min=1), metavar="N", help="Sampling steps. Default: 20.")
+@click.option("--steps", type=click.IntRange(min=1), metavar="N",
+              help="Sampling steps. Default: the model's own (4 for a step-distilled model), else 20.")
 @click.option("--size", type=SizeParam(), help="Image size. Default: the size the model was trained at.")
 @click.option("--quick/--grid", "quick", default=None,
               help="--quick: coverage and effect from one noise prediction per multiplier (no grid, no VAE decode; "
                    "recorded as quick). Default: --quick for --registry on CPU, --grid otherwise.")
-@click.option("--pipeline", metavar="DIR", type=click.Path(exists=True, file_okay=False),
-              help="A diffusers folder giving the parts a transformer-only checkpoint lacks (text encoders, VAE, scheduler).")
+@parts_options
 @DEVICE_OPTION
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
 @click.option("--force", is_flag=True, help="Replace an existing -o GRID.png.")
@@ -121,7 +124,7 @@ def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, 
            base: str | None, unverified: bool, checkpoint_for: tuple[tuple[str, Path], ...], worker: bool,
            status: bool, lease: float | None, grid: str | None, out_dir: str | None, prompts: tuple[str, ...], seeds: tuple[int, ...], multipliers: tuple[float, ...],
            steps: int | None, size: tuple[int, int] | None, quick: bool | None, pipeline: str | None,
-           device: str, dtype: str | None, force: bool,
+           text_encoders: tuple[str, ...], vae: str | None, device: str, dtype: str | None, force: bool,
            as_json: bool) -> None:
     """Render each FILE on CKPT (or, with --registry, each indexed file on a checkpoint of its base) at several
     multipliers and judge it: pass or fail, with every reason. Each result is stored in the registry; exit
@@ -144,17 +147,19 @@ def verify(obj: dict[str, Any], files: tuple[str, ...], checkpoint: str | None, 
     if quick is None:  # a library on a CPU: a verdict per file in seconds, grids where they are cheap or asked for
         quick = registry and pick_device(device).type == "cpu"
     options = VerifyOptions(prompts=list(prompts) or None, size=size, device=device, dtype=dtype, quick=quick,
-                            pipeline=Path(pipeline) if pipeline else None)
+                            steps=steps, parts=given_parts(pipeline, text_encoders, vae))
     options.seeds = list(seeds) or options.seeds
     options.multipliers = list(multipliers) or options.multipliers
-    options.steps = steps or options.steps
     engine = open_registry(obj["db"])
     if registry:
         verify_registry(engine, options, Path(out_dir), sha256, kind, base, unverified, dict(checkpoint_for),
                         as_json, worker, lease)
         return
     from adapterzoo.verify.contact_sheet import write_contact_sheet
+    from adapterzoo.verify.pipeline_load import refuse_parts
     from adapterzoo.verify_library import verify_each
+
+    refuse_parts(Path(checkpoint), options.parts)
 
     if out_dir:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -235,7 +240,7 @@ def show_queue(db: str | None, as_json: bool) -> None:
         click.echo(f"{status['per_minute']:g} files/min over the last 5 min{left}")
 
 
-@cli.command()
+@cli.command(cls=many_values_command("--text-encoders"))
 @click.option("--checkpoint", metavar="CKPT", required=True, type=click.Path(exists=True, dir_okay=True),
               help="The checkpoint (single file or diffusers folder).")
 @click.option("--lora", "loras", metavar="FILE[:W]", multiple=True, required=True, type=WeightedPath(),
@@ -255,19 +260,19 @@ def show_queue(db: str | None, as_json: bool) -> None:
 @click.option("--autolora", type=float, metavar="GAMMA",
               help="AutoLoRA: base + GAMMA x (with LoRAs - base), both CFG-guided; 'with LoRAs' is what "
                    "--compose predicts. 0 is the model without the LoRAs, 1 the LoRAs alone (2 UNet batches).")
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True, metavar="N",
-              help="Sampling steps.")
+@click.option("--steps", type=click.IntRange(min=1), metavar="N",
+              help="Sampling steps. Default: the model's own (4 for a step-distilled model), else 20.")
 @click.option("--size", type=SizeParam(), help="Image size. Default: the base's (512, 768, 1024).")
-@click.option("--pipeline", metavar="DIR", type=click.Path(exists=True, file_okay=False),
-              help="A diffusers folder giving the parts a transformer-only checkpoint lacks (text encoders, VAE, scheduler).")
+@parts_options
 @DEVICE_OPTION
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), help="Default: fp16 on CUDA, else fp32.")
 @click.option("--allow-unmatched", is_flag=True, help="Sample with what fits when LoRA keys land on no module.")
 @click.option("--force", is_flag=True, help="Replace OUT.png if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, negative_prompt: str, seed: int,
-           dest: str, compose: str, switch_every: int | None, autolora: float | None, steps: int,
-           size: tuple[int, int] | None, pipeline: str | None, device: str, dtype: str | None,
+           dest: str, compose: str, switch_every: int | None, autolora: float | None, steps: int | None,
+           size: tuple[int, int] | None, pipeline: str | None, text_encoders: tuple[str, ...], vae: str | None,
+           device: str, dtype: str | None,
            allow_unmatched: bool, force: bool,
            as_json: bool) -> None:
     """Render one image from CKPT with several LoRAs composed while sampling (merge, LoRA Switch, LoRA
@@ -286,7 +291,7 @@ def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, n
     composition = Composition(compose, switch_every or DEFAULT_SWITCH_EVERY, autolora)
     options = SampleOptions(prompt, [(Path(path), weight) for path, weight in loras], seed, steps, size,
                             negative_prompt, composition, device, dtype, allow_unmatched,
-                            Path(pipeline) if pipeline else None)
+                            given_parts(pipeline, text_encoders, vae))
     report = render_sample(Path(checkpoint), options, Path(dest), sha256, force=force, progress_bar=not as_json)
     if as_json:
         emit_json(report)

@@ -95,11 +95,17 @@ def with_size(pipe, cond: Conditioning, size: tuple[int, int]) -> Conditioning:
     return Conditioning(cond.states, {**cond.added, "time_ids": ids})
 
 
+def size_step(pipe) -> tuple[int, int]:
+    """(VAE factor, latent patch): an image side must be a multiple of their product; a denoiser that packs
+    p×p latent patches into tokens declares `patch = p`."""
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1), getattr(pipe.unet, "patch", 1)
+
+
 def latent_shape(pipe, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor, patch = size_step(pipe)
     width, height = size
-    if width % factor or height % factor:
-        raise ValueError(f"the size must be a multiple of {factor}")
+    if width % (factor * patch) or height % (factor * patch):
+        raise ValueError(f"the size must be a multiple of {factor * patch}")
     return 1, pipe.unet.config.in_channels, height // factor, width // factor
 
 
@@ -117,10 +123,16 @@ def unet_prediction(unet, latents: torch.Tensor, t: torch.Tensor, cond: Conditio
     return unet(x, t, encoder_hidden_states=cond.states, **kwargs, return_dict=False)[0]
 
 
+def uses_cfg(unet) -> bool:
+    """Whether the denoiser is guided by a CFG pair; a model whose guidance is distilled into it (or that has
+    none) declares `cfg = False`."""
+    return getattr(unet, "cfg", True)
+
+
 def guided(unet, positive: Conditioning, negative: Conditioning, scale: float = GUIDANCE_SCALE) -> NoisePrediction:
     """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅); a model whose
     guidance is distilled into it (or that has none) declares `cfg = False` and is called once, positive only."""
-    if not getattr(unet, "cfg", True):
+    if not uses_cfg(unet):
         return lambda step, latents, t: unet_prediction(unet, latents, t, positive)
     pair = negative.batched(positive)
 
@@ -132,14 +144,12 @@ def guided(unet, positive: Conditioning, negative: Conditioning, scale: float = 
 
 
 def sampler_facts(pipe) -> dict[str, Any]:
-    """What a render records of its sampler: the scheduler's class (a wrapper's inner one), the CFG scale (None
-    for a model called without a CFG pair) and a flow-matching scheduler's fixed shift (None where it has none
-    or the shift follows the image size)."""
+    """What a render records of its sampler: the scheduler's class (a wrapper's inner one) and a flow-matching
+    scheduler's fixed shift (None where it has none or the shift follows the image size)."""
     scheduler = getattr(pipe.scheduler, "inner", pipe.scheduler)
     config = scheduler.config
-    shift = None if config.get("use_dynamic_shifting") else config.get("shift")
     return {"sampler": type(scheduler).__name__,
-            "cfg_scale": GUIDANCE_SCALE if getattr(pipe.unet, "cfg", True) else None, "shift": shift}
+            "shift": None if config.get("use_dynamic_shifting") else config.get("shift")}
 
 
 def fresh_scheduler(pipe):

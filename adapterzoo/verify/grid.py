@@ -65,6 +65,8 @@ def draw_grid(cells: list[list[torch.Tensor]], row_labels: list[str], column_lab
     return grid
 
 
+# the guidance a render records (verify's parameters, sample's PNG): CFG's scale, or a model's own words
+GUIDANCE_LABELS = {"cfg_scale": "CFG scale", "distilled_guidance": "Distilled guidance", "guidance": "Guidance"}
 RESOURCE_HASHES = {"lora": "Lora hashes", "lycoris": "Lora hashes", "embedding": "TI hashes"}  # A1111's field names
 
 
@@ -83,7 +85,7 @@ def parameters_text(parameters: dict[str, Any]) -> str:
     fields = {
         "Steps": parameters["steps"],
         "Sampler": parameters["sampler"],
-        **({"CFG scale": parameters["cfg_scale"]} if parameters.get("cfg_scale") is not None else {}),
+        **guidance_text({k: v for k, v in parameters.items() if k in GUIDANCE_LABELS}),
         **({"Shift": parameters["shift"]} if parameters.get("shift") is not None else {}),
         "Seed": ", ".join(str(s) for s in parameters["seeds"]),
         "Size": "x".join(str(v) for v in parameters["size"]),
@@ -102,6 +104,12 @@ def parameters_text(parameters: dict[str, Any]) -> str:
         "Version": versions_text(parameters["versions"]),
     }
     return a1111_text(parameters["prompts"][0], fields)
+
+
+def guidance_text(fields: dict[str, Any]) -> dict[str, Any]:
+    """The guidance a render used, in A1111's words: `CFG scale: 7.0`, or what a model without CFG records
+    (`Distilled guidance: 3.5`, `Guidance: none`)."""
+    return {GUIDANCE_LABELS[key]: value for key, value in fields.items() if key in GUIDANCE_LABELS}
 
 
 def versions_text(versions: dict[str, str]) -> str:

@@ -24,7 +24,7 @@ from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 from adapterzoo.formats.model.architectures import architecture_from_models
 from adapterzoo.formats.model.registry import family_of, sampled_bases
 from adapterzoo.formats.model.targets import TEXT_ENCODERS, TRANSFORMER, UNET, Architecture
-from adapterzoo.verify.pipeline_parts import load_parts, parts_family
+from adapterzoo.verify.pipeline_parts import GivenParts, load_parts, parts_family
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ENCODERS = (*TEXT_ENCODERS, "text_encoder_3")  # a pipeline's third text encoder (a T5) takes LoRAs too
@@ -93,16 +93,18 @@ def _rendered(base: str, checkpoint: Path) -> str:
 
 
 def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype,
-                  pipeline: Path | None = None) -> LoadedPipeline:
+                  given: GivenParts | None = None) -> LoadedPipeline:
     """The pipeline of a single-file checkpoint or a diffusers folder, on `device` in `dtype`; a DiT family's
-    parts the checkpoint lacks come from the `pipeline` folder."""
+    parts the checkpoint lacks come from the files and folders `given` (a whole pipeline needs none: `refuse_parts`
+    says so where a user named one checkpoint; `verify --registry` renders other bases beside it)."""
     checkpoint = Path(checkpoint)
+    given = given or GivenParts()
     dit = parts_family(checkpoint)
     if dit is not None:
         family, base = dit
         base = _rendered(base, checkpoint)
         with _quiet_loading():
-            pipe = load_parts(family, checkpoint, pipeline, dtype)
+            pipe = load_parts(family, checkpoint, given, dtype)
     elif checkpoint.is_dir():
         base = _rendered(folder_base(checkpoint), checkpoint)
         pipe = _from_folder(checkpoint, dtype)
@@ -122,6 +124,13 @@ def load_pipeline(checkpoint: Path, device: torch.device, dtype: torch.dtype,
     return loaded
 
 
+def refuse_parts(checkpoint: Path, given: GivenParts) -> None:
+    """--text-encoders and --vae on a checkpoint that is a whole pipeline: one line, before anything loads."""
+    if (given.text_encoders or given.vae) and parts_family(Path(checkpoint)) is None:
+        raise AdapterzooError(f"--text-encoders and --vae give the parts a transformer-only checkpoint lacks; "
+                              f"{Path(checkpoint).name} holds its own (verify a VAE file as FILE instead)")
+
+
 def check_tokenizers_fit(pipe: DiffusionPipeline, checkpoint: Path) -> None:
     """A tokenizer with more tokens than its text encoder has rows ends in an IndexError deep in the first
     prompt's encoding: say which parts do not fit, before any work."""
@@ -139,12 +148,12 @@ def check_tokenizers_fit(pipe: DiffusionPipeline, checkpoint: Path) -> None:
 
 
 def load_for_sampling(checkpoint: Path, device_name: str, dtype_name: str | None,
-                      pipeline: Path | None = None) -> LoadedPipeline:
+                      given: GivenParts | None = None) -> LoadedPipeline:
     """What verify and sample render with: --device and --dtype resolved, and a VAE that overflows to black
     images in fp16 (its family says which) kept in fp32 unless fp16 was asked for by name."""
     device = pick_device(device_name)
     dtype = pick_dtype(dtype_name, device)
-    loaded = load_pipeline(checkpoint, device, dtype, pipeline)
+    loaded = load_pipeline(checkpoint, device, dtype, given)
     sampling = family_of(loaded.base).sampling
     if loaded.base in sampling.vae_fp32 and dtype == torch.float16 and dtype_name is None:
         loaded.pipe.vae.to(torch.float32)

@@ -1,8 +1,9 @@
 """A DiT pipeline put together from its parts, for families whose sampling spec lists them (`Sampling.parts`).
 
 A single file holds the transformer only (BFL's release has no CLIP, T5 or VAE): it is loaded in memory by
-the family (`transformer_from_file`), never written to a temporary folder, and the other parts come from the
-checkpoint folder, then the `--pipeline` folder. What is still missing is named in one line.
+the family (`transformer_from_file`), never written to a temporary folder. The other parts come from the files
+and folders named with `--text-encoders` and `--vae` (`part_files`), then the checkpoint folder, then the
+`--pipeline` folder, the scheduler last from the family's defaults. What is still missing is named in one line.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,25 @@ from adapterzoo.formats.model.family import Family
 
 MODELS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 BASE_SEQ, MAX_SEQ, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15  # FluxPipeline's dynamic shift defaults
+
+
+@dataclass(frozen=True)
+class GivenParts:
+    """What the user names for the parts a transformer-only checkpoint lacks (`--pipeline`, `--text-encoders`,
+    `--vae`)."""
+
+    pipeline: Path | None = None
+    text_encoders: tuple[Path, ...] = ()
+    vae: Path | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.pipeline or self.text_encoders or self.vae)
+
+    def identity(self) -> list:
+        """What a cached baseline depends on: each path with its size and modification time."""
+        paths = [p for p in (self.pipeline, *self.text_encoders, self.vae) if p is not None]
+        return [[str(Path(p).resolve()), *((Path(p).stat().st_size, Path(p).stat().st_mtime_ns) if Path(p).is_file()
+                                           else ())] for p in paths]
 
 
 class FlowSteps:
@@ -118,13 +139,16 @@ def parts_family(checkpoint: Path) -> tuple[Family, str] | None:
     return family, base
 
 
-def load_parts(family: Family, checkpoint: Path, pipeline: Path | None, dtype: torch.dtype) -> Any:
-    """The family's sampling pipeline from a single file or folder, the parts it lacks from `pipeline`."""
+def load_parts(family: Family, checkpoint: Path, given: GivenParts, dtype: torch.dtype) -> Any:
+    """The family's sampling pipeline from a single file or folder; the parts it lacks from `text_encoders` and
+    `vae` (files or component folders), then from the `pipeline` folder; the scheduler, last, from the family's defaults."""
+    from adapterzoo.verify.part_files import builtin_tokenizer, load_given, tokenizer_slot
+
     spec = family.sampling
-    found: dict[str, Any] = {}
+    found, lone = load_given(family, list(given.text_encoders), given.vae, dtype)
     if checkpoint.is_file():
         found["transformer"] = spec.transformer_from_file(checkpoint, dtype)
-    folders = [f for f in (checkpoint if checkpoint.is_dir() else None, pipeline) if f is not None]
+    folders = [f for f in (checkpoint if checkpoint.is_dir() else None, given.pipeline) if f is not None]
     for name, (library, cls) in (spec.parts | spec.optional).items():
         for folder in folders:
             if name in found:
@@ -136,10 +160,24 @@ def load_parts(family: Family, checkpoint: Path, pipeline: Path | None, dtype: t
                 where = folder / name if (folder / name).is_dir() else None
             if where is not None:
                 found[name] = _load(library, cls, where, dtype if name in MODELS else None)
-    missing = [name for name in spec.parts if name not in found]
+    for slot, path in lone.items():
+        tokenizer = tokenizer_slot(slot)
+        if tokenizer not in found and (builtin := builtin_tokenizer(family, slot, found[slot])) is not None:
+            found[tokenizer] = builtin
+        if tokenizer not in found:
+            raise AdapterzooError(f"{path.name}: a lone text-encoder file carries no tokenizer, and adapterzoo ships "
+                                  f"no {(spec.parts | spec.optional)[tokenizer][1]} that fits it; give --pipeline DIR, "
+                                  f"a {family.title} diffusers folder holding {tokenizer}/")
+    if "scheduler" not in found and spec.scheduler is not None and "transformer" in found:
+        found["scheduler"] = spec.scheduler(found["transformer"])
+    # a tokenizer is named only beside its text encoder: a missing encoder says it all
+    missing = [name for name in spec.parts if name not in found
+               and not (name.startswith("tokenizer") and name.replace("tokenizer", "text_encoder") not in found)]
     if missing:
-        raise AdapterzooError(f"{checkpoint.name}: no {', '.join(missing)} for a {family.title} pipeline; give a "
-                              "diffusers folder holding them with --pipeline DIR")
+        needs = ", ".join(f"{name} ({spec.parts[name][1]})" for name in missing)
+        raise AdapterzooError(f"{checkpoint.name}: no {needs} for a {family.title} pipeline; give text encoders "
+                              "with --text-encoders FILE|DIR..., a VAE with --vae FILE, or a diffusers folder holding "
+                              "them with --pipeline DIR")
     if not hasattr(found["scheduler"], "scale_model_input"):
         found["scheduler"] = FlowSteps(found["scheduler"], spec.flow_sigmas)
     return spec.assemble(found)

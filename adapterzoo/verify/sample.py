@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import diffusers
@@ -25,10 +25,17 @@ from adapterzoo.formats.probe import probe
 from adapterzoo.verify import denoise, measure
 from adapterzoo.verify.attach import Attached, attach
 from adapterzoo.verify.compose import Composition, composed, set_active, switch_schedule
-from adapterzoo.verify.grid import a1111_text, autov2, resource_hashes, save_png, versions_text
-from adapterzoo.verify.pipeline_load import LoadedPipeline, load_for_sampling, native_size
+from adapterzoo.verify.grid import a1111_text, autov2, guidance_text, resource_hashes, save_png, versions_text
+from adapterzoo.verify.pipeline_load import LoadedPipeline, load_for_sampling, native_size, refuse_parts
 from adapterzoo.verify.verdict import named
-from adapterzoo.verify.verifier import DEFAULT_STEPS, digest_of, refuse_other_base
+from adapterzoo.verify.pipeline_parts import GivenParts
+from adapterzoo.verify.verifier import (
+    check_size,
+    default_steps,
+    digest_of,
+    guidance_parameters,
+    refuse_other_base,
+)
 
 LORA_KINDS = ("lora", "lycoris")
 
@@ -38,14 +45,14 @@ class SampleOptions:
     prompt: str
     loras: list[tuple[Path, float]]  # (file, weight), in the order LoRA Switch cycles through them
     seed: int = 0
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None  # None: the model's own default
     size: tuple[int, int] | None = None  # (W, H); None: the base's native size
     negative_prompt: str = denoise.NEGATIVE_PROMPT
     composition: Composition = field(default_factory=Composition)
     device: str = "auto"
     dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
     allow_unmatched: bool = False  # sample with what lands, when some keys land on no module
-    pipeline: Path | None = None  # the parts a transformer-only checkpoint lacks
+    parts: GivenParts = field(default_factory=GivenParts)  # the parts a transformer-only checkpoint lacks
 
 
 def attach_loras(loaded: LoadedPipeline, files: list[Path], checkpoint: Path,
@@ -73,10 +80,13 @@ def attach_loras(loaded: LoadedPipeline, files: list[Path], checkpoint: Path,
 
 def encode_pair(loaded: LoadedPipeline, prompt: str, negative_prompt: str, size: tuple[int, int]
                 ) -> tuple[denoise.Conditioning, denoise.Conditioning]:
-    """(positive, negative) as the hooks stand now: text-encoder LoRAs act on both."""
+    """(positive, negative) as the hooks stand now: text-encoder LoRAs act on both. A model without CFG reads no
+    negative: the positive stands in for it, unencoded twice."""
     pipe = loaded.pipe
-    return tuple(denoise.with_size(pipe, denoise.encode_prompt(pipe, text), size)
-                 for text in (prompt, negative_prompt))
+    positive = denoise.with_size(pipe, denoise.encode_prompt(pipe, prompt), size)
+    if not denoise.uses_cfg(pipe.unet):
+        return positive, positive
+    return positive, denoise.with_size(pipe, denoise.encode_prompt(pipe, negative_prompt), size)
 
 
 def evaluations(loaded: LoadedPipeline, steps: int) -> int:
@@ -128,7 +138,7 @@ def _parameters_text(options: SampleOptions, checkpoint: Path, size: tuple[int, 
     facts = denoise.sampler_facts(loaded.pipe)
     fields = {
         "Steps": options.steps, "Sampler": facts["sampler"],
-        **({"CFG scale": facts["cfg_scale"]} if facts["cfg_scale"] is not None else {}),
+        **guidance_text({k: v for k, v in guidance_parameters(loaded.pipe).items() if k != "negative_prompt"}),
         **({"Shift": facts["shift"]} if facts["shift"] is not None else {}),
         "Seed": options.seed, "Size": f"{size[0]}x{size[1]}",
         "Model": checkpoint.name, "Model hash": autov2(model_sha), "Model SHA256": model_sha,
@@ -155,13 +165,17 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
     files = [Path(path) for path, _ in options.loras]
     weights = [weight for _, weight in options.loras]
     output = check_output(output, [checkpoint, *files], force, suffix=".png")
-    loaded = load_for_sampling(checkpoint, options.device, options.dtype, options.pipeline)
+    refuse_parts(checkpoint, options.parts)
+    loaded = load_for_sampling(checkpoint, options.device, options.dtype, options.parts)
     device, dtype = loaded.pipe.device, loaded.pipe.unet.dtype
     size = options.size or native_size(loaded)
-    try:
-        denoise.latent_shape(loaded.pipe, size)
-    except ValueError as exc:
-        raise AdapterzooError(f"--size {size[0]}x{size[1]}: {exc}") from None
+    check_size(loaded, size)
+    cfg = denoise.uses_cfg(loaded.pipe.unet)
+    if options.negative_prompt and not cfg:
+        raise AdapterzooError(f"--negative-prompt: {checkpoint.name} renders without classifier-free guidance "
+                              f"({', '.join(f'{k} {v}' for k, v in guidance_parameters(loaded.pipe).items())}), "
+                              "so a negative prompt would change nothing")
+    options = replace(options, steps=options.steps or default_steps(loaded.pipe))
     attached = attach_loras(loaded, files, checkpoint, options.allow_unmatched)
     _, image = render_composed(loaded, attached, weights, options, size, progress_bar)
     problem = measure.image_problem(image, loaded.base, loaded.pipe.vae.dtype)
@@ -180,7 +194,9 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
         report["switch_every"] = composition.switch_every
         report["schedule"] = switch_schedule(evaluations(loaded, options.steps), len(files), composition.switch_every)
     report.update({"autolora": composition.autolora, "checkpoint": str(checkpoint), "base": loaded.base,
-                   "prompt": options.prompt, "negative_prompt": options.negative_prompt, "seed": options.seed,
+                   "prompt": options.prompt,
+                   **({"negative_prompt": options.negative_prompt} if cfg else guidance_parameters(loaded.pipe)),
+                   "seed": options.seed,
                    "steps": options.steps, "size": list(size), "device": device.type,
                    "dtype": str(dtype).removeprefix("torch."), "warnings": [problem] if problem else []})
     return report

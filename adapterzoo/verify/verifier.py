@@ -29,6 +29,7 @@ from adapterzoo.verify.attach import ADAPTER_KINDS, Attached, attach
 from adapterzoo.verify.baseline_cache import BaselineCache
 from adapterzoo.verify.grid import draw_grid, save_grid
 from adapterzoo.verify.pipeline_load import LoadedPipeline, load_for_sampling, load_pipeline, native_size
+from adapterzoo.verify.pipeline_parts import GivenParts
 from adapterzoo.verify.vae_load import load_vae
 from adapterzoo.verify.verdict import judge
 
@@ -46,12 +47,34 @@ class VerifyOptions:
     prompts: list[str] | None = None  # None: the default prompt; for an embedding one containing its token
     seeds: list[int] = field(default_factory=lambda: [0])
     multipliers: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None  # None: the model's own default (`default_steps`)
     size: tuple[int, int] | None = None  # (W, H); None: the model's own (UNet sample size × VAE factor)
     device: str = "auto"
     dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
     quick: bool = False  # coverage and effect from one noise prediction per multiplier: no grid, no VAE decode
-    pipeline: Path | None = None  # the parts a transformer-only checkpoint lacks
+    parts: GivenParts = field(default_factory=GivenParts)  # the parts a transformer-only checkpoint lacks
+
+
+def default_steps(pipe: Any) -> int:
+    """What a model renders with when no --steps is given: its family's own (a step-distilled model's few), else 20."""
+    return getattr(pipe, "default_steps", None) or DEFAULT_STEPS
+
+
+def guidance_parameters(pipe: Any) -> dict[str, Any]:
+    """The guidance a render really uses, as recorded: CFG's scale and negative prompt, or what a model without
+    CFG declares (a distilled guidance strength, or none)."""
+    if denoise.uses_cfg(pipe.unet):
+        return {"negative_prompt": denoise.NEGATIVE_PROMPT, "cfg_scale": denoise.GUIDANCE_SCALE}
+    return dict(getattr(pipe, "guidance", None) or {"guidance": "none"})
+
+
+def check_size(loaded: LoadedPipeline, size: tuple[int, int]) -> None:
+    """--size fits the latents: a multiple of the VAE's factor (times the patch a transformer packs)."""
+    factor, patch = denoise.size_step(loaded.pipe)
+    if size[0] % (factor * patch) or size[1] % (factor * patch):
+        why = f" for {loaded.base}: latents are packed in {patch}x{patch} patches (VAE factor {factor} x {patch})"
+        raise AdapterzooError(f"--size {size[0]}x{size[1]}: the size must be a multiple of {factor * patch}"
+                              + (why if patch > 1 else ""))
 
 
 def refuse_other_base(file: Path, found: ProbeResult, base: str, checkpoint: Path) -> None:
@@ -68,12 +91,13 @@ class Verifier:
                  cache: Path | None = None) -> None:
         if not options.seeds or not options.multipliers:
             raise AdapterzooError("give at least one seed and one multiplier")
-        if options.steps < 1:
+        if options.steps is not None and options.steps < 1:
             raise AdapterzooError("--steps must be at least 1")
         self.checkpoint = Path(checkpoint)
         self.options = options
         self.sha256_of = sha256_of
-        self.loaded = load_for_sampling(self.checkpoint, options.device, options.dtype, options.pipeline)
+        self.loaded = load_for_sampling(self.checkpoint, options.device, options.dtype, options.parts)
+        self.steps = options.steps or default_steps(self.loaded.pipe)
         self.device = self.loaded.pipe.device
         self.dtype = self.loaded.pipe.unet.dtype
         self.base: str = self.loaded.base
@@ -84,10 +108,7 @@ class Verifier:
         self._renders: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._predictions: dict[tuple[str, int], torch.Tensor] = {}
         self.cache = BaselineCache(cache)  # the same, across runs: None keeps nothing on disk
-        try:
-            denoise.latent_shape(self.loaded.pipe, self.size)
-        except ValueError as exc:
-            raise AdapterzooError(f"--size {self.size[0]}x{self.size[1]}: {exc}") from None
+        check_size(self.loaded, self.size)
 
     @property
     def checkpoint_sha256(self) -> str:
@@ -106,9 +127,10 @@ class Verifier:
         """(final latents, image)."""
         pipe = loaded.pipe
         positive = self._condition(loaded, prompt, insert)
-        negative = self._condition(loaded, denoise.NEGATIVE_PROMPT, {})
+        cfg = denoise.uses_cfg(pipe.unet)
+        negative = self._condition(loaded, denoise.NEGATIVE_PROMPT, {}) if cfg else positive
         noise = denoise.seeded_noise(pipe, self.size, seed)
-        return denoise.render(pipe, noise, self.options.steps, denoise.guided(pipe.unet, positive, negative))
+        return denoise.render(pipe, noise, self.steps, denoise.guided(pipe.unet, positive, negative))
 
     @torch.no_grad()
     def _prediction(self, prompt: str, insert: dict[str, int]) -> torch.Tensor:
@@ -121,10 +143,11 @@ class Verifier:
     def _cache_key(self, what: str, prompt: str, seed: int, **more: Any) -> dict[str, Any]:
         """Everything a baseline depends on."""
         scheduler = self.loaded.pipe.scheduler
-        return {"what": what, "checkpoint_sha256": self.checkpoint_sha256, "prompt": prompt, "seed": seed, **more,
-                "negative_prompt": denoise.NEGATIVE_PROMPT, "size": list(self.size),
+        parts = {"parts": self.options.parts.identity()} if self.options.parts else {}
+        return {"what": what, "checkpoint_sha256": self.checkpoint_sha256, **parts, "prompt": prompt, "seed": seed,
+                **more, **guidance_parameters(self.loaded.pipe), "size": list(self.size),
                 "sampler": type(scheduler).__name__, "scheduler": dict(scheduler.config),
-                "cfg_scale": denoise.GUIDANCE_SCALE, "fixed_timestep": FIXED_TIMESTEP,
+                "fixed_timestep": FIXED_TIMESTEP,
                 "dtype": str(self.dtype), "vae_dtype": str(self.loaded.pipe.vae.dtype), "device": self.device.type,
                 "threads": torch.get_num_threads(),  # CPU rounding follows the split of the work
                 "versions": [__version__, diffusers.__version__, transformers.__version__, torch.__version__]}
@@ -134,8 +157,8 @@ class Verifier:
         key = (prompt, seed, torch.get_num_threads())
         if key not in self._renders:
             def cache_key() -> dict[str, Any]:  # the schedule too: a family's step spacing is in no config
-                timesteps = denoise.schedule(self.loaded.pipe, self.options.steps, self.size)
-                return self._cache_key("render", prompt, seed, steps=self.options.steps, timesteps=timesteps)
+                timesteps = denoise.schedule(self.loaded.pipe, self.steps, self.size)
+                return self._cache_key("render", prompt, seed, steps=self.steps, timesteps=timesteps)
 
             found = self.cache.get(cache_key,
                                    lambda: dict(zip(("latents", "image"), self._render(self.loaded, prompt, seed, {}))))
@@ -164,8 +187,8 @@ class Verifier:
         return {
             "file": file.name, "sha256": sha, "kind": kind,
             "checkpoint": self.checkpoint.name, "checkpoint_sha256": self.checkpoint_sha256,
-            "prompts": prompts, "negative_prompt": denoise.NEGATIVE_PROMPT, "seeds": list(self.options.seeds),
-            "multipliers": multipliers, "steps": self.options.steps,
+            "prompts": prompts, **guidance_parameters(self.loaded.pipe), "seeds": list(self.options.seeds),
+            "multipliers": multipliers, "steps": self.steps,
             **denoise.sampler_facts(self.loaded.pipe),
             "size": list(self.size), "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
             "vae_dtype": str(self.loaded.pipe.vae.dtype).removeprefix("torch."),
@@ -235,7 +258,7 @@ class Verifier:
     def _verify_checkpoint(self, file: Path, found: ProbeResult, grid: Path | None, start: float) -> dict:
         """A checkpoint is verified by itself: its own pipeline renders the prompts, one column, no multipliers."""
         itself = file.resolve() == self.checkpoint.resolve()  # `verify --registry --kind checkpoint`: load once
-        loaded = self.loaded if itself else load_pipeline(file, self.device, self.dtype)
+        loaded = self.loaded if itself else load_pipeline(file, self.device, self.dtype, self.options.parts)
         prompts = list(self.options.prompts or [DEFAULT_PROMPT])
         if self.options.quick:
             return self._checkpoint_quick(file, found, loaded, prompts, start)

@@ -86,8 +86,10 @@ def layout_checkpoints(base: str, prefix: Callable[[TensorTable], str | None], m
 
 @dataclass(frozen=True)
 class Sampling:
-    """What verify and sample need to render the family's bases (pipeline classes, scheduler and guidance
-    join here as the sampler learns more families)."""
+    """What verify and sample need to render the family's bases. What `assemble` returns may declare
+    `default_steps` (when the user gives no --steps) and `guidance` (what is recorded for a model without
+    classifier-free guidance, whose denoiser says `cfg = False`: `{"distilled_guidance": 3.5}` or
+    `{"guidance": "none"}`); its denoiser may declare `patch` (latent patches packed per token, side)."""
 
     bases: tuple[str, ...]  # the bases verify renders
     vae_fp32: tuple[str, ...] = ()  # bases whose VAE overflows in fp16: kept in fp32 unless fp16 is asked for by name
@@ -96,6 +98,13 @@ class Sampling:
     # model_index.json does not say; empty: DiffusionPipeline loads a whole folder, a single file is converted
     parts: dict[str, tuple[str, str]] = field(default_factory=dict)
     optional: dict[str, tuple[str, str]] = field(default_factory=dict)  # parts loaded when present (SD3's T5)
+    # the width of each text-encoder slot that shares its class with another (SD3's two CLIPs), so that a lone
+    # file given with --text-encoders finds its slot
+    part_widths: dict[str, int] = field(default_factory=dict)
+    # what a lone VAE file in LDM names cannot say: latent scaling and shift, sample size
+    vae_config: dict[str, Any] = field(default_factory=dict)
+    # the scheduler when no folder gives one (a single file and lone parts): the loaded transformer -> scheduler
+    scheduler: Callable[[Any], Any] | None = None
     transformer_from_file: Callable[[Path, torch.dtype], Any] | None = None  # a single file's DiT, in memory
     assemble: Callable[[dict[str, Any]], Any] | None = None  # the parts -> what verify's loop renders with
     # the sigmas the family's pipeline hands a flow-matching scheduler for N steps (FluxPipeline: linspace(1, 1/N));

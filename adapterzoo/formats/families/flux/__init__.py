@@ -121,6 +121,8 @@ FAMILY = Family(
                "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
                "text_encoder_2": ("transformers", "T5EncoderModel"), "tokenizer_2": ("transformers", "T5TokenizerFast"),
                "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")},
+        vae_config={"scaling_factor": 0.3611, "shift_factor": 0.1159, "sample_size": 1024},  # ae.safetensors has none
+        scheduler=lazy(f"{__name__}.sampling", "scheduler"),
         transformer_from_file=lazy(f"{__name__}.sampling", "transformer_from_file"),
         assemble=lazy(f"{__name__}.sampling", "assemble"),
         flow_sigmas=lazy(f"{__name__}.sampling", "flow_sigmas"),

@@ -22,6 +22,12 @@ from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 DEV_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, fed to dev's guidance embedding
 NATIVE_SIDE = 1024
 T5_TOKENS = 512  # FluxPipeline's max_sequence_length for dev
+DEV_STEPS, SCHNELL_STEPS = 20, 4  # schnell is step-distilled: BFL and diffusers render it in 4 steps
+# FLUX.1-dev's and FLUX.1-schnell's scheduler_config.json (FlowMatchEulerDiscreteScheduler)
+SCHEDULER = {"num_train_timesteps": 1000, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+             "base_shift": 0.5, "max_shift": 1.15}
+DEV_SCHEDULER = {**SCHEDULER, "shift": 3.0, "use_dynamic_shifting": True}
+SCHNELL_SCHEDULER = {**SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
 
 
 def flow_sigmas(steps: int) -> np.ndarray:
@@ -44,6 +50,7 @@ class FluxDenoiser(torch.nn.Module):
     """The transformer called as a UNet: (latents [B, C, h, w], t on 0..1000, T5 states, {pooled}) -> eps."""
 
     cfg = False
+    patch = 2  # 2×2 latent patches packed into one token
 
     def __init__(self, transformer: torch.nn.Module, latent_factor: int) -> None:
         super().__init__()
@@ -90,6 +97,10 @@ class FluxForSampling:
         self.scheduler = parts["scheduler"]
         self.unet = FluxDenoiser(self.transformer, 2 ** (len(self.vae.config.block_out_channels) - 1))
         self.config: dict = {}
+        dev = self.transformer.config.guidance_embeds
+        self.default_steps = DEV_STEPS if dev else SCHNELL_STEPS
+        # dev reads its guidance through an embedding (no CFG pair, no negative prompt); schnell has none
+        self.guidance = {"distilled_guidance": DEV_GUIDANCE} if dev else {"guidance": "none"}
 
     @property
     def device(self) -> torch.device:
@@ -118,3 +129,11 @@ class FluxForSampling:
 
 def assemble(parts: dict[str, Any]) -> FluxForSampling:
     return FluxForSampling(parts)
+
+
+def scheduler(transformer: torch.nn.Module) -> Any:
+    """FLUX.1-dev's or -schnell's scheduler (by the guidance embedding), when no folder gives one."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    dev = transformer.config.guidance_embeds
+    return FlowMatchEulerDiscreteScheduler.from_config(DEV_SCHEDULER if dev else SCHNELL_SCHEDULER)

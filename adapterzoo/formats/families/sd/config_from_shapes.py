@@ -1,8 +1,8 @@
 """Diffusers configs of a single-file checkpoint's parts, inferred from tensor shapes alone (no hub).
 
 Everything that shapes the weights is read from them: channels, resnets per level, which levels
-attend, transformer depth, context width, linear vs conv projection, CLIP width/depth/vocabulary
-(the VAE's are in `checkpoint.shape_reading`). What the weights cannot tell (attention heads, group-norm groups,
+attend, transformer depth, context width, linear vs conv projection (the VAE's and CLIP's configs are in
+`checkpoint.shape_reading`, which every family shares). What the weights cannot tell (attention heads, group-norm groups,
 the VAE scaling factor) follows the LDM configs each base ships with (FORMATS.md §2, §5).
 """
 
@@ -11,24 +11,15 @@ from __future__ import annotations
 import re
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.checkpoint.shape_reading import NORM_GROUPS, Shapes, count, indices, need
+from adapterzoo.formats.checkpoint.shape_reading import HEAD_WIDTH, NORM_GROUPS, Shapes, count, heads_for, indices, need
 from adapterzoo.formats.model.unet_names import UnetLayout
 
-HEAD_WIDTH = 64  # SD2/SDXL (num_head_channels: 64) and every CLIP text encoder here
 SD1_HEADS = 8  # SD1 (num_heads: 8)
 UNET_SAMPLE_SIZE = {"sd1": 64, "sd2": 96, "sdxl": 128}
 VAE_SAMPLE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 VAE_SCALING = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 # CLIP's own special-token ids as its Hugging Face configs spell them (eos 2 selects the
 # argmax-of-ids pooling that SD's text encoders were trained with).
-CLIP_TOKEN_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
-
-
-def heads_for(width: int, head_width: int) -> int:
-    """Heads of width `head_width` if they fit, else the fewest heads whose width divides `width` and is <= it."""
-    if width % head_width == 0:
-        return width // head_width
-    return width // max(d for d in range(1, head_width + 1) if width % d == 0)
 
 
 def _unet_heads(channels: list[int], base: str) -> int | list[int]:
@@ -134,23 +125,3 @@ def _text_time_config(width: int, base: str, pooled_width: int | None) -> dict:
         "addition_time_embed_dim": time_width,
         "projection_class_embeddings_input_dim": width,
     }
-
-
-def clip_config_from_hf(shapes: Shapes, openclip: bool) -> dict:
-    """CLIPTextConfig fields for HF-named text-encoder tensors (keys without `text_model.`)."""
-    vocab, width = need(shapes, "embeddings.token_embedding.weight", "text encoder")
-    config = {
-        "vocab_size": vocab,
-        "hidden_size": width,
-        "intermediate_size": need(shapes, "encoder.layers.0.mlp.fc1.weight", "text encoder")[0],
-        "num_hidden_layers": count(shapes, r"^encoder\.layers\.(\d+)\."),
-        "num_attention_heads": heads_for(width, HEAD_WIDTH),
-        "max_position_embeddings": need(shapes, "embeddings.position_embedding.weight", "text encoder")[0],
-        # OpenAI's CLIP-L uses quick_gelu; the OpenCLIP towers of SD2 and SDXL use exact gelu.
-        "hidden_act": "gelu" if openclip else "quick_gelu",
-        "layer_norm_eps": 1e-5,
-        **CLIP_TOKEN_IDS,
-    }
-    if "text_projection.weight" in shapes:
-        config["projection_dim"] = shapes["text_projection.weight"][0]
-    return config

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterzoo.errors import BadFileError
+from adapterzoo.formats.checkpoint.shape_reading import clip_config_from_hf
 from adapterzoo.formats.families.sd.config_from_shapes import (
-    clip_config_from_hf,
     unet_config_from_ldm,
     unet_layout_from_diffusers,
 )

@@ -18,11 +18,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from adapterzoo.errors import BadFileError
 from adapterzoo.formats.checkpoint.clip_tokenizer import write_clip_tokenizer
-from adapterzoo.formats.checkpoint.shape_reading import vae_config_from_ldm
+from adapterzoo.formats.checkpoint.shape_reading import clip_config_from_hf, vae_config_from_ldm
 from adapterzoo.formats.families.sd.config_from_shapes import (
     VAE_SAMPLE_SIZE,
     VAE_SCALING,
-    clip_config_from_hf,
     unet_config_from_ldm,
     unet_layout_from_ldm,
 )

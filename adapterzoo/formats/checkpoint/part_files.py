@@ -1,0 +1,80 @@
+"""Which pipeline part a lone file holds, from its tensor names and shapes: the text encoders and VAE that
+users of transformer-only checkpoints keep beside them (ComfyUI's `clip_l.safetensors` in transformers'
+CLIPTextModel names, `t5xxl_fp16.safetensors` in T5EncoderModel's, BFL's `ae.safetensors` in LDM names), and
+the config each one is built with (nothing fetched: every config is read from the shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapterzoo.formats.checkpoint.shape_reading import Shapes, clip_config_from_hf, count, need, vae_config_from_ldm
+
+CLIP_PREFIXES = ("text_model.", "")  # ComfyUI and transformers <5 keep `text_model.`; transformers 5 does not
+T5_PREFIXES = ("",)
+VAE_PREFIXES = ("first_stage_model.", "vae.", "")
+T5_MARK = "encoder.block.0.layer.0.SelfAttention.q.weight"
+CLIP_MARK = "encoder.layers.0.self_attn.q_proj.weight"
+LDM_VAE_MARK = "encoder.down.0.block.0.conv1.weight"
+DIFFUSERS_VAE_MARK = "encoder.down_blocks.0.resnets.0.conv1.weight"
+
+
+@dataclass(frozen=True)
+class PartFile:
+    """A lone part: what it is, the class it loads into, its width, and how its keys are spelled."""
+
+    kind: str  # "text encoder" or "vae": which option takes it
+    library: str  # "transformers" or "diffusers"
+    model_class: str  # CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel, AutoencoderKL
+    width: int | None  # a text encoder's hidden width
+    prefix: str  # stripped from every key before loading
+    ldm: bool = False  # a VAE in LDM names (renamed on load)
+    config: dict | None = None  # a text encoder's config; a VAE's from `vae_config` (its factors are the caller's)
+
+    def what(self) -> str:
+        """How a message names it: 'a T5EncoderModel text encoder, 4096 wide'."""
+        return f"a {self.model_class} {self.kind}" + (f", {self.width} wide" if self.width else "")
+
+
+def _under(shapes: Shapes, prefix: str) -> Shapes:
+    return {key[len(prefix):]: shape for key, shape in shapes.items() if key.startswith(prefix)}
+
+
+def t5_config_from_shapes(shapes: Shapes) -> dict:
+    """T5Config fields of an encoder's tensors: heads from the relative attention bias [buckets, heads]."""
+    vocab, width = need(shapes, "shared.weight", "T5 encoder") if "shared.weight" in shapes else \
+        need(shapes, "encoder.embed_tokens.weight", "T5 encoder")
+    buckets, heads = need(shapes, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "T5 encoder")
+    inner = need(shapes, T5_MARK, "T5 encoder")[0]
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in shapes
+    ff = need(shapes, "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight", "T5 encoder")
+    return {"vocab_size": vocab, "d_model": width, "d_kv": inner // heads, "num_heads": heads, "d_ff": ff[0],
+            "num_layers": count(shapes, r"^encoder\.block\.(\d+)\."), "relative_attention_num_buckets": buckets,
+            "feed_forward_proj": "gated-gelu" if gated else "relu", "is_encoder_decoder": False, "use_cache": False}
+
+
+def vae_config(part: PartFile, shapes: Shapes, sample_size: int, factors: dict[str, float]) -> dict:
+    """An LDM-named VAE's AutoencoderKL config, with the latent factors its family declares (no weight holds them)."""
+    config = vae_config_from_ldm(_under(shapes, part.prefix), sample_size, factors.get("scaling_factor", 1.0))
+    return {**config, **factors}
+
+
+def recognise(shapes: Shapes) -> PartFile | None:
+    """The part a lone file holds, or None when it is none of a CLIP or T5 text encoder or a KL VAE."""
+    for prefix in CLIP_PREFIXES:
+        if prefix + CLIP_MARK in shapes and prefix + "embeddings.token_embedding.weight" in shapes:
+            config = clip_config_from_hf(_under(shapes, prefix))
+            projection = "projection_dim" in config
+            return PartFile("text encoder", "transformers",
+                            "CLIPTextModelWithProjection" if projection else "CLIPTextModel",
+                            config["hidden_size"], prefix, config=config)
+    for prefix in T5_PREFIXES:
+        if prefix + T5_MARK in shapes:
+            config = t5_config_from_shapes(_under(shapes, prefix))
+            return PartFile("text encoder", "transformers", "T5EncoderModel", config["d_model"], prefix, config=config)
+    for prefix in VAE_PREFIXES:
+        if prefix + LDM_VAE_MARK in shapes:
+            return PartFile("vae", "diffusers", "AutoencoderKL", None, prefix, ldm=True)
+        if prefix + DIFFUSERS_VAE_MARK in shapes:
+            return PartFile("vae", "diffusers", "AutoencoderKL", None, prefix)
+    return None

@@ -1,0 +1,244 @@
+"""The parts a transformer-only checkpoint lacks, from files and folders the user names (`--text-encoders`,
+`--vae`): each is recognised by its tensors (`formats.checkpoint.part_files`), put in the slot of the family's
+pipeline its class (and, where two slots share a class, its width) fits, built on `meta` and loaded with
+`assign=True` (no temporary folder).
+
+Tokenizers: a single text-encoder file carries none. Its tokenizer comes from the folder the encoder came from
+(the folder itself, or the diffusers `tokenizer*` folder beside it), else from `--pipeline DIR`, else — for a
+CLIP tokenizer — from the CLIP vocabulary that ships with adapterzoo (as for SD single files); anything else is
+named in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapterzoo.errors import AdapterzooError, BadFileError
+from adapterzoo.formats.checkpoint.clip_tokenizer import MAX_LENGTH, special_tokens, vocabulary
+from adapterzoo.formats.checkpoint.part_files import PartFile, recognise, vae_config
+from adapterzoo.formats.io.tensor_source import open_checkpoint_file
+from adapterzoo.formats.model import vae_names
+from adapterzoo.formats.model.family import Family
+
+TEXT_ENCODER = "text_encoder"
+IGNORED = ("position_ids", "logit_scale")  # buffers and training leftovers some CLIP files carry
+FP8_MARKER = "scaled_fp8"  # ComfyUI's scaled-fp8 files carry it
+FP8_EXTRAS = ("scale_weight", "scale_input", "input_scale")  # per-tensor scales beside a weight (applied, or unused)
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model")
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built here get parameters on `meta` (no memory, no init cost) and real buffers (position ids)."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def tokenizer_slot(encoder_slot: str) -> str:
+    return encoder_slot.replace(TEXT_ENCODER, "tokenizer")
+
+
+def encoder_slots(family: Family) -> dict[str, str]:
+    """The family's text-encoder slots and their classes, in its order (required, then optional)."""
+    spec = family.sampling
+    return {name: cls for name, (_, cls) in (spec.parts | spec.optional).items() if name.startswith(TEXT_ENCODER)}
+
+
+def _fits(file_class: str, slot_class: str) -> bool:
+    """A CLIP with a projection also serves a slot that reads no projection (the projection is left out)."""
+    return file_class == slot_class or (file_class, slot_class) == ("CLIPTextModelWithProjection", "CLIPTextModel")
+
+
+def _slot(family: Family, path: Path, model_class: str, width: int | None, taken: dict[str, Path]) -> str:
+    slots = encoder_slots(family)
+    widths = family.sampling.part_widths
+    fitting = [n for n, c in slots.items() if _fits(model_class, c) and (width is None or widths.get(n, width) == width)]
+    if path.name in slots and path.name in fitting:  # a diffusers component folder says its own slot
+        fitting = [path.name]
+    free = [n for n in fitting if n not in taken]
+    if not free:
+        wanted = ", ".join(f"{n} ({c}{f', {widths[n]} wide' if n in widths else ''})" for n, c in slots.items())
+        if fitting:
+            raise AdapterzooError(f"--text-encoders {path.name}: {taken[fitting[0]].name} already gives "
+                                  f"{fitting[0]}; a {family.title} pipeline takes {wanted}")
+        raise AdapterzooError(f"--text-encoders {path.name}: a {model_class}{f' {width} wide' if width else ''} does "
+                              f"not fit a {family.title} pipeline, which takes {wanted}")
+    return free[0]
+
+
+def _tensors(path: Path, part: PartFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The part's tensors in `dtype`, prefix stripped; ComfyUI's scaled fp8 (`t5xxl_fp8_e4m3fn_scaled`: a
+    `scale_weight` beside each fp8 weight, a `scaled_fp8` marker) dequantized as weight × scale."""
+    source = open_checkpoint_file(path)
+    state = {}
+    for key in source.shapes:
+        if not key.startswith(part.prefix) or key.endswith(FP8_EXTRAS) or key == FP8_MARKER:
+            continue
+        tensor = source.get(key)
+        scale = key.removesuffix("weight") + "scale_weight"
+        if key.endswith(".weight") and scale in source.shapes:
+            tensor = tensor.float() * source.get(scale).float()
+        state[key[len(part.prefix):]] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return state
+
+
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> torch.nn.Module:
+    expected = set(model.state_dict())
+    extra = [k for k in state if k not in expected and not k.endswith(IGNORED) and k != "text_projection.weight"]
+    missing = sorted(expected - set(state))
+    if extra or missing:
+        problem = f"no {missing[0]}" if missing else f"{extra[0]} has no place in it"
+        raise BadFileError(f"{path.name}: not a whole {what} ({problem}; {len(missing)} missing, {len(extra)} extra)")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
+    return model
+
+
+def _text_encoder_file(path: Path, part: PartFile, slot_class: str, dtype: torch.dtype) -> torch.nn.Module:
+    import transformers
+
+    model_class = getattr(transformers, slot_class)
+    with _parameters_on_meta():
+        model = model_class(model_class.config_class(**part.config))
+    state = _tensors(path, part, dtype)
+    if part.model_class == "T5EncoderModel":  # the token embedding is stored once, under either of its tied names
+        for name, twin in (("shared.weight", "encoder.embed_tokens.weight"),
+                           ("encoder.embed_tokens.weight", "shared.weight")):
+            if name in state and twin not in state:
+                state[twin] = state[name]
+    return _assign(model, state, path, slot_class).eval()
+
+
+def _vae_file(path: Path, part: PartFile, family: Family, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    source = open_checkpoint_file(path)
+    if part.ldm:
+        config = vae_config(part, source.shapes, family.sampling.vae_config.get("sample_size", 1024),
+                            family.sampling.vae_config)
+        levels = len(config["down_block_types"])
+        state = {}
+        for key, tensor in _tensors(path, part, dtype).items():
+            name = vae_names.ldm_to_diffusers_vae(key, levels)
+            if name is None:
+                raise BadFileError(f"--vae {path.name}: VAE tensor {key} has no place in a diffusers AutoencoderKL")
+            state[name] = tensor.reshape(tensor.shape[:2]) if vae_names.is_attention_weight(key) and tensor.dim() == 4 \
+                else tensor
+    else:
+        beside = path.with_name("config.json")
+        if not beside.is_file():
+            raise AdapterzooError(f"--vae {path.name}: a VAE in diffusers names needs its config.json beside it "
+                                  "(or give its folder)")
+        config = json.loads(beside.read_text(encoding="utf-8"))
+        state = _tensors(path, part, dtype)
+    with _parameters_on_meta():
+        model = AutoencoderKL.from_config(config)
+    return _assign(model, state, path, "AutoencoderKL").to(dtype).eval()
+
+
+def _folder_class(folder: Path) -> tuple[str, str]:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise AdapterzooError(f"{folder}: not a model folder (no config.json)")
+    data = json.loads(config.read_text(encoding="utf-8"))
+    if data.get("_class_name"):
+        return "diffusers", data["_class_name"]
+    return "transformers", (data.get("architectures") or ["?"])[0]
+
+
+def _load_folder(library: str, cls: str, folder: Path, dtype: torch.dtype) -> Any:
+    import importlib
+
+    kwargs = {"torch_dtype" if library == "diffusers" else "dtype": dtype}
+    try:
+        return getattr(importlib.import_module(library), cls).from_pretrained(folder, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
+        raise BadFileError(f"cannot load {folder}: {str(exc).splitlines()[0]}") from None
+
+
+def _tokenizer_folder(folder: Path, slot: str) -> Path | None:
+    for where in (folder, folder.parent / tokenizer_slot(slot), folder.parent / tokenizer_slot(folder.name)):
+        if where.is_dir() and any((where / name).is_file() for name in TOKENIZER_FILES):
+            return where
+    return None
+
+
+def _tokenizer_from(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadFileError(f"cannot load the tokenizer in {folder}: {str(exc).splitlines()[0]}") from None
+
+
+def load_given(family: Family, text_encoders: list[Path], vae: Path | None, dtype: torch.dtype
+               ) -> tuple[dict[str, Any], dict[str, Path]]:
+    """(parts by slot, the single files among the text encoders by slot: their tokenizers are still to find)."""
+    found: dict[str, Any] = {}
+    taken: dict[str, Path] = {}
+    files: dict[str, Path] = {}
+    slots = encoder_slots(family)
+    for path in map(Path, text_encoders):
+        if path.is_dir():
+            library, cls = _folder_class(path)
+            width = None
+            slot = _slot(family, path, cls, width, taken)
+            found[slot] = _load_folder(library, cls, path, dtype)
+            tokenizer = _tokenizer_folder(path, slot)
+            if tokenizer is not None:
+                found[tokenizer_slot(slot)] = _tokenizer_from(tokenizer)
+            else:
+                files[slot] = path
+        else:
+            part = recognise(open_checkpoint_file(path).shapes)
+            if part is None:
+                raise AdapterzooError(f"--text-encoders {path.name}: not a text encoder (no CLIP or T5 tensors); "
+                                      "its list runs to the next option, so FILE... goes before it")
+            if part.kind != "text encoder":
+                raise AdapterzooError(f"--text-encoders {path.name}: it is {part.what()}; give it with --vae")
+            slot = _slot(family, path, part.model_class, part.width, taken)
+            found[slot] = _text_encoder_file(path, part, slots[slot], dtype)
+            files[slot] = path
+        taken[slot] = path
+    if vae is not None:
+        vae = Path(vae)
+        if vae.is_dir():
+            found["vae"] = _load_folder("diffusers", "AutoencoderKL", vae, dtype)
+        else:
+            part = recognise(open_checkpoint_file(vae).shapes)
+            if part is None or part.kind != "vae":
+                raise AdapterzooError(f"--vae {vae.name}: not a VAE" + (f" (it is {part.what()})" if part else ""))
+            found["vae"] = _vae_file(vae, part, family, dtype)
+    return found, files
+
+
+def builtin_tokenizer(family: Family, slot: str, encoder: torch.nn.Module) -> Any | None:
+    """The CLIP tokenizer that ships with adapterzoo, for a CLIP slot whose encoder has CLIP's whole vocabulary."""
+    spec = family.sampling
+    _, cls = (spec.parts | spec.optional).get(tokenizer_slot(slot), ("", ""))
+    if not cls.startswith("CLIPTokenizer"):
+        return None
+    vocab, lines, _ = vocabulary()
+    if encoder.get_input_embeddings().num_embeddings != len(vocab):
+        return None
+    from transformers import CLIPTokenizer
+
+    openclip = encoder.config.hidden_act == "gelu"
+    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(line.split()) for line in lines],
+                         model_max_length=MAX_LENGTH, **special_tokens("!" if openclip else "<|endoftext|>"))
