@@ -24,7 +24,8 @@ PAGES = ["/", "/?kind=lora", "/?base=sdxl", "/?verdict=fail", "/?verdict=never",
          "/?source=civitai", "/?q=knight", "/?kind=lora&base=sd1&sort=size", "/?sort=newest", "/?sort=verdict",
          "/?view=list", "/?page=200"]
 API = ["/api/files", "/api/files?sort=size&page=100", "/api/files?q=knight&base=sdxl"]
-INDEXES = ["ix_files_size", "ix_files_first_seen", "ix_verifications_file_id_id", "ix_sources_provider_file_id"]
+INDEXES = ["ix_files_size", "ix_files_first_seen", "ix_verifications_file_id_id", "ix_sources_provider_file_id",
+           "ix_locations_host_name_key"]
 KINDS = ["lora"] * 12 + ["lycoris"] * 3 + ["checkpoint", "embedding", "embedding", "vae", "hypernetwork"]
 BASES = ["sd1"] * 4 + ["sdxl"] * 4 + ["flux", "flux", "sd2", "unknown"]
 WORDS = ["knight", "castle", "anime", "portrait", "detail", "style", "pixel", "ink", "neon", "forest", "robot"]
