@@ -155,8 +155,8 @@ def _latest_verdict() -> Any:
 def _filtered(statement: Select, chosen: FileFilter, located: bool = False) -> Select:
     """The entries `chosen` selects among those with a location on some host (`located`: the statement joins
     each to a location already)."""
-    if not located:
-        statement = statement.where(FileEntry.id.in_(select(Location.file_id)))
+    if not located:  # an index seek per file that is read, not a list of every location's file built first
+        statement = statement.where(exists().where(Location.file_id == FileEntry.id))
     if chosen.host:
         statement = statement.where(FileEntry.id.in_(select(Location.file_id).where(reached_by(chosen.host))))
     if chosen.ids is not None:
