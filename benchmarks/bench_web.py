@@ -3,7 +3,7 @@ filter, sort and page change) and of one /api/files page, median of --runs reque
 FastAPI's TestClient (no network in the way), timed around the app itself. Targets (issue 16): page ≤ 150 ms, API page ≤ 50 ms.
 
 The baseline, in the same run on the same rows: the registry without the indexes registry.db.sql adds for
-these queries (sort by size / newest, latest verification per file, files by source), printed as ratios.
+these queries (sort by size / newest / name, latest verification per file, files by source), printed as ratios.
 
     python benchmarks/bench_web.py [--files 20000] [--runs 15]
 """
