@@ -96,10 +96,10 @@ def _by_name(session: Session, chosen: FileFilter, skip: int, per_page: int) -> 
     range per host, merged, up to the page's end: no name past the page is read, nor sorted."""
     here = [current_host(), SHARED_HOST]
     shown, other = aliased(Location, name="shown"), aliased(Location, name="other")
-    binary = session.get_bind().dialect.name == "postgresql"  # SQLite compares code points by itself
+    postgres = session.get_bind().dialect.name == "postgresql"
 
     def place(loc: Any) -> Any:  # its rank among a file's locations, paths compared as Python compares them
-        return tuple_(loc.missing, loc.path.collate("C") if binary else loc.path, loc.id)
+        return tuple_(loc.missing, loc.path.collate("C") if postgres else loc.path, loc.id)  # (SQLite: by itself)
 
     earlier = exists().where(other.file_id == shown.file_id, other.id != shown.id,  # (from the index: the row
                              other.host.in_(here), place(other) < place(shown))   # itself is not read again)
@@ -108,7 +108,7 @@ def _by_name(session: Session, chosen: FileFilter, skip: int, per_page: int) -> 
         located = _filtered(located.join(FileEntry, FileEntry.id == shown.file_id), chosen, located=True)
     arms = [located.where(shown.host == host, ~earlier) for host in here]
     parts = arms  # SQLite merges the arms of an ordered UNION ALL, each read in its index's order
-    if binary:  # PostgreSQL reads an arm in index order only when the arm itself is ordered and limited
+    if postgres:  # PostgreSQL reads an arm in index order only when the arm itself is ordered and limited
         firsts = [arm.order_by(shown.name_key, shown.file_id).limit(skip + per_page).subquery() for arm in arms]
         parts = [select(first.c.name_key, first.c.file_id) for first in firsts]
     named = union_all(*parts)
