@@ -3,7 +3,7 @@ filter, sort and page change) and of one /api/files page, median of --runs reque
 FastAPI's TestClient (no network in the way), timed around the app itself. Targets (issue 16): page ≤ 150 ms, API page ≤ 50 ms.
 
 The baseline, in the same run on the same rows: the registry without the indexes registry.db.sql adds for
-these queries (sort by size / newest, latest verification per file, files by source), printed as ratios.
+these queries (sort by size / newest / name, latest verification per file, files by source), printed as ratios.
 
     python benchmarks/bench_web.py [--files 20000] [--runs 15]
 """
@@ -24,7 +24,8 @@ PAGES = ["/", "/?kind=lora", "/?base=sdxl", "/?verdict=fail", "/?verdict=never",
          "/?source=civitai", "/?q=knight", "/?kind=lora&base=sd1&sort=size", "/?sort=newest", "/?sort=verdict",
          "/?view=list", "/?page=200"]
 API = ["/api/files", "/api/files?sort=size&page=100", "/api/files?q=knight&base=sdxl"]
-INDEXES = ["ix_files_size", "ix_files_first_seen", "ix_verifications_file_id_id", "ix_sources_provider_file_id"]
+INDEXES = ["ix_files_size", "ix_files_first_seen", "ix_verifications_file_id_id", "ix_sources_provider_file_id",
+           "ix_locations_host_name_key"]
 KINDS = ["lora"] * 12 + ["lycoris"] * 3 + ["checkpoint", "embedding", "embedding", "vae", "hypernetwork"]
 BASES = ["sd1"] * 4 + ["sdxl"] * 4 + ["flux", "flux", "sd2", "unknown"]
 WORDS = ["knight", "castle", "anime", "portrait", "detail", "style", "pixel", "ink", "neon", "forest", "robot"]

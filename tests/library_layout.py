@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from cli_helpers import run
 from safetensors.torch import save_file
+from sqlalchemy import create_engine, inspect, text
+
+from adapterzoo.zoo.models import name_key
 
 LORA_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
 
@@ -66,12 +69,36 @@ class Cli:
 
     def __call__(self, *args: Any, host: str = "a") -> tuple[int, str, str]:
         self.monkeypatch.setenv("ADAPTERZOO_HOST", host)
-        return run([str(a) for a in args], self.capsys, self.monkeypatch)
+        answer = run([str(a) for a in args], self.capsys, self.monkeypatch)
+        words = [str(a) for a in args]
+        url = words[words.index("--db") + 1] if "--db" in words else None
+        assert stale_name_keys(url) == [], f"after adapterzoo {' '.join(words)}"
+        return answer
 
     def json(self, *args: Any, host: str = "a") -> Any:
         code, out, err = self(*args, "--json", host=host)
         assert code == 0, err
         return json.loads(out)
+
+
+def stale_name_keys(option: str | None = None) -> list[tuple[str, str | None]]:
+    """(path, name_key) of every location whose name_key is not models.name_key(path), in the registry that
+    `--db option` names (else ADAPTERZOO_DB, else the home's); none where that registry does not exist. Every
+    command that writes a location's path must write its name_key too: Cli checks this after each command."""
+    value = option or os.environ.get("ADAPTERZOO_DB") or str(Path(os.environ["ADAPTERZOO_HOME"]) / "registry.db")
+    if "://" not in value:
+        if not Path(value).is_file():
+            return []
+        value = f"sqlite:///{Path(value).absolute()}"
+    engine = create_engine(value)
+    try:
+        if not inspect(engine).has_table("locations"):
+            return []
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT path, name_key FROM locations")).all()
+    finally:
+        engine.dispose()
+    return [(path, key) for path, key in rows if key != name_key(path)]
 
 
 def locations(entry: dict[str, Any], host: str | None = None) -> dict[str, bool]:

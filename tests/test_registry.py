@@ -70,8 +70,9 @@ def schema_differences(database: Path, metadata: MetaData) -> list[str]:
             if sqlite_affinity(sql_type) != sqlite_affinity(orm_type):
                 problems.append(f"{name}.{column.name}: SQLite affinity of {sql_type} != ORM {orm_type}")
             as_pg = PG_TYPE_NAMES[sql_type.lower()]().compile(dialect=PG)
-            if as_pg != column.type.compile(dialect=PG):
-                problems.append(f"{name}.{column.name}: on PostgreSQL {as_pg} != ORM {column.type.compile(dialect=PG)}")
+            orm_pg = column.type.compile(dialect=PG).replace(db.BINARY_COLLATION, "")  # SQLite's file lacks it
+            if as_pg != orm_pg:
+                problems.append(f"{name}.{column.name}: on PostgreSQL {as_pg} != ORM {orm_pg}")
             nullable = reflected[column.name]["nullable"] and not column.primary_key
             if nullable != column.nullable:
                 problems.append(f"{name}.{column.name}: nullable {nullable} != ORM {column.nullable}")
@@ -119,7 +120,8 @@ def test_schema_comparison_notices_a_drifted_orm(schema_db: Path) -> None:
 
 def test_sql_file_uses_portable_types_and_identity_only_outside_sqlite() -> None:
     text = db.SCHEMA_FILE.read_text()
-    columns = re.findall(r"^\s+\w+\s+([A-Z][A-Z ]*?)(?:\s+(?:NOT NULL|GENERATED|PRIMARY|REFERENCES)|,|$)", text, re.M)
+    columns = re.findall(r"^\s+\w+\s+([A-Z][A-Z ]*?)(?:\s+(?:NOT NULL|GENERATED|PRIMARY|REFERENCES|COLLATE \"C\")|,|$)",
+                         text, re.M)
     assert len(columns) == sum(len(table.columns) for table in Base.metadata.tables.values())
     assert set(columns) <= {"INTEGER", "BIGINT", "TEXT", "BOOLEAN", "DOUBLE PRECISION", "TIMESTAMP"}
     assert "AUTOINCREMENT" not in text and "PRAGMA" not in text
@@ -128,6 +130,8 @@ def test_sql_file_uses_portable_types_and_identity_only_outside_sqlite() -> None
     assert len(pg) == len(lite) == text.count(";")
     assert sum(db.IDENTITY_CLAUSE.strip() in s for s in pg) == len(Base.metadata.tables) - 1  # all but registry_meta
     assert not any("IDENTITY" in s for s in lite)
+    assert set(re.findall(r"COLLATE \"?\w+\"?", text)) == {db.BINARY_COLLATION.strip()}  # code point order,
+    assert any(db.BINARY_COLLATION in s for s in pg) and not any("COLLATE" in s for s in lite)  # SQLite's own
 
 
 V1_SCHEMA = Path(__file__).parent / "fixtures" / "registry_v1.sql"  # registry.db.sql before files had locations
@@ -217,6 +221,7 @@ def test_an_old_registry_keyed_by_path_becomes_files_with_locations_and_loses_no
         sources = connection.execute("SELECT file_id, civitai_version_id FROM sources").fetchall()
         verifications = connection.execute("SELECT file_id, verdict FROM verifications").fetchall()
         version = connection.execute("SELECT value FROM registry_meta WHERE name = 'schema'").fetchall()
+        name_keys = dict(connection.execute("SELECT path, name_key FROM locations").fetchall())
     assert files == [(ids["a1111"], "aa" * 32, '["ohwx", "ink", "wash"]'), (ids["folder"], None, "[]"),
                      (ids["other"], "bb" * 32, "[]")]
     by_path = {row[2]: row for row in locations}
@@ -230,7 +235,11 @@ def test_an_old_registry_keyed_by_path_becomes_files_with_locations_and_loses_no
     assert by_path["/sd/webui/models/Lora/style.safetensors"][3:7] == (
         10, 5, "/sd/webui/models/Lora/style.safetensors.png", 0)
     assert sources == [(ids["a1111"], 7)] and verifications == [(ids["a1111"], "pass")]
-    assert version == [("2",)]
+    assert version == [("3",)]
+    assert name_keys == {"/sd/webui/models/Lora/style.safetensors": "style.safetensors",  # version 3's
+                         "/sd/ComfyUI/models/loras/style.safetensors": "style.safetensors",
+                         "/sd/ComfyUI/models/diffusers/tiny": "tiny",
+                         "/sd/webui/models/Lora/other.safetensors": "other.safetensors"}
     result = CliRunner().invoke(cli, ["--db", str(path), "list", "--json"])
     assert result.exit_code == 0, result.output
     listed = {Path(r["path"]).name: r for r in json.loads(result.stdout)}

@@ -90,15 +90,28 @@ def orm_differences(url: str) -> list[str]:
     return problems
 
 
-def test_processes_opening_an_old_registry_at_once_all_upgrade_it(registry_db: str, tmp_path: Path,
-                                                                  request) -> None:
-    urls = [registry_db]
-    for trial in range(1, TRIALS):  # more old registries, each opened by every process at one moment
-        urls.append(request.getfixturevalue("new_postgres_database")() if registry_db.startswith("postgresql")
-                    else f"sqlite:///{tmp_path / f'zoo{trial}.db'}")
-    for url in urls:
-        old_registry(url)
-        assert orm_differences(url) != []
+def version_2_registry(url: str) -> None:
+    """The registry as adapterzoo made it before locations had name_key (schema version 2), with a file at
+    two paths in it."""
+    db.connect(url).dispose()
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO files (is_folder, size, sha256, kind, base, tensors, metadata, details, warnings, "
+            "trigger_words, unsafe, first_seen, last_seen) VALUES (false, 1, 'aa', 'lora', 'sd1', 1, '{}', '{}', "
+            "'[]', '[]', false, '2020-01-01', '2020-01-01')"))
+        connection.execute(text(
+            "INSERT INTO locations (file_id, host, path, size, mtime_ns, missing, first_seen, last_seen) "
+            "SELECT id, 'h', p, 1, 1, false, '2020-01-01', '2020-01-01' FROM files, "
+            "(SELECT '/m/Ink Wash.safetensors' AS p UNION ALL SELECT '/n/ÉTÉ') AS paths"))
+        connection.execute(text("DROP INDEX ix_locations_host_name_key"))
+        connection.execute(text("ALTER TABLE locations DROP COLUMN name_key"))
+        connection.execute(text("UPDATE registry_meta SET value = '2' WHERE name = 'schema'"))
+    engine.dispose()
+
+
+def open_at_once(urls: list[str], tmp_path: Path) -> None:
+    """OPENERS processes open each of `urls` at one moment (GAP apart), and all succeed."""
     go = tmp_path / "go"
     openers = [subprocess.Popen([sys.executable, "-c", OPENER.format(gap=GAP), str(tmp_path / f"ready{n}"), str(go),
                                  *urls], stderr=subprocess.PIPE, text=True) for n in range(OPENERS)]
@@ -109,12 +122,51 @@ def test_processes_opening_an_old_registry_at_once_all_upgrade_it(registry_db: s
     (tmp_path / "go.tmp").rename(go)
     errors = [opener.communicate(timeout=120)[1] for opener in openers]
     assert [opener.returncode for opener in openers] == [0] * OPENERS, errors
+
+
+def more_databases(registry_db: str, tmp_path: Path, request) -> list[str]:
+    """registry_db and TRIALS - 1 more new databases on its backend."""
+    urls = [registry_db]
+    for trial in range(1, TRIALS):
+        urls.append(request.getfixturevalue("new_postgres_database")() if registry_db.startswith("postgresql")
+                    else f"sqlite:///{tmp_path / f'zoo{trial}.db'}")
+    return urls
+
+
+def test_processes_opening_an_old_registry_at_once_all_upgrade_it(registry_db: str, tmp_path: Path,
+                                                                  request) -> None:
+    urls = more_databases(registry_db, tmp_path, request)  # old registries, each opened by every process at once
+    for url in urls:
+        old_registry(url)
+        assert orm_differences(url) != []
+    open_at_once(urls, tmp_path)
     for url in urls:
         assert orm_differences(url) == []
         engine = create_engine(url)
         with engine.connect() as connection:
             rows = connection.execute(text("SELECT civitai_version_id, model_name FROM sources")).all()
-            locations = connection.execute(text("SELECT path FROM locations")).all()
+            locations = connection.execute(text("SELECT path, name_key FROM locations")).all()
         engine.dispose()
         assert [tuple(r) for r in rows] == [(7, None)]
-        assert [tuple(r) for r in locations] == [("/m",)]  # the path became a location, once
+        assert [tuple(r) for r in locations] == [("/m", "m")]  # the path became a location, once, and named
+
+
+def test_processes_opening_a_version_2_registry_at_once_give_every_location_its_name_key(
+        registry_db: str, tmp_path: Path, request) -> None:
+    """Schema version 3: each location's file name in lower case (Python's, É too), what the library sorts by,
+    filled in once under the schema lock, then its index made."""
+    urls = more_databases(registry_db, tmp_path, request)
+    for url in urls:
+        version_2_registry(url)
+        assert orm_differences(url) != []
+    open_at_once(urls, tmp_path)
+    for url in urls:
+        assert orm_differences(url) == []
+        engine = create_engine(url)
+        with engine.connect() as connection:
+            keys = connection.execute(text("SELECT path, name_key FROM locations ORDER BY path")).all()
+            version = connection.execute(text("SELECT value FROM registry_meta WHERE name = 'schema'")).all()
+            indexes = {i["name"] for i in inspect(connection).get_indexes("locations")}
+        engine.dispose()
+        assert [tuple(k) for k in keys] == [("/m/Ink Wash.safetensors", "ink wash.safetensors"), ("/n/ÉTÉ", "été")]
+        assert [tuple(v) for v in version] == [("3",)] and "ix_locations_host_name_key" in indexes

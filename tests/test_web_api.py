@@ -401,3 +401,77 @@ def test_serve_on_a_port_in_use_says_so_in_one_line(library: Path, capsys, monke
         code, out, err = run(["--db", str(library), "serve", "--port", str(port)], capsys, monkeypatch)
     assert code == 1 and out == ""
     assert err.startswith(f"error: cannot listen on {HOST}:{port}: ") and len(err.strip().splitlines()) == 1
+
+
+def by_name_in_python(engine, chosen, here: str) -> list[int]:
+    """The name order as the library had it when it sorted in Python (the spec name_key and its index keep):
+    each file by the lower-cased last part of its first location here (this host's or shared, present before
+    missing, then by stored path), then by id; files no such location names last, by id."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from adapterzoo.zoo.models import FileEntry, Location
+    from adapterzoo.zoo.queries import _filtered
+
+    with Session(engine) as session:
+        ids = set(session.scalars(_filtered(select(FileEntry.id), chosen)))
+        places: dict[int, list[tuple[bool, str]]] = {i: [] for i in ids}
+        for file_id, host, path, missing in session.execute(select(Location.file_id, Location.host, Location.path,
+                                                                   Location.missing)):
+            if file_id in ids and host in (here, "*"):
+                places[file_id].append((missing, path))
+    names = {i: min(p)[1].rpartition("/")[2].lower() if p else None for i, p in places.items()}
+    return sorted(ids, key=lambda i: (names[i] is None, names[i] or "", i))
+
+
+def test_name_order_pages_are_the_python_sort_of_file_names_on_both_backends(registry_db: str, monkeypatch) -> None:
+    """Sorting by name reads ix_locations_host_name_key a page at a time; the order is still Python's: names
+    ignoring case as str.lower() folds it (É, İ, ß too), compared code point by code point on PostgreSQL as on
+    SQLite; a file by its first location here (present first, then by path, shared roots included), once; files
+    only another host holds come last, on pages of any size."""
+    import random
+    from datetime import datetime
+
+    from sqlalchemy import insert
+
+    from adapterzoo.zoo.db import connect
+    from adapterzoo.zoo.models import FileEntry, Location, Root, RootMount
+    from adapterzoo.zoo.queries import FileFilter, page_entries
+
+    monkeypatch.setenv("ADAPTERZOO_HOST", "studio")
+    engine = connect(registry_db)
+    rng = random.Random(5)
+    when = datetime(2025, 1, 1)
+    stems = ["alpha", "Alpha", "ALPHA_2", "beta", "Éclair", "eclair", "zeta", "İstanbul", "istanbul", "straße",
+             "STRASSE", "a b", "a_b", "a-b", "ab", "Z", "_x", "~tilde", "日本", "42", "same", "same"]
+    files, places = [], []
+    for i, stem in enumerate(stems * 3, start=1):
+        files.append({"id": i, "is_folder": False, "size": i, "sha256": f"{i:064x}",
+                      "kind": rng.choice(["lora", "vae"]), "base": "sd1", "tensors": 1, "metadata": "{}",
+                      "details": "{}", "warnings": "[]", "trigger_words": "[]", "unsafe": False, "first_seen": when,
+                      "last_seen": when})
+        hosts = rng.choice([["studio"], ["studio"], ["studio", "studio"], ["*"], ["studio", "*"], ["laptop"],
+                            ["laptop", "studio"]])
+        for n, host in enumerate(hosts):
+            folder = rng.choice(["/m/a", "/m/B", "/share/loras"] if host == "*" else ["/m/a", "/m/B", "/m/c"])
+            name = stem if n == 0 else rng.choice(stems)
+            places.append({"file_id": i, "host": host, "path": f"{folder}/{name}-{i}-{n}.safetensors", "size": i,
+                           "mtime_ns": 0, "missing": rng.random() < 0.3, "first_seen": when, "last_seen": when,
+                           "root_id": 1 if host == "*" else None})
+    places.append({**places[0], "host": "*", "root_id": 1})  # the same stored path here and on a shared root
+    with engine.begin() as connection:
+        connection.execute(insert(Root.__table__).values(id=1, host="*", path="/share", layout="plain",
+                                                         added=when))
+        connection.execute(insert(RootMount.__table__).values(root_id=1, host="studio", path="/mnt/share"))
+        connection.execute(insert(FileEntry.__table__), files)
+        connection.execute(insert(Location.__table__), places)  # name_key: the column's default, from the path
+    for chosen in (FileFilter(), FileFilter(kind="lora"), FileFilter(query="STRA"), FileFilter(host="laptop")):
+        expected = by_name_in_python(engine, chosen, "studio")
+        for per_page in (1, 4, 7, 500):
+            got: list[int] = []
+            for page in range(1, len(expected) // per_page + 3):
+                entries, total = page_entries(engine, chosen, "name", page, per_page)
+                assert total == len(expected)
+                got += [e.id for e in entries]
+            assert got == expected, (chosen, per_page)
+    engine.dispose()

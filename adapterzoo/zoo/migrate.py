@@ -7,19 +7,25 @@ indexes: so two processes opening an old registry at once migrate it once, and t
 Version 2: a file is its content, its paths are locations. A registry keyed by path gets one location of
 this host per row, rows with one SHA-256 become one file with several locations (sources, verifications
 re-pointed), and the columns that moved to locations are dropped. Nothing else changes; nothing is lost.
+
+Version 3: every location gets its name_key (models.name_key: the file name in lower case, the library's name
+order), computed here in Python as every writer computes it.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Connection, case, column, insert, inspect, literal, null, select, table, update
+from sqlalchemy import (Boolean, Connection, bindparam, case, column, insert, inspect, literal, null, select, table,
+                        update)
 from sqlalchemy.types import BigInteger, DateTime, Text
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.zoo.contents import duplicate_groups, merge_into
 from adapterzoo.zoo.hosts import current_host
-from adapterzoo.zoo.models import Location, RegistryMeta
+from adapterzoo.zoo.models import Location, RegistryMeta, name_key
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+LOCATIONS = Location.__table__
+NAME_BATCH = 5000  # locations per executemany while filling name_key
 META = RegistryMeta.__table__
 MOVED_TO_LOCATIONS = ("path", "mtime_ns", "preview_path", "missing")  # files columns of version 1
 OLD_INDEXES = ("ux_files_path", "ix_files_sha256")  # version 1's; version 2 keys files by a unique SHA-256
@@ -47,6 +53,7 @@ def migrate(connection: Connection) -> None:
     if not needed(connection):
         return
     _files_to_locations(connection)
+    _name_keys(connection)
     if connection.execute(update(META).where(META.c.name == "schema").values(value=str(SCHEMA_VERSION))).rowcount:
         return
     connection.execute(insert(META).values(name="schema", value=str(SCHEMA_VERSION)))
@@ -67,9 +74,9 @@ def _files_to_locations(connection: Connection) -> None:
         "mtime_ns": old.c.mtime_ns if "mtime_ns" in present else literal(0),
         "preview_path": old.c.preview_path if "preview_path" in present else null(),
         "missing": missing, "missing_since": case((missing.is_(True), old.c.last_seen), else_=null()),
-        "first_seen": old.c.first_seen, "last_seen": old.c.last_seen,
+        "first_seen": old.c.first_seen, "last_seen": old.c.last_seen, "name_key": null(),  # _name_keys fills it
     }
-    connection.execute(insert(Location.__table__).from_select(list(columns), select(*columns.values())))
+    connection.execute(insert(LOCATIONS).from_select(list(columns), select(*columns.values())))
     for ids in duplicate_groups(connection):
         merge_into(connection, ids[0], ids[1:])
     for name in OLD_INDEXES:
@@ -77,3 +84,12 @@ def _files_to_locations(connection: Connection) -> None:
     for name in MOVED_TO_LOCATIONS:
         if name in present:
             connection.exec_driver_sql(f"ALTER TABLE files DROP COLUMN {name}")
+
+
+def _name_keys(connection: Connection) -> None:
+    """Version 2 -> 3: name_key for every location without one (all of them in a version-2 registry, and those
+    version 1's paths just became)."""
+    rows = connection.execute(select(LOCATIONS.c.id, LOCATIONS.c.path).where(LOCATIONS.c.name_key.is_(None))).all()
+    fill = update(LOCATIONS).where(LOCATIONS.c.id == bindparam("lid")).values(name_key=bindparam("key"))
+    for start in range(0, len(rows), NAME_BATCH):
+        connection.execute(fill, [{"lid": lid, "key": name_key(path)} for lid, path in rows[start:start + NAME_BATCH]])

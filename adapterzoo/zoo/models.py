@@ -236,6 +236,18 @@ class RootMount(Base):
     path: Mapped[str] = mapped_column(Text)
 
 
+def name_key(path: str) -> str:
+    """What the library sorts a location by: the last part of its stored path, in lower case (Python's own
+    lower-casing, so SQL compares what Python would). Every write of a location's path writes this too."""
+    return path.rpartition("/")[2].lower()
+
+
+def _name_key_default(context: Any) -> str | None:
+    """locations.name_key of an INSERT that does not give it: from the row's path."""
+    path = context.get_current_parameters().get("path")
+    return None if path is None else name_key(path)
+
+
 class Location(Base):
     """Where a file's content lives: a path on one host (or on a shared root), with what a rescan compares."""
 
@@ -244,6 +256,7 @@ class Location(Base):
         Index("ux_locations_host_path", "host", "path", unique=True),
         Index("ix_locations_file_id", "file_id"),
         Index("ix_locations_inode", "inode"),
+        Index("ix_locations_host_name_key", "host", "name_key", "file_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -260,6 +273,7 @@ class Location(Base):
     missing_since: Mapped[datetime | None] = mapped_column(DateTime)
     first_seen: Mapped[datetime] = mapped_column(DateTime)
     last_seen: Mapped[datetime] = mapped_column(DateTime)
+    name_key: Mapped[str | None] = mapped_column(Text(collation="C"), default=_name_key_default)  # name_key(path)
 
     root: Mapped[Root | None] = relationship(lazy="selectin")
 

@@ -28,7 +28,7 @@ from adapterzoo.zoo.file_moves import move_new
 from adapterzoo.zoo.file_names import safe_file_name
 from adapterzoo.zoo.hosts import Places, RootView, current_host, is_under
 from adapterzoo.zoo.library import LAYOUTS
-from adapterzoo.zoo.models import Event, FileEntry, Location, Source
+from adapterzoo.zoo.models import Event, FileEntry, Location, Source, name_key
 from adapterzoo.zoo.roots import find_root, load_places
 from adapterzoo.zoo.scan import Seen, upsert_location
 from adapterzoo.zoo.sidecars import sidecar_files
@@ -252,8 +252,9 @@ def _carry_out(engine: Engine, places: Places, step: Step) -> None:
             try:
                 with connection.begin_nested():
                     connection.execute(update(LOCATIONS).where(LOCATIONS.c.id == step.location_id).values(
-                        host=seen.host, path=seen.path, root_id=seen.root_id, inode=found.inode, device=found.device,
-                        mtime_ns=found.mtime_ns, preview_path=preview, missing=False, missing_since=None))
+                        host=seen.host, path=seen.path, name_key=name_key(seen.path), root_id=seen.root_id,
+                        inode=found.inode, device=found.device, mtime_ns=found.mtime_ns, preview_path=preview,
+                        missing=False, missing_since=None))
             except IntegrityError:  # a scan meanwhile recorded the new path: the old record goes
                 connection.execute(delete(LOCATIONS).where(LOCATIONS.c.id == step.location_id))
         _set_state(connection, step, "done")

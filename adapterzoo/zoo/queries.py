@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Select, Text, and_, case, exists, func, or_, select, type_coerce
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine, Select, Text, and_, case, exists, func, or_, select, tuple_, type_coerce, union_all
+from sqlalchemy.orm import Session, aliased
 
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.zoo.hosts import SHARED_HOST, current_host
@@ -75,10 +75,8 @@ def page_entries(engine: Engine, chosen: FileFilter, sort: str = "name", page: i
         raise AdapterzooError(f"sort is one of {', '.join(SORTS)}, not {sort!r}")
     skip = (max(page, 1) - 1) * per_page
     with Session(engine) as session:
-        if sort == "name":  # by file name: sorted here, as SQL has no portable basename() that is fast
-            names = _names(session, chosen)
-            order = sorted(names, key=lambda i: (names[i] is None, names[i] or "", i))
-            ids, total = order[skip:skip + per_page], len(order)
+        if sort == "name":
+            ids = _by_name(session, chosen, skip, per_page)
         else:  # ids first (from the index alone), then only this page's rows
             order = {"size": (FileEntry.size.desc(), FileEntry.id),
                      "newest": (FileEntry.first_seen.desc(), FileEntry.id),
@@ -86,26 +84,46 @@ def page_entries(engine: Engine, chosen: FileFilter, sort: str = "name", page: i
                                  FileEntry.id)}[sort]
             ids = list(session.scalars(_filtered(select(FileEntry.id), chosen).order_by(*order).limit(per_page)
                                        .offset(skip)))
-            total = session.scalar(_filtered(select(func.count(FileEntry.id)), chosen)) or 0
+        total = session.scalar(_filtered(select(func.count(FileEntry.id)), chosen)) or 0
         by_id = {e.id: e for e in session.scalars(select(FileEntry).where(FileEntry.id.in_(ids)))}
         return [by_id[i] for i in ids], total
 
 
-def _names(session: Session, chosen: FileFilter) -> dict[int, str | None]:
-    """file id -> its file name (lower case) as FileEntry.path names it here, for every file `chosen` selects;
-    None for a file only other hosts hold. One join over this host's and the shared locations, not
-    FileEntry.path's subquery per row (at 20,000 files that was most of the page's time)."""
-    here = and_(Location.file_id == FileEntry.id, Location.host.in_([current_host(), SHARED_HOST]))
-    statement = _filtered(select(FileEntry.id, Location.path, Location.missing).outerjoin(Location, here), chosen)
-    cursor = session.connection().execute(statement).cursor
-    first: dict[int, tuple[bool, str] | None] = {}
-    for file_id, path, missing in cursor.fetchall() if cursor is not None else []:
-        known = first.get(file_id)
-        if path is not None and (known is None or (missing, path) < known):
-            first[file_id] = (missing, path)
-        elif file_id not in first:
-            first[file_id] = None
-    return {i: None if place is None else place[1].rpartition("/")[2].lower() for i, place in first.items()}
+def _by_name(session: Session, chosen: FileFilter, skip: int, per_page: int) -> list[int]:
+    """One page of the ids `chosen` selects, by file name: the name_key of each file's first location here (this
+    host's and shared ones, present before missing, then by stored path: FileEntry.path's), then by id; files no
+    location here names come last, by id. The named ones come from ix_locations_host_name_key in its order, one
+    range per host, merged, up to the page's end: no name past the page is read, nor sorted."""
+    here = [current_host(), SHARED_HOST]
+    shown, other = aliased(Location, name="shown"), aliased(Location, name="other")
+    postgres = session.get_bind().dialect.name == "postgresql"
+
+    def place(loc: Any) -> Any:  # its rank among a file's locations, paths compared as Python compares them
+        return tuple_(loc.missing, loc.path.collate("C") if postgres else loc.path, loc.id)  # (SQLite: by itself)
+
+    earlier = exists().where(other.file_id == shown.file_id, other.id != shown.id,  # (from the index: the row
+                             other.host.in_(here), place(other) < place(shown))   # itself is not read again)
+    located = select(shown.name_key, shown.file_id)
+    if chosen != FileFilter():  # every filter reads files; without one, the join would only cost a seek per row
+        located = _filtered(located.join(FileEntry, FileEntry.id == shown.file_id), chosen, located=True)
+    arms = [located.where(shown.host == host, ~earlier) for host in here]
+    parts = arms  # SQLite merges the arms of an ordered UNION ALL, each read in its index's order
+    if postgres:  # PostgreSQL reads an arm in index order only when the arm itself is ordered and limited
+        firsts = [arm.order_by(shown.name_key, shown.file_id).limit(skip + per_page).subquery() for arm in arms]
+        parts = [select(first.c.name_key, first.c.file_id) for first in firsts]
+    named = union_all(*parts)
+    ids = [row.file_id for row in session.execute(named.order_by(*named.selected_columns).limit(per_page)
+                                                  .offset(skip))]
+    if len(ids) == per_page:
+        return ids
+    if ids or not skip:
+        before = skip + len(ids)
+    else:
+        before = session.scalar(select(func.count()).select_from(union_all(*arms).subquery())) or 0
+    nameless = _filtered(select(FileEntry.id), chosen).where(
+        ~exists().where(Location.file_id == FileEntry.id, Location.host.in_(here)))
+    return ids + list(session.scalars(nameless.order_by(FileEntry.id).limit(per_page - len(ids))
+                                      .offset(max(skip - before, 0))))
 
 
 def _columns(session: Session, statement: Select) -> tuple[list[Any], ...]:
@@ -134,9 +152,11 @@ def _latest_verdict() -> Any:
             .order_by(Verification.id.desc()).limit(1).scalar_subquery())
 
 
-def _filtered(statement: Select, chosen: FileFilter) -> Select:
-    """The entries `chosen` selects among those with a location on some host."""
-    statement = statement.where(FileEntry.id.in_(select(Location.file_id)))
+def _filtered(statement: Select, chosen: FileFilter, located: bool = False) -> Select:
+    """The entries `chosen` selects among those with a location on some host (`located`: the statement joins
+    each to a location already)."""
+    if not located:  # an index seek per file that is read, not a list of every location's file built first
+        statement = statement.where(exists().where(Location.file_id == FileEntry.id))
     if chosen.host:
         statement = statement.where(FileEntry.id.in_(select(Location.file_id).where(reached_by(chosen.host))))
     if chosen.ids is not None:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.zoo.events import utcnow
 from adapterzoo.zoo.hosts import SHARED_HOST, Places, RootView, current_host, is_under, translate
-from adapterzoo.zoo.models import Location, Root, RootMount
+from adapterzoo.zoo.models import Location, Root, RootMount, name_key
 
 LAYOUTS = ("a1111", "comfyui", "invoke", "plain")
 LOCATIONS = Location.__table__
@@ -235,7 +235,7 @@ def _adopt(connection: Connection, root: Root, host: str) -> int:
                                                                     LOCATIONS.c.path == stored)).scalar()
             if taken is None:
                 connection.execute(update(LOCATIONS).where(LOCATIONS.c.id == row.id)
-                                   .values(host=SHARED_HOST, path=stored, root_id=root.id))
+                                   .values(host=SHARED_HOST, path=stored, name_key=name_key(stored), root_id=root.id))
             else:
                 connection.execute(delete(LOCATIONS).where(LOCATIONS.c.id == row.id))
             changed += 1
@@ -251,6 +251,7 @@ def _unshare(connection: Connection, root: Root, host: str, mount: str) -> int:
     """The last mount of a shared root goes: its locations become `host`'s, at their paths under its mount."""
     rows = connection.execute(select(LOCATIONS.c.id, LOCATIONS.c.path).where(LOCATIONS.c.root_id == root.id)).all()
     for row in rows:
+        path = translate(row.path, root.path, mount)
         connection.execute(update(LOCATIONS).where(LOCATIONS.c.id == row.id).values(
-            host=host, path=translate(row.path, root.path, mount), root_id=None))
+            host=host, path=path, name_key=name_key(path), root_id=None))
     return len(rows)

@@ -29,7 +29,7 @@ from adapterzoo.zoo.contents import content_id, merge_into, overwrite_content, u
 from adapterzoo.zoo.events import move_action, record_event, utcnow
 from adapterzoo.zoo.hashing import FileHashes, hash_file, sha256_of
 from adapterzoo.zoo.hosts import Places, current_host
-from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Location
+from adapterzoo.zoo.models import HASH_COLUMNS, FileEntry, Location, name_key
 from adapterzoo.zoo.roots import load_places, under
 from adapterzoo.zoo.triggers import BESIDE_SUFFIXES, find_preview, own_tokens, sidecar_stem, sidecars, trigger_words
 from adapterzoo.zoo.walk import Found, find_entries, signed64
@@ -42,7 +42,8 @@ _TAKEN = select(LOCATIONS.c.id).where(LOCATIONS.c.host == bindparam("to_host"),
 MOVE_LOCATION = update(LOCATIONS).where(  # unless another scan recorded the new path meanwhile
     LOCATIONS.c.id == bindparam("lid"), LOCATIONS.c.path == bindparam("was"), ~exists(select(_TAKEN.c.id)),
 ).values(host=bindparam("to_host"), path=bindparam("to_path"), **{name: bindparam(f"to_{name}") for name in (
-    "size", "mtime_ns", "inode", "device", "root_id", "preview_path", "missing", "missing_since", "last_seen")})
+    "size", "mtime_ns", "inode", "device", "root_id", "preview_path", "missing", "missing_since", "last_seen",
+    "name_key")})
 KNOWN_COLUMNS = (LOCATIONS.c.id, LOCATIONS.c.file_id, LOCATIONS.c.host, LOCATIONS.c.path, LOCATIONS.c.size,
                  LOCATIONS.c.mtime_ns, LOCATIONS.c.inode, LOCATIONS.c.device, LOCATIONS.c.root_id,
                  LOCATIONS.c.preview_path, LOCATIONS.c.first_seen, LOCATIONS.c.last_seen, FILES.c.sha256,
@@ -392,7 +393,7 @@ class _Scan:
             return True
         values = {"host": seen.host, "path": seen.path, "size": entry.size, "mtime_ns": entry.mtime_ns,
                   "inode": entry.inode, "device": entry.device, "root_id": seen.root_id, "preview_path": preview,
-                  "missing": False, "missing_since": None, "last_seen": self.now}
+                  "missing": False, "missing_since": None, "last_seen": self.now, "name_key": name_key(seen.path)}
         moved = connection.execute(MOVE_LOCATION, {"lid": row.id, "was": before.path,
                                                    **{f"to_{k}": v for k, v in values.items()}}).rowcount
         if moved:
@@ -525,7 +526,8 @@ def upsert_location(connection: Connection, seen: Seen, preview: str | None, fil
     entry = seen.found
     row = {"file_id": file_id, "host": seen.host, "path": seen.path, "size": entry.size, "mtime_ns": entry.mtime_ns,
            "inode": entry.inode, "device": entry.device, "root_id": seen.root_id, "preview_path": preview,
-           "missing": False, "missing_since": None, "first_seen": now, "last_seen": now}
+           "missing": False, "missing_since": None, "first_seen": now, "last_seen": now,
+           "name_key": name_key(seen.path)}
     return connection.execute(_location_upsert(connection.dialect.name), row).scalar_one()
 
 
