@@ -603,13 +603,15 @@ def test_t5_placeholders_keep_t5s_eos_and_padding_and_equal_an_added_token():
     for prompt in ("a photo of cat", "", "a red fox, in the snow"):
         expected = tokenizer(prompt, padding="max_length", max_length=16, truncation=True).input_ids
         assert token_ids(tokenizer, prompt, length=16)[0].tolist() == expected
-    ids = token_ids(tokenizer, "a photo of emb, in the snow", {"emb": 2}, 16)[0].tolist()
-    plain = tokenizer("a photo of", add_special_tokens=False).input_ids
-    rest = tokenizer(", in the snow", add_special_tokens=False).input_ids
-    assert ids == plain + [PLACEHOLDER_ID] * 2 + rest + [1] + [0] * (16 - len(plain) - 3 - len(rest))
     vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
     applied = apply_embedding(Embedding({"t5xxl": vectors}), "emb", {"t5xxl": "text_encoder_2"},
                               {"text_encoder_2": encoder})
+    placeholders = applied.insert()["text_encoder_2"]["emb"]
+    assert len(set(placeholders)) == 2 and max(placeholders) <= PLACEHOLDER_ID < 0
+    ids = token_ids(tokenizer, "a photo of emb, in the snow", {"emb": placeholders}, 16)[0].tolist()
+    plain = tokenizer("a photo of", add_special_tokens=False).input_ids
+    rest = tokenizer(", in the snow", add_special_tokens=False).input_ids
+    assert ids == plain + placeholders + rest + [1] + [0] * (16 - len(plain) - 3 - len(rest))
     with torch.no_grad():
         got = encoder(torch.tensor([ids]))[0]
         applied.remove()

@@ -15,10 +15,11 @@ import torch
 
 GUIDANCE_SCALE = 7.0
 NEGATIVE_PROMPT = ""
-# stands for an embedding's vectors: no tokenizer's id (CLIP's "!" is 0, T5's pad is 0 and its EOS 1), below every
-# EOS id so CLIP's pooling never picks it; the embedding's hook swaps it for a real id before the lookup
+# an embedding's placeholder ids count down from here, one per vector and embedding: no tokenizer's id (CLIP's "!"
+# is 0, T5's pad is 0 and its EOS 1), below every EOS id so CLIP's pooling never picks one; the embedding's hook
+# swaps them for a real id before the lookup and puts its vectors in their places after it
 PLACEHOLDER_ID = -1
-Insert = dict[str, dict[str, int]]  # text encoder -> {prompt word: placeholders}; 0 takes the word out
+Insert = dict[str, dict[str, list[int]]]  # text encoder -> {prompt word: its placeholder ids}; [] takes it out
 
 
 @dataclass
@@ -51,23 +52,24 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     return full[:at], full[at + len(bare):]
 
 
-def token_ids(tokenizer, prompt: str, insert: dict[str, int] | None = None, length: int | None = None) -> torch.Tensor:
+def token_ids(tokenizer, prompt: str, insert: dict[str, list[int]] | None = None,
+              length: int | None = None) -> torch.Tensor:
     """[1, length] ids as `tokenizer(prompt, padding="max_length", truncation=True)` gives them (the tokenizer's own
-    special tokens, its pad id; `length` defaults to its model_max_length); each word of `insert` becomes n
-    PLACEHOLDER_IDs (0: the word is taken out). The text between words is tokenized apart, stripped, as a
+    special tokens, its pad id; `length` defaults to its model_max_length); each word of `insert` becomes its
+    placeholder ids ([]: the word is taken out). The text between words is tokenized apart, stripped, as a
     tokenizer extended by the words as added tokens (lstrip) splits it."""
-    pieces: list[tuple[str, int]] = [(prompt, 0)]
-    for word, count in (insert or {}).items():
-        split: list[tuple[str, int]] = []
-        for text, placeholders in pieces:
+    pieces: list[tuple[str, list[int]]] = [(prompt, [])]
+    for word, placeholders in (insert or {}).items():
+        split: list[tuple[str, list[int]]] = []
+        for text, after in pieces:
             parts = text.split(word)
             for i, part in enumerate(parts):
-                split.append((part, count if i < len(parts) - 1 else placeholders))
+                split.append((part, list(placeholders) if i < len(parts) - 1 else after))
         pieces = split
     ids: list[int] = []
     for text, placeholders in pieces:
         ids += tokenizer(text.strip(), add_special_tokens=False).input_ids if text.strip() else []
-        ids += [PLACEHOLDER_ID] * placeholders
+        ids += placeholders
     limit = length or tokenizer.model_max_length
     before, after = special_tokens(tokenizer)
     ids = before + ids[: limit - len(before) - len(after)] + after
