@@ -621,3 +621,29 @@ def test_t5_placeholders_keep_t5s_eos_and_padding_and_equal_an_added_token():
                                    return_tensors="pt").input_ids)[0]
     assert applied.calls == {"text_encoder_2": 1}
     assert torch.allclose(got, reference, atol=1e-5, rtol=0)
+
+
+def test_sample_takes_embeddings_each_slot_on_its_encoder_and_weight_0_is_without(flux, embeddings, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from PIL import Image
+
+    both, t5 = embeddings["both"], embeddings["t5"]
+    prompt = f"a photo of {both.stem} and {t5.stem}"
+
+    def sample(name: str, prompt: str, *specs: str) -> tuple[dict, torch.Tensor, str]:
+        out = tmp_path / f"{name}.png"
+        args = [a for spec in specs for a in ("--embedding", spec)]
+        report = cli(["sample", "--checkpoint", str(flux["pipe"]), *args, "--prompt", prompt, "-o", str(out), *SIZE,
+                      "--json"], capsys, monkeypatch)
+        image = Image.open(out)
+        return report, torch.tensor(list(image.getdata())), image.text["parameters"]
+
+    on, on_pixels, text = sample("on", prompt, str(both), f"{t5}:0.5")
+    assert on["loras"] == [] and on["warnings"] == []
+    assert [(e["token"], e["weight"], e["slots"], e["slots_hit"], e["unmatched"]) for e in on["embeddings"]] == [
+        (both.stem, 1.0, 2, 2, []), (t5.stem, 0.5, 1, 1, [])]
+    assert f"TI hashes: \"{both.stem}: " in text and f"Embeddings: \"{both.name}:1, {t5.name}:0.5\"" in text
+    _, off_pixels, _ = sample("off", prompt, f"{both}:0", f"{t5}:0")
+    without, without_pixels, _ = sample("without", "a photo of and", str(both))
+    assert without["warnings"] == [f"{both.name}: its token '{both.stem}' is in neither prompt, so it changes nothing"]
+    assert torch.equal(off_pixels, without_pixels) and not torch.equal(on_pixels, off_pixels)

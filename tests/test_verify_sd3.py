@@ -317,3 +317,23 @@ def test_embedding_vectors_equal_added_tokens_in_each_tokenizer(sd3, embeddings)
         assert torch.equal(got.states[:, :clip_tokens], bare.states[:, :clip_tokens]) == (which == "t5")
         assert torch.equal(got.added["pooled"], bare.added["pooled"]) == (which == "t5")
         assert (got.states[:, clip_tokens:] - bare.states[:, clip_tokens:]).abs().max() > 1e-3
+
+
+def test_sample_takes_embeddings_and_names_a_t5_slot_without_t5_in_one_line(sd3, embeddings, tmp_path, capsys,
+                                                                              monkeypatch):
+    every, t5 = embeddings["all"], embeddings["t5"]
+    out = tmp_path / "out.png"
+    report = cli(["sample", "--checkpoint", str(sd3["pipe"]), "--embedding", str(every), "--embedding", str(t5),
+                  "--prompt", f"a photo of {every.stem}", "--negative-prompt", t5.stem, "-o", str(out), *SIZE,
+                  "--json"], capsys, monkeypatch)
+    assert out.is_file() and report["warnings"] == []
+    assert [(e["slots"], e["slots_hit"]) for e in report["embeddings"]] == [(3, 3), (1, 1)]  # the negative too
+    message = cli(["sample", "--checkpoint", str(sd3["no_t5"]), "--embedding", str(every), "--prompt",
+                   f"a photo of {every.stem}", "-o", str(tmp_path / "no_t5.png"), *SIZE, "--json"], capsys,
+                  monkeypatch, code=1)["error"]
+    assert message == (f"{every.name}: 1 of 3 key(s) land on no module of the checkpoint: t5xxl (the pipeline has no "
+                       "text_encoder_3: its t5xxl vectors act on nothing) (--allow-unmatched samples with the rest)")
+    report = cli(["sample", "--checkpoint", str(sd3["no_t5"]), "--embedding", str(every), "--prompt",
+                  f"a photo of {every.stem}", "-o", str(tmp_path / "no_t5.png"), *SIZE, "--allow-unmatched",
+                  "--json"], capsys, monkeypatch)
+    assert [(e["slots"], e["slots_hit"], len(e["unmatched"])) for e in report["embeddings"]] == [(2, 2, 1)]
