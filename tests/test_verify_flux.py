@@ -36,7 +36,7 @@ TARGETS = {  # diffusers module -> (in, out) of the tiny transformer
 def cli(args: list[str], capsys, monkeypatch, code: int = 0) -> dict | str:
     """The --json report (also of a failed verdict, exit 1), or the one-line error when there is none."""
     got, out, err = run(args, capsys, monkeypatch)
-    assert got == code, err
+    assert got == code, err or out
     return json.loads(out) if out.strip() else err
 
 
@@ -526,3 +526,124 @@ def test_sample_renders_a_bfl_file_with_lone_parts(flux, dialects, lone, tmp_pat
                   *lone_args(lone, "clip", "t5", "ae"), "--pipeline", str(lone["tokenizers"]), "-o", str(out), *SIZE,
                   "--json"], capsys, monkeypatch)
     assert out.is_file() and report["base"] == "flux" and report["loras"][0]["modules_hit"] > 0
+
+
+# -- textual-inversion embeddings: each slot on its own encoder (CLIP-L, T5) ------------------------------------
+
+EMBEDDING_SLOTS = {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"}
+
+
+@pytest.fixture(scope="module")
+def embeddings(flux) -> dict[str, Path]:
+    from embedding_helpers import slot_embedding
+
+    root = flux["root"]
+    return {"both": slot_embedding(root / "fluxstyle.safetensors", {"clip_l": 768, "t5xxl": 32}),
+            "t5": slot_embedding(root / "t5style.safetensors", {"t5xxl": 32}, vectors=16, seed=1, scale=10.0)}
+
+
+def test_an_embedding_acts_on_clip_l_and_t5_each_through_its_own_tokens(flux, embeddings, capsys, monkeypatch):
+    for which, slots in (("both", 2), ("t5", 1)):
+        result = cli(["verify", str(embeddings[which]), "--checkpoint", str(flux["pipe"]), *SIZE, "--json"], capsys,
+                     monkeypatch)
+        assert (result["verdict"], result["reasons"], result["base"]) == ("pass", [], "flux"), which
+        coverage = result["coverage"]
+        assert coverage["keys_matched"] == coverage["keys_total"] == slots and coverage["unmatched"] == []
+        assert coverage["modules_hit"] == coverage["modules_total"] == slots  # every slot applied, on its encoder
+        zero, *rest = result["effects"]
+        assert zero["mean_abs_pixel_change"] == 0 and zero["noise_pred_rel_change"] == 0  # bit-identical at 0
+        assert all(e["noise_pred_rel_change"] > 1e-3 for e in rest), which
+
+
+def test_embedding_vectors_equal_added_tokens_in_each_tokenizer(flux, embeddings):
+    """The prompt's encoding with the vectors hooked in equals plain transformers: each encoder's tokenizer
+    extended by the tokens (add_tokens, resize_token_embeddings, rows set to the vectors); a T5-only file leaves
+    CLIP-L's pooled output as the prompt without the token gives it."""
+    from embedding_helpers import reference_conditioning
+
+    from adapterzoo.formats.embedding_convert import read_embedding
+
+    loaded = load_for_sampling(flux["pipe"], "cpu", "fp32")
+    pipe = loaded.pipe
+    for which in ("both", "t5"):
+        path = embeddings[which]
+        prompt = f"a photo of {path.stem}, in the snow"
+        parts = read_embedding(path)[0].parts
+        attached = attach(path, probe(path), loaded)
+        handle = attached.hook()
+        try:
+            from adapterzoo.verify import denoise
+
+            got = denoise.encode_prompt(pipe, prompt, attached.insert())
+        finally:
+            attached.remove()
+        slots = {slot: EMBEDDING_SLOTS[slot] for slot in parts}
+        states, added = reference_conditioning(pipe, slots, parts, path.stem, prompt)
+        assert handle.calls == {name: 1 for name in slots.values()}
+        assert torch.allclose(got.states, states, atol=1e-5, rtol=0), which
+        assert torch.allclose(got.added["pooled"], added["pooled"], atol=1e-5, rtol=0), which
+        bare = denoise.encode_prompt(pipe, attached.without(prompt))
+        assert (got.states - bare.states).abs().max() > 1e-3
+        assert torch.equal(got.added["pooled"], bare.added["pooled"]) == (which == "t5")
+
+
+def test_t5_placeholders_keep_t5s_eos_and_padding_and_equal_an_added_token():
+    """T5's tokenizer has no BOS, appends EOS (1) and pads with 0: the placeholder is none of them, the ids around
+    it are the tokenizer's own, and the states (relative attention over the padding included) are those of the
+    tokenizer extended by the token."""
+    from embedding_helpers import extend, spelled_out, t5_tokenizer
+    from flux_tiny import tiny_t5
+
+    from adapterzoo.formats.embedding_convert import Embedding
+    from adapterzoo.verify.denoise import PLACEHOLDER_ID, token_ids
+    from adapterzoo.verify.runtime_embedding import apply_embedding
+
+    tokenizer, encoder = t5_tokenizer(16), tiny_t5().eval()
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (None, 1, 0)
+    for prompt in ("a photo of cat", "", "a red fox, in the snow"):
+        expected = tokenizer(prompt, padding="max_length", max_length=16, truncation=True).input_ids
+        assert token_ids(tokenizer, prompt, length=16)[0].tolist() == expected
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    applied = apply_embedding(Embedding({"t5xxl": vectors}), "emb", {"t5xxl": "text_encoder_2"},
+                              {"text_encoder_2": encoder})
+    placeholders = applied.insert()["text_encoder_2"]["emb"]
+    assert len(set(placeholders)) == 2 and max(placeholders) <= PLACEHOLDER_ID < 0
+    ids = token_ids(tokenizer, "a photo of emb, in the snow", {"emb": placeholders}, 16)[0].tolist()
+    plain = tokenizer("a photo of", add_special_tokens=False).input_ids
+    rest = tokenizer(", in the snow", add_special_tokens=False).input_ids
+    assert ids == plain + placeholders + rest + [1] + [0] * (16 - len(plain) - 3 - len(rest))
+    with torch.no_grad():
+        got = encoder(torch.tensor([ids]))[0]
+        applied.remove()
+        extended, grown = extend(tokenizer, encoder, "emb", vectors)
+        text = spelled_out("a photo of emb, in the snow", "emb", 2)
+        reference = grown(extended(text, padding="max_length", max_length=16, truncation=True,
+                                   return_tensors="pt").input_ids)[0]
+    assert applied.calls == {"text_encoder_2": 1}
+    assert torch.allclose(got, reference, atol=1e-5, rtol=0)
+
+
+def test_sample_takes_embeddings_each_slot_on_its_encoder_and_weight_0_is_without(flux, embeddings, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from PIL import Image
+
+    both, t5 = embeddings["both"], embeddings["t5"]
+    prompt = f"a photo of {both.stem} and {t5.stem}"
+
+    def sample(name: str, prompt: str, *specs: str) -> tuple[dict, torch.Tensor, str]:
+        out = tmp_path / f"{name}.png"
+        args = [a for spec in specs for a in ("--embedding", spec)]
+        report = cli(["sample", "--checkpoint", str(flux["pipe"]), *args, "--prompt", prompt, "-o", str(out), *SIZE,
+                      "--json"], capsys, monkeypatch)
+        image = Image.open(out)
+        return report, torch.tensor(list(image.getdata())), image.text["parameters"]
+
+    on, on_pixels, text = sample("on", prompt, str(both), f"{t5}:0.5")
+    assert on["loras"] == [] and on["warnings"] == []
+    assert [(e["token"], e["weight"], e["slots"], e["slots_hit"], e["unmatched"]) for e in on["embeddings"]] == [
+        (both.stem, 1.0, 2, 2, []), (t5.stem, 0.5, 1, 1, [])]
+    assert f"TI hashes: \"{both.stem}: " in text and f"Embeddings: \"{both.name}:1, {t5.name}:0.5\"" in text
+    _, off_pixels, _ = sample("off", prompt, f"{both}:0", f"{t5}:0")
+    without, without_pixels, _ = sample("without", "a photo of and", str(both))
+    assert without["warnings"] == [f"{both.name}: its token '{both.stem}' is in neither prompt, so it changes nothing"]
+    assert torch.equal(off_pixels, without_pixels) and not torch.equal(on_pixels, off_pixels)

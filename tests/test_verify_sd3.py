@@ -36,7 +36,7 @@ ENCODER_TARGETS = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": 
 def cli(args: list[str], capsys, monkeypatch, code: int = 0) -> dict | str:
     """The --json report (also of a failed verdict, exit 1), or the one-line error when there is none."""
     got, out, err = run(args, capsys, monkeypatch)
-    assert got == code, err
+    assert got == code, err or out
     return json.loads(out) if out.strip() else err
 
 
@@ -243,3 +243,97 @@ def test_a_transformer_folder_takes_the_rest_from_pipeline(sd3, dialects, capsys
     result = cli(["verify", str(dialects["peft"]), "--checkpoint", str(sd3["pipe"] / "transformer"),
                   "--pipeline", str(sd3["parts"]), *SIZE, "--quick", "--json"], capsys, monkeypatch)
     assert (result["verdict"], result["base"]) == ("pass", "sd35")
+
+
+# -- textual-inversion embeddings: each slot on its own encoder (CLIP-L, CLIP-G, T5) ---------------------------
+
+EMBEDDING_SLOTS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"}
+EMBEDDING_WIDTHS = {"clip_l": CLIP_WIDTHS[0], "clip_g": CLIP_WIDTHS[1], "t5xxl": T5_WIDTH}
+
+
+@pytest.fixture(scope="module")
+def embeddings(sd3) -> dict[str, Path]:
+    from embedding_helpers import slot_embedding
+
+    root = sd3["root"]
+    return {"all": slot_embedding(root / "sd3style.safetensors", EMBEDDING_WIDTHS, vectors=4, scale=3.0),
+            "t5": slot_embedding(root / "t5style.safetensors", {"t5xxl": T5_WIDTH}, vectors=16, seed=1, scale=10.0)}
+
+
+def test_an_embedding_acts_on_clip_l_clip_g_and_t5_each_through_its_own_tokens(sd3, embeddings, capsys,
+                                                                              monkeypatch):
+    """The three slots each on their encoder, full coverage; a T5-only file (probed as Flux's: the same T5-XXL)
+    fits SD3.5 and acts through T5 alone."""
+    for which, slots in (("all", 3), ("t5", 1)):
+        result = cli(["verify", str(embeddings[which]), "--checkpoint", str(sd3["pipe"]), *SIZE, "--json"], capsys,
+                     monkeypatch)
+        assert (result["verdict"], result["reasons"]) == ("pass", []), which
+        coverage = result["coverage"]
+        assert coverage["keys_matched"] == coverage["keys_total"] == slots and coverage["unmatched"] == []
+        assert coverage["modules_hit"] == coverage["modules_total"] == slots
+        zero, *rest = result["effects"]
+        assert zero["mean_abs_pixel_change"] == 0 and zero["noise_pred_rel_change"] == 0  # bit-identical at 0
+        assert all(e["noise_pred_rel_change"] > 1e-3 for e in rest), which
+
+
+def test_a_t5_slot_without_t5_in_the_pipeline_is_one_unmatched_key(sd3, embeddings, capsys, monkeypatch):
+    result = cli(["verify", str(embeddings["all"]), "--checkpoint", str(sd3["no_t5"]), *SIZE, "--json"], capsys,
+                 monkeypatch, code=1)
+    coverage = result["coverage"]
+    assert (coverage["keys_total"], coverage["keys_matched"], coverage["modules_hit"]) == (3, 2, 2)
+    assert coverage["unmatched"] == ["t5xxl (the pipeline has no text_encoder_3: its t5xxl vectors act on nothing)"]
+    assert result["reasons"] == ["1 key(s) land on no module of the checkpoint: t5xxl (the pipeline has no "
+                                 "text_encoder_3: its t5xxl vectors act on nothing)"]
+    assert result["effects"][0]["noise_pred_rel_change"] == 0 and result["effects"][2]["noise_pred_rel_change"] > 0
+
+
+def test_embedding_vectors_equal_added_tokens_in_each_tokenizer(sd3, embeddings):
+    """The prompt's encoding with the vectors hooked in equals plain transformers: each of the three tokenizers
+    extended by the tokens (add_tokens, resize_token_embeddings, rows set to the vectors); a T5-only file leaves
+    both CLIPs' states and pooled outputs as the prompt without the token gives them."""
+    from embedding_helpers import reference_conditioning
+
+    from adapterzoo.formats.embedding_convert import read_embedding
+
+    loaded = load_for_sampling(sd3["pipe"], "cpu", "fp32")
+    pipe = loaded.pipe
+    for which in ("all", "t5"):
+        path = embeddings[which]
+        prompt = f"a photo of {path.stem}, in the snow"
+        parts = read_embedding(path)[0].parts
+        attached = attach(path, probe(path), loaded)
+        handle = attached.hook()
+        try:
+            got = denoise.encode_prompt(pipe, prompt, attached.insert())
+        finally:
+            attached.remove()
+        slots = {slot: EMBEDDING_SLOTS[slot] for slot in parts}
+        states, added = reference_conditioning(pipe, slots, parts, path.stem, prompt)
+        assert handle.calls == {name: 1 for name in slots.values()}
+        assert torch.allclose(got.states, states, atol=1e-5, rtol=0), which
+        assert torch.allclose(got.added["pooled"], added["pooled"], atol=1e-5, rtol=0), which
+        bare = denoise.encode_prompt(pipe, attached.without(prompt))
+        clip_tokens = pipe.tokenizer.model_max_length
+        assert torch.equal(got.states[:, :clip_tokens], bare.states[:, :clip_tokens]) == (which == "t5")
+        assert torch.equal(got.added["pooled"], bare.added["pooled"]) == (which == "t5")
+        assert (got.states[:, clip_tokens:] - bare.states[:, clip_tokens:]).abs().max() > 1e-3
+
+
+def test_sample_takes_embeddings_and_names_a_t5_slot_without_t5_in_one_line(sd3, embeddings, tmp_path, capsys,
+                                                                              monkeypatch):
+    every, t5 = embeddings["all"], embeddings["t5"]
+    out = tmp_path / "out.png"
+    report = cli(["sample", "--checkpoint", str(sd3["pipe"]), "--embedding", str(every), "--embedding", str(t5),
+                  "--prompt", f"a photo of {every.stem}", "--negative-prompt", t5.stem, "-o", str(out), *SIZE,
+                  "--json"], capsys, monkeypatch)
+    assert out.is_file() and report["warnings"] == []
+    assert [(e["slots"], e["slots_hit"]) for e in report["embeddings"]] == [(3, 3), (1, 1)]  # the negative too
+    message = cli(["sample", "--checkpoint", str(sd3["no_t5"]), "--embedding", str(every), "--prompt",
+                   f"a photo of {every.stem}", "-o", str(tmp_path / "no_t5.png"), *SIZE, "--json"], capsys,
+                  monkeypatch, code=1)["error"]
+    assert message == (f"{every.name}: 1 of 3 key(s) land on no module of the checkpoint: t5xxl (the pipeline has no "
+                       "text_encoder_3: its t5xxl vectors act on nothing) (--allow-unmatched samples with the rest)")
+    report = cli(["sample", "--checkpoint", str(sd3["no_t5"]), "--embedding", str(every), "--prompt",
+                  f"a photo of {every.stem}", "-o", str(tmp_path / "no_t5.png"), *SIZE, "--allow-unmatched",
+                  "--json"], capsys, monkeypatch)
+    assert [(e["slots"], e["slots_hit"], len(e["unmatched"])) for e in report["embeddings"]] == [(2, 2, 1)]

@@ -243,8 +243,12 @@ def show_queue(db: str | None, as_json: bool) -> None:
 @cli.command(cls=many_values_command("--text-encoders"))
 @click.option("--checkpoint", metavar="CKPT", required=True, type=click.Path(exists=True, dir_okay=True),
               help="The checkpoint (single file or diffusers folder).")
-@click.option("--lora", "loras", metavar="FILE[:W]", multiple=True, required=True, type=WeightedPath(),
+@click.option("--lora", "loras", metavar="FILE[:W]", multiple=True, type=WeightedPath(),
               help="A LoRA-family file or PEFT folder and its weight (default 1); repeat for more, in order.")
+@click.option("--embedding", "embeddings", metavar="FILE[:W]", multiple=True, type=WeightedPath(),
+              help="A textual-inversion embedding and its weight (default 1), acting where its token (the file's "
+                   "stem, or the diffusers file's own) stands in the prompt or the negative prompt; each slot "
+                   "(clip_l, clip_g, t5xxl) on its own text encoder. Repeat for more.")
 @click.option("--prompt", required=True, metavar="P", help="The prompt.")
 @click.option("--negative-prompt", metavar="N", default="", help="The negative prompt (default: empty).")
 @click.option("--seed", type=int, default=0, show_default=True, metavar="S", help="Seed of the starting noise.")
@@ -269,7 +273,8 @@ def show_queue(db: str | None, as_json: bool) -> None:
 @click.option("--allow-unmatched", is_flag=True, help="Sample with what fits when LoRA keys land on no module.")
 @click.option("--force", is_flag=True, help="Replace OUT.png if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, negative_prompt: str, seed: int,
+def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], embeddings: tuple[tuple[str, float], ...],
+           prompt: str, negative_prompt: str, seed: int,
            dest: str, compose: str, switch_every: int | None, autolora: float | None, steps: int | None,
            size: tuple[int, int] | None, pipeline: str | None, text_encoders: tuple[str, ...], vae: str | None,
            device: str, dtype: str | None,
@@ -277,12 +282,16 @@ def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, n
            as_json: bool) -> None:
     """Render one image from CKPT with several LoRAs composed while sampling (merge, LoRA Switch, LoRA
     Composite, each optionally mixed with the bare model by AutoLoRA's GAMMA). Text-encoder LoRAs act
-    merge-style in every mode: the prompt is encoded once, with every LoRA on."""
+    merge-style in every mode: the prompt is encoded once, with every LoRA on; so do embeddings."""
+    if not loras and not embeddings:
+        raise click.UsageError("give --lora FILE[:W] or --embedding FILE[:W] (or both)")
+    if not loras and (compose != "merge" or autolora is not None):
+        raise click.UsageError("--compose switch|composite and --autolora compose LoRAs: give --lora")
     if switch_every is not None and compose != "switch":
         raise click.UsageError("--switch-every is for --compose switch")
     if autolora is not None and not math.isfinite(autolora):
         raise click.UsageError("--autolora takes a finite number")
-    sha256 = provenance_hasher(checkpoint, *(path for path, _ in loras))
+    sha256 = provenance_hasher(checkpoint, *(path for path, _ in (*loras, *embeddings)))
     use_threads()
     from adapterzoo.verify.compose import DEFAULT_SWITCH_EVERY, Composition
     from adapterzoo.verify.sample import SampleOptions
@@ -291,12 +300,22 @@ def sample(checkpoint: str, loras: tuple[tuple[str, float], ...], prompt: str, n
     composition = Composition(compose, switch_every or DEFAULT_SWITCH_EVERY, autolora)
     options = SampleOptions(prompt, [(Path(path), weight) for path, weight in loras], seed, steps, size,
                             negative_prompt, composition, device, dtype, allow_unmatched,
-                            given_parts(pipeline, text_encoders, vae))
+                            given_parts(pipeline, text_encoders, vae),
+                            [(Path(path), weight) for path, weight in embeddings])
     report = render_sample(Path(checkpoint), options, Path(dest), sha256, force=force, progress_bar=not as_json)
     if as_json:
         emit_json(report)
         return
-    print_loras(report, ["file", "weight", "modules", "modules_hit"])
+    if report["embeddings"]:
+        print_table(report["embeddings"], ["file", "token", "weight", "slots", "slots_hit"])
+        for embedding in report["embeddings"]:
+            for slot in embedding["unmatched"]:
+                click.echo(f"unmatched {Path(embedding['file']).name}: {slot}")
+    if report["loras"]:
+        print_loras(report, ["file", "weight", "modules", "modules_hit"])
+    else:
+        for warning in report["warnings"]:
+            click.echo(f"warning  {warning}")
     mix = "" if report["autolora"] is None else f", AutoLoRA {report['autolora']:g}"
     click.echo(f"sampled  {report['compose']}{mix}, {report['steps']} steps, seed {report['seed']}, "
                f"{report['size'][0]}x{report['size'][1]} on {report['device']} in {report['seconds']:.1f} s")

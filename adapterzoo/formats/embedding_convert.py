@@ -36,7 +36,8 @@ A1111_INFO = ("step", "sd_checkpoint", "sd_checkpoint_name")  # kept in safetens
 
 @dataclass
 class Embedding:
-    """One term: [n, dim] vectors per part ({"text_encoder"} or the pair {"clip_l", "clip_g"})."""
+    """One term: [n, dim] vectors per part ({"text_encoder"}, the pair {"clip_l", "clip_g"}, or ComfyUI's
+    encoder slots with "t5xxl" beside them)."""
 
     parts: dict[str, torch.Tensor]
     name: str | None = None
@@ -52,9 +53,9 @@ class Embedding:
 
     @property
     def base(self) -> str:
-        if self.is_pair:
-            return embedding_base({part: self.parts[part].shape[-1] for part in PAIR_PARTS})
-        return embedding_base({"": self.parts[SINGLE].shape[-1]})
+        if SINGLE in self.parts:
+            return embedding_base({"": self.parts[SINGLE].shape[-1]})
+        return embedding_base({part: vectors.shape[-1] for part, vectors in self.parts.items()})
 
 
 def _rows(tensor: Any, what: str) -> torch.Tensor:
@@ -164,12 +165,13 @@ def read_embedding(path: str | os.PathLike) -> tuple[Embedding, str, list[Path]]
     found = probe(path)
     if found.kind != "embedding":
         raise BadFileError(f"{path.name} is {with_article(found.kind)}, not an embedding")
-    if "t5xxl" in found.details.get("slots", {}):
-        raise AdapterzooError(f"{path.name} holds a T5 (t5xxl) embedding for {found.base}; a1111, kohya and "
-                              "diffusers embedding files have no T5 slot, so it cannot be converted to them")
     is_safetensors = found.data_offset is not None
     sources = [path]
-    if found.format == "a1111":
+    if "t5xxl" in found.details.get("slots", {}):  # ComfyUI's per-encoder slots, each read as it is
+        tensors, metadata = _load_tensors(path, is_safetensors)
+        parts = {slot: _rows(tensors[slot], slot) for slot in found.details["slots"]}
+        embedding = Embedding(parts, metadata.get("name"), _info_from_metadata(metadata))
+    elif found.format == "a1111":
         embedding = _read_a1111(path)
     elif found.format == "kohya":
         embedding = _read_kohya(path, is_safetensors)
@@ -236,6 +238,9 @@ def convert_embedding(
     src, dest = Path(src), Path(dest)
     _check_suffix(dest, to)
     embedding, source_format, sources = read_embedding(src)
+    if "t5xxl" in embedding.parts:
+        raise AdapterzooError(f"{src.name} holds a T5 (t5xxl) embedding for {embedding.base}; a1111, kohya and "
+                              "diffusers embedding files have no T5 slot, so it cannot be converted to them")
     if to == "a1111" and embedding.is_pair:
         raise AdapterzooError("A1111 reads clip_l + clip_g embeddings in the kohya layout; use --to kohya")
     name = token or embedding.name or src.stem

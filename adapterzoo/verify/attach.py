@@ -20,8 +20,10 @@ from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.lora.lora_model import LoraFile, LoraModule
 from adapterzoo.formats.lora.lora_read import load_lora_matched, misfit_example
 from adapterzoo.formats.model.architectures import builtin_architecture
+from adapterzoo.formats.model.registry import family_of
+from adapterzoo.verify.denoise import Insert
 from adapterzoo.verify.pipeline_load import LoadedPipeline
-from adapterzoo.verify.runtime_embedding import AppliedEmbedding, apply_embedding, width_problems
+from adapterzoo.verify.runtime_embedding import AppliedEmbedding, apply_embedding, slot_encoders, width_problems
 from adapterzoo.verify.runtime_hypernetwork import AppliedHypernetwork, apply_hypernetwork, attention_widths
 from adapterzoo.verify.runtime_lora import AppliedLora, apply_lora, live_modules
 
@@ -52,7 +54,7 @@ class Attached:
         if self.handle is not None:
             self.handle.remove()
 
-    def insert(self) -> dict[str, int]:
+    def insert(self) -> Insert:
         return self.handle.insert() if isinstance(self.handle, AppliedEmbedding) else {}
 
     def without(self, prompt: str) -> str:
@@ -113,19 +115,25 @@ def _attach_hypernetwork(file: Path, loaded: LoadedPipeline) -> Attached:
 
 
 def _attach_embedding(file: Path, found: ProbeResult, loaded: LoadedPipeline) -> Attached:
+    """Each slot of the file acts on the text encoder its family names for it (CLIP-L, CLIP-G, T5); a slot whose
+    encoder this pipeline lacks is a key that lands nowhere."""
     embedding, fmt, _ = read_embedding(file)
     token = embedding.name if fmt == "diffusers" and embedding.name else file.stem
-    problems = width_problems(embedding, loaded.models)
+    family = family_of(loaded.base)
+    slots = family.sampling.embedding_slots if family is not None and family.sampling is not None else None
+    landed, missing = slot_encoders(embedding, slots, loaded.models)
+    problems = width_problems(embedding, landed, loaded.models)
     nonfinite = _nonfinite({part: [vectors] for part, vectors in embedding.parts.items()})
     problems += [nonfinite] if nonfinite else []
     keys = found.tensors
-    coverage = {"keys_total": keys, "keys_matched": 0 if problems else keys,
-                "modules_total": 0 if problems else len(embedding.parts), "unmatched": []}
+    matched = 0 if problems else round(keys * len(landed) / len(embedding.parts))  # one tensor a slot, bar a1111's
+    coverage = {"keys_total": keys, "keys_matched": matched,
+                "modules_total": 0 if problems else len(landed), "unmatched": missing}
 
     def apply() -> AppliedEmbedding:
         if problems:
-            return AppliedEmbedding(token, embedding.vectors)
-        return apply_embedding(embedding, token, loaded.models)
+            return AppliedEmbedding(token, {})
+        return apply_embedding(embedding, token, landed, loaded.models)
 
     return Attached(apply, coverage, problems, token=token)
 

@@ -15,7 +15,11 @@ import torch
 
 GUIDANCE_SCALE = 7.0
 NEGATIVE_PROMPT = ""
-PLACEHOLDER_ID = 0  # stands for an embedding's vectors; below every EOS id, so CLIP's pooling never picks it
+# an embedding's placeholder ids count down from here, one per vector and embedding: no tokenizer's id (CLIP's "!"
+# is 0, T5's pad is 0 and its EOS 1), below every EOS id so CLIP's pooling never picks one; the embedding's hook
+# swaps them for a real id before the lookup and puts its vectors in their places after it
+PLACEHOLDER_ID = -1
+Insert = dict[str, dict[str, list[int]]]  # text encoder -> {prompt word: its placeholder ids}; [] takes it out
 
 
 @dataclass
@@ -34,53 +38,70 @@ class Conditioning:
 NoisePrediction = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (step, latents, t) -> eps
 
 
-def text_encoders(pipe) -> list[tuple[object, torch.nn.Module]]:
-    """(tokenizer, text encoder) pairs in the order the pipeline concatenates their states."""
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    return pairs
+def text_encoders(pipe) -> list[tuple[str, object, torch.nn.Module]]:
+    """(name, tokenizer, text encoder) in the order the pipeline concatenates their states."""
+    names = ["text_encoder"] + (["text_encoder_2"] if getattr(pipe, "text_encoder_2", None) is not None else [])
+    return [(name, getattr(pipe, name.replace("text_encoder", "tokenizer")), getattr(pipe, name)) for name in names]
 
 
-def token_ids(tokenizer, prompt: str, insert: dict[str, int] | None = None) -> torch.Tensor:
-    """[1, 77] ids: BOS, the prompt, EOS, padding; each word of `insert` becomes n PLACEHOLDER_IDs."""
-    pieces: list[tuple[str, int]] = [(prompt, 0)]
-    for word, count in (insert or {}).items():
-        split: list[tuple[str, int]] = []
-        for text, _ in pieces:
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer puts before and after a prompt's own (CLIP: BOS and EOS; T5: EOS only)."""
+    bare = tokenizer("a", add_special_tokens=False).input_ids
+    full = tokenizer("a", add_special_tokens=True).input_ids
+    at = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+    return full[:at], full[at + len(bare):]
+
+
+def token_ids(tokenizer, prompt: str, insert: dict[str, list[int]] | None = None,
+              length: int | None = None) -> torch.Tensor:
+    """[1, length] ids as `tokenizer(prompt, padding="max_length", truncation=True)` gives them (the tokenizer's own
+    special tokens, its pad id; `length` defaults to its model_max_length); each word of `insert` becomes its
+    placeholder ids ([]: the word is taken out). The text between words is tokenized apart, stripped, as a
+    tokenizer extended by the words as added tokens (lstrip) splits it."""
+    pieces: list[tuple[str, list[int]]] = [(prompt, [])]
+    for word, placeholders in (insert or {}).items():
+        split: list[tuple[str, list[int]]] = []
+        for text, after in pieces:
             parts = text.split(word)
             for i, part in enumerate(parts):
-                split.append((part, count if i < len(parts) - 1 else 0))
+                split.append((part, list(placeholders) if i < len(parts) - 1 else after))
         pieces = split
     ids: list[int] = []
     for text, placeholders in pieces:
-        ids += tokenizer(text, add_special_tokens=False).input_ids if text.strip() else []
-        ids += [PLACEHOLDER_ID] * placeholders
-    limit = tokenizer.model_max_length
-    ids = [tokenizer.bos_token_id] + ids[: limit - 2] + [tokenizer.eos_token_id]
+        ids += tokenizer(text.strip(), add_special_tokens=False).input_ids if text.strip() else []
+        ids += placeholders
+    limit = length or tokenizer.model_max_length
+    before, after = special_tokens(tokenizer)
+    ids = before + ids[: limit - len(before) - len(after)] + after
     ids += [tokenizer.pad_token_id] * (limit - len(ids))
     return torch.tensor([ids])
 
 
 @torch.no_grad()
-def encode_prompt(pipe, prompt: str, insert: dict[str, int] | None = None) -> Conditioning:
-    """What the diffusers pipeline computes for one prompt (no clip skip); SDXL's empty prompt is zeros."""
+def encode_prompt(pipe, prompt: str, insert: Insert | None = None) -> Conditioning:
+    """What the diffusers pipeline computes for one prompt (no clip skip); SDXL's empty prompt is zeros. `insert`
+    says, per text encoder, which words become an embedding's placeholders in that encoder's tokens."""
+    insert = insert or {}
     device = pipe.unet.device
     if hasattr(pipe, "encode_conditioning"):  # a DiT family's own text encoders (CLIP pooled + T5 states)
-        states, added = pipe.encode_conditioning(prompt, token_ids(pipe.tokenizer, prompt, insert))
+        def ids(encoder: str, length: int | None = None) -> torch.Tensor:
+            tokenizer = getattr(pipe, encoder.replace("text_encoder", "tokenizer"))
+            return token_ids(tokenizer, prompt, insert.get(encoder), length)
+
+        states, added = pipe.encode_conditioning(prompt, ids)
         return Conditioning(states, added)
-    pairs = text_encoders(pipe)
-    if len(pairs) == 1:
-        tokenizer, encoder = pairs[0]
-        return Conditioning(encoder(token_ids(tokenizer, prompt, insert).to(device))[0])
+    encoders = text_encoders(pipe)
+    if len(encoders) == 1:
+        name, tokenizer, encoder = encoders[0]
+        return Conditioning(encoder(token_ids(tokenizer, prompt, insert.get(name)).to(device))[0])
     if prompt == "" and pipe.config.get("force_zeros_for_empty_prompt", True):
         positive = encode_prompt(pipe, " ", insert)
         return Conditioning(torch.zeros_like(positive.states),
                             {k: torch.zeros_like(v) if k == "text_embeds" else v for k, v in positive.added.items()})
     states = []
     pooled = None
-    for tokenizer, encoder in pairs:
-        out = encoder(token_ids(tokenizer, prompt, insert).to(device), output_hidden_states=True)
+    for name, tokenizer, encoder in encoders:
+        out = encoder(token_ids(tokenizer, prompt, insert.get(name)).to(device), output_hidden_states=True)
         states.append(out.hidden_states[-2])
         pooled = out[0]
     return Conditioning(torch.cat(states, dim=-1), {"text_embeds": pooled})

@@ -1,34 +1,52 @@
 """Apply a textual-inversion embedding at run time (FORMATS.md §4, SAMPLING.md §3).
 
-The tokenizer and the token table are left alone: the prompt's token becomes n placeholder ids
-(`denoise.token_ids`), and a hook on each text encoder's token embedding puts m·vectors there. So
-one pipeline verifies many embeddings, even several with the same name. Multiplier 0 is the prompt
-without the token (the model without the file); 1 is the embedding as stored.
+The tokenizers and the token tables are left alone: in the ids of each text encoder the embedding has a slot
+for (the family's `Sampling.embedding_slots`: CLIP-L, CLIP-G, T5), the prompt's token becomes that slot's n
+placeholder ids (`denoise.token_ids`, through that encoder's own tokenizer, its special tokens and padding;
+one id a vector, its own to each embedding, so several act in one prompt),
+and a hook on the encoder's token embedding puts m·vectors there. An encoder without a slot reads the prompt
+with the token taken out. So one pipeline verifies many embeddings, even several with the same name.
+Multiplier 0 is the prompt without the token (the model without the file); 1 is the embedding as stored.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
-from adapterzoo.formats.embedding_convert import PAIR_PARTS, SINGLE, Embedding
-from adapterzoo.verify.denoise import PLACEHOLDER_ID
+from adapterzoo.formats.embedding_convert import Embedding
+from adapterzoo.formats.model.family import CLIP_EMBEDDING_SLOTS
+from adapterzoo.verify.denoise import PLACEHOLDER_ID, Insert
 
-ENCODER_OF_PART = {SINGLE: "text_encoder", PAIR_PARTS[0]: "text_encoder", PAIR_PARTS[1]: "text_encoder_2"}
+TEXT_ENCODER = "text_encoder"
+
+
+_free_ids = itertools.count()  # placeholder ids handed out so far: each embedding hooked gets ids of its own
+
+
+def placeholder_ids(count: int) -> list[int]:
+    """`count` placeholder ids no other embedding hooked in this process holds (several act in one prompt)."""
+    first = next(_free_ids)
+    for _ in range(count - 1):
+        next(_free_ids)
+    return [PLACEHOLDER_ID - first - i for i in range(count)]
 
 
 @dataclass
 class AppliedEmbedding:
     token: str
-    vectors: int
+    ids: dict[str, list[int]]  # text encoder -> the placeholder ids the token becomes in its tokens, one a vector
+    encoders: tuple[str, ...] = ()  # every text encoder of the pipeline: those without vectors lose the token
     multiplier: float = 1.0
     calls: dict[str, int] = field(default_factory=dict)  # text encoder -> encodes that held the token
     _handles: list = field(default_factory=list)
 
-    def insert(self) -> dict[str, int]:
-        """What `denoise.token_ids` replaces: the token by n placeholders, or nothing at multiplier 0."""
-        return {} if self.multiplier == 0 else {self.token: self.vectors}
+    def insert(self) -> Insert:
+        """What `denoise.token_ids` replaces, per text encoder: the token by its placeholders where vectors are
+        hooked, by nothing elsewhere and at multiplier 0 (the model without the file)."""
+        return {name: {self.token: self.ids.get(name, []) if self.multiplier else []} for name in self.encoders}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -36,41 +54,77 @@ class AppliedEmbedding:
         self._handles.clear()
 
 
-def width_problems(embedding: Embedding, encoders: dict[str, torch.nn.Module]) -> list[str]:
-    """Each part's width must be its text encoder's; the reasons it is not."""
+def slot_encoders(embedding: Embedding, slots: dict[str, str] | None,
+                  encoders: dict[str, torch.nn.Module]) -> tuple[dict[str, str], list[str]]:
+    """({slot: text encoder} for the slots that land on an encoder of this pipeline, the others with why)."""
+    slots = CLIP_EMBEDDING_SLOTS if slots is None else slots
+    found, missing = {}, []
+    for part in embedding.parts:
+        name = slots.get(part)
+        if name is None:
+            missing.append(f"{part} (this model reads no {part} text encoder)")
+        elif encoders.get(name) is None:
+            missing.append(f"{part} (the pipeline has no {name}: its {part} vectors act on nothing)")
+        else:
+            found[part] = name
+    return found, missing
+
+
+def width_problems(embedding: Embedding, landed: dict[str, str], encoders: dict[str, torch.nn.Module]) -> list[str]:
+    """Each landed part's width must be its text encoder's; the reasons it is not."""
     problems = []
-    for part, vectors in embedding.parts.items():
-        encoder = encoders.get(ENCODER_OF_PART[part])
-        if encoder is None:
-            problems.append(f"the embedding has a {part} part but the checkpoint has no {ENCODER_OF_PART[part]}")
-            continue
-        width = encoder.get_input_embeddings().embedding_dim
+    for part, name in landed.items():
+        vectors = embedding.parts[part]
+        width = encoders[name].get_input_embeddings().embedding_dim
         if vectors.shape[-1] != width:
-            problems.append(f"the {part} vectors are {vectors.shape[-1]} wide, {ENCODER_OF_PART[part]} is {width}")
+            problems.append(f"the {part} vectors are {vectors.shape[-1]} wide, {name} is {width}")
     return problems
 
 
-def apply_embedding(embedding: Embedding, token: str, encoders: dict[str, torch.nn.Module],
+def token_tables(encoder: torch.nn.Module) -> list[torch.nn.Embedding]:
+    """Every embedding module that looks up the encoder's token table: T5 keeps `shared` beside the encoder's own
+    `embed_tokens`, tied to the same weight, and calls only the latter."""
+    weight = encoder.get_input_embeddings().weight
+    return [m for m in encoder.modules() if isinstance(m, torch.nn.Embedding)
+            and (m.weight is weight or m.weight.data_ptr() == weight.data_ptr())]
+
+
+def apply_embedding(embedding: Embedding, token: str, landed: dict[str, str], encoders: dict[str, torch.nn.Module],
                     multiplier: float = 1.0) -> AppliedEmbedding:
-    """Hook the token embedding of each encoder the file has vectors for (widths checked beforehand)."""
-    applied = AppliedEmbedding(token, embedding.vectors, multiplier)
-    for part, vectors in embedding.parts.items():
-        name = ENCODER_OF_PART[part]
-        table = encoders[name].get_input_embeddings()
-        stored = vectors.reshape(-1, table.embedding_dim).to(table.weight.device, table.weight.dtype)
+    """Hook the token lookups of each encoder a part landed on (widths checked beforehand): the placeholder ids
+    are swapped for a real one before the lookup, and their rows for m·vectors after it."""
+    names = tuple(name for name in encoders if name.startswith(TEXT_ENCODER))
+    ids = {name: placeholder_ids(embedding.parts[part].shape[0]) for part, name in landed.items()}
+    applied = AppliedEmbedding(token, ids, names, multiplier)
+    for part, name in landed.items():
         applied.calls[name] = 0
-
-        def hook(mod, inputs, output, name=name, stored=stored):
-            where = inputs[0] == PLACEHOLDER_ID
-            if not where.any() or applied.multiplier == 0:
-                return None
-            applied.calls[name] += 1
-            output = output.clone()
-            for row in range(where.shape[0]):
-                positions = where[row].nonzero().flatten()
-                repeats = -(-len(positions) // len(stored))
-                output[row, positions] = (stored.repeat(repeats, 1)[: len(positions)] * applied.multiplier)
-            return output
-
-        applied._handles.append(table.register_forward_hook(hook))
+        for table in token_tables(encoders[name]):
+            stored = embedding.parts[part].reshape(-1, table.embedding_dim).to(table.weight.device, table.weight.dtype)
+            applied._handles += _hook(table, stored, ids[name], name, applied)
     return applied
+
+
+def _hook(table: torch.nn.Embedding, stored: torch.Tensor, ids: list[int], name: str,
+          applied: AppliedEmbedding) -> list:
+    """Vector j goes where the ids held placeholder j; the ids are swapped for 0 before the lookup (its row is
+    overwritten), so a table never reads an id it lacks."""
+    mine = torch.tensor(ids)
+    seen: list[torch.Tensor] = []  # per position: which vector (-1: none), from the ids before they are swapped
+
+    def before(mod, inputs):
+        found = inputs[0].unsqueeze(-1) == mine.to(inputs[0].device)
+        which = torch.where(found.any(-1), found.int().argmax(-1), -1)
+        seen[:] = [which]
+        return (inputs[0].masked_fill(which >= 0, 0), *inputs[1:]) if bool((which >= 0).any()) else None
+
+    def after(mod, inputs, output):
+        which = seen.pop() if seen else None
+        if which is None or not bool((which >= 0).any()):
+            return None
+        applied.calls[name] += 1
+        output = output.clone()
+        where = which >= 0
+        output[where] = stored[which[where]] * applied.multiplier
+        return output
+
+    return [table.register_forward_pre_hook(before), table.register_forward_hook(after)]

@@ -1,7 +1,9 @@
 """`adapterzoo sample`: one image from a checkpoint and several LoRAs, composed while sampling.
 
-The LoRAs are read and hooked exactly as `verify` does (`attach`), the steps run through our own loop
-(`denoise`) with the per-step prediction `compose` makes, and the PNG carries A1111's `parameters` chunk.
+The LoRAs and textual-inversion embeddings are read and hooked exactly as `verify` does (`attach`), the steps
+run through our own loop (`denoise`) with the per-step prediction `compose` makes, and the PNG carries A1111's
+`parameters` chunk. An embedding acts wherever its token stands in the prompt or the negative prompt, each slot
+on its own text encoder, at its weight, in every compose mode (it is part of the prompt, not of the LoRAs).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from adapterzoo.verify.verifier import (
 )
 
 LORA_KINDS = ("lora", "lycoris")
+EMBEDDING_KIND = "embedding"
 
 
 @dataclass
@@ -53,18 +56,21 @@ class SampleOptions:
     dtype: str | None = None  # None: fp16 on CUDA, fp32 elsewhere
     allow_unmatched: bool = False  # sample with what lands, when some keys land on no module
     parts: GivenParts = field(default_factory=GivenParts)  # the parts a transformer-only checkpoint lacks
+    embeddings: list[tuple[Path, float]] = field(default_factory=list)  # textual-inversion files and weights
 
 
 def attach_loras(loaded: LoadedPipeline, files: list[Path], checkpoint: Path,
-                 allow_unmatched: bool = False) -> list[Attached]:
-    """Read every LoRA and check it fits before any is hooked: a bad one is one line, nothing rendered. Keys that
-    land on no module fail it, as verify's coverage check does, unless `allow_unmatched`."""
+                 allow_unmatched: bool = False, kinds: tuple[str, ...] = LORA_KINDS) -> list[Attached]:
+    """Read every LoRA (or embedding, `kinds`) and check it fits before any is hooked: a bad one is one line,
+    nothing rendered. Keys that land on no module (an embedding's slot on no text encoder) fail it, as verify's
+    coverage check does, unless `allow_unmatched`."""
     attached = []
     for file in files:
         found = probe(file)
-        if found.kind not in LORA_KINDS:
-            raise AdapterzooError(f"{file.name} is not a LoRA or LyCORIS file (probe says {found.kind}); "
-                                  "--lora takes those only")
+        if found.kind not in kinds:
+            what, option = (("a textual-inversion embedding", "--embedding") if kinds == (EMBEDDING_KIND,)
+                            else ("a LoRA or LyCORIS file", "--lora"))
+            raise AdapterzooError(f"{file.name} is not {what} (probe says {found.kind}); {option} takes those only")
         refuse_other_base(file, found, loaded.base, checkpoint)
         one = attach(file, found, loaded)
         if one.problems:
@@ -78,15 +84,24 @@ def attach_loras(loaded: LoadedPipeline, files: list[Path], checkpoint: Path,
     return attached
 
 
-def encode_pair(loaded: LoadedPipeline, prompt: str, negative_prompt: str, size: tuple[int, int]
-                ) -> tuple[denoise.Conditioning, denoise.Conditioning]:
-    """(positive, negative) as the hooks stand now: text-encoder LoRAs act on both. A model without CFG reads no
-    negative: the positive stands in for it, unencoded twice."""
+def inserts(embeddings: list[Attached]) -> denoise.Insert:
+    """Every hooked embedding's placeholders, per text encoder."""
+    merged: denoise.Insert = {}
+    for one in embeddings:
+        for encoder, words in one.insert().items():
+            merged.setdefault(encoder, {}).update(words)
+    return merged
+
+
+def encode_pair(loaded: LoadedPipeline, prompt: str, negative_prompt: str, size: tuple[int, int],
+                insert: denoise.Insert | None = None) -> tuple[denoise.Conditioning, denoise.Conditioning]:
+    """(positive, negative) as the hooks stand now: text-encoder LoRAs and embeddings act on both. A model
+    without CFG reads no negative: the positive stands in for it, unencoded twice."""
     pipe = loaded.pipe
-    positive = denoise.with_size(pipe, denoise.encode_prompt(pipe, prompt), size)
+    positive = denoise.with_size(pipe, denoise.encode_prompt(pipe, prompt, insert), size)
     if not denoise.uses_cfg(pipe.unet):
         return positive, positive
-    return positive, denoise.with_size(pipe, denoise.encode_prompt(pipe, negative_prompt), size)
+    return positive, denoise.with_size(pipe, denoise.encode_prompt(pipe, negative_prompt, insert), size)
 
 
 def evaluations(loaded: LoadedPipeline, steps: int) -> int:
@@ -99,16 +114,21 @@ def evaluations(loaded: LoadedPipeline, steps: int) -> int:
 
 @torch.no_grad()
 def render_composed(loaded: LoadedPipeline, attached: list[Attached], weights: list[float], options: SampleOptions,
-                    size: tuple[int, int], progress_bar: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final latents, image [H, W, 3] on 0–255) with the LoRAs hooked in; they are removed afterwards."""
+                    size: tuple[int, int], progress_bar: bool = False,
+                    embeddings: list[Attached] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(final latents, image [H, W, 3] on 0–255) with the LoRAs and embeddings (each at its weight in
+    `options.embeddings`) hooked in; they are removed afterwards."""
     handles = [one.hook() for one in attached]
+    for one, (_, weight) in zip(embeddings, options.embeddings):
+        one.hook().multiplier = weight
     try:
+        insert = inserts(list(embeddings))
         set_active(handles, weights, list(range(len(handles))))
-        with_loras = encode_pair(loaded, options.prompt, options.negative_prompt, size)
+        with_loras = encode_pair(loaded, options.prompt, options.negative_prompt, size, insert)
         without = None
         if options.composition.autolora is not None:
             set_active(handles, weights, [])
-            without = encode_pair(loaded, options.prompt, options.negative_prompt, size)
+            without = encode_pair(loaded, options.prompt, options.negative_prompt, size, insert)
         predict = composed(loaded.pipe.unet, handles, weights, options.composition, with_loras, without)
         noise = denoise.seeded_noise(loaded.pipe, size, options.seed)
         total = evaluations(loaded, options.steps)
@@ -120,7 +140,7 @@ def render_composed(loaded: LoadedPipeline, attached: list[Attached], weights: l
 
             return denoise.render(loaded.pipe, noise, options.steps, counted)
     finally:
-        for one in attached:
+        for one in [*attached, *embeddings]:
             one.remove()
 
 
@@ -135,6 +155,7 @@ def _parameters_text(options: SampleOptions, checkpoint: Path, size: tuple[int, 
     composition = options.composition
     model_sha = digest_of(sha256(checkpoint))
     lora_shas = [digest_of(sha256(path)) for path, _ in options.loras]
+    embedding_shas = [digest_of(sha256(path)) for path, _ in options.embeddings]
     facts = denoise.sampler_facts(loaded.pipe)
     fields = {
         "Steps": options.steps, "Sampler": facts["sampler"],
@@ -147,6 +168,14 @@ def _parameters_text(options: SampleOptions, checkpoint: Path, size: tuple[int, 
         "LoRA SHA256": ", ".join(lora_shas),
         "Compose": composition.mode,
     }
+    if not options.loras:
+        for key in ("Lora hashes", "LoRAs", "LoRA SHA256", "Compose"):
+            del fields[key]
+    if options.embeddings:  # A1111 names an embedding by its file's stem in `TI hashes`
+        fields.update({"TI hashes": resource_hashes([(path.name, sha) for (path, _), sha
+                                                      in zip(options.embeddings, embedding_shas)]),
+                       "Embeddings": ", ".join(f"{path.name}:{weight:g}" for path, weight in options.embeddings),
+                       "Embedding SHA256": ", ".join(embedding_shas)})
     if composition.mode == "switch":
         fields["Switch every"] = composition.switch_every
     if composition.autolora is not None:
@@ -164,7 +193,12 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
     checkpoint = Path(checkpoint)
     files = [Path(path) for path, _ in options.loras]
     weights = [weight for _, weight in options.loras]
-    output = check_output(output, [checkpoint, *files], force, suffix=".png")
+    embedding_files = [Path(path) for path, _ in options.embeddings]
+    if not files and not embedding_files:
+        raise AdapterzooError("give a LoRA (--lora) or an embedding (--embedding) to sample with")
+    if not files and (options.composition.mode != "merge" or options.composition.autolora is not None):
+        raise AdapterzooError("--compose switch|composite and --autolora compose LoRAs: give --lora")
+    output = check_output(output, [checkpoint, *files, *embedding_files], force, suffix=".png")
     refuse_parts(checkpoint, options.parts)
     loaded = load_for_sampling(checkpoint, options.device, options.dtype, options.parts)
     device, dtype = loaded.pipe.device, loaded.pipe.unet.dtype
@@ -177,8 +211,12 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
                               "so a negative prompt would change nothing")
     options = replace(options, steps=options.steps or default_steps(loaded.pipe))
     attached = attach_loras(loaded, files, checkpoint, options.allow_unmatched)
-    _, image = render_composed(loaded, attached, weights, options, size, progress_bar)
+    embeddings = attach_loras(loaded, embedding_files, checkpoint, options.allow_unmatched, (EMBEDDING_KIND,))
+    _, image = render_composed(loaded, attached, weights, options, size, progress_bar, embeddings)
     problem = measure.image_problem(image, loaded.base, loaded.pipe.vae.dtype)
+    unused = [f"{path.name}: its token {one.token!r} is in neither prompt, so it changes nothing"
+              for (path, _), one in zip(options.embeddings, embeddings)
+              if one.token not in options.prompt and one.token not in options.negative_prompt]
     pixels = image.nan_to_num(0.0).clamp(0, 255).to(torch.uint8).numpy()
     save_png(output, Image.fromarray(pixels, "RGB"),
              _parameters_text(options, checkpoint, size, loaded, sha256, device, dtype))
@@ -189,6 +227,10 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
                    "modules_hit": sum(1 for calls in one.handle.calls.values() if calls > 0),
                    "unmatched": one.coverage["unmatched"]}
                   for (path, weight), one in zip(options.loras, attached)],
+        "embeddings": [{"file": str(path), "token": one.token, "weight": weight, "slots": one.coverage["modules_total"],
+                        "slots_hit": sum(1 for calls in one.handle.calls.values() if calls > 0),
+                        "unmatched": one.coverage["unmatched"]}
+                       for (path, weight), one in zip(options.embeddings, embeddings)],
     }
     if composition.mode == "switch":
         report["switch_every"] = composition.switch_every
@@ -198,5 +240,5 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
                    **({"negative_prompt": options.negative_prompt} if cfg else guidance_parameters(loaded.pipe)),
                    "seed": options.seed,
                    "steps": options.steps, "size": list(size), "device": device.type,
-                   "dtype": str(dtype).removeprefix("torch."), "warnings": [problem] if problem else []})
+                   "dtype": str(dtype).removeprefix("torch."), "warnings": unused + ([problem] if problem else [])})
     return report

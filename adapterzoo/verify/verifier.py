@@ -22,7 +22,7 @@ from adapterzoo import __version__
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.io.digest import digest_of
 from adapterzoo.formats.io.probe_result import ProbeResult
-from adapterzoo.formats.model.registry import sampled_bases
+from adapterzoo.formats.model.registry import family_of, sampled_bases
 from adapterzoo.formats.probe import probe
 from adapterzoo.verify import denoise, measure
 from adapterzoo.verify.attach import ADAPTER_KINDS, Attached, attach
@@ -78,7 +78,14 @@ def check_size(loaded: LoadedPipeline, size: tuple[int, int]) -> None:
 
 
 def refuse_other_base(file: Path, found: ProbeResult, base: str, checkpoint: Path) -> None:
-    """A file made for another base than the checkpoint's is refused before anything renders, in one line."""
+    """A file made for another base than the checkpoint's is refused before anything renders, in one line. An
+    embedding in named encoder slots fits any base whose family reads every one of them (a T5-only file probes as
+    Flux's, and SD3's T5 is the same T5-XXL; an SD3 file fits SD3.5)."""
+    family = family_of(base)
+    read = family.sampling.embedding_slots if family is not None and family.sampling is not None else {}
+    slots = found.details.get("slots") if found.kind == "embedding" else None
+    if slots and set(slots) <= set(read):
+        return
     if found.base in BASES and found.base != base:
         raise AdapterzooError(f"{found.base} {KIND_NAMES[found.kind]}, {base} checkpoint: {file.name} "
                               f"does not fit {checkpoint.name}")
@@ -118,11 +125,11 @@ class Verifier:
 
     # -- rendering -----------------------------------------------------------------------------------
 
-    def _condition(self, loaded: LoadedPipeline, prompt: str, insert: dict[str, int]) -> denoise.Conditioning:
+    def _condition(self, loaded: LoadedPipeline, prompt: str, insert: denoise.Insert) -> denoise.Conditioning:
         return denoise.with_size(loaded.pipe, denoise.encode_prompt(loaded.pipe, prompt, insert), self.size)
 
     @torch.no_grad()
-    def _render(self, loaded: LoadedPipeline, prompt: str, seed: int, insert: dict[str, int]
+    def _render(self, loaded: LoadedPipeline, prompt: str, seed: int, insert: denoise.Insert
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(final latents, image)."""
         pipe = loaded.pipe
@@ -133,7 +140,7 @@ class Verifier:
         return denoise.render(pipe, noise, self.steps, denoise.guided(pipe.unet, positive, negative))
 
     @torch.no_grad()
-    def _prediction(self, prompt: str, insert: dict[str, int]) -> torch.Tensor:
+    def _prediction(self, prompt: str, insert: denoise.Insert) -> torch.Tensor:
         """The UNet's noise prediction at a fixed latent (first seed) and timestep."""
         pipe = self.loaded.pipe
         noise = denoise.seeded_noise(pipe, self.size, self.options.seeds[0])

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from adapterzoo.formats.model.weight_locations import CheckpointTargets
 
 LoraModules = dict[str, dict[str, str]]  # module as a file spells it -> {part: key}
+# an embedding's slot -> the pipeline's text encoder its vectors go to: one unnamed part (A1111, kohya SD1/SD2,
+# diffusers) to the first encoder, kohya's SDXL pair to both CLIPs (FORMATS.md §4)
+CLIP_EMBEDDING_SLOTS = {"text_encoder": "text_encoder", "clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 
 
 def _nothing(*_: Any) -> None:
@@ -110,6 +113,9 @@ class Sampling:
     # the sigmas the family's pipeline hands a flow-matching scheduler for N steps (FluxPipeline: linspace(1, 1/N));
     # None: the scheduler spaces its own timesteps (StableDiffusion3Pipeline)
     flow_sigmas: Callable[[int], Any] | None = None
+    # an embedding's slot (FORMATS.md §4: clip_l, clip_g, t5xxl) -> the text encoder its vectors act on, each
+    # through that encoder's own tokenizer (text_encoder_N reads tokenizer_N); a slot not named lands nowhere
+    embedding_slots: dict[str, str] = field(default_factory=lambda: dict(CLIP_EMBEDDING_SLOTS))
 
 
 @dataclass(frozen=True)

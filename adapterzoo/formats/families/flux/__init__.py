@@ -126,5 +126,6 @@ FAMILY = Family(
         transformer_from_file=lazy(f"{__name__}.sampling", "transformer_from_file"),
         assemble=lazy(f"{__name__}.sampling", "assemble"),
         flow_sigmas=lazy(f"{__name__}.sampling", "flow_sigmas"),
+        embedding_slots={"clip_l": "text_encoder", "t5xxl": "text_encoder_2"},  # Flux's text_encoder_2 is T5
     ),
 )

@@ -8,6 +8,7 @@ renamed into the diffusers transformer in memory, never written out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -115,14 +116,14 @@ class FluxForSampling:
         return None
 
     @torch.no_grad()
-    def encode_conditioning(self, prompt: str, clip_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(T5 token states, {"pooled": CLIP-L's pooled output}) as FluxPipeline.encode_prompt computes them."""
+    def encode_conditioning(self, prompt: str, ids: Callable[..., torch.Tensor]
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(T5 token states, {"pooled": CLIP-L's pooled output}) as FluxPipeline.encode_prompt computes them;
+        `ids(encoder, length)` tokenizes the prompt for that text encoder (an embedding's placeholders in it)."""
         device = self.device
-        pooled = self.text_encoder(clip_ids.to(device), output_hidden_states=False).pooler_output
+        pooled = self.text_encoder(ids("text_encoder").to(device), output_hidden_states=False).pooler_output
         limit = min(T5_TOKENS, self.tokenizer_2.model_max_length)
-        t5_ids = self.tokenizer_2(prompt, padding="max_length", max_length=limit, truncation=True,
-                                  return_tensors="pt").input_ids
-        states = self.text_encoder_2(t5_ids.to(device), output_hidden_states=False)[0]
+        states = self.text_encoder_2(ids("text_encoder_2", limit).to(device), output_hidden_states=False)[0]
         dtype = self.transformer.dtype
         return states.to(dtype), {"pooled": pooled.to(dtype)}
 

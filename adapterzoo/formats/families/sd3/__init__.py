@@ -118,5 +118,6 @@ FAMILY = Family(
                   "tokenizer_3": ("transformers", "T5TokenizerFast")},
         transformer_from_file=lazy(f"{__name__}.sampling", "transformer_from_file"),
         assemble=lazy(f"{__name__}.sampling", "assemble"),
+        embedding_slots={"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"},
     ),
 )

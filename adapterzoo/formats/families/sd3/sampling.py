@@ -9,6 +9,7 @@ any width), never written out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -91,15 +92,15 @@ class SD3ForSampling:
         return None
 
     @torch.no_grad()
-    def encode_conditioning(self, prompt: str, clip_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def encode_conditioning(self, prompt: str, ids: Callable[..., torch.Tensor]
+                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(CLIP-L|CLIP-G penultimate states padded to T5's width, then T5's states; {"pooled": both CLIP
-        projections}) as StableDiffusion3Pipeline.encode_prompt computes them (no clip skip)."""
+        projections}) as StableDiffusion3Pipeline.encode_prompt computes them (no clip skip); `ids(encoder,
+        length)` tokenizes the prompt for that text encoder (an embedding's placeholders in it)."""
         device = self.device
-        ids_g = self.tokenizer_2(prompt, padding="max_length", max_length=self.tokenizer_2.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
         states, pooled = [], []
-        for encoder, ids in ((self.text_encoder, clip_ids), (self.text_encoder_2, ids_g)):
-            out = encoder(ids.to(device), output_hidden_states=True)
+        for name in ("text_encoder", "text_encoder_2"):
+            out = getattr(self, name)(ids(name).to(device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled.append(out[0])
         clip = torch.cat(states, dim=-1)
@@ -108,9 +109,7 @@ class SD3ForSampling:
             t5 = torch.zeros(1, T5_TOKENS, width, device=device, dtype=clip.dtype)
         else:
             limit = min(T5_TOKENS, self.tokenizer_3.model_max_length)
-            ids = self.tokenizer_3(prompt, padding="max_length", max_length=limit, truncation=True,
-                                   add_special_tokens=True, return_tensors="pt").input_ids
-            t5 = self.text_encoder_3(ids.to(device))[0]
+            t5 = self.text_encoder_3(ids("text_encoder_3", limit).to(device))[0]
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         dtype = self.transformer.dtype
         return torch.cat([clip, t5.to(clip.dtype)], dim=-2).to(dtype), {"pooled": torch.cat(pooled, -1).to(dtype)}
