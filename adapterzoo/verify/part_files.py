@@ -62,9 +62,14 @@ def encoder_slots(family: Family) -> dict[str, str]:
     return {name: cls for name, (_, cls) in (spec.parts | spec.optional).items() if name.startswith(TEXT_ENCODER)}
 
 
-def _fits(file_class: str, slot_class: str) -> bool:
-    """A CLIP with a projection also serves a slot that reads no projection (the projection is left out)."""
-    return file_class == slot_class or (file_class, slot_class) == ("CLIPTextModelWithProjection", "CLIPTextModel")
+def _fits(file_class: str, slot_class: str, lone: bool) -> bool:
+    """A CLIP with a projection also serves a slot that reads no projection (the projection is left out); a lone
+    CLIP file without one serves a slot that reads one, with the identity (SD3's CLIP-L: SAI's clip_l.safetensors
+    has no `text_projection.weight`, SAI's reference pools it unprojected, diffusers' single-file loader and
+    ComfyUI fill `torch.eye`)."""
+    pair = (file_class, slot_class)
+    return (file_class == slot_class or pair == ("CLIPTextModelWithProjection", "CLIPTextModel")
+            or (lone and pair == ("CLIPTextModel", "CLIPTextModelWithProjection")))
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ def _assign_slots(family: Family, given: list[_Given]) -> list[str]:
     taken: dict[str, Path] = {}
 
     def fitting(entry: _Given) -> list[str]:
-        return [n for n, c in slots.items() if _fits(entry.model_class, c)]
+        return [n for n, c in slots.items() if _fits(entry.model_class, c, entry.part is not None)]
 
     def claim(index: int, slot: str) -> None:
         if slot in taken:
@@ -159,9 +164,15 @@ def _text_encoder_file(path: Path, part: PartFile, slot_class: str, dtype: torch
     import transformers
 
     model_class = getattr(transformers, slot_class)
+    config = dict(part.config)
+    identity = slot_class == "CLIPTextModelWithProjection" and "projection_dim" not in config
+    if identity:
+        config["projection_dim"] = part.width
     with _parameters_on_meta():
-        model = model_class(model_class.config_class(**part.config))
+        model = model_class(model_class.config_class(**config))
     state = _tensors(path, part, dtype, beside=(PROJECTION,))
+    if identity:
+        state[PROJECTION] = torch.eye(part.width, dtype=dtype)
     if part.model_class.startswith("CLIP"):  # the tower under `text_model.` where the model keeps it there
         inner = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
         state = {k if k == PROJECTION else inner + k: v for k, v in state.items()}
