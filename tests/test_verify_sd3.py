@@ -16,7 +16,7 @@ from cli_helpers import run
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.loaders import SD3LoraLoaderMixin
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from sd3_tiny import (CLASSES, CLIP_WIDTHS, PROJECTION, T5_WIDTH, WIDTH, WITHOUT_T5, save_sai_file, save_tiny_sd3,
                       tiny_sai_tensors)
 
@@ -252,8 +252,9 @@ def test_a_transformer_folder_takes_the_rest_from_pipeline(sd3, dialects, capsys
 def lone(sd3) -> dict[str, Path]:
     """The tiny pipeline's encoders and VAE as the single files ComfyUI users keep: clip_l and clip_g in
     CLIPTextModel names under `text_model.` with `text_projection.weight` beside, t5xxl in T5EncoderModel's encoder
-    names with the embedding once (`shared.weight`), the VAE in LDM names (attention as 1x1 convs); and a folder
-    holding only the three tokenizers (the tiny vocabulary is not CLIP's, so none ships for it)."""
+    names with the embedding once (`shared.weight`), the VAE in LDM names (attention as 1x1 convs), and the SAI
+    file with that VAE inside (`first_stage_model.`); and a folder holding only the three tokenizers (the tiny
+    vocabulary is not CLIP's, so none ships for it)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
@@ -275,9 +276,12 @@ def lone(sd3) -> dict[str, Path]:
         name = diffusers_to_ldm_vae(key, levels)
         ldm[name] = tensor[:, :, None, None].contiguous() if is_attention_weight(name) else tensor.contiguous()
     save_file(ldm, str(root / "sd35_vae.safetensors"))
+    with_vae = load_file(str(sd3["sai"])) | {f"first_stage_model.{k}": v for k, v in ldm.items()}
+    save_file(with_vae, str(root / "sd35-tiny-with-vae.safetensors"))  # as SAI ships SD3.5: the VAE inside
     tokenizers = save_tiny_sd3(root / "tokenizers", parts=("tokenizer", "tokenizer_2", "tokenizer_3"))
     return {"clip_l": root / "clip_l.safetensors", "clip_g": root / "clip_g.safetensors",
-            "t5": root / "t5xxl_fp16.safetensors", "vae": root / "sd35_vae.safetensors", "tokenizers": tokenizers}
+            "t5": root / "t5xxl_fp16.safetensors", "vae": root / "sd35_vae.safetensors", "tokenizers": tokenizers,
+            "sai_with_vae": root / "sd35-tiny-with-vae.safetensors"}
 
 
 def lone_args(lone, *which: str, tokenizers: bool = True) -> list[str]:
@@ -291,16 +295,17 @@ def test_an_sai_file_with_lone_encoders_and_vae_renders_as_the_full_pipeline(sd3
                                                                             monkeypatch):
     """CLIP-L, CLIP-G and T5 files and an LDM VAE beside the SAI file give the effects of the full folder, with the
     files in either order (a LoRA on all three encoders: a CLIP in the wrong slot would not match); T5 left out, the
-    conditioning uses zeros, as the folder without T5 does; nothing is written to a temporary folder."""
+    conditioning uses zeros, as the folder without T5 does, and an SAI file holding its VAE needs no --vae;
+    nothing is written to a temporary folder."""
     watched = tmp_path / "tmp"
     watched.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(watched))
     kohya, comfy = str(dialects["kohya"]), str(dialects["comfy"])  # kohya's has lora_te1..3, comfy's none
     folders = {}
-    for lora, which, folder in ((kohya, ("clip_l", "clip_g", "t5", "vae"), "pipe"),
-                                (kohya, ("t5", "clip_g", "clip_l", "vae"), "pipe"),
-                                (comfy, ("clip_g", "clip_l", "vae"), "no_t5")):
-        from_files = cli(["verify", lora, "--checkpoint", str(sd3["sai"]), *lone_args(lone, *which), *SIZE,
+    for lora, checkpoint, which, folder in ((kohya, sd3["sai"], ("clip_l", "clip_g", "t5", "vae"), "pipe"),
+                                            (kohya, sd3["sai"], ("t5", "clip_g", "clip_l", "vae"), "pipe"),
+                                            (comfy, lone["sai_with_vae"], ("clip_g", "clip_l"), "no_t5")):
+        from_files = cli(["verify", lora, "--checkpoint", str(checkpoint), *lone_args(lone, *which), *SIZE,
                           "--json"], capsys, monkeypatch)
         if (lora, folder) not in folders:
             folders[lora, folder] = cli(["verify", lora, "--checkpoint", str(sd3[folder]), *SIZE, "--json"], capsys,
@@ -318,8 +323,6 @@ def test_two_clip_files_land_in_their_slots_in_either_order(sd3, lone, tmp_path)
     """CLIP-L (the narrower) in text_encoder, CLIP-G in text_encoder_2, by their widths alone; the VAE with SD3's
     latent factors, which no VAE file holds; a CLIP-L file without `text_projection.weight` (SAI's clip_l) gets the
     identity, as diffusers' single-file loader gives SD3's CLIP-L."""
-    from safetensors.torch import load_file
-
     from adapterzoo.formats.model.registry import family_of
     from adapterzoo.verify.part_files import load_given
 

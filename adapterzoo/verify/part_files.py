@@ -32,6 +32,7 @@ TEXT_ENCODER = "text_encoder"
 IGNORED = ("position_ids", "logit_scale")  # buffers and training leftovers some CLIP files carry
 FP8_MARKER = "scaled_fp8"  # ComfyUI's scaled-fp8 files carry it
 FP8_EXTRAS = ("scale_weight", "scale_input", "input_scale")  # per-tensor scales beside a weight (applied, or unused)
+VAE_INSIDE = "first_stage_model."  # a single file's own VAE, as LDM and SAI checkpoints keep it
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model")
 
 
@@ -185,6 +186,7 @@ def _text_encoder_file(path: Path, part: PartFile, slot_class: str, dtype: torch
 
 
 def _vae_file(path: Path, part: PartFile, family: Family, dtype: torch.dtype) -> torch.nn.Module:
+    """An AutoencoderKL of the file's VAE tensors (under `part.prefix`), its latent factors the family's."""
     from diffusers import AutoencoderKL
 
     source = open_checkpoint_file(path)
@@ -290,6 +292,17 @@ def load_given(family: Family, text_encoders: list[Path], vae: Path | None, dtyp
                 raise AdapterzooError(f"--vae {vae.name}: not a VAE" + (f" (it is {part.what()})" if part else ""))
             found["vae"] = _vae_file(vae, part, family, dtype)
     return found, files
+
+
+def vae_inside(family: Family, checkpoint: Path, dtype: torch.dtype) -> torch.nn.Module | None:
+    """The VAE a single file holds beside its transformer in LDM names under `first_stage_model.` (SAI's SD3.5
+    files), loaded as a --vae FILE would be; None when it holds none."""
+    shapes = open_checkpoint_file(checkpoint).shapes
+    inside = {key: shape for key, shape in shapes.items() if key.startswith(VAE_INSIDE)}
+    part = recognise(inside) if inside else None
+    if part is None or part.kind != "vae" or not part.ldm:
+        return None
+    return _vae_file(checkpoint, part, family, dtype)
 
 
 def builtin_tokenizer(family: Family, slot: str, encoder: torch.nn.Module) -> Any | None:
