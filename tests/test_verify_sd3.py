@@ -319,6 +319,15 @@ def test_an_sai_file_with_lone_encoders_and_vae_renders_as_the_full_pipeline(sd3
     assert list(watched.iterdir()) == []
 
 
+def test_sample_renders_an_sai_file_with_lone_parts(sd3, dialects, lone, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "lone.png"
+    report = cli(["sample", "--checkpoint", str(sd3["sai"]), "--lora", str(dialects["kohya"]), "--prompt", "a fox",
+                  *lone_args(lone, "clip_g", "clip_l", "t5", "vae"), "-o", str(out), *SIZE, "--json"], capsys,
+                 monkeypatch)
+    assert out.is_file() and report["base"] == "sd35" and report["warnings"] == []
+    assert report["loras"][0]["modules_hit"] == report["loras"][0]["modules"] > 0
+
+
 def test_two_clip_files_land_in_their_slots_in_either_order(sd3, lone, tmp_path):
     """CLIP-L (the narrower) in text_encoder, CLIP-G in text_encoder_2, by their widths alone; the VAE with SD3's
     latent factors, which no VAE file holds; a CLIP-L file without `text_projection.weight` (SAI's clip_l) gets the
