@@ -5,7 +5,9 @@ sample load in tests.
 The SAI tensors are the source: diffusers' own single-file converter makes the folder's transformer of them, so
 the file and the folder hold the same model. The transformer is SD3.5 Medium-shaped (q/k norms, MMDiT-X's attn2
 in block 0); CLIP-L and CLIP-G are narrower than T5, so their states are padded to its width as in the real
-model (768 + 1280 -> 4096).
+model (768 + 1280 -> 4096). CLIP-L is the narrower of the two, as in the real model, and each CLIP has the heads a
+lone file's config reads from its width (64-wide heads, else one), so that its tensors saved alone load back as the
+same model.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ LDM = "model.diffusion_model."
 CHANNELS = 16  # SD3's VAE latents
 T5_WIDTH = 32  # joint_attention_dim: the token states' width
 T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
-CLIP_WIDTHS = (16, 8)  # CLIP-L, CLIP-G hidden sizes: 24 together, padded to T5_WIDTH
+CLIP_WIDTHS = (8, 16)  # CLIP-L, CLIP-G hidden sizes (768 < 1280 in the real model): 24, padded to T5_WIDTH
 PROJECTION = 12  # each CLIP's text projection: pooled = 24
 TINY = {"sample_size": 8, "patch_size": 2, "in_channels": CHANNELS, "out_channels": CHANNELS, "num_layers": 3,
         "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": T5_WIDTH,
@@ -96,7 +98,7 @@ def tiny_clip(width: int, seed: int) -> CLIPTextModelWithProjection:
     torch.manual_seed(seed)
     return CLIPTextModelWithProjection(CLIPTextConfig(
         vocab_size=VOCAB_SIZE, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=MAX_TOKENS, hidden_act="gelu", projection_dim=PROJECTION,
+        num_attention_heads=1, max_position_embeddings=MAX_TOKENS, hidden_act="gelu", projection_dim=PROJECTION,
         bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS]))
 
 

@@ -16,7 +16,7 @@ from cli_helpers import run
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.loaders import SD3LoraLoaderMixin
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from sd3_tiny import (CLASSES, CLIP_WIDTHS, PROJECTION, T5_WIDTH, WIDTH, WITHOUT_T5, save_sai_file, save_tiny_sd3,
                       tiny_sai_tensors)
 
@@ -243,6 +243,177 @@ def test_a_transformer_folder_takes_the_rest_from_pipeline(sd3, dialects, capsys
     result = cli(["verify", str(dialects["peft"]), "--checkpoint", str(sd3["pipe"] / "transformer"),
                   "--pipeline", str(sd3["parts"]), *SIZE, "--quick", "--json"], capsys, monkeypatch)
     assert (result["verdict"], result["base"]) == ("pass", "sd35")
+
+
+# -- parts from lone files (--text-encoders, --vae): ComfyUI's clip_l, clip_g, t5xxl and SD3's VAE ---------------
+
+
+@pytest.fixture(scope="module")
+def lone(sd3) -> dict[str, Path]:
+    """The tiny pipeline's encoders and VAE as the single files ComfyUI users keep: clip_l and clip_g in
+    CLIPTextModel names under `text_model.` with `text_projection.weight` beside, t5xxl in T5EncoderModel's encoder
+    names with the embedding once (`shared.weight`), the VAE in LDM names (attention as 1x1 convs), and the SAI
+    file with that VAE inside (`first_stage_model.`); and a folder holding only the three tokenizers (the tiny
+    vocabulary is not CLIP's, so none ships for it)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    from adapterzoo.formats.model.vae_names import diffusers_to_ldm_vae, is_attention_weight
+
+    root, pipe = sd3["root"] / "lone", sd3["pipe"]
+    root.mkdir()
+    for slot, name in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+        clip = CLIPTextModelWithProjection.from_pretrained(pipe / slot).state_dict()
+        assert all(k.startswith(("text_model.", "text_projection.")) for k in clip)  # ComfyUI's names already
+        save_file({k: v.contiguous() for k, v in clip.items()}, str(root / f"{name}.safetensors"))
+    t5 = T5EncoderModel.from_pretrained(pipe / "text_encoder_3").state_dict()
+    save_file({k: v.contiguous() for k, v in t5.items() if k != "encoder.embed_tokens.weight"},
+              str(root / "t5xxl_fp16.safetensors"))
+    vae = AutoencoderKL.from_pretrained(pipe / "vae")
+    levels = len(vae.config.block_out_channels)
+    ldm = {}
+    for key, tensor in vae.state_dict().items():
+        name = diffusers_to_ldm_vae(key, levels)
+        ldm[name] = tensor[:, :, None, None].contiguous() if is_attention_weight(name) else tensor.contiguous()
+    save_file(ldm, str(root / "sd35_vae.safetensors"))
+    with_vae = load_file(str(sd3["sai"])) | {f"first_stage_model.{k}": v for k, v in ldm.items()}
+    save_file(with_vae, str(root / "sd35-tiny-with-vae.safetensors"))  # as SAI ships SD3.5: the VAE inside
+    tokenizers = save_tiny_sd3(root / "tokenizers", parts=("tokenizer", "tokenizer_2", "tokenizer_3"))
+    return {"clip_l": root / "clip_l.safetensors", "clip_g": root / "clip_g.safetensors",
+            "t5": root / "t5xxl_fp16.safetensors", "vae": root / "sd35_vae.safetensors", "tokenizers": tokenizers,
+            "sai_with_vae": root / "sd35-tiny-with-vae.safetensors"}
+
+
+def lone_args(lone, *which: str, tokenizers: bool = True) -> list[str]:
+    encoders = [str(lone[w]) for w in which if w != "vae"]
+    vae = ["--vae", str(lone["vae"])] if "vae" in which else []
+    return (["--text-encoders", *encoders] if encoders else []) + vae + (
+        ["--pipeline", str(lone["tokenizers"])] if tokenizers else [])
+
+
+def test_an_sai_file_with_lone_encoders_and_vae_renders_as_the_full_pipeline(sd3, dialects, lone, tmp_path, capsys,
+                                                                            monkeypatch):
+    """CLIP-L, CLIP-G and T5 files and an LDM VAE beside the SAI file give the effects of the full folder, with the
+    files in either order (a LoRA on all three encoders: a CLIP in the wrong slot would not match); T5 left out, the
+    conditioning uses zeros, as the folder without T5 does, and an SAI file holding its VAE needs no --vae;
+    nothing is written to a temporary folder."""
+    watched = tmp_path / "tmp"
+    watched.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(watched))
+    kohya, comfy = str(dialects["kohya"]), str(dialects["comfy"])  # kohya's has lora_te1..3, comfy's none
+    folders = {}
+    for lora, checkpoint, which, folder in ((kohya, sd3["sai"], ("clip_l", "clip_g", "t5", "vae"), "pipe"),
+                                            (kohya, sd3["sai"], ("t5", "clip_g", "clip_l", "vae"), "pipe"),
+                                            (comfy, lone["sai_with_vae"], ("clip_g", "clip_l"), "no_t5")):
+        from_files = cli(["verify", lora, "--checkpoint", str(checkpoint), *lone_args(lone, *which), *SIZE,
+                          "--json"], capsys, monkeypatch)
+        if (lora, folder) not in folders:
+            folders[lora, folder] = cli(["verify", lora, "--checkpoint", str(sd3[folder]), *SIZE, "--json"], capsys,
+                                        monkeypatch)
+        from_folder = folders[lora, folder]
+        assert (from_files["verdict"], from_files["base"], from_files["parameters"]["shift"]) == ("pass", "sd35", 3.0)
+        assert from_files["coverage"]["modules_hit"] == from_folder["coverage"]["modules_hit"], which
+        for a, b in zip(from_files["effects"], from_folder["effects"], strict=True):
+            assert a["noise_pred_rel_change"] == pytest.approx(b["noise_pred_rel_change"], rel=1e-4, abs=1e-4), which
+            assert a["mean_abs_pixel_change"] == pytest.approx(b["mean_abs_pixel_change"], rel=1e-4, abs=1e-4), which
+    assert list(watched.iterdir()) == []
+
+
+def test_sample_renders_an_sai_file_with_lone_parts(sd3, dialects, lone, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "lone.png"
+    report = cli(["sample", "--checkpoint", str(sd3["sai"]), "--lora", str(dialects["kohya"]), "--prompt", "a fox",
+                  *lone_args(lone, "clip_g", "clip_l", "t5", "vae"), "-o", str(out), *SIZE, "--json"], capsys,
+                 monkeypatch)
+    assert out.is_file() and report["base"] == "sd35" and report["warnings"] == []
+    assert report["loras"][0]["modules_hit"] == report["loras"][0]["modules"] > 0
+
+
+def test_two_clip_files_land_in_their_slots_in_either_order(sd3, lone, tmp_path):
+    """CLIP-L (the narrower) in text_encoder, CLIP-G in text_encoder_2, by their widths alone; the VAE with SD3's
+    latent factors, which no VAE file holds; a CLIP-L file without `text_projection.weight` (SAI's clip_l) gets the
+    identity, as diffusers' single-file loader gives SD3's CLIP-L."""
+    from adapterzoo.formats.model.registry import family_of
+    from adapterzoo.verify.part_files import load_given
+
+    family = family_of("sd35")
+    for order in (("clip_l", "clip_g"), ("clip_g", "clip_l")):
+        found, files = load_given(family, [lone[w] for w in order], lone["vae"], torch.float32)
+        slots = {slot: path.stem for slot, path in files.items()}
+        assert slots == {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}, order
+        assert [found[s].config.hidden_size for s in ("text_encoder", "text_encoder_2")] == list(CLIP_WIDTHS)
+    assert (found["vae"].config.scaling_factor, found["vae"].config.shift_factor) == (1.5305, 0.0609)
+    bare = {k: v for k, v in load_file(str(lone["clip_l"])).items() if k != "text_projection.weight"}
+    save_file(bare, str(tmp_path / "clip_l.safetensors"))
+    found, files = load_given(family, [lone["clip_g"], tmp_path / "clip_l.safetensors"], None, torch.float32)
+    assert files["text_encoder"] == tmp_path / "clip_l.safetensors"
+    assert torch.equal(found["text_encoder"].text_projection.weight, torch.eye(CLIP_WIDTHS[0]))
+    assert torch.equal(found["text_encoder"].text_model.final_layer_norm.weight,
+                       bare["text_model.final_layer_norm.weight"])
+
+
+@pytest.mark.parametrize("which, tokenizers, named", [
+    (("clip_l", "clip_g", "t5"), True, "no vae (AutoencoderKL) for a SD3/SD3.5 pipeline"),
+    (("clip_l", "vae"), True, "no text_encoder_2 (CLIPTextModelWithProjection) for a SD3/SD3.5 pipeline"),
+    (("clip_l", "clip_g", "vae"), False, "clip_l.safetensors: a lone text-encoder file carries no tokenizer"),
+    (("clip_l", "clip_g", "clip_l", "vae"), True, "clip_l.safetensors already gives text_encoder"),
+])
+def test_a_missing_part_is_one_line_naming_it(sd3, dialects, lone, which, tokenizers, named, capsys, monkeypatch):
+    message = cli(["verify", str(dialects["kohya"]), "--checkpoint", str(sd3["sai"]),
+                   *lone_args(lone, *which, tokenizers=tokenizers), *SIZE, "--json"], capsys, monkeypatch,
+                  code=1)["error"]
+    assert "\n" not in message and named in message, message
+    if not tokenizers:
+        assert "--pipeline DIR" in message and "tokenizer/" in message
+
+
+def test_real_size_comfyui_clip_files_are_recognised_and_placed_by_width():
+    """ComfyUI's clip_l (768) and clip_g (1280, 32 layers) at their real shapes (meta models, no weights): each a
+    CLIPTextModelWithProjection, its `text_projection.weight` beside `text_model.`; the declared widths place them
+    in either order; SD3's LDM VAE (16 latent channels) takes SD3's scaling and shift."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from adapterzoo.formats.checkpoint.part_files import recognise, vae_config
+    from adapterzoo.formats.model.registry import family_of
+    from adapterzoo.formats.model.vae_names import diffusers_to_ldm_vae
+    from adapterzoo.verify.part_files import _assign_slots, _Given
+
+    def clip_shapes(width: int, layers: int, act: str) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            model = CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                num_attention_heads=width // 64, max_position_embeddings=77, hidden_act=act, projection_dim=width))
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    family = family_of("sd35")
+    parts = {}
+    for name, width, layers, act in (("clip_l", 768, 12, "quick_gelu"), ("clip_g", 1280, 32, "gelu")):
+        shapes = clip_shapes(width, layers, act)
+        assert "text_projection.weight" in shapes and "text_model.text_projection.weight" not in shapes
+        part = recognise(shapes)
+        assert (part.model_class, part.width, part.prefix) == ("CLIPTextModelWithProjection", width, "text_model.")
+        assert (part.config["projection_dim"], part.config["num_hidden_layers"], part.config["hidden_act"],
+                part.config["num_attention_heads"]) == (width, layers, act, width // 64)
+        parts[name] = part
+    given = {name: _Given(Path(f"{name}.safetensors"), part.model_class, part.width, part)
+             for name, part in parts.items()}
+    assert _assign_slots(family, [given["clip_g"], given["clip_l"]]) == ["text_encoder_2", "text_encoder"]
+    assert _assign_slots(family, [given["clip_l"], given["clip_g"]]) == ["text_encoder", "text_encoder_2"]
+    # SAI's clip_l has no projection: a CLIPTextModel, still CLIP-L's slot by its width
+    shapes = {k: v for k, v in clip_shapes(768, 12, "quick_gelu").items() if k != "text_projection.weight"}
+    part = recognise(shapes)
+    assert (part.model_class, part.width) == ("CLIPTextModel", 768)
+    bare = _Given(Path("clip_l.safetensors"), part.model_class, part.width, part)
+    assert _assign_slots(family, [given["clip_g"], bare]) == ["text_encoder_2", "text_encoder"]
+    vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+               up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+               latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.device("meta"):
+        ae = {diffusers_to_ldm_vae(k, 4): tuple(v.shape) for k, v in AutoencoderKL(**vae).state_dict().items()}
+    part = recognise(ae)
+    config = vae_config(part, ae, 1024, family.sampling.vae_config)
+    assert {k: config[k] for k in vae} == vae
+    assert (config["scaling_factor"], config["shift_factor"]) == (1.5305, 0.0609)
 
 
 # -- textual-inversion embeddings: each slot on its own encoder (CLIP-L, CLIP-G, T5) ---------------------------

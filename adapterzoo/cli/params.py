@@ -157,8 +157,8 @@ PARTS_OPTIONS = (
                       "tokenizers, VAE, scheduler)."),
     click.option("--text-encoders", "text_encoders", metavar="FILE|DIR...", multiple=True,
                  type=click.Path(exists=True),
-                 help="Text encoders a transformer-only checkpoint lacks: single files (ComfyUI's clip_l, t5xxl) or "
-                      "diffusers component folders, each recognised by its tensors. A single file carries no "
+                 help="Text encoders a transformer-only checkpoint lacks: single files (ComfyUI's clip_l, clip_g, "
+                      "t5xxl) or diffusers component folders, each recognised by its tensors. A single file carries no "
                       "tokenizer: CLIP's ships with adapterzoo, any other comes from --pipeline DIR (or the "
                       "tokenizer folder beside a component folder)."),
     click.option("--vae", metavar="FILE", type=click.Path(exists=True),

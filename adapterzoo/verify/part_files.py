@@ -1,7 +1,8 @@
 """The parts a transformer-only checkpoint lacks, from files and folders the user names (`--text-encoders`,
 `--vae`): each is recognised by its tensors (`formats.checkpoint.part_files`), put in the slot of the family's
-pipeline its class (and, where two slots share a class, its width) fits, built on `meta` and loaded with
-`assign=True` (no temporary folder).
+pipeline its class fits (where two slots share a class, as SD3's CLIP-L and CLIP-G, by its width: the family's
+`part_widths`, else the relative widths of the files given), built on `meta` and loaded with `assign=True` (no
+temporary folder).
 
 Tokenizers: a single text-encoder file carries none. Its tokenizer comes from the folder the encoder came from
 (the folder itself, or the diffusers `tokenizer*` folder beside it), else from `--pipeline DIR`, else — for a
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 
 from adapterzoo.errors import AdapterzooError, BadFileError
 from adapterzoo.formats.checkpoint.clip_tokenizer import MAX_LENGTH, special_tokens, vocabulary
-from adapterzoo.formats.checkpoint.part_files import PartFile, recognise, vae_config
+from adapterzoo.formats.checkpoint.part_files import PROJECTION, PartFile, recognise, vae_config
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 from adapterzoo.formats.model import vae_names
 from adapterzoo.formats.model.family import Family
@@ -30,6 +32,7 @@ TEXT_ENCODER = "text_encoder"
 IGNORED = ("position_ids", "logit_scale")  # buffers and training leftovers some CLIP files carry
 FP8_MARKER = "scaled_fp8"  # ComfyUI's scaled-fp8 files carry it
 FP8_EXTRAS = ("scale_weight", "scale_input", "input_scale")  # per-tensor scales beside a weight (applied, or unused)
+VAE_INSIDE = "first_stage_model."  # a single file's own VAE, as LDM and SAI checkpoints keep it
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model")
 
 
@@ -60,47 +63,96 @@ def encoder_slots(family: Family) -> dict[str, str]:
     return {name: cls for name, (_, cls) in (spec.parts | spec.optional).items() if name.startswith(TEXT_ENCODER)}
 
 
-def _fits(file_class: str, slot_class: str) -> bool:
-    """A CLIP with a projection also serves a slot that reads no projection (the projection is left out)."""
-    return file_class == slot_class or (file_class, slot_class) == ("CLIPTextModelWithProjection", "CLIPTextModel")
+def _fits(file_class: str, slot_class: str, lone: bool) -> bool:
+    """A CLIP with a projection also serves a slot that reads no projection (the projection is left out); a lone
+    CLIP file without one serves a slot that reads one, with the identity (SD3's CLIP-L: SAI's clip_l.safetensors
+    has no `text_projection.weight`, SAI's reference pools it unprojected, diffusers' single-file loader and
+    ComfyUI fill `torch.eye`)."""
+    pair = (file_class, slot_class)
+    return (file_class == slot_class or pair == ("CLIPTextModelWithProjection", "CLIPTextModel")
+            or (lone and pair == ("CLIPTextModel", "CLIPTextModelWithProjection")))
 
 
-def _slot(family: Family, path: Path, model_class: str, width: int | None, taken: dict[str, Path]) -> str:
+@dataclass(frozen=True)
+class _Given:
+    """One --text-encoders entry before it is loaded: a file (its `part`) or a folder (its class's library)."""
+
+    path: Path
+    model_class: str
+    width: int | None
+    part: PartFile | None = None
+    library: str = "transformers"
+
+
+def _wanted(family: Family) -> str:
+    """The text-encoder slots as a message lists them: 'text_encoder (CLIPTextModelWithProjection, 768 wide), ...'."""
+    widths = family.sampling.part_widths
+    return ", ".join(f"{n} ({c}{f', {widths[n]} wide' if n in widths else ''})"
+                     for n, c in encoder_slots(family).items())
+
+
+def _assign_slots(family: Family, given: list[_Given]) -> list[str]:
+    """The slot of each given encoder. What says its own slot goes there first: a diffusers component folder named
+    as one, a class only one slot takes, a width only one slot declares (`part_widths`: SD3's CLIP-L 768, CLIP-G
+    1280). The rest, of a class two slots share and a width none declares (a tiny or unusual model), go by
+    relative width: the narrowest into the slot declared narrowest (CLIP-L is narrower than CLIP-G), so two files
+    land alike in either order; one such file alone takes the first slot still free."""
     slots = encoder_slots(family)
     widths = family.sampling.part_widths
-    fitting = [n for n, c in slots.items() if _fits(model_class, c) and (width is None or widths.get(n, width) == width)]
-    if path.name in slots and path.name in fitting:  # a diffusers component folder says its own slot
-        fitting = [path.name]
-    free = [n for n in fitting if n not in taken]
-    if not free:
-        wanted = ", ".join(f"{n} ({c}{f', {widths[n]} wide' if n in widths else ''})" for n, c in slots.items())
-        if fitting:
-            raise AdapterzooError(f"--text-encoders {path.name}: {taken[fitting[0]].name} already gives "
-                                  f"{fitting[0]}; a {family.title} pipeline takes {wanted}")
-        raise AdapterzooError(f"--text-encoders {path.name}: a {model_class}{f' {width} wide' if width else ''} does "
-                              f"not fit a {family.title} pipeline, which takes {wanted}")
-    return free[0]
+    placed: dict[int, str] = {}
+    taken: dict[str, Path] = {}
+
+    def fitting(entry: _Given) -> list[str]:
+        return [n for n, c in slots.items() if _fits(entry.model_class, c, entry.part is not None)]
+
+    def claim(index: int, slot: str) -> None:
+        if slot in taken:
+            raise AdapterzooError(f"--text-encoders {given[index].path.name}: {taken[slot].name} already gives "
+                                  f"{slot}; a {family.title} pipeline takes {_wanted(family)}")
+        placed[index], taken[slot] = slot, given[index].path
+
+    for index, entry in enumerate(given):
+        fit = fitting(entry)
+        if not fit:
+            width = f" {entry.width} wide" if entry.width else ""
+            raise AdapterzooError(f"--text-encoders {entry.path.name}: a {entry.model_class}{width} does not fit a "
+                                  f"{family.title} pipeline, which takes {_wanted(family)}")
+        own = ([n for n in fit if entry.part is None and n == entry.path.name]
+               or [n for n in fit if entry.width is not None and widths.get(n) == entry.width]
+               or (fit if len(fit) == 1 else []))
+        if own:
+            claim(index, own[0])
+    for index in sorted((i for i in range(len(given)) if i not in placed), key=lambda i: given[i].width or 0):
+        fit = fitting(given[index])
+        free = sorted((n for n in fit if n not in taken), key=lambda n: widths.get(n, 0))
+        claim(index, free[0] if free else fit[0])
+    return [placed[i] for i in range(len(given))]
 
 
-def _tensors(path: Path, part: PartFile, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The part's tensors in `dtype`, prefix stripped; ComfyUI's scaled fp8 (`t5xxl_fp8_e4m3fn_scaled`: a
+def _tensors(path: Path, part: PartFile, dtype: torch.dtype, beside: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The part's tensors in `dtype`, prefix stripped, and the keys `beside` it as they are (a CLIP's
+    `text_projection.weight` next to `text_model.`); ComfyUI's scaled fp8 (`t5xxl_fp8_e4m3fn_scaled`: a
     `scale_weight` beside each fp8 weight, a `scaled_fp8` marker) dequantized as weight × scale."""
     source = open_checkpoint_file(path)
     state = {}
     for key in source.shapes:
-        if not key.startswith(part.prefix) or key.endswith(FP8_EXTRAS) or key == FP8_MARKER:
+        if key in beside:
+            name = key
+        elif not key.startswith(part.prefix) or key.endswith(FP8_EXTRAS) or key == FP8_MARKER:
             continue
+        else:
+            name = key[len(part.prefix):]
         tensor = source.get(key)
         scale = key.removesuffix("weight") + "scale_weight"
         if key.endswith(".weight") and scale in source.shapes:
             tensor = tensor.float() * source.get(scale).float()
-        state[key[len(part.prefix):]] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return state
 
 
 def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> torch.nn.Module:
     expected = set(model.state_dict())
-    extra = [k for k in state if k not in expected and not k.endswith(IGNORED) and k != "text_projection.weight"]
+    extra = [k for k in state if k not in expected and not k.endswith(IGNORED) and k != PROJECTION]
     missing = sorted(expected - set(state))
     if extra or missing:
         problem = f"no {missing[0]}" if missing else f"{extra[0]} has no place in it"
@@ -113,9 +165,18 @@ def _text_encoder_file(path: Path, part: PartFile, slot_class: str, dtype: torch
     import transformers
 
     model_class = getattr(transformers, slot_class)
+    config = dict(part.config)
+    identity = slot_class == "CLIPTextModelWithProjection" and "projection_dim" not in config
+    if identity:
+        config["projection_dim"] = part.width
     with _parameters_on_meta():
-        model = model_class(model_class.config_class(**part.config))
-    state = _tensors(path, part, dtype)
+        model = model_class(model_class.config_class(**config))
+    state = _tensors(path, part, dtype, beside=(PROJECTION,))
+    if identity:
+        state[PROJECTION] = torch.eye(part.width, dtype=dtype)
+    if part.model_class.startswith("CLIP"):  # the tower under `text_model.` where the model keeps it there
+        inner = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
+        state = {k if k == PROJECTION else inner + k: v for k, v in state.items()}
     if part.model_class == "T5EncoderModel":  # the token embedding is stored once, under either of its tied names
         for name, twin in (("shared.weight", "encoder.embed_tokens.weight"),
                            ("encoder.embed_tokens.weight", "shared.weight")):
@@ -125,6 +186,7 @@ def _text_encoder_file(path: Path, part: PartFile, slot_class: str, dtype: torch
 
 
 def _vae_file(path: Path, part: PartFile, family: Family, dtype: torch.dtype) -> torch.nn.Module:
+    """An AutoencoderKL of the file's VAE tensors (under `part.prefix`), its latent factors the family's."""
     from diffusers import AutoencoderKL
 
     source = open_checkpoint_file(path)
@@ -151,14 +213,16 @@ def _vae_file(path: Path, part: PartFile, family: Family, dtype: torch.dtype) ->
     return _assign(model, state, path, "AutoencoderKL").to(dtype).eval()
 
 
-def _folder_class(folder: Path) -> tuple[str, str]:
+def _folder_class(folder: Path) -> tuple[str, str, int | None]:
+    """(library, class, hidden width) of a model folder, from its config.json."""
     config = folder / "config.json"
     if not config.is_file():
         raise AdapterzooError(f"{folder}: not a model folder (no config.json)")
     data = json.loads(config.read_text(encoding="utf-8"))
+    width = data.get("hidden_size") or data.get("d_model")
     if data.get("_class_name"):
-        return "diffusers", data["_class_name"]
-    return "transformers", (data.get("architectures") or ["?"])[0]
+        return "diffusers", data["_class_name"], width
+    return "transformers", (data.get("architectures") or ["?"])[0], width
 
 
 def _load_folder(library: str, cls: str, folder: Path, dtype: torch.dtype) -> Any:
@@ -187,35 +251,37 @@ def _tokenizer_from(folder: Path) -> Any:
         raise BadFileError(f"cannot load the tokenizer in {folder}: {str(exc).splitlines()[0]}") from None
 
 
+def _given(path: Path) -> _Given:
+    if path.is_dir():
+        library, cls, width = _folder_class(path)
+        return _Given(path, cls, width, library=library)
+    part = recognise(open_checkpoint_file(path).shapes)
+    if part is None:
+        raise AdapterzooError(f"--text-encoders {path.name}: not a text encoder (no CLIP or T5 tensors); "
+                              "its list runs to the next option, so FILE... goes before it")
+    if part.kind != "text encoder":
+        raise AdapterzooError(f"--text-encoders {path.name}: it is {part.what()}; give it with --vae")
+    return _Given(path, part.model_class, part.width, part)
+
+
 def load_given(family: Family, text_encoders: list[Path], vae: Path | None, dtype: torch.dtype
                ) -> tuple[dict[str, Any], dict[str, Path]]:
     """(parts by slot, the single files among the text encoders by slot: their tokenizers are still to find)."""
     found: dict[str, Any] = {}
-    taken: dict[str, Path] = {}
     files: dict[str, Path] = {}
     slots = encoder_slots(family)
-    for path in map(Path, text_encoders):
-        if path.is_dir():
-            library, cls = _folder_class(path)
-            width = None
-            slot = _slot(family, path, cls, width, taken)
-            found[slot] = _load_folder(library, cls, path, dtype)
-            tokenizer = _tokenizer_folder(path, slot)
+    given = [_given(Path(path)) for path in text_encoders]
+    for entry, slot in zip(given, _assign_slots(family, given), strict=True):
+        if entry.part is None:
+            found[slot] = _load_folder(entry.library, entry.model_class, entry.path, dtype)
+            tokenizer = _tokenizer_folder(entry.path, slot)
             if tokenizer is not None:
                 found[tokenizer_slot(slot)] = _tokenizer_from(tokenizer)
             else:
-                files[slot] = path
+                files[slot] = entry.path
         else:
-            part = recognise(open_checkpoint_file(path).shapes)
-            if part is None:
-                raise AdapterzooError(f"--text-encoders {path.name}: not a text encoder (no CLIP or T5 tensors); "
-                                      "its list runs to the next option, so FILE... goes before it")
-            if part.kind != "text encoder":
-                raise AdapterzooError(f"--text-encoders {path.name}: it is {part.what()}; give it with --vae")
-            slot = _slot(family, path, part.model_class, part.width, taken)
-            found[slot] = _text_encoder_file(path, part, slots[slot], dtype)
-            files[slot] = path
-        taken[slot] = path
+            found[slot] = _text_encoder_file(entry.path, entry.part, slots[slot], dtype)
+            files[slot] = entry.path
     if vae is not None:
         vae = Path(vae)
         if vae.is_dir():
@@ -226,6 +292,17 @@ def load_given(family: Family, text_encoders: list[Path], vae: Path | None, dtyp
                 raise AdapterzooError(f"--vae {vae.name}: not a VAE" + (f" (it is {part.what()})" if part else ""))
             found["vae"] = _vae_file(vae, part, family, dtype)
     return found, files
+
+
+def vae_inside(family: Family, checkpoint: Path, dtype: torch.dtype) -> torch.nn.Module | None:
+    """The VAE a single file holds beside its transformer in LDM names under `first_stage_model.` (SAI's SD3.5
+    files), loaded as a --vae FILE would be; None when it holds none."""
+    shapes = open_checkpoint_file(checkpoint).shapes
+    inside = {key: shape for key, shape in shapes.items() if key.startswith(VAE_INSIDE)}
+    part = recognise(inside) if inside else None
+    if part is None or part.kind != "vae" or not part.ldm:
+        return None
+    return _vae_file(checkpoint, part, family, dtype)
 
 
 def builtin_tokenizer(family: Family, slot: str, encoder: torch.nn.Module) -> Any | None:

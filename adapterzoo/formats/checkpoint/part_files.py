@@ -1,7 +1,8 @@
 """Which pipeline part a lone file holds, from its tensor names and shapes: the text encoders and VAE that
-users of transformer-only checkpoints keep beside them (ComfyUI's `clip_l.safetensors` in transformers'
-CLIPTextModel names, `t5xxl_fp16.safetensors` in T5EncoderModel's, BFL's `ae.safetensors` in LDM names), and
-the config each one is built with (nothing fetched: every config is read from the shapes).
+users of transformer-only checkpoints keep beside them (ComfyUI's `clip_l.safetensors` and `clip_g.safetensors`
+in transformers' CLIPTextModel names with `text_projection.weight` beside `text_model.`, `t5xxl_fp16.safetensors`
+in T5EncoderModel's, BFL's `ae.safetensors` and SD3's VAE in LDM names), and the config each one is built with
+(nothing fetched: every config is read from the shapes).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ T5_PREFIXES = ("",)
 VAE_PREFIXES = ("first_stage_model.", "vae.", "")
 T5_MARK = "encoder.block.0.layer.0.SelfAttention.q.weight"
 CLIP_MARK = "encoder.layers.0.self_attn.q_proj.weight"
+PROJECTION = "text_projection.weight"  # a CLIP's pooled projection, at the file's root in every naming
 LDM_VAE_MARK = "encoder.down.0.block.0.conv1.weight"
 DIFFUSERS_VAE_MARK = "encoder.down_blocks.0.resnets.0.conv1.weight"
 
@@ -64,6 +66,8 @@ def recognise(shapes: Shapes) -> PartFile | None:
     for prefix in CLIP_PREFIXES:
         if prefix + CLIP_MARK in shapes and prefix + "embeddings.token_embedding.weight" in shapes:
             config = clip_config_from_hf(_under(shapes, prefix))
+            if PROJECTION in shapes:  # ComfyUI's clip_g (and SD3's clip_l) keep it beside `text_model.`, not in it
+                config["projection_dim"] = shapes[PROJECTION][0]
             projection = "projection_dim" in config
             return PartFile("text encoder", "transformers",
                             "CLIPTextModelWithProjection" if projection else "CLIPTextModel",

@@ -116,6 +116,9 @@ FAMILY = Family(
                "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")},
         optional={"text_encoder_3": ("transformers", "T5EncoderModel"),
                   "tokenizer_3": ("transformers", "T5TokenizerFast")},
+        part_widths={"text_encoder": 768, "text_encoder_2": 1280},  # CLIP-L and CLIP-G, both with a projection
+        vae_config={"scaling_factor": 1.5305, "shift_factor": 0.0609, "sample_size": 1024},  # no VAE file says them
+        scheduler=lazy(f"{__name__}.sampling", "scheduler"),
         transformer_from_file=lazy(f"{__name__}.sampling", "transformer_from_file"),
         assemble=lazy(f"{__name__}.sampling", "assemble"),
         embedding_slots={"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"},

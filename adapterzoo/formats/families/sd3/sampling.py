@@ -22,6 +22,8 @@ from adapterzoo.formats.families.sd3.probe import sai_prefix
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 
 T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
+# the scheduler_config.json of SD3 Medium and of SD3.5 Large, Large Turbo and Medium alike
+SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 
 
 def transformer_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
@@ -117,3 +119,10 @@ class SD3ForSampling:
 
 def assemble(parts: dict[str, Any]) -> SD3ForSampling:
     return SD3ForSampling(parts)
+
+
+def scheduler(transformer: torch.nn.Module) -> Any:
+    """SD3's and SD3.5's scheduler (the same for every release), when no folder gives one."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER)
