@@ -11,10 +11,14 @@ bf16 values (std 0.02), written tensor by tensor by the streaming writer (bench_
 the builder never holds the model. The LoRA is musubi-tuner's naming (`lora_unet_transformer_blocks_0_attn_to_q`),
 bf16, rank 32, alpha 16, on the 8 attention Linears and 4 MLP Linears of every block, merged at weight 0.8.
 
-In one run, each a process of its own measured by /usr/bin/time (wall, max RSS), `sync` before each:
+In one run, each a process of its own measured by /usr/bin/time (wall, CPU, max RSS), after `sync` and after
+dropping the checkpoint's own pages from the page cache (posix_fadvise DONTNEED; nothing else's), so that each
+reads it from disk (`--warm` leaves the cache alone):
   1. `cp IN OUT` (GNU cp: the kernel copies, copy_file_range) and a plain Python read/write loop through
      one 8 MiB buffer (the writer's own copy chunk) -- every byte through user space; each copy deleted;
-  2. `python -m adapterzoo merge IN --lora LORA:0.8 -o OUT --json` (output another single file);
+  2. `python -m adapterzoo merge IN --lora LORA:0.8 -o OUT --json` (output another single file): first on an
+     unscanned checkpoint, which it hashes (SHA-256, for the output's provenance) beside the merge, then after
+     an untimed `adapterzoo scan` of it, with its SHA-256 from the registry;
   3. both copies again, so the page cache's part shows (the file is about the machine's RAM).
 Baselines for memory: `python -c "import torch"` and a process importing what the merge imports. Then a few
 merged tensors are compared with bf16(W + 0.8 * (alpha/r) * up @ down) computed in plain torch in fp32, and
@@ -34,11 +38,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from bench_flux_merge import measured, python, write_checkpoint
+from bench_flux_merge import python, write_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -141,6 +146,32 @@ def spot_check(checkpoint: Path, lora: Path, merged: Path, blocks: int) -> tuple
     return lines, all_ok
 
 
+def evict(path: Path) -> None:
+    """Write back dirty pages, then drop `path`'s pages from the page cache (only this file's): a cold read."""
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def measured(command: list[str], cold: Path | None) -> tuple[float, float, float, str]:
+    """(wall seconds, peak RSS in MiB, CPU seconds, stdout) of one process, by /usr/bin/time; `cold`'s pages
+    are dropped from the page cache first."""
+    if cold is not None:
+        evict(cold)
+    else:
+        os.sync()
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        done = subprocess.run(["/usr/bin/time", "-f", "%e %M %U %S", "-o", report.name, *command],
+                              capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{command[:3]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        wall, rss_kib, user, system = report.read().split()
+    return float(wall), int(rss_kib) / 1024, float(user) + float(system), done.stdout
+
+
 def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -149,6 +180,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/work/bench_tmp/qwen"),
                         help="folder for the checkpoint, the LoRA and the outputs (all deleted at the end)")
+    parser.add_argument("--warm", action="store_true",
+                        help="leave the page cache as it is (by default the checkpoint's pages are dropped before each "
+                             "measured process, so each reads it from disk)")
     parser.add_argument("--blocks", type=int, default=CONFIG["num_layers"],
                         help="transformer blocks, 60 (the real model, 40.8 GB) by default; 30 gives 20.4 GB")
     args = parser.parse_args()
@@ -181,36 +215,42 @@ def run(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]], checkpoint
     modules = write_lora(lora, shapes)
     print(f"LoRA: rank {RANK} on {modules} modules, {lora.stat().st_size / 2**20:.0f} MiB", flush=True)
 
-    rows = []
+    cold = None if args.warm else checkpoint
+    print("page cache: " + ("as it comes" if args.warm else "the checkpoint's pages dropped before each process"))
 
-    def note(label: str, wall: float, rss: float) -> None:
-        rows.append((label, wall, rss, load()))
-        print(f"{label:48} {wall:7.1f} s  peak RSS {rss:7.0f} MiB  {size / wall / 1e9:5.2f} GB/s  {load()}",
-              flush=True)
+    def note(label: str, wall: float, rss: float, cpu: float) -> None:
+        print(f"{label:48} {wall:7.1f} s  CPU {cpu:6.1f} s  peak RSS {rss:6.0f} MiB  {size / wall / 1e9:5.2f} GB/s  "
+              f"{load()}", flush=True)
 
-    bare_s, bare_rss, _ = measured(python(BARE))
-    note("bare `python -c 'import torch'`", bare_s, bare_rss)
-    imports_s, imports_rss, _ = measured(python(MERGE_IMPORTS))
-    note("process importing what merge imports", imports_s, imports_rss)
+    bare_s, bare_rss, bare_cpu, _ = measured(python(BARE), None)
+    note("bare `python -c 'import torch'`", bare_s, bare_rss, bare_cpu)
+    imports_s, imports_rss, imports_cpu, _ = measured(python(MERGE_IMPORTS), None)
+    note("process importing what merge imports", imports_s, imports_rss, imports_cpu)
     copies: dict[str, list[float]] = {"cp": [], "py": []}
 
     def copy_both(round_: str) -> None:
         for key, command in (("cp", ["cp", str(checkpoint), str(out)]), ("py", python(PY_COPY, str(checkpoint), str(out)))):
-            wall, rss, _ = measured(command)
+            wall, rss, cpu, _ = measured(command, cold)
             out.unlink()
             copies[key].append(wall)
             note(f"{round_}: " + ("`cp` (kernel copy_file_range)" if key == "cp" else "Python read/write, 8 MiB buffer"),
-                 wall, rss)
+                 wall, rss, cpu)
 
     copy_both("copy 1")
-    merge_s, merge_rss, report = measured([sys.executable, "-m", "adapterzoo", "--db", str(args.workdir / "registry.db"),
-                                           "merge", str(checkpoint), "--lora", f"{lora}:{WEIGHT}", "-o", str(out),
-                                           "--json"])
-    note("adapterzoo merge (whole process)", merge_s, merge_rss)
-    (args.workdir / "registry.db").unlink(missing_ok=True)
+    registry = args.workdir / "registry.db"
+    merge = [sys.executable, "-m", "adapterzoo", "--db", str(registry), "merge", str(checkpoint),
+             "--lora", f"{lora}:{WEIGHT}", "-o", str(out), "--json"]
+    merge_s, merge_rss, merge_cpu, report = measured(merge, cold)
+    note("adapterzoo merge, unscanned (hashes the input)", merge_s, merge_rss, merge_cpu)
     dtypes = sorted({info.dtype for info in read_header(out).tensors.values()})
     checks, ok = spot_check(checkpoint, lora, out, args.blocks)
     out.unlink()
+    subprocess.run([sys.executable, "-m", "adapterzoo", "--db", str(registry), "scan", str(checkpoint)], check=True,
+                   capture_output=True)  # untimed: the registry now knows the checkpoint's SHA-256
+    scanned_s, scanned_rss, scanned_cpu, _ = measured(merge, cold)
+    note("adapterzoo merge, scanned (SHA-256 from registry)", scanned_s, scanned_rss, scanned_cpu)
+    out.unlink()
+    registry.unlink()
     copy_both("copy 2")
 
     said = json.loads(report)
@@ -219,11 +259,13 @@ def run(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]], checkpoint
           f"modules, {lora.stat().st_size / 2**20:.0f} MiB; {os.cpu_count()} CPUs")
     print(f"merge reported {said['tensors_merged']} tensors merged, {said['tensors_copied']} copied as bytes, on "
           f"{said['device']}, warnings {said['warnings']}; output dtypes: {', '.join(dtypes)}")
-    for key, label in (("cp", "`cp`"), ("py", "Python read/write loop")):
-        print(f"merge / {label}: {merge_s / copies[key][0]:.2f} against the first copy, "
-              f"{merge_s / copies[key][1]:.2f} against the second (target <= 1.5)")
-    print(f"merge peak RSS above bare torch: {merge_rss - bare_rss:.0f} MiB (target < 1024), above its own imports: "
-          f"{merge_rss - imports_rss:.0f} MiB")
+    for merge_label, took in (("merge, unscanned", merge_s), ("merge, scanned", scanned_s)):
+        for key, label in (("cp", "`cp`"), ("py", "Python read/write loop")):
+            print(f"{merge_label} / {label}: {took / copies[key][0]:.2f} against the first copy, "
+                  f"{took / copies[key][1]:.2f} against the second (target <= 1.5)")
+    for merge_label, rss in (("merge, unscanned", merge_rss), ("merge, scanned", scanned_rss)):
+        print(f"{merge_label}: peak RSS above bare torch {rss - bare_rss:.0f} MiB (target < 1024), above its own "
+              f"imports {rss - imports_rss:.0f} MiB")
     print("spot checks against plain torch:", *checks, sep="\n")
     if not ok:
         sys.exit("a spot check failed")
