@@ -210,7 +210,8 @@ def run(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]], checkpoint
     start = time.perf_counter()
     write_checkpoint(checkpoint, shapes)
     size = checkpoint.stat().st_size
-    print(f"built {checkpoint.name}: {len(shapes)} tensors, {size / 1e9:.2f} GB, in {time.perf_counter() - start:.0f} s; "
+    print(f"built {checkpoint.name}: {len(shapes)} tensors, {size / 1e9:.2f} GB, in "
+          f"{time.perf_counter() - start:.0f} s; "
           f"{load()}", flush=True)
     modules = write_lora(lora, shapes)
     print(f"LoRA: rank {RANK} on {modules} modules, {lora.stat().st_size / 2**20:.0f} MiB", flush=True)
@@ -229,12 +230,13 @@ def run(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]], checkpoint
     copies: dict[str, list[float]] = {"cp": [], "py": []}
 
     def copy_both(round_: str) -> None:
-        for key, command in (("cp", ["cp", str(checkpoint), str(out)]), ("py", python(PY_COPY, str(checkpoint), str(out)))):
+        commands = {"cp": ["cp", str(checkpoint), str(out)], "py": python(PY_COPY, str(checkpoint), str(out))}
+        labels = {"cp": "`cp` (kernel copy_file_range)", "py": "Python read/write, 8 MiB buffer"}
+        for key, command in commands.items():
             wall, rss, cpu, _ = measured(command, cold)
             out.unlink()
             copies[key].append(wall)
-            note(f"{round_}: " + ("`cp` (kernel copy_file_range)" if key == "cp" else "Python read/write, 8 MiB buffer"),
-                 wall, rss, cpu)
+            note(f"{round_}: {labels[key]}", wall, rss, cpu)
 
     copy_both("copy 1")
     registry = args.workdir / "registry.db"
@@ -254,9 +256,9 @@ def run(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]], checkpoint
     copy_both("copy 2")
 
     said = json.loads(report)
-    print(f"\nQwen-Image ComfyUI single file, {args.blocks} blocks at width 3072: {len(shapes)} tensors, {size / 2:.3g} "
-          f"parameters, bf16, {size / 1e9:.2f} GB ({size / 2**30:.2f} GiB); musubi LoRA rank {RANK} on {modules} "
-          f"modules, {lora.stat().st_size / 2**20:.0f} MiB; {os.cpu_count()} CPUs")
+    print(f"\nQwen-Image ComfyUI single file, {args.blocks} blocks at width 3072: {len(shapes)} tensors, "
+          f"{size / 2:.3g} parameters, bf16, {size / 1e9:.2f} GB ({size / 2**30:.2f} GiB); musubi LoRA rank {RANK} "
+          f"on {modules} modules, {lora.stat().st_size / 2**20:.0f} MiB; {os.cpu_count()} CPUs")
     print(f"merge reported {said['tensors_merged']} tensors merged, {said['tensors_copied']} copied as bytes, on "
           f"{said['device']}, warnings {said['warnings']}; output dtypes: {', '.join(dtypes)}")
     for merge_label, took in (("merge, unscanned", merge_s), ("merge, scanned", scanned_s)):
