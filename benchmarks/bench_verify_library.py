@@ -10,7 +10,9 @@ of the UNet, ranks 4 to 128. Each mode runs through `Verifier` as `verify` does,
 and prediction cached (the first file pays them, as one run over a library does). A bare forward is the
 verifier's own noise prediction (CFG-free, one batch) of the bare UNet; bare sampling is the verifier's own
 render of the bare model (4 steps with CFG and the VAE decode), once per image a grid holds. Targets (issue
-15 §2): --quick <= 4 bare forwards per file, grid <= 1.3x bare sampling of its images, load <= 1.3x load_file.
+15 §2): --quick <= 4 bare forwards per file, grid <= 1.3x bare sampling of its images, load <= 1.3x load_file,
+and the load's peak RSS <= 1.2x the model's tensors in the target dtype (measured in a fresh process, above its
+RSS after the imports, beside the same for `load_file`).
 `--device cuda` without CUDA says so and exits 0.
 """
 
@@ -92,6 +94,65 @@ def write_loras(unet: torch.nn.Module, folder: Path, count: int) -> list[Path]:
     return paths
 
 
+LOAD_MEMORY = """
+import json, resource, sys, torch
+from pathlib import Path
+from safetensors.torch import load_file
+from adapterzoo.verify.pipeline_load import DTYPES, load_pipeline
+torch.set_num_threads(1)
+def rss():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) * 1024
+before = rss()
+if sys.argv[2] == "load_file":
+    held = load_file(sys.argv[1], backend="pread")
+    size = sum(t.numel() * t.element_size() for t in held.values())
+else:
+    pipe = load_pipeline(Path(sys.argv[1]), torch.device("cpu"), DTYPES[sys.argv[3]]).pipe
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for name in ("unet", "vae", "text_encoder")
+               for t in [*getattr(pipe, name).parameters(), *getattr(pipe, name).buffers()]}
+    size = sum(tensors.values())
+print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "after": rss(), "model": size}))
+"""
+
+
+def load_memory(single: Path, how: str, dtype_name: str) -> dict:
+    """Peak and final RSS of a fresh process loading `single` (`load_file`, or our pipeline in memory), and the
+    bytes of the tensors it then holds; `before` is its RSS after the imports."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LOAD_MEMORY, str(single), how, dtype_name], check=True,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_load(single: Path, size: int, dtype: torch.dtype) -> None:
+    """Our in-memory load of the single file against `load_file`, time and peak memory. safetensors >= 0.6's
+    `load_file` maps the file and reads no tensor until it is used (0.04 s for 4 GiB); the baseline is its
+    `backend="pread"`, which reads every tensor into memory, as our load and older `load_file`s do."""
+    lazy = [timed(lambda: load_file(str(single)), lambda: None) for _ in range(2)]
+    plain = [timed(lambda: load_file(str(single), backend="pread"), lambda: None) for _ in range(2)]
+    ours = [timed(lambda: load_pipeline(single, torch.device("cpu"), dtype), lambda: None) for _ in range(2)]
+    print(f"single file {size / 2**30:.2f} GiB, in the page cache: load_file(backend='pread') {min(plain):.2f} s "
+          f"(the default mmap backend, which reads nothing yet, {min(lazy):.2f} s), ours (pipeline in memory) "
+          f"{min(ours):.2f} s, ratio {min(ours) / min(plain):.2f} (target <= 1.3); {load_average()}", flush=True)
+    gc.collect()
+    dtype_name = next(name for name, d in DTYPES.items() if d == dtype)
+    for how in ("load_file", "pipeline"):
+        memory = load_memory(single, how, dtype_name)
+        grew, model = memory["peak"] - memory["before"], memory["model"]
+        print(f"{how} in a fresh process: peak RSS {grew / 2**30:.2f} GiB above its imports, "
+              f"{(memory['after'] - memory['before']) / 2**30:.2f} GiB held after; the model's tensors "
+              f"{model / 2**30:.2f} GiB in {dtype_name}: peak {grew / model:.2f}x the model (target <= 1.2)"
+              f"; {load_average()}", flush=True)
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def timed(fn, sync) -> float:
     sync()
     start = time.perf_counter()
@@ -105,6 +166,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--files", type=int, default=20)
+    parser.add_argument("--parts", nargs="+", choices=("load", "quick", "grid"), default=["load", "quick", "grid"],
+                        help="what to measure (default: all three)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: --device cuda and no CUDA device here")
@@ -118,11 +181,10 @@ def main() -> None:
         tmp = Path(tmp)
         single = build_checkpoint(tmp, dtype)
         size = single.stat().st_size
-        plain = [timed(lambda: load_file(str(single)), lambda: None) for _ in range(2)]
-        ours = [timed(lambda: load_pipeline(single, torch.device("cpu"), dtype), lambda: None) for _ in range(2)]
-        print(f"single file {size / 2**30:.2f} GiB: load_file {min(plain):.2f} s, ours (pipeline in memory) "
-              f"{min(ours):.2f} s, ratio {min(ours) / min(plain):.2f} (target <= 1.3)", flush=True)
-        gc.collect()
+        if "load" in args.parts:
+            measure_load(single, size, dtype)
+        if "load" in args.parts and len(args.parts) == 1:
+            return
 
         digests: dict[Path, str] = {}
 
@@ -130,7 +192,7 @@ def main() -> None:
             """A distinct stand-in digest per file: every file here is fresh, and hashing is not what is timed."""
             return digests.setdefault(Path(path), f"{len(digests):064x}")
 
-        for mode in ("quick", "grid"):
+        for mode in [part for part in ("quick", "grid") if part in args.parts]:
             options = VerifyOptions(steps=STEPS, size=SIZE, device=args.device, dtype=args.dtype, quick=mode == "quick")
             verifier = Verifier(single, options, hasher, tmp / f"cache-{mode}")
             loras = sorted(tmp.glob("lora-*.safetensors")) or write_loras(verifier.loaded.pipe.unet, tmp, args.files)
@@ -153,7 +215,7 @@ def main() -> None:
                          f"{steady / (images * bare_render):.2f}x bare sampling (target <= 1.3)")
             else:
                 line += " (target <= 4)"
-            print(line, flush=True)
+            print(f"{line}; {load_average()}", flush=True)
             del verifier, pipe, cond
             gc.collect()
     print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
