@@ -137,28 +137,33 @@ def python(code: str, *args: str) -> list[str]:
 def spot_check(checkpoint: Path, lora: Path, merged: Path) -> list[str]:
     """Each SPOT_CHECKS row block of the output against bf16(W + 0.8·(alpha/rank)·up@down) in fp32."""
     factors = load_file(str(lora))
-    lines = []
     with safe_open(str(checkpoint), "pt") as before, safe_open(str(merged), "pt") as after:
-        for module, start, stop in SPOT_CHECKS:
-            kohya = "lora_unet_" + module.replace(".", "_")
-            up = factors[f"{kohya}.lora_up.weight"].float()[start:stop]
-            down = factors[f"{kohya}.lora_down.weight"].float()
-            scale = WEIGHT * factors[f"{kohya}.alpha"].float() / RANK
-            weight = before.get_slice(f"{module}.weight")[start:stop]
-            delta = scale * (up @ down)
-            exact = weight.float() + delta
-            got = after.get_slice(f"{module}.weight")[start:stop]
-            # rounding to bf16 moves a value by up to one bf16 step (2^-7 of it); the fp32 sum itself may differ
-            # by a few fp32 steps of its operands with the order of operations (it matters where W + ΔW cancels)
-            bound = exact.abs() * 2.0 ** -7 + (weight.float().abs() + delta.abs()) * 2.0 ** -21
-            worst = ((got.float() - exact).abs() / bound.clamp_min(2.0 ** -126)).max().item()
-            unequal = int((got != exact.bfloat16()).sum())
-            changed = (got != weight).float().mean().item()
-            ok = got.dtype == torch.bfloat16 and worst <= 1 and changed > 0.5
-            lines.append(f"  {module}.weight rows {start}:{stop}: {got.dtype}, {unequal} of {got.numel()} values not "
-                         f"bit-equal to bf16(W + ΔW) of plain torch, worst error {worst:.2f} of its bound, "
-                         f"{changed:.0%} changed by the merge  {'OK' if ok else 'FAIL'}")
-    return lines
+        return [check_rows(before, after, factors, module, "lora_unet_" + module.replace(".", "_"), rows, WEIGHT)[0]
+                for module, *rows in SPOT_CHECKS]
+
+
+def check_rows(before, after, factors: dict[str, torch.Tensor], module: str, kohya: str, rows: tuple[int, int],
+               multiplier: float) -> tuple[str, bool]:
+    """One row block of a merged bf16 weight against bf16(W + multiplier·(alpha/rank)·up@down) of plain torch: a
+    line to print, and whether it holds."""
+    start, stop = rows
+    up = factors[f"{kohya}.lora_up.weight"].float()[start:stop]
+    down = factors[f"{kohya}.lora_down.weight"].float()
+    scale = multiplier * factors[f"{kohya}.alpha"].float() / down.shape[0]
+    weight = before.get_slice(f"{module}.weight")[start:stop]
+    delta = scale * (up @ down)
+    exact = weight.float() + delta
+    got = after.get_slice(f"{module}.weight")[start:stop]
+    # rounding to bf16 moves a value by up to one bf16 step (2^-7 of it); the fp32 sum itself may differ
+    # by a few fp32 steps of its operands with the order of operations (it matters where W + ΔW cancels)
+    bound = exact.abs() * 2.0 ** -7 + (weight.float().abs() + delta.abs()) * 2.0 ** -21
+    worst = ((got.float() - exact).abs() / bound.clamp_min(2.0 ** -126)).max().item()
+    unequal = int((got != exact.bfloat16()).sum())
+    changed = (got != weight).float().mean().item()
+    ok = got.dtype == torch.bfloat16 and worst <= 1 and changed > 0.5
+    return (f"  {module}.weight rows {start}:{stop}: {got.dtype}, {unequal} of {got.numel()} values not "
+            f"bit-equal to bf16(W + ΔW) of plain torch, worst error {worst:.2f} of its bound, "
+            f"{changed:.0%} changed by the merge  {'OK' if ok else 'FAIL'}"), ok
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_flux_merge import python, write_checkpoint
+from bench_flux_merge import check_rows, python, write_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -105,12 +105,12 @@ def write_lora(path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
 def spot_checks(blocks: int) -> tuple[list[tuple[str, int, int]], list[str]]:
     """(module, rows) of merged tensors to compare with plain torch, and untouched tensors that must be bit-equal."""
     last, middle = blocks - 1, blocks // 2
-    merged = [(f"transformer_blocks.0.attn.to_k", 0, 3072),
+    merged = [("transformer_blocks.0.attn.to_k", 0, 3072),
               (f"transformer_blocks.{middle}.img_mlp.net.0.proj", 4096, 6144),
               (f"transformer_blocks.{last}.txt_mlp.net.2", 0, 1024),
               (f"transformer_blocks.{last}.attn.to_add_out", 0, 3072)]
     untouched = [f"transformer_blocks.{middle}.img_mod.1.weight", f"transformer_blocks.{last}.attn.to_q.bias",
-                 f"transformer_blocks.0.attn.norm_added_k.weight", "txt_in.weight", "proj_out.bias"]
+                 "transformer_blocks.0.attn.norm_added_k.weight", "txt_in.weight", "proj_out.bias"]
     return merged, untouched
 
 
@@ -121,24 +121,9 @@ def spot_check(checkpoint: Path, lora: Path, merged: Path, blocks: int) -> tuple
     rows, untouched = spot_checks(blocks)
     with safe_open(str(checkpoint), "pt") as before, safe_open(str(merged), "pt") as after:
         for module, start, stop in rows:
-            up = factors[f"{kohya(module)}.lora_up.weight"].float()[start:stop]
-            down = factors[f"{kohya(module)}.lora_down.weight"].float()
-            scale = WEIGHT * factors[f"{kohya(module)}.alpha"].float() / RANK
-            weight = before.get_slice(f"{module}.weight")[start:stop]
-            delta = scale * (up @ down)
-            exact = weight.float() + delta
-            got = after.get_slice(f"{module}.weight")[start:stop]
-            # bf16 rounding moves a value by up to one bf16 step (2^-7 of it, relative); the fp32 sum itself may
-            # differ by a few fp32 steps of its operands with the order of operations (where W + ΔW cancels)
-            bound = exact.abs() * 2.0 ** -7 + (weight.float().abs() + delta.abs()) * 2.0 ** -21
-            worst = ((got.float() - exact).abs() / bound.clamp_min(2.0 ** -126)).max().item()
-            unequal = int((got != exact.bfloat16()).sum())
-            changed = (got != weight).float().mean().item()
-            ok = got.dtype == torch.bfloat16 and worst <= 1 and changed > 0.5
+            line, ok = check_rows(before, after, factors, module, kohya(module), (start, stop), WEIGHT)
             all_ok &= ok
-            lines.append(f"  {module}.weight rows {start}:{stop}: {got.dtype}, {unequal} of {got.numel()} values not "
-                         f"bit-equal to bf16(W + ΔW) of plain torch, worst error {worst:.2f} of its bound, "
-                         f"{changed:.0%} changed by the merge  {'OK' if ok else 'FAIL'}")
+            lines.append(line)
         for name in untouched:
             ok = torch.equal(before.get_tensor(name), after.get_tensor(name))
             all_ok &= ok

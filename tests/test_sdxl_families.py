@@ -65,7 +65,7 @@ def test_list_family_takes_the_file_s_word_then_civitai_s_and_warns_where_they_d
     """Four SDXL LoRAs and an SD1 one: Pony by its training notes; Illustrious by its Civitai label only; Pony by
     its notes though Civitai calls it Illustrious (a warning); one nobody names; `list --base sdxl` finds all four."""
     folder = tmp_path / "models" / "Lora"
-    pony = sdxl_lora(folder / "pony.safetensors", {"ss_sd_model_name": "ponyDiffusionV6XL.safetensors"})
+    sdxl_lora(folder / "pony.safetensors", {"ss_sd_model_name": "ponyDiffusionV6XL.safetensors"})
     labelled = sdxl_lora(folder / "labelled.safetensors", {"ss_output_name": "labelled"})
     lying = sdxl_lora(folder / "lying.safetensors", {"ss_sd_model_name": "ponyDiffusionV6XL_v6.safetensors"})
     plain = sdxl_lora(folder / "plain.safetensors")

@@ -13,8 +13,6 @@ named in one line.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from adapterzoo.formats.checkpoint.part_files import PROJECTION, PartFile, recog
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 from adapterzoo.formats.model import vae_names
 from adapterzoo.formats.model.family import Family
+from adapterzoo.formats.model.on_meta import parameters_on_meta
 
 TEXT_ENCODER = "text_encoder"
 IGNORED = ("position_ids", "logit_scale")  # buffers and training leftovers some CLIP files carry
@@ -34,23 +33,6 @@ FP8_MARKER = "scaled_fp8"  # ComfyUI's scaled-fp8 files carry it
 FP8_EXTRAS = ("scale_weight", "scale_input", "input_scale")  # per-tensor scales beside a weight (applied, or unused)
 VAE_INSIDE = "first_stage_model."  # a single file's own VAE, as LDM and SAI checkpoints keep it
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model")
-
-
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built here get parameters on `meta` (no memory, no init cost) and real buffers (position ids)."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None:
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original
 
 
 def tokenizer_slot(encoder_slot: str) -> str:
@@ -169,7 +151,7 @@ def _text_encoder_file(path: Path, part: PartFile, slot_class: str, dtype: torch
     identity = slot_class == "CLIPTextModelWithProjection" and "projection_dim" not in config
     if identity:
         config["projection_dim"] = part.width
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = model_class(model_class.config_class(**config))
     state = _tensors(path, part, dtype, beside=(PROJECTION,))
     if identity:
@@ -208,7 +190,7 @@ def _vae_file(path: Path, part: PartFile, family: Family, dtype: torch.dtype) ->
                                   "(or give its folder)")
         config = json.loads(beside.read_text(encoding="utf-8"))
         state = _tensors(path, part, dtype)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoencoderKL.from_config(config)
     return _assign(model, state, path, "AutoencoderKL").to(dtype).eval()
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import diffusers
@@ -21,29 +19,12 @@ from adapterzoo.formats.checkpoint.clip_tokenizer import MAX_LENGTH, special_tok
 from adapterzoo.formats.families.sd.to_diffusers import DATA, Component, plan_diffusers
 from adapterzoo.formats.io.safetensors_writer import planned_tensor
 from adapterzoo.formats.io.tensor_source import TensorSource
-
-
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built here get parameters on `meta` (no memory, no init cost) and real buffers (position ids),
-    which the weights do not carry."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None:
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original
+from adapterzoo.formats.model.on_meta import parameters_on_meta
 
 
 def _empty(model: torch.nn.Module) -> torch.nn.Module:
     """A twin of the planned (all-meta) model, parameters on meta, buffers real."""
-    with _parameters_on_meta():
+    with parameters_on_meta():
         if hasattr(model, "save_config"):
             return type(model).from_config(model.config)
         return type(model)(model.config)
