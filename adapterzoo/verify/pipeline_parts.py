@@ -20,8 +20,8 @@ import torch
 
 from adapterzoo.errors import AdapterzooError, BadFileError
 from adapterzoo.formats.model.family import Family
+from adapterzoo.formats.model.parts_pipeline import MODELS
 
-MODELS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 BASE_SEQ, MAX_SEQ, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15  # FluxPipeline's dynamic shift defaults
 
 

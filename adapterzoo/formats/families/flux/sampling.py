@@ -19,6 +19,7 @@ import torch
 from adapterzoo.formats.families.flux.checkpoint import bfl_to_diffusers_plan
 from adapterzoo.formats.io.safetensors_writer import planned_tensor
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file
+from adapterzoo.formats.model.parts_pipeline import PartsPipeline, TransformerDenoiser
 
 DEV_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale, fed to dev's guidance embedding
 NATIVE_SIDE = 1024
@@ -47,25 +48,15 @@ def transformer_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-class FluxDenoiser(torch.nn.Module):
+class FluxDenoiser(TransformerDenoiser):
     """The transformer called as a UNet: (latents [B, C, h, w], t on 0..1000, T5 states, {pooled}) -> eps."""
 
     cfg = False
     patch = 2  # 2×2 latent patches packed into one token
 
     def __init__(self, transformer: torch.nn.Module, latent_factor: int) -> None:
-        super().__init__()
-        self.transformer = transformer
-        config = transformer.config
-        self.config = SimpleNamespace(in_channels=config.in_channels // 4, sample_size=NATIVE_SIDE // latent_factor)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
+        super().__init__(transformer, SimpleNamespace(in_channels=transformer.config.in_channels // 4,
+                                                      sample_size=NATIVE_SIDE // latent_factor))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict[str, torch.Tensor], return_dict: bool = False) -> tuple[torch.Tensor]:
@@ -87,33 +78,21 @@ class FluxDenoiser(torch.nn.Module):
         return (out,)
 
 
-class FluxForSampling:
+class FluxForSampling(PartsPipeline):
     """The parts of a Flux pipeline, as verify's loop and the run-time hooks reach them."""
 
     def __init__(self, parts: dict[str, Any]) -> None:
+        super().__init__()
         self.transformer = parts["transformer"]
         self.vae = parts["vae"]
         self.text_encoder, self.tokenizer = parts["text_encoder"], parts["tokenizer"]
         self.text_encoder_2, self.tokenizer_2 = parts["text_encoder_2"], parts["tokenizer_2"]
         self.scheduler = parts["scheduler"]
         self.unet = FluxDenoiser(self.transformer, 2 ** (len(self.vae.config.block_out_channels) - 1))
-        self.config: dict = {}
         dev = self.transformer.config.guidance_embeds
         self.default_steps = DEV_STEPS if dev else SCHNELL_STEPS
         # dev reads its guidance through an embedding (no CFG pair, no negative prompt); schnell has none
         self.guidance = {"distilled_guidance": DEV_GUIDANCE} if dev else {"guidance": "none"}
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    def to(self, device: torch.device) -> FluxForSampling:
-        for model in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2):
-            model.to(device)
-        return self
-
-    def set_progress_bar_config(self, **_: Any) -> None:
-        return None
 
     @torch.no_grad()
     def encode_conditioning(self, prompt: str, ids: Callable[..., torch.Tensor]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from adapterzoo.formats.families.sd3.modules import config_from_sai
 from adapterzoo.formats.families.sd3.probe import sai_prefix
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file
+from adapterzoo.formats.model.parts_pipeline import PartsPipeline, TransformerDenoiser
 
 T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length
 # the scheduler_config.json of SD3 Medium and of SD3.5 Large, Large Turbo and Medium alike
@@ -42,24 +43,14 @@ def transformer_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-class SD3Denoiser(torch.nn.Module):
+class SD3Denoiser(TransformerDenoiser):
     """The MMDiT called as a UNet: (latents, t on 0..1000, token states, {pooled}) -> the flow prediction."""
 
     cfg = True
 
     def __init__(self, transformer: torch.nn.Module) -> None:
-        super().__init__()
-        self.transformer = transformer
         config = transformer.config
-        self.config = SimpleNamespace(in_channels=config.in_channels, sample_size=config.sample_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
+        super().__init__(transformer, SimpleNamespace(in_channels=config.in_channels, sample_size=config.sample_size))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict[str, torch.Tensor], return_dict: bool = False) -> tuple[torch.Tensor]:
@@ -69,29 +60,16 @@ class SD3Denoiser(torch.nn.Module):
         return (out,)
 
 
-class SD3ForSampling:
+class SD3ForSampling(PartsPipeline):
     """The parts of an SD3 pipeline, as verify's loop and the run-time hooks reach them."""
 
     def __init__(self, parts: dict[str, Any]) -> None:
+        super().__init__()
         self.transformer, self.vae, self.scheduler = parts["transformer"], parts["vae"], parts["scheduler"]
         self.text_encoder, self.tokenizer = parts["text_encoder"], parts["tokenizer"]
         self.text_encoder_2, self.tokenizer_2 = parts["text_encoder_2"], parts["tokenizer_2"]
         self.text_encoder_3, self.tokenizer_3 = parts.get("text_encoder_3"), parts.get("tokenizer_3")
         self.unet = SD3Denoiser(self.transformer)
-        self.config: dict = {}
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    def to(self, device: torch.device) -> SD3ForSampling:
-        for model in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3):
-            if model is not None:
-                model.to(device)
-        return self
-
-    def set_progress_bar_config(self, **_: Any) -> None:
-        return None
 
     @torch.no_grad()
     def encode_conditioning(self, prompt: str, ids: Callable[..., torch.Tensor]
