@@ -7,14 +7,12 @@ guidance and schnell's 4 steps as recorded; --quick; a Flux checkpoint verified 
 from __future__ import annotations
 
 import copy
-import json
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import run
 from diffusers import FluxPipeline
+from dit_verify import assert_run_time_equals, cli, prediction, watched_tempdir
 from flux_tiny import save_tiny_flux
 from safetensors.torch import load_file, save_file
 
@@ -31,13 +29,6 @@ TARGETS = {  # diffusers module -> (in, out) of the tiny transformer
     "transformer_blocks.0.ff.net.0.proj": (INNER, MLP), "single_transformer_blocks.0.attn.to_v": (INNER, INNER),
     "single_transformer_blocks.0.proj_out": (INNER + MLP, INNER),
 }
-
-
-def cli(args: list[str], capsys, monkeypatch, code: int = 0) -> dict | str:
-    """The --json report (also of a failed verdict, exit 1), or the one-line error when there is none."""
-    got, out, err = run(args, capsys, monkeypatch)
-    assert got == code, err or out
-    return json.loads(out) if out.strip() else err
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +99,11 @@ def test_a_zero_up_lora_fails_no_effect(flux, tmp_path, capsys, monkeypatch):
     assert (result["verdict"], result["reasons"]) == ("fail", ["no effect: every lora_up is zero"])
 
 
-def _prediction(loaded, transformer=None) -> torch.Tensor:
-    """The denoiser at a fixed latent, timestep and text condition (optionally with another transformer)."""
-    unet = loaded.pipe.unet
-    own = unet.transformer
-    unet.transformer = transformer if transformer is not None else own
+def _inputs() -> tuple[torch.Tensor, Conditioning]:
+    """A fixed latent and text condition of the tiny Flux's widths."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 4, 4, generator=gen)
-    cond = Conditioning(torch.randn(1, 7, 32, generator=gen), {"pooled": torch.randn(1, 768, generator=gen)})
-    try:
-        with torch.no_grad():
-            return unet(x, torch.tensor(500.0), cond.states, cond.added)[0]
-    finally:
-        unet.transformer = own
+    return x, Conditioning(torch.randn(1, 7, 32, generator=gen), {"pooled": torch.randn(1, 768, generator=gen)})
 
 
 @pytest.mark.parametrize("dialect", ["diffusers", "kohya", "bfl", "peft"])
@@ -128,28 +111,14 @@ def test_run_time_equals_diffusers_load_lora_into_transformer(flux, dialects, di
     """diffusers' kohya/BFL/XLabs converters hard-code Flux's real width (3072), so the tiny model's reference is
     diffusers loading the diffusers file the other dialects were converted from."""
     loaded = load_for_sampling(flux["pipe"], "cpu", "fp32")
-    bare = _prediction(loaded)
     reference = copy.deepcopy(loaded.pipe.transformer)
     state_dict, alphas = FluxPipeline.lora_state_dict(str(dialects["diffusers"]), return_alphas=True)
     FluxPipeline.load_lora_into_transformer(state_dict, network_alphas=alphas, transformer=reference)
-    expected = _prediction(loaded, reference)
-    attached = attach(dialects[dialect], probe(dialects[dialect]), loaded)
-    handle = attached.hook()
-    try:
-        got = _prediction(loaded)
-        handle.multiplier = 0.0
-        assert torch.equal(_prediction(loaded), bare)
-    finally:
-        attached.remove()
-    assert (expected - bare).abs().max() > 1e-3
-    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert_run_time_equals(loaded, dialects[dialect], reference, *_inputs())
 
 
 def test_a_bfl_file_loads_in_memory_with_the_pipelines_parts(flux, dialects, tmp_path, capsys, monkeypatch):
-    watched = tmp_path / "tmp"
-    watched.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(watched))
-    assert tempfile.gettempdir() == str(watched)
+    watched = watched_tempdir(tmp_path, monkeypatch)
     lora = str(dialects["kohya"])
     message = cli(["verify", lora, "--checkpoint", str(flux["bfl"]), *SIZE, "--json"], capsys, monkeypatch,
                   code=1)["error"]
@@ -216,9 +185,7 @@ def lone_args(lone, *which: str) -> list[str]:
 
 def test_a_bfl_file_with_lone_text_encoders_and_vae_renders_as_the_full_pipeline(flux, dialects, lone, tmp_path,
                                                                                  capsys, monkeypatch):
-    watched = tmp_path / "tmp"
-    watched.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(watched))
+    watched = watched_tempdir(tmp_path, monkeypatch)
     lora = str(dialects["kohya"])
     from_files = cli(["verify", lora, "--checkpoint", str(flux["bfl"]), *lone_args(lone, "clip", "t5", "ae"),
                       "--pipeline", str(lone["tokenizers"]), *SIZE, "--json"], capsys, monkeypatch)
@@ -418,11 +385,11 @@ def test_lycoris_lokr_and_loha_verify_and_apply_their_delta(flux, tmp_path, algo
         for name, parts in LYCORIS_TARGETS.items():
             for module, lo, hi in parts:
                 modules[module].weight += deltas[name][lo:hi].float()
-    expected = _prediction(loaded, merged)
+    expected = prediction(loaded, *_inputs(), merged)
     attached = attach(path, found, loaded)
     attached.hook()
     try:
-        got = _prediction(loaded)
+        got = prediction(loaded, *_inputs())
     finally:
         attached.remove()
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)

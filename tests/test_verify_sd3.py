@@ -6,19 +6,26 @@ StableDiffusion3Pipeline, the run-time LoRA against diffusers' own SD3 LoRA load
 from __future__ import annotations
 
 import copy
-import json
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import run
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.loaders import SD3LoraLoaderMixin
+from dit_verify import assert_run_time_equals, cli, watched_tempdir
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from sd3_tiny import (CLASSES, CLIP_WIDTHS, PROJECTION, T5_WIDTH, WIDTH, WITHOUT_T5, save_sai_file, save_tiny_sd3,
-                      tiny_sai_tensors)
+from sd3_tiny import (
+    CLASSES,
+    CLIP_WIDTHS,
+    PROJECTION,
+    T5_WIDTH,
+    WIDTH,
+    WITHOUT_T5,
+    save_sai_file,
+    save_tiny_sd3,
+    tiny_sai_tensors,
+)
 
 from adapterzoo.formats.probe import probe
 from adapterzoo.verify import denoise
@@ -31,13 +38,6 @@ PROMPT = "a photo of a cat"
 ENCODER_TARGETS = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (CLIP_WIDTHS[0], CLIP_WIDTHS[0]),
                    "text_encoder_2.text_model.encoder.layers.1.mlp.fc1": (CLIP_WIDTHS[1], 2 * CLIP_WIDTHS[1]),
                    "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q": (T5_WIDTH, T5_WIDTH)}
-
-
-def cli(args: list[str], capsys, monkeypatch, code: int = 0) -> dict | str:
-    """The --json report (also of a failed verdict, exit 1), or the one-line error when there is none."""
-    got, out, err = run(args, capsys, monkeypatch)
-    assert got == code, err or out
-    return json.loads(out) if out.strip() else err
 
 
 @pytest.fixture(scope="module")
@@ -159,20 +159,12 @@ def test_the_loop_renders_what_stable_diffusion_3_pipeline_renders(sd3, folder):
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
 
 
-def _prediction(loaded, transformer=None) -> torch.Tensor:
-    """The denoiser at a fixed latent, timestep and text condition (optionally with another transformer)."""
-    unet = loaded.pipe.unet
-    own = unet.transformer
-    unet.transformer = transformer if transformer is not None else own
+def _inputs() -> tuple[torch.Tensor, denoise.Conditioning]:
+    """A fixed latent and text condition of the tiny SD3's widths."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, 8, 8, generator=gen)
     pooled = torch.randn(1, 2 * PROJECTION, generator=gen)
-    cond = denoise.Conditioning(torch.randn(1, 9, T5_WIDTH, generator=gen), {"pooled": pooled})
-    try:
-        with torch.no_grad():
-            return unet(x, torch.tensor(500.0), cond.states, cond.added)[0]
-    finally:
-        unet.transformer = own
+    return x, denoise.Conditioning(torch.randn(1, 9, T5_WIDTH, generator=gen), {"pooled": pooled})
 
 
 @pytest.mark.parametrize("dialect", ["diffusers", "kohya", "comfy", "peft"])
@@ -180,28 +172,14 @@ def test_run_time_equals_diffusers_load_lora_into_transformer(sd3, dialects, dia
     """diffusers reads no kohya or ComfyUI SD3 names, so the reference for every dialect is diffusers loading the
     diffusers file the others were converted from (q, k, v fused into SAI's qkv and split back)."""
     loaded = load_for_sampling(sd3["pipe"], "cpu", "fp32")
-    bare = _prediction(loaded)
     reference = copy.deepcopy(loaded.pipe.transformer)
     state_dict = SD3LoraLoaderMixin.lora_state_dict(str(dialects["diffusers"]))
     SD3LoraLoaderMixin.load_lora_into_transformer(state_dict, transformer=reference)
-    expected = _prediction(loaded, reference)
-    attached = attach(dialects[dialect], probe(dialects[dialect]), loaded)
-    handle = attached.hook()
-    try:
-        got = _prediction(loaded)
-        handle.multiplier = 0.0
-        assert torch.equal(_prediction(loaded), bare)
-    finally:
-        attached.remove()
-    assert (expected - bare).abs().max() > 1e-3
-    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert_run_time_equals(loaded, dialects[dialect], reference, *_inputs())
 
 
 def test_an_sai_file_loads_in_memory_with_the_pipelines_parts(sd3, dialects, tmp_path, capsys, monkeypatch):
-    watched = tmp_path / "tmp"
-    watched.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(watched))
-    assert tempfile.gettempdir() == str(watched)
+    watched = watched_tempdir(tmp_path, monkeypatch)
     lora = str(dialects["kohya"])
     message = cli(["verify", lora, "--checkpoint", str(sd3["sai"]), *SIZE, "--json"], capsys, monkeypatch,
                   code=1)["error"]
@@ -297,9 +275,7 @@ def test_an_sai_file_with_lone_encoders_and_vae_renders_as_the_full_pipeline(sd3
     files in either order (a LoRA on all three encoders: a CLIP in the wrong slot would not match); T5 left out, the
     conditioning uses zeros, as the folder without T5 does, and an SAI file holding its VAE needs no --vae;
     nothing is written to a temporary folder."""
-    watched = tmp_path / "tmp"
-    watched.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(watched))
+    watched = watched_tempdir(tmp_path, monkeypatch)
     kohya, comfy = str(dialects["kohya"]), str(dialects["comfy"])  # kohya's has lora_te1..3, comfy's none
     folders = {}
     for lora, checkpoint, which, folder in ((kohya, sd3["sai"], ("clip_l", "clip_g", "t5", "vae"), "pipe"),
