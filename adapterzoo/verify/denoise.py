@@ -181,23 +181,25 @@ def fresh_scheduler(pipe):
     return type(pipe.scheduler).from_config(pipe.scheduler.config)
 
 
+def _scheduler(pipe, steps: int, latents: torch.Tensor) -> Any:
+    """A fresh scheduler set for `steps` steps over `latents` (a flow-matching shift depends on their size)."""
+    scheduler = fresh_scheduler(pipe)
+    if hasattr(scheduler, "fit_to"):
+        scheduler.fit_to(latents)
+    scheduler.set_timesteps(steps, device=latents.device)
+    return scheduler
+
+
 def schedule(pipe, steps: int, size: tuple[int, int]) -> list[float]:
     """The timesteps `denoise` runs for `steps` steps at `size` (a flow-matching family's spacing and shift
     included): part of what a cached render depends on."""
-    scheduler = fresh_scheduler(pipe)
-    if hasattr(scheduler, "fit_to"):
-        scheduler.fit_to(torch.empty(latent_shape(pipe, size), device="meta"))
-    scheduler.set_timesteps(steps)
-    return [float(t) for t in scheduler.timesteps]
+    return [float(t) for t in _scheduler(pipe, steps, torch.empty(latent_shape(pipe, size))).timesteps]
 
 
 @torch.no_grad()
 def denoise(pipe, noise: torch.Tensor, steps: int, predict: NoisePrediction) -> torch.Tensor:
     """Run the scheduler from `noise` for `steps` steps; returns the final latents."""
-    scheduler = fresh_scheduler(pipe)
-    if hasattr(scheduler, "fit_to"):  # a flow-matching shift that depends on the latents' size
-        scheduler.fit_to(noise)
-    scheduler.set_timesteps(steps, device=noise.device)
+    scheduler = _scheduler(pipe, steps, noise)
     latents = noise * scheduler.init_noise_sigma
     for step, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(latents, t)
