@@ -28,10 +28,7 @@ _free_ids = itertools.count()  # placeholder ids handed out so far: each embeddi
 
 def placeholder_ids(count: int) -> list[int]:
     """`count` placeholder ids no other embedding hooked in this process holds (several act in one prompt)."""
-    first = next(_free_ids)
-    for _ in range(count - 1):
-        next(_free_ids)
-    return [PLACEHOLDER_ID - first - i for i in range(count)]
+    return [PLACEHOLDER_ID - next(_free_ids) for _ in range(count)]
 
 
 @dataclass
