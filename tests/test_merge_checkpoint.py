@@ -24,6 +24,7 @@ from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.checkpoint.checkpoint_convert import convert_checkpoint
 from adapterzoo.formats.checkpoint_targets import checkpoint_targets
 from adapterzoo.formats.convert import convert
+from adapterzoo.formats.io import direct_io
 from adapterzoo.formats.lora.lora_read import UnmatchedKeysError
 from adapterzoo.formats.model import unet_names
 from adapterzoo.formats.model.architectures import builtin_architecture
@@ -152,6 +153,16 @@ def test_single_file_merge_reads_back_like_diffusers_fuse_lora(models, base, tmp
         assert sorted(merged.keys()) == sorted(keys)
         untouched = [k for k in keys if k.startswith("first_stage_model.")]
         assert all(torch.equal(merged.get_tensor(k), original.get_tensor(k)) for k in untouched)
+
+
+def test_a_merge_read_and_written_past_the_page_cache_writes_the_same_bytes(models, tmp_path, monkeypatch):
+    """Large checkpoints stream with O_DIRECT (`direct_io`); forced here on a tiny one in 64 KiB chunks."""
+    model = models["sd1"]
+    merge_checkpoint(model.single, model.specs(), tmp_path / "cached.safetensors", sha256=sha256)
+    monkeypatch.setattr(direct_io, "DIRECT_FROM_BYTES", 0)
+    monkeypatch.setattr(direct_io, "CHUNK_BYTES", 64 << 10)
+    merge_checkpoint(model.single, model.specs(), tmp_path / "direct.safetensors", sha256=sha256)
+    assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "cached.safetensors").read_bytes()
 
 
 def test_provenance_names_every_input_with_its_sha256_and_weight(models, tmp_path):

@@ -359,7 +359,7 @@ class _Merger:
 
     def _merged(self, reader: TensorSource, key: str, patches: list[_Patch], dtype: torch.dtype) -> torch.Tensor:
         """The merged tensor in a reused buffer: valid until the next call (the writer has written it by then)."""
-        weight = reader.get(key, out=self.scratch.take("in", reader.shapes[key], reader.dtypes[key]))
+        weight = reader.view(key)
         try:
             merged = _apply(weight, patches, self.device, self.scratch)
         except torch.OutOfMemoryError:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import BadFileError
+from adapterzoo.formats.io.direct_io import SpanReader
 from adapterzoo.formats.io.pickle_safe import (
     PICKLE_SUFFIXES,
     load_pickle,
@@ -29,29 +30,36 @@ from adapterzoo.formats.io.safetensors_writer import SAFETENSORS_DTYPES, TORCH_D
 from adapterzoo.formats.io.tensor_table import TensorMeta, TensorTable
 
 
-@dataclass(frozen=True)
+@dataclass
 class _SafetensorsFile:
     """Tensors of one safetensors file, each read from its byte range when asked for."""
 
     path: Path
     header: SafetensorsHeader
+    _reader: SpanReader | None = None
 
     def stored(self, key: str) -> StoredBytes:
         info = self.header.tensors[key]
         return StoredBytes(self.path, self.header.data_offset + info.begin, info.end - info.begin)
 
+    def spans(self) -> SpanReader:
+        if self._reader is None:
+            self._reader = SpanReader(self.path)
+        return self._reader
+
     def read(self, key: str, out: torch.Tensor | None) -> torch.Tensor:
         info, stored = self.header.tensors[key], self.stored(key)
         tensor = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype]) if out is None else out
-        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
-        with open(self.path, "rb", buffering=0) as fh:
-            fh.seek(stored.offset)
-            while view:
-                got = fh.readinto(view)
-                if not got:
-                    raise BadFileError(f"{self.path.name} ends inside tensor {key}; was it changed while being read?")
-                view = view[got:]
+        if stored.nbytes:
+            self.spans().read_into(stored.offset, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B"))
         return tensor
+
+    def view(self, key: str) -> torch.Tensor:
+        info, stored = self.header.tensors[key], self.stored(key)
+        dtype = TORCH_DTYPES[info.dtype]
+        if not stored.nbytes or stored.offset % dtype.itemsize:
+            return self.read(key, None)
+        return torch.frombuffer(self.spans().span(stored.offset, stored.nbytes), dtype=dtype).view(info.shape)
 
 
 @dataclass
@@ -73,6 +81,12 @@ class TensorSource:
         if isinstance(reader, _SafetensorsFile):
             return reader.read(key, out)
         return reader[key] if out is None else out.copy_(reader[key])
+
+    def view(self, key: str) -> torch.Tensor:
+        """The tensor without a copy where it can be: a safetensors tensor lies in its file reader's reused
+        buffer, valid until the next read from that file; read-only by contract."""
+        reader = self._readers[key]
+        return reader.view(key) if isinstance(reader, _SafetensorsFile) else reader[key]
 
     def stored(self, key: str) -> StoredBytes | None:
         """Where the tensor's bytes lie in a safetensors file; None for a pickle's tensors."""
