@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import factory
 import numpy as np
@@ -398,8 +399,6 @@ def test_the_table_written_out_is_diffusers_own(model):
 
 
 def test_a_2_2_pipeline_folder_names_both_experts_and_merges_into_one(tmp_path, folder, musubi, capsys, monkeypatch):
-    import shutil
-
     for part in ("transformer", "transformer_2"):
         shutil.copytree(folder, tmp_path / part)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "transformer": [
@@ -510,3 +509,92 @@ def test_a_lora_of_another_size_is_refused_in_one_line(tmp_path, folder, capsys,
     err = refused(["merge", str(folder), "--lora", str(tmp_path / "big.safetensors"), "-o", str(tmp_path / "m")],
                   capsys, monkeypatch)
     assert "1536" in err and not (tmp_path / "m").exists()
+
+
+# -- 2.2's experts: the same tensors, told apart by names alone ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """A tiny 2.2-like T2V transformer (no image attention, so the weights leave the version open) as a ComfyUI
+    file named for the low-noise expert, and one LoRA on its block's Linears three ways: named for the high-noise
+    expert, told low-noise by musubi's metadata, and silent; the transformer as both experts of a 2.2 pipeline folder.
+    Returns (checkpoint, {name: LoRA}, W + ΔW in Wan's names, pipeline folder)."""
+    torch.manual_seed(1)
+    t2v = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=D, in_channels=OUT,
+                                out_channels=OUT, text_dim=TEXT, freq_dim=32, ffn_dim=FFN, num_layers=1).eval()
+    where = tmp_path_factory.mktemp("experts")
+    ckpt = where / "wan2.2_t2v_low_noise_tiny.safetensors"
+    save_file(wan_state_dict(t2v), str(ckpt))
+    for part in ("transformer", "transformer_2"):
+        t2v.save_pretrained(where / "pipe" / part)
+    (where / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "transformer": [
+        "diffusers", "WanTransformer3DModel"], "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    block = {wan: shape_of(t2v, ours) for wan, ours in OURS.items() if wan.startswith("blocks.0.") and "img" not in wan}
+    factors = random_factors(block, seed=11)
+    loras = {name: write_layout_lora(where / name, factors, lambda p: "lora_unet_" + p.replace(".", "_"), "lora_down",
+                                     "lora_up", alpha=True) for name in ("myface_high_noise.safetensors", "silent.safetensors")}
+    loras["told.safetensors"] = where / "told.safetensors"
+    save_file(load_file(loras["silent.safetensors"]), str(loras["told.safetensors"]),
+              {"ss_output_name": "myface_wan22_low_noise"})
+    deltas = {f"{p.removeprefix('transformer.')}.weight": d for p, d in layout_deltas(factors, mapping(factors)).items()}
+    names = wan_names(t2v.state_dict())
+    return ckpt, loras, {names[k]: v.double() + deltas.get(k, 0) for k, v in t2v.state_dict().items()}, where / "pipe"
+
+
+def test_a_lora_of_the_other_expert_is_refused_by_its_name(tmp_path, experts, capsys, monkeypatch):
+    """A high-noise LoRA into the low-noise checkpoint (each said by its file name): one line naming both files, what
+    each says and where, nothing written; --allow-variant-mismatch merges W + ΔW with that line as a warning."""
+    ckpt, loras, expected, _ = experts
+    high = loras["myface_high_noise.safetensors"]
+    found = probe(high)
+    assert (found.details["expert"], found.details["read_from"]) == ("high-noise", {"expert": "file name",
+                                                                                   "version": "file name"})
+    out = tmp_path / "m.safetensors"
+    err = refused(["merge", str(ckpt), "--lora", str(high), "-o", str(out)], capsys, monkeypatch)
+    assert err == (f"error: {ckpt.name} declares Wan expert low-noise (read from its file name) but {high.name} "
+                   "declares expert high-noise (read from its file name); the two have the same tensor names and "
+                   "shapes, so only these names tell them apart (--allow-variant-mismatch merges them anyway)")
+    assert not out.exists() and not list(tmp_path.iterdir())
+    report = cli(["merge", str(ckpt), "--lora", str(high), "-o", str(out), "--allow-variant-mismatch"],
+                 capsys, monkeypatch)
+    assert report["warnings"] == [err.removeprefix("error: ").replace(
+        " (--allow-variant-mismatch merges them anyway)", ": merged anyway (--allow-variant-mismatch)")]
+    got = load_file(out)
+    assert sorted(got) == sorted(expected)
+    assert all(torch.allclose(got[k].double(), v, atol=1e-6, rtol=0) for k, v in expected.items())
+
+
+def test_experts_agreeing_or_unsaid_merge_and_two_loras_of_both_are_refused(tmp_path, experts, capsys, monkeypatch):
+    """The low-noise LoRA (by metadata) into the low-noise checkpoint, and a silent LoRA, merge without a word;
+    merge-loras refuses the high- and low-noise LoRAs together (names and metadata) unless told."""
+    ckpt, loras, expected, _ = experts
+    for name in ("told.safetensors", "silent.safetensors"):
+        report = cli(["merge", str(ckpt), "--lora", str(loras[name]), "-o", str(tmp_path / name)], capsys, monkeypatch)
+        assert report["warnings"] == []
+        got = load_file(tmp_path / name)
+        assert all(torch.allclose(got[k].double(), v, atol=1e-6, rtol=0) for k, v in expected.items())
+    assert probe(tmp_path / "silent.safetensors").details["expert"] == "low-noise"  # its provenance names the input
+    high, told, silent = (loras[n] for n in ("myface_high_noise.safetensors", "told.safetensors", "silent.safetensors"))
+    shutil.copy(ckpt, tmp_path / "w.safetensors")
+    err = refused(["merge", str(tmp_path / "w.safetensors"), "--lora", str(high), "--lora", str(told), "-o",
+                   str(tmp_path / "both.safetensors")], capsys, monkeypatch)
+    assert f"{high.name} declares Wan expert high-noise (read from its file name) but {told.name} declares" in err
+    out = tmp_path / "pair.safetensors"
+    pair = ["merge-loras", str(silent), str(high), str(told), "-o", str(out), "--checkpoint", str(ckpt)]
+    err = refused(pair, capsys, monkeypatch)
+    assert "expert low-noise (read from its metadata (ss_output_name))" in err and not out.exists()
+    report = cli([*pair, "--allow-variant-mismatch"], capsys, monkeypatch)
+    assert report["warnings"][0].endswith("merged anyway (--allow-variant-mismatch)") and out.is_file()
+
+
+def test_a_2_2_pipeline_folders_transformer_2_is_the_low_noise_expert(tmp_path, experts, capsys, monkeypatch):
+    """Named alone, as the refusal of the two-expert folder asks: `transformer_2` is low-noise by its place (diffusers'
+    WanPipeline runs it below the boundary), so the high-noise LoRA is refused there in one line."""
+    _, loras, _, pipe = experts
+    assert probe(pipe / "transformer").details["expert"] == "high-noise"
+    high = loras["myface_high_noise.safetensors"]
+    err = refused(["merge", str(pipe / "transformer_2"), "--lora", str(high), "-o", str(tmp_path / "m")],
+                  capsys, monkeypatch)
+    assert err.startswith("error: transformer_2 declares Wan expert low-noise (read from its place in pipe "
+                          f"(transformer_2)) but {high.name} declares expert high-noise") and not (tmp_path / "m").exists()

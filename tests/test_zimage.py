@@ -18,6 +18,7 @@ from layout_checks import (
     layout_deltas,
     loaded_deltas,
     random_factors,
+    refused,
     rows,
     split_factors,
     write_layout_lora,
@@ -326,3 +327,41 @@ def test_merge_into_a_pipeline_folder_rewrites_the_transformer(tmp_path, model, 
     deltas = {f"{p.removeprefix('transformer.')}.weight": d for p, d in layout_deltas(factors, MAPPING).items()}
     expected = {k: v.double() + deltas.get(k, 0) for k, v in model.state_dict().items()}
     assert all(torch.allclose(merged[k].double(), v, atol=1e-5, rtol=0) for k, v in expected.items())
+
+
+# -- Turbo or Base between files: the same tensors, told apart by names alone -----------------------------------
+
+
+def test_a_base_lora_into_a_turbo_checkpoint_is_refused_by_its_name(tmp_path, model, factors, musubi, capsys,
+                                                                     monkeypatch):
+    """The checkpoint says turbo by its file name, a LoRA base by its own: one line naming both and where each was
+    read, nothing written; --allow-variant-mismatch merges W + ΔW with that line as a warning. A silent LoRA merges
+    without a word; merge-loras refuses a Turbo LoRA (by metadata) beside a Base one."""
+    ckpt = tmp_path / "z_image_turbo_bf16.safetensors"
+    save_file(to_comfy(model.state_dict()), str(ckpt))
+    based = tmp_path / "style_zimage_base.safetensors"
+    save_file(load_file(musubi), str(based))
+    turbo = tmp_path / "t.safetensors"
+    save_file(load_file(musubi), str(turbo), {"training_info": '{"name_or_path": "Tongyi-MAI/Z-Image-Turbo"}'})
+    out = tmp_path / "m.safetensors"
+    err = refused(["merge", str(ckpt), "--lora", str(based), "-o", str(out)], capsys, monkeypatch)
+    assert err == (f"error: {ckpt.name} declares Z-Image variant turbo (read from its file name) but {based.name} "
+                   "declares variant base (read from its file name); the two have the same tensor names and shapes, "
+                   "so only these names tell them apart (--allow-variant-mismatch merges them anyway)")
+    assert not out.exists()
+    report = cli(["merge", str(ckpt), "--lora", str(based), "-o", str(out), "--allow-variant-mismatch"],
+                 capsys, monkeypatch)
+    assert report["warnings"] == [err.removeprefix("error: ").replace(
+        " (--allow-variant-mismatch merges them anyway)", ": merged anyway (--allow-variant-mismatch)")]
+    deltas = {f"{p.removeprefix('transformer.')}.weight": d for p, d in layout_deltas(factors, MAPPING).items()}
+    expected = to_comfy({k: v.double() + deltas.get(k, 0) for k, v in model.state_dict().items()})
+    got = load_file(out)
+    assert all(torch.allclose(got[k].double(), v.double(), atol=1e-5, rtol=0) for k, v in expected.items())
+    for lora in (musubi, turbo):
+        assert cli(["merge", str(ckpt), "--lora", str(lora), "-o", str(tmp_path / f"ok-{lora.name}")],
+                   capsys, monkeypatch)["warnings"] == []
+    pair = ["merge-loras", str(musubi), str(turbo), str(based), "-o", str(tmp_path / "pair.safetensors")]
+    err = refused(pair, capsys, monkeypatch)
+    assert err.startswith(f"error: {turbo.name} declares Z-Image variant turbo (read from its metadata (training_info)) "
+                          f"but {based.name} declares variant base (read from its file name)")
+    assert not (tmp_path / "pair.safetensors").exists()

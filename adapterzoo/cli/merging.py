@@ -18,6 +18,12 @@ from adapterzoo.cli.params import (
     use_threads,
 )
 
+# merge and merge-loras: the files' names are all that tells such members apart (`formats.members`)
+VARIANT_MISMATCH_OPTION = click.option(
+    "--allow-variant-mismatch", is_flag=True,
+    help="Merge files that declare different members of a family whose weights are alike (a high-noise and a "
+    "low-noise expert, turbo and base: read from file names or metadata), with a warning instead of refusing.")
+
 
 @cli.command()
 @click.argument("checkpoint", metavar="CHECKPOINT", type=click.Path(exists=True, dir_okay=True))
@@ -29,10 +35,11 @@ from adapterzoo.cli.params import (
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
               help="Write floating tensors in this dtype (default: each keeps the checkpoint's).")
 @click.option("--allow-unmatched", is_flag=True, help="Merge what fits and list the LoRA keys that land nowhere.")
+@VARIANT_MISMATCH_OPTION
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, device: str, dtype: str | None,
-          allow_unmatched: bool, force: bool, as_json: bool) -> None:
+          allow_unmatched: bool, allow_variant_mismatch: bool, force: bool, as_json: bool) -> None:
     """Merge LoRAs into CHECKPOINT's weights (W += weight·ΔW, computed in fp32), written to OUT."""
     sha256 = provenance_hasher(checkpoint, *(path for path, _ in loras))
     use_threads()
@@ -41,7 +48,8 @@ def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, devi
 
     specs = [LoraSpec(Path(path), weight) for path, weight in loras]
     report = merge_checkpoint(checkpoint, specs, dest, sha256=sha256, device=pick_device(device),
-                              dtype=dtype, allow_unmatched=allow_unmatched, force=force, progress_bar=not as_json)
+                              dtype=dtype, allow_unmatched=allow_unmatched,
+                              allow_variant_mismatch=allow_variant_mismatch, force=force, progress_bar=not as_json)
     if as_json:
         emit_json(report)
         return
@@ -61,10 +69,11 @@ def merge(checkpoint: str, loras: tuple[tuple[str, float], ...], dest: str, devi
 @DEVICE_OPTION
 @click.option("--checkpoint", metavar="CKPT", type=click.Path(exists=True, dir_okay=True),
               help="Resolve module names against this model instead of the built-in tables of its base.")
+@VARIANT_MISMATCH_OPTION
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, device: str, checkpoint: str | None,
-                force: bool, as_json: bool, **rule: Any) -> None:
+                allow_variant_mismatch: bool, force: bool, as_json: bool, **rule: Any) -> None:
     """Merge LoRAs of one base into one whose ΔW is the weighted sum (W after ':' defaults to 1)."""
     sha256 = provenance_hasher(*(path for path, _ in inputs), *([checkpoint] if checkpoint else []))
     use_threads()
@@ -75,7 +84,8 @@ def merge_loras(inputs: tuple[tuple[str, float], ...], dest: str, method: str, d
     if (chosen is None) == (method == "svd"):
         raise click.UsageError("--method svd needs a rank rule (--rank N, --sv-ratio X, --sv-fro X, --sv-cumulative X)"
                                if method == "svd" else "--method concat is exact and takes no rank rule")
-    report = merge(list(inputs), dest, method, chosen, pick_device(device), sha256, force, checkpoint)
+    report = merge(list(inputs), dest, method, chosen, pick_device(device), sha256, force, checkpoint,
+                   allow_variant_mismatch)
     if as_json:
         emit_json(report)
         return

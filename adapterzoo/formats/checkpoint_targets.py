@@ -20,7 +20,8 @@ from adapterzoo.formats.model.registry import bases, families
 from adapterzoo.formats.model.weight_locations import SINGLE_FILE, CheckpointTargets, WeightLocation
 from adapterzoo.formats.probe import probe
 
-__all__ = ["SINGLE_FILE", "CheckpointTargets", "WeightLocation", "check_lora_base", "checkpoint_targets"]
+__all__ = ["SINGLE_FILE", "CheckpointTargets", "WeightLocation", "check_lora_base", "checkpoint_targets",
+           "probe_targets"]
 
 
 def checkpoint_targets(path: str | os.PathLike) -> CheckpointTargets:
@@ -43,9 +44,19 @@ def checkpoint_targets(path: str | os.PathLike) -> CheckpointTargets:
     raise BadFileError(f"{path.name} is a {found.base} checkpoint; LoRAs are merged into {', '.join(merged)} ones")
 
 
-def check_lora_base(targets: CheckpointTargets, lora: str | os.PathLike) -> None:
+def probe_targets(targets: CheckpointTargets) -> ProbeResult:
+    """The checkpoint's probe: a single file's from the header `checkpoint_targets` read, a folder's from its own."""
+    if targets.is_folder:
+        return probe(targets.path)
+    source = targets.sources[SINGLE_FILE]
+    found = ProbeResult(path=str(targets.path), metadata=dict(source.metadata))
+    probe_checkpoint(source.table(), found)
+    return found
+
+
+def check_lora_base(targets: CheckpointTargets, lora: str | os.PathLike) -> ProbeResult:
     """Refuse a LoRA whose probed base differs from the checkpoint's, unless its tensors fit the checkpoint's base
-    as well; an undecided probe passes."""
+    as well; an undecided probe passes. Returns the LoRA's probe."""
     found = probe(lora)
     fits = targets.base == found.base or targets.base in found.details.get("also_fits", ())
     if found.base in bases() and not fits:
@@ -57,3 +68,4 @@ def check_lora_base(targets: CheckpointTargets, lora: str | os.PathLike) -> None
     if found.base == targets.base and ours and theirs and ours != theirs:
         raise AdapterzooError(f"{Path(lora).name} is a {found.base} {ours} {found.kind} but {targets.path.name} is a "
                               f"{targets.base} {theirs} checkpoint; their shapes differ, so it does not fit")
+    return found

@@ -36,6 +36,7 @@ from adapterzoo.formats.checkpoint_targets import (
     WeightLocation,
     check_lora_base,
     checkpoint_targets,
+    probe_targets,
 )
 from adapterzoo.formats.io.atomic import atomic_output, check_output
 from adapterzoo.formats.io.pickle_safe import PICKLE_SUFFIXES
@@ -45,6 +46,7 @@ from adapterzoo.formats.lora.lora_keys import detect_lora_dialect, group_modules
 from adapterzoo.formats.lora.lora_model import AdapterModule, FullModule, Ia3Module, LoraFile, LoraModule
 from adapterzoo.formats.lora.lora_parts import is_text_encoder_module
 from adapterzoo.formats.lora.lora_read import Misfit, load_lora_matched, misfit_example
+from adapterzoo.formats.members import check_members, declared
 from adapterzoo.formats.model.targets import TEXT_ENCODERS, UNET
 from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata
 
@@ -114,6 +116,7 @@ def merge_checkpoint(
     device: torch.device | None = None,
     dtype: str | None = None,
     allow_unmatched: bool = False,
+    allow_variant_mismatch: bool = False,
     force: bool = False,
     progress_bar: bool = False,
 ) -> dict[str, Any]:
@@ -123,7 +126,9 @@ def merge_checkpoint(
     `sha256(path)` gives an input's digest for the provenance metadata (`ops.provenance`); for files it
     runs in a background thread while the tensors stream, since hashing a checkpoint takes seconds.
     `dtype` (fp16, bf16, fp32) casts every floating tensor; by default each keeps its own. Raises
-    AdapterzooError before writing anything for a bad input. `progress_bar` shows the bytes written on stderr.
+    AdapterzooError before writing anything for a bad input, a LoRA declaring another member of the family than
+    the checkpoint (or another LoRA) among them unless `allow_variant_mismatch` (`formats.members`: a warning
+    then). `progress_bar` shows the bytes written on stderr.
     """
     started = time.perf_counter()
     device = device or torch.device("cpu")
@@ -135,6 +140,7 @@ def merge_checkpoint(
     targets = checkpoint_targets(checkpoint)
     _check_paths(checkpoint, dest, [spec.path for spec in loras], force)
     merger = _Merger(device, DTYPES.get(dtype) if dtype else None)
+    merger.warnings += _check_loras(targets, loras, allow_variant_mismatch)
     read = [_read_lora(spec, targets, allow_unmatched, merger.warnings) for spec in loras]
     patches = _patches(targets, [(lora, spec.weight) for lora, spec in zip(read, loras)], merger.warnings)
     files = _files_to_write(targets, patches, merger.warnings)
@@ -189,11 +195,22 @@ class _Read:
     unmatched: list[str]
 
 
+def _check_loras(targets: CheckpointTargets, loras: Sequence[LoraSpec], allow: bool) -> list[str]:
+    """Every LoRA exists and is for the checkpoint's base (`check_lora_base`, whose probes serve again here), and no
+    two files declare different members the weights cannot tell apart (the checkpoint is probed only when a LoRA
+    declares one); returns the warnings `allow` leaves of those refusals."""
+    found = []
+    for spec in loras:
+        if not spec.path.exists():
+            raise AdapterzooError(f"LoRA {spec.path} does not exist")
+        found.append((spec.path, check_lora_base(targets, spec.path)))
+    if not any(declared(probed) for _, probed in found):
+        return []
+    return check_members([(targets.path, probe_targets(targets)), *found], allow)
+
+
 def _read_lora(spec: LoraSpec, targets: CheckpointTargets, allow_unmatched: bool, warnings: list[str]) -> _Read:
     """The LoRA resolved against the checkpoint's modules; with allow_unmatched, minus what lands nowhere."""
-    if not spec.path.exists():
-        raise AdapterzooError(f"LoRA {spec.path} does not exist")
-    check_lora_base(targets, spec.path)
     lora, unmatched, misfits = load_lora_matched(spec.path, targets.architecture)
     homeless = [path for path in lora.modules if path not in targets.locations] if lora else []
     # a checkpoint without text encoders: their LoRA keys are unmatched (a UNet's table lacks them) or, where

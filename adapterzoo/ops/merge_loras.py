@@ -20,11 +20,14 @@ import torch
 from adapterzoo.errors import AdapterzooError
 from adapterzoo.formats.checkpoint_targets import check_lora_base, checkpoint_targets
 from adapterzoo.formats.io.atomic import check_output
+from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.lora.delta_svd import module_dtype
 from adapterzoo.formats.lora.lora_approx import bias_left_out
 from adapterzoo.formats.lora.lora_model import FullModule, Ia3Module, LohaModule, LokrModule, LoraFile, LoraModule
 from adapterzoo.formats.lora.lora_read import load_lora
+from adapterzoo.formats.members import check_members
 from adapterzoo.formats.model.targets import Architecture
+from adapterzoo.formats.probe import probe
 from adapterzoo.ops.kohya_output import write_kohya
 from adapterzoo.ops.lowrank import Rule, concat, fold_tucker, svd_merge
 from adapterzoo.ops.provenance import Hasher, Source, provenance_metadata, rule_setting
@@ -38,11 +41,13 @@ _KINDS = {LohaModule: "LoHa", LokrModule: "LoKr", Ia3Module: "IA3", FullModule: 
 
 def merge_loras(inputs: Sequence[tuple[str | os.PathLike, float]], dest: str | os.PathLike, method: str,
                 rule: Rule | None, device: torch.device, sha256: Hasher, force: bool = False,
-                checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
+                checkpoint: str | os.PathLike | None = None, allow_variant_mismatch: bool = False) -> dict[str, Any]:
     """Write Σ weight · ΔW of the (path, weight) `inputs` to `dest`; returns the report.
 
     `checkpoint` resolves the LoRAs' module names against that model's own modules instead of the built-in
-    SD1/SD2/SDXL tables, so LoRAs made for non-standard or tiny models merge too.
+    SD1/SD2/SDXL tables, so LoRAs made for non-standard or tiny models merge too; it only names modules, so its
+    own member of a family is not compared with the LoRAs'. LoRAs declaring different members the weights cannot
+    tell apart are refused, or with `allow_variant_mismatch` merged with a warning (`formats.members`).
     """
     if method not in METHODS:
         raise AdapterzooError(f"--method is one of {' | '.join(METHODS)}, not {method!r}")
@@ -57,7 +62,8 @@ def merge_loras(inputs: Sequence[tuple[str | os.PathLike, float]], dest: str | o
     dest = check_output(dest, [*paths, *([checkpoint] if checkpoint else [])], force)
     if dest.suffix != ".safetensors":
         raise AdapterzooError("a merged LoRA is a kohya .safetensors file; name the output *.safetensors")
-    against = _checkpoint_architecture(Path(checkpoint), paths) if checkpoint else None
+    against, found = _checkpoint_architecture(Path(checkpoint), paths) if checkpoint else (None, None)
+    warnings = check_members(zip(paths, found or [probe(path) for path in paths]), allow_variant_mismatch)
     loras = [load_lora(path, architecture=against) for path in paths]
     _check_bases(paths, loras)
     for path, lora in zip(paths, loras):
@@ -99,7 +105,7 @@ def merge_loras(inputs: Sequence[tuple[str | os.PathLike, float]], dest: str | o
     if method == "svd":
         report["retained_fro"] = retention.fraction
     dropped = [f"{p}: {', '.join(sorted(lora.embeddings))}" for p, lora in zip(paths, loras) if lora.embeddings]
-    warnings = [f"embedded tokens are not merged: {entry}" for entry in dropped]
+    warnings += [f"embedded tokens are not merged: {entry}" for entry in dropped]
     warnings += [f"{p}: {w}" for p, lora in zip(paths, loras) if (w := bias_left_out(list(lora.modules.values())))]
     if warnings:
         report["warnings"] = warnings
@@ -121,12 +127,10 @@ def _pair(module: LoraModule, weight: float, device: torch.device) -> Pair:
     return module.up.to(device, torch.float32), down.to(device, torch.float32), module.scale, weight
 
 
-def _checkpoint_architecture(checkpoint: Path, paths: list[Path]) -> Architecture:
-    """The checkpoint's own modules, once no LoRA's probed base contradicts it (as `merge` refuses)."""
+def _checkpoint_architecture(checkpoint: Path, paths: list[Path]) -> tuple[Architecture, list[ProbeResult]]:
+    """The checkpoint's own modules, once no LoRA's probed base contradicts it (as `merge` refuses); the probes."""
     targets = checkpoint_targets(checkpoint)
-    for path in paths:
-        check_lora_base(targets, path)
-    return targets.architecture
+    return targets.architecture, [check_lora_base(targets, path) for path in paths]
 
 
 def _check_bases(paths: list[Path], loras: list[LoraFile]) -> None:

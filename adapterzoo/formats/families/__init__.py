@@ -18,7 +18,9 @@ line, or asks the next family):
   family's LoRAs use: name, `speaks(keys)`, `split(key)`), `probe_checkpoint(table, result)` (kind, base,
   format, details), `pipeline_base(class, config)` and `describe_folder(config, result)` (a diffusers folder),
   `vae_latents` {latent channels: base}, `embedding_base(slots)` {encoder slot or "": width},
-  `hypernetwork_base(widths)`;
+  `hypernetwork_base(widths)`; `unconfirmed_members` (the `details` facts that name a member the weights cannot
+  tell apart, read from a file name or metadata with where in `details["read_from"]`: merge refuses a LoRA and a
+  checkpoint, or two LoRAs, that declare different ones);
 - module tables and dialects: `architecture(base, variant)` (the real-size targets of a base, or of its
   member where members differ in size; from configs shipped in data/module_tables.json.gz, built on the meta
   device, or written out from the config in plain Python as `flux2` does) and `architecture_from_tables(base, tables)`

@@ -137,6 +137,10 @@ class Family:
     lora_fits: Callable[[LoraModules, TensorTable], str | None] = _nothing
     metadata_base: Callable[[dict[str, str]], str | None] = _nothing  # kohya/ModelSpec hints, used when shapes fail
     describe_lora: Callable[[LoraModules, TensorTable, ProbeResult], None] = _nothing  # details probe adds (coverage, variant)
+    # `details` facts naming a member that the weights cannot tell from another (the same tensor names and shapes),
+    # read from a file name or metadata, each with where in `details["read_from"]`; merge and merge-loras refuse
+    # files that declare different values of one (`formats.members`)
+    unconfirmed_members: tuple[str, ...] = ()
     dialects: tuple[Dialect, ...] = ()
     probe_checkpoint: Callable[[TensorTable, ProbeResult], bool] = lambda table, result: False  # fills kind, base
     pipeline_base: Callable[[str, dict], str | None] = _nothing  # diffusers folder: pipeline class, UNet/DiT config

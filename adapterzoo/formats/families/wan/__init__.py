@@ -80,6 +80,7 @@ FAMILY = Family(
     lora_base=probe.lora_base,
     metadata_base=probe.metadata_base,
     describe_lora=probe.describe_lora,
+    unconfirmed_members=("expert",),  # 2.2's high-/low-noise expert: the same tensors, told by names only
     dialects=(comfy_dialect(probe.OWN),),
     probe_checkpoint=probe.probe_checkpoint,
     pipeline_base=lambda pipeline, config: BASE if pipeline.startswith(PIPELINES) else None,

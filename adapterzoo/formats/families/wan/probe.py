@@ -6,7 +6,8 @@ Wan's own names (`blocks.N.self_attn.q`, `cross_attn.k_img`, `ffn.0`) and diffus
 5B's) and 2.1's image encoder (`img_emb`, `k_img`; FLF2V's `emb_pos`); the version follows where the weights
 decide it (2.1 alone has the 1.3B and the image encoder, 2.2 alone the 5B and a 36-channel model without one).
 Where they do not (a 14B T2V), and for 2.2's high-noise and low-noise experts (the same tensors), the file name
-or metadata is read as a hint, with a warning that the weights cannot confirm it.
+or metadata is read as a hint, with a warning that the weights cannot confirm it; the expert is the family's
+`unconfirmed_members`, so merge refuses a LoRA for one expert with a checkpoint (or LoRA) of the other.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _DIFFUSERS = r"blocks[._]\d+[._](?:attn[12][._](?:to_[qkv]|to_out|add_[kv]_proj)
 OWN = re.compile(rf"^(?:{_WAN}|{_DIFFUSERS}|img_emb[._]proj|condition_embedder[._]image_embedder)")
 _IMAGE = re.compile(r"[kv]_img|add_[kv]_proj|img_emb|image_embedder")
 _EXPERT = re.compile(r"(high|low)[-_ ]?noise", re.IGNORECASE)
+PIPELINE_EXPERTS = {"transformer": "high-noise", "transformer_2": "low-noise"}  # a 2.2 A14B pipeline's folders
 _VERSION = re.compile(r"wan[-_ ]?(?:video[-_ ]?)?2[._ ]?([12])(?!\d)", re.IGNORECASE)
 SAME_EXPERTS = "Wan 2.2's high-noise and low-noise experts have the same tensor names and shapes"
 SAME_14B = "Wan 2.1's T2V 14B and 2.2's T2V A14B have the same tensor names and shapes"
@@ -59,28 +61,34 @@ def metadata_base(metadata: dict[str, str]) -> str | None:
     return BASE if re.search(r"(?<![a-z])wan(?![a-z])", said, re.IGNORECASE) else None
 
 
-def _hints(result: ProbeResult, texts: dict[str, str], facts: dict) -> None:
-    """The version and expert a file name or metadata says, where the weights leave them open; each with a
-    warning."""
+def _hints(result: ProbeResult, texts: dict[str, str], facts: dict) -> dict[str, str]:
+    """The version and expert a file name or metadata says, where the weights leave them open, each with a
+    warning; returns where each was read (merge names it when a LoRA's expert is not its checkpoint's)."""
+    read_from: dict[str, str] = {}
     for where, text in texts.items():
         if "expert" not in facts and (m := _EXPERT.search(text)) and facts.get("version") in (None, "2.2"):
+            read_from |= {"expert": where} | ({} if "version" in facts else {"version": where})
             facts |= {"expert": f"{m[1].lower()}-noise", "version": "2.2"}
             result.warnings.append(f"{SAME_EXPERTS}: read as {facts['expert']} from its {where}, which the weights "
                                    "cannot confirm")
         if "version" not in facts and (m := _VERSION.search(text)):
             facts["version"] = f"2.{m[1]}"
+            read_from["version"] = where
             same = SAME_14B if facts.get("size") == "14b" else "Wan 2.1 and 2.2 share these tensor names"
             result.warnings.append(f"{same}: read as {facts['version']} from its {where}, which the weights cannot "
                                    "confirm")
+    return read_from
 
 
 def _describe(result: ProbeResult, facts: dict, texts: dict[str, str]) -> None:
     """`details`: size, task, version, expert, and `variant` joining those known (`2.2-i2v-14b-high-noise`)."""
-    _hints(result, texts, facts)
+    read_from = _hints(result, texts, facts)
     words = [facts.get(k) for k in ("version", "task", "size", "expert")]
     result.details |= {k: v for k, v in facts.items() if v is not None}
     if any(words):
         result.details["variant"] = "-".join(w for w in words if w)
+    if read_from:
+        result.details["read_from"] = read_from
 
 
 def coverage(names: list[str]) -> dict:
@@ -111,9 +119,11 @@ def lora_facts(modules: dict[str, dict[str, str]], table: TensorTable) -> dict:
 
 
 def describe_lora(modules: dict[str, dict[str, str]], table: TensorTable, result: ProbeResult) -> None:
+    """Coverage and facts; metadata, then the file name, for what the weights leave open (musubi's and lightx2v's
+    2.2 LoRAs come as a `..._high_noise` / `..._low_noise` pair of files)."""
     result.details["coverage"] = coverage(list(modules))
     texts = {f"metadata ({key})": value for key, value in result.metadata.items()}
-    _describe(result, lora_facts(modules, table), texts)
+    _describe(result, lora_facts(modules, table), {**texts, "file name": Path(result.path).name})
 
 
 def checkpoint_prefix(keys: dict | list) -> str | None:
@@ -156,8 +166,20 @@ def probe_checkpoint(table: TensorTable, result: ProbeResult) -> bool:
     image = any(n.startswith("condition_embedder.image_embedder.") for n in names)
     pos = "condition_embedder.image_embedder.pos_embed" in names
     texts = {f"metadata ({key})": value for key, value in result.metadata.items()}
-    _describe(result, facts_of(embed[0], embed[1], image, pos), {**texts, "file name": Path(result.path).name})
+    texts = {**_place(Path(result.path)), **texts, "file name": Path(result.path).name}
+    _describe(result, facts_of(embed[0], embed[1], image, pos), texts)
     return True
+
+
+def _place(folder: Path) -> dict[str, str]:
+    """The expert a transformer folder of a 2.2 A14B pipeline folder (one with `transformer_2`) is run as, as a
+    hint: diffusers' WanPipeline denoises high noise with `transformer` and low noise with `transformer_2`."""
+    pipeline = folder.parent
+    if folder.name not in PIPELINE_EXPERTS or not (pipeline / "model_index.json").is_file():
+        return {}
+    if not (pipeline / "transformer_2" / "config.json").is_file():
+        return {}
+    return {f"place in {pipeline.name} ({folder.name})": PIPELINE_EXPERTS[folder.name]}
 
 
 def describe_folder(config: dict, result: ProbeResult) -> None:

@@ -73,6 +73,7 @@ FAMILY = Family(
     lora_base=probe.lora_base,
     metadata_base=probe.metadata_base,
     describe_lora=probe.describe_lora,
+    unconfirmed_members=("variant",),  # turbo or base: the same tensors, told by names only
     probe_checkpoint=probe.probe_checkpoint,
     pipeline_base=lambda pipeline, config: BASE if pipeline in PIPELINES else None,
     describe_folder=probe.describe_folder,

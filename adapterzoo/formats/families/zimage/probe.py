@@ -4,7 +4,8 @@ Z-Image is a NextDiT like Lumina 2, whose ComfyUI names it shares (`layers.N.att
 its own are diffusers' `attention.to_q` and its per-block modulation `adaLN_modulation.0` (Lumina 2's is `.1`),
 and its size (3840 wide, 30 layers). A LoRA is Z-Image's when every module lands on the real model with its
 shape, or by diffusers' names. Turbo and Base have the same tensors: the weights cannot tell them apart, so the
-variant is read from metadata (or a checkpoint's file name) as a hint, with a warning that says so.
+variant is read from metadata (or the file name) as a hint, with a warning that says so; it is the family's
+`unconfirmed_members`, so merge refuses a Turbo LoRA with a Base checkpoint (or LoRA) and the reverse.
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ def variant_hint(texts: dict[str, str]) -> tuple[str, str] | None:
 
 
 def _describe_variant(result: ProbeResult, texts: dict[str, str]) -> None:
+    """`details.variant` and where it was read (`read_from`, which merge names when a LoRA's is not its
+    checkpoint's), with a warning that the weights cannot confirm it."""
     hint = variant_hint(texts)
     if hint is not None:
-        result.details["variant"] = hint[0]
+        result.details |= {"variant": hint[0], "read_from": {"variant": hint[1]}}
         result.warnings.append(f"{SAME_TENSORS}: read as {hint[0]} from its {hint[1]}, which the weights cannot confirm")
 
 
@@ -74,8 +77,10 @@ def coverage(names: list[str]) -> dict:
 
 
 def describe_lora(modules: dict[str, dict[str, str]], table: TensorTable, result: ProbeResult) -> None:
+    """Coverage; the variant from metadata, then the file name (`..._zimage_turbo.safetensors`)."""
     result.details["coverage"] = coverage(list(modules))
-    _describe_variant(result, {f"metadata ({key})": value for key, value in result.metadata.items()})
+    texts = {f"metadata ({key})": value for key, value in result.metadata.items()}
+    _describe_variant(result, {**texts, "file name": Path(result.path).name})
 
 
 def checkpoint_prefix(keys: dict | list) -> str | None:
