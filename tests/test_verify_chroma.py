@@ -37,15 +37,16 @@ TARGETS = {  # diffusers module -> (in, out): the approximator, both kinds of bl
 
 @pytest.fixture(scope="module")
 def chroma(tmp_path_factory) -> dict[str, Path]:
-    """The tiny pipeline as a folder, its transformer as a BFL single file and as a transformer-only folder, a folder
-    of the other parts, the lone T5 and VAE files, and a folder holding only the tokenizer."""
+    """The tiny pipeline as a folder, its transformer as a BFL single file and as a bare transformer folder (config.json
+    beside the weights), a folder of the other parts, the lone T5 and VAE files, and a folder holding only the
+    tokenizer."""
     from adapterzoo.formats.checkpoint.checkpoint_convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("chroma")
     pipe = save_tiny_chroma(root / "pipe")
     convert_checkpoint(pipe, root / "chroma-tiny.safetensors", "ldm")
     return {"pipe": pipe, "bfl": root / "chroma-tiny.safetensors",
-            "transformer_only": save_tiny_chroma(root / "transformer_only", ("transformer",)),
+            "transformer_only": pipe / "transformer",  # a bare diffusers transformer folder
             "parts": save_tiny_chroma(root / "parts", tuple(n for n in CLASSES if n != "transformer")),
             "t5": save_lone_t5(pipe / "text_encoder", root / "t5xxl_fp16.safetensors"),
             "ae": save_lone_ae(pipe / "vae", root / "ae.safetensors"),
