@@ -172,8 +172,8 @@ def test_sample_renders_each_source_with_chroma_pipelines_defaults(chroma, diale
     report = cli(["sample", "--checkpoint", str(chroma["bfl"]), *lone_args(chroma, "t5", "ae", "tokenizer"),
                   "--lora", str(dialects["bfl"]), "--prompt", "a red fox", "--negative-prompt", "snow", "--size",
                   "32x32", "-o", str(out), "--json"], capsys, monkeypatch)
-    assert (report["base"], report["steps"], report["negative_prompt"], report["warnings"]) == (
-        "chroma", 35, "snow", [])
+    assert (report["base"], report["steps"], report["cfg_scale"], report["negative_prompt"], report["warnings"]) == (
+        "chroma", 35, 5.0, "snow", [])
     assert report["loras"][0]["modules_hit"] == report["loras"][0]["modules"] > 0
     text = Image.open(out).text["parameters"]
     assert "Negative prompt: snow" in text and "Steps: 35" in text and "CFG scale: 5" in text
