@@ -149,9 +149,9 @@ def lone_args(chroma, *which: str) -> list[str]:
 
 def test_a_bfl_file_and_a_transformer_folder_render_as_the_full_pipeline(chroma, dialects, tmp_path, capsys,
                                                                         monkeypatch):
-    """The BFL file with the lone T5 and VAE files (the tokenizer from --pipeline), and the transformer-only folder
-    with --pipeline: the full folder's effects (their scheduler is the folder's); nothing written to a temporary
-    folder."""
+    """The BFL file with the lone T5 and VAE files (the tokenizer from --pipeline; the scheduler the family's default,
+    which the tiny folder's equals), and the bare transformer folder with --pipeline: the full folder's coverage and
+    effects; nothing written to a temporary folder."""
     watched = watched_tempdir(tmp_path, monkeypatch)
     lora = str(dialects["kohya"])
     full = cli(["verify", lora, "--checkpoint", str(chroma["pipe"]), *SIZE, "--json"], capsys, monkeypatch)
