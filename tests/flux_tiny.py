@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from safetensors.torch import save_file
 from transformers import T5Config, T5EncoderModel
 
 from adapterzoo.tiny_models import VOCAB_SIZE, tiny_text_encoder, tiny_tokenizer
@@ -53,3 +54,24 @@ def save_tiny_flux(folder: Path, guidance: bool = True, parts: tuple[str, ...] =
         index[name] = list(classes[name])
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
+
+
+def save_lone_t5(encoder_folder: Path, path: Path) -> Path:
+    """A T5 encoder folder as ComfyUI's t5xxl_fp16 file: T5EncoderModel's names, the embedding once (`shared`)."""
+    state = T5EncoderModel.from_pretrained(encoder_folder).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items() if k != "encoder.embed_tokens.weight"}, str(path))
+    return path
+
+
+def save_lone_ae(vae_folder: Path, path: Path) -> Path:
+    """A VAE folder as BFL's ae.safetensors: the original (LDM) names, attention weights as 1x1 convs."""
+    from adapterzoo.formats.model.vae_names import diffusers_to_ldm_vae, is_attention_weight
+
+    vae = AutoencoderKL.from_pretrained(vae_folder)
+    levels = len(vae.config.block_out_channels)
+    ae = {}
+    for key, tensor in vae.state_dict().items():
+        name = diffusers_to_ldm_vae(key, levels)
+        ae[name] = tensor[:, :, None, None].contiguous() if is_attention_weight(name) else tensor.contiguous()
+    save_file(ae, str(path))
+    return path

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from dit_verify import assert_run_time_equals, cli, prediction, watched_tempdir
-from flux_tiny import save_tiny_flux
+from flux_tiny import save_lone_ae, save_lone_t5, save_tiny_flux
 from safetensors.torch import load_file, save_file
 
 from adapterzoo.formats.probe import probe
@@ -155,27 +155,15 @@ def lone(flux) -> dict[str, Path]:
     """The tiny pipeline's CLIP, T5 and VAE as the single files ComfyUI users keep: clip_l in CLIPTextModel names
     with `text_model.`, t5xxl in T5EncoderModel's encoder names with the embedding once (`shared.weight`), ae in
     BFL's original (LDM) VAE names, attention as 1x1 convs; and a folder holding only the two tokenizers."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, T5EncoderModel
-
-    from adapterzoo.formats.model.vae_names import diffusers_to_ldm_vae, is_attention_weight
+    from transformers import CLIPTextModel
 
     root, pipe = flux["root"], flux["pipe"]
     clip = CLIPTextModel.from_pretrained(pipe / "text_encoder").state_dict()
     save_file({f"text_model.{k}": v.contiguous() for k, v in clip.items()}, str(root / "clip_l.safetensors"))
-    t5 = T5EncoderModel.from_pretrained(pipe / "text_encoder_2").state_dict()
-    save_file({k: v.contiguous() for k, v in t5.items() if k != "encoder.embed_tokens.weight"},
-              str(root / "t5xxl_fp16.safetensors"))
-    vae = AutoencoderKL.from_pretrained(pipe / "vae")
-    levels = len(vae.config.block_out_channels)
-    ae = {}
-    for key, tensor in vae.state_dict().items():
-        name = diffusers_to_ldm_vae(key, levels)
-        ae[name] = tensor[:, :, None, None].contiguous() if is_attention_weight(name) else tensor.contiguous()
-    save_file(ae, str(root / "ae.safetensors"))
     tokenizers = save_tiny_flux(root / "tokenizers", parts=("tokenizer", "tokenizer_2"))
-    return {"clip": root / "clip_l.safetensors", "t5": root / "t5xxl_fp16.safetensors", "ae": root / "ae.safetensors",
-            "tokenizers": tokenizers}
+    return {"clip": root / "clip_l.safetensors", "tokenizers": tokenizers,
+            "t5": save_lone_t5(pipe / "text_encoder_2", root / "t5xxl_fp16.safetensors"),
+            "ae": save_lone_ae(pipe / "vae", root / "ae.safetensors")}
 
 
 def lone_args(lone, *which: str) -> list[str]:

@@ -27,7 +27,7 @@ class Conditioning:
     """What the UNet needs besides latents and t: token states, and SDXL's pooled text + size ids."""
 
     states: torch.Tensor  # [1, 77, context]
-    added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: text_embeds, time_ids
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: text_embeds, time_ids; a DiT: its own
 
     def batched(self, other: Conditioning) -> Conditioning:
         """[self, other] along the batch: one UNet call for both halves of a CFG pair."""
@@ -52,12 +52,8 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     return full[:at], full[at + len(bare):]
 
 
-def token_ids(tokenizer, prompt: str, insert: dict[str, list[int]] | None = None,
-              length: int | None = None) -> torch.Tensor:
-    """[1, length] ids as `tokenizer(prompt, padding="max_length", truncation=True)` gives them (the tokenizer's own
-    special tokens, its pad id; `length` defaults to its model_max_length); each word of `insert` becomes its
-    placeholder ids ([]: the word is taken out). The text between words is tokenized apart, stripped, as a
-    tokenizer extended by the words as added tokens (lstrip) splits it."""
+def _tokens(tokenizer, prompt: str, insert: dict[str, list[int]] | None, length: int | None) -> tuple[list[int], int]:
+    """(the padded ids, how many of them are the prompt's and the tokenizer's own rather than padding)."""
     pieces: list[tuple[str, list[int]]] = [(prompt, [])]
     for word, placeholders in (insert or {}).items():
         split: list[tuple[str, list[int]]] = []
@@ -73,8 +69,26 @@ def token_ids(tokenizer, prompt: str, insert: dict[str, list[int]] | None = None
     limit = length or tokenizer.model_max_length
     before, after = special_tokens(tokenizer)
     ids = before + ids[: limit - len(before) - len(after)] + after
-    ids += [tokenizer.pad_token_id] * (limit - len(ids))
-    return torch.tensor([ids])
+    count = len(ids)
+    return ids + [tokenizer.pad_token_id] * (limit - count), count
+
+
+def token_ids(tokenizer, prompt: str, insert: dict[str, list[int]] | None = None,
+              length: int | None = None) -> torch.Tensor:
+    """[1, length] ids as `tokenizer(prompt, padding="max_length", truncation=True)` gives them (the tokenizer's own
+    special tokens, its pad id; `length` defaults to its model_max_length); each word of `insert` becomes its
+    placeholder ids ([]: the word is taken out). The text between words is tokenized apart, stripped, as a
+    tokenizer extended by the words as added tokens (lstrip) splits it."""
+    return torch.tensor([_tokens(tokenizer, prompt, insert, length)[0]])
+
+
+def token_mask(tokenizer, prompt: str, insert: dict[str, list[int]] | None = None,
+               length: int | None = None) -> torch.Tensor:
+    """[1, length] attention mask of `token_ids`' ids, as the tokenizer gives it: 1 for the prompt's tokens (an
+    embedding's placeholders among them) and the tokenizer's own special ones, 0 for the padding; told apart by
+    position, since a CLIP tokenizer pads with its EOS."""
+    count = _tokens(tokenizer, prompt, insert, length)[1]
+    return (torch.arange(length or tokenizer.model_max_length) < count).long()[None]
 
 
 @torch.no_grad()
@@ -84,9 +98,9 @@ def encode_prompt(pipe, prompt: str, insert: Insert | None = None) -> Conditioni
     insert = insert or {}
     device = pipe.unet.device
     if hasattr(pipe, "encode_conditioning"):  # a DiT family's own text encoders (CLIP pooled + T5 states)
-        def ids(encoder: str, length: int | None = None) -> torch.Tensor:
+        def ids(encoder: str, length: int | None = None, mask: bool = False) -> torch.Tensor:
             tokenizer = getattr(pipe, encoder.replace("text_encoder", "tokenizer"))
-            return token_ids(tokenizer, prompt, insert.get(encoder), length)
+            return (token_mask if mask else token_ids)(tokenizer, prompt, insert.get(encoder), length)
 
         states, added = pipe.encode_conditioning(prompt, ids)
         return Conditioning(states, added)
@@ -150,11 +164,19 @@ def uses_cfg(unet) -> bool:
     return getattr(unet, "cfg", True)
 
 
-def guided(unet, positive: Conditioning, negative: Conditioning, scale: float = GUIDANCE_SCALE) -> NoisePrediction:
-    """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅); a model whose
-    guidance is distilled into it (or that has none) declares `cfg = False` and is called once, positive only."""
+def guidance_scale(unet) -> float:
+    """The CFG scale w a render uses: the one the model's own pipeline defaults to where its denoiser declares
+    `guidance_scale`, else 7."""
+    return getattr(unet, "guidance_scale", GUIDANCE_SCALE)
+
+
+def guided(unet, positive: Conditioning, negative: Conditioning) -> NoisePrediction:
+    """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅), w the model's own
+    (`guidance_scale`); a model whose guidance is distilled into it (or that has none) declares `cfg = False` and
+    is called once, positive only."""
     if not uses_cfg(unet):
         return lambda step, latents, t: unet_prediction(unet, latents, t, positive)
+    scale = guidance_scale(unet)
     pair = negative.batched(positive)
 
     def predict(step: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -237,7 +237,7 @@ def sample(checkpoint: Path, options: SampleOptions, output: Path, sha256: Calla
         report["schedule"] = switch_schedule(evaluations(loaded, options.steps), len(files), composition.switch_every)
     report.update({"autolora": composition.autolora, "checkpoint": str(checkpoint), "base": loaded.base,
                    "prompt": options.prompt,
-                   **({"negative_prompt": options.negative_prompt} if cfg else guidance_parameters(loaded.pipe)),
+                   **guidance_parameters(loaded.pipe), **({"negative_prompt": options.negative_prompt} if cfg else {}),
                    "seed": options.seed,
                    "steps": options.steps, "size": list(size), "device": device.type,
                    "dtype": str(dtype).removeprefix("torch."), "warnings": unused + ([problem] if problem else [])})

@@ -17,9 +17,10 @@ import torch
 
 from adapterzoo.errors import BadFileError
 from adapterzoo.formats.io.json_file import read_json_object
-from adapterzoo.formats.io.safetensors_writer import PlannedTensor, plan_dtype, write_safetensors
+from adapterzoo.formats.io.safetensors_writer import PlannedTensor, plan_dtype, planned_tensor, write_safetensors
 from adapterzoo.formats.io.tensor_source import TensorSource, open_component
 from adapterzoo.formats.model.module_tables import build_on_meta, saved_config
+from adapterzoo.formats.model.on_meta import parameters_on_meta
 from adapterzoo.formats.model.targets import TRANSFORMER, Architecture, FusedModule, Rows
 from adapterzoo.formats.model.weight_locations import (
     SINGLE_FILE,
@@ -226,15 +227,31 @@ class SingleFileLayout:
     def owns_folder(self, folder: Path) -> bool:
         return model_folder(folder, self.model_class) is not None
 
-    def file_to_folder(self, source: TensorSource, dtype: torch.dtype | None, folder: Path) -> dict:
-        """A single file of the family as a diffusers transformer folder, its config from the shapes."""
+    def file_plan(self, source: TensorSource, dtype: torch.dtype | None) -> tuple[dict, list[PlannedTensor], int]:
+        """(the config from the shapes, the diffusers transformer's tensors in the model's order, how many of the
+        file's tensors are not the transformer's)."""
         prefix, shapes = self._bare(source)
         config = self.config(shapes)
         if self.marker in shapes:
             plan, dropped = to_diffusers_plan(source, prefix, self.tensors(config, shapes, True), dtype)
         else:
             plan, dropped = [source.planned(prefix + k, k, dtype) for k in shapes], len(source.shapes) - len(shapes)
-        plan = fit(self.model_class, config, plan, self.title)
+        return config, fit(self.model_class, config, plan, self.title), dropped
+
+    def file_to_model(self, source: TensorSource, dtype: torch.dtype | None) -> torch.nn.Module:
+        """A single file of the family as its diffusers transformer in memory (what `file_to_folder` would write):
+        parameters built on `meta` and the file's tensors assigned; buffers no weight carries built for real."""
+        import diffusers
+
+        config, plan, _ = self.file_plan(source, dtype)
+        with parameters_on_meta():
+            model = getattr(diffusers, self.model_class).from_config(config)
+        model.load_state_dict({p.name: planned_tensor(p) for p in plan}, strict=True, assign=True)
+        return model
+
+    def file_to_folder(self, source: TensorSource, dtype: torch.dtype | None, folder: Path) -> dict:
+        """A single file of the family as a diffusers transformer folder, its config from the shapes."""
+        config, plan, dropped = self.file_plan(source, dtype)
         written = write_model_folder(folder, self.model_class, config, plan)
         return {"base": self.base, "tensors": written, "dtype": plan_dtype(plan), "dropped": dropped,
                 "warnings": self.warnings(config)}

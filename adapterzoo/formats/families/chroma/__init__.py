@@ -3,7 +3,8 @@ approximator MLP computes instead; T5-XXL only. Never mistaken for Flux.1 or the
 checkpoints differ in what each has, and a LoRA whose modules both have is claimed by Flux.1 and fits here too.
 
 `probe` recognises its files, `modules` its module table and BFL layout (Flux.1's, from `families.flux`, whose
-BFL writers it uses), `checkpoint` converts BFL single files <-> diffusers folders and locates merge targets.
+BFL writers it uses), `checkpoint` converts BFL single files <-> diffusers folders and locates merge targets,
+`sampling` renders it for verify and sample as ChromaPipeline does.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.chroma import probe
-from adapterzoo.formats.families.chroma.modules import BASE
-from adapterzoo.formats.model.family import Family, layout_checkpoints, lazy
+from adapterzoo.formats.families.chroma.modules import BASE, CHROMA_CLASS
+from adapterzoo.formats.model.family import Family, Sampling, layout_checkpoints, lazy
 
 FLUX_WRITE = "adapterzoo.formats.families.flux.lora_write"
+FLUX_SAMPLING = "adapterzoo.formats.families.flux.sampling"
+SAMPLING = f"{__name__}.sampling"
 CHECKPOINT = "adapterzoo.formats.families.chroma.checkpoint"  # its layout (`LAYOUT`) converts and locates
 
 if TYPE_CHECKING:
@@ -57,4 +60,16 @@ FAMILY = Family(
     checkpoints=layout_checkpoints(BASE, probe.checkpoint_prefix, CHECKPOINT),
     civitai_base_models={BASE: ("Chroma",)},
     hub_hints=(("chroma", BASE),),
+    sampling=Sampling(
+        bases=(BASE,),
+        parts={"transformer": ("diffusers", CHROMA_CLASS), "vae": ("diffusers", "AutoencoderKL"),
+               "text_encoder": ("transformers", "T5EncoderModel"), "tokenizer": ("transformers", "T5TokenizerFast"),
+               "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")},
+        vae_config={"scaling_factor": 0.3611, "shift_factor": 0.1159, "sample_size": 1024},  # Flux.1's ae.safetensors
+        scheduler=lazy(SAMPLING, "scheduler"),
+        transformer_from_file=lazy(SAMPLING, "transformer_from_file"),
+        assemble=lazy(SAMPLING, "assemble"),
+        flow_sigmas=lazy(FLUX_SAMPLING, "flow_sigmas"),  # ChromaPipeline's are FluxPipeline's
+        embedding_slots={"t5xxl": "text_encoder"},  # Chroma's one text encoder is T5
+    ),
 )

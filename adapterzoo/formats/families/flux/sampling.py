@@ -48,6 +48,23 @@ def transformer_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def pack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, C, h, w] latents as Flux's tokens [B, h·w/4, 4C] (2×2 patches packed), and their position ids [h·w/4, 3]
+    (0, row, column), as FluxPipeline packs them."""
+    b, c, h, w = x.shape
+    packed = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+    ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
+    ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
+    ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+    return packed, ids.reshape(-1, 3)
+
+
+def unpack(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The transformer's output tokens back as latents of `shape` [B, C, h, w]."""
+    b, c, h, w = shape
+    return tokens.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 class FluxDenoiser(TransformerDenoiser):
     """The transformer called as a UNet: (latents [B, C, h, w], t on 0..1000, T5 states, {pooled}) -> eps."""
 
@@ -60,11 +77,8 @@ class FluxDenoiser(TransformerDenoiser):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict[str, torch.Tensor], return_dict: bool = False) -> tuple[torch.Tensor]:
-        b, c, h, w = x.shape
-        packed = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-        img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device, dtype=x.dtype)
-        img_ids[..., 1] += torch.arange(h // 2, device=x.device, dtype=x.dtype)[:, None]
-        img_ids[..., 2] += torch.arange(w // 2, device=x.device, dtype=x.dtype)[None, :]
+        b = x.shape[0]
+        packed, img_ids = pack(x)
         txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=x.device, dtype=x.dtype)
         timestep = (t.to(x.dtype) / 1000).expand(b)
         guidance = None
@@ -73,9 +87,8 @@ class FluxDenoiser(TransformerDenoiser):
         out = self.transformer(hidden_states=packed, timestep=timestep, guidance=guidance,
                                pooled_projections=added_cond_kwargs["pooled"],
                                encoder_hidden_states=encoder_hidden_states, txt_ids=txt_ids,
-                               img_ids=img_ids.reshape(-1, 3), return_dict=False)[0]
-        out = out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-        return (out,)
+                               img_ids=img_ids, return_dict=False)[0]
+        return (unpack(out, x.shape),)
 
 
 class FluxForSampling(PartsPipeline):
