@@ -150,9 +150,17 @@ def uses_cfg(unet) -> bool:
     return getattr(unet, "cfg", True)
 
 
-def guided(unet, positive: Conditioning, negative: Conditioning, scale: float = GUIDANCE_SCALE) -> NoisePrediction:
-    """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅); a model whose
-    guidance is distilled into it (or that has none) declares `cfg = False` and is called once, positive only."""
+def cfg_scale(unet) -> float:
+    """The CFG scale w of ε∅ + w·(ε_c − ε∅): the denoiser's own where its family renders with another
+    (`cfg_scale`), else GUIDANCE_SCALE."""
+    return getattr(unet, "cfg_scale", GUIDANCE_SCALE)
+
+
+def guided(unet, positive: Conditioning, negative: Conditioning, scale: float | None = None) -> NoisePrediction:
+    """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅), w by default the
+    denoiser's (`cfg_scale`); a model whose guidance is distilled into it (or that has none) declares
+    `cfg = False` and is called once, positive only."""
+    scale = cfg_scale(unet) if scale is None else scale
     if not uses_cfg(unet):
         return lambda step, latents, t: unet_prediction(unet, latents, t, positive)
     pair = negative.batched(positive)

@@ -92,7 +92,8 @@ class Sampling:
     """What verify and sample need to render the family's bases. What `assemble` returns may declare
     `default_steps` (when the user gives no --steps) and `guidance` (what is recorded for a model without
     classifier-free guidance, whose denoiser says `cfg = False`: `{"distilled_guidance": 3.5}` or
-    `{"guidance": "none"}`); its denoiser may declare `patch` (latent patches packed per token, side)."""
+    `{"guidance": "none"}`); its denoiser may declare `patch` (latent patches packed per token, side) and
+    `cfg_scale` (a CFG model's own scale, where it is not verify's 7)."""
 
     bases: tuple[str, ...]  # the bases verify renders
     vae_fp32: tuple[str, ...] = ()  # bases whose VAE overflows in fp16: kept in fp32 unless fp16 is asked for by name
