@@ -14,7 +14,8 @@ from diffusers import ZImagePipeline, ZImageTransformer2DModel
 from dit_verify import assert_run_time_equals, cli, watched_tempdir
 from PIL import Image
 from safetensors.torch import save_file
-from zimage_tiny import CAP, CLASSES, save_comfy_file, save_tiny_zimage
+from transformers import Qwen3Model
+from zimage_tiny import CAP, CLASSES, save_comfy_file, save_qwen3_file, save_tiny_zimage
 
 from adapterzoo.formats.probe import probe
 from adapterzoo.verify import denoise
@@ -34,7 +35,10 @@ def zimage(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("zimage")
     turbo = save_tiny_zimage(root / "Z-Image-Turbo")
     transformer = ZImageTransformer2DModel.from_pretrained(turbo / "transformer")
+    encoder = Qwen3Model.from_pretrained(turbo / "text_encoder")
     return {"pipe": turbo, "base": save_tiny_zimage(root / "Z-Image-Base"),
+            "qwen3": save_qwen3_file(root / "qwen_3_tiny.safetensors", encoder),
+            "tokenizer": save_tiny_zimage(root / "tokenizer_only", ("tokenizer",)),
             "parts": save_tiny_zimage(root / "parts", tuple(n for n in CLASSES if n != "transformer")),
             "transformer_only": save_tiny_zimage(root / "transformer_only", ("transformer",)) / "transformer",
             "comfy": save_comfy_file(root / "z_image_turbo_tiny.safetensors", transformer)}
@@ -153,9 +157,13 @@ def test_a_comfy_file_loads_in_memory_with_the_pipelines_parts(zimage, dialects,
 
 
 def test_a_transformer_folder_takes_the_rest_from_pipeline(zimage, dialects, capsys, monkeypatch):
-    result = cli(["verify", str(dialects["kohya"]), "--checkpoint", str(zimage["transformer_only"]),
-                  "--pipeline", str(zimage["parts"]), *SIZE, "--json"], capsys, monkeypatch)
+    args = ["verify", str(dialects["kohya"]), "--checkpoint", str(zimage["transformer_only"]), "--pipeline",
+            str(zimage["parts"]), *SIZE, "--json"]
+    result = cli(args, capsys, monkeypatch)
     assert (result["verdict"], result["base"]) == ("pass", "zimage")
+    quick = cli([*args, "--quick"], capsys, monkeypatch)
+    assert quick["verdict"] == "pass" and quick["quick"] and quick["grid"] is None
+    assert [e["noise_pred_rel_change"] for e in quick["effects"]] == [e["noise_pred_rel_change"] for e in result["effects"]]
 
 
 def test_sample_renders_a_comfy_file_with_two_loras(zimage, dialects, tmp_path, capsys, monkeypatch):
@@ -163,7 +171,29 @@ def test_sample_renders_a_comfy_file_with_two_loras(zimage, dialects, tmp_path, 
     report = cli(["sample", "--checkpoint", str(zimage["comfy"]), "--pipeline", str(zimage["parts"]),
                   "--lora", f"{dialects['kohya']}:0.7", "--lora", str(dialects["peft"]), "--prompt", "a red fox",
                   "-o", str(out), *SIZE, "--json"], capsys, monkeypatch)
-    assert out.is_file() and report["base"] == "zimage" and report["warnings"] == []
+    assert out.is_file() and (report["base"], report["guidance"], report["steps"]) == ("zimage", "none", 2)
+    assert report["warnings"] == []
     assert all(lora["modules_hit"] == lora["modules"] > 0 for lora in report["loras"])
     image = Image.open(out)
     assert image.size == (32, 32) and RECIPE in image.text["parameters"]
+
+
+def test_a_comfy_file_takes_a_lone_qwen3_file_and_its_tokenizer_from_pipeline(zimage, dialects, tmp_path, capsys,
+                                                                              monkeypatch):
+    """ComfyUI's three files: the transformer, Qwen3 (`model.` names, LM head beside) and the VAE; a lone Qwen3 file
+    has no tokenizer, which --pipeline gives (one line says so); the verdict and effects are the folder's."""
+    watched = watched_tempdir(tmp_path, monkeypatch)
+    lora = str(dialects["diffusers"])
+    lone = [lora, "--checkpoint", str(zimage["comfy"]), "--text-encoders", str(zimage["qwen3"]), "--vae",
+            str(zimage["parts"] / "vae"), *SIZE, "--json"]
+    message = cli(["verify", *lone], capsys, monkeypatch, code=1)["error"]
+    assert message == ("qwen_3_tiny.safetensors: a lone text-encoder file carries no tokenizer, and adapterzoo ships "
+                       "no Qwen2Tokenizer that fits it; give --pipeline DIR, a Z-Image diffusers folder holding "
+                       "tokenizer/")
+    from_files = cli(["verify", *lone, "--pipeline", str(zimage["tokenizer"])], capsys, monkeypatch)
+    from_folder = cli(["verify", lora, "--checkpoint", str(zimage["pipe"]), *SIZE, "--json"], capsys, monkeypatch)
+    assert (from_files["verdict"], from_files["base"]) == ("pass", "zimage")
+    for a, b in zip(from_files["effects"], from_folder["effects"], strict=True):
+        assert a["noise_pred_rel_change"] == pytest.approx(b["noise_pred_rel_change"], rel=1e-4, abs=1e-6)
+        assert a["mean_abs_pixel_change"] == pytest.approx(b["mean_abs_pixel_change"], rel=1e-4, abs=1e-3)
+    assert list(watched.iterdir()) == []

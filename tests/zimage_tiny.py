@@ -45,10 +45,19 @@ def tiny_tokenizer() -> Qwen2Tokenizer:
 
 
 def tiny_qwen3() -> Qwen3Model:
+    """Narrow and shallow, with Qwen3-4B's rope base, norm epsilon and length (which no weight's shape says)."""
     torch.manual_seed(2)
     return Qwen3Model(Qwen3Config(vocab_size=len(byte_alphabet()) + len(SPECIALS), hidden_size=CAP,
                                   intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  num_key_value_heads=1, head_dim=16, max_position_embeddings=1024)).eval()
+                                  num_key_value_heads=1, head_dim=16, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                  max_position_embeddings=40960)).eval()
+
+
+def save_qwen3_file(path: Path, encoder: Qwen3Model) -> Path:
+    """The text encoder as ComfyUI's lone file holds it: Qwen3ForCausalLM's names (`model.`), the LM head beside."""
+    tensors = {"model." + k: v.contiguous() for k, v in encoder.state_dict().items()}
+    save_file({**tensors, "lm_head.weight": encoder.embed_tokens.weight.detach().clone()}, str(path))
+    return path
 
 
 def tiny_transformer() -> ZImageTransformer2DModel:
