@@ -100,6 +100,20 @@ def test_a_zero_up_lora_fails_no_effect(zimage, tmp_path, capsys, monkeypatch):
     assert (result["verdict"], result["reasons"]) == ("fail", ["no effect: every lora_up is zero"])
 
 
+@pytest.mark.parametrize("loaded_from, base", [
+    ("/hub/models--Tongyi-MAI--Z-Image/snapshots/0123abcd/transformer", True),
+    ("/hub/models--Tongyi-MAI--Z-Image-Turbo/snapshots/0123abcd/transformer", False),
+    ("/models/diffusion_models/zimage_base_bf16.safetensors", True),
+    ("/models/diffusion_models/z_image_turbo_bf16.safetensors", False),
+    ("/models/my-finetune.safetensors", False)])  # unsaid: Turbo, what most checkpoints are
+def test_base_is_told_by_where_the_model_was_loaded_from(loaded_from, base):
+    from types import SimpleNamespace
+
+    from adapterzoo.formats.families.zimage.sampling import is_base
+
+    assert is_base(SimpleNamespace(config={"_name_or_path": loaded_from})) is base
+
+
 @pytest.mark.parametrize("variant, steps, guidance, scale", [
     ("pipe", 9, {"guidance": "none"}, 0.0),
     ("base", 50, {"negative_prompt": "", "cfg_scale": 5.0}, 4.0)])  # the Base model card's guidance_scale 4

@@ -105,7 +105,7 @@ def to_comfy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if key.endswith(".attention.to_q.weight"):
             block = key.removesuffix(".to_q.weight")
             out[f"{block}.qkv.weight"] = torch.cat([sd[f"{block}.to_{x}.weight"] for x in "qkv"])
-    out["norm_final.weight"] = torch.ones(DIM)
+    out["norm_final.weight"] = torch.ones(sd["cap_embedder.1.weight"].shape[0])
     return out
 
 
