@@ -121,7 +121,7 @@ def test_the_loop_renders_what_chroma_pipeline_renders(chroma, loaded):
     theirs = reference(PROMPT, height=32, width=32, num_inference_steps=2, max_sequence_length=T5_TOKENS,
                        latents=reference._pack_latents(noise.clone(), b, c, h, w), output_type="latent").images
     theirs = reference._unpack_latents(theirs, 32, 32, reference.vae_scale_factor)
-    assert reference.guidance_scale == denoise.guidance_scale(pipe.unet) == 5.0
+    assert reference.guidance_scale == denoise.cfg_scale(pipe.unet) == 5.0
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
     assert (ours - noise).abs().max() > 0.1
 

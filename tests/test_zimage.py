@@ -24,6 +24,7 @@ from layout_checks import (
     write_layout_lora,
 )
 from safetensors.torch import load_file, save_file
+from zimage_tiny import to_comfy
 
 from adapterzoo.formats.lora.lora_read import load_lora
 from adapterzoo.formats.model.architectures import architecture_from_models
@@ -218,25 +219,6 @@ def test_real_loras_by_shape_and_their_variant_by_metadata(tmp_path):
 
 
 # -- checkpoints and merge ------------------------------------------------------------------------------------
-
-
-def to_comfy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers state dict -> ComfyUI's file (comfy's z_image_to_diffusers read backwards), with its unused
-    norm_final."""
-    out = {}
-    renames = {"all_x_embedder.2-1.": "x_embedder.", "all_final_layer.2-1.": "final_layer.",
-               ".attention.to_out.0.": ".attention.out.", ".attention.norm_q.": ".attention.q_norm.",
-               ".attention.norm_k.": ".attention.k_norm."}
-    for key, value in sd.items():
-        if ".attention.to_" in key and ".to_out" not in key:
-            continue
-        for old, new in renames.items():
-            key = key.replace(old, new)
-        out[key] = value
-    for block in (L, N, C):
-        out[f"{block}.attention.qkv.weight"] = torch.cat([sd[f"{block}.attention.to_{x}.weight"] for x in "qkv"])
-    out["norm_final.weight"] = torch.ones(D)
-    return out
 
 
 def test_comfy_file_to_folder_and_back(tmp_path, model, capsys, monkeypatch):

@@ -164,19 +164,19 @@ def uses_cfg(unet) -> bool:
     return getattr(unet, "cfg", True)
 
 
-def guidance_scale(unet) -> float:
-    """The CFG scale w a render uses: the one the model's own pipeline defaults to where its denoiser declares
-    `guidance_scale`, else 7."""
-    return getattr(unet, "guidance_scale", GUIDANCE_SCALE)
+def cfg_scale(unet) -> float:
+    """The CFG scale w of ε∅ + w·(ε_c − ε∅): the denoiser's own where its family's pipeline renders with
+    another (`cfg_scale`), else GUIDANCE_SCALE."""
+    return getattr(unet, "cfg_scale", GUIDANCE_SCALE)
 
 
 def guided(unet, positive: Conditioning, negative: Conditioning) -> NoisePrediction:
-    """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅), w the model's own
-    (`guidance_scale`); a model whose guidance is distilled into it (or that has none) declares `cfg = False` and
+    """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅), w the denoiser's
+    (`cfg_scale`); a model whose guidance is distilled into it (or that has none) declares `cfg = False` and
     is called once, positive only."""
     if not uses_cfg(unet):
         return lambda step, latents, t: unet_prediction(unet, latents, t, positive)
-    scale = guidance_scale(unet)
+    scale = cfg_scale(unet)
     pair = negative.batched(positive)
 
     def predict(step: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -239,7 +239,7 @@ def _given(path: Path) -> _Given:
         return _Given(path, cls, width, library=library)
     part = recognise(open_checkpoint_file(path).shapes)
     if part is None:
-        raise AdapterzooError(f"--text-encoders {path.name}: not a text encoder (no CLIP or T5 tensors); "
+        raise AdapterzooError(f"--text-encoders {path.name}: not a text encoder (no CLIP, T5 or Qwen3 tensors); "
                               "its list runs to the next option, so FILE... goes before it")
     if part.kind != "text encoder":
         raise AdapterzooError(f"--text-encoders {path.name}: it is {part.what()}; give it with --vae")

@@ -64,7 +64,7 @@ def guidance_parameters(pipe: Any) -> dict[str, Any]:
     """The guidance a render really uses, as recorded: CFG's scale and negative prompt, or what a model without
     CFG declares (a distilled guidance strength, or none)."""
     if denoise.uses_cfg(pipe.unet):
-        return {"negative_prompt": denoise.NEGATIVE_PROMPT, "cfg_scale": denoise.guidance_scale(pipe.unet)}
+        return {"negative_prompt": denoise.NEGATIVE_PROMPT, "cfg_scale": denoise.cfg_scale(pipe.unet)}
     return dict(getattr(pipe, "guidance", None) or {"guidance": "none"})
 
 

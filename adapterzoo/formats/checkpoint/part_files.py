@@ -1,8 +1,9 @@
 """Which pipeline part a lone file holds, from its tensor names and shapes: the text encoders and VAE that
 users of transformer-only checkpoints keep beside them (ComfyUI's `clip_l.safetensors` and `clip_g.safetensors`
 in transformers' CLIPTextModel names with `text_projection.weight` beside `text_model.`, `t5xxl_fp16.safetensors`
-in T5EncoderModel's, BFL's `ae.safetensors` and SD3's VAE in LDM names), and the config each one is built with
-(nothing fetched: every config is read from the shapes).
+in T5EncoderModel's, `qwen_3_4b.safetensors` in Qwen3's under `model.`, BFL's `ae.safetensors` and SD3's VAE in
+LDM names), and the config each one is built with (nothing fetched: every config is read from the shapes, but
+for what no Qwen3 weight holds: its rope and norm constants, Qwen3-4B's).
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from adapterzoo.formats.checkpoint.shape_reading import Shapes, clip_config_from
 
 CLIP_PREFIXES = ("text_model.", "")  # ComfyUI and transformers <5 keep `text_model.`; transformers 5 does not
 T5_PREFIXES = ("",)
+QWEN3_PREFIXES = ("model.", "")  # Qwen3ForCausalLM's files (ComfyUI's) and Qwen3Model's
 VAE_PREFIXES = ("first_stage_model.", "vae.", "")
 T5_MARK = "encoder.block.0.layer.0.SelfAttention.q.weight"
 CLIP_MARK = "encoder.layers.0.self_attn.q_proj.weight"
+QWEN3_MARK = "layers.0.self_attn.q_norm.weight"  # Qwen3's per-head q norm, which Qwen2's lacks
+# Qwen3-4B's config.json (Z-Image's text encoder): what no weight's shape says
+QWEN3_CONSTANTS = {"rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 40960}
 PROJECTION = "text_projection.weight"  # a CLIP's pooled projection, at the file's root in every naming
 LDM_VAE_MARK = "encoder.down.0.block.0.conv1.weight"
 DIFFUSERS_VAE_MARK = "encoder.down_blocks.0.resnets.0.conv1.weight"
@@ -55,6 +60,17 @@ def t5_config_from_shapes(shapes: Shapes) -> dict:
             "feed_forward_proj": "gated-gelu" if gated else "relu", "is_encoder_decoder": False, "use_cache": False}
 
 
+def qwen3_config_from_shapes(shapes: Shapes) -> dict:
+    """Qwen3Config fields of a decoder's tensors (no prefix): heads from the q and k rows over the q norm's width."""
+    vocab, width = need(shapes, "embed_tokens.weight", "Qwen3 text encoder")
+    head = need(shapes, QWEN3_MARK, "Qwen3 text encoder")[0]
+    return {**QWEN3_CONSTANTS, "vocab_size": vocab, "hidden_size": width, "head_dim": head,
+            "num_attention_heads": need(shapes, "layers.0.self_attn.q_proj.weight", "Qwen3 text encoder")[0] // head,
+            "num_key_value_heads": need(shapes, "layers.0.self_attn.k_proj.weight", "Qwen3 text encoder")[0] // head,
+            "intermediate_size": need(shapes, "layers.0.mlp.gate_proj.weight", "Qwen3 text encoder")[0],
+            "num_hidden_layers": count(shapes, r"^layers\.(\d+)\.")}
+
+
 def vae_config(part: PartFile, shapes: Shapes, sample_size: int, factors: dict[str, float]) -> dict:
     """An LDM-named VAE's AutoencoderKL config, with the latent factors its family declares (no weight holds them)."""
     config = vae_config_from_ldm(_under(shapes, part.prefix), sample_size, factors.get("scaling_factor", 1.0))
@@ -62,7 +78,7 @@ def vae_config(part: PartFile, shapes: Shapes, sample_size: int, factors: dict[s
 
 
 def recognise(shapes: Shapes) -> PartFile | None:
-    """The part a lone file holds, or None when it is none of a CLIP or T5 text encoder or a KL VAE."""
+    """The part a lone file holds, or None when it is none of a CLIP, T5 or Qwen3 text encoder or a KL VAE."""
     for prefix in CLIP_PREFIXES:
         if prefix + CLIP_MARK in shapes and prefix + "embeddings.token_embedding.weight" in shapes:
             config = clip_config_from_hf(_under(shapes, prefix))
@@ -76,6 +92,10 @@ def recognise(shapes: Shapes) -> PartFile | None:
         if prefix + T5_MARK in shapes:
             config = t5_config_from_shapes(_under(shapes, prefix))
             return PartFile("text encoder", "transformers", "T5EncoderModel", config["d_model"], prefix, config=config)
+    for prefix in QWEN3_PREFIXES:
+        if prefix + QWEN3_MARK in shapes and prefix + "embed_tokens.weight" in shapes:
+            config = qwen3_config_from_shapes(_under(shapes, prefix))
+            return PartFile("text encoder", "transformers", "Qwen3Model", config["hidden_size"], prefix, config=config)
     for prefix in VAE_PREFIXES:
         if prefix + LDM_VAE_MARK in shapes:
             return PartFile("vae", "diffusers", "AutoencoderKL", None, prefix, ldm=True)

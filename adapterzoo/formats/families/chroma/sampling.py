@@ -40,7 +40,7 @@ class ChromaDenoiser(TransformerDenoiser):
 
     cfg = True
     patch = 2  # 2×2 latent patches packed into one token, as Flux.1
-    guidance_scale = GUIDANCE_SCALE
+    cfg_scale = GUIDANCE_SCALE
 
     def __init__(self, transformer: torch.nn.Module, latent_factor: int) -> None:
         super().__init__(transformer, SimpleNamespace(in_channels=transformer.config.in_channels // 4,

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.zimage import probe
-from adapterzoo.formats.families.zimage.modules import BASE
-from adapterzoo.formats.model.family import Family, layout_checkpoints
+from adapterzoo.formats.families.zimage.modules import BASE, ZIMAGE_CLASS
+from adapterzoo.formats.model.family import Family, Sampling, layout_checkpoints, lazy
 
 CHECKPOINT = "adapterzoo.formats.families.zimage.checkpoint"  # its layout (`LAYOUT`) converts and locates
 
@@ -84,4 +84,16 @@ FAMILY = Family(
     checkpoints=layout_checkpoints(BASE, probe.checkpoint_prefix, CHECKPOINT),
     civitai_base_models={BASE: ("ZImageTurbo", "ZImageBase")},
     hub_hints=(("z-image", BASE), ("z_image", BASE)),
+    sampling=Sampling(
+        bases=(BASE,),
+        parts={"transformer": ("diffusers", ZIMAGE_CLASS), "vae": ("diffusers", "AutoencoderKL"),
+               "text_encoder": ("transformers", "Qwen3Model"), "tokenizer": ("transformers", "Qwen2Tokenizer"),
+               "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")},
+        vae_config={"scaling_factor": 0.3611, "shift_factor": 0.1159, "sample_size": 1024},  # Flux.1's VAE
+        scheduler=lazy(f"{__name__}.sampling", "scheduler"),
+        transformer_from_file=lazy(f"{__name__}.sampling", "transformer_from_file"),
+        assemble=lazy(f"{__name__}.sampling", "assemble"),
+        flow_sigmas=lazy(f"{__name__}.sampling", "flow_sigmas"),
+        embedding_slots={},  # no textual-inversion format reads Qwen3
+    ),
 )

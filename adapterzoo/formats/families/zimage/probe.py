@@ -27,7 +27,7 @@ ROOTS = (unet_names.LDM_PREFIX, "layers.", "noise_refiner.", "cap_embedder.")
 _OWN = re.compile(r"(?:layers|noise_refiner|context_refiner)[._]\d+[._]attention[._]to_|all_(?:x_embedder|final_layer)")
 _BLOCK = re.compile(r"(?:layers|noise_refiner|context_refiner)[._](\d+)[._]")
 _VARIANTS = (("turbo", re.compile(r"z[-_ ]?image[-_ ]?turbo|(?<![a-z])zit(?![a-z])", re.IGNORECASE)),
-             ("base", re.compile(r"z[-_ ]?image[-_ ]?base|tongyi-mai/z-image(?![-_]?turbo)", re.IGNORECASE)))
+             ("base", re.compile(r"z[-_ ]?image[-_ ]?base|tongyi-mai(?:/|--)z-image(?![-_]?turbo)", re.IGNORECASE)))
 SAME_TENSORS = "Z-Image Turbo and Base have the same tensor names and shapes"
 
 
