@@ -14,8 +14,9 @@ bf16, rank 32, alpha 16, on the 8 attention Linears and 4 MLP Linears of every b
 In one run, each a process of its own measured by /usr/bin/time (wall, CPU, max RSS), after `sync` and after
 dropping the checkpoint's own pages from the page cache (posix_fadvise DONTNEED; nothing else's), so that each
 reads it from disk (`--warm` leaves the cache alone):
-  1. `cp IN OUT` (GNU cp: the kernel copies, copy_file_range) and a plain Python read/write loop through
-     one 8 MiB buffer (the writer's own copy chunk) -- every byte through user space; each copy deleted;
+  1. `cp IN OUT` (GNU cp: the kernel copies, copy_file_range), a plain Python read/write loop through
+     one 8 MiB buffer -- every byte through user space -- and, for scale, `dd` with O_DIRECT both ways (the
+     merge's own way with a large file: past the page cache); each copy deleted;
   2. `python -m adapterzoo merge IN --lora LORA:0.8 -o OUT --json` (output another single file): first on an
      unscanned checkpoint, which it hashes (SHA-256, for the output's provenance) beside the merge, then after
      an untimed `adapterzoo scan` of it, with its SHA-256 from the registry;
@@ -212,11 +213,14 @@ def run(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]], checkpoint
     note("bare `python -c 'import torch'`", bare_s, bare_rss, bare_cpu)
     imports_s, imports_rss, imports_cpu, _ = measured(python(MERGE_IMPORTS), None)
     note("process importing what merge imports", imports_s, imports_rss, imports_cpu)
-    copies: dict[str, list[float]] = {"cp": [], "py": []}
+    copies: dict[str, list[float]] = {"cp": [], "py": [], "dd": []}
 
     def copy_both(round_: str) -> None:
-        commands = {"cp": ["cp", str(checkpoint), str(out)], "py": python(PY_COPY, str(checkpoint), str(out))}
-        labels = {"cp": "`cp` (kernel copy_file_range)", "py": "Python read/write, 8 MiB buffer"}
+        commands = {"cp": ["cp", str(checkpoint), str(out)], "py": python(PY_COPY, str(checkpoint), str(out)),
+                    "dd": ["dd", f"if={checkpoint}", f"of={out}", "bs=16M", "iflag=direct", "oflag=direct",
+                           "status=none"]}
+        labels = {"cp": "`cp` (kernel copy_file_range)", "py": "Python read/write, 8 MiB buffer",
+                  "dd": "`dd` with O_DIRECT both ways, 16 MiB blocks"}
         for key, command in commands.items():
             wall, rss, cpu, _ = measured(command, cold)
             out.unlink()
@@ -247,7 +251,7 @@ def run(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]], checkpoint
     print(f"merge reported {said['tensors_merged']} tensors merged, {said['tensors_copied']} copied as bytes, on "
           f"{said['device']}, warnings {said['warnings']}; output dtypes: {', '.join(dtypes)}")
     for merge_label, took in (("merge, unscanned", merge_s), ("merge, scanned", scanned_s)):
-        for key, label in (("cp", "`cp`"), ("py", "Python read/write loop")):
+        for key, label in (("cp", "`cp`"), ("py", "Python read/write loop"), ("dd", "`dd` past the page cache")):
             print(f"{merge_label} / {label}: {took / copies[key][0]:.2f} against the first copy, "
                   f"{took / copies[key][1]:.2f} against the second (target <= 1.5)")
     for merge_label, rss in (("merge, unscanned", merge_rss), ("merge, scanned", scanned_rss)):

@@ -99,11 +99,16 @@ class SpanReader:
         return _read(self.fd, rest, offset)
 
     def read_into(self, offset: int, dest: memoryview) -> None:
-        """Bytes from `offset` into `dest`: straight into it through the cache, through `span` when the
-        file is read past the cache."""
-        if self._direct is not None:
-            dest[:] = self.span(offset, len(dest))
-        elif _read(self.fd, dest, offset) < len(dest):
+        """Bytes from `offset` into `dest`: straight into it from the cache, what is not cached of a large
+        file through `span` (dest need not be aligned)."""
+        if self._direct is None:
+            got = _read(self.fd, dest, offset)
+        else:
+            got = _read(self.fd, dest, offset, os.RWF_NOWAIT)
+            if got < len(dest):
+                dest[got:] = self.span(offset + got, len(dest) - got)
+                got = len(dest)
+        if got < len(dest):
             raise BadFileError(f"{self.path.name} ends before byte {offset + len(dest)}; "
                                "was it changed while being read?")
 
