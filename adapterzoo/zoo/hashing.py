@@ -21,7 +21,7 @@ from typing import Protocol
 import blake3
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.io.direct_io import CHUNK_BYTES, SpanReader
+from adapterzoo.formats.io.direct_io import SpanReader
 
 CHUNK_BYTES = 8 << 20  # large enough that per-call and thread hand-off overheads vanish
 QUEUE_CHUNKS = 2  # how far the reader may run ahead of the slowest digest (bounds memory)
