@@ -2,7 +2,7 @@
 `--vae`): each is recognised by its tensors (`formats.checkpoint.part_files`), put in the slot of the family's
 pipeline its class fits (where two slots share a class, as SD3's CLIP-L and CLIP-G, by its width: the family's
 `part_widths`, else the relative widths of the files given), built on `meta` and loaded with `assign=True` (no
-temporary folder).
+temporary folder). The same parts bundled in the checkpoint file itself (`load_bundled`) load the same way.
 
 Tokenizers: a single text-encoder file carries none. Its tokenizer comes from the folder the encoder came from
 (the folder itself, or the diffusers `tokenizer*` folder beside it), else from `--pipeline DIR`, else — for a
@@ -278,28 +278,27 @@ def load_given(family: Family, text_encoders: list[Path], vae: Path | None, dtyp
     return found, files
 
 
-def load_bundled(family: Family, checkpoint: Path, found: dict[str, Any], dtype: torch.dtype
-                 ) -> dict[str, str]:
+def load_bundled(family: Family, checkpoint: Path, found: dict[str, Any], dtype: torch.dtype) -> list[str]:
     """The text encoders and LDM-named VAE a single file bundles beside its transformer (ComfyUI's full Flux.1
     checkpoints, SAI's SD3 `*_incl_clips` files), loaded as lone files would be into the slots `found` still lacks
-    (what the user named wins); returns the bundling root of each slot filled (its tokenizer is still to find)."""
+    (what the user named wins); returns the text-encoder slots it filled (their tokenizers are still to find)."""
     parts = bundled_parts(open_checkpoint_file(checkpoint).shapes)
-    encoders = [p for p in parts if p.kind == "text encoder"]
     slots = encoder_slots(family)
+    encoders = [p for p in parts if p.kind == "text encoder"
+                and any(_fits(p.model_class, cls, True) for cls in slots.values())]  # others: not this family's
     given = [_Given(checkpoint, p.model_class, p.width, p) for p in encoders]
-    filled = {}
     try:
         placed = _assign_slots(family, given)
-    except AdapterzooError as exc:
-        raise AdapterzooError(f"{checkpoint.name}: its bundled text encoders do not fit: {exc}") from None
+    except AdapterzooError:
+        raise AdapterzooError(f"{checkpoint.name}: its bundled text encoders ({', '.join(p.root for p in encoders)}) "
+                              f"do not fit a {family.title} pipeline, which takes {_wanted(family)}") from None
+    filled = [slot for slot in placed if slot not in found]
     for part, slot in zip(encoders, placed, strict=True):
-        if slot not in found:
+        if slot in filled:
             found[slot] = _text_encoder_file(checkpoint, part, slots[slot], dtype)
-            filled[slot] = part.root
     vae = next((p for p in parts if p.kind == "vae" and p.ldm), None)
     if vae is not None and "vae" not in found:
         found["vae"] = _vae_file(checkpoint, vae, family, dtype)
-        filled["vae"] = vae.root
     return filled
 
 

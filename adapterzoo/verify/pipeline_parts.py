@@ -151,7 +151,7 @@ def load_parts(family: Family, checkpoint: Path, given: GivenParts, dtype: torch
     found, lone = load_given(family, list(given.text_encoders), given.vae, dtype)
     if checkpoint.is_file():
         found["transformer"] = spec.transformer_from_file(checkpoint, dtype)
-        lone |= {slot: checkpoint for slot in load_bundled(family, checkpoint, found, dtype) if slot != "vae"}
+        lone |= dict.fromkeys(load_bundled(family, checkpoint, found, dtype), checkpoint)
     folders = [f for f in (checkpoint if checkpoint.is_dir() else None, given.pipeline) if f is not None]
     for name, (library, cls) in (spec.parts | spec.optional).items():
         for folder in folders:
