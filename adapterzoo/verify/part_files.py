@@ -117,9 +117,9 @@ def _tensors(path: Path, part: PartFile, dtype: torch.dtype, beside: tuple[str, 
     source = open_checkpoint_file(path)
     state = {}
     for key in source.shapes:
-        local = key[len(part.root):]
         if not key.startswith(part.root):
             continue
+        local = key[len(part.root):]
         if local in beside:
             name = local
         elif not key.startswith(part.prefix) or local.endswith(FP8_EXTRAS) or local == FP8_MARKER:

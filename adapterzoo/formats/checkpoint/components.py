@@ -25,6 +25,5 @@ def single_file_components(keys: list[str], denoiser: str, roots: tuple[str, ...
     for prefix, component in LDM_TEXT_ENCODER_ROOTS.items():
         if any(k.startswith(prefix) for k in keys) and component not in found:
             found.append(component)
-    bundled = dict.fromkeys(k[len(TEXT_ENCODERS_ROOT):].split(".")[0] for k in keys if k.startswith(TEXT_ENCODERS_ROOT))
-    found.extend(bundled)
+    found.extend(dict.fromkeys(k.split(".")[1] for k in keys if k.startswith(TEXT_ENCODERS_ROOT)))
     return found
