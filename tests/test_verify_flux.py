@@ -9,11 +9,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
 from dit_verify import assert_run_time_equals, cli, prediction, watched_tempdir
 from flux_tiny import save_lone_ae, save_lone_t5, save_tiny_flux
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from adapterzoo.formats.probe import probe
@@ -482,6 +484,43 @@ def test_sample_renders_a_bfl_file_with_lone_parts(flux, dialects, lone, tmp_pat
                   "--json"], capsys, monkeypatch)
     assert out.is_file() and report["base"] == "flux" and report["loras"][0]["modules_hit"] > 0
 
+
+
+@pytest.fixture(scope="module")
+def all_in_one(flux, lone) -> Path:
+    """The tiny pipeline as ComfyUI saves a full Flux.1 checkpoint (flux1-dev-fp8.safetensors): the transformer under
+    `model.diffusion_model.`, CLIP-L and T5 under `text_encoders.clip_l.transformer.` and
+    `text_encoders.t5xxl.transformer.`, the VAE in LDM names under `vae.`."""
+    path = flux["root"] / "flux1-tiny-aio.safetensors"
+    tensors = {f"model.diffusion_model.{k}": v for k, v in load_file(str(flux["bfl"])).items()}
+    for prefix, part in (("text_encoders.clip_l.transformer.", "clip"), ("text_encoders.t5xxl.transformer.", "t5"),
+                         ("vae.", "ae")):
+        tensors |= {prefix + k: v for k, v in load_file(str(lone[part])).items()}
+    save_file(tensors, str(path))
+    return path
+
+
+def test_a_comfyui_full_checkpoint_renders_with_its_own_encoders_and_vae(flux, dialects, lone, all_in_one, tmp_path,
+                                                                         capsys, monkeypatch):
+    """No --text-encoders or --vae: the bundled CLIP-L, T5 and VAE load in memory (the --pipeline folder holds the
+    two tokenizers only, as the tiny vocabulary is not CLIP's); `sample` renders the very pixels the folder renders."""
+    watched = watched_tempdir(tmp_path, monkeypatch)
+    found = probe(all_in_one)
+    assert (found.base, found.details["components"]) == ("flux", ["transformer", "vae", "clip_l", "t5xxl"])
+    lora, tokenizers = str(dialects["kohya"]), ["--pipeline", str(lone["tokenizers"])]
+    message = cli(["verify", lora, "--checkpoint", str(all_in_one), *SIZE, "--json"], capsys, monkeypatch,
+                  code=1)["error"]
+    assert message.startswith("flux1-tiny-aio.safetensors: the text_encoder it bundles carries no tokenizer")
+    result = cli(["verify", lora, "--checkpoint", str(all_in_one), *tokenizers, *SIZE, "--json"], capsys, monkeypatch)
+    assert (result["verdict"], result["base"]) == ("pass", "flux")
+    images = []
+    for checkpoint, extra in ((all_in_one, tokenizers), (flux["pipe"], [])):
+        out = tmp_path / f"{checkpoint.stem}.png"
+        cli(["sample", "--checkpoint", str(checkpoint), *extra, "--lora", lora, "--prompt", "a fox", "-o", str(out),
+             *SIZE, "--json"], capsys, monkeypatch)
+        images.append(np.asarray(Image.open(out)))
+    assert np.array_equal(*images) and images[0].std() > 0
+    assert list(watched.iterdir()) == []
 
 # -- textual-inversion embeddings: each slot on its own encoder (CLIP-L, T5) ------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -31,6 +32,7 @@ from adapterzoo.formats.probe import probe
 from adapterzoo.verify import denoise
 from adapterzoo.verify.attach import attach
 from adapterzoo.verify.pipeline_load import load_for_sampling
+from adapterzoo.verify.pipeline_parts import GivenParts
 
 SIZE = ["--size", "32x32", "--steps", "2"]
 PROMPT = "a photo of a cat"
@@ -302,6 +304,48 @@ def test_sample_renders_an_sai_file_with_lone_parts(sd3, dialects, lone, tmp_pat
                  monkeypatch)
     assert out.is_file() and report["base"] == "sd35" and report["warnings"] == []
     assert report["loras"][0]["modules_hit"] == report["loras"][0]["modules"] > 0
+
+
+
+@pytest.fixture(scope="module")
+def incl_clips(sd3, lone) -> Path:
+    """The tiny pipeline as SAI ships `sd3_medium_incl_clips_t5xxlfp16.safetensors`: the MMDiT under
+    `model.diffusion_model.`, each encoder under `text_encoders.{clip_l,clip_g,t5xxl}.transformer.`, the VAE in
+    LDM names under `first_stage_model.`."""
+    path = sd3["root"] / "sd35-tiny_incl_clips_t5xxlfp16.safetensors"
+    tensors = load_file(str(lone["sai_with_vae"]))
+    for name, part in (("clip_l", "clip_l"), ("clip_g", "clip_g"), ("t5xxl", "t5")):
+        tensors |= {f"text_encoders.{name}.transformer.{k}": v for k, v in load_file(str(lone[part])).items()}
+    save_file(tensors, str(path))
+    return path
+
+
+def test_an_incl_clips_file_renders_with_its_own_encoders_and_vae(sd3, dialects, lone, incl_clips, tmp_path, capsys,
+                                                                  monkeypatch):
+    """No --text-encoders or --vae (--pipeline gives the three tokenizers alone: the tiny vocabulary is not CLIP's):
+    CLIP-L and CLIP-G land in their slots (a kohya LoRA on all three encoders hits them all) and `sample` renders
+    the very pixels the folder renders; a --text-encoders file still wins over the bundled one."""
+    found = probe(incl_clips)
+    assert (found.base, found.details["components"]) == ("sd35", ["transformer", "vae", "clip_g", "clip_l", "t5xxl"])
+    lora, tokenizers = str(dialects["kohya"]), ["--pipeline", str(lone["tokenizers"])]
+    result = cli(["verify", lora, "--checkpoint", str(incl_clips), *tokenizers, *SIZE, "--quick", "--json"], capsys,
+                 monkeypatch)
+    assert (result["verdict"], result["base"]) == ("pass", "sd35")
+    assert result["coverage"]["modules_hit"] == result["coverage"]["modules_total"] > 0
+    images = []
+    for checkpoint, extra in ((incl_clips, tokenizers), (sd3["pipe"], [])):
+        out = tmp_path / f"{checkpoint.stem}.png"
+        cli(["sample", "--checkpoint", str(checkpoint), *extra, "--lora", lora, "--prompt", "a fox", "-o", str(out),
+             *SIZE, "--json"], capsys, monkeypatch)
+        images.append(np.asarray(Image.open(out)))
+    assert np.array_equal(*images) and images[0].std() > 0
+    clip_l = load_file(str(lone["clip_l"]))  # alone, the tiny width (none declared) takes the first slot: CLIP-L's
+    clip_l["text_model.final_layer_norm.weight"] = clip_l["text_model.final_layer_norm.weight"] * 2
+    save_file(clip_l, str(tmp_path / "clip_l.safetensors"))
+    given = GivenParts(lone["tokenizers"], (tmp_path / "clip_l.safetensors",))
+    pipe = load_for_sampling(incl_clips, "cpu", "fp32", given).pipe
+    assert torch.equal(pipe.text_encoder.text_model.final_layer_norm.weight,
+                       clip_l["text_model.final_layer_norm.weight"])
 
 
 def test_two_clip_files_land_in_their_slots_in_either_order(sd3, lone, tmp_path):

@@ -2,7 +2,7 @@
 `--vae`): each is recognised by its tensors (`formats.checkpoint.part_files`), put in the slot of the family's
 pipeline its class fits (where two slots share a class, as SD3's CLIP-L and CLIP-G, by its width: the family's
 `part_widths`, else the relative widths of the files given), built on `meta` and loaded with `assign=True` (no
-temporary folder).
+temporary folder). The same parts bundled in the checkpoint file itself (`load_bundled`) load the same way.
 
 Tokenizers: a single text-encoder file carries none. Its tokenizer comes from the folder the encoder came from
 (the folder itself, or the diffusers `tokenizer*` folder beside it), else from `--pipeline DIR`, else — for a
@@ -21,7 +21,7 @@ import torch
 
 from adapterzoo.errors import AdapterzooError, BadFileError
 from adapterzoo.formats.checkpoint.clip_tokenizer import MAX_LENGTH, special_tokens, vocabulary
-from adapterzoo.formats.checkpoint.part_files import PROJECTION, PartFile, recognise, vae_config
+from adapterzoo.formats.checkpoint.part_files import PROJECTION, PartFile, bundled_parts, recognise, vae_config
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 from adapterzoo.formats.model import vae_names
 from adapterzoo.formats.model.family import Family
@@ -31,7 +31,6 @@ TEXT_ENCODER = "text_encoder"
 IGNORED = ("position_ids", "logit_scale")  # buffers and training leftovers some CLIP files carry
 FP8_MARKER = "scaled_fp8"  # ComfyUI's scaled-fp8 files carry it
 FP8_EXTRAS = ("scale_weight", "scale_input", "input_scale")  # per-tensor scales beside a weight (applied, or unused)
-VAE_INSIDE = "first_stage_model."  # a single file's own VAE, as LDM and SAI checkpoints keep it
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model")
 
 
@@ -112,15 +111,18 @@ def _assign_slots(family: Family, given: list[_Given]) -> list[str]:
 
 
 def _tensors(path: Path, part: PartFile, dtype: torch.dtype, beside: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The part's tensors in `dtype`, prefix stripped, and the keys `beside` it as they are (a CLIP's
+    """The part's tensors in `dtype`, prefix stripped, and the keys `beside` it under its root as they are (a CLIP's
     `text_projection.weight` next to `text_model.`); ComfyUI's scaled fp8 (`t5xxl_fp8_e4m3fn_scaled`: a
     `scale_weight` beside each fp8 weight, a `scaled_fp8` marker) dequantized as weight × scale."""
     source = open_checkpoint_file(path)
     state = {}
     for key in source.shapes:
-        if key in beside:
-            name = key
-        elif not key.startswith(part.prefix) or key.endswith(FP8_EXTRAS) or key == FP8_MARKER:
+        if not key.startswith(part.root):
+            continue
+        local = key[len(part.root):]
+        if local in beside:
+            name = local
+        elif not key.startswith(part.prefix) or local.endswith(FP8_EXTRAS) or local == FP8_MARKER:
             continue
         else:
             name = key[len(part.prefix):]
@@ -276,15 +278,28 @@ def load_given(family: Family, text_encoders: list[Path], vae: Path | None, dtyp
     return found, files
 
 
-def vae_inside(family: Family, checkpoint: Path, dtype: torch.dtype) -> torch.nn.Module | None:
-    """The VAE a single file holds beside its transformer in LDM names under `first_stage_model.` (SAI's SD3.5
-    files), loaded as a --vae FILE would be; None when it holds none."""
-    shapes = open_checkpoint_file(checkpoint).shapes
-    inside = {key: shape for key, shape in shapes.items() if key.startswith(VAE_INSIDE)}
-    part = recognise(inside) if inside else None
-    if part is None or part.kind != "vae" or not part.ldm:
-        return None
-    return _vae_file(checkpoint, part, family, dtype)
+def load_bundled(family: Family, checkpoint: Path, found: dict[str, Any], dtype: torch.dtype) -> list[str]:
+    """The text encoders and LDM-named VAE a single file bundles beside its transformer (ComfyUI's full Flux.1
+    checkpoints, SAI's SD3 `*_incl_clips` files), loaded as lone files would be into the slots `found` still lacks
+    (what the user named wins); returns the text-encoder slots it filled (their tokenizers are still to find)."""
+    parts = bundled_parts(open_checkpoint_file(checkpoint).shapes)
+    slots = encoder_slots(family)
+    encoders = [p for p in parts if p.kind == "text encoder"
+                and any(_fits(p.model_class, cls, True) for cls in slots.values())]  # others: not this family's
+    given = [_Given(checkpoint, p.model_class, p.width, p) for p in encoders]
+    try:
+        placed = _assign_slots(family, given)
+    except AdapterzooError:
+        raise AdapterzooError(f"{checkpoint.name}: its bundled text encoders ({', '.join(p.root for p in encoders)}) "
+                              f"do not fit a {family.title} pipeline, which takes {_wanted(family)}") from None
+    filled = [slot for slot in placed if slot not in found]
+    for part, slot in zip(encoders, placed, strict=True):
+        if slot in filled:
+            found[slot] = _text_encoder_file(checkpoint, part, slots[slot], dtype)
+    vae = next((p for p in parts if p.kind == "vae" and p.ldm), None)
+    if vae is not None and "vae" not in found:
+        found["vae"] = _vae_file(checkpoint, vae, family, dtype)
+    return filled
 
 
 def builtin_tokenizer(family: Family, slot: str, encoder: torch.nn.Module) -> Any | None:

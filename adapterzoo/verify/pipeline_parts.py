@@ -1,10 +1,11 @@
 """A DiT pipeline put together from its parts, for families whose sampling spec lists them (`Sampling.parts`).
 
-A single file holds the transformer (BFL's release has no CLIP, T5 or VAE; SAI's SD3.5 files hold the VAE too):
-it is loaded in memory by the family (`transformer_from_file`), never written to a temporary folder. The other
-parts come from the files and folders named with `--text-encoders` and `--vae` (`part_files`), then the file's
-own VAE, then the checkpoint folder, then the `--pipeline` folder, the scheduler last from the family's
-defaults. What is still missing is named in one line.
+A single file holds the transformer (BFL's release has no CLIP, T5 or VAE; SAI's SD3.5 files hold the VAE too,
+ComfyUI's full Flux.1 checkpoints and SAI's `*_incl_clips` files the text encoders as well): it is loaded in memory
+by the family (`transformer_from_file`), never written to a temporary folder. The other parts come from the files
+and folders named with `--text-encoders` and `--vae` (`part_files`), then the parts the file bundles, then the
+checkpoint folder, then the `--pipeline` folder (which thus gives a bundled encoder its tokenizer without replacing
+it), the scheduler last from the family's defaults. What is still missing is named in one line.
 """
 
 from __future__ import annotations
@@ -142,16 +143,15 @@ def parts_family(checkpoint: Path) -> tuple[Family, str] | None:
 
 def load_parts(family: Family, checkpoint: Path, given: GivenParts, dtype: torch.dtype) -> Any:
     """The family's sampling pipeline from a single file or folder; the parts it lacks from `text_encoders` and
-    `vae` (files or component folders), then a single file's own VAE, then the `pipeline` folder; the scheduler,
-    last, from the family's defaults."""
-    from adapterzoo.verify.part_files import builtin_tokenizer, load_given, tokenizer_slot, vae_inside
+    `vae` (files or component folders), then those a single file bundles, then the `pipeline` folder; the
+    scheduler, last, from the family's defaults."""
+    from adapterzoo.verify.part_files import builtin_tokenizer, load_bundled, load_given, tokenizer_slot
 
     spec = family.sampling
     found, lone = load_given(family, list(given.text_encoders), given.vae, dtype)
     if checkpoint.is_file():
         found["transformer"] = spec.transformer_from_file(checkpoint, dtype)
-        if "vae" not in found and (own := vae_inside(family, checkpoint, dtype)) is not None:
-            found["vae"] = own
+        lone |= dict.fromkeys(load_bundled(family, checkpoint, found, dtype), checkpoint)
     folders = [f for f in (checkpoint if checkpoint.is_dir() else None, given.pipeline) if f is not None]
     for name, (library, cls) in (spec.parts | spec.optional).items():
         for folder in folders:
@@ -169,7 +169,8 @@ def load_parts(family: Family, checkpoint: Path, given: GivenParts, dtype: torch
         if tokenizer not in found and (builtin := builtin_tokenizer(family, slot, found[slot])) is not None:
             found[tokenizer] = builtin
         if tokenizer not in found:
-            raise AdapterzooError(f"{path.name}: a lone text-encoder file carries no tokenizer, and adapterzoo ships "
+            what = f"the {slot} it bundles" if path == checkpoint else "a lone text-encoder file"
+            raise AdapterzooError(f"{path.name}: {what} carries no tokenizer, and adapterzoo ships "
                                   f"no {(spec.parts | spec.optional)[tokenizer][1]} that fits it; give --pipeline DIR, "
                                   f"a {family.title} diffusers folder holding {tokenizer}/")
     if "scheduler" not in found and spec.scheduler is not None and "transformer" in found:

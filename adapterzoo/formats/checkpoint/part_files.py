@@ -3,12 +3,14 @@ users of transformer-only checkpoints keep beside them (ComfyUI's `clip_l.safete
 in transformers' CLIPTextModel names with `text_projection.weight` beside `text_model.`, `t5xxl_fp16.safetensors`
 in T5EncoderModel's, `qwen_3_4b.safetensors` in Qwen3's under `model.`, BFL's `ae.safetensors` and SD3's VAE in
 LDM names), and the config each one is built with (nothing fetched: every config is read from the shapes, but
-for what no Qwen3 weight holds: its rope and norm constants, Qwen3-4B's).
+for what no Qwen3 weight holds: its rope and norm constants, Qwen3-4B's). The same parts bundled in a single file
+beside its denoiser (ComfyUI's full Flux.1 checkpoints, SAI's SD3 `*_incl_clips` files) are each found as a lone
+part under its own root (`bundled_parts`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from adapterzoo.formats.checkpoint.shape_reading import Shapes, clip_config_from_hf, count, need, vae_config_from_ldm
 
@@ -37,6 +39,7 @@ class PartFile:
     prefix: str  # stripped from every key before loading
     ldm: bool = False  # a VAE in LDM names (renamed on load)
     config: dict | None = None  # a text encoder's config; a VAE's from `vae_config` (its factors are the caller's)
+    root: str = ""  # where the part lives in a bundling file (`text_encoders.clip_l.transformer.`); "" in a lone one
 
     def what(self) -> str:
         """How a message names it: 'a T5EncoderModel text encoder, 4096 wide'."""
@@ -102,3 +105,27 @@ def recognise(shapes: Shapes) -> PartFile | None:
         if prefix + DIFFUSERS_VAE_MARK in shapes:
             return PartFile("vae", "diffusers", "AutoencoderKL", None, prefix)
     return None
+
+
+# each part's marking tensor -> the prefix its tower may keep below the part's root (a CLIP's projection is beside)
+MARKS = {CLIP_MARK: "text_model.", T5_MARK: "", QWEN3_MARK: "model.", LDM_VAE_MARK: "", DIFFUSERS_VAE_MARK: ""}
+
+
+def bundled_parts(shapes: Shapes) -> list[PartFile]:
+    """The lone parts a single file holds under roots of their own (ComfyUI's `text_encoders.clip_l.transformer.`,
+    `text_encoders.t5xxl.transformer.`, `vae.`; SAI's `first_stage_model.`), each as `recognise` reads it alone, its
+    `prefix` and `root` the full key prefixes; a part at the file's root (a lone file) is not one."""
+    roots = []
+    for key in shapes:
+        for mark, inner in MARKS.items():
+            if key.endswith(mark):
+                head = key[:-len(mark)]
+                root = head[:-len(inner)] if inner and head.endswith(inner) else head
+                if root and root not in roots:
+                    roots.append(root)
+    found = []
+    for root in roots:
+        part = recognise(_under(shapes, root))
+        if part is not None:
+            found.append(replace(part, prefix=root + part.prefix, root=root))
+    return found
