@@ -9,6 +9,7 @@ import copy
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
@@ -16,6 +17,8 @@ from dit_verify import assert_run_time_equals, cli, watched_tempdir
 from flux2_tiny import CAP, CLASSES, save_bfl_file, save_tiny_klein, tiny_transformer
 from PIL import Image
 from safetensors.torch import save_file
+from transformers import Qwen3ForCausalLM
+from zimage_tiny import save_qwen3_file
 
 from adapterzoo.formats.probe import probe
 from adapterzoo.verify import denoise
@@ -31,12 +34,15 @@ RECIPE = "Sampler: FlowMatchEulerDiscreteScheduler, Guidance: none,"  # the dist
 @pytest.fixture(scope="module")
 def klein(tmp_path_factory) -> dict[str, Path]:
     """Distilled and base pipeline folders (model_index.json's is_distilled), a folder of every part but the
-    transformer, and BFL's single file of the distilled transformer."""
+    transformer, BFL's single file of the distilled transformer, ComfyUI's lone Qwen3 file and a tokenizer."""
     root = tmp_path_factory.mktemp("klein")
     distilled = save_tiny_klein(root / "FLUX.2-klein-4B")
     return {"pipe": distilled, "base": save_tiny_klein(root / "FLUX.2-klein-base-4B", distilled=False),
             "parts": save_tiny_klein(root / "parts", parts=tuple(n for n in CLASSES if n != "transformer")),
-            "bfl": save_bfl_file(root / "flux-2-klein-4b.safetensors", distilled / "transformer")}
+            "bfl": save_bfl_file(root / "flux-2-klein-4b.safetensors", distilled / "transformer"),
+            "qwen3": save_qwen3_file(root / "qwen_3_tiny.safetensors",
+                                     Qwen3ForCausalLM.from_pretrained(distilled / "text_encoder").model),
+            "tokenizer": save_tiny_klein(root / "tokenizer_only", parts=("tokenizer",))}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +120,7 @@ def test_every_dialect_passes_on_the_folder_and_the_bfl_file_a_zero_up_lora_fail
     message = cli(["verify", lora, "--checkpoint", str(klein["bfl"]), *SIZE, "--json"], capsys, monkeypatch,
                   code=1)["error"]
     assert "\n" not in message
-    assert "no vae (AutoencoderKLFlux2), text_encoder (Qwen3ForCausalLM) for a Flux.2 pipeline" in message
+    assert "no vae (AutoencoderKLFlux2), text_encoder (Qwen3Model) for a Flux.2 pipeline" in message
     assert "--pipeline" in message
     from_file = cli(["verify", lora, "--checkpoint", str(klein["bfl"]), "--pipeline", str(klein["parts"]), *SIZE,
                      "--quick", "--json"], capsys, monkeypatch)
@@ -178,16 +184,23 @@ def test_run_time_equals_diffusers_load_lora_into_transformer(loaded, dialects):
         assert_run_time_equals(pipeline, dialects[dialect], reference, x, cond)
 
 
-def test_sample_renders_a_bfl_file_with_two_loras(klein, dialects, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "out.png"
-    report = cli(["sample", "--checkpoint", str(klein["bfl"]), "--pipeline", str(klein["parts"]),
-                  "--lora", f"{dialects['kohya']}:0.7", "--lora", str(dialects["peft"]), "--prompt", "a red fox",
-                  "-o", str(out), *SIZE, "--json"], capsys, monkeypatch)
+def test_sample_renders_a_bfl_file_with_two_loras_from_its_parts_or_comfyuis_files(klein, dialects, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """BFL's file with the parts from --pipeline, and with ComfyUI's: a lone Qwen3 file (`model.` names), the
+    VAE's folder and only the tokenizer from --pipeline: the same picture, its recipe in the PNG."""
+    loras = ["--lora", f"{dialects['kohya']}:0.7", "--lora", str(dialects["peft"]), "--prompt", "a red fox", *SIZE]
+    out, lone = tmp_path / "out.png", tmp_path / "lone.png"
+    report = cli(["sample", "--checkpoint", str(klein["bfl"]), "--pipeline", str(klein["parts"]), *loras,
+                  "-o", str(out), "--json"], capsys, monkeypatch)
     assert out.is_file() and (report["base"], report["guidance"], report["steps"]) == ("flux2", "none", 2)
     assert report["warnings"] == []
     assert all(lora["modules_hit"] == lora["modules"] > 0 for lora in report["loras"])
     image = Image.open(out)
     assert image.size == (32, 32) and RECIPE in image.text["parameters"]
+    cli(["sample", "--checkpoint", str(klein["bfl"]), "--text-encoders", str(klein["qwen3"]), "--vae",
+         str(klein["parts"] / "vae"), "--pipeline", str(klein["tokenizer"]), *loras, "-o", str(lone), "--json"],
+        capsys, monkeypatch)
+    assert numpy.array_equal(numpy.asarray(Image.open(lone)), numpy.asarray(image))
 
 
 def test_flux2_dev_is_refused_in_one_line(klein, dialects, tmp_path, capsys, monkeypatch):

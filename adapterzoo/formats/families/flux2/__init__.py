@@ -71,7 +71,7 @@ FAMILY = Family(
     sampling=Sampling(
         bases=(BASE,),
         parts={"transformer": ("diffusers", FLUX2_CLASS), "vae": ("diffusers", "AutoencoderKLFlux2"),
-               "text_encoder": ("transformers", "Qwen3ForCausalLM"), "tokenizer": ("transformers", "Qwen2TokenizerFast"),
+               "text_encoder": ("transformers", "Qwen3Model"), "tokenizer": ("transformers", "Qwen2TokenizerFast"),
                "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")},
         scheduler=lazy(SAMPLING, "scheduler"),
         transformer_from_file=lazy(SAMPLING, "transformer_from_file"),
