@@ -211,3 +211,19 @@ def test_flux2_dev_is_refused_in_one_line(klein, dialects, tmp_path, capsys, mon
                    *SIZE, "--json"], capsys, monkeypatch, code=1)["error"]
     assert message.startswith("flux2-dev.safetensors: Flux.2 dev is not rendered by verify and sample yet")
     assert "\n" not in message and "Mistral" in message
+
+
+@pytest.mark.parametrize("width, layers, said", [
+    (CAP, 26, "the text encoder has 26 layers; Flux.2 Klein reads layers 9, 18, 27 (Qwen3-4B or -8B)"),
+    (2 * CAP, 27, ("the text encoder is 64 wide, the transformer reads 3 × 32: Klein 4B takes Qwen3-4B, Klein 9B "
+                   "Qwen3-8B"))])
+def test_a_qwen3_that_does_not_fit_the_transformer_is_one_line(width, layers, said):
+    from types import SimpleNamespace
+
+    from adapterzoo.errors import AdapterzooError
+    from adapterzoo.formats.families.flux2.sampling import check_text_encoder
+
+    with pytest.raises(AdapterzooError) as caught:
+        check_text_encoder(SimpleNamespace(hidden_size=width, num_hidden_layers=layers),
+                           SimpleNamespace(joint_attention_dim=3 * CAP))
+    assert str(caught.value) == said
