@@ -227,3 +227,20 @@ def test_a_qwen3_that_does_not_fit_the_transformer_is_one_line(width, layers, sa
         check_text_encoder(SimpleNamespace(hidden_size=width, num_hidden_layers=layers),
                            SimpleNamespace(joint_attention_dim=3 * CAP))
     assert str(caught.value) == said
+
+
+def test_a_klein_4b_lora_that_flux1_claims_too_is_verified_on_a_klein(tmp_path):
+    """A real-size Klein 4B LoRA of the double blocks' attention alone has Flux.1's shapes: probe reads it as
+    Flux.1's and says it fits Flux.2 too, so a Klein checkpoint takes it; another base still refuses it."""
+    import factory
+    from test_flux2 import real_lora_specs
+
+    from adapterzoo.errors import AdapterzooError
+    from adapterzoo.verify.verifier import refuse_other_base
+
+    lora = factory.write_sparse_safetensors(tmp_path / "a.safetensors", real_lora_specs("klein-4b", attention_only=True))
+    found = probe(lora)
+    assert (found.base, found.details["also_fits"]) == ("flux", ["flux2", "chroma"])
+    refuse_other_base(lora, found, "flux2", tmp_path / "flux-2-klein-4b.safetensors")
+    with pytest.raises(AdapterzooError, match="flux LoRA, zimage checkpoint"):
+        refuse_other_base(lora, found, "zimage", tmp_path / "z_image_turbo.safetensors")
