@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
 from dit_verify import assert_run_time_equals, cli, watched_tempdir
-from flux2_tiny import CAP, CLASSES, save_bfl_file, save_tiny_klein, tiny_transformer
+from flux2_tiny import CAP, CLASSES, save_bfl_file, save_tiny_klein, tiny_transformer, tiny_vae
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import Qwen3ForCausalLM
@@ -244,3 +244,14 @@ def test_a_klein_4b_lora_that_flux1_claims_too_is_verified_on_a_klein(tmp_path):
     refuse_other_base(lora, found, "flux2", tmp_path / "flux-2-klein-4b.safetensors")
     with pytest.raises(AdapterzooError, match="flux LoRA, zimage checkpoint"):
         refuse_other_base(lora, found, "zimage", tmp_path / "z_image_turbo.safetensors")
+
+
+def test_a_lone_vae_file_is_refused_on_a_klein_in_one_line(klein, tmp_path):
+    from adapterzoo.errors import AdapterzooError
+    from adapterzoo.formats.families.flux2.sampling import PatchedVae
+    from adapterzoo.verify.vae_load import load_vae
+
+    with pytest.raises(AdapterzooError) as caught:
+        load_vae(klein["parts"] / "vae" / "diffusion_pytorch_model.safetensors", "flux2", PatchedVae(tiny_vae()))
+    assert str(caught.value) == ("diffusion_pytorch_model.safetensors: a lone VAE file is verified on checkpoints "
+                                 "whose VAE is an AutoencoderKL; a flux2 checkpoint renders with another")
