@@ -134,8 +134,9 @@ def test_every_dialect_passes_on_the_folder_and_the_bfl_file_a_zero_up_lora_fail
 @pytest.mark.parametrize("loaded_from, distilled", [
     ("/models/diffusion_models/flux-2-klein-base-4b.safetensors", False),
     ("/models/diffusion_models/flux-2-klein-9b.safetensors", True),
+    ("/models/FLUX.2-klein-base-9B/transformer", False),  # a transformer folder without model_index.json
     ("/models/my-finetune.safetensors", True)])  # unsaid: distilled, what the Klein renders are made with
-def test_a_single_file_is_distilled_unless_its_name_says_base(loaded_from, distilled):
+def test_a_file_is_distilled_unless_its_name_says_base(loaded_from, distilled):
     from types import SimpleNamespace
 
     from adapterzoo.formats.families.flux2.sampling import is_distilled

@@ -69,13 +69,13 @@ def refuse(transformer: torch.nn.Module) -> str | None:
 
 
 def is_distilled(transformer: torch.nn.Module) -> bool:
-    """A folder's `is_distilled` (model_index.json beside transformer/, diffusers' default False), else whether a
-    file's name does not say base."""
+    """A folder's `is_distilled` (model_index.json beside transformer/, diffusers' default False), else whether the
+    file's name (a bare transformer folder's: its parent's) does not say base."""
     where = Path(str(transformer.config.get("_name_or_path", "")))
     index = where.parent / "model_index.json"
     if where.name == "transformer" and index.is_file():
         return bool(read_json_object(index).get("is_distilled", False))
-    return "base" not in where.name.lower()
+    return "base" not in (where.parent.name if where.name == "transformer" else where.name).lower()
 
 
 def patchify(latents: torch.Tensor) -> torch.Tensor:
