@@ -130,10 +130,16 @@ def with_size(pipe, cond: Conditioning, size: tuple[int, int]) -> Conditioning:
     return Conditioning(cond.states, {**cond.added, "time_ids": ids})
 
 
+def vae_factor(vae) -> int:
+    """Pixels per latent along a side: the VAE's downsampling, or the `latent_factor` a VAE declares whose latents
+    reach the loop patched (Flux.2's 2×2 patches: 16)."""
+    return getattr(vae, "latent_factor", None) or 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def size_step(pipe) -> tuple[int, int]:
     """(VAE factor, latent patch): an image side must be a multiple of their product; a denoiser that packs
     p×p latent patches into tokens declares `patch = p`."""
-    return 2 ** (len(pipe.vae.config.block_out_channels) - 1), getattr(pipe.unet, "patch", 1)
+    return vae_factor(pipe.vae), getattr(pipe.unet, "patch", 1)
 
 
 def latent_shape(pipe, size: tuple[int, int]) -> tuple[int, int, int, int]:

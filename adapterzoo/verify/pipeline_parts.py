@@ -48,18 +48,22 @@ class GivenParts:
 class FlowSteps:
     """A flow-matching scheduler behind the calls our loop makes of an SD one (`init_noise_sigma`,
     `scale_model_input`); its dynamic shift is fitted to the latents' token count (`fit_to`); its steps are the
-    family pipeline's sigmas (`Sampling.flow_sigmas`), else the scheduler's own spacing."""
+    family pipeline's sigmas (`Sampling.flow_sigmas`), else the scheduler's own spacing; its mu the family's
+    (`Sampling.flow_mu`), else the config's."""
 
     init_noise_sigma = 1.0
 
-    def __init__(self, inner: Any, sigmas: Callable[[int], Any] | None = None) -> None:
+    def __init__(self, inner: Any, sigmas: Callable[[int], Any] | None = None,
+                 mu: Callable[[tuple[int, ...], int], float] | None = None) -> None:
         self.inner = inner
         self.sigmas = sigmas
+        self.mu = mu
         self.tokens = BASE_SEQ
+        self.shape: tuple[int, ...] = ()
 
     def fresh(self) -> FlowSteps:
         """A new one without per-run state (step index), the same rules."""
-        return FlowSteps(type(self.inner).from_config(self.inner.config), self.sigmas)
+        return FlowSteps(type(self.inner).from_config(self.inner.config), self.sigmas, self.mu)
 
     @property
     def config(self) -> Any:
@@ -71,11 +75,14 @@ class FlowSteps:
 
     def fit_to(self, noise: torch.Tensor) -> None:
         self.tokens = noise.shape[-2] * noise.shape[-1] // 4
+        self.shape = tuple(noise.shape)
 
     def set_timesteps(self, steps: int, device: torch.device | str | None = None) -> None:
         config = self.inner.config
         mu = None
-        if config.get("use_dynamic_shifting", False):
+        if self.mu is not None and self.shape:  # unfitted, only the count of steps is asked (`sample`)
+            mu = self.mu(self.shape, steps)
+        elif config.get("use_dynamic_shifting", False):
             base, top = config.get("base_image_seq_len", BASE_SEQ), config.get("max_image_seq_len", MAX_SEQ)
             low, high = config.get("base_shift", BASE_SHIFT), config.get("max_shift", MAX_SHIFT)
             mu = low + (high - low) * (self.tokens - base) / (top - base)
@@ -164,6 +171,8 @@ def load_parts(family: Family, checkpoint: Path, given: GivenParts, dtype: torch
                 where = folder / name if (folder / name).is_dir() else None
             if where is not None:
                 found[name] = _load(library, cls, where, dtype if name in MODELS else None)
+        if name == "transformer" and name in found and spec.refuse is not None and (why := spec.refuse(found[name])):
+            raise AdapterzooError(f"{checkpoint.name}: {why}")
     for slot, path in lone.items():
         tokenizer = tokenizer_slot(slot)
         if tokenizer not in found and (builtin := builtin_tokenizer(family, slot, found[slot])) is not None:
@@ -184,5 +193,5 @@ def load_parts(family: Family, checkpoint: Path, given: GivenParts, dtype: torch
                               "with --text-encoders FILE|DIR..., a VAE with --vae FILE, or a diffusers folder holding "
                               "them with --pipeline DIR")
     if not hasattr(found["scheduler"], "scale_model_input"):
-        found["scheduler"] = FlowSteps(found["scheduler"], spec.flow_sigmas)
+        found["scheduler"] = FlowSteps(found["scheduler"], spec.flow_sigmas, spec.flow_mu)
     return spec.assemble(found)

@@ -48,7 +48,11 @@ def _ldm_to_diffusers(state: dict[str, torch.Tensor], like: AutoencoderKL) -> tu
 
 
 def load_vae(path: Path, base: str, like: AutoencoderKL) -> AutoencoderKL:
-    """The VAE in `path` as an AutoencoderKL on `like`'s device and dtype, with `like`'s scaling factor."""
+    """The VAE in `path` as an AutoencoderKL on `like`'s device and dtype, with `like`'s scaling factor; refused in
+    one line where the checkpoint renders with another kind of VAE (Flux.2's patched, batch-normalised one)."""
+    if not isinstance(like, AutoencoderKL):
+        raise AdapterzooError(f"{Path(path).name}: a lone VAE file is verified on checkpoints whose VAE is an "
+                              f"AutoencoderKL; a {base} checkpoint renders with another")
     state = _state_dict(Path(path))
     if "encoder.down.0.block.0.conv1.weight" in state:
         config, state = _ldm_to_diffusers(state, like)

@@ -80,11 +80,14 @@ def check_size(loaded: LoadedPipeline, size: tuple[int, int]) -> None:
 def refuse_other_base(file: Path, found: ProbeResult, base: str, checkpoint: Path) -> None:
     """A file made for another base than the checkpoint's is refused before anything renders, in one line. An
     embedding in named encoder slots fits any base whose family reads every one of them (a T5-only file probes as
-    Flux's, and SD3's T5 is the same T5-XXL; an SD3 file fits SD3.5)."""
+    Flux's, and SD3's T5 is the same T5-XXL; an SD3 file fits SD3.5); a LoRA whose modules fit several bases alike
+    (`details.also_fits`) fits each."""
     family = family_of(base)
     read = family.sampling.embedding_slots if family is not None and family.sampling is not None else {}
     slots = found.details.get("slots") if found.kind == "embedding" else None
     if slots and set(slots) <= set(read):
+        return
+    if base in found.details.get("also_fits", ()):  # its modules fit this base too (a Klein 4B attention LoRA)
         return
     if found.base in BASES and found.base != base:
         raise AdapterzooError(f"{found.base} {KIND_NAMES[found.kind]}, {base} checkpoint: {file.name} "

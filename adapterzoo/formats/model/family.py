@@ -114,6 +114,12 @@ class Sampling:
     # the sigmas the family's pipeline hands a flow-matching scheduler for N steps (FluxPipeline: linspace(1, 1/N));
     # None: the scheduler spaces its own timesteps (StableDiffusion3Pipeline)
     flow_sigmas: Callable[[int], Any] | None = None
+    # the dynamic shift's mu for (the loop's latent shape, steps) where the family's pipeline computes its own
+    # (Flux.2's empirical mu); None: the scheduler config's line from base_shift to max_shift over the image tokens
+    flow_mu: Callable[[tuple[int, ...], int], float] | None = None
+    # the loaded transformer -> why this member is not rendered (a text encoder no path here reads), or None;
+    # asked before the other parts load
+    refuse: Callable[[Any], str | None] | None = None
     # an embedding's slot (FORMATS.md §4: clip_l, clip_g, t5xxl) -> the text encoder its vectors act on, each
     # through that encoder's own tokenizer (text_encoder_N reads tokenizer_N); a slot not named lands nowhere
     embedding_slots: dict[str, str] = field(default_factory=lambda: dict(CLIP_EMBEDDING_SLOTS))

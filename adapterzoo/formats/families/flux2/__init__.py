@@ -3,7 +3,8 @@ names, a Mistral-3 or Qwen3 text encoder and a 32-channel VAE. No LoRA of one me
 
 `probe` recognises its files and members, `modules` holds the module tables of the three releases and the BFL
 layout (shared with Flux.1's naming: the BFL writers and `FluxArchitecture` come from `families.flux`),
-`checkpoint` converts BFL single files <-> diffusers folders and locates merge targets.
+`checkpoint` converts BFL single files <-> diffusers folders and locates merge targets, `sampling` renders the
+Kleins for verify and sample as Flux2KleinPipeline does (dev is refused there).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.flux2 import probe
-from adapterzoo.formats.families.flux2.modules import BASE, DEV
-from adapterzoo.formats.model.family import Family, layout_checkpoints, lazy
+from adapterzoo.formats.families.flux2.modules import BASE, DEV, FLUX2_CLASS
+from adapterzoo.formats.model.family import Family, Sampling, layout_checkpoints, lazy
 
 FLUX_WRITE = "adapterzoo.formats.families.flux.lora_write"
+FLUX_SAMPLING = "adapterzoo.formats.families.flux.sampling"
+SAMPLING = f"{__name__}.sampling"
 CHECKPOINT = "adapterzoo.formats.families.flux2.checkpoint"  # its layout (`LAYOUT`) converts and locates
 
 if TYPE_CHECKING:
@@ -65,4 +68,17 @@ FAMILY = Family(
     civitai_base_models={BASE: ("Flux.2 D", "Flux.2 Klein 9B", "Flux.2 Klein 9B-base", "Flux.2 Klein 4B",
                                 "Flux.2 Klein 4B-base")},
     hub_hints=(("flux.2", BASE), ("flux2", BASE)),
+    sampling=Sampling(
+        bases=(BASE,),
+        parts={"transformer": ("diffusers", FLUX2_CLASS), "vae": ("diffusers", "AutoencoderKLFlux2"),
+               "text_encoder": ("transformers", "Qwen3Model"), "tokenizer": ("transformers", "Qwen2TokenizerFast"),
+               "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")},
+        scheduler=lazy(SAMPLING, "scheduler"),
+        transformer_from_file=lazy(SAMPLING, "transformer_from_file"),
+        assemble=lazy(SAMPLING, "assemble"),
+        flow_sigmas=lazy(FLUX_SAMPLING, "flow_sigmas"),  # Flux2KleinPipeline's are FluxPipeline's
+        flow_mu=lazy(SAMPLING, "flow_mu"),
+        refuse=lazy(SAMPLING, "refuse"),
+        embedding_slots={},  # no textual-inversion format reads Qwen3
+    ),
 )

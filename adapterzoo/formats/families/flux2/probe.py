@@ -17,6 +17,7 @@ from adapterzoo.formats.families.flux2.modules import BASE, CONFIGS, VARIANT_OF_
 from adapterzoo.formats.io.probe_result import ProbeResult
 from adapterzoo.formats.io.tensor_table import TensorTable
 from adapterzoo.formats.lora.fitting import fits
+from adapterzoo.formats.lora.lora_parts import module_dims
 from adapterzoo.formats.model import unet_names
 from adapterzoo.formats.model.layouts import block_count
 
@@ -26,6 +27,9 @@ ROOTS = (unet_names.LDM_PREFIX, "double_blocks.", "double_stream_modulation_img.
 # names only Flux.2 has (kohya-flattened too)
 _OWN = re.compile(r"stream_modulation|to_qkv_mlp_proj|ff(?:_context)?[._]linear_(?:in|out)|time_guidance_embed"
                   r"|single_transformer_blocks[._]\d+[._]attn[._]to_out(?![._]0)")
+# BFL's MLP inputs by their widening, out / in: Flux.2's SwiGLU of ratio 3 (2 × 3 in a double block, q, k, v and
+# 2 × 3 in a single block's linear1) against Flux.1's GELU of ratio 4 (4 and 7), at any width
+_SWIGLU = ((re.compile(r"(?:img|txt)_mlp[._]0$"), 6), (re.compile(r"single_blocks[._]\d+[._]linear1$"), 9))
 _BLOCK = re.compile(r"(?:double_blocks|single_blocks|transformer_blocks)[._]\d+[._]")
 _MODELSPEC = {"Flux.2-dev": "dev", "Flux.2-klein-4b": "klein-4b", "Flux.2-klein-9b": "klein-9b"}
 
@@ -37,11 +41,21 @@ def fitted_variant(modules: dict[str, dict[str, str]], table: TensorTable) -> st
     return next((variant for variant in CONFIGS if fits(modules, table, builtin_architecture(variant))), None)
 
 
+def swiglu(modules: dict[str, dict[str, str]], table: TensorTable) -> bool:
+    """Whether a BFL-named MLP input of the LoRA widens as Flux.2's SwiGLU does, which no Flux.1 Linear does."""
+    for name, parts in modules.items():
+        dims = module_dims(parts, table)
+        if dims is not None and any(pattern.search(name) and dims[0] == ratio * dims[1] for pattern, ratio in _SWIGLU):
+            return True
+    return False
+
+
 def lora_base(modules: dict[str, dict[str, str]], table: TensorTable) -> str | None:
-    """A Flux.2 LoRA by a name only Flux.2 has, or by fitting a Flux.2 release but not Flux.1."""
+    """A Flux.2 LoRA by a name only Flux.2 has or its MLP's widening, or by fitting a Flux.2 release but not
+    Flux.1."""
     from adapterzoo.formats.families.flux.modules import flux_architecture
 
-    if any(_OWN.search(name) for name in modules):
+    if any(_OWN.search(name) for name in modules) or swiglu(modules, table):
         return BASE
     if not any(_BLOCK.search(name) for name in modules) or fitted_variant(modules, table) is None:
         return None

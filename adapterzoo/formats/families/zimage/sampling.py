@@ -30,6 +30,7 @@ from adapterzoo.formats.families.zimage.modules import ZIMAGE_CLASS
 from adapterzoo.formats.families.zimage.probe import COMFY_MARKER, checkpoint_prefix, variant_hint
 from adapterzoo.formats.io.safetensors_writer import planned_tensor
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file
+from adapterzoo.formats.model.chat_prompt import chat_hidden_states
 from adapterzoo.formats.model.parts_pipeline import PartsPipeline, TransformerDenoiser
 
 NATIVE_SIDE = 1024
@@ -112,14 +113,8 @@ class ZImageForSampling(PartsPipeline):
         """(Qwen3's next-to-last hidden states of the chat-wrapped prompt padded to 512 tokens, {"mask": which are
         the prompt's}) as ZImagePipeline._encode_prompt computes them; no embedding slot reads Qwen3, so `ids` is
         not asked."""
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True, enable_thinking=True)
-        tokens = self.tokenizer([text], padding="max_length", max_length=CAPTION_TOKENS, truncation=True,
-                                return_tensors="pt")
-        mask = tokens.attention_mask.to(self.device).bool()
-        states = self.text_encoder(input_ids=tokens.input_ids.to(self.device), attention_mask=mask,
-                                   output_hidden_states=True).hidden_states[-2]
-        return states.to(self.transformer.dtype), {"mask": mask}
+        hidden, mask = chat_hidden_states(self.tokenizer, self.text_encoder, prompt, CAPTION_TOKENS, thinking=True)
+        return hidden[-2].to(self.transformer.dtype), {"mask": mask}
 
 
 def assemble(parts: dict[str, Any]) -> ZImageForSampling:
