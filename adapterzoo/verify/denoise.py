@@ -130,10 +130,19 @@ def with_size(pipe, cond: Conditioning, size: tuple[int, int]) -> Conditioning:
     return Conditioning(cond.states, {**cond.added, "time_ids": ids})
 
 
+def vae_factor(vae) -> int:
+    """How many pixels a latent spans, per side: an image VAE halves the size at each level after the first; a
+    video VAE (diffusers' Wan kind) lists its downsamplings in `temperal_downsample` (True where time halves too)."""
+    config = vae.config
+    if "temperal_downsample" in config:
+        return 2 ** len(config.temperal_downsample)
+    return 2 ** (len(config.block_out_channels) - 1)
+
+
 def size_step(pipe) -> tuple[int, int]:
     """(VAE factor, latent patch): an image side must be a multiple of their product; a denoiser that packs
     p×p latent patches into tokens declares `patch = p`."""
-    return 2 ** (len(pipe.vae.config.block_out_channels) - 1), getattr(pipe.unet, "patch", 1)
+    return vae_factor(pipe.vae), getattr(pipe.unet, "patch", 1)
 
 
 def latent_shape(pipe, size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -170,18 +179,24 @@ def cfg_scale(unet) -> float:
     return getattr(unet, "cfg_scale", GUIDANCE_SCALE)
 
 
+def cfg_combined(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    return uncond + scale * (cond - uncond)
+
+
 def guided(unet, positive: Conditioning, negative: Conditioning) -> NoisePrediction:
     """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅), w the denoiser's
-    (`cfg_scale`); a model whose guidance is distilled into it (or that has none) declares `cfg = False` and
-    is called once, positive only."""
+    (`cfg_scale`), or the denoiser's own `combine(ε∅, ε_c, w)` where its pipeline adjusts that (a rescale); a
+    model whose guidance is distilled into it (or that has none) declares `cfg = False` and is called once,
+    positive only."""
     if not uses_cfg(unet):
         return lambda step, latents, t: unet_prediction(unet, latents, t, positive)
     scale = cfg_scale(unet)
+    combine = getattr(unet, "combine", cfg_combined)
     pair = negative.batched(positive)
 
     def predict(step: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         uncond, cond = unet_prediction(unet, torch.cat([latents, latents]), t, pair).chunk(2)
-        return uncond + scale * (cond - uncond)
+        return combine(uncond, cond, scale)
 
     return predict
 
@@ -232,12 +247,29 @@ def denoise(pipe, noise: torch.Tensor, steps: int, predict: NoisePrediction) -> 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> [H, W, 3] uint8 on the CPU, the VAE run in its own dtype; NaN stays visible as NaN floats."""
+    if "temperal_downsample" in vae.config:
+        return _decoded(_video_decode(vae, latents))
     scaled = latents.to(vae.dtype) / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
         scaled = scaled + shift
-    image = vae.decode(scaled, return_dict=False)[0][0].float()
-    return ((image / 2 + 0.5).clamp(0, 1) * 255).round().permute(1, 2, 0).cpu()
+    return _decoded(vae.decode(scaled, return_dict=False)[0][0])
+
+
+def _video_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """A video VAE's one frame: [B, C, h, w] latents un-normalised per channel (its `latents_mean` and
+    `latents_std`, as the pipelines that use one compute it) and decoded as a clip of one frame."""
+    config = vae.config
+    shape = (1, config.z_dim, 1, 1, 1)
+    mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, vae.dtype)
+    inverse_std = 1.0 / torch.tensor(config.latents_std).view(shape).to(latents.device, vae.dtype)
+    clip = latents.to(vae.dtype)[:, :, None] / inverse_std + mean
+    return vae.decode(clip, return_dict=False)[0][0, :, 0]
+
+
+def _decoded(image: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] on -1..1 -> [H, W, 3] on 0..255, rounded, on the CPU."""
+    return ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().permute(1, 2, 0).cpu()
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 from adapterzoo.formats.model.architectures import architecture_from_models
 from adapterzoo.formats.model.registry import family_of, sampled_bases
 from adapterzoo.formats.model.targets import TEXT_ENCODERS, TRANSFORMER, UNET, Architecture
+from adapterzoo.verify import denoise
 from adapterzoo.verify.pipeline_parts import GivenParts, load_parts, parts_family
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -163,5 +164,5 @@ def load_for_sampling(checkpoint: Path, device_name: str, dtype_name: str | None
 def native_size(loaded: LoadedPipeline) -> tuple[int, int]:
     """What the model was trained at: 512 for SD1.5 and SD2-base, 768 for SD2-v, 1024 for SDXL."""
     pipe = loaded.pipe
-    side = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    side = pipe.unet.config.sample_size * denoise.vae_factor(pipe.vae)
     return side, side
