@@ -148,9 +148,12 @@ def test_a_comfy_file_loads_in_memory_with_the_pipelines_parts(qwen, dialects, t
     assert RECIPE in Image.open(grid).text["parameters"]
 
 
-def test_sample_renders_a_comfy_file_with_two_loras(qwen, dialects, tmp_path, capsys, monkeypatch):
+def test_sample_renders_a_comfy_file_with_component_folders_and_two_loras(qwen, dialects, tmp_path, capsys,
+                                                                          monkeypatch):
+    """The text encoder's folder (its tokenizer found beside it) and the VAE's folder stand for --pipeline."""
     out = tmp_path / "out.png"
-    report = cli(["sample", "--checkpoint", str(qwen["comfy"]), "--pipeline", str(qwen["parts"]),
+    parts = ["--text-encoders", str(qwen["parts"] / "text_encoder"), "--vae", str(qwen["parts"] / "vae")]
+    report = cli(["sample", "--checkpoint", str(qwen["comfy"]), *parts,
                   "--lora", f"{dialects['kohya']}:0.7", "--lora", str(dialects["peft"]), "--prompt", "a red fox",
                   "-o", str(out), *SIZE, "--json"], capsys, monkeypatch)
     assert out.is_file() and (report["base"], report["cfg_scale"], report["steps"]) == ("qwen_image", 4.0, 2)

@@ -132,11 +132,9 @@ def with_size(pipe, cond: Conditioning, size: tuple[int, int]) -> Conditioning:
 
 def vae_factor(vae) -> int:
     """How many pixels a latent spans, per side: an image VAE halves the size at each level after the first; a
-    video VAE (diffusers' Wan kind) lists its downsamplings in `temperal_downsample` (True where time halves too)."""
-    config = vae.config
-    if "temperal_downsample" in config:
-        return 2 ** len(config.temperal_downsample)
-    return 2 ** (len(config.block_out_channels) - 1)
+    video VAE (diffusers' 3D causal kind) lists its downsamplings in `temperal_downsample` (True where time halves too)."""
+    video = getattr(vae.config, "temperal_downsample", None)
+    return 2 ** len(video) if video is not None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def size_step(pipe) -> tuple[int, int]:
@@ -247,7 +245,7 @@ def denoise(pipe, noise: torch.Tensor, steps: int, predict: NoisePrediction) -> 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> [H, W, 3] uint8 on the CPU, the VAE run in its own dtype; NaN stays visible as NaN floats."""
-    if "temperal_downsample" in vae.config:
+    if getattr(vae.config, "temperal_downsample", None) is not None:
         return _decoded(_video_decode(vae, latents))
     scaled = latents.to(vae.dtype) / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)

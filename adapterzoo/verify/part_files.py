@@ -267,7 +267,7 @@ def load_given(family: Family, text_encoders: list[Path], vae: Path | None, dtyp
     if vae is not None:
         vae = Path(vae)
         if vae.is_dir():
-            found["vae"] = _load_folder("diffusers", "AutoencoderKL", vae, dtype)
+            found["vae"] = _load_folder(*family.sampling.parts.get("vae", ("diffusers", "AutoencoderKL")), vae, dtype)
         else:
             part = recognise(open_checkpoint_file(vae).shapes)
             if part is None or part.kind != "vae":

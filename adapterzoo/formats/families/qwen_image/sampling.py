@@ -8,7 +8,8 @@ scheduler's dynamic shift (exponential, mu from the image's tokens, Qwen/Qwen-Im
 Guidance is true CFG at the model card's `true_cfg_scale` 4 (`neg + 4·(pos − neg)`, as A1111 counts it), 50 steps,
 the guided prediction rescaled per token to the norm of the positive one; the pipeline's own default skips CFG
 where no negative prompt is given, the model card gives one, verify's is empty (recorded). The caption is kept
-padded to 512 with its mask (`added["mask"]`), so a CFG pair batches and each half reads only its own tokens.
+padded to 512 with its mask (`added["mask"]`), so a CFG pair batches and each half reads only its own tokens;
+the transformer is handed the captions cut after the longest one's tokens (the rest is padding in every row).
 The VAE is Qwen-Image's own (Wan's kind, latents normalised per channel). A ComfyUI single file is the diffusers
 transformer under the same names, loaded in memory, never written out.
 
@@ -104,9 +105,11 @@ class QwenImageDenoiser(TransformerDenoiser):
                 added_cond_kwargs: dict[str, torch.Tensor], return_dict: bool = False) -> tuple[torch.Tensor]:
         b, _, h, w = x.shape
         packed, _ = pack(x)
+        mask = added_cond_kwargs["mask"]
+        longest = int(mask.sum(dim=1).max())  # captions start at 0: past the longest, every token is padding
         out = self.transformer(hidden_states=packed, timestep=(t.to(x.dtype) / 1000).expand(b),
-                               encoder_hidden_states=encoder_hidden_states,
-                               encoder_hidden_states_mask=added_cond_kwargs["mask"],
+                               encoder_hidden_states=encoder_hidden_states[:, :longest],
+                               encoder_hidden_states_mask=mask[:, :longest],
                                img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
         return (unpack(out, x.shape),)
 
