@@ -175,4 +175,4 @@ def test_edit_and_layered_are_refused_in_one_line(config, name, said):
 
     with pytest.raises(AdapterzooError) as refused:
         refuse_image_models(SimpleNamespace(config={**config, "_name_or_path": f"/models/{name}"}))
-    assert str(refused.value).startswith(f"{name} {said}") and "\n" not in str(refused.value)
+    assert str(refused.value).startswith(f"/models/{name} {said}") and "\n" not in str(refused.value)

@@ -65,15 +65,16 @@ def transformer_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def refuse_image_models(transformer: torch.nn.Module) -> None:
-    """Edit and Layered render from an input image: one line saying so, before anything is rendered."""
+    """Edit and Layered render from an input image: one line saying so (naming where the model was loaded from,
+    whose path tells Edit), before anything is rendered."""
     config = transformer.config
-    where = str(config.get("_name_or_path", ""))
+    where = str(config.get("_name_or_path", "")) or "this model"
     if config.get("use_additional_t_cond"):
-        raise AdapterzooError(f"{Path(where).name or 'this model'} is Qwen-Image-Layered, which decomposes an input "
-                              "image into layers; verify and sample render text to image: use Qwen-Image")
+        raise AdapterzooError(f"{where} is Qwen-Image-Layered, which decomposes an input image into layers; verify "
+                              "and sample render text to image: use Qwen-Image")
     if config.get("zero_cond_t") or EDIT.search(where):
-        raise AdapterzooError(f"{Path(where).name} is Qwen-Image-Edit, which renders from an input image; verify and "
-                              "sample render text to image: verify its LoRAs against Qwen-Image")
+        raise AdapterzooError(f"{where} is Qwen-Image-Edit, which renders from an input image; verify and sample "
+                              "render text to image: verify its LoRAs against Qwen-Image")
 
 
 def renormed(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
