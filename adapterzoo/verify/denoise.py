@@ -131,9 +131,13 @@ def with_size(pipe, cond: Conditioning, size: tuple[int, int]) -> Conditioning:
 
 
 def vae_factor(vae) -> int:
-    """Pixels per latent along a side: the VAE's downsampling, or the `latent_factor` a VAE declares whose latents
-    reach the loop patched (Flux.2's 2×2 patches: 16)."""
-    return getattr(vae, "latent_factor", None) or 2 ** (len(vae.config.block_out_channels) - 1)
+    """How many pixels a latent spans, per side: the `latent_factor` a VAE declares whose latents reach the loop
+    patched (Flux.2's 2×2 patches: 16); a video VAE (diffusers' 3D causal kind) lists its downsamplings in
+    `temperal_downsample` (True where time halves too); an image VAE halves the size at each level after the first."""
+    if getattr(vae, "latent_factor", None):
+        return vae.latent_factor
+    video = getattr(vae.config, "temperal_downsample", None)
+    return 2 ** len(video) if video is not None else 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def size_step(pipe) -> tuple[int, int]:
@@ -176,18 +180,24 @@ def cfg_scale(unet) -> float:
     return getattr(unet, "cfg_scale", GUIDANCE_SCALE)
 
 
+def cfg_combined(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    return uncond + scale * (cond - uncond)
+
+
 def guided(unet, positive: Conditioning, negative: Conditioning) -> NoisePrediction:
     """Classifier-free guidance with one batched UNet call per step: ε∅ + w·(ε_c − ε∅), w the denoiser's
-    (`cfg_scale`); a model whose guidance is distilled into it (or that has none) declares `cfg = False` and
-    is called once, positive only."""
+    (`cfg_scale`), or the denoiser's own `combine(ε∅, ε_c, w)` where its pipeline adjusts that (a rescale); a
+    model whose guidance is distilled into it (or that has none) declares `cfg = False` and is called once,
+    positive only."""
     if not uses_cfg(unet):
         return lambda step, latents, t: unet_prediction(unet, latents, t, positive)
     scale = cfg_scale(unet)
+    combine = getattr(unet, "combine", cfg_combined)
     pair = negative.batched(positive)
 
     def predict(step: int, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         uncond, cond = unet_prediction(unet, torch.cat([latents, latents]), t, pair).chunk(2)
-        return uncond + scale * (cond - uncond)
+        return combine(uncond, cond, scale)
 
     return predict
 
@@ -238,12 +248,29 @@ def denoise(pipe, noise: torch.Tensor, steps: int, predict: NoisePrediction) -> 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> [H, W, 3] uint8 on the CPU, the VAE run in its own dtype; NaN stays visible as NaN floats."""
+    if getattr(vae.config, "temperal_downsample", None) is not None:
+        return _decoded(_video_decode(vae, latents))
     scaled = latents.to(vae.dtype) / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
         scaled = scaled + shift
-    image = vae.decode(scaled, return_dict=False)[0][0].float()
-    return ((image / 2 + 0.5).clamp(0, 1) * 255).round().permute(1, 2, 0).cpu()
+    return _decoded(vae.decode(scaled, return_dict=False)[0][0])
+
+
+def _video_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """A video VAE's one frame: [B, C, h, w] latents un-normalised per channel (its `latents_mean` and
+    `latents_std`, as the pipelines that use one compute it) and decoded as a clip of one frame."""
+    config = vae.config
+    shape = (1, config.z_dim, 1, 1, 1)
+    mean = torch.tensor(config.latents_mean).view(shape).to(latents.device, vae.dtype)
+    inverse_std = 1.0 / torch.tensor(config.latents_std).view(shape).to(latents.device, vae.dtype)
+    clip = latents.to(vae.dtype)[:, :, None] / inverse_std + mean
+    return vae.decode(clip, return_dict=False)[0][0, :, 0]
+
+
+def _decoded(image: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] on -1..1 -> [H, W, 3] on 0..255, rounded, on the CPU."""
+    return ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().permute(1, 2, 0).cpu()
 
 
 @torch.no_grad()

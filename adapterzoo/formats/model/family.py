@@ -93,7 +93,8 @@ class Sampling:
     `default_steps` (when the user gives no --steps) and `guidance` (what is recorded for a model without
     classifier-free guidance, whose denoiser says `cfg = False`: `{"distilled_guidance": 3.5}` or
     `{"guidance": "none"}`); its denoiser may declare `patch` (latent patches packed per token, side) and
-    `cfg_scale` (a CFG model's own scale, where it is not verify's 7: Chroma's 5, Z-Image Base's 5)."""
+    `cfg_scale` (a CFG model's own scale, where it is not verify's 7: Chroma's 5, Z-Image Base's 5) and
+    `combine(uncond, cond, scale)` (where its pipeline adjusts the guided prediction: Qwen-Image's renorm)."""
 
     bases: tuple[str, ...]  # the bases verify renders
     vae_fp32: tuple[str, ...] = ()  # bases whose VAE overflows in fp16: kept in fp32 unless fp16 is asked for by name

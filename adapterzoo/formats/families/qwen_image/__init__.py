@@ -2,7 +2,7 @@
 wide, a Qwen2.5-VL text encoder and its own 16-channel VAE.
 
 `probe` recognises its files, `modules` its module table, `checkpoint` converts ComfyUI single files <-> diffusers
-folders and locates merge targets. Every name is diffusers' own (ComfyUI's too), so LoRAs are written as
+folders and locates merge targets, `sampling` renders Qwen-Image for verify and sample as QwenImagePipeline does. Every name is diffusers' own (ComfyUI's too), so LoRAs are written as
 diffusers/PEFT (canonical), kohya (musubi-tuner's `lora_unet_transformer_blocks_0_attn_to_q`) and comfy
 (`diffusion_model.transformer_blocks.0.attn.to_q`, alpha folded) without fusing anything.
 """
@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from adapterzoo.formats.families.qwen_image import probe
-from adapterzoo.formats.families.qwen_image.modules import BASE
+from adapterzoo.formats.families.qwen_image.modules import BASE, QWEN_CLASS
 from adapterzoo.formats.lora.comfy_keys import comfy_dialect
-from adapterzoo.formats.model.family import Family, layout_checkpoints
+from adapterzoo.formats.model.family import Family, Sampling, layout_checkpoints, lazy
 
 CHECKPOINT = "adapterzoo.formats.families.qwen_image.checkpoint"  # its layout (`LAYOUT`) converts and locates
+SAMPLING = f"{__name__}.sampling"
 
 if TYPE_CHECKING:
     import torch
@@ -77,4 +78,16 @@ FAMILY = Family(
     checkpoints=layout_checkpoints(BASE, probe.checkpoint_prefix, CHECKPOINT),
     civitai_base_models={BASE: ("Qwen",)},
     hub_hints=(("qwen-image", BASE), ("qwen_image", BASE), ("qwenimage", BASE)),
+    sampling=Sampling(
+        bases=(BASE,),
+        parts={"transformer": ("diffusers", QWEN_CLASS), "vae": ("diffusers", "AutoencoderKLQwenImage"),
+               "text_encoder": ("transformers", "Qwen2_5_VLForConditionalGeneration"),
+               "tokenizer": ("transformers", "Qwen2Tokenizer"),
+               "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")},
+        scheduler=lazy(SAMPLING, "scheduler"),
+        transformer_from_file=lazy(SAMPLING, "transformer_from_file"),
+        assemble=lazy(SAMPLING, "assemble"),
+        flow_sigmas=lazy(SAMPLING, "flow_sigmas"),
+        embedding_slots={},  # no textual-inversion format reads Qwen2.5-VL
+    ),
 )

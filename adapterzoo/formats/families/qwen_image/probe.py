@@ -24,7 +24,7 @@ PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
 ADDITION_T = "time_text_embed.addition_t_embedding.weight"  # Qwen-Image-Layered's layer-index embedding
 OTHER_DOUBLE = 20  # HunyuanVideo 1.0's double blocks (Flux.1 has 19), named and shaped as Qwen-Image's: more are ours
 OWN = re.compile(r"transformer_blocks[._]\d+[._](?:img|txt)_(?:mod|mlp)[._]")
-_EDIT = re.compile(r"qwen[-_ ]?image[-_ ]?edit", re.IGNORECASE)
+EDIT = re.compile(r"qwen[-_ ]?image[-_ ]?edit", re.IGNORECASE)
 SAME_TENSORS = "Qwen-Image and Qwen-Image-Edit have the same tensor names and shapes"
 
 
@@ -64,7 +64,7 @@ def coverage(names: list[str]) -> dict:
 
 
 def _describe_variant(result: ProbeResult, texts: dict[str, str]) -> None:
-    where = next((where for where, text in texts.items() if _EDIT.search(text)), None)
+    where = next((where for where, text in texts.items() if EDIT.search(text)), None)
     if where is not None:
         result.details["variant"] = "edit"
         result.warnings.append(f"{SAME_TENSORS}: read as edit from its {where}, which the weights cannot confirm")
