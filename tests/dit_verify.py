@@ -22,6 +22,20 @@ def cli(args: list[str], capsys, monkeypatch, code: int = 0) -> dict | str:
     return json.loads(out) if out.strip() else err
 
 
+def assert_passes_fully(result: dict, label: str, base: str | None = None) -> None:
+    """What a user reads as "this file fully works": pass with no reasons (on `base`), every key matched and
+    every patched module run, multiplier 0 bit-identical to the bare model, every other multiplier changing the
+    noise prediction and the pixels."""
+    assert (result["verdict"], result["reasons"]) == ("pass", []), label
+    assert base is None or result["base"] == base, label
+    coverage = result["coverage"]
+    assert coverage["keys_matched"] == coverage["keys_total"] and coverage["unmatched"] == [], label
+    assert coverage["modules_hit"] == coverage["modules_total"] > 0, label
+    zero, *rest = result["effects"]
+    assert zero["mean_abs_pixel_change"] == 0 and zero["noise_pred_rel_change"] == 0, label  # bit-identical
+    assert rest and all(e["noise_pred_rel_change"] > 1e-3 and e["mean_abs_pixel_change"] > 0 for e in rest), label
+
+
 def watched_tempdir(tmp_path: Path, monkeypatch) -> Path:
     """An empty folder that Python's tempfile now hands out: a test asserts it stays empty."""
     watched = tmp_path / "tmp"
