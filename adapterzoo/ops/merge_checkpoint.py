@@ -40,8 +40,8 @@ from adapterzoo.formats.checkpoint_targets import (
 )
 from adapterzoo.formats.io.atomic import atomic_output, check_output
 from adapterzoo.formats.io.pickle_safe import PICKLE_SUFFIXES
-from adapterzoo.formats.io.safetensors_writer import PlannedTensor, write_safetensors
-from adapterzoo.formats.io.tensor_source import TensorSource, open_checkpoint_file
+from adapterzoo.formats.io.safetensors_writer import PlannedTensor, write_order, write_safetensors
+from adapterzoo.formats.io.tensor_source import OrderedViews, TensorSource, open_checkpoint_file
 from adapterzoo.formats.lora.lora_keys import detect_lora_dialect, group_modules
 from adapterzoo.formats.lora.lora_model import AdapterModule, FullModule, Ia3Module, LoraFile, LoraModule
 from adapterzoo.formats.lora.lora_parts import is_text_encoder_module
@@ -147,7 +147,7 @@ def merge_checkpoint(
     plans = [(source, name, *merger.plan(source, patches.get(file, {}), targets)) for source, name, file in files]
     hashes = _Hashes([f for f, _, _ in files] + [spec.path for spec in loras], sha256)
     total = sum(item.nbytes for _, _, plan, _ in plans for item in plan)
-    with (atomic_output(dest, folder=targets.is_folder) as tmp, _core_left_for_hashing(),
+    with (atomic_output(dest, folder=targets.is_folder) as tmp, _core_left_for_other_threads(), contextlib.closing(merger),
           tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress_bar else True) as bar):
         written = []
         if targets.is_folder:
@@ -373,10 +373,11 @@ class _Merger:
         self.warnings: list[str] = []
         self.merged = 0
         self.copied = 0
+        self._views: dict[Path, OrderedViews] = {}  # each weight file's merged tensors, read one ahead
 
-    def _merged(self, reader: TensorSource, key: str, patches: list[_Patch], dtype: torch.dtype) -> torch.Tensor:
+    def _merged(self, source: Path, key: str, patches: list[_Patch], dtype: torch.dtype) -> torch.Tensor:
         """The merged tensor in a reused buffer: valid until the next call (the writer has written it by then)."""
-        weight = reader.view(key)
+        weight = self._views[source].view(key)
         try:
             merged = _apply(weight, patches, self.device, self.scratch)
         except torch.OutOfMemoryError:
@@ -399,12 +400,18 @@ class _Merger:
                 self.merged += 1
                 dtype = reader.output_dtype(key, self.dtype)
                 plan.append(PlannedTensor(key, tuple(shape), dtype,
-                                          functools.partial(self._merged, reader, key, patches[key], dtype)))
+                                          functools.partial(self._merged, source, key, patches[key], dtype)))
             else:
                 self.copied += 1
                 plan.append(reader.planned(key, key, self.dtype))
+        self._views[source] = OrderedViews(reader, [t.name for t in write_order(plan) if t.name in patches])
         kept = {k: v for k, v in reader.metadata.items() if not k.startswith("modelspec.hash_")}  # no longer true
         return plan, kept
+
+    def close(self) -> None:
+        """Stop reading ahead (the merge is done, or failed)."""
+        for views in self._views.values():
+            views.close()
 
 
 def _check_fp8(reader: TensorSource, patches: dict[str, list[_Patch]], dtype: torch.dtype | None, name: str) -> None:
@@ -426,9 +433,10 @@ def _check_fp8(reader: TensorSource, patches: dict[str, list[_Patch]], dtype: to
 
 
 @contextlib.contextmanager
-def _core_left_for_hashing() -> Iterator[None]:
-    """One torch CPU thread fewer while the SHA-256 thread runs: on 2 cores, three busy threads made
-    the merge of an SD1.5 UNet 1.4x slower than two."""
+def _core_left_for_other_threads() -> Iterator[None]:
+    """One torch CPU thread fewer while the merge's other threads run (the input's SHA-256, the read-ahead and the
+    chunk writer of a large file): on 2 cores, three busy threads made the merge of an SD1.5 UNet 1.4x slower
+    than two."""
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads - 1))
     try:

@@ -67,29 +67,30 @@ class SpanReader:
                 os.close(fd)
         self._buffer = _aligned(0)
 
-    def span(self, offset: int, nbytes: int) -> memoryview:
-        """Bytes [offset, offset + nbytes) of the file."""
+    def span(self, offset: int, nbytes: int, buffer: memoryview | None = None) -> memoryview:
+        """Bytes [offset, offset + nbytes) of the file, in `buffer` (from `aligned_size`) or the reader's own."""
         start = offset - offset % ALIGN
-        stop = -(-(offset + nbytes) // ALIGN) * ALIGN
-        if len(self._buffer) < stop - start:
-            self._buffer = _aligned(stop - start)
-        wanted = self._buffer[offset - start:offset - start + nbytes]
+        if buffer is None:
+            if len(self._buffer) < aligned_size(offset, nbytes):
+                self._buffer = _aligned(aligned_size(offset, nbytes))
+            buffer = self._buffer
+        wanted = buffer[offset - start:offset - start + nbytes]
         if self._direct is None:
             got = _read(self.fd, wanted, offset)
         else:
             got = _read(self.fd, wanted, offset, os.RWF_NOWAIT)
             if got < nbytes:
-                got += self._read_past_cache(wanted[got:], offset + got, start)
+                got += self._read_past_cache(buffer, wanted[got:], offset + got, start)
         if got < nbytes:
             raise BadFileError(f"{self.path.name} ends before byte {offset + nbytes}; was it changed while being read?")
         return wanted
 
-    def _read_past_cache(self, rest: memoryview, offset: int, start: int) -> int:
-        """Read `rest` (the buffer from `offset` on) from the disk, from the aligned block holding `offset`;
+    def _read_past_cache(self, buffer: memoryview, rest: memoryview, offset: int, start: int) -> int:
+        """Read `rest` (`buffer` from `offset` on) from the disk, from the aligned block holding `offset`;
         through the cache after all if the filesystem refuses direct reads."""
         resume, end = offset - offset % ALIGN, -(-(offset + len(rest)) // ALIGN) * ALIGN
         try:
-            got = _read(self._direct.fileno(), self._buffer[resume - start:end - start], resume)
+            got = _read(self._direct.fileno(), buffer[resume - start:end - start], resume)
             return max(0, got - (offset - resume))
         except OSError as exc:
             if exc.errno not in _REFUSED:
@@ -118,6 +119,67 @@ class SpanReader:
             self._direct.close()
 
     def __enter__(self) -> SpanReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def aligned_size(offset: int, nbytes: int) -> int:
+    """The aligned buffer a span of `nbytes` at `offset` needs: whole blocks from the one holding `offset`."""
+    return -(-(offset + nbytes) // ALIGN) * ALIGN - (offset - offset % ALIGN)
+
+
+class ReadAhead:
+    """The bytes of a known sequence of (file, offset, nbytes) ranges, read by a thread of its own one range
+    ahead of the caller, into two buffers in turn: the disk works while the caller computes on the last range."""
+
+    def __init__(self, ranges: list[tuple[Path, int, int]]) -> None:
+        self._ranges = ranges
+        size = max((aligned_size(offset, nbytes) for _, offset, nbytes in ranges), default=ALIGN)
+        self._free: queue.Queue[memoryview] = queue.Queue()
+        for _ in range(2):
+            self._free.put(_aligned(size))
+        self._ready: queue.Queue[tuple[memoryview, memoryview] | BaseException] = queue.Queue()
+        self._held: memoryview | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        readers: dict[Path, SpanReader] = {}
+        try:
+            for path, offset, nbytes in self._ranges:
+                buffer = self._free.get()
+                if self._stopped.is_set():
+                    return
+                if path not in readers:
+                    readers[path] = SpanReader(path)
+                self._ready.put((buffer, readers[path].span(offset, nbytes, buffer)))
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by next()
+            self._ready.put(exc)
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+    def next(self) -> memoryview:
+        """The next range's bytes, valid until the following call."""
+        if self._held is not None:
+            self._free.put(self._held)
+        item = self._ready.get()
+        if isinstance(item, BaseException):
+            self._held = None
+            raise item
+        self._held, view = item
+        return view
+
+    def close(self) -> None:
+        """Stop reading (an error ended the caller's loop, or it is done)."""
+        self._stopped.set()
+        self._free.put(_aligned(0))
+        self._thread.join()
+
+    def __enter__(self) -> ReadAhead:
         return self
 
     def __exit__(self, *exc: object) -> None:

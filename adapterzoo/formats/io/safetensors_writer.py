@@ -15,7 +15,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from adapterzoo.errors import AdapterzooError, BadFileError
-from adapterzoo.formats.io.direct_io import CHUNK_BYTES, ChunkWriter, SpanReader
+from adapterzoo.formats.io.direct_io import CHUNK_BYTES, ChunkWriter, ReadAhead, SpanReader
 from adapterzoo.formats.io.tensor_table import TensorMeta, dominant_dtype
 
 SAFETENSORS_DTYPES = {
@@ -75,7 +75,7 @@ def write_safetensors(
 ) -> int:
     """Write the planned tensors (cast to their planned dtype) to `path`; returns how many were written.
     `progress` is called with each tensor's size in bytes once it is written."""
-    planned = sorted(tensors, key=lambda t: (-t.dtype.itemsize, t.name))
+    planned = write_order(tensors)
     header: dict[str, object] = {}
     offset = 0
     for item in planned:
@@ -92,10 +92,14 @@ def write_safetensors(
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     with ChunkWriter(path, 8 + len(raw) + offset) as out, ExitStack() as inputs:
+        ahead = inputs.enter_context(ReadAhead(list(_chunks(planned)))) if out.direct else None
         opened: dict[Path, SpanReader] = {}
         out.write(memoryview(struct.pack("<Q", len(raw)) + raw))
         for item in planned:
-            if item.stored is not None:
+            if item.stored is not None and ahead is not None:
+                for _ in _chunks([item]):
+                    out.write(ahead.next())
+            elif item.stored is not None:
                 source = item.stored.path
                 if source not in opened:
                     opened[source] = inputs.enter_context(SpanReader(source))
@@ -111,11 +115,25 @@ def write_safetensors(
     return len(planned)
 
 
+def write_order(tensors: Iterable[PlannedTensor]) -> list[PlannedTensor]:
+    """The order tensors are laid out and made in: by element size, largest first (aligned for zero-copy
+    readers), then by name."""
+    return sorted(tensors, key=lambda t: (-t.dtype.itemsize, t.name))
+
+
+def _chunks(planned: Iterable[PlannedTensor]) -> Iterator[tuple[Path, int, int]]:
+    """The stored tensors' bytes as the ranges a direct copy reads, in order: at most CHUNK_BYTES each."""
+    for item in planned:
+        if item.stored is not None:
+            for start in range(0, item.stored.nbytes, CHUNK_BYTES):
+                yield item.stored.path, item.stored.offset + start, min(CHUNK_BYTES, item.stored.nbytes - start)
+
+
 def _copy(source: SpanReader, stored: StoredBytes, dest: ChunkWriter) -> None:
-    """Append `stored` to `dest`: in the kernel (`copy_file_range`) when dest goes through the page cache and
-    the kernel can, else in spans read into aligned memory."""
+    """Append `stored` to `dest` (which goes through the page cache): in the kernel (`copy_file_range`) where it
+    can, else through a buffer."""
     offset, left = stored.offset, stored.nbytes
-    if not dest.direct and hasattr(os, "copy_file_range"):
+    if hasattr(os, "copy_file_range"):
         try:
             while left:
                 done = os.copy_file_range(source.fd, dest.fd, left, offset)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.io.direct_io import SpanReader
+from adapterzoo.formats.io.direct_io import ReadAhead, SpanReader
 from adapterzoo.formats.io.pickle_safe import (
     PICKLE_SUFFIXES,
     load_pickle,
@@ -56,10 +56,8 @@ class _SafetensorsFile:
 
     def view(self, key: str) -> torch.Tensor:
         info, stored = self.header.tensors[key], self.stored(key)
-        dtype = TORCH_DTYPES[info.dtype]
-        if not stored.nbytes or stored.offset % dtype.itemsize:
-            return self.read(key, None)
-        return torch.frombuffer(self.spans().span(stored.offset, stored.nbytes), dtype=dtype).view(info.shape)
+        return torch.frombuffer(self.spans().span(stored.offset, stored.nbytes),
+                                dtype=TORCH_DTYPES[info.dtype]).view(info.shape)
 
 
 @dataclass
@@ -85,8 +83,9 @@ class TensorSource:
     def view(self, key: str) -> torch.Tensor:
         """The tensor without a copy where it can be: a safetensors tensor lies in its file reader's reused
         buffer, valid until the next read from that file; read-only by contract."""
-        reader = self._readers[key]
-        return reader.view(key) if isinstance(reader, _SafetensorsFile) else reader[key]
+        if not _viewable(self, key):
+            return self.get(key)
+        return self._readers[key].view(key)
 
     def stored(self, key: str) -> StoredBytes | None:
         """Where the tensor's bytes lie in a safetensors file; None for a pickle's tensors."""
@@ -139,6 +138,39 @@ class TensorSource:
         self.shapes.update(other.shapes)
         self.dtypes.update(other.dtypes)
         self._readers.update(other._readers)
+
+
+class OrderedViews:
+    """`TensorSource.view` of tensors asked for in a known order, each read by a thread one tensor ahead of the
+    caller (`direct_io.ReadAhead`): a merge's arithmetic on one tensor overlaps the disk reading the next."""
+
+    def __init__(self, source: TensorSource, keys: list[str]) -> None:
+        self._source = source
+        self._ahead_keys = [key for key in keys if _viewable(source, key)]
+        self._position = 0
+        self._ahead: ReadAhead | None = None
+
+    def view(self, key: str) -> torch.Tensor:
+        """The tensor, read-only and valid until the next call; keys come in the order given."""
+        if key not in self._ahead_keys[self._position:self._position + 1]:
+            return self._source.view(key)
+        if self._ahead is None:
+            stored = [self._source.stored(k) for k in self._ahead_keys]
+            self._ahead = ReadAhead([(s.path, s.offset, s.nbytes) for s in stored])
+        self._position += 1
+        data = self._ahead.next()
+        return torch.frombuffer(data, dtype=self._source.dtypes[key]).view(self._source.shapes[key])
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+
+
+def _viewable(source: TensorSource, key: str) -> bool:
+    """Whether `key`'s bytes can be viewed where they are read: a safetensors tensor, not empty, aligned for its
+    dtype (other writers may put a 2-byte tensor after an odd-length one)."""
+    stored = source.stored(key)
+    return stored is not None and stored.nbytes > 0 and stored.offset % source.dtypes[key].itemsize == 0
 
 
 def _safetensors_source(path: Path) -> TensorSource:
