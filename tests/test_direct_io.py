@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from adapterzoo.errors import BadFileError
 from adapterzoo.formats.io import direct_io, safetensors_writer
-from adapterzoo.formats.io.direct_io import ALIGN, ChunkWriter, SpanReader
+from adapterzoo.formats.io.direct_io import ALIGN, ChunkWriter, ReadAhead, SpanReader
 from adapterzoo.formats.io.safetensors_writer import write_safetensors
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file
 from adapterzoo.zoo.hashing import sha256_of
@@ -89,6 +89,23 @@ def test_a_direct_write_is_exactly_the_bytes_given(tmp_path, direct):
         for piece in pieces:
             writer.write(memoryview(piece))
     assert (tmp_path / "got").read_bytes() == data
+
+
+@pytest.mark.parametrize("go_direct", [True, False])
+def test_read_ahead_gives_each_range_in_order_and_names_a_file_cut_short(tmp_path, monkeypatch, go_direct):
+    monkeypatch.setattr(direct_io, "DIRECT_FROM_BYTES", 0 if go_direct else 1 << 40)
+    data = random_file(tmp_path / "a", 3 * CHUNK + 5)
+    other = random_file(tmp_path / "b", 2 * ALIGN)
+    ranges = [(tmp_path / "a", 7, CHUNK), (tmp_path / "b", 1, 100), (tmp_path / "a", CHUNK + 7, 2 * CHUNK - 2),
+              (tmp_path / "a", 3 * CHUNK, 6)]
+    with ReadAhead(ranges) as ahead:
+        for path, offset, nbytes in ranges[:3]:
+            source = data if path.name == "a" else other
+            assert bytes(ahead.next()) == source[offset:offset + nbytes]
+        with pytest.raises(BadFileError, match=f"^a ends before byte {3 * CHUNK + 6}; was it changed"):
+            ahead.next()
+    with ReadAhead(ranges) as ahead:  # left after one range: closing stops the thread
+        ahead.next()
 
 
 def tensors() -> dict[str, torch.Tensor]:

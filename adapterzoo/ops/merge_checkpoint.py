@@ -147,8 +147,8 @@ def merge_checkpoint(
     plans = [(source, name, *merger.plan(source, patches.get(file, {}), targets)) for source, name, file in files]
     hashes = _Hashes([f for f, _, _ in files] + [spec.path for spec in loras], sha256)
     total = sum(item.nbytes for _, _, plan, _ in plans for item in plan)
-    with (atomic_output(dest, folder=targets.is_folder) as tmp, _core_left_for_other_threads(), contextlib.closing(merger),
-          tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress_bar else True) as bar):
+    with (atomic_output(dest, folder=targets.is_folder) as tmp, _core_left_for_other_threads(),
+          contextlib.closing(merger), tqdm(total=total, unit="B", unit_scale=True, desc="merge", disable=None if progress_bar else True) as bar):
         written = []
         if targets.is_folder:
             _copy_untouched(checkpoint, tmp, {file for _, _, file in files})
