@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
+from adapterzoo.errors import AdapterzooError
 from adapterzoo.zoo.hashing import sha256_of
 
 LOOKUP_FROM_BYTES = 64 << 20  # a smaller file hashes in less time than opening the registry takes
@@ -44,6 +45,8 @@ def hash_in_background(paths: Iterable[str | os.PathLike], db: str | None = None
     def work() -> None:
         for path, future in futures.items():
             try:
+                if stop is not None and stop.is_set():  # not even the registry is opened any more
+                    raise AdapterzooError(f"hashing {path} was stopped")
                 future.set_result(provenance_sha256(path, db, stop))
             except BaseException as exc:  # noqa: BLE001 - raised where the digest is asked for
                 future.set_exception(exc)
@@ -65,7 +68,6 @@ def registered_sha256(path: Path, db: str | None = None) -> str | None:
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.orm import Session
 
-    from adapterzoo.errors import AdapterzooError
     from adapterzoo.zoo.db import connect, registry_url
     from adapterzoo.zoo.hosts import current_host
     from adapterzoo.zoo.models import FileEntry, Location
