@@ -2,15 +2,26 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
+from cli_helpers import run as run_in_process
 from PIL import Image
 
 
-def test_demo_indexes_every_kind_and_flags_bad_files(tmp_path):
-    out = tmp_path / "tour"
-    run = subprocess.run([sys.executable, "-m", "adapterzoo", "demo", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def tour(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """One `adapterzoo demo` as a user runs it, in its own process; its output and folder, which the tests only
+    read."""
+    out = tmp_path_factory.mktemp("demo") / "tour"
+    done = subprocess.run([sys.executable, "-m", "adapterzoo", "demo", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    return done, out
+
+
+def test_demo_indexes_every_kind_and_flags_bad_files(tour):
+    run, out = tour
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
     sections = {part.split("\n", 1)[0]: part for part in run.stdout.split("\n== ")}
@@ -51,11 +62,10 @@ def test_demo_indexes_every_kind_and_flags_bad_files(tmp_path):
         assert image.size == (64, 64) and "Compose: switch" in image.text["parameters"]
 
 
-def test_demo_outputs_load_where_users_load_them(tmp_path):
+def test_demo_outputs_load_where_users_load_them(tour):
     """The merged folder loads in diffusers; the extracted LoRA equals the merged one's delta."""
-    out = tmp_path / "tour"
-    assert subprocess.run([sys.executable, "-m", "adapterzoo", "demo", "--out", str(out)],
-                          capture_output=True, timeout=300).returncode == 0
+    done, out = tour
+    assert done.returncode == 0, done.stderr
     from diffusers import UNet2DConditionModel
 
     from adapterzoo.formats.checkpoint_targets import checkpoint_targets
@@ -78,10 +88,9 @@ def test_demo_outputs_load_where_users_load_them(tmp_path):
                                    changed[key] - weights[key], rtol=1e-3, atol=1e-4)
 
 
-def test_demo_refuses_a_folder_with_files(tmp_path):
+def test_demo_refuses_a_folder_with_files(tmp_path, capsys, monkeypatch):
     (tmp_path / "mine.txt").write_text("keep me")
-    run = subprocess.run([sys.executable, "-m", "adapterzoo", "demo", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1
-    assert run.stderr.strip().count("\n") == 0 and "not empty" in run.stderr
+    code, _, err = run_in_process(["demo", "--out", str(tmp_path)], capsys, monkeypatch)
+    assert code == 1
+    assert err.strip().count("\n") == 0 and "not empty" in err
     assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import factory
@@ -39,7 +41,7 @@ def no_hashing(monkeypatch) -> list[Path]:
     """Hashing records the path and answers a digest no file has; returns the record."""
     hashed: list[Path] = []
     for module in (known_hashes, hashing):
-        monkeypatch.setattr(module, "sha256_of", lambda path: hashed.append(Path(path)) or "f" * 64)
+        monkeypatch.setattr(module, "sha256_of", lambda path, **_: hashed.append(Path(path)) or "f" * 64)
     return hashed
 
 
@@ -115,3 +117,17 @@ def test_background_hashes_answer_each_input_and_raise_its_error_where_asked(tmp
     assert sha(files[2]) == sha256(files[2])  # not started early: hashed when asked
     with pytest.raises(AdapterzooError, match="gone.safetensors"):
         sha(tmp_path / "gone.safetensors")
+
+
+def test_a_command_run_in_process_stops_hashing_its_inputs_when_it_ends(tmp_path, capsys, monkeypatch):
+    """A process's exit ends the daemon thread that hashes a command's inputs; run in-process, the command's end
+    must, or a refused merge goes on reading its input (here 64 GiB, a minute of a core) through later tests."""
+    huge = factory.write_sparse_safetensors(tmp_path / "huge.safetensors", {"w": ("F32", (1 << 34,))})
+    lora = factory.write_sparse_safetensors(tmp_path / "lora.safetensors", {"x": ("F32", (4,))})
+    code, _, err = run(["merge", str(huge), "--lora", str(lora), "-o", str(tmp_path / "out.safetensors")],
+                       capsys, monkeypatch)
+    assert code == 1 and err.startswith("error: "), err
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(t.name == "provenance-sha256" for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert [t.name for t in threading.enumerate() if t.name == "provenance-sha256"] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ def provenance_hasher(*inputs: str | Path) -> Callable[[Path], str | dict[str, s
     hashing starts at once, in the background (merge asks from a thread, which has no click context)."""
     from adapterzoo.zoo.known_hashes import hash_in_background
 
-    return hash_in_background(inputs, click.get_current_context().obj["db"])
+    context, stop = click.get_current_context(), threading.Event()
+    context.call_on_close(stop.set)  # the command's end ends the hashing, in-process too, as a process exit would
+    return hash_in_background(inputs, context.obj["db"], stop)
 
 
 def use_threads() -> None:

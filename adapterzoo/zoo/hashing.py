@@ -218,19 +218,19 @@ def hash_file(
     return hashes.result()
 
 
-def sha256_of(path: Path) -> str | dict[str, str]:
+def sha256_of(path: Path, *, stop: threading.Event | None = None) -> str | dict[str, str]:
     """An input's SHA-256 for provenance metadata; a folder's per file, by relative path.
 
     Only SHA-256 is recorded, so only SHA-256 is computed: the other five digests would cost a merge
-    about as much CPU as the merge itself.
+    about as much CPU as the merge itself. `stop`, once set, ends the hashing with an error.
     """
     path = Path(path)
     if path.is_dir():
-        return {f.relative_to(path).as_posix(): _sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
-    return _sha256(path)
+        return {f.relative_to(path).as_posix(): _sha256(f, stop) for f in sorted(path.rglob("*")) if f.is_file()}
+    return _sha256(path, stop)
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, stop: threading.Event | None = None) -> str:
     """SHA-256 over aligned spans of the file, never copied into Python: a large file is read past the page
     cache (`direct_io`: 20 GB through the cache cost 25 s of CPU on the development VM, past it 1 s)."""
     digest = hashlib.sha256()
@@ -238,6 +238,8 @@ def _sha256(path: Path) -> str:
         with SpanReader(path) as reader:
             size, offset = os.fstat(reader.fd).st_size, 0
             while offset < size:
+                if stop is not None and stop.is_set():
+                    raise AdapterzooError(f"hashing {path} was stopped")
                 length = min(CHUNK_BYTES, size - offset)
                 digest.update(reader.span(offset, length))
                 offset += length

@@ -17,30 +17,37 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
 
+from adapterzoo.errors import AdapterzooError
 from adapterzoo.zoo.hashing import sha256_of
 
 LOOKUP_FROM_BYTES = 64 << 20  # a smaller file hashes in less time than opening the registry takes
 
 
-def provenance_sha256(path: str | os.PathLike, db: str | None = None) -> str | dict[str, str]:
-    """`zoo.hashing.sha256_of(path)`, taken from the registry at `db` (as --db) for a large scanned file."""
+def provenance_sha256(path: str | os.PathLike, db: str | None = None,
+                      stop: threading.Event | None = None) -> str | dict[str, str]:
+    """`zoo.hashing.sha256_of(path)`, taken from the registry at `db` (as --db) for a large scanned file;
+    `stop`, once set, ends the hashing with an error."""
     path = Path(path)
     if path.is_file() and path.stat().st_size >= LOOKUP_FROM_BYTES:
         known = registered_sha256(path, db)
         if known is not None:
             return known
-    return sha256_of(path)
+    return sha256_of(path, stop=stop)
 
 
-def hash_in_background(paths: Iterable[str | os.PathLike], db: str | None = None) -> Callable[[Path], str | dict]:
+def hash_in_background(paths: Iterable[str | os.PathLike], db: str | None = None,
+                       stop: threading.Event | None = None) -> Callable[[Path], str | dict]:
     """`provenance_sha256` of `paths`, worked out one after the other in a daemon thread started now (an
-    error exit does not wait for it); the returned function waits for a path's digest, or hashes any other."""
+    error exit does not wait for it); the returned function waits for a path's digest, or hashes any other.
+    Setting `stop` ends the thread's work: a command run in-process (tests) is not ended by a process exit."""
     futures: dict[Path, Future] = {Path(path): Future() for path in paths}
 
     def work() -> None:
         for path, future in futures.items():
             try:
-                future.set_result(provenance_sha256(path, db))
+                if stop is not None and stop.is_set():  # not even the registry is opened any more
+                    raise AdapterzooError(f"hashing {path} was stopped")
+                future.set_result(provenance_sha256(path, db, stop))
             except BaseException as exc:  # noqa: BLE001 - raised where the digest is asked for
                 future.set_exception(exc)
 
@@ -61,7 +68,6 @@ def registered_sha256(path: Path, db: str | None = None) -> str | None:
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.orm import Session
 
-    from adapterzoo.errors import AdapterzooError
     from adapterzoo.zoo.db import connect, registry_url
     from adapterzoo.zoo.hosts import current_host
     from adapterzoo.zoo.models import FileEntry, Location
