@@ -51,15 +51,17 @@ def _undirect(fd: int) -> None:
 
 class SpanReader:
     """Byte ranges of one file, each read into a reused page-aligned buffer and returned as a view of it
-    (valid until the next `span`). A large file's bytes come from the page cache where they already are
-    there (RWF_NOWAIT), from the disk past the cache where not, so a warm file stays as fast as before."""
+    (valid until the next `span`). `past_cache` is for a large file streamed through once (a merge, its
+    SHA-256): read from the disk past the page cache. Otherwise the cache serves, so a checkpoint that verify
+    loads again and again stays in memory. (Asking the cache first with RWF_NOWAIT is no way to have both:
+    a miss starts a buffered readahead of the same bytes.)"""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, past_cache: bool = False) -> None:
         self.path = Path(path)
         self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed with the reader, or when collected
         self.fd = self._file.fileno()
         self._direct: BinaryIO | None = None
-        if os.fstat(self.fd).st_size >= DIRECT_FROM_BYTES and hasattr(os, "RWF_NOWAIT"):
+        if past_cache and os.fstat(self.fd).st_size >= DIRECT_FROM_BYTES:
             fd, direct = _open(path, os.O_RDONLY, True)
             if direct:
                 self._direct = os.fdopen(fd, "rb", buffering=0)
@@ -78,37 +80,32 @@ class SpanReader:
         if self._direct is None:
             got = _read(self.fd, wanted, offset)
         else:
-            got = _read(self.fd, wanted, offset, os.RWF_NOWAIT)
-            if got < nbytes:
-                got += self._read_past_cache(buffer, wanted[got:], offset + got, start)
+            got = self._read_direct(buffer, wanted, offset, start)
         if got < nbytes:
             raise BadFileError(f"{self.path.name} ends before byte {offset + nbytes}; was it changed while being read?")
         return wanted
 
-    def _read_past_cache(self, buffer: memoryview, rest: memoryview, offset: int, start: int) -> int:
-        """Read `rest` (`buffer` from `offset` on) from the disk, from the aligned block holding `offset`;
-        through the cache after all if the filesystem refuses direct reads."""
-        resume, end = offset - offset % ALIGN, -(-(offset + len(rest)) // ALIGN) * ALIGN
+    def _read_direct(self, buffer: memoryview, wanted: memoryview, offset: int, start: int) -> int:
+        """Read `wanted` (`buffer` from `offset` on) from the disk in whole aligned blocks from `start`; through
+        the cache after all if the filesystem refuses direct reads."""
+        end = -(-(offset + len(wanted)) // ALIGN) * ALIGN
         try:
-            got = _read(self._direct.fileno(), buffer[resume - start:end - start], resume)
-            return max(0, got - (offset - resume))
+            return max(0, _read(self._direct.fileno(), buffer[:end - start], start) - (offset - start))
         except OSError as exc:
             if exc.errno not in _REFUSED:
                 raise
         self._direct.close()
         self._direct = None
-        return _read(self.fd, rest, offset)
+        return _read(self.fd, wanted, offset)
 
     def read_into(self, offset: int, dest: memoryview) -> None:
-        """Bytes from `offset` into `dest`: straight into it from the cache, what is not cached of a large
-        file through `span` (dest need not be aligned)."""
+        """Bytes from `offset` into `dest`: straight into it through the cache, through `span` past it (dest need
+        not be aligned)."""
         if self._direct is None:
             got = _read(self.fd, dest, offset)
         else:
-            got = _read(self.fd, dest, offset, os.RWF_NOWAIT)
-            if got < len(dest):
-                dest[got:] = self.span(offset + got, len(dest) - got)
-                got = len(dest)
+            dest[:] = self.span(offset, len(dest))
+            got = len(dest)
         if got < len(dest):
             raise BadFileError(f"{self.path.name} ends before byte {offset + len(dest)}; "
                                "was it changed while being read?")
@@ -154,7 +151,7 @@ class ReadAhead:
                 if self._stopped.is_set():
                     return
                 if path not in readers:
-                    readers[path] = SpanReader(path)
+                    readers[path] = SpanReader(path, past_cache=True)
                 self._ready.put((buffer, readers[path].span(offset, nbytes, buffer)))
         except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by next()
             self._ready.put(exc)
@@ -186,17 +183,11 @@ class ReadAhead:
         self.close()
 
 
-def _read(fd: int, view: memoryview, position: int, flags: int = 0) -> int:
-    """Fill `view` from `position`; fewer bytes at the end of the file, or (RWF_NOWAIT) where the page
-    cache does not hold the next ones."""
+def _read(fd: int, view: memoryview, position: int) -> int:
+    """Fill `view` from `position`; fewer bytes only at the end of the file."""
     done = 0
     while done < len(view):
-        try:
-            got = os.preadv(fd, [view[done:]], position + done, flags)
-        except OSError as exc:
-            if flags and exc.errno in (errno.EAGAIN, errno.EOPNOTSUPP):  # not cached, or cannot tell
-                break
-            raise
+        got = os.preadv(fd, [view[done:]], position + done)
         if got == 0:
             break
         done += got
