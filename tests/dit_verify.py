@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from cli_helpers import run
+from safetensors.torch import save_file
 
 from adapterzoo.formats.probe import probe
 from adapterzoo.verify.attach import attach
@@ -20,6 +21,24 @@ def cli(args: list[str], capsys, monkeypatch, code: int = 0) -> dict | str:
     got, out, err = run(args, capsys, monkeypatch)
     assert got == code, err or out
     return json.loads(out) if out.strip() else err
+
+
+def block_linears(model: torch.nn.Module, blocks: tuple[str, ...], prefix: str = "") -> dict[str, tuple[int, int]]:
+    """Every Linear of the model's blocks -> (in, out), each name behind `prefix` (diffusers' `transformer.`)."""
+    return {prefix + name: (m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.startswith(blocks)}
+
+
+def diffusers_lora(path: Path, targets: dict[str, tuple[int, int]], zero_up: bool = False, seed: int = 0) -> Path:
+    """What diffusers' trainers save: the modules' own paths, lora_A/lora_B of rank 4, no alpha (every B zero with
+    `zero_up`)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for module, (i, o) in targets.items():
+        sd[f"{module}.lora_A.weight"] = torch.randn(4, i, generator=gen) * 0.3
+        sd[f"{module}.lora_B.weight"] = torch.zeros(o, 4) if zero_up else torch.randn(o, 4, generator=gen) * 0.3
+    save_file(sd, str(path))
+    return path
 
 
 def assert_passes_fully(result: dict, label: str, base: str | None = None) -> None:

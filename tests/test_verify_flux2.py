@@ -13,7 +13,7 @@ import numpy
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
-from dit_verify import assert_passes_fully, assert_run_time_equals, cli, watched_tempdir
+from dit_verify import assert_passes_fully, assert_run_time_equals, block_linears, cli, diffusers_lora, watched_tempdir
 from flux2_tiny import CAP, CLASSES, save_bfl_file, save_tiny_klein, tiny_transformer, tiny_vae
 from PIL import Image
 from safetensors.torch import save_file
@@ -58,22 +58,9 @@ def loaded(klein) -> Callable[[str], LoadedPipeline]:
     return load
 
 
-def block_linears(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every Linear of the tiny transformer's double and single blocks -> (in, out)."""
-    model = Flux2Transformer2DModel.from_pretrained(folder / "transformer")
-    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.startswith(BLOCKS)}
-
-
-def diffusers_lora(path: Path, targets: dict[str, tuple[int, int]], zero_up: bool = False) -> Path:
-    """What diffusers' Flux.2 trainer saves: `transformer.` paths, lora_A/lora_B, no alpha."""
-    gen = torch.Generator().manual_seed(0)
-    sd = {}
-    for module, (i, o) in targets.items():
-        sd[f"transformer.{module}.lora_A.weight"] = torch.randn(4, i, generator=gen) * 0.3
-        sd[f"transformer.{module}.lora_B.weight"] = torch.zeros(o, 4) if zero_up else torch.randn(o, 4, generator=gen) * 0.3
-    save_file(sd, str(path))
-    return path
+def transformer_linears(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every Linear of the tiny transformer's double and single blocks, by its `transformer.` path -> (in, out)."""
+    return block_linears(Flux2Transformer2DModel.from_pretrained(folder / "transformer"), BLOCKS, "transformer.")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +70,7 @@ def dialects(klein, tmp_path_factory) -> dict[str, Path]:
     from adapterzoo.formats.convert import convert
 
     root = tmp_path_factory.mktemp("loras")
-    files = {"diffusers": diffusers_lora(root / "diffusers.safetensors", block_linears(klein["pipe"]))}
+    files = {"diffusers": diffusers_lora(root / "diffusers.safetensors", transformer_linears(klein["pipe"]))}
     for to, name in (("kohya", "musubi.safetensors"), ("bfl", "bfl.safetensors"), ("peft", "peft")):
         convert(files["diffusers"], root / name, to, checkpoint=klein["pipe"])
         files[to] = root / name
@@ -96,7 +83,7 @@ def test_every_dialect_passes_on_the_folder_and_the_bfl_file_a_zero_up_lora_fail
     multiplier 0 bit-identical to the bare model; the zero-up file fails "no effect". BFL's single file without
     its parts is one line naming them, and with --pipeline (--quick) gives the folder's noise-prediction effects,
     nothing written to temp."""
-    zero = diffusers_lora(tmp_path / "zero.safetensors", block_linears(klein["pipe"]), zero_up=True)
+    zero = diffusers_lora(tmp_path / "zero.safetensors", transformer_linears(klein["pipe"]), zero_up=True)
     results = cli(["verify", *map(str, dialects.values()), str(zero), "--checkpoint", str(klein["pipe"]), *SIZE,
                    "--json"], capsys, monkeypatch, code=1)
     *passed, failed = results

@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from diffusers.loaders import SD3LoraLoaderMixin
-from dit_verify import assert_passes_fully, assert_run_time_equals, cli, watched_tempdir
+from dit_verify import assert_passes_fully, assert_run_time_equals, block_linears, cli, diffusers_lora, watched_tempdir
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from sd3_tiny import (
@@ -54,21 +54,9 @@ def sd3(tmp_path_factory) -> dict[str, Path]:
 
 
 def transformer_linears(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every Linear of the tiny transformer's joint blocks -> (in, out)."""
-    model = SD3Transformer2DModel.from_pretrained(folder / "transformer")
-    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.startswith("transformer_blocks.")}
-
-
-def diffusers_lora(path: Path, targets: dict[str, tuple[int, int]], zero_up: bool = False, seed: int = 0) -> Path:
-    """What diffusers' SD3 trainer saves: `transformer.`/`text_encoder*.` paths, lora_A/lora_B, no alpha."""
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for module, (i, o) in targets.items():
-        sd[f"{module}.lora_A.weight"] = torch.randn(4, i, generator=gen) * 0.3
-        sd[f"{module}.lora_B.weight"] = torch.zeros(o, 4) if zero_up else torch.randn(o, 4, generator=gen) * 0.3
-    save_file(sd, str(path))
-    return path
+    """Every Linear of the tiny transformer's joint blocks, by its `transformer.` path -> (in, out)."""
+    return block_linears(SD3Transformer2DModel.from_pretrained(folder / "transformer"), ("transformer_blocks.",),
+                         "transformer.")
 
 
 def lycoris(path: Path, algo: str) -> Path:
@@ -101,7 +89,7 @@ def dialects(sd3, tmp_path_factory) -> dict[str, Path]:
     from adapterzoo.formats.convert import convert
 
     root = tmp_path_factory.mktemp("loras")
-    targets = {f"transformer.{m}": shape for m, shape in transformer_linears(sd3["pipe"]).items()}
+    targets = transformer_linears(sd3["pipe"])
     files = {"diffusers": diffusers_lora(root / "diffusers.safetensors", targets | ENCODER_TARGETS)}
     transformer_only = diffusers_lora(root / "transformer_only.safetensors", targets)
     files["kohya"] = root / "kohya.safetensors"
@@ -131,7 +119,7 @@ def test_every_dialect_passes_on_the_full_pipeline_and_zero_is_the_bare_model(sd
 
 def test_a_zero_up_lora_fails_no_effect(sd3, tmp_path, capsys, monkeypatch):
     path = diffusers_lora(tmp_path / "zero.safetensors",
-                          {f"transformer.{m}": s for m, s in transformer_linears(sd3["pipe"]).items()}, zero_up=True)
+                          transformer_linears(sd3["pipe"]), zero_up=True)
     result = cli(["verify", str(path), "--checkpoint", str(sd3["pipe"]), *SIZE, "--json"], capsys, monkeypatch,
                  code=1)
     assert (result["verdict"], result["reasons"]) == ("fail", ["no effect: every lora_up is zero"])

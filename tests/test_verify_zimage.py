@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import ZImagePipeline, ZImageTransformer2DModel
-from dit_verify import assert_passes_fully, assert_run_time_equals, cli, watched_tempdir
+from dit_verify import assert_passes_fully, assert_run_time_equals, block_linears, cli, diffusers_lora, watched_tempdir
 from PIL import Image
-from safetensors.torch import save_file
 from transformers import Qwen3Model
 from zimage_tiny import CAP, CLASSES, save_comfy_file, save_qwen3_file, save_tiny_zimage
 
@@ -45,21 +44,8 @@ def zimage(tmp_path_factory) -> dict[str, Path]:
 
 
 def transformer_linears(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every Linear of the tiny transformer's blocks -> (in, out)."""
-    model = ZImageTransformer2DModel.from_pretrained(folder / "transformer")
-    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.startswith(BLOCKS)}
-
-
-def diffusers_lora(path: Path, targets: dict[str, tuple[int, int]], zero_up: bool = False) -> Path:
-    """What diffusers' Z-Image trainer saves: `transformer.` paths, lora_A/lora_B, no alpha."""
-    gen = torch.Generator().manual_seed(0)
-    sd = {}
-    for module, (i, o) in targets.items():
-        sd[f"transformer.{module}.lora_A.weight"] = torch.randn(4, i, generator=gen) * 0.3
-        sd[f"transformer.{module}.lora_B.weight"] = torch.zeros(o, 4) if zero_up else torch.randn(o, 4, generator=gen) * 0.3
-    save_file(sd, str(path))
-    return path
+    """Every Linear of the tiny transformer's blocks, by its `transformer.` path -> (in, out)."""
+    return block_linears(ZImageTransformer2DModel.from_pretrained(folder / "transformer"), BLOCKS, "transformer.")
 
 
 @pytest.fixture(scope="module")
