@@ -61,9 +61,6 @@ def test_spans_equal_the_files_bytes_past_the_cache_or_through_it(tmp_path, dire
     with SpanReader(tmp_path / "data", past_cache) as reader:
         for offset, nbytes in spans:
             assert bytes(reader.span(offset, nbytes)) == data[offset:offset + nbytes], (offset, nbytes)
-            into = bytearray(nbytes)
-            reader.read_into(offset, memoryview(into))
-            assert into == data[offset:offset + nbytes]
 
 
 @pytest.mark.parametrize("go_direct", [True, False])
@@ -155,8 +152,11 @@ def test_a_tensor_stored_at_an_odd_offset_is_read_whole_not_viewed_misaligned(tm
     header += b" " * (-len(header) % 8)
     data = bytes([1, 2, 3]) + want.view(torch.uint8).numpy().tobytes()
     (tmp_path / "odd.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + data)
-    source = open_checkpoint_file(tmp_path / "odd.safetensors")
-    assert torch.equal(source.view("bf16"), want) and source.view("odd").tolist() == [1, 2, 3]
+    views = OrderedViews(open_checkpoint_file(tmp_path / "odd.safetensors"), ["odd", "bf16"])
+    try:
+        assert views.view("odd").tolist() == [1, 2, 3] and torch.equal(views.view("bf16"), want)
+    finally:
+        views.close()
 
 
 def test_sha256_past_the_cache_is_hashlibs(tmp_path, direct):

@@ -52,9 +52,9 @@ def _undirect(fd: int) -> None:
 class SpanReader:
     """Byte ranges of one file, each read into a reused page-aligned buffer and returned as a view of it
     (valid until the next `span`). `past_cache` is for a large file streamed through once (a merge, its
-    SHA-256): read from the disk past the page cache. Otherwise the cache serves, so a checkpoint that verify
-    loads again and again stays in memory. (Asking the cache first with RWF_NOWAIT is no way to have both:
-    a miss starts a buffered readahead of the same bytes.)"""
+    SHA-256): read from the disk past the page cache. Otherwise the cache serves (TensorSource's reads never
+    come here: verify loads a checkpoint again and again, and it should stay in memory). Asking the cache first
+    with RWF_NOWAIT is no way to have both: a miss starts a buffered readahead of the same bytes."""
 
     def __init__(self, path: str | os.PathLike, past_cache: bool = False) -> None:
         self.path = Path(path)
@@ -97,18 +97,6 @@ class SpanReader:
         self._direct.close()
         self._direct = None
         return _read(self.fd, wanted, offset)
-
-    def read_into(self, offset: int, dest: memoryview) -> None:
-        """Bytes from `offset` into `dest`: straight into it through the cache, through `span` past it (dest need
-        not be aligned)."""
-        if self._direct is None:
-            got = _read(self.fd, dest, offset)
-        else:
-            dest[:] = self.span(offset, len(dest))
-            got = len(dest)
-        if got < len(dest):
-            raise BadFileError(f"{self.path.name} ends before byte {offset + len(dest)}; "
-                               "was it changed while being read?")
 
     def close(self) -> None:
         self._file.close()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from adapterzoo.errors import BadFileError
-from adapterzoo.formats.io.direct_io import ReadAhead, SpanReader
+from adapterzoo.formats.io.direct_io import ReadAhead
 from adapterzoo.formats.io.pickle_safe import (
     PICKLE_SUFFIXES,
     load_pickle,
@@ -30,34 +30,29 @@ from adapterzoo.formats.io.safetensors_writer import SAFETENSORS_DTYPES, TORCH_D
 from adapterzoo.formats.io.tensor_table import TensorMeta, TensorTable
 
 
-@dataclass
+@dataclass(frozen=True)
 class _SafetensorsFile:
     """Tensors of one safetensors file, each read from its byte range when asked for."""
 
     path: Path
     header: SafetensorsHeader
-    _reader: SpanReader | None = None
 
     def stored(self, key: str) -> StoredBytes:
         info = self.header.tensors[key]
         return StoredBytes(self.path, self.header.data_offset + info.begin, info.end - info.begin)
 
-    def spans(self) -> SpanReader:
-        if self._reader is None:
-            self._reader = SpanReader(self.path)
-        return self._reader
-
     def read(self, key: str, out: torch.Tensor | None) -> torch.Tensor:
         info, stored = self.header.tensors[key], self.stored(key)
         tensor = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype]) if out is None else out
-        if stored.nbytes:
-            self.spans().read_into(stored.offset, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        with open(self.path, "rb", buffering=0) as fh:
+            fh.seek(stored.offset)
+            while view:
+                got = fh.readinto(view)
+                if not got:
+                    raise BadFileError(f"{self.path.name} ends inside tensor {key}; was it changed while being read?")
+                view = view[got:]
         return tensor
-
-    def view(self, key: str) -> torch.Tensor:
-        info, stored = self.header.tensors[key], self.stored(key)
-        return torch.frombuffer(self.spans().span(stored.offset, stored.nbytes),
-                                dtype=TORCH_DTYPES[info.dtype]).view(info.shape)
 
 
 @dataclass
@@ -79,13 +74,6 @@ class TensorSource:
         if isinstance(reader, _SafetensorsFile):
             return reader.read(key, out)
         return reader[key] if out is None else out.copy_(reader[key])
-
-    def view(self, key: str) -> torch.Tensor:
-        """The tensor without a copy where it can be: a safetensors tensor lies in its file reader's reused
-        buffer, valid until the next read from that file; read-only by contract."""
-        if not _viewable(self, key):
-            return self.get(key)
-        return self._readers[key].view(key)
 
     def stored(self, key: str) -> StoredBytes | None:
         """Where the tensor's bytes lie in a safetensors file; None for a pickle's tensors."""
@@ -141,8 +129,9 @@ class TensorSource:
 
 
 class OrderedViews:
-    """`TensorSource.view` of tensors asked for in a known order, each read by a thread one tensor ahead of the
-    caller (`direct_io.ReadAhead`): a merge's arithmetic on one tensor overlaps the disk reading the next."""
+    """Tensors asked for in a known order, each read by a thread one tensor ahead of the caller
+    (`direct_io.ReadAhead`) and handed over without a copy: a merge's arithmetic on one tensor overlaps the disk
+    reading the next."""
 
     def __init__(self, source: TensorSource, keys: list[str]) -> None:
         self._source = source
@@ -151,9 +140,10 @@ class OrderedViews:
         self._ahead: ReadAhead | None = None
 
     def view(self, key: str) -> torch.Tensor:
-        """The tensor, read-only and valid until the next call; keys come in the order given."""
+        """The tensor, read-only and valid until the next call; keys come in the order given (one that cannot be
+        viewed, a pickle's or a misaligned one, is read on its own)."""
         if key not in self._ahead_keys[self._position:self._position + 1]:
-            return self._source.view(key)
+            return self._source.get(key)
         if self._ahead is None:
             stored = [self._source.stored(k) for k in self._ahead_keys]
             self._ahead = ReadAhead([(s.path, s.offset, s.nbytes) for s in stored])
