@@ -12,19 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from adapterzoo.formats.families.flux.sampling import DEV_SCHEDULER, pack, unpack
+from adapterzoo.formats.families.flux.sampling import DEV_SCHEDULER, FluxDenoiser, pack, unpack
 from adapterzoo.formats.io.tensor_source import open_checkpoint_file
-from adapterzoo.formats.model.parts_pipeline import PartsPipeline, TransformerDenoiser
+from adapterzoo.formats.model.parts_pipeline import PartsPipeline
 
 T5_TOKENS = 512  # ChromaPipeline's max_sequence_length
 GUIDANCE_SCALE = 5.0  # ChromaPipeline's default guidance_scale
 STEPS = 35  # ChromaPipeline's default num_inference_steps
-NATIVE_SIDE = 1024  # ChromaPipeline's default_sample_size (128) × the VAE's factor (8)
 
 
 def transformer_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
@@ -34,17 +32,13 @@ def transformer_from_file(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     return LAYOUT.file_to_model(open_checkpoint_file(path), dtype)
 
 
-class ChromaDenoiser(TransformerDenoiser):
+class ChromaDenoiser(FluxDenoiser):
     """The transformer called as a UNet: (latents [B, C, h, w], t on 0..1000, T5 states, {text mask}) -> the flow
-    prediction, guided by a CFG pair at ChromaPipeline's scale."""
+    prediction, guided by a CFG pair at ChromaPipeline's scale; Flux.1's packing and native size (ChromaPipeline's
+    default_sample_size 128 × the VAE's 8 = 1024)."""
 
     cfg = True
-    patch = 2  # 2×2 latent patches packed into one token, as Flux.1
     cfg_scale = GUIDANCE_SCALE
-
-    def __init__(self, transformer: torch.nn.Module, latent_factor: int) -> None:
-        super().__init__(transformer, SimpleNamespace(in_channels=transformer.config.in_channels // 4,
-                                                      sample_size=NATIVE_SIDE // latent_factor))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 added_cond_kwargs: dict[str, torch.Tensor], return_dict: bool = False) -> tuple[torch.Tensor]:
