@@ -200,7 +200,9 @@ def test_a_pull_from_the_search_page_reaches_done_and_its_card_appears(site, pag
     fake_civitai.add_model("Tiny Knight", [knight], trained_words=["kn1ght"])
     page.goto(site["url"] + "/search?q=knight&source=civitai")
     hit = page.locator(".hit", has_text="Tiny Knight")
-    assert hit.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
+    image = hit.locator("img").element_handle()
+    wait_until(page, "img => img.complete", image)  # loaded or failed: on a busy machine not yet when the page is
+    assert image.evaluate("img => img.naturalWidth > 0")
     hit.locator("button.pull").click()
     status = hit.locator(".job-status")
     wait_until(page, "s => s.dataset.state === 'done'", status.element_handle(), timeout=60)
